@@ -1,0 +1,43 @@
+"""Typed errors raised by mmedge. Every message says what was wrong and what is accepted."""
+
+from __future__ import annotations
+
+
+class MmedgeError(Exception):
+    """Base class of every error mmedge raises on purpose."""
+
+
+class InvalidInputError(MmedgeError, ValueError):
+    """A user-supplied image, text, array or parameter was rejected at the boundary."""
+
+
+class IntegrityError(MmedgeError):
+    """A model package or file failed verification (hash, size, schema, paths)."""
+
+
+class UnsupportedError(MmedgeError):
+    """A format, family, operator or backend that this install cannot handle."""
+
+
+class ModelNotFoundError(MmedgeError, LookupError):
+    """No package matched a name or path; the message lists what exists."""
+
+
+class ConfigError(MmedgeError, ValueError):
+    """A model configuration or checkpoint does not fit the family it claims."""
+
+
+class MissingDependencyError(MmedgeError, ImportError):
+    """An optional library is needed; the message names the extra to install."""
+
+
+def require(module: str, extra: str):  # noqa: ANN201 - returns a module
+    """Import an optional dependency or raise an error naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{module!r} is not installed; install it with: pip install 'mmedge[{extra}]'"
+        ) from exc
