@@ -1,0 +1,45 @@
+"""Torch-free datasets: deterministic synthetic scenes, image folders and JSONL caption files."""
+
+from mmedge.data.scenes import (
+    COLOURS,
+    HELD_OUT_SEED,
+    POSITIONS,
+    QA,
+    SHAPES,
+    SIZES,
+    TRAIN_SEED,
+    VOCABULARY,
+    Scene,
+    SceneObject,
+    caption_for,
+    generate_scenes,
+    iter_scenes,
+    make_scene,
+    parse_caption,
+    questions_for,
+    render,
+)
+from mmedge.data.sources import IMAGE_EXTENSIONS, DataItem, load_data
+
+__all__ = [
+    "COLOURS",
+    "HELD_OUT_SEED",
+    "IMAGE_EXTENSIONS",
+    "POSITIONS",
+    "QA",
+    "SHAPES",
+    "SIZES",
+    "TRAIN_SEED",
+    "VOCABULARY",
+    "DataItem",
+    "Scene",
+    "SceneObject",
+    "caption_for",
+    "generate_scenes",
+    "iter_scenes",
+    "load_data",
+    "make_scene",
+    "parse_caption",
+    "questions_for",
+    "render",
+]

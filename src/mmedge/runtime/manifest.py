@@ -67,10 +67,15 @@ class ComponentEntry:
 
 @dataclass(frozen=True)
 class EngineEntry:
-    """TensorRT engines for one target (GPU compute capability + TensorRT version + settings)."""
+    """Backend-specific builds for one target, e.g. "sm87-trt10.3-<settings>" or "ort1.32-cpu".
 
-    tensorrt: str
-    compute_capability: str
+    For TensorRT, `device` is the GPU compute capability; for ORT it is the execution provider.
+    Builds are only valid for the exact backend `version` that produced them.
+    """
+
+    backend: str  # "tensorrt" | "ort"
+    version: str
+    device: str
     settings: dict[str, Any]
     files: dict[str, str]  # "<component>.<precision>" -> package-relative path
 
@@ -191,14 +196,18 @@ def _component(value: Any, where: str) -> ComponentEntry:
 
 
 def _engine(value: Any, where: str) -> EngineEntry:
-    v = _obj(value, where, {"tensorrt", "compute_capability", "settings", "files"})
+    v = _obj(value, where, {"backend", "version", "device", "settings", "files"})
     files = {
         _name(k, f"{where}.files"): check_relpath(_typed(p, str, f"{where}.files.{k}"), f"{where}.files.{k}")
         for k, p in _typed(v["files"], dict, f"{where}.files").items()
     }
+    backend = _typed(v["backend"], str, f"{where}.backend")
+    if backend not in ("tensorrt", "ort"):
+        raise IntegrityError(f"manifest {where}.backend: {backend!r} is not 'tensorrt' or 'ort'")
     return EngineEntry(
-        _typed(v["tensorrt"], str, f"{where}.tensorrt"),
-        _typed(v["compute_capability"], str, f"{where}.compute_capability"),
+        backend,
+        _typed(v["version"], str, f"{where}.version"),
+        _typed(v["device"], str, f"{where}.device"),
         _typed(v["settings"], dict, f"{where}.settings"),
         files,
     )

@@ -1,0 +1,17 @@
+"""Public facade: `from mmedge import sdk; p = sdk.Pipeline("clip-tiny")`. Torch-free."""
+
+from mmedge.errors import (
+    ConfigError,
+    IntegrityError,
+    InvalidInputError,
+    MmedgeError,
+    ModelNotFoundError,
+    UnsupportedError,
+)
+from mmedge.sdk.pipeline import Pipeline
+from mmedge.sdk.store import list_packages, model_home
+
+__all__ = [
+    "Pipeline", "list_packages", "model_home", "MmedgeError", "InvalidInputError", "IntegrityError",
+    "UnsupportedError", "ModelNotFoundError", "ConfigError",
+]

@@ -1,0 +1,113 @@
+"""What `--data` means everywhere: synthetic scenes, an image folder or a JSONL caption file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmedge.data.scenes import HELD_OUT_SEED, TRAIN_SEED, generate_scenes
+from mmedge.errors import InvalidInputError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_SYNTHETIC = 1_000_000
+_SPEC_HELP = "expected 'shapes:N', 'train-shapes:N', a directory of images or a .jsonl file of {\"image\", \"text\"} lines"
+_SHAPES_SPEC = re.compile(r"(train-)?shapes:(.*)", re.DOTALL)
+
+
+@dataclass(frozen=True, eq=False)
+class DataItem:
+    """One image (RGB uint8 array or file path) with optional text; equal keys mean the same image."""
+
+    image: np.ndarray | str
+    text: str | None
+    key: object | None
+
+
+def load_data(spec: str, image_size: int = 64, limit: int | None = None) -> list[DataItem]:
+    """Load `shapes:N` (held-out synthetic scenes), an image directory or a JSONL caption file.
+
+    `train-shapes:N` draws from the training seed instead; calibration uses it so that the
+    held-out scenes that `eval` scores are never seen before evaluation.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidInputError(f"data spec must be a non-empty string; {_SPEC_HELP}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidInputError(f"limit must be a positive int or None, got {limit!r}")
+    match = _SHAPES_SPEC.fullmatch(spec)
+    if match:
+        seed = TRAIN_SEED if match.group(1) else HELD_OUT_SEED
+        return _load_shapes(match.group(2), spec, image_size, limit, seed)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise InvalidInputError(f"data path {spec!r} does not exist; {_SPEC_HELP}")
+    if path.is_dir():
+        items = _load_folder(path)
+    elif path.suffix.lower() == ".jsonl":
+        items = _load_jsonl(path)
+    else:
+        raise InvalidInputError(f"data path {spec!r} is neither a directory nor a .jsonl file; {_SPEC_HELP}")
+    return items if limit is None else items[:limit]
+
+
+def _load_shapes(count: str, spec: str, image_size: int, limit: int | None, seed: int) -> list[DataItem]:
+    """Synthetic scenes with their captions; keys identify identical scenes."""
+    if not re.fullmatch(r"[0-9]+", count):
+        raise InvalidInputError(f"bad data spec {spec!r}: N in 'shapes:N' must be a whole number")
+    n = int(count)
+    if not 1 <= n <= MAX_SYNTHETIC:
+        raise InvalidInputError(f"bad data spec {spec!r}: N must be between 1 and {MAX_SYNTHETIC}")
+    n = n if limit is None else min(n, limit)
+    return [DataItem(s.image, s.caption, s.key) for s in generate_scenes(n, seed, image_size)]
+
+
+def _load_folder(folder: Path) -> list[DataItem]:
+    """Image files directly inside `folder` (not recursive), sorted by name, without text."""
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    if not files:
+        raise InvalidInputError(
+            f"data folder {str(folder)!r} holds no image files; accepted extensions: "
+            f"{', '.join(IMAGE_EXTENSIONS)} (sub-folders are not searched)"
+        )
+    return [DataItem(path, None, path) for path in (os.path.abspath(p) for p in files)]
+
+
+def _load_jsonl(file: Path) -> list[DataItem]:
+    """Lines of {"image": path, "text": caption}; relative paths are taken from the file's folder."""
+    base = file.parent
+    items: list[DataItem] = []
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{str(file)!r} is not UTF-8 text: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing newline) carry no record
+        where = f"{str(file)!r} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"{where} is not valid JSON: {exc.msg}") from exc
+        if not isinstance(record, dict):
+            raise InvalidInputError(f"{where} must be a JSON object with 'image' and 'text'")
+        missing = [k for k in ("image", "text") if k not in record]
+        if missing:
+            raise InvalidInputError(f"{where} is missing key(s) {', '.join(missing)}")
+        image, text = record["image"], record["text"]
+        if not isinstance(image, str) or not image:
+            raise InvalidInputError(f"{where}: 'image' must be a non-empty string path, got {image!r}")
+        if not isinstance(text, str):
+            raise InvalidInputError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        path = os.path.abspath(base / Path(image).expanduser())
+        if not os.path.isfile(path):
+            raise InvalidInputError(f"{where}: image file {path!r} does not exist")
+        items.append(DataItem(path, text, path))
+    if not items:
+        raise InvalidInputError(f"{str(file)!r} holds no records; {_SPEC_HELP}")
+    return items

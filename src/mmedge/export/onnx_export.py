@@ -1,0 +1,66 @@
+"""torch -> ONNX for one declared component, with dynamic dims and external data past 2 GB."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmedge.models.component import ComponentDecl
+from mmedge.runtime.manifest import TensorSpec
+
+DEFAULT_OPSET = 17
+# Protobuf cannot hold more than 2 GB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+def example_inputs(decl: ComponentDecl, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs matching the declaration; symbolic dims take `sizes` or their 'opt' value."""
+    rng = np.random.default_rng(seed)
+    sizes = {**{k: r.opt for k, r in decl.dims.items()}, **(sizes or {})}
+    out = {}
+    for spec in decl.inputs:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+        if spec.dtype.startswith("float"):
+            out[spec.name] = rng.standard_normal(shape).astype(_NP[spec.dtype])
+        else:
+            lo, hi = decl.int_ranges.get(spec.name, (0, 2))
+            out[spec.name] = rng.integers(lo, hi, size=shape).astype(_NP[spec.dtype])
+    return out
+
+
+def _dynamic_axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
+    return {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in specs}
+
+
+def export_component(model: torch.nn.Module, decl: ComponentDecl, out_path: Path, opset: int = DEFAULT_OPSET) -> list[Path]:
+    """Export `decl` of `model` to `out_path`; returns the files written (model + external data)."""
+    import onnx
+
+    module = decl.build(model).eval()
+    feeds = example_inputs(decl)
+    args = tuple(torch.from_numpy(feeds[s.name]) for s in decl.inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.inference_mode():
+            torch.onnx.export(
+                module, args, str(raw), dynamo=False, opset_version=opset,
+                input_names=[s.name for s in decl.inputs], output_names=[s.name for s in decl.outputs],
+                dynamic_axes={**_dynamic_axes(decl.inputs), **_dynamic_axes(decl.outputs)},
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(raw))  # pulls any external data torch wrote into memory
+    proto.producer_name = "mmedge"
+    written = [out_path]
+    if sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD:
+        data_name = out_path.name + ".data"
+        onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        written.append(out_path.with_name(data_name))
+    else:
+        onnx.save_model(proto, str(out_path))
+    return written

@@ -1,0 +1,101 @@
+"""Transformer building blocks shared by the families.
+
+Parameter names follow Hugging Face's CLIP layout (`self_attn.q_proj`, `layer_norm1`,
+`mlp.fc1`, ...) so HF checkpoints map onto these modules by name, without transformers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mmedge.errors import ConfigError
+
+# Large negative bias for masked attention scores: finite so that fp16 engines stay finite too.
+MASK_VALUE = -3.0e4
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: nn.functional.gelu(x),
+    "gelu_new": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+}
+
+
+def activation(name: str):  # noqa: ANN201
+    """Look up an activation by its HF config name."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ConfigError(f"activation {name!r} is not supported; choose from {sorted(ACTIVATIONS)}") from None
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with an additive mask; written out so ONNX export is plain ops."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ConfigError(f"width {width} is not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, width // heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape  # (B, N, C)
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+        k = self.k_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        scores = torch.matmul(q * self.scale, k.transpose(-1, -2))  # (B, H, N, N)
+        if bias is not None:
+            scores = scores + bias
+        out = torch.matmul(scores.softmax(dim=-1), v)  # (B, H, N, D)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.act = activation(act)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer layer (CLIP / ViT style)."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float):
+        super().__init__()
+        self.self_attn = Attention(width, heads)
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, act)
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), bias)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers: int, width: int, heads: int, mlp_dim: int, act: str, eps: float):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(width, heads, mlp_dim, act, eps) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x

@@ -1,0 +1,94 @@
+"""mmedge checkpoints: a directory with model.safetensors, config.json and tokenizer.json.
+
+Only safetensors is read by default; pickle-based files are refused unless the caller opts in,
+and are then loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmedge.errors import ConfigError, IntegrityError, UnsupportedError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+FORMAT = "mmedge.checkpoint/1"
+
+
+def save_checkpoint(out_dir: str | os.PathLike, family: str, config: dict[str, Any], model: nn.Module,
+                    tokenizer_json: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory atomically (staged next to it, then renamed into place)."""
+    from safetensors.torch import save_file
+
+    from mmedge.runtime.staging import staged_dir
+
+    out = Path(out_dir)
+    with staged_dir(out) as tmp:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "family": family})
+        meta = {"format": FORMAT, "family": family, "config": config, **(extra or {})}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_NAME).write_text(tokenizer_json)
+    return out
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an mmedge checkpoint's config.json (family, config, extras)."""
+    p = Path(path) / CONFIG_NAME
+    try:
+        meta = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} has no {CONFIG_NAME}; not an mmedge checkpoint") from None
+    except ValueError as exc:
+        raise ConfigError(f"{p} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ConfigError(f"{p} is not an mmedge checkpoint (format {FORMAT!r} expected)")
+    return meta
+
+
+def load_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load a state dict from safetensors; pickle files only with explicit opt-in (weights_only)."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise IntegrityError(f"{p}: not a readable safetensors file ({exc})") from None
+    if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        if not allow_pickle:
+            raise UnsupportedError(
+                f"{p} is a pickle-based checkpoint, which can run code when loaded; convert it to "
+                "safetensors, or pass allow_pickle=True (--allow-pickle) to load it with weights_only=True"
+            )
+        try:
+            return torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
+            raise IntegrityError(f"{p}: refused by the weights-only loader ({type(exc).__name__})") from None
+    raise UnsupportedError(f"{p}: unknown weights format; accepted: .safetensors (or .bin/.pt with opt-in)")
+
+
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict strictly: every name present, no extras, shapes and dtypes as the config says."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"{source}: weights do not fit the config; missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, t in state.items():
+        e = expected[name]
+        if tuple(t.shape) != tuple(e.shape):
+            raise ConfigError(f"{source}: {name} has shape {tuple(t.shape)}, the config needs {tuple(e.shape)}")
+        if not t.is_floating_point():
+            raise ConfigError(f"{source}: {name} has dtype {t.dtype}; floating point expected")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

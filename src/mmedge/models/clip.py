@@ -1,0 +1,221 @@
+"""The CLIP family: ViT image tower, causal text transformer, linear projections (ITC).
+
+Module and parameter names equal Hugging Face's `CLIPModel`, so an HF state dict loads
+with `load_state_dict` as it is (see `hf_import`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmedge.errors import ConfigError
+from mmedge.models.blocks import MASK_VALUE, Encoder, activation
+from mmedge.models.component import ComponentDecl
+from mmedge.runtime.manifest import DimRange, TensorSpec
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _from_dict(cls, d: dict[str, Any], where: str):  # noqa: ANN001, ANN202
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; accepted: {sorted(names)}")
+    try:
+        return cls(**d)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "quick_gelu"
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        activation(self.act)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+    act: str = "quick_gelu"
+    eos_token_id: int = 49407
+    pad_token_id: int = 1
+
+    def __post_init__(self) -> None:
+        activation(self.act)
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    vision: VisionConfig
+    text: TextConfig
+    projection_dim: int = 512
+    layer_norm_eps: float = 1e-5
+    logit_scale_init: float = 2.6592  # ln(1/0.07), as in the CLIP paper
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
+        """Build from the JSON form used by presets and checkpoints; unknown keys are errors."""
+        d = dict(d)
+        vision = _from_dict(VisionConfig, d.pop("vision", {}), "clip config 'vision'")
+        text = _from_dict(TextConfig, d.pop("text", {}), "clip config 'text'")
+        return _from_dict(cls, {**d, "vision": vision, "text": text}, "clip config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.randn(cfg.width) * cfg.width**-0.5)
+        self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        n = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        self.position_embedding = nn.Embedding(n, cfg.width)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, P, C)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, P+1, C)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, eps: float):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=eps)  # HF's spelling, kept for weight names
+        self.encoder = Encoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, eps)
+        self.post_layernorm = nn.LayerNorm(cfg.width, eps=eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled (class token) features, (B, C)."""
+        x = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
+        return self.post_layernorm(x[:, 0])
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.context_length, cfg.width)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[1]
+        return self.token_embedding(input_ids) + self.position_embedding.weight[:n]
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig, eps: float):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = Encoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, eps)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=eps)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Features at the end-of-text token, (B, C)."""
+        n = input_ids.shape[1]
+        causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=input_ids.device), diagonal=1)
+        blocked = causal[None, None] | (attention_mask[:, None, None, :] == 0)  # (B, 1, N, N)
+        bias = blocked.to(torch.float32) * MASK_VALUE
+        x = self.final_layer_norm(self.encoder(self.embeddings(input_ids), bias))
+        # HF pools at argmax(input_ids) for legacy configs whose eos id is 2, else at the first eos.
+        if self.cfg.eos_token_id == 2:
+            idx = input_ids.to(torch.int32).argmax(dim=-1)
+        else:
+            idx = (input_ids == self.cfg.eos_token_id).to(torch.int32).argmax(dim=-1)
+        return x[torch.arange(x.shape[0], device=x.device), idx]
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = VisionTransformer(cfg.vision, cfg.layer_norm_eps)
+        self.text_model = TextTransformer(cfg.text, cfg.layer_norm_eps)
+        self.visual_projection = nn.Linear(cfg.vision.width, cfg.projection_dim, bias=False)
+        self.text_projection = nn.Linear(cfg.text.width, cfg.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init))
+        self.apply(_init_weights)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings, (B, D)."""
+        return self.visual_projection(self.vision_model(pixel_values))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text embeddings, (B, D)."""
+        return self.text_projection(self.text_model(input_ids, attention_mask))
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+
+
+class _ImageTower(nn.Module):
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+
+class _TextTower(nn.Module):
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask)
+
+
+def components(cfg: CLIPConfig) -> tuple[ComponentDecl, ...]:
+    """The two exportable towers of a CLIP model."""
+    s, d, ctx = cfg.vision.image_size, cfg.projection_dim, cfg.text.context_length
+    batch = DimRange(1, 1, 64)
+    return (
+        ComponentDecl(
+            name="vision",
+            inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),),
+            outputs=(TensorSpec("image_embeds", "float32", ("batch", d)),),
+            dims={"batch": batch},
+            build=_ImageTower,
+            calibration_data="images",
+        ),
+        ComponentDecl(
+            name="text",
+            inputs=(
+                TensorSpec("input_ids", "int64", ("batch", "sequence")),
+                TensorSpec("attention_mask", "int64", ("batch", "sequence")),
+            ),
+            outputs=(TensorSpec("text_embeds", "float32", ("batch", d)),),
+            dims={"batch": batch, "sequence": DimRange(1, min(16, ctx), ctx)},
+            build=_TextTower,
+            calibration_data="texts",
+            int_ranges={"input_ids": (0, cfg.text.vocab_size), "attention_mask": (1, 2)},
+        ),
+    )

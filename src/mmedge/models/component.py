@@ -1,0 +1,28 @@
+"""How a family declares its exportable components once, as data.
+
+Export, parity, calibration, engine build and runtime binding all read these declarations
+(through the manifest); none of them names a family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from mmedge.runtime.manifest import DimRange, TensorSpec
+
+
+@dataclass(frozen=True)
+class ComponentDecl:
+    """One exportable graph of a family."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict[str, DimRange]
+    build: Callable[[nn.Module], nn.Module]  # model -> module whose forward(*inputs) returns outputs
+    calibration_data: str = "images"  # which --data modality calibrates it: "images" | "texts"
+    parity_atol: float = 1e-4
+    int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs: [low, high)

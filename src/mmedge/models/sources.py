@@ -1,0 +1,58 @@
+"""Load a model from an mmedge checkpoint or an HF directory into one shape: `LoadedModel`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mmedge.errors import ConfigError
+from mmedge.models.families import Family, get_family
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    family: Family
+    config: Any  # the family's frozen config dataclass
+    model: nn.Module
+    tokenizer_json: str
+    preprocess: dict[str, Any]  # manifest "preprocess" section
+    source: dict[str, Any]  # provenance: kind, path, weight hashes
+
+
+def load_source(path: str | Path, family: str | None = None, allow_pickle: bool = False) -> LoadedModel:
+    """Load an mmedge checkpoint or HF model directory (family detected; `family` overrides)."""
+    from mmedge.models import checkpoint, hf_import
+    from mmedge.runtime.package import sha256_file
+
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a directory; expected an mmedge checkpoint or an HF model directory")
+    if hf_import.is_hf_dir(root):
+        src = hf_import.load_hf(root, allow_pickle=allow_pickle)
+        fam = get_family(family or src.family)
+        cfg = fam.parse_config(src.config)
+        model = fam.build(cfg)
+        checkpoint.assign_weights(model, src.state, str(root))
+        files = {f.name: sha256_file(f) for f in src.weight_files}
+        return LoadedModel(fam, cfg, model.eval(), src.tokenizer_json, src.preprocess,
+                           {"kind": "hf", "path": str(root.resolve()), "weights": files})
+    meta = checkpoint.read_checkpoint_meta(root)
+    fam = get_family(family or meta["family"])
+    cfg = fam.parse_config(meta["config"])
+    model = fam.build(cfg)
+    weights = root / checkpoint.WEIGHTS_NAME
+    checkpoint.assign_weights(model, checkpoint.load_weights(weights), str(root))
+    tok = root / checkpoint.TOKENIZER_NAME
+    if not tok.is_file():
+        raise ConfigError(f"{root} has no {checkpoint.TOKENIZER_NAME}")
+    return LoadedModel(fam, cfg, model.eval(), tok.read_text(), fam.preprocess(cfg),
+                       {"kind": "mmedge", "path": str(root.resolve()), "weights": {weights.name: sha256_file(weights)},
+                        "train": meta.get("train", {})})
+
+
+def config_json(cfg: Any) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)

@@ -1,0 +1,72 @@
+"""A small training loop: AdamW, warm-up + cosine schedule, gradient clipping, progress bar."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 50
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 0  # 0 = torch default
+    time_budget_s: float | None = None  # stop early (with the schedule compressed) past this
+
+
+def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, object], torch.Tensor],
+          cfg: TrainConfig, progress: bool | None = None, desc: str = "train") -> list[float]:
+    """Run `cfg.steps` optimisation steps; returns the loss per step."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=cfg.steps, desc=desc, disable=not show, leave=False)
+    losses: list[float] = []
+    model.train()
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = loss_fn(model, next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
+            log.warning("%s: time budget of %.0f s reached after %d/%d steps", desc, cfg.time_budget_s, step + 1, cfg.steps)
+            break
+    bar.close()
+    model.eval()
+    return losses

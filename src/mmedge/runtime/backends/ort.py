@@ -1,0 +1,89 @@
+"""ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers when installed."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from mmedge.errors import IntegrityError, UnsupportedError
+from mmedge.runtime.backends.base import SessionOptions, component_file
+from mmedge.runtime.package import Package
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+@functools.lru_cache(maxsize=1)
+def max_supported_opset() -> int:
+    """Highest default-domain opset the installed onnxruntime implements (from its release notes)."""
+    import onnxruntime as ort
+
+    major, minor = (int(x) for x in ort.__version__.split(".")[:2])
+    # ORT has no API for this; the table follows the ORT compatibility page. Newer releases keep
+    # the last known value, which only makes the check stricter.
+    for (ma, mi), opset in (((1, 22), 23), ((1, 20), 21), ((1, 18), 21), ((1, 16), 19), ((1, 14), 18)):
+        if (major, minor) >= (ma, mi):
+            return opset
+    return 17
+
+
+class OrtSession:
+    """One ORT InferenceSession. ORT's `run` is thread-safe, so one session is shared."""
+
+    def __init__(self, model: bytes | str, options: SessionOptions):
+        import onnxruntime as ort
+
+        if options.device not in _PROVIDERS:
+            raise UnsupportedError(f"device {options.device!r} not supported; choose from {sorted(_PROVIDERS)}")
+        wanted = _PROVIDERS[options.device]
+        available = ort.get_available_providers()
+        if wanted[0] not in available:
+            raise UnsupportedError(
+                f"{wanted[0]} is not available in this onnxruntime build (have {available}); "
+                "install 'mmedge[gpu]' for CUDA / TensorRT execution providers"
+            )
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if options.threads:
+            so.intra_op_num_threads = options.threads
+            so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._sess = ort.InferenceSession(model, sess_options=so, providers=[p for p in wanted if p in available])
+        self.input_names = tuple(i.name for i in self._sess.get_inputs())
+        self.output_names = tuple(o.name for o in self._sess.get_outputs())
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self._sess.run(list(self.output_names), feeds)
+        return dict(zip(self.output_names, outs))
+
+
+def ort_target(device: str = "cpu") -> str:
+    """Engine-table key of ORT-optimized builds: they are only valid for this ORT version and provider."""
+    import onnxruntime as ort
+
+    return f"ort{ort.__version__}-{device}"
+
+
+class OrtBackend:
+    name = "ort"
+
+    def load(self, package: Package, component: str, precision: str, options: SessionOptions) -> OrtSession:
+        """Prefer an ORT-optimized build for this ORT version; load verified bytes when self-contained."""
+        import hashlib
+
+        _, rel = component_file(package, component, precision)
+        built = package.manifest.engines.get(ort_target(options.device))
+        if built is not None and f"{component}.{precision}" in built.files:
+            rel = built.files[f"{component}.{precision}"]
+        path = package.path(rel)
+        if rel + ".data" in package.manifest.files:  # external data: ORT must read it from disk
+            return OrtSession(str(path), options)
+        data = path.read_bytes()
+        # Hash again what ORT will run, so a file swapped after verification is never executed.
+        if hashlib.sha256(data).hexdigest() != package.manifest.files[rel].sha256:
+            raise IntegrityError(f"{rel} changed after the package was verified")
+        return OrtSession(data, options)

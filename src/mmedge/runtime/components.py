@@ -1,0 +1,124 @@
+"""Bind a verified package's components to backend sessions; shared by every task pipeline.
+
+Sessions are created lazily, once per component, and shared between threads (ONNX Runtime's
+`run` is thread-safe). Inputs are checked against the manifest's dtypes and dim ranges.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from mmedge.errors import InvalidInputError, UnsupportedError
+from mmedge.runtime.backends.base import Backend, Session, SessionOptions
+from mmedge.runtime.images import ImageLimits, PreprocessConfig
+from mmedge.runtime.manifest import ComponentEntry
+from mmedge.runtime.package import Package, verify_package
+
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+
+
+def make_backend(name: str) -> Backend:
+    """Backend by name: 'ort' (default, everywhere) or 'tensorrt' (native engines)."""
+    if name == "ort":
+        from mmedge.runtime.backends.ort import OrtBackend
+
+        return OrtBackend()
+    if name == "tensorrt":
+        from mmedge.runtime.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend()
+    raise UnsupportedError(f"backend {name!r} is not supported; choose 'ort' or 'tensorrt'")
+
+
+class ComponentRunner:
+    """Sessions, tokenizer and preprocessing of one package, ready for a task pipeline."""
+
+    def __init__(self, package: Package | str | Path, backend: str = "ort", precision: str = "auto",
+                 options: SessionOptions | None = None, image_limits: ImageLimits | None = None):
+        if precision not in PRECISIONS:
+            raise UnsupportedError(f"precision {precision!r} not in {PRECISIONS}")
+        self.package = package if isinstance(package, Package) else verify_package(package)
+        self.manifest = self.package.manifest
+        self.backend = make_backend(backend)
+        self.precision = precision
+        self.options = options or SessionOptions()
+        self.image_limits = image_limits or ImageLimits()
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._tokenizer = None
+        pre = self.manifest.preprocess
+        self.preprocess = PreprocessConfig.from_dict(pre) if pre else None
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - TextTokenizer, imported lazily
+        with self._lock:
+            if self._tokenizer is None:
+                from mmedge.runtime.texts import TextTokenizer
+
+                t = self.manifest.tokenizer
+                self._tokenizer = TextTokenizer.from_file(
+                    self.package.path(t["file"]), context_length=int(t["context_length"]), pad_id=int(t["pad_id"])
+                )
+            return self._tokenizer
+
+    def precision_of(self, component: str) -> str:
+        """The precision used for a component: the requested one, or for 'auto' the best built."""
+        entry = self.manifest.component(component)
+        if self.precision != "auto":
+            if self.precision not in entry.precisions:
+                raise UnsupportedError(
+                    f"component {component!r} has no {self.precision} build (has {sorted(entry.precisions)}); "
+                    f"run `mmedge calibrate` first or choose another precision"
+                )
+            return self.precision
+        for p in ("int8", "fp16", "fp32"):
+            if p in entry.precisions:
+                return p
+        return next(iter(entry.precisions))
+
+    def session(self, component: str) -> Session:
+        with self._lock:
+            if component not in self._sessions:
+                self._sessions[component] = self.backend.load(
+                    self.package, component, self.precision_of(component), self.options
+                )
+            return self._sessions[component]
+
+    def check_inputs(self, component: str, feeds: dict[str, np.ndarray]) -> ComponentEntry:
+        """Dtype, rank, fixed dims and dim ranges of every input, as the manifest declares them."""
+        entry = self.manifest.component(component)
+        sizes: dict[str, int] = {}
+        for spec in entry.inputs:
+            if spec.name not in feeds:
+                raise InvalidInputError(f"{component}: missing input {spec.name!r}")
+            a = feeds[spec.name]
+            if a.dtype != np.dtype(spec.dtype) or a.ndim != len(spec.shape):
+                raise InvalidInputError(
+                    f"{component}.{spec.name}: expected {spec.dtype} with {len(spec.shape)} dims, got {a.dtype} {a.shape}"
+                )
+            for dim, n in zip(spec.shape, a.shape):
+                if isinstance(dim, int) and dim != n:
+                    raise InvalidInputError(f"{component}.{spec.name}: shape {a.shape} does not fit {spec.shape}")
+                if isinstance(dim, str):
+                    if sizes.setdefault(dim, n) != n:
+                        raise InvalidInputError(f"{component}: dim {dim!r} is {sizes[dim]} and {n} in different inputs")
+                    r = entry.dims.get(dim)
+                    if r is not None and dim != "batch" and not r.min <= n <= r.max:
+                        raise InvalidInputError(f"{component}.{spec.name}: {dim}={n} outside [{r.min}, {r.max}]")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise InvalidInputError(f"{component}.{spec.name}: contains NaN or infinity")
+        return entry
+
+    def run_batched(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a component, splitting the batch into chunks no larger than the manifest's max batch."""
+        entry = self.check_inputs(component, feeds)
+        sess = self.session(component)
+        n = next(iter(feeds.values())).shape[0]
+        step = entry.dims["batch"].max if "batch" in entry.dims else n
+        if n <= step:
+            return sess.run(feeds)
+        parts = [sess.run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

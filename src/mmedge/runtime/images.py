@@ -1,0 +1,306 @@
+"""Image loading and CLIP-style preprocessing (torch-free, PIL-free: numpy + OpenCV).
+
+`load_image` makes one (H, W, 3) uint8 RGB array from a path, bytes, an array or a PIL image, with
+byte and pixel caps checked from the header before decoding. `preprocess` matches transformers'
+CLIPImageProcessor bit for bit: PIL's fixed-point bicubic resize is reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import cv2
+import numpy as np
+
+from mmedge.errors import ConfigError, InvalidInputError
+from mmedge.runtime.image_headers import FORMATS, HeaderError, apply_orientation, read_header, sniff_format
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Caps applied to every image before it is decoded."""
+
+    max_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    formats: tuple[str, ...] = FORMATS
+
+    def __post_init__(self) -> None:
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown:
+            raise ConfigError(f"image formats {sorted(unknown)} are not supported; accepted: {FORMATS}")
+
+
+def load_image(src: Any, *, channel_order: str = "RGB", limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Load a path, encoded bytes, array or PIL image as a new (H, W, 3) uint8 RGB array.
+
+    `channel_order` ("RGB"/"BGR") describes array input only. EXIF orientation is applied, only
+    an animation's first frame is used, and transparency is blended onto white (as transformers).
+    """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return _decode(bytes(src), limits)
+    if isinstance(src, (str, os.PathLike)):
+        return _decode(_read_file(os.fspath(src), limits), limits)
+    if isinstance(src, np.ndarray):
+        return _from_array(src, channel_order, limits)
+    if hasattr(src, "mode") and hasattr(src, "convert"):
+        return _from_pil(src, limits)
+    raise InvalidInputError(
+        f"cannot load an image from {type(src).__name__}; accepted: a path, bytes, a numpy array "
+        "(H, W), (H, W, 3) or (H, W, 4), or a PIL image"
+    )
+
+
+def _read_file(path: str, limits: ImageLimits) -> bytes:
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInputError(f"image path {path!r} is not a regular file")
+        _check_bytes(info.st_size, limits)
+        with open(path, "rb") as f:
+            return f.read(limits.max_bytes + 1)  # the file may grow after stat; _decode re-checks
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read image file {path!r}: {exc.strerror or exc}") from exc
+
+
+def _check_bytes(size: int, limits: ImageLimits) -> None:
+    if size == 0:
+        raise InvalidInputError("image is empty (0 bytes)")
+    if size > limits.max_bytes:
+        raise InvalidInputError(f"image is {size} bytes; the limit is {limits.max_bytes} bytes")
+
+
+def _check_pixels(width: int, height: int, limits: ImageLimits) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidInputError(f"image has zero size ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise InvalidInputError(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels} pixels"
+        )
+
+
+def _decode(data: bytes, limits: ImageLimits) -> np.ndarray:
+    _check_bytes(len(data), limits)
+    fmt = sniff_format(data)
+    if fmt is None or fmt not in limits.formats:
+        what = "an unknown format" if fmt is None else f"{fmt}, which is not enabled"
+        raise InvalidInputError(f"image data is {what}; accepted formats: {', '.join(limits.formats)}")
+    try:
+        header = read_header(data, fmt)
+    except HeaderError as exc:
+        raise InvalidInputError(f"corrupt or truncated {fmt} image: {exc}") from exc
+    _check_pixels(header.width, header.height, limits)
+    try:  # IMREAD_UNCHANGED keeps alpha and skips OpenCV's own EXIF handling: we rotate below
+        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise InvalidInputError(f"corrupt or truncated {fmt} image: {exc}") from exc
+    if raw is None or raw.size == 0:
+        raise InvalidInputError(f"corrupt or truncated {fmt} image: the decoder rejected it")
+    _check_pixels(raw.shape[1], raw.shape[0], limits)  # in case the decoder disagrees with the header
+    if raw.dtype == np.uint16:  # 16-bit PNG: keep the high byte, as OpenCV's 8-bit decode does
+        raw = (raw >> 8).astype(np.uint8)
+    if raw.dtype != np.uint8:
+        raise InvalidInputError(f"{fmt} image decodes to {raw.dtype}; only 8- and 16-bit images are accepted")
+    return np.ascontiguousarray(apply_orientation(_to_rgb(raw, "BGR"), header.orientation))
+
+
+def _to_rgb(arr: np.ndarray, order: str) -> np.ndarray:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 in `order` -> new (H, W, 3) RGB array."""
+    if arr.ndim == 2 or arr.shape[2] == 1:
+        return np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=2)
+    rgb = arr[..., 2::-1] if order == "BGR" else arr[..., :3]
+    if arr.shape[2] == 3:
+        return np.ascontiguousarray(rgb)
+    # Blend onto white in integers: (c*a + 255*(255-a) + 127) // 255 == round(c*a/255 + 255*(1-a/255)).
+    alpha = arr[..., 3:4].astype(np.uint16)
+    blended = rgb.astype(np.uint16) * alpha + 255 * (255 - alpha) + 127
+    return (blended // 255).astype(np.uint8)
+
+
+def _from_array(arr: np.ndarray, order: str, limits: ImageLimits) -> np.ndarray:
+    if order not in ("RGB", "BGR"):
+        raise InvalidInputError(f"channel_order {order!r} is not accepted; use 'RGB' or 'BGR'")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise InvalidInputError(
+            f"image array has shape {arr.shape}; accepted: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+        )
+    _check_pixels(arr.shape[1], arr.shape[0], limits)
+    if arr.dtype in (np.float32, np.float64):
+        if not np.isfinite(arr).all():
+            raise InvalidInputError("image array contains NaN or infinity")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InvalidInputError(f"float image array has values in [{lo}, {hi}]; accepted range is [0, 1]")
+        arr = np.rint(arr * 255.0).astype(np.uint8)  # nearest level (transformers truncates)
+    elif arr.dtype != np.uint8:
+        raise InvalidInputError(f"image array has dtype {arr.dtype}; accepted: uint8, or float32/64 in [0, 1]")
+    return np.array(_to_rgb(arr, order), order="C")  # always a new array, never a view of the caller's
+
+
+def _from_pil(img: Any, limits: ImageLimits) -> np.ndarray:
+    width, height = img.size
+    _check_pixels(width, height, limits)
+    frame = img.tell() if hasattr(img, "tell") else 0
+    try:
+        if frame:
+            img.seek(0)  # first frame of an animation; restored below
+        from PIL import ImageOps  # present whenever a PIL image is: only reached for one
+
+        upright = ImageOps.exif_transpose(img)
+        if "A" in upright.getbands() or upright.info.get("transparency") is not None:
+            return _to_rgb(np.asarray(upright.convert("RGBA")), "RGB")
+        return np.array(upright.convert("RGB"), dtype=np.uint8, order="C")
+    except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for broken or truncated files
+        raise InvalidInputError(f"corrupt or truncated PIL image: {exc}") from exc
+    finally:
+        if frame:
+            img.seek(frame)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Resize/crop/normalise settings; stored in the package manifest's `preprocess` section.
+
+    `resample`: "pil" reproduces PIL's bicubic (what transformers uses) bit for bit; "cv2" uses
+    OpenCV INTER_AREA when shrinking (several times faster on large photos, a few levels apart).
+    """
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "shortest"
+    crop: str = "center"
+    rescale: float = 1 / 255
+    resample: str = "pil"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ConfigError(f"image_size must be a positive int, got {self.image_size!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            ok = isinstance(value, (list, tuple)) and len(value) == 3
+            if not ok or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+                raise ConfigError(f"{name} must be 3 finite numbers, got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if min(self.std) <= 0:
+            raise ConfigError(f"std must be positive, got {self.std}")
+        for name, accepted in (("resize", ("shortest",)), ("crop", ("center",)), ("resample", ("pil", "cv2"))):
+            if getattr(self, name) not in accepted:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported; accepted: {accepted}")
+        if not (isinstance(self.rescale, (int, float)) and math.isfinite(self.rescale) and self.rescale > 0):
+            raise ConfigError(f"rescale must be a positive finite number, got {self.rescale!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
+        """Build from a manifest `preprocess` mapping; unknown or missing keys are errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"preprocess must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown preprocess keys {sorted(unknown)}; accepted: {sorted(known)}")
+        missing = {"image_size", "mean", "std"} - set(data)
+        if missing:
+            raise ConfigError(f"preprocess is missing {sorted(missing)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready mapping (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
+    """Resize shortest side, centre-crop, rescale and normalise -> (N, 3, S, S) float32."""
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise InvalidInputError("preprocess takes a list of (H, W, 3) images, not a single array")
+    if len(images) == 0:
+        raise InvalidInputError("preprocess got no images")
+    size = cfg.image_size
+    batch = np.empty((len(images), size, size, 3), np.uint8)  # (N, S, S, 3)
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            what = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+            raise InvalidInputError(f"image {i} is {what}; expected an (H, W, 3) uint8 RGB array (see load_image)")
+        if img.shape[0] == 0 or img.shape[1] == 0:
+            raise InvalidInputError(f"image {i} has zero size {img.shape[:2]}")
+        batch[i] = _resize_crop(img, size, cfg.resample)
+    # transformers rescales in float64, casts to float32, then normalises in float32; a per-channel
+    # lookup table of those exact values reproduces it for every uint8 level.
+    levels = (np.arange(256, dtype=np.float64) * cfg.rescale).astype(np.float32)[:, None]  # (256, 1)
+    lut = (levels - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)  # (256, 3)
+    out = lut[batch, np.arange(3)]  # (N, S, S, 3)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # (N, 3, S, S)
+
+
+def _resize_crop(img: np.ndarray, size: int, resample: str) -> np.ndarray:
+    """Shortest side to `size` (long side floored, as transformers does), then the centre square."""
+    height, width = img.shape[:2]
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    new_h, new_w = (new_long, size) if width <= height else (size, new_long)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    if resample == "cv2" and new_h <= height and new_w <= width and (new_h, new_w) != (height, width):
+        small = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        return small[top : top + size, left : left + size]
+    # PIL order: horizontal pass first (rounded to uint8), then vertical; only the rows and columns
+    # that reach the crop are computed, so a 1x50000 strip never becomes a 224x11M intermediate.
+    rows_first, rows_k = _pil_coeffs(height, new_h, top, size)
+    cols_first, cols_k = _pil_coeffs(width, new_w, left, size)
+    r0, r1 = int(rows_first[0]), min(int(rows_first[-1]) + rows_k.shape[1], height)
+    x = img[r0:r1]
+    if new_w != width:
+        x = _resample_axis0(x.transpose(1, 0, 2), cols_first, cols_k).transpose(1, 0, 2)
+    else:
+        x = x[:, left : left + size]
+    if new_h != height:
+        return _resample_axis0(x, rows_first - r0, rows_k)
+    return x[top - r0 : top - r0 + size]
+
+
+_PRECISION_BITS = 22  # PIL's 8-bit resampler: 32 - 8 - 2
+
+
+def _pil_coeffs(in_size: int, out_size: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """PIL's fixed-point bicubic taps for output pixels [first, first + count) -> (start, weights)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)  # widen the kernel when shrinking: PIL's antialiasing
+    support = 2.0 * filterscale  # bicubic support is 2
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(first, first + count) + 0.5) * scale  # (count,)
+    start = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    taps = np.minimum((center + support + 0.5).astype(np.int64), in_size) - start
+    offset = np.arange(ksize)[None, :]
+    x = np.abs(((offset + start[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale))  # (count, ksize)
+    a = -0.5
+    w = np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1, (((x - 5) * x + 8) * x - 4) * a)
+    w = np.where((x < 2.0) & (offset < taps[:, None]), w, 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(total != 0.0, w / np.where(total != 0.0, total, 1.0), w)
+    w = w * (1 << _PRECISION_BITS)
+    return start, np.where(w < 0, np.trunc(w - 0.5), np.trunc(w + 0.5))
+
+
+def _resample_axis0(x: np.ndarray, start: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """out[o] = clip8(sum_t weights[o, t] * x[start[o] + t]) along axis 0, in PIL's int32 fixed point.
+
+    One vectorised multiply-add per kernel tap over whole rows; no BLAS, so no thread contention
+    with an inference runtime running beside it.
+    """
+    n_out, ksize = weights.shape
+    flat = np.ascontiguousarray(x).reshape(x.shape[0], -1)  # (In, rest)
+    w32 = weights.astype(np.int32)  # |w| < 2**23 and sum |w * 255| < 2**31: PIL's own bounds
+    acc = np.full((n_out, flat.shape[1]), 1 << (_PRECISION_BITS - 1), np.int32)  # rounding offset
+    term = np.empty_like(acc)
+    last = x.shape[0] - 1
+    for t in range(ksize):  # taps past a row's window have weight 0; clamp their index
+        np.multiply(flat[np.minimum(start + t, last)], w32[:, t : t + 1], out=term)
+        acc += term
+    acc >>= _PRECISION_BITS
+    return np.clip(acc, 0, 255).astype(np.uint8).reshape((n_out,) + x.shape[1:])

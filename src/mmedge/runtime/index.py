@@ -1,0 +1,140 @@
+"""An embedded vector index on usearch (HNSW, cosine) with integer ids and optional labels.
+
+Saved as a directory: `index.usearch` (usearch's own format) and `index.json` (dimension,
+labels and the sha256 of the binary, checked before usearch parses it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmedge.errors import IntegrityError, InvalidInputError
+
+_BIN, _META = "index.usearch", "index.json"
+_FORMAT = "mmedge.index/1"
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float  # cosine similarity
+    label: str | None = None
+
+
+class VectorIndex:
+    """Cosine-similarity index; ids are non-negative integers chosen by the caller."""
+
+    def __init__(self, dim: int, exact: bool = False):
+        from usearch.index import Index
+
+        if dim <= 0:
+            raise InvalidInputError(f"index dimension must be positive, got {dim}")
+        self.dim, self.exact = dim, exact
+        self._index = Index(ndim=dim, metric="cos", dtype="f32")
+        self._labels: dict[int, str] = {}
+        self._lock = threading.RLock()  # usearch is safe for concurrent search, not for add/remove during it
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, id_: int) -> bool:
+        return bool(self._index.contains(int(id_)))
+
+    def _ids(self, ids: object, n: int) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.shape[0] != n or not np.issubdtype(arr.dtype, np.integer) or (arr < 0).any():
+            raise InvalidInputError(f"ids must be {n} non-negative integers, got {arr.dtype} shape {arr.shape}")
+        if len(np.unique(arr)) != n:
+            raise InvalidInputError("ids must be unique")
+        return arr.astype(np.uint64)
+
+    def _vectors(self, vectors: np.ndarray) -> np.ndarray:
+        v = np.asarray(vectors, dtype=np.float32)
+        if v.ndim == 1:
+            v = v[None]
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            raise InvalidInputError(f"vectors must have shape (N, {self.dim}), got {v.shape}")
+        if not np.isfinite(v).all():
+            raise InvalidInputError("vectors contain NaN or infinity")
+        return np.ascontiguousarray(v)
+
+    def add(self, ids: object, vectors: np.ndarray, labels: list[str] | None = None) -> None:
+        """Add vectors under new ids (an id already present is an error, not an overwrite)."""
+        v = self._vectors(vectors)
+        keys = self._ids(ids, v.shape[0])
+        if labels is not None and len(labels) != len(keys):
+            raise InvalidInputError(f"got {len(labels)} labels for {len(keys)} vectors")
+        with self._lock:
+            present = [int(k) for k in keys if self._index.contains(int(k))]
+            if present:
+                raise InvalidInputError(f"ids already in the index: {present[:10]}; remove them first")
+            self._index.add(keys, v)
+            if labels is not None:
+                self._labels.update({int(k): str(lab) for k, lab in zip(keys, labels)})
+
+    def remove(self, ids: object) -> int:
+        """Remove ids; returns how many were present."""
+        keys = np.atleast_1d(np.asarray(ids))
+        with self._lock:
+            n = 0
+            for k in keys.tolist():
+                if self._index.contains(int(k)):
+                    self._index.remove(int(k))
+                    self._labels.pop(int(k), None)
+                    n += 1
+            return n
+
+    def search(self, query: np.ndarray, k: int = 5) -> list[list[Hit]]:
+        """Top-k hits per query row, best first."""
+        if k <= 0:
+            raise InvalidInputError(f"k must be positive, got {k}")
+        q = self._vectors(query)
+        with self._lock:
+            if len(self._index) == 0:
+                return [[] for _ in range(q.shape[0])]
+            m = self._index.search(q, min(k, len(self._index)), exact=self.exact)
+        keys = np.atleast_2d(m.keys)
+        dist = np.atleast_2d(m.distances)
+        counts = np.atleast_1d(m.counts) if hasattr(m, "counts") else [keys.shape[1]] * keys.shape[0]
+        return [
+            [Hit(int(i), float(1.0 - d), self._labels.get(int(i))) for i, d in zip(keys[r, : counts[r]], dist[r, : counts[r]])]
+            for r in range(keys.shape[0])
+        ]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index directory atomically."""
+        from mmedge.runtime.staging import staged_dir
+        from mmedge.runtime.package import sha256_file
+
+        with self._lock, staged_dir(path) as tmp:
+            self._index.save(str(tmp / _BIN))
+            meta = {"format": _FORMAT, "dim": self.dim, "sha256": sha256_file(tmp / _BIN),
+                    "labels": {str(k): v for k, v in self._labels.items()}}
+            (tmp / _META).write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, exact: bool = False) -> VectorIndex:
+        """Load an index directory written by `save`, verifying the binary's hash first."""
+        from mmedge.runtime.package import sha256_file
+
+        root = Path(path)
+        try:
+            meta = json.loads((root / _META).read_text())
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(f"{root}: cannot read {_META} ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or not isinstance(meta.get("dim"), int):
+            raise IntegrityError(f"{root}: {_META} is not an mmedge index description")
+        if (root / _BIN).is_symlink() or not (root / _BIN).is_file() or sha256_file(root / _BIN) != meta.get("sha256"):
+            raise IntegrityError(f"{root}: {_BIN} is missing or its sha256 differs from {_META}")
+        idx = cls(meta["dim"], exact=exact)
+        idx._index.load(str(root / _BIN))
+        if idx._index.ndim != idx.dim:
+            raise IntegrityError(f"{root}: index dimension {idx._index.ndim} differs from {_META}'s {idx.dim}")
+        idx._labels = {int(k): str(v) for k, v in meta.get("labels", {}).items()}
+        return idx

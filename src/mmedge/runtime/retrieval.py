@@ -1,0 +1,133 @@
+"""Retrieval pipeline (CLIP-style dual encoders): embeddings, vector search, zero-shot labels."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mmedge.errors import InvalidInputError
+from mmedge.runtime.components import ComponentRunner
+from mmedge.runtime.images import load_image, preprocess
+from mmedge.runtime.index import Hit, VectorIndex
+
+# Upper bound on images / texts per call so one request cannot exhaust memory.
+MAX_BATCH_ITEMS = 4096
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _as_list(items: object, what: str) -> list:
+    if isinstance(items, (str, bytes, bytearray, memoryview)) or not isinstance(items, Sequence):
+        if isinstance(items, np.ndarray) and items.ndim == 4:
+            items = list(items)
+        else:
+            items = [items]
+    items = list(items)
+    if not items:
+        raise InvalidInputError(f"no {what} given")
+    if len(items) > MAX_BATCH_ITEMS:
+        raise InvalidInputError(f"{len(items)} {what} in one call; the limit is {MAX_BATCH_ITEMS}")
+    return items
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    score: float  # probability over the given labels
+
+
+class RetrievalPipeline:
+    """Embed images and texts into one space; search an embedded index; classify zero-shot."""
+
+    def __init__(self, runner: ComponentRunner):
+        self.runner = runner
+        m = runner.package.manifest
+        self.dim = int(m.component("vision").outputs[0].shape[-1])
+        self.templates: list[str] = list(m.generation.get("prompt_templates", ["{}"]))
+        self.logit_scale = float(m.generation.get("logit_scale", 100.0))
+        self._index: VectorIndex | None = None
+        self._index_lock = threading.Lock()
+
+    # --- embeddings -------------------------------------------------------------------
+
+    def embed_images(self, images: object, channel_order: str = "RGB") -> np.ndarray:
+        """(N, D) float32 L2-normalised embeddings of images (paths, bytes, arrays or PIL images)."""
+        items = _as_list(images, "images")
+        arrays = [load_image(x, channel_order=channel_order, limits=self.runner.image_limits) for x in items]
+        pixels = preprocess(arrays, self.runner.preprocess)  # (N, 3, S, S)
+        out = self.runner.run_batched("vision", {"pixel_values": pixels})
+        return l2_normalize(out["image_embeds"].astype(np.float32))
+
+    def embed_texts(self, texts: object) -> np.ndarray:
+        """(N, D) float32 L2-normalised embeddings of texts (truncated to the context length)."""
+        items = _as_list(texts, "texts")
+        ids, mask = self.runner.tokenizer.encode_batch(items)
+        out = self.runner.run_batched("text", {"input_ids": ids, "attention_mask": mask})
+        return l2_normalize(out["text_embeds"].astype(np.float32))
+
+    # --- index --------------------------------------------------------------------------
+
+    @property
+    def index(self) -> VectorIndex:
+        with self._index_lock:
+            if self._index is None:
+                self._index = VectorIndex(self.dim)
+            return self._index
+
+    @index.setter
+    def index(self, value: VectorIndex) -> None:
+        if value.dim != self.dim:
+            raise InvalidInputError(f"index has dimension {value.dim}; this model embeds to {self.dim}")
+        with self._index_lock:
+            self._index = value
+
+    def add_images(self, images: object, ids: Sequence[int] | None = None, labels: Sequence[str] | None = None,
+                   channel_order: str = "RGB") -> list[int]:
+        """Embed images and add them to the index; ids default to the next free integers."""
+        emb = self.embed_images(images, channel_order=channel_order)
+        with self._index_lock:
+            idx = self._index if self._index is not None else VectorIndex(self.dim)
+            self._index = idx
+        if ids is None:
+            start = len(idx)
+            while start in idx:
+                start += 1
+            ids = list(range(start, start + len(emb)))
+        idx.add(np.asarray(ids), emb, labels=list(labels) if labels is not None else None)
+        return [int(i) for i in ids]
+
+    def add_texts(self, texts: object, ids: Sequence[int], labels: Sequence[str] | None = None) -> list[int]:
+        """Embed texts and add them to the index under the given ids."""
+        self.index.add(np.asarray(ids), self.embed_texts(texts), labels=list(labels) if labels is not None else None)
+        return [int(i) for i in ids]
+
+    def search(self, query: object, k: int = 5, channel_order: str = "RGB") -> list[Hit]:
+        """Top-k index entries for one query: a str is a text query, anything else an image."""
+        vec = self.embed_texts([query]) if isinstance(query, str) else self.embed_images([query], channel_order)
+        return self.index.search(vec, k)[0]
+
+    # --- zero-shot classification -------------------------------------------------------
+
+    def classify(self, image: object, labels: Sequence[str], templates: Sequence[str] | None = None,
+                 channel_order: str = "RGB") -> list[Label]:
+        """Zero-shot labels for one image, best first; each label embedded with every template, averaged."""
+        labels = _as_list(labels, "labels")
+        if not all(isinstance(lab, str) and lab.strip() for lab in labels):
+            raise InvalidInputError("labels must be non-empty strings")
+        templates = list(templates or self.templates)
+        if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
+            raise InvalidInputError("each template must be a string containing '{}'")
+        prompts = [t.replace("{}", lab) for lab in labels for t in templates]
+        text = self.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+        text = l2_normalize(text)
+        img = self.embed_images([image], channel_order)[0]
+        logits = self.logit_scale * (text @ img)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs)
+        return [Label(labels[i], float(probs[i])) for i in order]

@@ -1,0 +1,262 @@
+"""The `mmedge` command line. It only parses arguments and calls the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mmedge.errors import MmedgeError
+
+DATA_HELP = ("shapes:N (N synthetic scenes from the fixed held-out seed), an image folder, "
+             "or a JSONL file of {\"image\": path, \"text\": caption} lines")
+
+
+def _print(obj: object, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            print(f"{k}: {v}")
+    else:
+        print(obj)
+
+
+def _pipeline(args: argparse.Namespace):  # noqa: ANN202
+    from mmedge import sdk
+
+    return sdk.Pipeline(args.package, backend=args.backend, precision=args.precision, threads=args.threads)
+
+
+def cmd_train(a: argparse.Namespace) -> object:
+    from mmedge.models.clip_train import CLIPTrainSettings, train_clip
+
+    s = CLIPTrainSettings(preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                          threads=a.threads, time_budget_s=a.time_budget)
+    return {"checkpoint": str(train_clip(a.out, s, progress=None))}
+
+
+def cmd_init(a: argparse.Namespace) -> object:
+    from mmedge.models.init import init_checkpoint
+
+    return {"checkpoint": str(init_checkpoint(a.preset, a.out, seed=a.seed))}
+
+
+def cmd_export(a: argparse.Namespace) -> object:
+    from mmedge.export.exporter import export_model
+
+    m = export_model(a.src, a.out, family=a.family, opset=a.opset, allow_pickle=a.allow_pickle, name=a.name,
+                     progress=print if not a.json else None)
+    return {"package": str(a.out), "components": sorted(m.components)}
+
+
+def cmd_calibrate(a: argparse.Namespace) -> object:
+    from mmedge.calibration.package import calibrate_package
+
+    return calibrate_package(a.package, a.data, method=a.method, samples=a.samples, target_cosine=a.target_cosine,
+                             components=a.components, progress=print if not a.json else None)
+
+
+def cmd_build(a: argparse.Namespace) -> object:
+    from mmedge.calibration.build import build_package
+
+    return build_package(a.package, backend=a.backend, precision=a.precision)
+
+
+def cmd_verify(a: argparse.Namespace) -> object:
+    from mmedge.runtime.package import verify_package
+
+    pkg = verify_package(a.package)
+    return {"package": str(pkg.root), "ok": True, "files": len(pkg.manifest.files)}
+
+
+def cmd_inspect(a: argparse.Namespace) -> object:
+    from mmedge.runtime.package import read_manifest
+
+    m = read_manifest(a.package)
+    if a.json:
+        return json.loads(m.to_json())
+    return {
+        "name": m.name, "family": m.family, "task": m.task,
+        "components": {c: sorted(e.precisions) for c, e in m.components.items()},
+        "engines": sorted(m.engines), "files": len(m.files),
+    }
+
+
+def cmd_eval(a: argparse.Namespace) -> object:
+    from mmedge.sdk.evaluate import evaluate
+
+    return evaluate(_pipeline(a), a.data, limit=a.limit)
+
+
+def cmd_bench(a: argparse.Namespace) -> object:
+    from mmedge.sdk.bench import bench
+
+    return bench(a.package, precision=a.precision, batches=[int(b) for b in a.batch.split(",")], threads=a.threads,
+                 runs=a.runs, vs=a.vs, backend=a.backend)
+
+
+def cmd_embed(a: argparse.Namespace) -> object:
+    import numpy as np
+
+    p = _pipeline(a)
+    emb = p.embed_texts(a.text) if a.text else p.embed_images(a.images)
+    if a.out:
+        np.save(a.out, emb)
+    return {"shape": list(emb.shape), "out": a.out} if a.out or not a.json else {"embeddings": emb.tolist()}
+
+
+def cmd_search(a: argparse.Namespace) -> object:
+    from mmedge.runtime.index import VectorIndex
+
+    p = _pipeline(a)
+    if a.index and Path(a.index).exists():
+        p.index = VectorIndex.load(a.index)
+    if a.add:
+        from mmedge.data import load_data
+
+        items = load_data(a.add)
+        p.add_images([it.image for it in items], labels=[str(it.image) if isinstance(it.image, str) else (it.text or "")
+                                                         for it in items])
+        if a.index:
+            p.index.save(a.index)
+    if not a.query:
+        return {"indexed": len(p.index)}
+    hits = p.search(_query(a.query), k=a.k)
+    return {"query": a.query, "hits": [{"id": h.id, "score": round(h.score, 4), "label": h.label} for h in hits]}
+
+
+def _query(q: str) -> object:
+    """A query naming an existing file is an image; anything else is text."""
+    return Path(q) if Path(q).is_file() else q
+
+
+def cmd_classify(a: argparse.Namespace) -> object:
+    p = _pipeline(a)
+    labels = [s.strip() for s in a.labels.split(",") if s.strip()]
+    return {"image": a.image, "labels": [{"label": r.label, "score": round(r.score, 4)} for r in p.classify(a.image, labels)]}
+
+
+def cmd_demo(a: argparse.Namespace) -> object:
+    from mmedge.sdk.demo import run_demo
+
+    return run_demo(steps=a.steps, eval_n=a.eval_n, threads=a.threads, json_out=a.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmedge", description="Export, quantize and run multimodal models on edge devices.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def add(name: str, fn, help_: str, json_flag: bool = True) -> argparse.ArgumentParser:  # noqa: ANN001
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        return sp
+
+    def runtime_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("package", help="package directory or name in the model store ($MMEDGE_HOME)")
+        sp.add_argument("--backend", default="ort", choices=["ort", "tensorrt"])
+        sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"],
+                        help="auto = best build available (int8 > fp16 > fp32)")
+        sp.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = backend default)")
+
+    sp = add("train", cmd_train, "train a preset on synthetic scenes and write an mmedge checkpoint")
+    sp.add_argument("--preset", default="clip-tiny")
+    sp.add_argument("--out", required=True, help="checkpoint directory to write")
+    sp.add_argument("--steps", type=int, default=1200)
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--lr", type=float, default=2e-3)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--threads", type=int, default=0)
+    sp.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
+
+    sp = add("init", cmd_init, "write a random-weight checkpoint of a preset (for benchmarks)")
+    sp.add_argument("preset")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--seed", type=int, default=0)
+
+    sp = add("export", cmd_export, "export an mmedge checkpoint or HF model directory to a model package")
+    sp.add_argument("src", help="mmedge checkpoint directory or HF model directory (config.json + safetensors)")
+    sp.add_argument("--out", required=True, help="package directory to write (replaced atomically)")
+    sp.add_argument("--family", default=None, help="override the family detected from the config")
+    sp.add_argument("--name", default=None, help="package name (default: the directory name)")
+    sp.add_argument("--opset", type=int, default=17)
+    sp.add_argument("--allow-pickle", action="store_true",
+                    help="load pickle-based weights (.bin/.pt) with weights_only=True; off by default")
+
+    sp = add("calibrate", cmd_calibrate, "quantize a package's components to INT8 Q/DQ against an accuracy target")
+    sp.add_argument("package")
+    sp.add_argument("--data", default="shapes:64", help=DATA_HELP)
+    sp.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    sp.add_argument("--samples", type=int, default=64, help="calibration samples drawn from --data")
+    sp.add_argument("--target-cosine", type=float, default=0.99,
+                    help="minimum cosine of each output vs fp32; nodes are kept in float until it is met")
+    sp.add_argument("--components", nargs="*", default=None, help="components to quantize (default: all)")
+
+    sp = add("build", cmd_build, "build backend-specific graphs: ORT-optimized ONNX or TensorRT engines")
+    sp.add_argument("package")
+    sp.add_argument("--backend", default="ort", choices=["ort", "tensorrt"])
+    sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"])
+
+    sp = add("verify", cmd_verify, "verify a package: schema, sizes, sha256, paths, ONNX external data")
+    sp.add_argument("package")
+    sp = add("inspect", cmd_inspect, "show a package's manifest")
+    sp.add_argument("package")
+
+    sp = add("eval", cmd_eval, "task metrics on held-out data (retrieval: recall@1/@5 both ways)")
+    runtime_opts(sp)
+    sp.add_argument("--data", default="shapes:500", help=DATA_HELP)
+    sp.add_argument("--limit", type=int, default=None)
+
+    sp = add("bench", cmd_bench, "per-component latency (p50/p90) and throughput; --vs torch compares to PyTorch")
+    runtime_opts(sp)
+    sp.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    sp.add_argument("--runs", type=int, default=30)
+    sp.add_argument("--vs", choices=["torch"], default=None, help="also time the PyTorch reference on the same inputs")
+
+    sp = add("embed", cmd_embed, "embed images or texts")
+    runtime_opts(sp)
+    sp.add_argument("images", nargs="*", help="image files")
+    sp.add_argument("--text", nargs="*", help="texts to embed instead of images")
+    sp.add_argument("--out", default=None, help="write embeddings to this .npy file")
+
+    sp = add("search", cmd_search, "build or load an index and search it with a text or an image")
+    runtime_opts(sp)
+    sp.add_argument("query", nargs="?", help="text, or a path to an image file")
+    sp.add_argument("--add", default=None, help=f"data to index first: {DATA_HELP}")
+    sp.add_argument("--index", default=None, help="index directory to load / save")
+    sp.add_argument("-k", type=int, default=5)
+
+    sp = add("classify", cmd_classify, "zero-shot classification of an image against labels")
+    runtime_opts(sp)
+    sp.add_argument("image")
+    sp.add_argument("--labels", required=True, help="comma-separated labels")
+
+    sp = add("demo", cmd_demo, "train clip-tiny, export, calibrate, evaluate and benchmark; print a table")
+    sp.add_argument("--steps", type=int, default=None, help="training steps (default: preset's demo setting)")
+    sp.add_argument("--eval-n", type=int, default=500)
+    sp.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = args.fn(args)
+    except MmedgeError as exc:
+        print(f"mmedge {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    if out is not None:
+        _print(out, getattr(args, "json", False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""`sdk.Pipeline(...)`: open a package by name or path and return the pipeline for its task."""
+
+from __future__ import annotations
+
+import os
+
+from mmedge.errors import UnsupportedError
+from mmedge.runtime.backends.base import SessionOptions
+from mmedge.runtime.components import ComponentRunner
+from mmedge.runtime.retrieval import RetrievalPipeline
+from mmedge.sdk.store import resolve
+
+
+def Pipeline(name_or_path: str | os.PathLike, backend: str = "ort", precision: str = "auto",  # noqa: N802
+             threads: int = 0, device: str = "cpu") -> RetrievalPipeline:
+    """Verify a package and return its task pipeline (retrieval for CLIP-style packages).
+
+    `precision="auto"` takes the best build each component has (int8, then fp16, then fp32).
+    """
+    runner = ComponentRunner(resolve(name_or_path), backend=backend, precision=precision,
+                             options=SessionOptions(threads=threads, device=device))
+    task = runner.manifest.task
+    if task == "retrieval":
+        return RetrievalPipeline(runner)
+    raise UnsupportedError(f"task {task!r} has no pipeline in this version of mmedge")
