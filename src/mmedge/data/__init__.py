@@ -16,8 +16,10 @@ from mmedge.data.scenes import (
     iter_scenes,
     make_scene,
     parse_caption,
+    perturb,
     questions_for,
     render,
+    sample_objects,
 )
 from mmedge.data.sources import IMAGE_EXTENSIONS, DataItem, load_data
 
@@ -40,6 +42,8 @@ __all__ = [
     "load_data",
     "make_scene",
     "parse_caption",
+    "perturb",
     "questions_for",
     "render",
+    "sample_objects",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -239,6 +240,31 @@ def sample_objects(rng: np.random.Generator) -> tuple[SceneObject, ...]:
         )
         for p in slots
     )
+
+
+def perturb(objects: Sequence[SceneObject], rng: np.random.Generator) -> tuple[SceneObject, ...]:
+    """A hard negative: the same scene with one attribute of one object changed.
+
+    Contrastive training on such pairs teaches the fine distinctions (one colour, one size,
+    one position) that random in-batch negatives rarely present.
+    """
+    objs = list(_check_objects(objects))
+    i = int(rng.integers(len(objs)))
+    o = objs[i]
+    kind = ("shape", "colour", "size", "position")[int(rng.integers(4))]
+    if kind == "position":
+        free = [p for p in POSITIONS if p not in {x.position for x in objs}]
+        if not free:
+            kind = "shape"
+        else:
+            o = dataclasses.replace(o, position=free[int(rng.integers(len(free)))])
+    if kind != "position":
+        pool = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES}[kind]
+        current = getattr(o, kind)
+        choices = [v for v in pool if v != current]
+        o = dataclasses.replace(o, **{kind: choices[int(rng.integers(len(choices)))]})
+    objs[i] = o
+    return tuple(sorted(objs, key=lambda x: POSITIONS.index(x.position)))
 
 
 def make_scene(seed: int, index: int, image_size: int = 64) -> Scene:

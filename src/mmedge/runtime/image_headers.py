@@ -19,9 +19,10 @@ _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_MARKER = re.compile(rb"\xff+([^\xff])")
 _EXIF_PREFIX = b"Exif\x00\x00"
-# Real files have a few dozen chunks/segments before the pixels; a crafted one with millions would
-# make the Python walk slow, so stop early.
+# Real files have a few dozen segments before the pixels (PNG: one IDAT per 8-64 KB); a crafted
+# file with millions would make the Python walk slow, so stop early.
 _MAX_CHUNKS = 10_000
+_MAX_PNG_CHUNKS = 200_000
 
 
 class HeaderError(ValueError):
@@ -66,20 +67,22 @@ def _png(data: bytes) -> ImageHeader:
     if kind != b"IHDR" or length != 13:
         raise HeaderError("PNG does not start with an IHDR chunk")
     width, height = struct.unpack_from(">II", data, 16)
-    # eXIf is honoured only before the first IDAT, as libpng does; chunk walk is bounded by the data.
-    orientation, pos = 1, 8
-    for _ in range(_MAX_CHUNKS):
-        if pos + 8 > len(data):
-            break
+    # Walk every chunk to IEND: OpenCV's PNG reader allocates each chunk's declared length before
+    # reading it, so a 2 KB file declaring a 4 GB chunk would allocate 4 GB. The first eXIf counts
+    # wherever it is, as in PIL (libpng only looks before IDAT).
+    orientation, pos = None, 8
+    for _ in range(_MAX_PNG_CHUNKS):
+        if pos + 12 > len(data):
+            raise HeaderError("PNG is truncated (no IEND chunk)")
         length, kind = struct.unpack_from(">I4s", data, pos)
-        if kind in (b"IDAT", b"IEND"):
-            break
-        if kind == b"eXIf":
+        if length > len(data) - pos - 12:
+            raise HeaderError(f"PNG chunk {kind!r} declares {length} bytes but the file ends first")
+        if kind == b"IEND":
+            return ImageHeader("png", width, height, orientation or 1)
+        if kind == b"eXIf" and orientation is None:
             orientation = _tiff_orientation(data[pos + 8 : pos + 8 + length])
         pos += 12 + length
-    else:
-        raise HeaderError(f"PNG has more than {_MAX_CHUNKS} chunks before its image data")
-    return ImageHeader("png", width, height, orientation)
+    raise HeaderError(f"PNG has more than {_MAX_PNG_CHUNKS} chunks")
 
 
 def _jpeg(data: bytes) -> ImageHeader:
@@ -170,8 +173,7 @@ def _webp_exif(data: bytes) -> int:
 
 def _tiff_orientation(tiff: bytes) -> int:
     """Orientation tag (0x0112) of IFD0 in a TIFF/EXIF block; 1 when absent or unreadable."""
-    if tiff.startswith(_EXIF_PREFIX):  # some writers keep the JPEG prefix in PNG/WebP
-        tiff = tiff[len(_EXIF_PREFIX) :]
+    tiff = tiff.removeprefix(_EXIF_PREFIX)  # some writers keep the JPEG prefix in PNG/WebP
     try:
         order = {b"II": "<", b"MM": ">"}[tiff[:2]]
         magic, ifd = struct.unpack_from(order + "HI", tiff, 2)

@@ -18,15 +18,21 @@ def _chunked(fn, items: list) -> np.ndarray:  # noqa: ANN001
 
 
 def evaluate(pipeline: RetrievalPipeline, data: str, limit: int | None = None) -> dict[str, Any]:
-    """Text->image and image->text recall@1/@5; an identical scene (same key) counts as a hit."""
+    """Text->image and image->text recall@1/@5 on `--data`; an identical scene counts as a hit."""
     from mmedge.data import load_data
 
     runner = pipeline.runner
     items = load_data(data, image_size=runner.preprocess.image_size, limit=limit)
+    return {"package": runner.manifest.name, "data": data, **evaluate_items(pipeline, items)}
+
+
+def evaluate_items(pipeline: RetrievalPipeline, items: list) -> dict[str, Any]:  # noqa: ANN001 - DataItem
+    """Retrieval metrics on loaded data items (image, text, key)."""
+    runner = pipeline.runner
     if any(it.text is None for it in items):
-        raise InvalidInputError(f"retrieval eval needs a caption per image; {data!r} has images without text")
+        raise InvalidInputError("retrieval eval needs a caption per image; the data has images without text")
     img = _chunked(pipeline.embed_images, [it.image for it in items])
     txt = _chunked(pipeline.embed_texts, [it.text for it in items])
     metrics = retrieval_metrics(img, txt, [it.key for it in items])
     precisions = {c: runner.precision_of(c) for c in runner.manifest.components}
-    return {"package": runner.manifest.name, "task": "retrieval", "data": data, "precisions": precisions, **metrics}
+    return {"task": "retrieval", "precisions": precisions, **metrics}

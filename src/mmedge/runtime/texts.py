@@ -1,0 +1,144 @@
+"""Text tokenisation for text towers (torch-free; HF `tokenizers`).
+
+User text is always plain text: a typed "<|endoftext|>" is split like any other characters and
+never becomes the special token, so a caption cannot end the sequence early or forge a prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mmedge.errors import ConfigError, IntegrityError, InvalidInputError
+
+# Tried in order when no pad id is given: HF CLIP pads with its end-of-text token.
+_PAD_TOKENS = ("<pad>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """Caps checked on every text before it reaches the tokenizer."""
+
+    max_chars: int = 10_000
+
+
+class TextTokenizer:
+    """Batch encoder: specials from the post-processor, truncation that keeps EOS, padding to longest.
+
+    The constructor takes ownership of `tokenizer` (a `tokenizers.Tokenizer`) and reconfigures it.
+    `pad_id` defaults to the tokenizer's padding setting, else the id of "<pad>" or "<|endoftext|>".
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        context_length: int,
+        pad_id: int | None = None,
+        lowercase: bool = False,
+        limits: TextLimits = TextLimits(),
+    ) -> None:
+        if isinstance(context_length, bool) or not isinstance(context_length, int):
+            raise ConfigError(f"context_length must be an int, got {context_length!r}")
+        specials = tokenizer.num_special_tokens_to_add(False)
+        if context_length <= specials:
+            # tokenizers silently skips truncation when the budget cannot hold its special tokens
+            raise ConfigError(
+                f"context_length {context_length} leaves no room for text after {specials} special tokens"
+            )
+        self.pad_id = _pad_id(tokenizer) if pad_id is None else int(pad_id)
+        if not 0 <= self.pad_id < tokenizer.get_vocab_size(with_added_tokens=True):
+            raise ConfigError(f"pad_id {self.pad_id} is outside the vocabulary")
+        self.context_length = context_length
+        self.lowercase = lowercase
+        self.limits = limits
+        # The post-processor adds specials inside the max_length budget, so EOS survives truncation.
+        tokenizer.enable_truncation(max_length=context_length)
+        tokenizer.no_padding()  # padded here, to the longest in the batch
+        tokenizer.encode_special_tokens = True  # specials typed by a user are plain text
+        self._tok = tokenizer
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike[str],
+        context_length: int,
+        pad_id: int | None = None,
+        lowercase: bool = False,
+        limits: TextLimits = TextLimits(),
+    ) -> TextTokenizer:
+        """Load a `tokenizer.json` (HF tokenizers format)."""
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_file(os.fspath(path))
+        except Exception as exc:  # tokenizers raises bare Exception for missing or malformed files
+            raise IntegrityError(f"cannot load tokenizer {os.fspath(path)!r}: {exc}") from exc
+        return cls(tok, context_length, pad_id, lowercase, limits)
+
+    @classmethod
+    def from_json(
+        cls,
+        text: str,
+        context_length: int,
+        pad_id: int | None = None,
+        lowercase: bool = False,
+        limits: TextLimits = TextLimits(),
+    ) -> TextTokenizer:
+        """Build from the JSON text of a `tokenizer.json`."""
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(text)
+        except Exception as exc:
+            raise IntegrityError(f"cannot parse tokenizer JSON: {exc}") from exc
+        return cls(tok, context_length, pad_id, lowercase, limits)
+
+    def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Encode texts -> (input_ids, attention_mask), both int64 (N, L), L = longest <= context_length."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise InvalidInputError(f"encode_batch takes a list of strings, got {type(texts).__name__}")
+        if len(texts) == 0:
+            raise InvalidInputError("encode_batch got no texts")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidInputError(f"text {i} is {type(text).__name__}; expected str")
+            if len(text) > self.limits.max_chars:  # before tokenising: a 1 MB string never reaches Rust
+                raise InvalidInputError(
+                    f"text {i} has {len(text)} characters; the limit is {self.limits.max_chars}"
+                )
+            if not text.strip():
+                raise InvalidInputError(
+                    f"empty text at index {i}: blank or whitespace-only text is not accepted"
+                )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # lone surrogates cannot cross into Rust
+                raise InvalidInputError(f"text {i} is not valid Unicode: {exc.reason}") from exc
+        batch = [t.lower() for t in texts] if self.lowercase else list(texts)
+        try:
+            encodings = self._tok.encode_batch(batch, add_special_tokens=True)
+        except BaseException as exc:  # Rust panics surface as pyo3 PanicException(BaseException)
+            if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+                raise  # KeyboardInterrupt, SystemExit and friends are not input errors
+            raise InvalidInputError(f"tokenizer rejected the text: {exc}") from exc
+        length = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), length), self.pad_id, np.int64)  # (N, L)
+        mask = np.zeros((len(encodings), length), np.int64)  # (N, L)
+        for row, enc in enumerate(encodings):
+            ids[row, : len(enc.ids)] = enc.ids
+            mask[row, : len(enc.ids)] = 1
+        return ids, mask
+
+
+def _pad_id(tok: Any) -> int:
+    if tok.padding is not None:
+        return int(tok.padding["pad_id"])
+    for token in _PAD_TOKENS:
+        found = tok.token_to_id(token)
+        if found is not None:
+            return int(found)
+    raise ConfigError(f"tokenizer has no padding setting and none of {_PAD_TOKENS}; pass pad_id explicitly")
