@@ -143,7 +143,8 @@ class TextTransformer(nn.Module):
             idx = input_ids.to(torch.int32).argmax(dim=-1)
         else:
             idx = (input_ids == self.cfg.eos_token_id).to(torch.int32).argmax(dim=-1)
-        return x[torch.arange(x.shape[0], device=x.device), idx]
+        # gather (not advanced indexing) exports to one GatherElements node.
+        return x.gather(1, idx.to(torch.int64)[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
 
 
 class CLIP(nn.Module):
