@@ -18,6 +18,7 @@ from mmedge.models.checkpoint import load_weights
 
 # HF model_type -> mmedge family
 HF_FAMILIES = {"clip": "clip"}
+_PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as preprocessor_config.json stores it
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,23 @@ def _clip_preprocess(root: Path, image_size: int) -> dict[str, Any]:
 
     p = root / "preprocessor_config.json"
     pc = _json(p) if p.is_file() else {}
+    # Settings the runtime does not reproduce would change every embedding silently: refuse them.
+    wrong = [f"{k}={pc[k]!r}" for k in ("do_resize", "do_center_crop", "do_rescale", "do_normalize")
+             if pc.get(k, True) is not True]
+    if pc.get("resample", _PIL_BICUBIC) != _PIL_BICUBIC:
+        wrong.append(f"resample={pc['resample']!r}")
+    if wrong:
+        raise UnsupportedError(
+            f"{p}: {', '.join(wrong)} is not supported; accepted: bicubic (resample={_PIL_BICUBIC}) "
+            "shortest-edge resize, centre crop, rescale and normalise, all enabled"
+        )
     size = pc.get("size", {"shortest_edge": image_size})
-    shortest = size.get("shortest_edge", image_size) if isinstance(size, dict) else int(size)
+    if isinstance(size, dict) and "shortest_edge" not in size:
+        raise UnsupportedError(f"{p}: size {size} resizes without keeping the aspect ratio; only shortest_edge is supported")
+    shortest = size["shortest_edge"] if isinstance(size, dict) else int(size)
     crop = pc.get("crop_size", {"height": image_size, "width": image_size})
-    crop = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
-    if shortest != image_size or crop != image_size:
+    crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (int(crop), int(crop))
+    if shortest != image_size or crop != (image_size, image_size):
         raise UnsupportedError(
             f"preprocessor resizes to {shortest} and crops {crop}, but the model takes {image_size}; "
             "only resize == crop == image_size is supported"
@@ -139,4 +152,19 @@ def load_hf(path: str | Path, allow_pickle: bool = False) -> HFSource:
     tok = root / "tokenizer.json"
     if not tok.is_file():
         raise ConfigError(f"{root} has no tokenizer.json; save the tokenizer with a fast (Rust) tokenizer")
-    return HFSource(family, config, state, tok.read_text(), _clip_preprocess(root, config["vision"]["image_size"]), tuple(files))
+    tokenizer_json = tok.read_text()
+    _check_vocab(tok, tokenizer_json, config["text"]["vocab_size"])
+    return HFSource(family, config, state, tokenizer_json, _clip_preprocess(root, config["vision"]["image_size"]), tuple(files))
+
+
+def _check_vocab(path: Path, tokenizer_json: str, vocab_size: int) -> None:
+    """Every id the tokenizer can emit must index the text embedding table (else export hits an IndexError)."""
+    from tokenizers import Tokenizer
+
+    try:
+        ids = Tokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True).values()
+    except Exception as exc:  # tokenizers raises bare Exception for malformed JSON
+        raise ConfigError(f"{path} is not a readable tokenizer: {exc}") from exc
+    top = max(ids, default=-1)
+    if top >= vocab_size:
+        raise ConfigError(f"{path} emits token ids up to {top}, but text_config.vocab_size is {vocab_size}")
