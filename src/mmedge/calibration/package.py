@@ -64,10 +64,8 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
     pkg = verify_package(resolve(package))
     size = int(pkg.manifest.preprocess.get("image_size", 224))
     items = load_data(data, image_size=size, limit=samples + EVAL_SAMPLES)
-    if len(items) < 2:
-        raise InvalidInputError(f"calibration needs at least 2 samples; {data!r} gave {len(items)}")
-    n_cal = min(samples, max(1, len(items) - min(EVAL_SAMPLES, len(items) // 4)))
-    cal_items, eval_items = items[:n_cal], items[n_cal:] or items[:n_cal]
+    # Samples past the first `samples` measure the cosine; with none left, the calibration set does.
+    cal_items, eval_items = items[:samples], items[samples:] or items[:samples]
     wanted = components or list(pkg.manifest.components)
     report: dict[str, Any] = {"data": data, "method": method, "target_cosine": target_cosine, "components": {}}
     with staged_update(pkg.root) as tmp:
@@ -85,7 +83,7 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
             res = calibrate_to_target(tmp / fp32_rel, tmp / int8_rel, _feeds(pkg, kind, cal_items),
                                       _feeds(pkg, kind, eval_items), method=method, target_cosine=target_cosine,
                                       progress=lambda m: say("  " + m))
-            record = {**res.to_dict(), "data": data}
+            record = {**res.to_dict(), "data": data, "samples": len(cal_items)}
             lint = lint_model(tmp / int8_rel)
             parity = {"cosine_vs_fp32": res.cosine, "trt_lint_ok": lint.ok, "eval_samples": len(eval_items)}
             comps[name] = replace(entry, precisions={**entry.precisions, "int8": PrecisionEntry(int8_rel, parity, record)})

@@ -91,6 +91,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         n = (cfg.image_size // cfg.patch_size) ** 2 + 1
         self.position_embedding = nn.Embedding(n, cfg.width)
+        self.grid = cfg.image_size // cfg.patch_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, P, C)
@@ -167,7 +168,27 @@ class CLIP(nn.Module):
         return self.text_projection(self.text_model(input_ids, attention_mask))
 
 
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes (MAE-style), (grid*grid + 1, width); row 0 is the class token."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    parts = []
+    for coord in (xs.flatten(), ys.flatten()):
+        angles = coord[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    codes = torch.cat(parts, dim=1)  # (P, 4 * quarter)
+    codes = nn.functional.pad(codes, (0, width - codes.shape[1]))
+    return torch.cat([torch.zeros(1, width), codes])
+
+
 def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, VisionEmbeddings):
+        # Start from explicit 2-D positions: layout ("top left", "center") is what captions name,
+        # and a near-zero random init leaves the model blind to it for most of a short training run.
+        with torch.no_grad():
+            m.position_embedding.weight.copy_(sincos_2d(m.grid, m.position_embedding.weight.shape[1]))
+        return
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         nn.init.normal_(m.weight, std=0.02)
         if m.bias is not None:

@@ -25,6 +25,7 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json_out: bool = False) -> dict[str, Any] | None:
     """Run the demo; prints progress and the result table (or returns the results as a dict)."""
     from mmedge import sdk
+    from mmedge.calibration.build import build_package
     from mmedge.calibration.package import calibrate_package
     from mmedge.export.exporter import export_model
     from mmedge.models.clip_train import CLIPTrainSettings, train_clip
@@ -43,8 +44,9 @@ def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json
 
     say("[2/5] exporting vision and text towers to ONNX")
     export_model(ckpt, pkg, progress=lambda m: say("      " + m))
-    say("[3/5] calibrating to INT8 (Q/DQ) on 64 synthetic scenes")
-    calib = calibrate_package(pkg, "train-shapes:64", progress=lambda m: say("      " + m))
+    say("[3/5] calibrating to INT8 (Q/DQ) on 64 training scenes, building for ONNX Runtime")
+    calib = calibrate_package(pkg, "train-shapes:96", samples=64, progress=lambda m: say("      " + m))
+    build_package(pkg, backend="ort", threads=threads, progress=lambda m: say("      " + m))
 
     say(f"[4/5] evaluating retrieval on {eval_n} held-out scenes")
     data = f"shapes:{eval_n}"
