@@ -242,16 +242,22 @@ def sample_objects(rng: np.random.Generator) -> tuple[SceneObject, ...]:
     )
 
 
-def perturb(objects: Sequence[SceneObject], rng: np.random.Generator) -> tuple[SceneObject, ...]:
+PERTURB_KINDS = ("shape", "colour", "size", "position")
+
+
+def perturb(objects: Sequence[SceneObject], rng: np.random.Generator,
+            weights: Sequence[float] | None = None) -> tuple[SceneObject, ...]:
     """A hard negative: the same scene with one attribute of one object changed.
 
     Contrastive training on such pairs teaches the fine distinctions (one colour, one size,
-    one position) that random in-batch negatives rarely present.
+    one position) that random in-batch negatives rarely present. `weights` gives the odds of
+    changing each of PERTURB_KINDS (uniform by default).
     """
     objs = list(_check_objects(objects))
     i = int(rng.integers(len(objs)))
     o = objs[i]
-    kind = ("shape", "colour", "size", "position")[int(rng.integers(4))]
+    p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    kind = PERTURB_KINDS[int(rng.choice(len(PERTURB_KINDS), p=p))]
     if kind == "position":
         free = [p for p in POSITIONS if p not in {x.position for x in objs}]
         if not free:
