@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmedge.data.scenes import TRAIN_SEED
+from mmedge.errors import ConfigError
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.clip import CLIP, CLIPConfig
 from mmedge.models.families import load_preset
@@ -26,37 +28,37 @@ class CLIPTrainSettings:
     preset: str = "clip-tiny"
     steps: int = 1200
     batch_size: int = 128
+    hard_negatives: int = 32  # batch rows that are one-attribute edits of other rows
     lr: float = 2e-3
-    pool: int = 20_000  # distinct training scenes rendered up front
     seed: int = 0
     threads: int = 0
     time_budget_s: float | None = None
 
 
 def _pixels(images: list[np.ndarray], cfg) -> np.ndarray:  # noqa: ANN001 - PreprocessConfig
+    """Exactly the runtime's preprocessing, so training sees what the device will see."""
     from mmedge.runtime.images import preprocess
 
     return preprocess(images, cfg)
 
 
-def _batches(scenes, tokenizer, pre, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:  # noqa: ANN001
-    """Random batches of (pixels, ids, mask), each caption freshly phrased."""
-    from mmedge.data import caption_for
+def _batches(tokenizer, pre, image_size: int, s: CLIPTrainSettings) -> Iterator[tuple[torch.Tensor, ...]]:  # noqa: ANN001
+    """Endless batches of (pixels, ids, mask): fresh scenes, freshly phrased captions, and hard negatives.
 
-    rng = np.random.default_rng(seed)
-    pixels = torch.from_numpy(_pixels([s.image for s in scenes], pre))  # (P, 3, S, S), once
-    keys = [s.key for s in scenes]
+    Scenes are drawn on the fly from a stream seeded apart from the held-out seed (the scene
+    space is finite, so a held-out scene's layout can recur by chance, as in any split). The last `hard_negatives` rows each change one
+    attribute of an earlier row (`perturb`), the near-duplicates random batches almost never hold.
+    """
+    from mmedge.data import caption_for, perturb, render, sample_objects
+
+    rng = np.random.default_rng(np.random.SeedSequence(entropy=TRAIN_SEED, spawn_key=(s.seed, 1)))
+    base = s.batch_size - s.hard_negatives
     while True:
-        idx = rng.choice(len(scenes), size=batch_size, replace=False)
-        # Identical scenes in one batch would be false negatives; keep the first of each.
-        seen, keep = set(), []
-        for i in idx.tolist():
-            if keys[i] not in seen:
-                seen.add(keys[i])
-                keep.append(i)
-        texts = [caption_for(scenes[i].objects, rng) for i in keep]
-        ids, mask = tokenizer.encode_batch(texts)
-        yield pixels[keep], torch.from_numpy(ids), torch.from_numpy(mask)
+        objs = [sample_objects(rng) for _ in range(base)]
+        objs += [perturb(objs[i], rng) for i in range(s.hard_negatives)]
+        pixels = _pixels([render(o, image_size, rng) for o in objs], pre)
+        ids, mask = tokenizer.encode_batch([caption_for(o, rng) for o in objs])
+        yield torch.from_numpy(pixels), torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def _loss(model: CLIP, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -66,29 +68,29 @@ def _loss(model: CLIP, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 def train_clip(out: str | Path, settings: CLIPTrainSettings = CLIPTrainSettings(), progress: bool | None = None) -> Path:
     """Train `settings.preset` on synthetic scenes and save a checkpoint directory at `out`."""
-    from mmedge.data import TRAIN_SEED, caption_for, generate_scenes
+    from mmedge.data import caption_for, generate_scenes
     from mmedge.runtime.images import PreprocessConfig
     from mmedge.runtime.texts import TextTokenizer
 
+    if not 0 <= settings.hard_negatives < settings.batch_size:
+        raise ConfigError(f"hard_negatives must be in [0, batch_size), got {settings.hard_negatives}")
     family, raw = load_preset(settings.preset)
     t0 = time.perf_counter()
-    scenes = generate_scenes(settings.pool, seed=TRAIN_SEED, image_size=raw["vision"]["image_size"])
     rng = np.random.default_rng(settings.seed)
-    corpus = [caption_for(s.objects, rng) for s in scenes[:4000]]
-    tok = train_tokenizer(corpus)
+    tok = train_tokenizer([caption_for(s.objects, rng) for s in generate_scenes(2000, seed=TRAIN_SEED, image_size=32)])
     raw = {**raw, "text": {**raw["text"], "vocab_size": tok.get_vocab_size(), "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}}
     cfg: CLIPConfig = family.parse_config(raw)
     tokenizer = TextTokenizer.from_json(tok.to_str(), context_length=cfg.text.context_length, pad_id=PAD_ID)
     pre = PreprocessConfig.from_dict(family.preprocess(cfg))
-    log.info("rendered %d scenes and trained a %d-token tokenizer in %.1fs", len(scenes), tok.get_vocab_size(),
-             time.perf_counter() - t0)
+    log.info("trained a %d-token tokenizer in %.1fs", tok.get_vocab_size(), time.perf_counter() - t0)
     torch.manual_seed(settings.seed)
     model = CLIP(cfg)
     tc = TrainConfig(steps=settings.steps, lr=settings.lr, warmup=min(100, settings.steps // 10), seed=settings.seed,
                      threads=settings.threads, time_budget_s=settings.time_budget_s)
-    losses = train(model, _batches(scenes, tokenizer, pre, settings.batch_size, settings.seed), _loss, tc,
+    losses = train(model, _batches(tokenizer, pre, cfg.vision.image_size, settings), _loss, tc,
                    progress=progress, desc=f"train {settings.preset}")
     info = {"train": {"preset": settings.preset, "steps": len(losses), "batch_size": settings.batch_size,
+                      "hard_negatives": settings.hard_negatives,
                       "final_loss": float(np.mean(losses[-20:])), "seconds": round(time.perf_counter() - t0, 1)}}
     log.info("trained %d steps, final loss %.3f", len(losses), info["train"]["final_loss"])
     return save_checkpoint(out, family.name, cfg.to_dict(), model, tok.to_str(), extra=info)

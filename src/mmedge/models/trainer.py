@@ -24,7 +24,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 0  # 0 = torch default
-    time_budget_s: float | None = None  # stop early (with the schedule compressed) past this
+    # With a budget, schedule progress is max(step fraction, time fraction): on a slow machine the
+    # learning rate still anneals to zero by the deadline instead of stopping mid-schedule.
+    time_budget_s: float | None = None
 
 
 def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, object], torch.Tensor],
@@ -41,11 +43,17 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, obj
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
 
-    def lr_at(step: int) -> float:
+    def progress_at(step: int) -> float:
+        t = step / cfg.steps
+        if cfg.time_budget_s:
+            t = max(t, (time.perf_counter() - start) / cfg.time_budget_s)
+        return min(t, 1.0)
+
+    def lr_at(step: int, t: float) -> float:
         if step < cfg.warmup:
             return cfg.lr * (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        w = cfg.warmup / cfg.steps
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * max(0.0, t - w) / max(1e-9, 1 - w)))
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=cfg.steps, desc=desc, disable=not show, leave=False)
@@ -53,8 +61,12 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, obj
     model.train()
     start = time.perf_counter()
     for step in range(cfg.steps):
+        t = progress_at(step)
+        if t >= 1.0:
+            log.warning("%s: time budget of %.0f s reached after %d/%d steps", desc, cfg.time_budget_s, step, cfg.steps)
+            break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step, t)
         loss = loss_fn(model, next(batches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -64,9 +76,6 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, obj
         losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
-            log.warning("%s: time budget of %.0f s reached after %d/%d steps", desc, cfg.time_budget_s, step + 1, cfg.steps)
-            break
     bar.close()
     model.eval()
     return losses

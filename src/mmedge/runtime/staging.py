@@ -28,6 +28,7 @@ STAGING_MARK = ".mmedge-staging-"
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write a file via a temp name in the same directory, fsync, then rename over the target."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     raw = data.encode() if isinstance(data, str) else data
     try:

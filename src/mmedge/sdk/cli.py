@@ -19,7 +19,7 @@ def _print(obj: object, as_json: bool) -> None:
         print(json.dumps(obj, indent=2, sort_keys=True, default=str))
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            print(f"{k}: {v}")
+            print(f"{k}: {json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v}")
     else:
         print(obj)
 
