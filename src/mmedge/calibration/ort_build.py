@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mmedge.runtime.staging import write_atomic
 from mmedge.calibration.ort_passes import (
     activations_to_uint8,
     fold_constant_dequantize,
@@ -36,6 +35,7 @@ from mmedge.calibration.ort_passes import (
     shapes_skip_qdq,
 )
 from mmedge.errors import InvalidInputError
+from mmedge.runtime.staging import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.runtime.staging import write_atomic
 from mmedge.errors import InvalidInputError, UnsupportedError
+from mmedge.runtime.staging import write_atomic
 
 log = logging.getLogger(__name__)
 

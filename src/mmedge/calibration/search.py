@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from mmedge.calibration.accuracy import compare_outputs, ort_session, run_outputs
-from mmedge.runtime.staging import write_atomic
 from mmedge.calibration.ort_build import is_x86
 from mmedge.calibration.qdq import calibration_method, quantizable_nodes, quantize_int8
 from mmedge.calibration.sensitivity import node_sensitivity
 from mmedge.errors import InvalidInputError
+from mmedge.runtime.staging import write_atomic
 
 log = logging.getLogger(__name__)
 

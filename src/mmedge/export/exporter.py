@@ -14,9 +14,9 @@ from mmedge.errors import IntegrityError
 from mmedge.export.onnx_export import DEFAULT_OPSET, example_inputs, export_component
 from mmedge.export.package_writer import write_manifest
 from mmedge.export.parity import measure_parity
-from mmedge.runtime.staging import staged_dir, write_atomic
 from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry
 from mmedge.runtime.package import verify_package
+from mmedge.runtime.staging import staged_dir, write_atomic
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmedge.runtime.staging import write_atomic
 from mmedge.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest
 from mmedge.runtime.package import sha256_file
+from mmedge.runtime.staging import write_atomic
 
 
 def hash_tree(root: Path) -> dict[str, FileEntry]:

@@ -109,8 +109,8 @@ class VectorIndex:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index directory atomically."""
-        from mmedge.runtime.staging import staged_dir
         from mmedge.runtime.package import sha256_file
+        from mmedge.runtime.staging import staged_dir
 
         with self._lock, staged_dir(path) as tmp:
             self._index.save(str(tmp / _BIN))

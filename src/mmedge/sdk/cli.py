@@ -95,7 +95,7 @@ def cmd_bench(a: argparse.Namespace) -> object:
     from mmedge.sdk.bench import bench
 
     return bench(a.package, precision=a.precision, batches=[int(b) for b in a.batch.split(",")], threads=a.threads,
-                 runs=a.runs, vs=a.vs, backend=a.backend)
+                 runs=a.runs, vs=a.vs, backend=a.backend, components=a.components)
 
 
 def cmd_embed(a: argparse.Namespace) -> object:
@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_opts(sp)
     sp.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     sp.add_argument("--runs", type=int, default=30)
-    sp.add_argument("--vs", choices=["torch"], default=None, help="also time the PyTorch reference on the same inputs")
+    sp.add_argument("--vs", choices=["torch"], default=None,
+                    help="also time PyTorch eager (and ORT fp32 when --precision is not fp32) on the same inputs")
+    sp.add_argument("--components", nargs="*", default=None, help="components to time (default: all)")
 
     sp = add("embed", cmd_embed, "embed images or texts")
     runtime_opts(sp)
