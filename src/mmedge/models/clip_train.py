@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CLIPTrainSettings:
     preset: str = "clip-tiny"
-    steps: int = 1200
+    steps: int = 1400
     batch_size: int = 128
     hard_negatives: int = 32  # batch rows that are one-attribute edits of other rows
-    lr: float = 2e-3
+    lr: float = 1e-3  # measured: 2e-3 reached R@1 0.67 after 1000 steps, 1e-3 reached 0.90
     seed: int = 0
     threads: int = 0
     time_budget_s: float | None = None
@@ -85,7 +85,7 @@ def train_clip(out: str | Path, settings: CLIPTrainSettings = CLIPTrainSettings(
     log.info("trained a %d-token tokenizer in %.1fs", tok.get_vocab_size(), time.perf_counter() - t0)
     torch.manual_seed(settings.seed)
     model = CLIP(cfg)
-    tc = TrainConfig(steps=settings.steps, lr=settings.lr, warmup=min(100, settings.steps // 10), seed=settings.seed,
+    tc = TrainConfig(steps=settings.steps, lr=settings.lr, warmup=min(50, settings.steps // 10), seed=settings.seed,
                      threads=settings.threads, time_budget_s=settings.time_budget_s)
     losses = train(model, _batches(tokenizer, pre, cfg.vision.image_size, settings), _loss, tc,
                    progress=progress, desc=f"train {settings.preset}")

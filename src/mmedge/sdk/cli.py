@@ -33,7 +33,8 @@ def _pipeline(args: argparse.Namespace):  # noqa: ANN202
 def cmd_train(a: argparse.Namespace) -> object:
     from mmedge.models.clip_train import CLIPTrainSettings, train_clip
 
-    s = CLIPTrainSettings(preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+    s = CLIPTrainSettings(preset=a.preset, steps=a.steps, batch_size=a.batch_size, hard_negatives=a.hard_negatives,
+                          lr=a.lr, seed=a.seed,
                           threads=a.threads, time_budget_s=a.time_budget)
     return {"checkpoint": str(train_clip(a.out, s, progress=None))}
 
@@ -167,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train, "train a preset on synthetic scenes and write an mmedge checkpoint")
     sp.add_argument("--preset", default="clip-tiny")
     sp.add_argument("--out", required=True, help="checkpoint directory to write")
-    sp.add_argument("--steps", type=int, default=1200)
+    sp.add_argument("--steps", type=int, default=1400)
     sp.add_argument("--batch-size", type=int, default=128)
-    sp.add_argument("--lr", type=float, default=2e-3)
+    sp.add_argument("--hard-negatives", type=int, default=32, help="batch rows that edit one attribute of another row")
+    sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--threads", type=int, default=0)
     sp.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
