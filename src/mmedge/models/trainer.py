@@ -63,7 +63,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, obj
     for step in range(cfg.steps):
         t = progress_at(step)
         if t >= 1.0:
-            log.warning("%s: time budget of %.0f s reached after %d/%d steps", desc, cfg.time_budget_s, step, cfg.steps)
+            log.info("%s: time budget of %.0f s reached after %d/%d steps", desc, cfg.time_budget_s, step, cfg.steps)
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, t)

@@ -1,7 +1,9 @@
 """`mmedge bench`: per-component latency and throughput, optionally against the PyTorch reference.
 
-Engines are timed interleaved (one run of each in turn) on the same inputs in one process, so
-machine noise hits them alike; report medians and the ratios, not single absolute times.
+Engines are timed in short blocks, rotating which goes first, on the same inputs in one process,
+so machine noise hits them alike; report medians and the ratios, not single absolute times. Each
+block starts with an untimed run: ONNX Runtime's worker threads keep spinning for a moment after
+a run and would otherwise slow whichever engine comes next.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from mmedge.runtime.manifest import ComponentEntry
 from mmedge.sdk.store import resolve
 
 WARMUP = 3
+BLOCK = 5  # timed runs per engine per round
 _SAMPLE_TEXT = "a small red circle at the top left and a large blue square in the center"
 
 
@@ -83,11 +86,16 @@ def bench(package: str, precision: str = "auto", batches: list[int] | None = Non
         for b in batches or [1, 8]:
             feeds = _feeds(main, name, entry, b)
             times: dict[str, list[float]] = {k: [] for k in engines}
-            for i in range(WARMUP + runs):
-                for k, fn in engines.items():
-                    t0 = time.perf_counter()
+            order = list(engines)
+            for _ in range(WARMUP):
+                for fn in engines.values():
                     fn(feeds)
-                    if i >= WARMUP:
+            for rnd in range(-(-runs // BLOCK)):
+                for k in order[rnd % len(order):] + order[: rnd % len(order)]:
+                    engines[k](feeds)  # untimed: absorbs the previous engine's spinning threads
+                    for _ in range(min(BLOCK, runs - len(times[k]))):
+                        t0 = time.perf_counter()
+                        engines[k](feeds)
                         times[k].append(time.perf_counter() - t0)
             row = {k: _stats(v, b) for k, v in times.items()}
             ref = row[label]["p50_ms"]

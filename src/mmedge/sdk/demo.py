@@ -29,6 +29,7 @@ def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json
     from mmedge.calibration.build import build_package
     from mmedge.calibration.package import calibrate_package
     from mmedge.export.exporter import export_model
+    from mmedge.models.checkpoint import read_checkpoint_meta
     from mmedge.models.clip_train import CLIPTrainSettings, train_clip
     from mmedge.sdk.bench import bench
     from mmedge.sdk.evaluate import evaluate
@@ -42,6 +43,8 @@ def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json
     say(f"[1/5] training clip-tiny on synthetic scenes (model store: {home})")
     train_clip(ckpt, CLIPTrainSettings(steps=steps or DEMO_STEPS, threads=threads, time_budget_s=DEMO_TRAIN_BUDGET_S))
     timings["train_s"] = time.perf_counter() - t0
+    trained = read_checkpoint_meta(ckpt).get("train", {})
+    say(f"      {trained.get('steps')} steps in {timings['train_s']:.0f} s, final loss {trained.get('final_loss', 0):.3f}")
 
     say("[2/5] exporting vision and text towers to ONNX")
     export_model(ckpt, pkg, progress=lambda m: say("      " + m))
