@@ -131,7 +131,9 @@ def test_external_data_validator(tmp_path_factory, location: str, offset: object
 
     root = tmp_path_factory.mktemp("ext")
     (root / "w.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
-    w = helper.make_tensor("w", TensorProto.FLOAT, [16], vals=[])
+    w = TensorProto()
+    w.name, w.data_type = "w", TensorProto.FLOAT
+    w.dims.extend([16])
     w.data_location = TensorProto.EXTERNAL
     entries = {"location": location, "offset": str(offset), "length": str(length)}
     if extra:
@@ -141,7 +143,7 @@ def test_external_data_validator(tmp_path_factory, location: str, offset: object
         e.key, e.value = k, v
     graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])], initializer=[w])
-    onnx.save_model(helper.make_model(graph), str(root / "m.onnx"))
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(root / "m.onnx"))
     files = {rel: FileEntry(sha256_file(root / rel), (root / rel).stat().st_size) for rel in ("m.onnx", "w.bin")}
     m = Manifest("x", "clip", "retrieval", {}, {}, {}, {}, files, {})
     try:
