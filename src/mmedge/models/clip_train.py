@@ -18,7 +18,7 @@ from mmedge.models.clip import CLIP, CLIPConfig
 from mmedge.models.families import load_preset
 from mmedge.models.losses import itc_loss
 from mmedge.models.tokenizer_train import EOS_ID, PAD_ID, train_tokenizer
-from mmedge.models.trainer import TrainConfig, prefetch, train
+from mmedge.models.trainer import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def train_clip(out: str | Path, settings: CLIPTrainSettings = CLIPTrainSettings(
     model = CLIP(cfg)
     tc = TrainConfig(steps=settings.steps, lr=settings.lr, warmup=min(50, settings.steps // 10), seed=settings.seed,
                      threads=settings.threads, time_budget_s=settings.time_budget_s)
-    losses = train(model, prefetch(_batches(tokenizer, pre, cfg.vision.image_size, settings)), _loss, tc,
+    losses = train(model, _batches(tokenizer, pre, cfg.vision.image_size, settings), _loss, tc,
                    progress=progress, desc=f"train {settings.preset}")
     info = {"train": {"preset": settings.preset, "steps": len(losses), "batch_size": settings.batch_size,
                       "hard_negatives": settings.hard_negatives,

@@ -29,43 +29,6 @@ class TrainConfig:
     time_budget_s: float | None = None
 
 
-def prefetch(batches: Iterator, depth: int = 2) -> Iterator:
-    """Produce batches on a background thread so data preparation overlaps the training step.
-
-    Rendering, preprocessing and tokenising release the GIL for most of their work, as does torch.
-    """
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for b in batches:
-                while not stop.is_set():
-                    try:
-                        q.put(("ok", b), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as exc:  # surface generator errors in the training thread
-            q.put(("error", exc))
-
-    t = threading.Thread(target=work, daemon=True, name="mmedge-prefetch")
-    t.start()
-    try:
-        while True:
-            kind, item = q.get()
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
 def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, object], torch.Tensor],
           cfg: TrainConfig, progress: bool | None = None, desc: str = "train") -> list[float]:
     """Run `cfg.steps` optimisation steps; returns the loss per step."""
