@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,13 +72,11 @@ class TextTokenizer:
         limits: TextLimits = TextLimits(),
     ) -> TextTokenizer:
         """Load a `tokenizer.json` (HF tokenizers format)."""
-        from tokenizers import Tokenizer
-
         try:
-            tok = Tokenizer.from_file(os.fspath(path))
-        except Exception as exc:  # tokenizers raises bare Exception for missing or malformed files
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
             raise IntegrityError(f"cannot load tokenizer {os.fspath(path)!r}: {exc}") from exc
-        return cls(tok, context_length, pad_id, lowercase, limits)
+        return cls.from_json(text, context_length, pad_id, lowercase, limits)
 
     @classmethod
     def from_json(
@@ -93,7 +92,7 @@ class TextTokenizer:
 
         try:
             tok = Tokenizer.from_str(text)
-        except Exception as exc:
+        except Exception as exc:  # tokenizers raises bare Exception for malformed files
             raise IntegrityError(f"cannot parse tokenizer JSON: {exc}") from exc
         return cls(tok, context_length, pad_id, lowercase, limits)
 

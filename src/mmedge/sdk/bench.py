@@ -45,27 +45,6 @@ def _stats(times: list[float], batch: int) -> dict[str, float]:
             "items_per_s": round(batch * 1e3 / p50, 2), "runs": len(times)}
 
 
-def _torch_runner(runner: ComponentRunner, name: str, threads: int) -> Callable[[dict[str, np.ndarray]], Any]:
-    """The component's PyTorch module, rebuilt from the package's recorded source (host side only)."""
-    import torch
-
-    from mmedge.models.sources import load_source
-
-    src = runner.manifest.provenance.get("source", {}).get("path")
-    lm = load_source(src, family=runner.manifest.family)
-    decl = next(d for d in lm.family.components(lm.config) if d.name == name)
-    module = decl.build(lm.model).eval()
-    order = [s.name for s in decl.inputs]
-    if threads:
-        torch.set_num_threads(threads)
-
-    def run(feeds: dict[str, np.ndarray]) -> Any:
-        with torch.inference_mode():
-            return module(*(torch.from_numpy(feeds[k]) for k in order))
-
-    return run
-
-
 def bench(package: str, precision: str = "auto", batches: list[int] | None = None, threads: int = 2, runs: int = 30,
           vs: str | None = None, backend: str = "ort", components: list[str] | None = None) -> dict[str, Any]:
     """Median latencies per component and batch; with vs='torch' also PyTorch eager and ORT fp32."""
@@ -81,7 +60,9 @@ def bench(package: str, precision: str = "auto", batches: list[int] | None = Non
             if main.precision_of(name) != "fp32":
                 fp32 = ComponentRunner(main.package, backend=backend, precision="fp32", options=opts)
                 engines[f"{backend}-fp32"] = lambda f, n=name, r=fp32: r.session(n).run(f)
-            engines["torch-eager"] = _torch_runner(main, name, threads)
+            from mmedge.export.reference import torch_reference  # host side: needs torch
+
+            engines["torch-eager"] = torch_reference(main.manifest, name, threads)
         res: dict[str, Any] = {}
         for b in batches or [1, 8]:
             feeds = _feeds(main, name, entry, b)
