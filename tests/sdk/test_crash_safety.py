@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 
 from mmedge.runtime.manifest import MANIFEST_NAME
 from mmedge.runtime.package import verify_package
+from mmedge.runtime.staging import remove_stale_staging
 
 SCRIPTS = {
     "export": "from mmedge.export.exporter import export_model; import sys; export_model(sys.argv[1], sys.argv[2])",
@@ -51,6 +51,5 @@ def test_sigkill_leaves_old_or_new_package(kind: str, kills: int, tiny_ckpt: Pat
         proc.wait()
         verify_package(tiny_pkg)  # raises if anything is half-written
         states.add((tiny_pkg / MANIFEST_NAME).read_bytes())
-        for stale in tiny_pkg.parent.glob(".mmedge-staging-*"):  # what a killed run leaves beside it
-            shutil.rmtree(stale)
+        remove_stale_staging(tiny_pkg.parent)  # what a killed run leaves beside it
     assert outcomes.count("killed") >= kills // 2, outcomes

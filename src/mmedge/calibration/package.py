@@ -83,7 +83,7 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
             res = calibrate_to_target(tmp / fp32_rel, tmp / int8_rel, _feeds(pkg, kind, cal_items),
                                       _feeds(pkg, kind, eval_items), method=method, target_cosine=target_cosine,
                                       progress=lambda m: say("  " + m))
-            record = {**res.to_dict(), "data": data, "samples": len(cal_items)}
+            record = {**res.to_dict(), "data": data}
             lint = lint_model(tmp / int8_rel)
             parity = {"cosine_vs_fp32": res.cosine, "trt_lint_ok": lint.ok, "eval_samples": len(eval_items)}
             comps[name] = replace(entry, precisions={**entry.precisions, "int8": PrecisionEntry(int8_rel, parity, record)})

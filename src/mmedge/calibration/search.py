@@ -104,7 +104,7 @@ def calibrate_to_target(
         def ok(cos: Mapping[str, float]) -> bool:
             return min(cos.values()) >= target_cosine
 
-        say(f"calibrating {fp32_path.name} ({method}, {len(feeds)} samples, {len(candidates)} quantizable nodes)")
+        say(f"calibrating {fp32_path.name} ({method}, {len(feeds)} feeds, {len(candidates)} quantizable nodes)")
         cos = attempt(())
         order: list[str] = []
         best = 0
@@ -140,7 +140,8 @@ def calibrate_to_target(
                 best = limit  # target unreachable within max_float_nodes: keep the closest model
         path, cos = tried[best]
         write_atomic(out_path, path.read_bytes())
-    result = CalibrationResult(method=method, samples=len(feeds), float_nodes=tuple(order[:best]),
+    samples = sum(next(iter(f.values())).shape[0] for f in feeds)  # rows, not feed dicts
+    result = CalibrationResult(method=method, samples=samples, float_nodes=tuple(order[:best]),
                                cosine=dict(cos), target=float(target_cosine), met=ok(cos),
                                seconds=round(time.perf_counter() - t0, 3))
     say(f"done: {len(result.float_nodes)} float node(s), met={result.met}, {result.seconds:.1f}s")

@@ -40,16 +40,24 @@ def save_checkpoint(out_dir: str | os.PathLike, family: str, config: dict[str, A
     return out
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Read a JSON file that must hold an object; missing or malformed files are ConfigErrors."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path.parent} has no {path.name}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
+
+
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     """Read an mmedge checkpoint's config.json (family, config, extras)."""
     p = Path(path) / CONFIG_NAME
-    try:
-        meta = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path} has no {CONFIG_NAME}; not an mmedge checkpoint") from None
-    except ValueError as exc:
-        raise ConfigError(f"{p} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json_object(p)
+    if meta.get("format") != FORMAT:
         raise ConfigError(f"{p} is not an mmedge checkpoint (format {FORMAT!r} expected)")
     return meta
 

@@ -15,6 +15,7 @@ import torch
 
 from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models.checkpoint import load_weights
+from mmedge.models.checkpoint import read_json_object as _json
 
 # HF model_type -> mmedge family
 HF_FAMILIES = {"clip": "clip"}
@@ -29,18 +30,6 @@ class HFSource:
     tokenizer_json: str
     preprocess: dict[str, Any]
     weight_files: tuple[Path, ...]
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path.parent} has no {path.name}") from None
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return data
 
 
 def is_hf_dir(path: str | Path) -> bool:

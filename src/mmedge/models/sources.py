@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,3 @@ def load_source(path: str | Path, family: str | None = None, allow_pickle: bool 
                        {"kind": "mmedge", "path": str(root.resolve()), "weights": {weights.name: sha256_file(weights)},
                         "train": meta.get("train", {})})
 
-
-def config_json(cfg: Any) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True)

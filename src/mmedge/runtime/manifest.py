@@ -265,11 +265,3 @@ def _check_references(m: Manifest) -> None:
         if path not in m.files:
             raise IntegrityError(f"manifest names {path!r} but does not list its hash in 'files'")
 
-
-def dims_of(spec: TensorSpec) -> list[str]:
-    """Symbolic dim names used by a tensor."""
-    return [d for d in spec.shape if isinstance(d, str)]
-
-
-def tensor_to_dict(t: TensorSpec) -> dict[str, Any]:
-    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}

@@ -90,9 +90,7 @@ class RetrievalPipeline:
                    channel_order: str = "RGB") -> list[int]:
         """Embed images and add them to the index; ids default to the next free integers."""
         emb = self.embed_images(images, channel_order=channel_order)
-        with self._index_lock:
-            idx = self._index if self._index is not None else VectorIndex(self.dim)
-            self._index = idx
+        idx = self.index
         if ids is None:
             start = len(idx)
             while start in idx:

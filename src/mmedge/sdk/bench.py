@@ -24,7 +24,7 @@ BLOCK = 5  # timed runs per engine per round
 _SAMPLE_TEXT = "a small red circle at the top left and a large blue square in the center"
 
 
-def _feeds(runner: ComponentRunner, name: str, entry: ComponentEntry, batch: int) -> dict[str, np.ndarray]:
+def _feeds(runner: ComponentRunner, entry: ComponentEntry, batch: int) -> dict[str, np.ndarray]:
     """Realistic inputs: random pixels for image inputs, tokenised text for token inputs."""
     names = {s.name for s in entry.inputs}
     if "input_ids" in names:
@@ -65,7 +65,7 @@ def bench(package: str, precision: str = "auto", batches: list[int] | None = Non
             engines["torch-eager"] = torch_reference(main.manifest, name, threads)
         res: dict[str, Any] = {}
         for b in batches or [1, 8]:
-            feeds = _feeds(main, name, entry, b)
+            feeds = _feeds(main, entry, b)
             times: dict[str, list[float]] = {k: [] for k in engines}
             order = list(engines)
             for _ in range(WARMUP):

@@ -106,7 +106,8 @@ def cmd_embed(a: argparse.Namespace) -> object:
     emb = p.embed_texts(a.text) if a.text else p.embed_images(a.images)
     if a.out:
         np.save(a.out, emb)
-    return {"shape": list(emb.shape), "out": a.out} if a.out or not a.json else {"embeddings": emb.tolist()}
+        return {"shape": list(emb.shape), "out": a.out}
+    return {"embeddings": emb.tolist()} if a.json else {"shape": list(emb.shape)}
 
 
 def cmd_search(a: argparse.Namespace) -> object:
