@@ -58,7 +58,8 @@ class TextTokenizer:
         self.limits = limits
         # The post-processor adds specials inside the max_length budget, so EOS survives truncation.
         tokenizer.enable_truncation(max_length=context_length)
-        tokenizer.no_padding()  # padded here, to the longest in the batch
+        # The library pads (right) to the longest in the batch, so a batch is one rectangular array.
+        tokenizer.enable_padding(pad_id=self.pad_id, pad_token=tokenizer.id_to_token(self.pad_id) or "<pad>")
         tokenizer.encode_special_tokens = True  # specials typed by a user are plain text
         self._tok = tokenizer
 
@@ -124,12 +125,8 @@ class TextTokenizer:
             if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
                 raise  # KeyboardInterrupt, SystemExit and friends are not input errors
             raise InvalidInputError(f"tokenizer rejected the text: {exc}") from exc
-        length = max(len(e.ids) for e in encodings)
-        ids = np.full((len(encodings), length), self.pad_id, np.int64)  # (N, L)
-        mask = np.zeros((len(encodings), length), np.int64)  # (N, L)
-        for row, enc in enumerate(encodings):
-            ids[row, : len(enc.ids)] = enc.ids
-            mask[row, : len(enc.ids)] = 1
+        ids = np.array([e.ids for e in encodings], np.int64)  # (N, L)
+        mask = np.array([e.attention_mask for e in encodings], np.int64)  # (N, L)
         return ids, mask
 
 
