@@ -70,10 +70,57 @@ def test_build_ort_is_used_and_verified(calibrated: tuple[Path, dict], tmp_path:
     report = build_package(pkg, backend="ort")
     m = verify_package(pkg).manifest
     assert report["target"] == ort_target() and set(m.engines[ort_target()].files) >= {"vision.int8", "text.int8"}
+    builds = report["builds"]
+    # unmasked vision attention becomes QAttention (3 layers); the text tower's masked attention stays
+    assert builds["vision.int8"]["ops"].get("com.microsoft:QAttention") == 3
+    assert "Softmax" not in builds["vision.int8"]["ops"]
+    assert "com.microsoft:QAttention" not in builds["text.int8"]["ops"]
+    assert all(b["rel_error_vs_source"] <= 1e-3 for b in builds.values())
     imgs = [s.image for s in generate_scenes(4, seed=12)]
     built = sdk.Pipeline(str(pkg), precision="int8").embed_images(imgs)
     plain = sdk.Pipeline(str(calibrated[0]), precision="int8").embed_images(imgs)
     assert float((built * plain).sum(1).min()) > 0.99
+
+
+def test_attention_fusion_is_exact(calibrated: tuple[Path, dict], tmp_path: Path) -> None:
+    from mmedge.calibration.accuracy import ort_session
+    from mmedge.calibration.ort_build import optimize_for_ort
+
+    src = calibrated[0] / "onnx" / "vision.int8.onnx"
+    fused, plain = tmp_path / "fused.onnx", tmp_path / "plain.onnx"
+    assert optimize_for_ort(src, fused)["com.microsoft:QAttention"] == 3
+    assert "com.microsoft:QAttention" not in optimize_for_ort(src, plain, fuse_attention=False)
+    x = np.random.default_rng(3).standard_normal((5, 3, 64, 64)).astype(np.float32)
+    a, b = (ort_session(p).run(None, {"pixel_values": x})[0] for p in (fused, plain))
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_build_refuses_a_graph_that_disagrees_with_its_source(calibrated: tuple[Path, dict], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from mmedge.calibration import ort_build
+    from mmedge.calibration.build import build_package
+    from mmedge.errors import IntegrityError
+
+    fuse = ort_build.attention_to_qattention
+
+    def wrong_heads(model) -> int:  # a fusion bug: right pattern, wrong head count
+        n = fuse(model)
+        for node in model.graph.node:
+            if node.op_type == "QAttention":
+                next(a for a in node.attribute if a.name == "num_heads").i = 1
+        return n
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(calibrated[0], pkg)
+    before = {p.name: p.read_bytes() for p in (pkg / "onnx").iterdir()}
+    monkeypatch.setattr(ort_build, "attention_to_qattention", wrong_heads)
+    with pytest.raises(IntegrityError, match="disagrees with its source"):
+        build_package(pkg, backend="ort", precision="int8")
+    assert not (pkg / "builds").exists()
+    assert {p.name: p.read_bytes() for p in (pkg / "onnx").iterdir()} == before
+    verify_package(pkg)
 
 
 def test_bad_arguments(tiny_pkg: Path) -> None:

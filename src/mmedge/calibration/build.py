@@ -13,9 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mmedge.errors import UnsupportedError
+import numpy as np
+
+from mmedge.errors import IntegrityError, UnsupportedError
 from mmedge.runtime.manifest import ComponentEntry, EngineEntry
-from mmedge.runtime.package import verify_package
+from mmedge.runtime.package import Package, verify_package
 from mmedge.runtime.staging import staged_update
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,30 @@ def _precisions(entry: ComponentEntry, precision: str) -> list[str]:
     if precision == "auto":
         return sorted(entry.precisions)
     return [precision] if precision in entry.precisions else []
+
+
+BUILD_MAX_REL_ERROR = 1e-3  # the ORT passes are exact rewrites; a larger gap is a bug, not noise
+
+
+def _check_build(source: Path, built: Path, pkg: Package, entry: ComponentEntry, threads: int) -> float:
+    """Run the built graph and its source on the same sample inputs; raise unless they agree.
+
+    Returns the largest output error relative to the output's largest magnitude. (Cosine alone is
+    too lenient: on random weights a wrong head count still scores 0.999.)
+    """
+    from mmedge.calibration.accuracy import ort_session, run_outputs
+    from mmedge.calibration.ort_build import is_x86
+    from mmedge.runtime.components import package_tokenizer, sample_feeds
+
+    text = package_tokenizer(pkg) if any(s.name == "input_ids" for s in entry.inputs) else None
+    feeds = [sample_feeds(entry, 2, text)]
+    ref = run_outputs(ort_session(source, threads, uint8_activations=is_x86()), feeds)
+    out = run_outputs(ort_session(built, threads), feeds)
+    err = max(float(np.abs(out[k] - v).max() / max(np.abs(v).max(), 1e-12)) for k, v in ref.items())
+    if not err <= BUILD_MAX_REL_ERROR:
+        raise IntegrityError(f"{built.name}: the optimized graph disagrees with its source (relative error "
+                             f"{err:.2e}, limit {BUILD_MAX_REL_ERROR:.0e}); please report this as a bug")
+    return err
 
 
 def build_package(package: str | Path, backend: str = "ort", precision: str = "auto", threads: int = 2,
@@ -64,10 +90,12 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
                 for p in _precisions(entry, precision):
                     rel = f"builds/{target}/{name}.{p}.onnx"
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                    ops = optimize_for_ort(tmp / entry.precisions[p].file, tmp / rel, threads=threads)
+                    src = tmp / entry.precisions[p].file
+                    ops = optimize_for_ort(src, tmp / rel, threads=threads)
+                    err = _check_build(src, tmp / rel, pkg, entry, threads)
                     files[f"{name}.{p}"] = rel
-                    report["builds"][f"{name}.{p}"] = {"file": rel, "ops": ops}
-                    say(f"built {name}.{p} for {target}")
+                    report["builds"][f"{name}.{p}"] = {"file": rel, "ops": ops, "rel_error_vs_source": err}
+                    say(f"built {name}.{p} for {target} (relative error vs source {err:.1e})")
         else:
             from mmedge.runtime.backends import tensorrt as trt_backend
 

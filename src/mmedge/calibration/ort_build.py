@@ -12,7 +12,8 @@ Passes (`ort_passes`), all exact rewrites:
   all 73 weighted MatMuls become MatMulIntegerToFloat (26 ms).
 - Shape(DQ(Q(x))) -> Shape(x); quantized Gemm -> MatMul + Add (ORT has no float-output integer Gemm);
 - after ORT's optimizer: weight DequantizeLinears left unfused (e.g. a Conv) are folded to float
-  constants, and bias Adds move into MatMulIntegerToFloat's epilogue.
+  constants, bias Adds move into MatMulIntegerToFloat's epilogue, and unmasked self-attention over
+  integer q/k/v projections becomes one QAttention (merged q/k/v GEMM, heads split in the kernel).
 
 ORT's offline optimization runs at "extended" (portable; the session adds the layout-specific "all"
 passes at load). `onnxruntime.transformers` fusions are off by default: on CLIP they find no
@@ -29,6 +30,7 @@ from typing import Any
 
 from mmedge.calibration.ort_passes import (
     activations_to_uint8,
+    attention_to_qattention,
     fold_constant_dequantize,
     fuse_integer_matmul_bias,
     gemms_to_matmuls,
@@ -58,6 +60,7 @@ def optimize_for_ort(
     num_heads: int = 0,
     hidden_size: int = 0,
     fuse_bias: bool = True,
+    fuse_attention: bool = True,
 ) -> dict[str, int]:
     """Write ORT's offline-optimized graph of `in_path` to `out_path` atomically; return its op counts."""
     import onnx
@@ -97,6 +100,8 @@ def optimize_for_ort(
     log.info("folded %d unfused weight dequantizations", fold_constant_dequantize(optimized))
     if fuse_bias:
         log.info("folded %d bias Adds into MatMulIntegerToFloat", fuse_integer_matmul_bias(optimized))
+        if fuse_attention:  # matches only bias-fused projections
+            log.info("replaced %d attention blocks by QAttention", attention_to_qattention(optimized))
     data = optimized.SerializeToString()
     ops: dict[str, int] = {}
     for node in optimized.graph.node:

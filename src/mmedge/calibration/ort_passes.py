@@ -190,3 +190,132 @@ def fold_constant_dequantize(model: Any) -> int:
     for node in folded:
         graph.node.remove(node)
     return len(folded)
+
+
+def attention_to_qattention(model: Any) -> int:
+    """Replace unmasked self-attention over integer q/k/v projections by com.microsoft.QAttention.
+
+    Matches, after ORT's optimizer and `fuse_integer_matmul_bias`:
+        q/k/v = MatMulIntegerToFloat(x_u8, W, ..., bias)   (one shared quantized input)
+        -> Reshape -> Transpose (q, v: 0,2,1,3; k: 0,2,3,1) -> FusedMatMul(alpha = 1/sqrt(d))
+        -> Softmax -> MatMul(., v) -> QuantizeLinear -> Transpose(0,2,1,3) -> Reshape
+    and writes QAttention(x_u8, [Wq|Wk|Wv], [bq|bk|bv]) -> QuantizeLinear. One int8 GEMM with three
+    times the columns replaces three, and the head split, transposes and softmax run inside one
+    kernel: ~10% of ViT-B/32's int8 latency. The int8 arithmetic is unchanged; `build` checks
+    the built graph against its source. Returns the number of attention blocks replaced.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+
+    def attr(node: Any, key: str, default: Any = None) -> Any:
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
+
+    def only_user(name: str, op: str) -> Any:
+        users = consumers.get(name, [])
+        ok = len(users) == 1 and users[0].op_type == op and name not in graph_outputs
+        return users[0] if ok else None
+
+    def projection(name: str, perm: list[int]) -> tuple[Any, ...] | None:
+        tr = producer.get(name)
+        if tr is None or tr.op_type != "Transpose" or list(attr(tr, "perm", [])) != perm:
+            return None
+        rs = producer.get(tr.input[0])
+        mm = producer.get(rs.input[0]) if rs is not None and rs.op_type == "Reshape" else None
+        if mm is None or mm.op_type != "MatMulIntegerToFloat" or len(mm.input) < 7 or not mm.input[6]:
+            return None
+        if not all(mm.input[i] in inits for i in (1, 2, 3, 6)) or (mm.input[4] and mm.input[4] not in inits):
+            return None
+        if mm.input[5] and (mm.input[5] not in inits or numpy_helper.to_array(inits[mm.input[5]]).any()):
+            return None  # QAttention takes no per-column weight zero points; ours are symmetric
+        if any(only_user(t.output[0], op) is None for t, op in ((mm, "Reshape"), (rs, "Transpose"))):
+            return None
+        return mm, rs, tr
+
+    replaced, dead = 0, set()
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        scores = producer.get(softmax.input[0])
+        if scores is None or scores.op_type != "FusedMatMul" or attr(softmax, "axis", -1) != -1:
+            continue
+        if any(attr(scores, k, 0) for k in ("transA", "transB", "transBatchA", "transBatchB")):
+            continue
+        mix = only_user(softmax.output[0], "MatMul")
+        if mix is None or only_user(scores.output[0], "Softmax") is None:
+            continue
+        parts = [projection(scores.input[0], [0, 2, 1, 3]), projection(scores.input[1], [0, 2, 3, 1]),
+                 projection(mix.input[1], [0, 2, 1, 3])]
+        if any(p is None for p in parts) or mix.input[0] != softmax.output[0]:
+            continue
+        mms = [p[0] for p in parts]  # type: ignore[index]
+        if len({(m.input[0], m.input[2], m.input[4]) for m in mms}) != 1:
+            continue
+        quant = only_user(mix.output[0], "QuantizeLinear")
+        back = only_user(quant.output[0], "Transpose") if quant is not None else None
+        merge = only_user(back.output[0], "Reshape") if back is not None else None
+        if merge is None or list(attr(back, "perm", [])) != [0, 2, 1, 3]:
+            continue
+        weights = [numpy_helper.to_array(inits[m.input[1]]) for m in mms]
+        width = weights[0].shape[0]
+        if any(w.ndim != 2 or w.shape != (width, width) or w.dtype != np.int8 for w in weights):
+            continue
+        alpha = float(attr(scores, "alpha", 1.0))
+        head_dim = round(alpha**-2) if alpha > 0 else 0
+        if head_dim < 1 or width % head_dim or abs(alpha - head_dim**-0.5) > 1e-6 * alpha:
+            continue  # QAttention scales by 1/sqrt(head_dim); anything else is not this pattern
+        scales = [np.broadcast_to(numpy_helper.to_array(inits[m.input[3]]).astype(np.float32), (width,)) for m in mms]
+        biases = [numpy_helper.to_array(inits[m.input[6]]).astype(np.float32) for m in mms]
+        stem = f"{softmax.name or softmax.output[0]}_qattention"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.concatenate(weights, axis=1), f"{stem}_weight"),
+            numpy_helper.from_array(np.concatenate(biases), f"{stem}_bias"),
+            numpy_helper.from_array(np.concatenate(scales), f"{stem}_weight_scale"),
+        ])
+        x = mms[0]
+        new = [
+            helper.make_node("QAttention", [x.input[0], f"{stem}_weight", f"{stem}_bias", x.input[2],
+                                            f"{stem}_weight_scale", "", x.input[4]],
+                             [f"{stem}_out"], name=stem, domain="com.microsoft", num_heads=width // head_dim),
+            helper.make_node("QuantizeLinear", [f"{stem}_out", *quant.input[1:]], [merge.output[0]],
+                             name=f"{stem}_quantize"),
+        ]
+        at = list(graph.node).index(quant)
+        for offset, node in enumerate(new):
+            graph.node.insert(at + offset, node)
+        dead.update(id(n) for n in (scores, softmax, mix, quant, back, merge))
+        dead.update(id(n) for p in parts for n in p)  # type: ignore[union-attr]
+        replaced += 1
+    if dead:
+        kept = [n for n in graph.node if id(n) not in dead]
+        del graph.node[:]
+        graph.node.extend(kept)
+        remove_dead_nodes(model)
+    return replaced
+
+
+def remove_dead_nodes(model: Any) -> int:
+    """Drop nodes none of whose outputs reach a graph output (e.g. orphaned shape chains); return the count."""
+    graph = model.graph
+    live = {o.name for o in graph.output}
+    alive = []
+    for node in reversed(list(graph.node)):
+        if any(o in live for o in node.output):
+            alive.append(node)
+            live.update(i for i in node.input if i)
+            for a in node.attribute:  # names a subgraph reads from the outer scope stay live
+                for g in ([a.g] if a.HasField("g") else list(a.graphs)):
+                    live.update(i for n in g.node for i in n.input if i)
+    removed = len(graph.node) - len(alive)
+    if removed:
+        del graph.node[:]
+        graph.node.extend(reversed(alive))
+        kept = [i for i in graph.initializer if i.name in live]  # weights only dead nodes read
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return removed

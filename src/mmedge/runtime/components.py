@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,7 +18,41 @@ from mmedge.runtime.images import ImageLimits, PreprocessConfig
 from mmedge.runtime.manifest import ComponentEntry
 from mmedge.runtime.package import Package, verify_package
 
+if TYPE_CHECKING:
+    from mmedge.runtime.texts import TextTokenizer
+
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
+SAMPLE_TEXT = "a small red circle at the top left and a large blue square in the center"
+
+
+def package_tokenizer(package: Package) -> TextTokenizer:
+    """The package's text tokenizer, configured from its manifest."""
+    from mmedge.runtime.texts import TextTokenizer
+
+    t = package.manifest.tokenizer
+    return TextTokenizer.from_file(package.path(t["file"]), context_length=int(t["context_length"]),
+                                   pad_id=int(t["pad_id"]))
+
+
+def sample_feeds(entry: ComponentEntry, batch: int, tokenizer: TextTokenizer | None = None,
+                 seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs of a realistic kind for benchmarks and build checks.
+
+    Token inputs are a tokenised sample caption (needs `tokenizer`); every other input is standard
+    normal noise at the manifest's `opt` dims.
+    """
+    names = {s.name for s in entry.inputs}
+    if "input_ids" in names:
+        if tokenizer is None:
+            raise InvalidInputError("sample inputs for a text component need the package tokenizer")
+        ids, mask = tokenizer.encode_batch([SAMPLE_TEXT] * batch)
+        return {"input_ids": ids, "attention_mask": mask}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for s in entry.inputs:
+        shape = tuple(batch if d == "batch" else (entry.dims[d].opt if isinstance(d, str) else d) for d in s.shape)
+        feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+    return feeds
 
 
 def make_backend(name: str) -> Backend:
@@ -53,15 +88,10 @@ class ComponentRunner:
         self.preprocess = PreprocessConfig.from_dict(pre) if pre else None
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - TextTokenizer, imported lazily
+    def tokenizer(self) -> TextTokenizer:
         with self._lock:
             if self._tokenizer is None:
-                from mmedge.runtime.texts import TextTokenizer
-
-                t = self.manifest.tokenizer
-                self._tokenizer = TextTokenizer.from_file(
-                    self.package.path(t["file"]), context_length=int(t["context_length"]), pad_id=int(t["pad_id"])
-                )
+                self._tokenizer = package_tokenizer(self.package)
             return self._tokenizer
 
     def precision_of(self, component: str) -> str:

@@ -15,27 +15,11 @@ from typing import Any
 import numpy as np
 
 from mmedge.runtime.backends.base import SessionOptions
-from mmedge.runtime.components import ComponentRunner
-from mmedge.runtime.manifest import ComponentEntry
+from mmedge.runtime.components import ComponentRunner, sample_feeds
 from mmedge.sdk.store import resolve
 
 WARMUP = 3
 BLOCK = 5  # timed runs per engine per round
-_SAMPLE_TEXT = "a small red circle at the top left and a large blue square in the center"
-
-
-def _feeds(runner: ComponentRunner, entry: ComponentEntry, batch: int) -> dict[str, np.ndarray]:
-    """Realistic inputs: random pixels for image inputs, tokenised text for token inputs."""
-    names = {s.name for s in entry.inputs}
-    if "input_ids" in names:
-        ids, mask = runner.tokenizer.encode_batch([_SAMPLE_TEXT] * batch)
-        return {"input_ids": ids, "attention_mask": mask}
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for s in entry.inputs:
-        shape = tuple(batch if d == "batch" else (entry.dims[d].opt if isinstance(d, str) else d) for d in s.shape)
-        feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
-    return feeds
 
 
 def _stats(times: list[float], batch: int) -> dict[str, float]:
@@ -65,7 +49,8 @@ def bench(package: str, precision: str = "auto", batches: list[int] | None = Non
             engines["torch-eager"] = torch_reference(main.manifest, name, threads)
         res: dict[str, Any] = {}
         for b in batches or [1, 8]:
-            feeds = _feeds(main, entry, b)
+            text = any(s.name == "input_ids" for s in entry.inputs)
+            feeds = sample_feeds(entry, b, main.tokenizer if text else None)
             times: dict[str, list[float]] = {k: [] for k in engines}
             order = list(engines)
             for _ in range(WARMUP):
