@@ -73,6 +73,11 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
         for name in wanted:
             entry = pkg.manifest.component(name)
             kind = entry.calibration_data
+            if kind == "none":  # e.g. an LLM: quantized weight-only, without activation calibration
+                if components:
+                    raise InvalidInputError(f"component {name!r} takes no activation calibration (weight-only)")
+                report["components"][name] = {"skipped": "weight-only component"}
+                continue
             if kind == "texts" and any(it.text is None for it in items):
                 say(f"{name}: {data!r} has no texts; left in fp32")
                 report["components"][name] = {"skipped": "no texts in the calibration data"}

@@ -27,6 +27,7 @@ ACTIVATIONS = {
     "gelu_new": lambda x: nn.functional.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
     "relu": torch.relu,
+    "silu": nn.functional.silu,
 }
 
 

@@ -6,7 +6,7 @@ with `load_state_dict` as it is (see `hf_import`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -15,21 +15,11 @@ from torch import nn
 from mmedge.errors import ConfigError
 from mmedge.models.blocks import MASK_VALUE, Encoder, activation
 from mmedge.models.component import ComponentDecl
+from mmedge.models.configs import from_dict
 from mmedge.runtime.manifest import DimRange, TensorSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _from_dict(cls, d: dict[str, Any], where: str):  # noqa: ANN001, ANN202
-    names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; accepted: {sorted(names)}")
-    try:
-        return cls(**d)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -76,9 +66,9 @@ class CLIPConfig:
     def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
         """Build from the JSON form used by presets and checkpoints; unknown keys are errors."""
         d = dict(d)
-        vision = _from_dict(VisionConfig, d.pop("vision", {}), "clip config 'vision'")
-        text = _from_dict(TextConfig, d.pop("text", {}), "clip config 'text'")
-        return _from_dict(cls, {**d, "vision": vision, "text": text}, "clip config")
+        vision = from_dict(VisionConfig, d.pop("vision", {}), "clip config 'vision'")
+        text = from_dict(TextConfig, d.pop("text", {}), "clip config 'text'")
+        return from_dict(cls, {**d, "vision": vision, "text": text}, "clip config")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

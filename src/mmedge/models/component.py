@@ -23,6 +23,6 @@ class ComponentDecl:
     outputs: tuple[TensorSpec, ...]
     dims: dict[str, DimRange]
     build: Callable[[nn.Module], nn.Module]  # model -> module whose forward(*inputs) returns outputs
-    calibration_data: str = "images"  # which --data modality calibrates it: "images" | "texts"
+    calibration_data: str = "images"  # which --data modality calibrates it: "images" | "texts" | "none"
     parity_atol: float = 1e-4
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs: [low, high)

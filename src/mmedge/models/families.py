@@ -46,7 +46,22 @@ def _clip() -> Family:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Family]] = {"clip": _clip}
+def _causal_lm() -> Family:
+    from mmedge.models import decoder
+
+    return Family(
+        name="causal-lm",
+        task="generation",
+        parse_config=decoder.DecoderConfig.from_dict,
+        build=decoder.DecoderLM,
+        components=decoder.components,
+        preprocess=lambda c: {},
+        tokenizer=lambda c: {"context_length": c.max_context, "pad_id": c.pad_token_id, "eos_id": c.eos_token_id},
+        generation=decoder.generation_section,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Family]] = {"clip": _clip, "causal-lm": _causal_lm}
 
 
 def get_family(name: str) -> Family:

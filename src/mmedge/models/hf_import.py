@@ -18,7 +18,8 @@ from mmedge.models.checkpoint import load_weights
 from mmedge.models.checkpoint import read_json_object as _json
 
 # HF model_type -> mmedge family
-HF_FAMILIES = {"clip": "clip"}
+HF_FAMILIES = {"clip": "clip", "opt": "causal-lm", "llama": "causal-lm"}
+DEFAULT_MAX_CONTEXT = 256  # KV cache slots of an imported LM (capped by max_position_embeddings)
 _PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as preprocessor_config.json stores it
 
 
@@ -126,24 +127,64 @@ def _clip_preprocess(root: Path, image_size: int) -> dict[str, Any]:
     }
 
 
-def load_hf(path: str | Path, allow_pickle: bool = False) -> HFSource:
+def _decoder_config(cfg: dict[str, Any], max_context: int | None = None) -> dict[str, Any]:
+    """HF OPTConfig / LlamaConfig -> mmedge DecoderConfig (JSON form); refuses what we do not model."""
+    model_type = cfg.get("model_type")
+    positions = cfg.get("max_position_embeddings", 2048)
+    common = {
+        "vocab_size": cfg.get("vocab_size"), "hidden": cfg.get("hidden_size"), "layers": cfg.get("num_hidden_layers"),
+        "heads": cfg.get("num_attention_heads"), "max_positions": positions,
+        "max_context": min(max_context or DEFAULT_MAX_CONTEXT, positions),
+        "tie_word_embeddings": cfg.get("tie_word_embeddings", True),
+        "bos_token_id": cfg.get("bos_token_id", 2), "eos_token_id": cfg.get("eos_token_id", 2),
+        "pad_token_id": cfg.get("pad_token_id", 1) if cfg.get("pad_token_id") is not None else 0,
+    }
+    if model_type == "opt":
+        if not cfg.get("layer_norm_elementwise_affine", True):
+            raise UnsupportedError("OPT with layer_norm_elementwise_affine=false is not supported")
+        if cfg.get("_remove_final_layer_norm", False):
+            raise UnsupportedError("OPT with _remove_final_layer_norm is not supported")
+        proj = cfg.get("word_embed_proj_dim", common["hidden"])
+        return {**common, "style": "opt", "ffn_dim": cfg.get("ffn_dim", 3072), "act": cfg.get("activation_function", "relu"),
+                "word_embed_proj_dim": 0 if proj == common["hidden"] else proj, "bias": cfg.get("enable_bias", True),
+                "do_layer_norm_before": cfg.get("do_layer_norm_before", True), "norm_eps": 1e-5}
+    if cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+        raise UnsupportedError(f"rope scaling {cfg.get('rope_scaling') or cfg.get('rope_parameters')} is not supported")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise UnsupportedError("Llama with attention_bias or mlp_bias is not supported")
+    theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    return {**common, "style": "llama", "ffn_dim": cfg.get("intermediate_size"), "act": cfg.get("hidden_act", "silu"),
+            "kv_heads": cfg.get("num_key_value_heads") or 0, "norm_eps": cfg.get("rms_norm_eps", 1e-6),
+            "rope_theta": float(theta), "bias": False, "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
+
+
+def load_hf(path: str | Path, allow_pickle: bool = False, max_context: int | None = None) -> HFSource:
     """Read an HF model directory into an mmedge family config + state dict."""
     root = Path(path)
     family = hf_family(root)
     cfg = _json(root / "config.json")
-    config = _clip_config(cfg)
     files = _weight_files(root, allow_pickle)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_weights(f, allow_pickle=allow_pickle))
     # Buffers HF used to persist; ours are computed.
-    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    state = {k: v for k, v in state.items() if not k.endswith(("position_ids", "rotary_emb.inv_freq"))}
+    if family == "clip":
+        config, vocab = _clip_config(cfg), cfg.get("text_config", {}).get("vocab_size", 49408)
+        preprocess = _clip_preprocess(root, config["vision"]["image_size"])
+    else:
+        config, preprocess = _decoder_config(cfg, max_context), {}
+        vocab = config["vocab_size"]
+        if config["tie_word_embeddings"] and "lm_head.weight" not in state:  # HF saves tied weights once
+            embed = "model.decoder.embed_tokens.weight" if config["style"] == "opt" else "model.embed_tokens.weight"
+            if embed in state:
+                state["lm_head.weight"] = state[embed]
     tok = root / "tokenizer.json"
     if not tok.is_file():
         raise ConfigError(f"{root} has no tokenizer.json; save the tokenizer with a fast (Rust) tokenizer")
     tokenizer_json = tok.read_text()
-    _check_vocab(tok, tokenizer_json, config["text"]["vocab_size"])
-    return HFSource(family, config, state, tokenizer_json, _clip_preprocess(root, config["vision"]["image_size"]), tuple(files))
+    _check_vocab(tok, tokenizer_json, vocab)
+    return HFSource(family, config, state, tokenizer_json, preprocess, tuple(files))
 
 
 def _check_vocab(path: Path, tokenizer_json: str, vocab_size: int) -> None:
@@ -156,4 +197,4 @@ def _check_vocab(path: Path, tokenizer_json: str, vocab_size: int) -> None:
         raise ConfigError(f"{path} is not a readable tokenizer: {exc}") from exc
     top = max(ids, default=-1)
     if top >= vocab_size:
-        raise ConfigError(f"{path} emits token ids up to {top}, but text_config.vocab_size is {vocab_size}")
+        raise ConfigError(f"{path} emits token ids up to {top}, but the model's vocab_size is {vocab_size}")

@@ -103,31 +103,48 @@ class TextTokenizer:
             raise InvalidInputError(f"encode_batch takes a list of strings, got {type(texts).__name__}")
         if len(texts) == 0:
             raise InvalidInputError("encode_batch got no texts")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise InvalidInputError(f"text {i} is {type(text).__name__}; expected str")
-            if len(text) > self.limits.max_chars:  # before tokenising: a 1 MB string never reaches Rust
-                raise InvalidInputError(
-                    f"text {i} has {len(text)} characters; the limit is {self.limits.max_chars}"
-                )
-            if not text.strip():
-                raise InvalidInputError(
-                    f"empty text at index {i}: blank or whitespace-only text is not accepted"
-                )
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:  # lone surrogates cannot cross into Rust
-                raise InvalidInputError(f"text {i} is not valid Unicode: {exc.reason}") from exc
-        batch = [t.lower() for t in texts] if self.lowercase else list(texts)
+        encodings = self._encode([self._checked(i, t) for i, t in enumerate(texts)], add_special_tokens=True)
+        ids = np.array([e.ids for e in encodings], np.int64)  # (N, L)
+        mask = np.array([e.attention_mask for e in encodings], np.int64)  # (N, L)
+        return ids, mask
+
+    def encode(self, text: str, add_special_tokens: bool = True, allow_empty: bool = False) -> list[int]:
+        """Token ids of one text, unpadded; a text longer than `context_length` tokens is an error."""
+        enc = self._encode([text if allow_empty and text == "" else self._checked(0, text)], add_special_tokens)[0]
+        if enc.overflowing:
+            raise InvalidInputError(
+                f"text is longer than the model's context of {self.context_length} tokens; shorten it"
+            )
+        return [i for i, m in zip(enc.ids, enc.attention_mask) if m]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids (special tokens dropped by default)."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        """Id of a token string (e.g. a special token), or None."""
+        return self._tok.token_to_id(token)
+
+    def _checked(self, i: int, text: object) -> str:
+        if not isinstance(text, str):
+            raise InvalidInputError(f"text {i} is {type(text).__name__}; expected str")
+        if len(text) > self.limits.max_chars:  # before tokenising: a 1 MB string never reaches Rust
+            raise InvalidInputError(f"text {i} has {len(text)} characters; the limit is {self.limits.max_chars}")
+        if not text.strip():
+            raise InvalidInputError(f"empty text at index {i}: blank or whitespace-only text is not accepted")
         try:
-            encodings = self._tok.encode_batch(batch, add_special_tokens=True)
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates cannot cross into Rust
+            raise InvalidInputError(f"text {i} is not valid Unicode: {exc.reason}") from exc
+        return text.lower() if self.lowercase else text
+
+    def _encode(self, batch: list[str], add_special_tokens: bool) -> list[Any]:
+        try:
+            return self._tok.encode_batch(batch, add_special_tokens=add_special_tokens)
         except BaseException as exc:  # Rust panics surface as pyo3 PanicException(BaseException)
             if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
                 raise  # KeyboardInterrupt, SystemExit and friends are not input errors
             raise InvalidInputError(f"tokenizer rejected the text: {exc}") from exc
-        ids = np.array([e.ids for e in encodings], np.int64)  # (N, L)
-        mask = np.array([e.attention_mask for e in encodings], np.int64)  # (N, L)
-        return ids, mask
 
 
 def _pad_id(tok: Any) -> int:

@@ -8,12 +8,13 @@ from mmedge.errors import UnsupportedError
 from mmedge.runtime.backends.base import SessionOptions
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.retrieval import RetrievalPipeline
+from mmedge.runtime.textgen import TextGenerationPipeline
 from mmedge.sdk.store import resolve
 
 
 def Pipeline(name_or_path: str | os.PathLike, backend: str = "ort", precision: str = "auto",  # noqa: N802
-             threads: int = 0, device: str = "cpu") -> RetrievalPipeline:
-    """Verify a package and return its task pipeline (retrieval for CLIP-style packages).
+             threads: int = 0, device: str = "cpu") -> RetrievalPipeline | TextGenerationPipeline:
+    """Verify a package and return its task pipeline: retrieval (CLIP) or generation (causal LMs).
 
     `precision="auto"` takes the best build each component has (int8, then fp16, then fp32).
     """
@@ -22,4 +23,6 @@ def Pipeline(name_or_path: str | os.PathLike, backend: str = "ort", precision: s
     task = runner.manifest.task
     if task == "retrieval":
         return RetrievalPipeline(runner)
+    if task == "generation":
+        return TextGenerationPipeline(runner)
     raise UnsupportedError(f"task {task!r} has no pipeline in this version of mmedge")

@@ -30,6 +30,11 @@ class Session(Protocol):
         """Run the graph on named inputs and return every output by name."""
         ...
 
+    def run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Run with caller-owned buffers: read `feeds` and write each named output into its
+        preallocated, C-contiguous array in place (no copies where the backend allows)."""
+        ...
+
 
 class Backend(Protocol):
     name: str

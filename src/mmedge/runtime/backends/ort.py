@@ -60,6 +60,20 @@ class OrtSession:
         outs = self._sess.run(list(self.output_names), feeds)
         return dict(zip(self.output_names, outs))
 
+    def run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """IOBinding over the caller's numpy memory: on CPU, OrtValues wrap the arrays without a copy,
+        so a KV cache bound here is read in place and outputs land directly in their buffers."""
+        import onnxruntime as ort
+
+        io = self._sess.io_binding()  # per call: bindings are not shared between threads
+        for name, arr in feeds.items():
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr)))
+        for name, arr in outputs.items():
+            if not arr.flags.c_contiguous:
+                raise UnsupportedError(f"output buffer {name!r} must be C-contiguous")
+            io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        self._sess.run_with_iobinding(io)
+
 
 def ort_target(device: str = "cpu") -> str:
     """Engine-table key of ORT-optimized builds: they are only valid for this ORT version and provider."""

@@ -313,6 +313,13 @@ class TensorRTSession:
                     cudart.cudaFree(ptr)
         return outputs
 
+    def run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """`run`, then copy into the caller's buffers. (Inputs still cross host->device every call; a
+        device-resident KV cache for the TensorRT backend is not implemented yet.)"""
+        for name, out in self.run(feeds).items():
+            if name in outputs:
+                np.copyto(outputs[name], out)
+
     def close(self) -> None:
         """Release the CUDA stream; the session is unusable afterwards."""
         if getattr(self, "_stream", None) is not None:

@@ -1,0 +1,365 @@
+"""Causal decoder LMs in two styles, with Hugging Face parameter names and an explicit KV cache.
+
+- "opt":   LayerNorm, learned positions (offset 2), ReLU/GELU MLP; names as `OPTForCausalLM`.
+- "llama": RMSNorm, rotary positions, SwiGLU, grouped-query attention; names as `LlamaForCausalLM`.
+
+The cached step (`DecoderLM.step`) is what gets exported: the cache is a fixed-size buffer of
+`max_context` slots per layer, passed in whole, and the graph returns only the keys/values of the
+new tokens. The runtime writes those into its preallocated buffers, so no token ever copies the
+whole cache. Attention scores against the cache and against the new tokens are computed apart and
+joined before the softmax, so the graph never concatenates (copies) the cache either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmedge.errors import ConfigError
+from mmedge.models.blocks import MASK_VALUE, activation
+from mmedge.models.component import ComponentDecl
+from mmedge.models.configs import from_dict
+from mmedge.runtime.manifest import DimRange, TensorSpec
+
+STYLES = ("opt", "llama")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    style: str = "opt"
+    vocab_size: int = 50272
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    kv_heads: int = 0  # 0: same as heads
+    ffn_dim: int = 3072
+    max_positions: int = 2048  # learned position table size (opt) / longest supported position
+    max_context: int = 256  # KV cache slots in an exported package
+    act: str = "relu"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    word_embed_proj_dim: int = 0  # opt-350m style project_in/out; 0: same as hidden
+    do_layer_norm_before: bool = True
+    bias: bool = True
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+    pad_token_id: int = 1
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ConfigError(f"decoder style {self.style!r} is not supported; choose from {list(STYLES)}")
+        if self.hidden % self.heads or self.heads % self.n_kv_heads:
+            raise ConfigError(f"hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} do not divide")
+        if not 0 < self.max_context <= self.max_positions:
+            raise ConfigError(f"max_context {self.max_context} must be in [1, max_positions={self.max_positions}]")
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def embed_dim(self) -> int:
+        return self.word_embed_proj_dim or self.hidden
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
+        return from_dict(cls, d, "decoder config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (HF Llama convention); x (B, H, S, D), cos/sin (B, 1, S, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class CachedAttention(nn.Module):
+    """Self-attention over a fixed-size cache plus the new tokens; q/k/v/o names per style."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        kv = self.kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
+        out = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        if cfg.style == "opt":
+            self.out_proj = out
+        else:
+            self.o_proj = out
+
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, past_bias: torch.Tensor | None,
+                new_bias: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+        b, s, _ = x.shape
+        g = self.heads // self.kv_heads
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = rotary(q, *rope), rotary(k, *rope)
+        # query heads grouped by the kv head they share (HF repeat_kv order): no copy of k/v per group
+        qg = (q * self.scale).reshape(b, self.kv_heads, g * s, self.head_dim)
+        scores = [(qg @ k.transpose(-1, -2)).view(b, self.heads, s, s) + new_bias]
+        if past is not None:
+            scores.insert(0, (qg @ past[0].transpose(-1, -2)).view(b, self.heads, s, -1) + past_bias)
+        probs = torch.softmax(torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0], dim=-1)
+        probs = probs.reshape(b, self.kv_heads, g * s, -1)
+        out = probs[..., -s:] @ v
+        if past is not None:
+            out = out + probs[..., : past[0].shape[2]] @ past[1]
+        out = out.view(b, self.heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
+        proj = self.out_proj if hasattr(self, "out_proj") else self.o_proj
+        return proj(out), k, v
+
+
+class OPTLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.pre_norm = cfg.do_layer_norm_before
+        self.self_attn = CachedAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.fc1 = nn.Linear(cfg.hidden, cfg.ffn_dim, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.hidden, bias=cfg.bias)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.act = activation(cfg.act)
+
+    def forward(self, x: torch.Tensor, past, past_bias, new_bias, rope) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+        h = self.self_attn_layer_norm(x) if self.pre_norm else x
+        h, k, v = self.self_attn(h, past, past_bias, new_bias, rope)
+        x = x + h
+        if not self.pre_norm:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_norm else x
+        x = x + self.fc2(self.act(self.fc1(h)))
+        if not self.pre_norm:
+            x = self.final_layer_norm(x)
+        return x, k, v
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.hidden, bias=False)
+        self.act = activation(cfg.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.self_attn = CachedAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, past, past_bias, new_bias, rope) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+        h, k, v = self.self_attn(self.input_layernorm(x), past, past_bias, new_bias, rope)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class _OPTDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.embed_positions = nn.Embedding(cfg.max_positions + 2, cfg.hidden)  # HF OPT's offset of 2
+        if cfg.embed_dim != cfg.hidden:
+            self.project_in = nn.Linear(cfg.embed_dim, cfg.hidden, bias=False)
+            self.project_out = nn.Linear(cfg.hidden, cfg.embed_dim, bias=False)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps) if cfg.do_layer_norm_before else None
+        self.layers = nn.ModuleList(OPTLayer(cfg) for _ in range(cfg.layers))
+
+
+class _LlamaModel(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+
+
+class _OPTModel(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.decoder = _OPTDecoder(cfg)
+
+
+class DecoderLM(nn.Module):
+    """A causal LM; `state_dict()` keys match HF `OPTForCausalLM` / `LlamaForCausalLM`."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = _OPTModel(cfg) if cfg.style == "opt" else _LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        self.apply(_init)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.decoder.embed_tokens if self.cfg.style == "opt" else self.model.embed_tokens
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.decoder.layers if self.cfg.style == "opt" else self.model.layers
+
+    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.cfg.head_dim
+        inv = 1.0 / self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+        angles = position_ids.to(torch.float32)[..., None] * inv  # (B, S, D/2)
+        emb = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, S, D)
+        return emb.cos(), emb.sin()
+
+    def step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """Logits (B, S, V) and each layer's new (key, value), (B, Hkv, S, D).
+
+        `attention_mask` (B, T + S) covers the T cache slots then the S new tokens (1 = attend);
+        `past` holds each layer's (key, value) cache, (B, Hkv, T, D), or None for no cache.
+        """
+        cfg = self.cfg
+        s = inputs_embeds.shape[1]
+        t = attention_mask.shape[1] - s
+        mask = attention_mask.to(inputs_embeds.dtype)
+        causal = torch.triu(torch.full((s, s), MASK_VALUE, dtype=inputs_embeds.dtype), diagonal=1)
+        new_bias = causal + (1.0 - mask[:, None, None, t:]) * MASK_VALUE  # (B, 1, S, S)
+        past_bias = (1.0 - mask[:, None, None, :t]) * MASK_VALUE if past is not None else None
+        x, rope = inputs_embeds, None
+        if cfg.style == "opt":
+            dec = self.model.decoder
+            if hasattr(dec, "project_in"):
+                x = dec.project_in(x)
+            x = x + dec.embed_positions(position_ids + 2)
+        else:
+            rope = self._rope(position_ids)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, past[i] if past is not None else None, past_bias, new_bias, rope)
+            new_kv.append((k, v))
+        if cfg.style == "opt":
+            if dec.final_layer_norm is not None:
+                x = dec.final_layer_norm(x)
+            if hasattr(dec, "project_out"):
+                x = dec.project_out(x)
+        else:
+            x = self.model.norm(x)
+        return self.lm_head(x), new_kv
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for whole sequences without a cache (training, reference)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        return self.step(self.embed_tokens(input_ids), attention_mask, positions)[0]
+
+
+def _init(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+
+
+class _EmbedTokens(nn.Module):
+    def __init__(self, model: DecoderLM):
+        super().__init__()
+        self.embed = model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+class _Step(nn.Module):
+    """The exported LLM step: flat cache inputs/outputs in HF's per-layer naming order."""
+
+    def __init__(self, model: DecoderLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, new_kv = self.model.step(inputs_embeds, attention_mask, position_ids, pairs)
+        return (logits, *(t for kv in new_kv for t in kv))
+
+
+def cache_names(layers: int) -> tuple[list[str], list[str]]:
+    """(past input names, present output names), key then value per layer, HF/ORT GenAI style."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return past, present
+
+
+def components(cfg: DecoderConfig) -> tuple[ComponentDecl, ...]:
+    """`embed` (token ids -> embeddings) and `llm` (one cached step over embeddings)."""
+    t, hkv, d = cfg.max_context, cfg.n_kv_heads, cfg.head_dim
+    batch, seq = DimRange(1, 1, 8), DimRange(1, min(16, t), t)
+    past_names, present_names = cache_names(cfg.layers)
+    return (
+        ComponentDecl(
+            name="embed",
+            inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+            outputs=(TensorSpec("inputs_embeds", "float32", ("batch", "sequence", cfg.embed_dim)),),
+            dims={"batch": batch, "sequence": seq},
+            build=_EmbedTokens,
+            calibration_data="none",
+            int_ranges={"input_ids": (0, cfg.vocab_size)},
+        ),
+        ComponentDecl(
+            name="llm",
+            inputs=(
+                TensorSpec("inputs_embeds", "float32", ("batch", "sequence", cfg.embed_dim)),
+                TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
+                TensorSpec("position_ids", "int64", ("batch", "sequence")),
+                *(TensorSpec(n, "float32", ("batch", hkv, t, d)) for n in past_names),
+            ),
+            outputs=(
+                TensorSpec("logits", "float32", ("batch", "sequence", cfg.vocab_size)),
+                *(TensorSpec(n, "float32", ("batch", hkv, "sequence", d)) for n in present_names),
+            ),
+            dims={"batch": batch, "sequence": seq, "total_sequence": DimRange(t + 1, t + seq.opt, 2 * t)},
+            build=_Step,
+            calibration_data="none",  # weight-only quantization; no activation calibration
+            parity_atol=1e-3,
+            int_ranges={"attention_mask": (1, 2), "position_ids": (0, t)},
+        ),
+    )
+
+
+def generation_section(cfg: DecoderConfig, prompt_template: str = "{}") -> dict[str, Any]:
+    """The manifest's `generation` section: what the runtime's generation loop needs."""
+    return {
+        "max_context": cfg.max_context, "layers": cfg.layers, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id, "prompt_template": prompt_template,
+        "kv_cache": "fixed buffers of max_context slots; present.* hold only the new tokens' entries",
+    }

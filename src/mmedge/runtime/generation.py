@@ -1,0 +1,278 @@
+"""Token generation over a package's `embed` + `llm` components, torch-free.
+
+The KV cache is one preallocated buffer per layer and key/value, `max_context` slots long, bound
+to the session with IOBinding (read in place). Each step the graph returns only the new tokens'
+keys/values, which are written into the next free slots: a token costs O(new tokens) copying,
+never a copy of the cache. Decode-step outputs (logits, new keys/values) go into buffers that are
+allocated once per generation and reused.
+
+Sampling parameters carry Hugging Face `generate` names; `temperature=0` means greedy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from mmedge.errors import InvalidInputError
+from mmedge.runtime.components import ComponentRunner
+from mmedge.runtime.texts import TextTokenizer
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings, named as in HF `generate`. Validated on construction."""
+
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+            raise InvalidInputError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise InvalidInputError(f"min_new_tokens must be an int in [0, max_new_tokens], got {self.min_new_tokens!r}")
+        if not isinstance(self.do_sample, bool):
+            raise InvalidInputError(f"do_sample must be a bool, got {self.do_sample!r}")
+        if not is_num(self.temperature) or self.temperature < 0:
+            raise InvalidInputError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise InvalidInputError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidInputError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        stops = self.stop_strings
+        if isinstance(stops, str) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
+            raise InvalidInputError(f"stop_strings must be a list of at most {MAX_STOP_STRINGS} non-empty strings")
+        if self.seed is not None and not is_int(self.seed):
+            raise InvalidInputError(f"seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> GenerationConfig:
+        """Build from `generate`-style keyword arguments; unknown names are errors, not ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InvalidInputError(f"unknown generation parameters {unknown}; accepted: {sorted(known)}")
+        if "stop_strings" in kwargs and isinstance(kwargs["stop_strings"], list):
+            kwargs["stop_strings"] = tuple(kwargs["stop_strings"])
+        return cls(**kwargs)
+
+
+class KVCache:
+    """Per-layer key/value buffers of `max_context` slots; slots [0, length) are filled."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_context: int, head_dim: int):
+        shape = (batch, kv_heads, max_context, head_dim)
+        self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * layers)]  # key, value per layer
+        self.max_context = max_context
+        self.length = 0
+
+    def attention_mask(self, new: int) -> np.ndarray:
+        """(B, max_context + new) int64: filled slots and the new tokens are 1."""
+        mask = np.zeros((self.buffers[0].shape[0], self.max_context + new), np.int64)
+        mask[:, : self.length] = 1
+        mask[:, self.max_context :] = 1
+        return mask
+
+    def append(self, new: Sequence[np.ndarray]) -> None:
+        """Write the new tokens' keys/values (B, Hkv, S, D) into the next free slots."""
+        s = new[0].shape[2]
+        for buf, part in zip(self.buffers, new):
+            buf[:, :, self.length : self.length + s] = part
+        self.length += s
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on (their contents are masked out from now on)."""
+        self.length = min(self.length, length)
+
+
+@dataclass
+class _StepBuffers:
+    """Outputs of a one-token step, allocated once per generation and reused."""
+
+    logits: np.ndarray
+    present: list[np.ndarray]
+
+
+class LanguageModel:
+    """The `embed` + `llm` components of a package, with the manifest's generation settings."""
+
+    def __init__(self, runner: ComponentRunner):
+        self.runner = runner
+        g = runner.manifest.generation
+        self.max_context = int(g["max_context"])
+        self.layers, self.kv_heads, self.head_dim = int(g["layers"]), int(g["kv_heads"]), int(g["head_dim"])
+        self.vocab_size = int(g["vocab_size"])
+        self.eos_token_id = int(g["eos_token_id"])
+        self.bos_token_id = int(g["bos_token_id"])
+        llm = runner.manifest.component("llm")
+        self._past = [s.name for s in llm.inputs if s.name.startswith("past_key_values.")]
+        self._present = [s.name for s in llm.outputs if s.name.startswith("present.")]
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self.runner.tokenizer
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        return KVCache(self.layers, batch, self.kv_heads, self.max_context, self.head_dim)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token embeddings (B, S, E) of ids (B, S)."""
+        ids = np.asarray(ids, np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise InvalidInputError(f"token ids must lie in [0, {self.vocab_size})")
+        return self.runner.session("embed").run({"input_ids": ids})["inputs_embeds"]
+
+    def forward(self, embeds: np.ndarray, cache: KVCache, out: _StepBuffers | None = None) -> np.ndarray:
+        """Run new token embeddings (B, S, E) through the LLM, append to `cache`; logits (B, S, V)."""
+        b, s = embeds.shape[:2]
+        if cache.length + s > self.max_context:
+            raise InvalidInputError(
+                f"{cache.length} cached + {s} new tokens exceed the model's context of {self.max_context} tokens"
+            )
+        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32),
+                 "attention_mask": cache.attention_mask(s),
+                 "position_ids": np.broadcast_to(np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s)).copy(),
+                 **dict(zip(self._past, cache.buffers))}
+        if out is None or s != 1:
+            shape = (b, self.kv_heads, s, self.head_dim)
+            out = _StepBuffers(np.empty((b, s, self.vocab_size), np.float32),
+                               [np.empty(shape, np.float32) for _ in self._present])
+        self.runner.session("llm").run_into(feeds, {"logits": out.logits, **dict(zip(self._present, out.present))})
+        cache.append(out.present)
+        return out.logits
+
+    def generate_ids(self, prompt: np.ndarray, config: GenerationConfig, cache: KVCache | None = None,
+                     history: Sequence[int] = ()) -> Iterator[int]:
+        """Yield new token ids for one sequence; `prompt` is (S, E) embeddings appended to `cache`.
+
+        `history` (earlier token ids) only feeds the repetition penalty. Stops at EOS (not yielded)
+        or after `max_new_tokens`.
+        """
+        cache = cache if cache is not None else self.new_cache()
+        if cache.length + len(prompt) + 1 > self.max_context:
+            raise InvalidInputError(
+                f"the prompt ({len(prompt)} tokens, {cache.length} already cached) leaves no room to generate "
+                f"within the model's context of {self.max_context} tokens"
+            )
+        rng = np.random.default_rng(config.seed)
+        seen = np.zeros(self.vocab_size, bool)
+        seen[[t for t in history if 0 <= t < self.vocab_size]] = True
+        step = _StepBuffers(np.empty((1, 1, self.vocab_size), np.float32),
+                            [np.empty((1, self.kv_heads, 1, self.head_dim), np.float32) for _ in self._present])
+        logits = self.forward(prompt[None], cache)[0, -1]
+        for n in range(config.max_new_tokens):
+            token = _choose(logits.copy(), config, rng, seen, self.eos_token_id if n < config.min_new_tokens else None)
+            if token == self.eos_token_id:
+                return
+            yield token
+            seen[token] = True
+            if n + 1 == config.max_new_tokens or cache.length + 1 > self.max_context:
+                return  # the context is full: stop rather than overflow
+            logits = self.forward(self.embed(np.array([[token]])), cache, step)[0, -1]
+
+
+def _choose(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, seen: np.ndarray,
+            ban: int | None) -> int:
+    """Pick the next token from last-position logits (V,), HF warper order: penalty, temperature, top-k, top-p."""
+    if cfg.repetition_penalty != 1.0 and seen.any():
+        hit = logits[seen]
+        logits[seen] = np.where(hit < 0, hit * cfg.repetition_penalty, hit / cfg.repetition_penalty)
+    if ban is not None:
+        logits[ban] = -np.inf  # min_new_tokens not reached yet
+    if cfg.greedy:
+        return int(np.argmax(logits))
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.size:
+        kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
+        logits[logits < kth] = -np.inf
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if cfg.top_p < 1.0:
+        order = np.argsort(probs)  # ascending, as HF's TopPLogitsWarper
+        cum = np.cumsum(probs[order])
+        drop = order[cum <= 1.0 - cfg.top_p]
+        drop = drop[:-1] if drop.size == probs.size else drop  # keep at least one token
+        probs[drop] = 0.0
+        probs /= probs.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+class TextStream:
+    """Incremental detokenisation: text pieces as tokens arrive, cut before the first stop string.
+
+    Like HF's TextStreamer, it decodes all ids so far and emits what is new, holding back an
+    incomplete UTF-8 sequence and any tail that could still grow into a stop string.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, stop_strings: Sequence[str] = ()):
+        self.tokenizer, self.stops = tokenizer, tuple(stop_strings)
+        self.hold = max((len(s) - 1 for s in self.stops), default=0)
+        self.ids: list[int] = []
+        self.text = ""  # emitted so far
+        self.stopped = False
+
+    def _decoded(self) -> str:
+        full = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (full.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return full[:cut]
+        return full
+
+    def _emit(self, ready: str) -> str:
+        piece = ready[len(self.text):]
+        self.text += piece
+        return piece
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly completed text (may be empty)."""
+        self.ids.append(token)
+        full = self._decoded()
+        if not self.stopped and (full.endswith("\ufffd") or self.hold):
+            full = full[: len(full) - self.hold] if not full.endswith("\ufffd") else full[: len(self.text)]
+        return self._emit(full)
+
+    def finish(self) -> str:
+        """Flush what was held back at the end of generation."""
+        return self._emit(self._decoded())
+
+
+def stream_text(lm: LanguageModel, prompt_embeds: np.ndarray, config: GenerationConfig, cache: KVCache | None = None,
+                history: Sequence[int] = (), generated: list[int] | None = None) -> Iterator[str]:
+    """Generate and yield text pieces; token ids are appended to `generated` when given."""
+    stream = TextStream(lm.tokenizer, config.stop_strings)
+    for token in lm.generate_ids(prompt_embeds, config, cache, history):
+        if generated is not None:
+            generated.append(token)
+        piece = stream.push(token)
+        if piece:
+            yield piece
+        if stream.stopped:
+            return
+    tail = stream.finish()
+    if tail:
+        yield tail
