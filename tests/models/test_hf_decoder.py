@@ -170,3 +170,31 @@ def test_import_refuses_unsupported_configs(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedError, match="rope scaling"):
         load_hf(tmp_path)
+
+
+def test_weight_only_quantization(exported, tmp_path: Path) -> None:  # noqa: ANN001
+    import shutil
+
+    from mmedge import sdk
+    from mmedge.calibration.build import build_package
+    from mmedge.calibration.package import calibrate_package
+    from mmedge.runtime.package import verify_package
+
+    _, pipe, _ = exported
+    pkg = tmp_path / "pkg"
+    shutil.copytree(pipe.runner.package.root, pkg)
+    report = calibrate_package(pkg, "train-shapes:12", samples=4, weight_bits=(4, 8))
+    assert report["components"]["embed"] == {"skipped": "no MatMul weights to quantize"}
+    llm = verify_package(pkg).manifest.components["llm"]
+    for bits in (4, 8):
+        rec = llm.precisions[f"int{bits}"]
+        assert rec.calibration["method"] == "weight-only" and rec.calibration["bits"] == bits
+        assert rec.parity["trt_lint_ok"] and 0 < rec.parity["logits_cosine"] <= 1
+    # 8-bit weights stay much closer to fp32 than 4-bit ones on the same tokens
+    assert llm.precisions["int8"].parity["logits_cosine"] > max(0.999, llm.precisions["int4"].parity["logits_cosine"])
+    built = build_package(pkg, backend="ort")
+    assert built["builds"]["llm.int4"]["ops"]["com.microsoft:MatMulNBits"] >= 2 * 6 + 1  # layers + lm_head
+    ids = _prompts(1)[0]
+    for precision in ("int4", "int8", "auto"):
+        out = sdk.Pipeline(str(pkg), precision=precision).generate_ids(ids, max_new_tokens=6, min_new_tokens=6)
+        assert len(out) == 6 and all(0 <= t < VOCAB for t in out)

@@ -1,4 +1,5 @@
-"""`mmedge calibrate`: INT8 Q/DQ builds of a package's components, written crash-safely.
+"""`mmedge calibrate`: INT8 Q/DQ builds of encoders and weight-only INT4/INT8 builds of an LLM,
+written crash-safely.
 
 Calibration data goes through exactly the runtime's preprocessing (image loading, resize, crop,
 normalise; the package's tokenizer), so ranges are measured on what the device will see.
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.errors import InvalidInputError
-from mmedge.runtime.manifest import Manifest, PrecisionEntry
+from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry
 from mmedge.runtime.package import Package, verify_package
 from mmedge.runtime.staging import staged_update, write_atomic
 
@@ -48,8 +49,14 @@ def _feeds(pkg: Package, kind: str, items: list) -> list[dict[str, np.ndarray]]:
 
 def calibrate_package(package: str | Path, data: str, method: str = "minmax", samples: int = 64,
                       target_cosine: float = 0.99, components: list[str] | None = None,
+                      weight_bits: tuple[int, ...] = (4,), block_size: int = 32,
                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Quantize components to INT8 until each output's cosine vs fp32 meets the target; returns the report."""
+    """Quantize a package; returns the report.
+
+    Encoders: INT8 Q/DQ until each output's cosine vs fp32 meets the target. Weight-only
+    components (an LLM): block-wise INT4 and/or INT8 weights (`weight_bits`), each measured
+    against fp32 (logits cosine, next-token agreement) on the data's texts.
+    """
     from mmedge.calibration.search import calibrate_to_target
     from mmedge.data import load_data
     from mmedge.export.package_writer import write_manifest
@@ -74,9 +81,7 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
             entry = pkg.manifest.component(name)
             kind = entry.calibration_data
             if kind == "none":  # e.g. an LLM: quantized weight-only, without activation calibration
-                if components:
-                    raise InvalidInputError(f"component {name!r} takes no activation calibration (weight-only)")
-                report["components"][name] = {"skipped": "weight-only component"}
+                comps[name] = _weight_only(tmp, name, entry, weight_bits, block_size, report, say)
                 continue
             if kind == "texts" and any(it.text is None for it in items):
                 say(f"{name}: {data!r} has no texts; left in fp32")
@@ -99,11 +104,72 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
         write_atomic(tmp / "reports" / "calibration.json", json.dumps(report, indent=2, sort_keys=True))
         manifest = write_manifest(tmp, manifest)
         staged = verify_package(tmp)
+        manifest = _measure_weight_only(staged, manifest, [it.text for it in eval_items if it.text], report, say)
+        write_manifest(tmp, manifest)
+        staged = verify_package(tmp)
         report["task_metric"] = _task_metric(staged, eval_items)
         write_atomic(tmp / "reports" / "calibration.json", json.dumps(report, indent=2, sort_keys=True))
         write_manifest(tmp, manifest)
         verify_package(tmp)
     return report
+
+
+def _weight_only(tmp: Path, name: str, entry: ComponentEntry, bits: tuple[int, ...], block_size: int,
+                 report: dict[str, Any], say: Callable[[str], None]) -> ComponentEntry:
+    """Add int4/int8 weight-only precisions of one component (none if it has no MatMul weights)."""
+    from mmedge.calibration.weight_only import quantize_weight_only
+    from mmedge.export.trt_lint import lint_model
+
+    fp32_rel = entry.precisions["fp32"].file
+    precisions = dict(entry.precisions)
+    for b in bits:
+        rel = fp32_rel.replace(".onnx", f".int{b}.onnx")
+        count = quantize_weight_only(tmp / fp32_rel, tmp / rel, bits=b, block_size=block_size)
+        if not count:
+            (tmp / rel).unlink()
+            report["components"][name] = {"skipped": "no MatMul weights to quantize"}
+            return entry
+        lint = lint_model(tmp / rel)
+        record = {"method": "weight-only", "bits": b, "block_size": block_size, "symmetric": True, "matmuls": count}
+        precisions[f"int{b}"] = PrecisionEntry(rel, {"trt_lint_ok": lint.ok}, record)
+        report["components"].setdefault(name, {})[f"int{b}"] = {**record, "trt_lint_ok": lint.ok}
+        say(f"{name}: weight-only int{b}, {count} MatMul weights in blocks of {block_size}")
+    return replace(entry, precisions=precisions)
+
+
+def _measure_weight_only(pkg: Package, manifest: Manifest, texts: list[str], report: dict[str, Any],
+                         say: Callable[[str], None]) -> Manifest:
+    """Logits cosine and next-token agreement of each weight-only LLM precision against fp32."""
+    from mmedge.calibration.accuracy import row_cosine
+    from mmedge.runtime.components import ComponentRunner
+    from mmedge.runtime.generation import LanguageModel
+
+    llm = manifest.components.get("llm")
+    weight_only = [p for p, e in (llm.precisions.items() if llm else ()) if e.calibration.get("method") == "weight-only"]
+    if not weight_only:
+        return manifest
+    if not texts:
+        raise InvalidInputError("weight-only accuracy is measured on texts; the --data given has none")
+
+    def logits(precision: str) -> np.ndarray:
+        lm = LanguageModel(ComponentRunner(pkg, precision=precision))
+        rows = []
+        for text in texts[:EVAL_SAMPLES]:
+            ids = lm.tokenizer.encode(text)[: lm.max_context]
+            rows.append(lm.forward(lm.embed(np.array([ids])), lm.new_cache())[0])
+        return np.concatenate(rows)  # (tokens, V)
+
+    ref = logits("fp32")
+    precisions = dict(llm.precisions)
+    for p in weight_only:
+        out = logits(p)
+        acc = {"logits_cosine": round(row_cosine(ref, out), 6),
+               "top1_agreement": round(float((ref.argmax(1) == out.argmax(1)).mean()), 4), "eval_tokens": len(ref)}
+        precisions[p] = replace(precisions[p], parity={**precisions[p].parity, **acc})
+        report["components"]["llm"][p].update(acc)
+        say(f"llm {p}: logits cosine {acc['logits_cosine']:.4f}, next-token agreement {acc['top1_agreement']:.3f} "
+            f"on {acc['eval_tokens']} tokens")
+    return replace(manifest, components={**manifest.components, "llm": replace(llm, precisions=precisions)})
 
 
 def _task_metric(pkg: Package, items: list) -> dict[str, Any]:  # noqa: ANN001

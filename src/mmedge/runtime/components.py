@@ -21,7 +21,8 @@ from mmedge.runtime.package import Package, verify_package
 if TYPE_CHECKING:
     from mmedge.runtime.texts import TextTokenizer
 
-PRECISIONS = ("auto", "fp32", "fp16", "int8")
+PRECISIONS = ("auto", "fp32", "fp16", "int8", "int4")
+MAX_THREADS = 1024  # ORT takes an int32; a huge count would try to start that many threads
 SAMPLE_TEXT = "a small red circle at the top left and a large blue square in the center"
 
 
@@ -38,20 +39,33 @@ def sample_feeds(entry: ComponentEntry, batch: int, tokenizer: TextTokenizer | N
                  seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic inputs of a realistic kind for benchmarks and build checks.
 
-    Token inputs are a tokenised sample caption (needs `tokenizer`); every other input is standard
-    normal noise at the manifest's `opt` dims.
+    `input_ids` is a tokenised sample caption (needs `tokenizer`), `attention_mask` all ones,
+    `position_ids` 0..n-1, other floats standard normal noise, other integers zeros; symbolic
+    dims take the manifest's `opt` values (or the tokenised length).
     """
-    names = {s.name for s in entry.inputs}
-    if "input_ids" in names:
-        if tokenizer is None:
-            raise InvalidInputError("sample inputs for a text component need the package tokenizer")
-        ids, mask = tokenizer.encode_batch([SAMPLE_TEXT] * batch)
-        return {"input_ids": ids, "attention_mask": mask}
-    rng = np.random.default_rng(seed)
-    feeds = {}
+    sizes = {d: r.opt for d, r in entry.dims.items()} | {"batch": batch}
+    feeds: dict[str, np.ndarray] = {}
     for s in entry.inputs:
-        shape = tuple(batch if d == "batch" else (entry.dims[d].opt if isinstance(d, str) else d) for d in s.shape)
-        feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        if s.name == "input_ids":
+            if tokenizer is None:
+                raise InvalidInputError("sample inputs for a text component need the package tokenizer")
+            ids, _ = tokenizer.encode_batch([SAMPLE_TEXT] * batch)
+            feeds[s.name] = ids
+            if isinstance(s.shape[1], str):
+                sizes[s.shape[1]] = ids.shape[1]
+    rng = np.random.default_rng(seed)
+    for s in entry.inputs:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in s.shape)
+        if s.name in feeds:
+            continue
+        if s.name == "attention_mask":
+            feeds[s.name] = np.ones(shape, s.dtype)
+        elif s.name == "position_ids":
+            feeds[s.name] = np.broadcast_to(np.arange(shape[-1], dtype=s.dtype), shape).copy()
+        elif s.dtype.startswith("float"):
+            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        else:
+            feeds[s.name] = np.zeros(shape, s.dtype)
     return feeds
 
 
@@ -80,6 +94,11 @@ class ComponentRunner:
         self.backend = make_backend(backend)
         self.precision = precision
         self.options = options or SessionOptions()
+        threads = self.options.threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+            raise InvalidInputError(
+                f"threads must be an int in [0, {MAX_THREADS}] (0 = the backend's default), got {threads!r}"
+            )
         self.image_limits = image_limits or ImageLimits()
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -98,13 +117,15 @@ class ComponentRunner:
         """The precision used for a component: the requested one, or for 'auto' the best built."""
         entry = self.manifest.component(component)
         if self.precision != "auto":
+            if self.precision not in entry.precisions and entry.calibration_data == "none" and len(entry.precisions) == 1:
+                return next(iter(entry.precisions))  # never quantized (e.g. a token-embedding lookup)
             if self.precision not in entry.precisions:
                 raise UnsupportedError(
                     f"component {component!r} has no {self.precision} build (has {sorted(entry.precisions)}); "
                     f"run `mmedge calibrate` first or choose another precision"
                 )
             return self.precision
-        for p in ("int8", "fp16", "fp32"):
+        for p in ("int4", "int8", "fp16", "fp32"):
             if p in entry.precisions:
                 return p
         return next(iter(entry.precisions))
@@ -125,6 +146,8 @@ class ComponentRunner:
             if spec.name not in feeds:
                 raise InvalidInputError(f"{component}: missing input {spec.name!r}")
             a = feeds[spec.name]
+            if not isinstance(a, np.ndarray):
+                raise InvalidInputError(f"{component}.{spec.name}: expected a numpy array, got {type(a).__name__}")
             if a.dtype != np.dtype(spec.dtype) or a.ndim != len(spec.shape):
                 raise InvalidInputError(
                     f"{component}.{spec.name}: expected {spec.dtype} with {len(spec.shape)} dims, got {a.dtype} {a.shape}"
@@ -140,6 +163,14 @@ class ComponentRunner:
                         raise InvalidInputError(f"{component}.{spec.name}: {dim}={n} outside [{r.min}, {r.max}]")
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise InvalidInputError(f"{component}.{spec.name}: contains NaN or infinity")
+            if spec.name == "input_ids" and a.size and self.manifest.tokenizer.get("file") is not None:
+                # An id outside the vocabulary is an ORT error (too large) or a silent wrap-around (negative).
+                vocab = self.tokenizer._tok.get_vocab_size(with_added_tokens=True)
+                lo, hi = int(a.min()), int(a.max())
+                if lo < 0 or hi >= vocab:
+                    raise InvalidInputError(
+                        f"{component}.input_ids: token ids must be in [0, {vocab}), got values in [{lo}, {hi}]"
+                    )
         return entry
 
     def run_batched(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

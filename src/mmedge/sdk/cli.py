@@ -57,7 +57,8 @@ def cmd_calibrate(a: argparse.Namespace) -> object:
     from mmedge.calibration.package import calibrate_package
 
     return calibrate_package(a.package, a.data, method=a.method, samples=a.samples, target_cosine=a.target_cosine,
-                             components=a.components, progress=print if not a.json else None)
+                             components=a.components, weight_bits=tuple(a.weight_bits), block_size=a.block_size,
+                             progress=print if not a.json else None)
 
 
 def cmd_build(a: argparse.Namespace) -> object:
@@ -191,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-pickle", action="store_true",
                     help="load pickle-based weights (.bin/.pt) with weights_only=True; off by default")
 
-    sp = add("calibrate", cmd_calibrate, "quantize a package's components to INT8 Q/DQ against an accuracy target")
+    sp = add("calibrate", cmd_calibrate, "quantize a package: encoders to INT8 Q/DQ against an accuracy target, "
+             "an LLM to weight-only INT4/INT8")
     sp.add_argument("package")
     sp.add_argument("--data", default="shapes:64", help=DATA_HELP)
     sp.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
@@ -199,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target-cosine", type=float, default=0.99,
                     help="minimum cosine of each output vs fp32; nodes are kept in float until it is met")
     sp.add_argument("--components", nargs="*", default=None, help="components to quantize (default: all)")
+    sp.add_argument("--weight-bits", type=int, nargs="+", default=[4], choices=[4, 8],
+                    help="weight-only precisions built for an LLM component (default: 4)")
+    sp.add_argument("--block-size", type=int, default=32, help="weights per quantization block along K (LLM)")
 
     sp = add("build", cmd_build, "build backend-specific graphs: ORT-optimized ONNX or TensorRT engines")
     sp.add_argument("package")
