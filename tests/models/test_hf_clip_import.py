@@ -304,7 +304,7 @@ def test_tokenizer_beyond_vocab_is_config_error(base_dir: Path, tmp_path: Path) 
 @pytest.mark.parametrize(
     "changes",
     [
-        {"size": {"height": 32, "width": 32}},  # squash to a square: not shortest-edge
+        {"size": {"height": 32, "width": 28}},  # squash to a non-square size the model cannot take
         {"resample": 2},  # bilinear
         {"do_normalize": False},
         {"do_center_crop": False},
@@ -312,7 +312,7 @@ def test_tokenizer_beyond_vocab_is_config_error(base_dir: Path, tmp_path: Path) 
         {"crop_size": {"height": 32, "width": 28}},
         {"size": {"shortest_edge": 40}},  # resize != crop
     ],
-    ids=["squash", "bilinear", "no-normalize", "no-crop", "no-rescale", "crop-not-square", "resize-not-crop"],
+    ids=["squash-non-square", "bilinear", "no-normalize", "no-crop", "no-rescale", "crop-not-square", "resize-not-crop"],
 )
 def test_preprocessing_the_runtime_cannot_reproduce_is_refused(base_dir: Path, tmp_path: Path,
                                                                changes: dict[str, Any]) -> None:

@@ -76,12 +76,49 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class EncoderLayer(nn.Module):
-    """Pre-norm transformer layer (CLIP / ViT style)."""
+class MergedQKVAttention(nn.Module):
+    """Self-attention with one `qkv` projection and a `projection` output (HF BLIP / BLIP-2 names)."""
 
-    def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float):
+    def __init__(self, width: int, heads: int, qkv_bias: bool = True):
         super().__init__()
-        self.self_attn = Attention(width, heads)
+        if width % heads:
+            raise ConfigError(f"width {width} is not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, width // heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.projection = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D)
+        scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
+        if bias is not None:
+            scores = scores + bias
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return self.projection(out.transpose(1, 2).reshape(b, n, c))
+
+
+def patchify_matmul(pixel_values: torch.Tensor, conv: nn.Conv2d, grid: int, image_size: int) -> torch.Tensor:
+    """A kernel == stride patch Conv computed as reshapes and one MatMul, (B, grid*grid, C).
+
+    The same arithmetic, but quantizers and ORT's integer kernels treat a MatMul as an ordinary
+    GEMM, whereas the Conv stayed in float (~10% of ViT-B/32's int8 time). Static shapes; the
+    batch is -1. Trailing pixels that do not fill a patch are dropped, as the Conv drops them.
+    """
+    p = conv.kernel_size[0]
+    if image_size != grid * p:
+        pixel_values = pixel_values[:, :, : grid * p, : grid * p]
+    x = pixel_values.reshape(-1, 3, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, grid * grid, 3 * p * p)
+    x = x @ conv.weight.reshape(conv.out_channels, -1).t()
+    return x + conv.bias if conv.bias is not None else x
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer layer (CLIP / ViT style); `merged_qkv` selects BLIP's attention names."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float, merged_qkv: bool = False):
+        super().__init__()
+        self.self_attn = MergedQKVAttention(width, heads) if merged_qkv else Attention(width, heads)
         self.layer_norm1 = nn.LayerNorm(width, eps=eps)
         self.mlp = MLP(width, mlp_dim, act)
         self.layer_norm2 = nn.LayerNorm(width, eps=eps)
@@ -92,9 +129,9 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, layers: int, width: int, heads: int, mlp_dim: int, act: str, eps: float):
+    def __init__(self, layers: int, width: int, heads: int, mlp_dim: int, act: str, eps: float, merged_qkv: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(width, heads, mlp_dim, act, eps) for _ in range(layers))
+        self.layers = nn.ModuleList(EncoderLayer(width, heads, mlp_dim, act, eps, merged_qkv) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmedge.errors import ConfigError
-from mmedge.models.blocks import MASK_VALUE, Encoder, activation
+from mmedge.models.blocks import MASK_VALUE, Encoder, activation, patchify_matmul
 from mmedge.models.component import ComponentDecl
 from mmedge.models.configs import from_dict
 from mmedge.runtime.manifest import DimRange, TensorSpec
@@ -81,20 +81,10 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         n = (cfg.image_size // cfg.patch_size) ** 2 + 1
         self.position_embedding = nn.Embedding(n, cfg.width)
-        self.grid = cfg.image_size // cfg.patch_size
-        self.patch = cfg.patch_size
-        self.crop = self.grid * cfg.patch_size != cfg.image_size
+        self.grid, self.image_size = cfg.image_size // cfg.patch_size, cfg.image_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # The patch Conv (kernel == stride) computed as reshapes and one MatMul: the same arithmetic,
-        # but quantizers and ORT's integer kernels treat a MatMul as an ordinary GEMM, whereas the
-        # Conv stayed in float and took ~10% of ViT-B/32's int8 time. Static shapes, batch as -1.
-        g, p = self.grid, self.patch
-        if self.crop:  # the Conv ignores trailing pixels that do not fill a patch
-            pixel_values = pixel_values[:, :, : g * p, : g * p]
-        x = pixel_values.reshape(-1, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, g * g, 3 * p * p)
-        w = self.patch_embedding.weight
-        x = x @ w.reshape(w.shape[0], -1).t()  # (B, P, C)
+        x = patchify_matmul(pixel_values, self.patch_embedding, self.grid, self.image_size)  # (B, P, C)
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, P+1, C)
 
@@ -107,10 +97,13 @@ class VisionTransformer(nn.Module):
         self.encoder = Encoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, eps)
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=eps)
 
+    def hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Every token's features after the last layer, (B, P+1, C): what BLIP-2's Q-Former reads."""
+        return self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled (class token) features, (B, C)."""
-        x = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
-        return self.post_layernorm(x[:, 0])
+        return self.post_layernorm(self.hidden_states(pixel_values)[:, 0])
 
 
 class TextEmbeddings(nn.Module):

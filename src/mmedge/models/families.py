@@ -61,7 +61,23 @@ def _causal_lm() -> Family:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Family]] = {"clip": _clip, "causal-lm": _causal_lm}
+def _blip2() -> Family:
+    from mmedge.models import blip2
+
+    return Family(
+        name="blip2",
+        task="chat",
+        parse_config=blip2.Blip2Config.from_dict,
+        build=blip2.Blip2,
+        components=blip2.components,
+        preprocess=blip2.preprocess_section,
+        tokenizer=lambda c: {"context_length": c.text.max_context, "pad_id": c.text.pad_token_id,
+                             "eos_id": c.text.eos_token_id},
+        generation=blip2.generation_section,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Family]] = {"clip": _clip, "causal-lm": _causal_lm, "blip2": _blip2}
 
 
 def get_family(name: str) -> Family:

@@ -18,7 +18,7 @@ from mmedge.models.checkpoint import load_weights
 from mmedge.models.checkpoint import read_json_object as _json
 
 # HF model_type -> mmedge family
-HF_FAMILIES = {"clip": "clip", "opt": "causal-lm", "llama": "causal-lm"}
+HF_FAMILIES = {"clip": "clip", "opt": "causal-lm", "llama": "causal-lm", "blip-2": "blip2"}
 DEFAULT_MAX_CONTEXT = 256  # KV cache slots of an imported LM (capped by max_position_embeddings)
 _PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as preprocessor_config.json stores it
 
@@ -95,35 +95,67 @@ def _clip_config(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _clip_preprocess(root: Path, image_size: int) -> dict[str, Any]:
+def _image_preprocess(root: Path, image_size: int, exact_default: bool = False) -> dict[str, Any]:
+    """preprocessor_config.json -> the manifest's preprocess section; refuses what the runtime cannot reproduce.
+
+    CLIP's processor resizes the shortest edge and centre-crops; BLIP's resizes to height x width
+    (`exact_default`: what to assume when the directory has no preprocessor_config.json).
+    """
     from mmedge.models.clip import CLIP_MEAN, CLIP_STD
 
     p = root / "preprocessor_config.json"
     pc = _json(p) if p.is_file() else {}
     # Settings the runtime does not reproduce would change every embedding silently: refuse them.
-    wrong = [f"{k}={pc[k]!r}" for k in ("do_resize", "do_center_crop", "do_rescale", "do_normalize")
-             if pc.get(k, True) is not True]
+    wrong = [f"{k}={pc[k]!r}" for k in ("do_resize", "do_rescale", "do_normalize") if pc.get(k, True) is not True]
     if pc.get("resample", _PIL_BICUBIC) != _PIL_BICUBIC:
         wrong.append(f"resample={pc['resample']!r}")
+    default = {"height": image_size, "width": image_size} if exact_default else {"shortest_edge": image_size}
+    size = pc.get("size", default)
+    exact = isinstance(size, dict) and "shortest_edge" not in size
+    if not exact and pc.get("do_center_crop", True) is not True:
+        wrong.append(f"do_center_crop={pc['do_center_crop']!r}")
     if wrong:
         raise UnsupportedError(
-            f"{p}: {', '.join(wrong)} is not supported; accepted: bicubic (resample={_PIL_BICUBIC}) "
-            "shortest-edge resize, centre crop, rescale and normalise, all enabled"
+            f"{p}: {', '.join(wrong)} is not supported; accepted: bicubic (resample={_PIL_BICUBIC}) resize "
+            "(shortest edge + centre crop, or height x width), rescale and normalise, all enabled"
         )
-    size = pc.get("size", {"shortest_edge": image_size})
-    if isinstance(size, dict) and "shortest_edge" not in size:
-        raise UnsupportedError(f"{p}: size {size} resizes without keeping the aspect ratio; only shortest_edge is supported")
-    shortest = size["shortest_edge"] if isinstance(size, dict) else int(size)
-    crop = pc.get("crop_size", {"height": image_size, "width": image_size})
-    crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (int(crop), int(crop))
-    if shortest != image_size or crop != (image_size, image_size):
-        raise UnsupportedError(
-            f"preprocessor resizes to {shortest} and crops {crop}, but the model takes {image_size}; "
-            "only resize == crop == image_size is supported"
-        )
+    if exact:
+        got = (size.get("height"), size.get("width"))
+        if got != (image_size, image_size):
+            raise UnsupportedError(f"{p}: resizes to {got}, but the model takes {image_size}x{image_size}")
+    else:
+        shortest = size["shortest_edge"] if isinstance(size, dict) else int(size)
+        crop = pc.get("crop_size", {"height": image_size, "width": image_size})
+        crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (int(crop), int(crop))
+        if shortest != image_size or crop != (image_size, image_size):
+            raise UnsupportedError(
+                f"preprocessor resizes to {shortest} and crops {crop}, but the model takes {image_size}; "
+                "only resize == crop == image_size is supported"
+            )
     return {
         "image_size": image_size, "mean": list(pc.get("image_mean", CLIP_MEAN)), "std": list(pc.get("image_std", CLIP_STD)),
-        "resize": "shortest", "crop": "center", "rescale": pc.get("rescale_factor", 1 / 255),
+        "resize": "exact" if exact else "shortest", "crop": "center", "rescale": pc.get("rescale_factor", 1 / 255),
+    }
+
+
+def _blip2_config(cfg: dict[str, Any], max_context: int | None) -> dict[str, Any]:
+    v, q, t = cfg.get("vision_config") or {}, cfg.get("qformer_config") or {}, cfg.get("text_config") or {}
+    if t.get("model_type", "opt") != "opt":
+        raise UnsupportedError(f"BLIP-2 with a {t.get('model_type')!r} language model is not supported; OPT is")
+    if q.get("use_qformer_text_input"):
+        raise UnsupportedError("a Q-Former with text input (InstructBLIP-style) is not supported by the blip2 family")
+    width = v.get("hidden_size", 1408)
+    return {
+        "vision": {"style": "blip2", "image_size": v.get("image_size", 224), "patch_size": v.get("patch_size", 14),
+                   "width": width, "layers": v.get("num_hidden_layers", 39), "heads": v.get("num_attention_heads", 16),
+                   "mlp_dim": v.get("intermediate_size", 6144), "act": v.get("hidden_act", "gelu"),
+                   "eps": v.get("layer_norm_eps", 1e-6), "qkv_bias": v.get("qkv_bias", True)},
+        "qformer": {"hidden": q.get("hidden_size", 768), "layers": q.get("num_hidden_layers", 12),
+                    "heads": q.get("num_attention_heads", 12), "intermediate": q.get("intermediate_size", 3072),
+                    "cross_attention_frequency": q.get("cross_attention_frequency", 2), "encoder_hidden": width,
+                    "num_query_tokens": cfg.get("num_query_tokens", 32), "act": q.get("hidden_act", "gelu"),
+                    "eps": q.get("layer_norm_eps", 1e-12)},
+        "text": _decoder_config({"model_type": "opt", **t}, max_context),
     }
 
 
@@ -171,20 +203,29 @@ def load_hf(path: str | Path, allow_pickle: bool = False, max_context: int | Non
     state = {k: v for k, v in state.items() if not k.endswith(("position_ids", "rotary_emb.inv_freq"))}
     if family == "clip":
         config, vocab = _clip_config(cfg), cfg.get("text_config", {}).get("vocab_size", 49408)
-        preprocess = _clip_preprocess(root, config["vision"]["image_size"])
+        preprocess = _image_preprocess(root, config["vision"]["image_size"])
+    elif family == "blip2":
+        config = _blip2_config(cfg, max_context)
+        vocab, preprocess = config["text"]["vocab_size"], _image_preprocess(root, config["vision"]["image_size"], exact_default=True)
+        _tie_lm_head(state, config["text"], "language_model.")
     else:
         config, preprocess = _decoder_config(cfg, max_context), {}
         vocab = config["vocab_size"]
-        if config["tie_word_embeddings"] and "lm_head.weight" not in state:  # HF saves tied weights once
-            embed = "model.decoder.embed_tokens.weight" if config["style"] == "opt" else "model.embed_tokens.weight"
-            if embed in state:
-                state["lm_head.weight"] = state[embed]
+        _tie_lm_head(state, config, "")
     tok = root / "tokenizer.json"
     if not tok.is_file():
         raise ConfigError(f"{root} has no tokenizer.json; save the tokenizer with a fast (Rust) tokenizer")
     tokenizer_json = tok.read_text()
     _check_vocab(tok, tokenizer_json, vocab)
     return HFSource(family, config, state, tokenizer_json, preprocess, tuple(files))
+
+
+def _tie_lm_head(state: dict[str, torch.Tensor], lm: dict[str, Any], prefix: str) -> None:
+    """HF saves tied weights once: give the LM head its copy of the token embeddings."""
+    if lm["tie_word_embeddings"] and f"{prefix}lm_head.weight" not in state:
+        embed = "model.decoder.embed_tokens.weight" if lm["style"] == "opt" else "model.embed_tokens.weight"
+        if prefix + embed in state:
+            state[f"{prefix}lm_head.weight"] = state[prefix + embed]
 
 
 def _check_vocab(path: Path, tokenizer_json: str, vocab_size: int) -> None:

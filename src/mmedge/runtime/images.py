@@ -22,7 +22,7 @@ from mmedge.runtime.image_headers import FORMATS, HeaderError, apply_orientation
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_MODES = {"resize": ("shortest",), "crop": ("center",), "resample": ("pil", "cv2")}  # PreprocessConfig
+_MODES = {"resize": ("shortest", "exact"), "crop": ("center",), "resample": ("pil", "cv2")}  # PreprocessConfig
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ class PreprocessConfig:
 
 
 def preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
-    """Resize shortest side, centre-crop, rescale and normalise -> (N, 3, S, S) float32."""
+    """Resize (shortest side + centre crop, or "exact" to S x S), rescale, normalise -> (N, 3, S, S) float32."""
     if isinstance(images, np.ndarray) and images.ndim != 4:
         raise InvalidInputError("preprocess takes a list of (H, W, 3) images, not a single array")
     if len(images) == 0:
@@ -224,7 +224,7 @@ def preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarra
             raise InvalidInputError(f"image {i} is {what}; expected (H, W, 3) uint8 RGB (see load_image)")
         if img.shape[0] == 0 or img.shape[1] == 0:
             raise InvalidInputError(f"image {i} has zero size {img.shape[:2]}")
-        batch[i] = _resize_crop(img, cfg.image_size, cfg.resample)
+        batch[i] = _resize_crop(img, cfg.image_size, cfg.resample, exact=cfg.resize == "exact")
     # transformers: rescale in float64, cast to float32, normalise in float32. A LUT per level is exact.
     levels = (np.arange(256, dtype=np.float64) * cfg.rescale).astype(np.float32)[:, None]  # (256, 1)
     lut = (levels - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)  # (256, 3)
@@ -234,11 +234,12 @@ def preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarra
     return out
 
 
-def _resize_crop(img: np.ndarray, size: int, resample: str) -> np.ndarray:
-    """Shortest side to `size` (long side floored, as transformers does), then the centre square."""
+def _resize_crop(img: np.ndarray, size: int, resample: str, exact: bool = False) -> np.ndarray:
+    """Shortest side to `size` (long side floored, as transformers does), then the centre square;
+    with `exact`, both sides to `size` (BLIP's processor: the aspect ratio is not kept)."""
     height, width = img.shape[:2]
     short, long = (width, height) if width <= height else (height, width)
-    new_long = int(size * long / short)
+    new_long = size if exact else int(size * long / short)
     new_h, new_w = (new_long, size) if width <= height else (size, new_long)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     if (new_h, new_w) == (height, width):  # nothing to resample, e.g. images already S x S

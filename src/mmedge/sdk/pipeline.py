@@ -6,6 +6,7 @@ import os
 
 from mmedge.errors import UnsupportedError
 from mmedge.runtime.backends.base import SessionOptions
+from mmedge.runtime.chat import ChatPipeline
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.retrieval import RetrievalPipeline
 from mmedge.runtime.textgen import TextGenerationPipeline
@@ -13,8 +14,8 @@ from mmedge.sdk.store import resolve
 
 
 def Pipeline(name_or_path: str | os.PathLike, backend: str = "ort", precision: str = "auto",  # noqa: N802
-             threads: int = 0, device: str = "cpu") -> RetrievalPipeline | TextGenerationPipeline:
-    """Verify a package and return its task pipeline: retrieval (CLIP) or generation (causal LMs).
+             threads: int = 0, device: str = "cpu") -> RetrievalPipeline | TextGenerationPipeline | ChatPipeline:
+    """Verify a package and return its task pipeline: retrieval (CLIP), generation (causal LMs) or image chat (BLIP-2).
 
     `precision="auto"` takes the best build each component has (int8, then fp16, then fp32).
     """
@@ -25,4 +26,6 @@ def Pipeline(name_or_path: str | os.PathLike, backend: str = "ort", precision: s
         return RetrievalPipeline(runner)
     if task == "generation":
         return TextGenerationPipeline(runner)
+    if task == "chat":
+        return ChatPipeline(runner)
     raise UnsupportedError(f"task {task!r} has no pipeline in this version of mmedge")

@@ -1,0 +1,202 @@
+"""BLIP-2: a frozen image encoder, the Q-Former, a projector and a frozen decoder LM.
+
+Parameter names follow Hugging Face `Blip2ForConditionalGeneration` (`vision_model.*`,
+`qformer.*`, `query_tokens`, `language_projection.*`, `language_model.*`), so HF checkpoints load
+by name. The image encoder is either HF's BLIP-2 ViT (`vision.style = "blip2"`) or an mmedge CLIP
+vision tower (`"clip"`, used by `blip2-tiny` with the demo's trained `clip-tiny`).
+
+Exported components: `vision` (pixels -> image features), `qformer` (features -> query outputs),
+`projector` (-> LM embeddings), and the LM's `embed` + `llm` (see `models.decoder`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmedge.errors import ConfigError
+from mmedge.models import decoder
+from mmedge.models.blocks import Encoder, patchify_matmul
+from mmedge.models.clip import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransformer
+from mmedge.models.component import ComponentDecl
+from mmedge.models.configs import from_dict
+from mmedge.models.qformer import QFormer, QFormerConfig, QFormerTextEmbeddings
+from mmedge.runtime.manifest import DimRange, TensorSpec
+
+VISION_STYLES = ("blip2", "clip")
+
+
+@dataclass(frozen=True)
+class Blip2VisionConfig:
+    style: str = "blip2"
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1408
+    layers: int = 39
+    heads: int = 16
+    mlp_dim: int = 6144
+    act: str = "gelu"
+    eps: float = 1e-6
+    qkv_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.style not in VISION_STYLES:
+            raise ConfigError(f"vision style {self.style!r} is not supported; choose from {list(VISION_STYLES)}")
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass(frozen=True)
+class Blip2Config:
+    vision: Blip2VisionConfig
+    qformer: QFormerConfig
+    text: decoder.DecoderConfig
+    prompt_template: str = "Question: {} Answer:"
+    caption_prompt: str = ""
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resize: str = "exact"  # BLIP's processor resizes both sides
+
+    def __post_init__(self) -> None:
+        if self.qformer.encoder_hidden != self.vision.width:
+            raise ConfigError(f"qformer.encoder_hidden {self.qformer.encoder_hidden} != vision width {self.vision.width}")
+        if self.vision.style == "clip" and self.vision.qkv_bias is not True:
+            raise ConfigError("a clip-style vision tower always has q/k/v biases")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Blip2Config:
+        if not isinstance(d, dict):
+            raise ConfigError("blip2 config must be an object")
+        d = dict(d)
+        parts = {"vision": from_dict(Blip2VisionConfig, d.pop("vision", {}), "blip2 config 'vision'"),
+                 "qformer": QFormerConfig.from_dict(d.pop("qformer", {})),
+                 "text": decoder.DecoderConfig.from_dict(d.pop("text", {}))}
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return from_dict(cls, {**d, **parts}, "blip2 config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Blip2VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: Blip2VisionConfig):
+        super().__init__()
+        self.grid, self.image_size = cfg.image_size // cfg.patch_size, cfg.image_size
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, cfg.width) * 0.02)
+        self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Parameter(torch.randn(1, cfg.tokens, cfg.width) * 0.02)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = patchify_matmul(pixel_values, self.patch_embedding, self.grid, self.image_size)
+        cls = self.class_embedding.expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding
+
+
+class Blip2VisionModel(nn.Module):
+    """HF `Blip2VisionModel`: ViT with merged qkv; the output is every token after `post_layernorm`."""
+
+    def __init__(self, cfg: Blip2VisionConfig):
+        super().__init__()
+        self.embeddings = _Blip2VisionEmbeddings(cfg)
+        self.encoder = Encoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.eps, merged_qkv=True)
+        self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
+
+
+class Blip2(nn.Module):
+    def __init__(self, cfg: Blip2Config):
+        super().__init__()
+        self.cfg = cfg
+        v = cfg.vision
+        if v.style == "blip2":
+            self.vision_model: nn.Module = Blip2VisionModel(v)
+        else:
+            self.vision_model = VisionTransformer(
+                VisionConfig(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
+                             heads=v.heads, mlp_dim=v.mlp_dim, act=v.act), v.eps)
+        self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, cfg.qformer.hidden) * 0.02)
+        self.qformer = QFormer(cfg.qformer)
+        if cfg.qformer.text:
+            self.qformer_text = QFormerTextEmbeddings(cfg.qformer)
+        self.language_projection = nn.Linear(cfg.qformer.hidden, cfg.text.embed_dim)
+        self.language_model = decoder.DecoderLM(cfg.text)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_model.hidden_states(pixel_values)
+
+    def query_outputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.qformer(self.query_tokens.expand(image_embeds.shape[0], -1, -1), image_embeds)
+
+    def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """LM input embeddings of an image, (B, Q, E)."""
+        return self.language_projection(self.query_outputs(self.image_features(pixel_values)))
+
+
+class _Vision(nn.Module):
+    def __init__(self, model: Blip2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.image_features(pixel_values)
+
+
+class _QFormer(nn.Module):
+    def __init__(self, model: Blip2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.model.query_outputs(image_embeds)
+
+
+class _Projector(nn.Module):
+    def __init__(self, model: Blip2):
+        super().__init__()
+        self.proj = model.language_projection
+
+    def forward(self, query_output: torch.Tensor) -> torch.Tensor:
+        return self.proj(query_output)
+
+
+def _lm_part(build):  # noqa: ANN001, ANN202 - adapt a decoder component's builder to the BLIP-2 model
+    return lambda model: build(model.language_model)
+
+
+def components(cfg: Blip2Config) -> tuple[ComponentDecl, ...]:
+    """vision, qformer, projector, then the LM's embed and llm."""
+    v, q, s = cfg.vision, cfg.qformer, cfg.vision.image_size
+    batch = DimRange(1, 1, 16)
+    image = TensorSpec("image_embeds", "float32", ("batch", v.tokens, v.width))
+    query = TensorSpec("query_output", "float32", ("batch", q.num_query_tokens, q.hidden))
+    lm = tuple(
+        ComponentDecl(d.name, d.inputs, d.outputs, d.dims, _lm_part(d.build), d.calibration_data, d.parity_atol, d.int_ranges)
+        for d in decoder.components(cfg.text)
+    )
+    return (
+        ComponentDecl("vision", (TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),), (image,),
+                      {"batch": batch}, _Vision, calibration_data="images"),
+        ComponentDecl("qformer", (image,), (query,), {"batch": batch}, _QFormer, calibration_data="images:vision"),
+        ComponentDecl("projector", (query,), (TensorSpec("image_prefix", "float32", ("batch", q.num_query_tokens, cfg.text.embed_dim)),),
+                      {"batch": batch}, _Projector, calibration_data="images:qformer"),
+        *lm,
+    )
+
+
+def generation_section(cfg: Blip2Config) -> dict[str, Any]:
+    return {**decoder.generation_section(cfg.text, cfg.prompt_template), "caption_prompt": cfg.caption_prompt,
+            "num_query_tokens": cfg.qformer.num_query_tokens}
+
+
+def preprocess_section(cfg: Blip2Config) -> dict[str, Any]:
+    return {"image_size": cfg.vision.image_size, "mean": list(cfg.mean), "std": list(cfg.std), "resize": cfg.resize,
+            "crop": "center", "rescale": 1 / 255}
