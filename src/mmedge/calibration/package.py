@@ -42,6 +42,15 @@ def _feeds(pkg: Package, kind: str, items: list) -> list[dict[str, np.ndarray]]:
         for i in range(0, len(items), FEED_BATCH):
             ids, mask = tok.encode_batch([it.text for it in items[i : i + FEED_BATCH]])
             feeds.append({"input_ids": ids, "attention_mask": mask})
+    elif kind.startswith("images:"):  # the outputs of an upstream component, itself fed from images
+        from mmedge.calibration.accuracy import ort_session
+
+        upstream = kind.split(":", 1)[1]
+        entry = pkg.manifest.component(upstream)
+        session = ort_session(pkg.path(entry.precisions["fp32"].file))
+        names = [o.name for o in session.get_outputs()]
+        for feed in _feeds(pkg, entry.calibration_data, items):
+            feeds.append(dict(zip(names, session.run(names, feed))))
     else:
         raise InvalidInputError(f"unknown calibration data kind {kind!r}")
     return feeds

@@ -88,9 +88,72 @@ def cmd_inspect(a: argparse.Namespace) -> object:
 
 
 def cmd_eval(a: argparse.Namespace) -> object:
-    from mmedge.sdk.evaluate import evaluate
+    from mmedge.sdk.evaluate import evaluate, evaluate_chat
 
-    return evaluate(_pipeline(a), a.data, limit=a.limit)
+    p = _pipeline(a)
+    if p.runner.manifest.task == "chat":
+        return evaluate_chat(p, a.data if a.data != "shapes:500" else "shapes:100", questions=a.questions,
+                             captions=a.captions, progress=None if a.json else print)
+    return evaluate(p, a.data, limit=a.limit)
+
+
+def _gen_kwargs(a: argparse.Namespace) -> dict[str, object]:
+    kw: dict[str, object] = {"max_new_tokens": a.max_new_tokens, "min_new_tokens": a.min_new_tokens,
+                             "do_sample": a.do_sample, "temperature": a.temperature, "top_k": a.top_k,
+                             "top_p": a.top_p, "repetition_penalty": a.repetition_penalty, "seed": a.seed}
+    if a.stop:
+        kw["stop_strings"] = tuple(a.stop)
+    return kw
+
+
+def _stream(pieces) -> str:  # noqa: ANN001
+    out = []
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        out.append(piece)
+    print()
+    return "".join(out)
+
+
+def cmd_caption(a: argparse.Namespace) -> object:
+    p = _pipeline(a)
+    return {"image": a.image, "caption": p.caption(a.image, **_gen_kwargs(a))}
+
+
+def cmd_chat(a: argparse.Namespace) -> object:
+    p = _pipeline(a)
+    gen = _gen_kwargs(a)
+    if a.question:
+        if a.json:
+            return {"image": a.image, "question": a.question, "answer": p.chat(a.image, a.question, **gen)}
+        _stream(p.chat(a.image, a.question, stream=True, **gen))
+        return None
+    history: list[tuple[str, str]] = []
+    p.image_prefix(a.image)  # a bad image fails here, once, before the prompt
+    print(f"chatting about {a.image}; an empty line or Ctrl-D ends")
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        print("model> ", end="", flush=True)
+        try:
+            answer = _stream(p.chat(a.image, question, history=history, stream=True, **gen))
+        except MmedgeError as exc:  # e.g. the conversation outgrew the context: say so and go on
+            print(f"\nerror: {exc}")
+            continue
+        history.append((question, answer))
+    return None
+
+
+def cmd_generate(a: argparse.Namespace) -> object:
+    p = _pipeline(a)
+    if a.json:
+        return {"prompt": a.prompt, "text": p.generate(a.prompt, **_gen_kwargs(a))}
+    _stream(p.generate(a.prompt, stream=True, **_gen_kwargs(a)))
+    return None
 
 
 def cmd_bench(a: argparse.Namespace) -> object:
@@ -163,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     def runtime_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("package", help="package directory or name in the model store ($MMEDGE_HOME)")
         sp.add_argument("--backend", default="ort", choices=["ort", "tensorrt"])
-        sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"],
-                        help="auto = best build available (int8 > fp16 > fp32)")
+        sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8", "int4"],
+                        help="auto = best build of each component (int4 > int8 > fp16 > fp32)")
         sp.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = backend default)")
 
     sp = add("train", cmd_train, "train a preset on synthetic scenes and write an mmedge checkpoint")
@@ -208,17 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("build", cmd_build, "build backend-specific graphs: ORT-optimized ONNX or TensorRT engines")
     sp.add_argument("package")
     sp.add_argument("--backend", default="ort", choices=["ort", "tensorrt"])
-    sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"])
+    sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8", "int4"])
 
     sp = add("verify", cmd_verify, "verify a package: schema, sizes, sha256, paths, ONNX external data")
     sp.add_argument("package")
     sp = add("inspect", cmd_inspect, "show a package's manifest")
     sp.add_argument("package")
 
-    sp = add("eval", cmd_eval, "task metrics on held-out data (retrieval: recall@1/@5 both ways)")
+    sp = add("eval", cmd_eval, "task metrics on held-out data (retrieval: recall@1/@5 both ways; "
+             "chat: VQA accuracy and caption exact-match)")
     runtime_opts(sp)
-    sp.add_argument("--data", default="shapes:500", help=DATA_HELP)
+    sp.add_argument("--data", default="shapes:500", help=DATA_HELP + " (chat packages: shapes:N, default shapes:100)")
     sp.add_argument("--limit", type=int, default=None)
+    sp.add_argument("--questions", type=int, default=300, help="chat: colour/shape/count questions asked")
+    sp.add_argument("--captions", type=int, default=100, help="chat: scenes captioned")
 
     sp = add("bench", cmd_bench, "per-component latency (p50/p90) and throughput; --vs torch compares to PyTorch")
     runtime_opts(sp)
@@ -245,6 +311,34 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_opts(sp)
     sp.add_argument("image")
     sp.add_argument("--labels", required=True, help="comma-separated labels")
+
+    def gen_opts(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("generation (names as in Hugging Face generate)")
+        g.add_argument("--max-new-tokens", type=int, default=32)
+        g.add_argument("--min-new-tokens", type=int, default=0)
+        g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+        g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+        g.add_argument("--top-k", type=int, default=50)
+        g.add_argument("--top-p", type=float, default=1.0)
+        g.add_argument("--repetition-penalty", type=float, default=1.0)
+        g.add_argument("--seed", type=int, default=None)
+        g.add_argument("--stop", nargs="*", default=None, help="stop strings")
+
+    sp = add("caption", cmd_caption, "caption an image with a chat package (e.g. BLIP-2)")
+    runtime_opts(sp)
+    sp.add_argument("image", help="image file")
+    gen_opts(sp)
+
+    sp = add("chat", cmd_chat, "ask about an image; without a question, an interactive multi-turn chat")
+    runtime_opts(sp)
+    sp.add_argument("image", help="image file")
+    sp.add_argument("question", nargs="?", default=None)
+    gen_opts(sp)
+
+    sp = add("generate", cmd_generate, "continue a text prompt with a causal-LM package (streamed)")
+    runtime_opts(sp)
+    sp.add_argument("prompt")
+    gen_opts(sp)
 
     sp = add("demo", cmd_demo, "train clip-tiny, export, calibrate, evaluate and benchmark; print a table")
     sp.add_argument("--steps", type=int, default=None, help="training steps (default: preset's demo setting)")

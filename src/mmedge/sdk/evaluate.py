@@ -36,3 +36,55 @@ def evaluate_items(pipeline: RetrievalPipeline, items: list) -> dict[str, Any]: 
     metrics = retrieval_metrics(img, txt, [it.key for it in items])
     precisions = {c: runner.precision_of(c) for c in runner.manifest.components}
     return {"task": "retrieval", "precisions": precisions, **metrics}
+
+
+VQA_KINDS = ("colour", "shape", "count")
+
+
+def _normalise(answer: str) -> str:
+    return " ".join(answer.lower().replace(".", " ").replace(",", " ").split())
+
+
+def evaluate_chat(pipeline: Any, data: str = "shapes:100", questions: int = 300, captions: int = 100,
+                  progress: Any = None) -> dict[str, Any]:  # noqa: ANN401 - ChatPipeline (torch-free)
+    """VQA accuracy (colour, shape, count questions) and caption exact-match on synthetic scenes.
+
+    A caption is an exact match when the objects it names (size, colour, shape, position) are
+    exactly the scene's; an answer is correct when it equals the expected word after lowercasing
+    and dropping punctuation. Greedy decoding.
+    """
+    from mmedge.data import HELD_OUT_SEED, TRAIN_SEED, generate_scenes, parse_caption, scene_key
+
+    if not isinstance(data, str) or not data.startswith(("shapes:", "train-shapes:")):
+        raise InvalidInputError(f"chat eval needs synthetic scenes with questions (shapes:N), got {data!r}")
+    try:
+        n = int(data.split(":", 1)[1])
+    except ValueError:
+        raise InvalidInputError(f"bad data spec {data!r}; expected shapes:N") from None
+    if n < 1 or questions < 0 or captions < 0:
+        raise InvalidInputError("scene, question and caption counts must be positive")
+    scenes = generate_scenes(n, TRAIN_SEED if data.startswith("train-") else HELD_OUT_SEED)
+    asked = [(s, qa) for s in scenes for qa in s.qa if qa.kind in VQA_KINDS][:questions]
+    per_kind: dict[str, list[int]] = {k: [] for k in VQA_KINDS}
+    examples = []
+    for i, (scene, qa) in enumerate(asked):
+        got = pipeline.chat(scene.image, qa.question, max_new_tokens=4)
+        per_kind[qa.kind].append(int(_normalise(got) == qa.answer))
+        if len(examples) < 6:
+            examples.append({"question": qa.question, "answer": got.strip(), "expected": qa.answer})
+        if progress and (i + 1) % 50 == 0:
+            progress(f"  {i + 1}/{len(asked)} questions")
+    caps = []
+    for scene in scenes[:captions]:
+        text = pipeline.caption(scene.image, max_new_tokens=40)
+        caps.append((text, int(scene_key(parse_caption(text)) == scene.key), scene.caption))
+    total = [x for v in per_kind.values() for x in v]
+    runner = pipeline.runner
+    return {
+        "task": "chat", "data": data, "questions": len(total),
+        "vqa_accuracy": round(float(np.mean(total)), 4) if total else None,
+        "vqa_by_kind": {k: round(float(np.mean(v)), 4) for k, v in per_kind.items() if v},
+        "captions": len(caps), "caption_exact_match": round(float(np.mean([c[1] for c in caps])), 4) if caps else None,
+        "examples": examples, "caption_examples": [{"caption": c[0], "truth": c[2]} for c in caps[:4]],
+        "precisions": {c: runner.precision_of(c) for c in runner.manifest.components},
+    }
