@@ -47,7 +47,10 @@ class VectorIndex:
         return bool(self._index.contains(int(id_)))
 
     def _ids(self, ids: object, n: int) -> np.ndarray:
-        arr = np.asarray(ids)
+        try:
+            arr = np.asarray(ids)
+        except (ValueError, TypeError):  # ragged or otherwise not array-like
+            raise InvalidInputError(f"ids must be {n} non-negative integers, got a ragged {type(ids).__name__}") from None
         if arr.ndim != 1 or arr.shape[0] != n or not np.issubdtype(arr.dtype, np.integer) or (arr < 0).any():
             raise InvalidInputError(f"ids must be {n} non-negative integers, got {arr.dtype} shape {arr.shape}")
         if len(np.unique(arr)) != n:
@@ -92,8 +95,8 @@ class VectorIndex:
 
     def search(self, query: np.ndarray, k: int = 5) -> list[list[Hit]]:
         """Top-k hits per query row, best first."""
-        if k <= 0:
-            raise InvalidInputError(f"k must be positive, got {k}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise InvalidInputError(f"k must be a positive int, got {k!r}")
         q = self._vectors(query)
         with self._lock:
             if len(self._index) == 0:

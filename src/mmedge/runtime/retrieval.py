@@ -35,6 +35,14 @@ def _as_list(items: object, what: str) -> list:
     return items
 
 
+def _label_list(labels: object) -> list | None:
+    if labels is None:
+        return None
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
+        raise InvalidInputError(f"labels must be a sequence with one label per item, got {type(labels).__name__}")
+    return list(labels)
+
+
 @dataclass(frozen=True)
 class Label:
     label: str
@@ -96,12 +104,12 @@ class RetrievalPipeline:
             while start in idx:
                 start += 1
             ids = list(range(start, start + len(emb)))
-        idx.add(np.asarray(ids), emb, labels=list(labels) if labels is not None else None)
+        idx.add(ids, emb, labels=_label_list(labels))
         return [int(i) for i in ids]
 
     def add_texts(self, texts: object, ids: Sequence[int], labels: Sequence[str] | None = None) -> list[int]:
         """Embed texts and add them to the index under the given ids."""
-        self.index.add(np.asarray(ids), self.embed_texts(texts), labels=list(labels) if labels is not None else None)
+        self.index.add(ids, self.embed_texts(texts), labels=_label_list(labels))
         return [int(i) for i in ids]
 
     def search(self, query: object, k: int = 5, channel_order: str = "RGB") -> list[Hit]:
