@@ -31,7 +31,11 @@ def save_checkpoint(out_dir: str | os.PathLike, family: str, config: dict[str, A
 
     out = Path(out_dir)
     with staged_dir(out) as tmp:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        tensors, seen = {}, set()
+        for k, v in model.state_dict().items():  # tied weights (an LM head) are saved as copies
+            t = v.detach().contiguous().cpu()
+            tensors[k] = t.clone() if t.data_ptr() in seen else t
+            seen.add(t.data_ptr())
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "family": family})
         meta = {"format": FORMAT, "family": family, "config": config, **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))

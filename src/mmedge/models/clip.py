@@ -98,12 +98,13 @@ class VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=eps)
 
     def hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Every token's features after the last layer, (B, P+1, C): what BLIP-2's Q-Former reads."""
-        return self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
+        """Every token's features after the last layer and `post_layernorm`, (B, P+1, C): what
+        BLIP-2's Q-Former reads (as HF's Blip2VisionModel's last_hidden_state)."""
+        return self.post_layernorm(self.encoder(self.pre_layrnorm(self.embeddings(pixel_values))))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled (class token) features, (B, C)."""
-        return self.post_layernorm(self.hidden_states(pixel_values)[:, 0])
+        return self.hidden_states(pixel_values)[:, 0]
 
 
 class TextEmbeddings(nn.Module):

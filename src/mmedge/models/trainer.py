@@ -37,8 +37,9 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, obj
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen parts stay as they are
+    decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
@@ -71,7 +72,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, obj
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
         bar.update(1)

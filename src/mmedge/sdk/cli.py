@@ -208,7 +208,7 @@ def cmd_classify(a: argparse.Namespace) -> object:
 def cmd_demo(a: argparse.Namespace) -> object:
     from mmedge.sdk.demo import run_demo
 
-    return run_demo(steps=a.steps, eval_n=a.eval_n, threads=a.threads, json_out=a.json)
+    return run_demo(steps=a.steps, eval_n=a.eval_n, threads=a.threads, json_out=a.json, blip2=not a.clip_only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("prompt")
     gen_opts(sp)
 
-    sp = add("demo", cmd_demo, "train clip-tiny, export, calibrate, evaluate and benchmark; print a table")
+    sp = add("demo", cmd_demo, "the whole path: clip-tiny retrieval and blip2-tiny VQA/captions — train, export, "
+             "quantize, build, evaluate, benchmark; prints tables (under 10 minutes on 2 cores)")
+    sp.add_argument("--clip-only", action="store_true", help="stop after the clip-tiny part (about 5 minutes)")
     sp.add_argument("--steps", type=int, default=None, help="training steps (default: preset's demo setting)")
     sp.add_argument("--eval-n", type=int, default=500)
     sp.add_argument("--threads", type=int, default=2)

@@ -53,7 +53,8 @@ def evaluate_chat(pipeline: Any, data: str = "shapes:100", questions: int = 300,
     exactly the scene's; an answer is correct when it equals the expected word after lowercasing
     and dropping punctuation. Greedy decoding.
     """
-    from mmedge.data import HELD_OUT_SEED, TRAIN_SEED, generate_scenes, parse_caption, scene_key
+    from mmedge.data import HELD_OUT_SEED, TRAIN_SEED, generate_scenes, parse_caption
+    from mmedge.data.scenes import scene_key
 
     if not isinstance(data, str) or not data.startswith(("shapes:", "train-shapes:")):
         raise InvalidInputError(f"chat eval needs synthetic scenes with questions (shapes:N), got {data!r}")

@@ -1,0 +1,278 @@
+"""Train `blip2-tiny` on synthetic scenes, in BLIP-2's two stages, on a frozen mmedge CLIP vision tower.
+
+0. The LM (OPT-style decoder) learns the synthetic captions and "Question: q Answer: a" texts,
+   each after a caption of the same scene placed before BOS, then is frozen. (Stage 2 puts the
+   image prefix in that slot, so a tiny LM has learned to read a scene description there.)
+1. Stage 1 (Q-Former, frozen image encoder), three losses as in the BLIP-2 paper, each with its
+   own attention mask over [queries | text]:
+   - ITC: queries and text attend only to themselves; the best-matching query's similarity to
+     the text's first token, contrasted over the batch.
+   - ITM: all attend to all; a linear head on the query outputs tells matched pairs from hard
+     negatives mined from the ITC similarities.
+   - ITG: queries attend to queries; text attends to all queries and earlier text; the text is
+     generated (next-token loss through a head tied to the Q-Former's word embeddings).
+2. Stage 2: the query outputs, projected, are the LM's input prefix; the Q-Former and projector
+   learn with the frozen LM's loss on captions (no prompt) and answers (after the template).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmedge.data.scenes import TRAIN_SEED
+from mmedge.models.blip2 import Blip2, Blip2Config
+from mmedge.models.blocks import MASK_VALUE
+from mmedge.models.checkpoint import save_checkpoint
+from mmedge.models.families import load_preset
+from mmedge.models.tokenizer_train import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+from mmedge.models.trainer import TrainConfig, train
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Blip2TrainSettings:
+    clip_checkpoint: str  # a trained clip-tiny: its vision tower becomes the frozen image encoder
+    preset: str = "blip2-tiny"
+    batch_size: int = 64
+    lm_steps: int = 600
+    stage1_steps: int = 300
+    stage2_steps: int = 1500
+    lm_budget_s: float | None = None
+    stage1_budget_s: float | None = None
+    stage2_budget_s: float | None = None
+    lr: float = 1e-3
+    stage2_lr: float = 2e-3
+    caption_fraction: float = 0.2  # stage 2: the rest are questions
+    pool: int = 8192  # scenes rendered and encoded once for stages 1 and 2
+    seed: int = 0
+    threads: int = 0
+
+
+QUESTIONS_PER_SAMPLE = 3  # answers supervised per image: more signal per (costly) image
+
+
+def _segments(objs: tuple, rng: np.random.Generator, question: bool) -> list[tuple[str, str]]:
+    """A caption sample [("", caption)] or a question sample [("Question: q Answer:", " a"), ...]."""
+    from mmedge.data import caption_for, questions_for
+
+    if not question:
+        return [("", caption_for(objs, rng))]
+    qa = questions_for(objs)
+    picks = rng.choice(len(qa), size=min(QUESTIONS_PER_SAMPLE, len(qa)), replace=False)
+    return [(f"Question: {qa[i].question} Answer:", " " + qa[i].answer) for i in picks]
+
+
+def _texts(rng: np.random.Generator, n: int) -> Iterator[tuple[tuple, list[tuple[str, str]]]]:
+    """(objects, segments) for n fresh scenes: a caption sample, then a question sample, per scene."""
+    from mmedge.data import sample_objects
+
+    for _ in range(n):
+        objs = sample_objects(rng)
+        yield objs, _segments(objs, rng, question=False)
+        yield objs, _segments(objs, rng, question=True)
+
+
+def _encode(tok, samples: list[list[tuple[str, str]]], context: int,  # noqa: ANN001
+            scene_texts: list[str] | None = None) -> tuple[torch.Tensor, ...]:
+    """ids (B, L), attention mask, labels (each target and its EOS only); right-padded.
+
+    Rows are `[scene text] BOS (prompt target EOS)+`. The LM learns with a caption as the scene
+    text; in stage 2 the image prefix takes its place, before BOS, as in HF's BLIP-2 inputs.
+    """
+    rows, labels = [], []
+    for i, segments in enumerate(samples):
+        scene = tok.encode(scene_texts[i], add_special_tokens=False).ids if scene_texts else []
+        ids, lab = scene + [BOS_ID], [IGNORE] * (len(scene) + 1)
+        for prompt, target in segments:
+            head = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
+            tail = tok.encode(target if prompt else target.strip(), add_special_tokens=False).ids + [EOS_ID]
+            ids += head + tail
+            lab += [IGNORE] * len(head) + tail
+        rows.append(ids[:context])
+        labels.append(lab[:context])
+    width = max(map(len, rows))
+    ids_t = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    lab_t = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels)):
+        ids_t[i, : len(r)] = torch.tensor(r)
+        lab_t[i, : len(lb)] = torch.tensor(lb)
+    return ids_t, (ids_t != PAD_ID).long(), lab_t
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: position i predicts label i+1."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+class _Stage1Heads(nn.Module):
+    """BLIP-2 stage-1 heads around the model: projections for ITC, ITM classifier, learned temperature."""
+
+    def __init__(self, model: Blip2, dim: int = 64):
+        super().__init__()
+        h = model.cfg.qformer.hidden
+        self.model = model
+        self.vision_proj, self.text_proj = nn.Linear(h, dim), nn.Linear(h, dim)
+        self.itm_head = nn.Linear(h, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+
+
+def _masks(queries: int, text_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Additive attention biases (B, 1, Q+T, Q+T) for ITC, ITM and ITG."""
+    b, t = text_mask.shape
+    n = queries + t
+    allowed_keys = torch.cat([torch.ones(b, queries, dtype=torch.bool), text_mask.bool()], 1)[:, None, :]  # (B,1,N)
+    is_q = torch.arange(n) < queries
+    uni = (is_q[:, None] == is_q[None, :])[None]  # queries <-> queries, text <-> text
+    causal_text = torch.ones(n, n, dtype=torch.bool).tril() | is_q[None, :]  # text sees all queries, earlier text
+    gen = torch.where(is_q[:, None], is_q[None, :], causal_text)[None]
+
+    def bias(allowed: torch.Tensor) -> torch.Tensor:
+        return torch.where(allowed & allowed_keys, 0.0, MASK_VALUE)[:, None]
+
+    return {"itc": bias(uni.expand(b, -1, -1)), "itm": bias(allowed_keys.expand(b, n, n)), "itg": bias(gen.expand(b, -1, -1))}
+
+
+def _stage1_loss(heads: _Stage1Heads, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    feats, ids, mask = batch
+    m = heads.model
+    qf = m.qformer
+    b, q = feats.shape[0], m.cfg.qformer.num_query_tokens
+    queries = m.query_tokens.expand(b, -1, -1)
+    text = m.qformer_text(ids)
+    masks = _masks(q, mask)
+    # ITC
+    out = qf(queries, feats, text, masks["itc"])
+    zi = F.normalize(heads.vision_proj(out[:, :q]), dim=-1)  # (B, Q, D)
+    zt = F.normalize(heads.text_proj(out[:, q]), dim=-1)  # (B, D), first text token
+    temp = heads.temp.clamp(0.01, 0.5)
+    sim = torch.einsum("iqd,jd->ijq", zi, zt).max(-1).values / temp  # (B images, B texts)
+    labels = torch.arange(b)
+    itc = (F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels)) / 2
+    # ITM with hard negatives drawn in proportion to ITC similarity
+    with torch.no_grad():
+        weights = F.softmax(sim.float(), dim=1).fill_diagonal_(0) + 1e-6
+        neg_text = torch.multinomial(weights, 1).squeeze(1)
+        neg_img = torch.multinomial(F.softmax(sim.t().float(), dim=1).fill_diagonal_(0) + 1e-6, 1).squeeze(1)
+    f3 = torch.cat([feats, feats, feats[neg_img]])
+    t3, m3 = torch.cat([text, text[neg_text], text]), torch.cat([mask, mask[neg_text], mask])
+    out = qf(m.query_tokens.expand(3 * b, -1, -1), f3, t3, _masks(q, m3)["itm"])
+    itm_logits = heads.itm_head(out[:, :q]).mean(1)
+    itm = F.cross_entropy(itm_logits, torch.cat([torch.ones(b), torch.zeros(2 * b)]).long())
+    # ITG
+    out = qf(queries, feats, text, masks["itg"])
+    logits = out[:, q:] @ m.qformer_text.word_embeddings.weight.t()
+    itg = _lm_loss(logits, ids.masked_fill(mask == 0, IGNORE))
+    return itc + itm + itg
+
+
+def _stage2_loss(model: Blip2, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    feats, ids, mask, labels = batch
+    prefix = model.language_projection(model.query_outputs(feats))  # (B, Q, E)
+    lm = model.language_model
+    embeds = torch.cat([prefix, lm.embed_tokens(ids)], 1)
+    full_mask = torch.cat([torch.ones(prefix.shape[:2], dtype=mask.dtype), mask], 1)
+    positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+    logits = lm.step(embeds, full_mask, positions)[0]
+    full_labels = torch.cat([torch.full(prefix.shape[:2], IGNORE, dtype=labels.dtype), labels], 1)
+    return _lm_loss(logits, full_labels)
+
+
+def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | None = None) -> Path:
+    """Train blip2-tiny (LM, stage 1, stage 2) on the frozen vision tower of `settings.clip_checkpoint`."""
+    from mmedge.data import render
+    from mmedge.models.sources import load_source
+    from mmedge.runtime.images import PreprocessConfig, preprocess
+
+    t0 = time.perf_counter()
+    clip = load_source(settings.clip_checkpoint, family="clip")
+    family, raw = load_preset(settings.preset)
+    rng = np.random.default_rng(np.random.SeedSequence(entropy=TRAIN_SEED, spawn_key=(settings.seed, 2)))
+    corpus = [p + t for _, segments in _texts(rng, 3000) for p, t in segments]
+    tok = train_tokenizer(corpus, vocab_size=320, generation=True)
+    v = clip.config.vision
+    raw = {**raw,
+           "vision": {**raw["vision"], "image_size": v.image_size, "patch_size": v.patch_size, "width": v.width,
+                      "layers": v.layers, "heads": v.heads, "mlp_dim": v.mlp_dim, "act": v.act,
+                      "eps": clip.config.layer_norm_eps},
+           "qformer": {**raw["qformer"], "vocab_size": tok.get_vocab_size(), "encoder_hidden": v.width},
+           "text": {**raw["text"], "vocab_size": tok.get_vocab_size()}}
+    cfg: Blip2Config = family.parse_config(raw)
+    torch.manual_seed(settings.seed)
+    model = Blip2(cfg)
+    model.vision_model.load_state_dict(clip.model.vision_model.state_dict())
+    model.vision_model.requires_grad_(False)
+    pre = PreprocessConfig.from_dict(family.preprocess(cfg))
+    context = cfg.text.max_context - cfg.qformer.num_query_tokens
+    b = settings.batch_size
+    info: dict[str, object] = {}
+
+    def stage(name: str, module: nn.Module, batches: Iterator, loss_fn, steps: int, budget: float | None,  # noqa: ANN001
+              lr: float = settings.lr) -> None:
+        tc = TrainConfig(steps=steps, lr=lr, warmup=min(50, steps // 10), seed=settings.seed,
+                         threads=settings.threads, time_budget_s=budget)
+        losses = train(module, batches, loss_fn, tc, progress=progress, desc=f"{settings.preset} {name}")
+        info[name] = {"steps": len(losses), "final_loss": round(float(np.mean(losses[-20:])), 4)}
+        log.info("%s: %d steps, final loss %.3f", name, len(losses), info[name]["final_loss"])
+
+    # 0. the language model alone, then frozen. Its texts are a scene's caption, then a (freshly
+    # phrased) caption or a question and answer: it learns to read a description placed before
+    # BOS, the slot where stage 2 puts the image prefix.
+    from mmedge.data import caption_for
+
+    def lm_batches() -> Iterator[tuple[torch.Tensor, ...]]:
+        while True:
+            pairs = [x for _, x in zip(range(b), _texts(rng, b))]
+            scenes = [caption_for(o, rng) for o, _ in pairs]
+            yield _encode(tok, [seg for _, seg in pairs], 2 * context, scenes)
+
+    stage("lm", model.language_model, lm_batches(),
+          lambda lm, batch: _lm_loss(lm(batch[0], batch[1]), batch[2]), settings.lm_steps, settings.lm_budget_s)
+    model.language_model.requires_grad_(False)
+
+    # The image encoder is frozen: render and encode a pool of scenes once; batches draw scenes
+    # from it with freshly phrased captions and freshly drawn questions.
+    from mmedge.data import sample_objects
+
+    pool = [sample_objects(rng) for _ in range(settings.pool)]
+    with torch.no_grad():
+        feats = torch.cat([model.image_features(torch.from_numpy(preprocess(
+            [render(o, v.image_size, rng) for o in pool[i : i + 256]], pre))) for i in range(0, len(pool), 256)])
+    info["pool"] = {"scenes": len(pool), "seconds": round(time.perf_counter() - t0, 1)}
+
+    # 1. Q-Former on the frozen image encoder: ITC + ITM + ITG on captions
+    def s1_batches() -> Iterator[tuple[torch.Tensor, ...]]:
+        while True:
+            idx = rng.integers(len(pool), size=b)
+            ids, mask, _ = _encode(tok, [[("", caption_for(pool[i], rng))] for i in idx], cfg.qformer.max_text_positions)
+            yield feats[idx], ids, mask
+
+    heads = _Stage1Heads(model)
+    stage("stage1", heads, s1_batches(), _stage1_loss, settings.stage1_steps, settings.stage1_budget_s)
+
+    # 2. prefix for the frozen LM: captions and answers
+    def s2_batches() -> Iterator[tuple[torch.Tensor, ...]]:
+        while True:
+            idx = rng.integers(len(pool), size=b)
+            questions = rng.random(b) >= settings.caption_fraction
+            ids, mask, labels = _encode(tok, [_segments(pool[i], rng, q) for i, q in zip(idx, questions)], context)
+            yield feats[idx], ids, mask, labels
+
+    model.qformer_text.requires_grad_(False)  # stage 2 reads queries only
+    stage("stage2", model, s2_batches(), _stage2_loss, settings.stage2_steps, settings.stage2_budget_s, settings.stage2_lr)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    info["clip_checkpoint"] = str(settings.clip_checkpoint)
+    return save_checkpoint(out, family.name, cfg.to_dict(), model.eval(), tok.to_str(), extra={"train": info})
+
+
+__all__ = ["Blip2TrainSettings", "train_blip2"]
