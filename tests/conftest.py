@@ -1,4 +1,4 @@
-"""Shared fixtures: a random-weight clip-tiny checkpoint and its exported package (session-wide)."""
+"""Shared fixtures: random-weight clip-tiny and blip2-tiny checkpoints and packages (session-wide)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,22 @@ def tiny_pkg_session(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) 
     out = tmp_path_factory.mktemp("pkg") / "clip-tiny"
     export_model(tiny_ckpt, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_pkg_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight blip2-tiny package (int8 encoders, int4 LLM, ORT build): read-only."""
+    from mmedge.calibration.build import build_package
+    from mmedge.calibration.package import calibrate_package
+    from mmedge.export.exporter import export_model
+    from mmedge.models.init import init_checkpoint
+
+    root = tmp_path_factory.mktemp("chat")
+    ckpt = init_checkpoint("blip2-tiny", root / "ckpt", seed=0)
+    export_model(ckpt, root / "blip2-tiny")
+    calibrate_package(root / "blip2-tiny", "train-shapes:24", samples=16)
+    build_package(root / "blip2-tiny", backend="ort")
+    return root / "blip2-tiny"
 
 
 @pytest.fixture()

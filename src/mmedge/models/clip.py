@@ -97,14 +97,17 @@ class VisionTransformer(nn.Module):
         self.encoder = Encoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, eps)
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=eps)
 
+    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
+
     def hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Every token's features after the last layer and `post_layernorm`, (B, P+1, C): what
         BLIP-2's Q-Former reads (as HF's Blip2VisionModel's last_hidden_state)."""
-        return self.post_layernorm(self.encoder(self.pre_layrnorm(self.embeddings(pixel_values))))
+        return self.post_layernorm(self._encode(pixel_values))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pooled (class token) features, (B, C)."""
-        return self.hidden_states(pixel_values)[:, 0]
+        """Pooled (class token) features, (B, C); the norm runs on that token only."""
+        return self.post_layernorm(self._encode(pixel_values)[:, 0])
 
 
 class TextEmbeddings(nn.Module):

@@ -19,9 +19,15 @@ def init_checkpoint(preset: str, out: str | Path, seed: int = 0) -> Path:
 
     family, raw = load_preset(preset)
     rng = np.random.default_rng(seed)
-    tok = train_tokenizer([caption_for(s.objects, rng) for s in generate_scenes(500, TRAIN_SEED)])
-    if raw["text"]["vocab_size"] == 0:  # presets sized by their tokenizer
-        raw = {**raw, "text": {**raw["text"], "vocab_size": tok.get_vocab_size()}}
+    scenes = generate_scenes(500, TRAIN_SEED)
+    generative = family.task == "chat"
+    texts = [caption_for(s.objects, rng) for s in scenes]
+    if generative:  # an LM tokenizer that also knows the question/answer texts
+        texts += [f"Question: {qa.question} Answer: {qa.answer}" for s in scenes for qa in s.qa]
+    tok = train_tokenizer(texts, vocab_size=320 if generative else 256, generation=generative)
+    for part in ("text", "qformer"):  # presets sized by their tokenizer
+        if part in raw and raw[part].get("vocab_size") == 0:
+            raw = {**raw, part: {**raw[part], "vocab_size": tok.get_vocab_size()}}
     cfg = family.parse_config(raw)
     torch.manual_seed(seed)
     model = family.build(cfg).eval()
