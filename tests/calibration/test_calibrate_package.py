@@ -82,6 +82,20 @@ def test_build_ort_is_used_and_verified(calibrated: tuple[Path, dict], tmp_path:
     assert float((built * plain).sum(1).min()) > 0.99
 
 
+def test_building_some_precisions_keeps_the_others(calibrated: tuple[Path, dict], tmp_path: Path) -> None:
+    import shutil
+
+    from mmedge.calibration.build import build_package
+    from mmedge.runtime.backends.ort import ort_target
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(calibrated[0], pkg)
+    build_package(pkg, backend="ort", precision="int8")
+    build_package(pkg, backend="ort", precision="fp32")
+    files = verify_package(pkg).manifest.engines[ort_target()].files
+    assert set(files) == {"vision.int8", "text.int8", "vision.fp32", "text.fp32"}
+
+
 def test_attention_fusion_is_exact(calibrated: tuple[Path, dict], tmp_path: Path) -> None:
     from mmedge.calibration.accuracy import ort_session
     from mmedge.calibration.ort_build import optimize_for_ort

@@ -109,9 +109,9 @@ def test_multi_turn_reuses_the_cache_and_matches_recomputing(blip2, monkeypatch:
     calls = {"vision": 0, "llm_tokens": 0}
     forward = pipe.lm.forward
 
-    def counting_forward(embeds, cache, out=None):  # noqa: ANN001, ANN202
+    def counting_forward(embeds, cache, out=None, logits_to_keep=None):  # noqa: ANN001, ANN202
         calls["llm_tokens"] += embeds.shape[1]
-        return forward(embeds, cache, out)
+        return forward(embeds, cache, out, logits_to_keep)
 
     run = pipe.runner.run_batched
 

@@ -94,6 +94,8 @@ def test_prefill_logits_match_transformers(exported) -> None:  # noqa: ANN001
             ref = hf(torch.tensor([ids])).logits[0].numpy()
         ours = lm.forward(lm.embed(np.array([ids])), lm.new_cache())[0]
         assert np.abs(ours - ref).max() < 1e-3
+        last = lm.forward(lm.embed(np.array([ids])), lm.new_cache(), logits_to_keep=1)[0]  # what a prefill computes
+        assert last.shape == (1, VOCAB) and np.abs(last[0] - ref[-1]).max() < 1e-3
 
 
 def test_cached_decoding_equals_recomputing(exported) -> None:  # noqa: ANN001

@@ -85,7 +85,10 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
             from mmedge.runtime.backends.ort import ort_target
 
             target, version, device = ort_target("cpu"), ort.__version__, "CPUExecutionProvider"
-            settings = {"level": "extended", "uint8_activations": "x86 only"}
+            from mmedge.calibration.ort_build import MATMULNBITS_ACCURACY_LEVEL
+
+            settings = {"level": "extended", "uint8_activations": "x86 only",
+                        "matmulnbits_accuracy_level": MATMULNBITS_ACCURACY_LEVEL}
             for name, entry in pkg.manifest.components.items():
                 for p in _precisions(entry, precision):
                     rel = f"builds/{target}/{name}.{p}.onnx"
@@ -124,6 +127,10 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
             report["builds"] = records
         if not files:
             raise UnsupportedError(f"no component has a {precision!r} build to compile")
+        old = pkg.manifest.engines.get(target)
+        if old is not None and (old.version, old.device, old.settings) == (version, device, settings):
+            # building some precisions keeps the target's other builds (their files stay in the package)
+            files = {**{k: v for k, v in old.files.items() if (tmp / v).is_file()}, **files}
         engines = {**pkg.manifest.engines, target: EngineEntry(backend, version, device, settings, files)}
         write_manifest(tmp, replace(pkg.manifest, engines=engines))
         verify_package(tmp)

@@ -42,6 +42,7 @@ from mmedge.runtime.staging import write_atomic
 log = logging.getLogger(__name__)
 
 LEVELS = ("basic", "extended", "all")
+MATMULNBITS_ACCURACY_LEVEL = 4
 
 
 def is_x86() -> bool:
@@ -93,6 +94,9 @@ def optimize_for_ort(
         so.optimized_model_filepath = str(dst)
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
+        # Weight-only blocks fused into MatMulNBits compute with int8 activations (accuracy level 4):
+        # VNNI / AMX integer kernels instead of dequantizing each block to fp32 on every call.
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(MATMULNBITS_ACCURACY_LEVEL))
         # MatMulAddFusion would fold the Gemm rewrite back into a float Gemm before the QDQ fusions run.
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"],
                              disabled_optimizers=["MatMulAddFusion"] if gemms else None)

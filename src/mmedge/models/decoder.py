@@ -240,11 +240,14 @@ class DecoderLM(nn.Module):
         return emb.cos(), emb.sin()
 
     def step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-             past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
-        """Logits (B, S, V) and each layer's new (key, value), (B, Hkv, S, D).
+             past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+             logits_to_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """Logits (B, K, V) of the last K positions and each layer's new (key, value), (B, Hkv, S, D).
 
         `attention_mask` (B, T + S) covers the T cache slots then the S new tokens (1 = attend);
-        `past` holds each layer's (key, value) cache, (B, Hkv, T, D), or None for no cache.
+        `past` holds each layer's (key, value) cache, (B, Hkv, T, D), or None for no cache;
+        `logits_to_keep` (1,) is K (HF's name; default all S): a prefill needs only the last
+        position's logits, and the vocabulary projection is the costliest matmul of a small LM.
         """
         cfg = self.cfg
         s = inputs_embeds.shape[1]
@@ -265,6 +268,8 @@ class DecoderLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, past[i] if past is not None else None, past_bias, new_bias, rope)
             new_kv.append((k, v))
+        if logits_to_keep is not None:
+            x = x[:, s - logits_to_keep[0]:]
         if cfg.style == "opt":
             if dec.final_layer_norm is not None:
                 x = dec.final_layer_norm(x)
@@ -306,9 +311,9 @@ class _Step(nn.Module):
         self.model = model
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                logits_to_keep: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, new_kv = self.model.step(inputs_embeds, attention_mask, position_ids, pairs)
+        logits, new_kv = self.model.step(inputs_embeds, attention_mask, position_ids, pairs, logits_to_keep)
         return (logits, *(t for kv in new_kv for t in kv))
 
 
@@ -340,17 +345,18 @@ def components(cfg: DecoderConfig) -> tuple[ComponentDecl, ...]:
                 TensorSpec("inputs_embeds", "float32", ("batch", "sequence", cfg.embed_dim)),
                 TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
                 TensorSpec("position_ids", "int64", ("batch", "sequence")),
+                TensorSpec("logits_to_keep", "int64", (1,)),
                 *(TensorSpec(n, "float32", ("batch", hkv, t, d)) for n in past_names),
             ),
             outputs=(
-                TensorSpec("logits", "float32", ("batch", "sequence", cfg.vocab_size)),
+                TensorSpec("logits", "float32", ("batch", "kept", cfg.vocab_size)),
                 *(TensorSpec(n, "float32", ("batch", hkv, "sequence", d)) for n in present_names),
             ),
             dims={"batch": batch, "sequence": seq, "total_sequence": DimRange(t + 1, t + seq.opt, 2 * t)},
             build=_Step,
             calibration_data="none",  # weight-only quantization; no activation calibration
             parity_atol=1e-3,
-            int_ranges={"attention_mask": (1, 2), "position_ids": (0, t)},
+            int_ranges={"attention_mask": (1, 2), "position_ids": (0, t), "logits_to_keep": (1, seq.opt)},
         ),
     )
 

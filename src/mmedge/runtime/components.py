@@ -60,6 +60,8 @@ def sample_feeds(entry: ComponentEntry, batch: int, tokenizer: TextTokenizer | N
             continue
         if s.name == "attention_mask":
             feeds[s.name] = np.ones(shape, s.dtype)
+        elif s.name == "logits_to_keep":
+            feeds[s.name] = np.ones(shape, s.dtype)
         elif s.name == "position_ids":
             feeds[s.name] = np.broadcast_to(np.arange(shape[-1], dtype=s.dtype), shape).copy()
         elif s.dtype.startswith("float"):

@@ -146,20 +146,24 @@ class LanguageModel:
             raise InvalidInputError(f"token ids must lie in [0, {self.vocab_size})")
         return self.runner.session("embed").run({"input_ids": ids})["inputs_embeds"]
 
-    def forward(self, embeds: np.ndarray, cache: KVCache, out: _StepBuffers | None = None) -> np.ndarray:
-        """Run new token embeddings (B, S, E) through the LLM, append to `cache`; logits (B, S, V)."""
+    def forward(self, embeds: np.ndarray, cache: KVCache, out: _StepBuffers | None = None,
+                logits_to_keep: int | None = None) -> np.ndarray:
+        """Run new token embeddings (B, S, E) through the LLM, append to `cache`; logits (B, K, V)
+        of the last K = `logits_to_keep` positions (default all S)."""
         b, s = embeds.shape[:2]
         if cache.length + s > self.max_context:
             raise InvalidInputError(
                 f"{cache.length} cached + {s} new tokens exceed the model's context of {self.max_context} tokens"
             )
+        keep = s if logits_to_keep is None else min(int(logits_to_keep), s)
         feeds = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32),
+                 "logits_to_keep": np.array([keep], np.int64),
                  "attention_mask": cache.attention_mask(s),
                  "position_ids": np.broadcast_to(np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s)).copy(),
                  **dict(zip(self._past, cache.buffers))}
         if out is None or s != 1:
             shape = (b, self.kv_heads, s, self.head_dim)
-            out = _StepBuffers(np.empty((b, s, self.vocab_size), np.float32),
+            out = _StepBuffers(np.empty((b, keep, self.vocab_size), np.float32),
                                [np.empty(shape, np.float32) for _ in self._present])
         self.runner.session("llm").run_into(feeds, {"logits": out.logits, **dict(zip(self._present, out.present))})
         cache.append(out.present)
@@ -183,7 +187,7 @@ class LanguageModel:
         seen[[t for t in history if 0 <= t < self.vocab_size]] = True
         step = _StepBuffers(np.empty((1, 1, self.vocab_size), np.float32),
                             [np.empty((1, self.kv_heads, 1, self.head_dim), np.float32) for _ in self._present])
-        logits = self.forward(prompt[None], cache)[0, -1]
+        logits = self.forward(prompt[None], cache, logits_to_keep=1)[0, -1]
         for n in range(config.max_new_tokens):
             token = _choose(logits.copy(), config, rng, seen, self.eos_token_id if n < config.min_new_tokens else None)
             if token == self.eos_token_id:
