@@ -23,7 +23,7 @@ import numpy as np
 
 from mmedge.errors import InvalidInputError
 from mmedge.runtime.components import ComponentRunner
-from mmedge.runtime.generation import GenerationConfig, KVCache, LanguageModel, TextStream
+from mmedge.runtime.generation import GenerationConfig, KVCache, LanguageModel, TextStream, stream_text
 
 IMAGE_CACHE_SIZE = 16
 CONVERSATION_CACHE_SIZE = 8
@@ -132,16 +132,7 @@ class ChatPipeline:
         answer: list[int] = []
         stream = TextStream(lm.tokenizer, config.stop_strings)
         history_ids = (store[3] if store else []) + new_ids
-        for token in lm.generate_ids(embeds, config, cache, history=history_ids):
-            answer.append(token)
-            piece = stream.push(token)
-            if piece:
-                yield piece
-            if stream.stopped:
-                break
-        tail = stream.finish()
-        if tail:
-            yield tail
+        yield from stream_text(lm, embeds, config, cache, history_ids, generated=answer, stream=stream)
         if store is None or stream.stopped:
             return  # a stop string cut the answer: the cache no longer matches the text; do not keep it
         key, history, prompt, ids = store

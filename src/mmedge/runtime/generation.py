@@ -266,9 +266,11 @@ class TextStream:
 
 
 def stream_text(lm: LanguageModel, prompt_embeds: np.ndarray, config: GenerationConfig, cache: KVCache | None = None,
-                history: Sequence[int] = (), generated: list[int] | None = None) -> Iterator[str]:
-    """Generate and yield text pieces; token ids are appended to `generated` when given."""
-    stream = TextStream(lm.tokenizer, config.stop_strings)
+                history: Sequence[int] = (), generated: list[int] | None = None,
+                stream: TextStream | None = None) -> Iterator[str]:
+    """Generate and yield text pieces; token ids are appended to `generated` when given, and a
+    caller's `stream` shows afterwards whether a stop string cut the text (`stream.stopped`)."""
+    stream = stream or TextStream(lm.tokenizer, config.stop_strings)
     for token in lm.generate_ids(prompt_embeds, config, cache, history):
         if generated is not None:
             generated.append(token)
