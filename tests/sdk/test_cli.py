@@ -63,3 +63,12 @@ def test_errors_are_reported_not_raised(tmp_path: Path, store: Path, capsys: pyt
     assert "manifest.json" in capsys.readouterr().err
     assert main(["eval", "nothing-here"]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_bench_reports_generation_for_chat_packages(chat_pkg_session: Path, capsys: pytest.CaptureFixture) -> None:
+    from mmedge.sdk.cli import main
+
+    assert main(["bench", str(chat_pkg_session), "--batch", "1", "--runs", "5", "--components", "llm", "--json"]) == 0
+    gen = json.loads(capsys.readouterr().out)["generation"]
+    assert gen["new_tokens"] == 20 and gen["prompt_tokens"] == 8
+    assert 0 < gen["image_ms"] < gen["e2e_ms"] and gen["prefill_ms"] > 0 and gen["decode_tokens_per_s"] > 0

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.runtime.backends.base import SessionOptions
-from mmedge.runtime.components import ComponentRunner, sample_feeds
+from mmedge.runtime.components import SAMPLE_TEXT, ComponentRunner, sample_feeds
 from mmedge.sdk.store import resolve
 
 WARMUP = 3
@@ -68,4 +68,52 @@ def bench(package: str, precision: str = "auto", batches: list[int] | None = Non
             row["speedup_vs"] = {k: round(v["p50_ms"] / ref, 2) for k, v in row.items() if k != label}
             res[f"batch{b}"] = row
         out["components"][name] = res
+    if "llm" in main.manifest.components and (components is None or "llm" in components):
+        timer = generation_timer(main)
+        timer()  # warm-up
+        parts = [timer() for _ in range(max(1, runs // BLOCK))]
+        out["generation"] = {k: round(float(np.median([p[k] for p in parts])), 3) for k in parts[0]} | {
+            "new_tokens": GEN_NEW_TOKENS, "prompt_tokens": GEN_PROMPT_TOKENS, "runs": len(parts)}
     return out
+
+
+GEN_PROMPT_TOKENS, GEN_NEW_TOKENS = 8, 20
+
+
+def generation_prompt(runner: ComponentRunner) -> list[int]:
+    """The benchmark's prompt: GEN_PROMPT_TOKENS token ids of the sample text (repeated if short)."""
+    return (runner.tokenizer.encode(SAMPLE_TEXT) * GEN_PROMPT_TOKENS)[:GEN_PROMPT_TOKENS]
+
+
+def generation_timer(runner: ComponentRunner) -> Callable[[], dict[str, float]]:
+    """One timed caption/generation: (image ->) 8-token prompt -> 20 new tokens, greedy.
+
+    Returns ms for the image path (chat packages), a separate prefill with an empty cache, and
+    the whole generation, plus decode tokens/s; `e2e_ms` = image path + generation.
+    """
+    from mmedge.runtime.generation import GenerationConfig, LanguageModel
+
+    lm = LanguageModel(runner)
+    ids = generation_prompt(runner)
+    pixels = (sample_feeds(runner.manifest.component("vision"), 1)["pixel_values"]
+              if runner.manifest.task == "chat" else None)
+    cfg = GenerationConfig(max_new_tokens=GEN_NEW_TOKENS, min_new_tokens=GEN_NEW_TOKENS)
+
+    def run() -> dict[str, float]:
+        t0 = time.perf_counter()
+        embeds = lm.embed(np.array([ids]))[0]
+        if pixels is not None:
+            feats = runner.session("vision").run({"pixel_values": pixels})["image_embeds"]
+            query = runner.session("qformer").run({"image_embeds": feats})["query_output"]
+            prefix = runner.session("projector").run({"query_output": query})["image_prefix"][0]
+            embeds = np.concatenate([prefix, embeds])
+        t1 = time.perf_counter()
+        lm.forward(embeds[None], lm.new_cache(), logits_to_keep=1)
+        t2 = time.perf_counter()
+        if len(list(lm.generate_ids(embeds, cfg))) != GEN_NEW_TOKENS:
+            raise RuntimeError("generation stopped early despite min_new_tokens")
+        t3 = time.perf_counter()
+        return {"image_ms": (t1 - t0) * 1e3, "prefill_ms": (t2 - t1) * 1e3, "e2e_ms": (t1 - t0 + t3 - t2) * 1e3,
+                "decode_tokens_per_s": (GEN_NEW_TOKENS - 1) / max(t3 - t2 - (t2 - t1), 1e-9)}
+
+    return run
