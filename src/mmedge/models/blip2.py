@@ -11,7 +11,7 @@ Exported components: `vision` (pixels -> image features), `qformer` (features ->
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from mmedge.errors import ConfigError
 from mmedge.models import decoder
 from mmedge.models.blocks import Encoder, patchify_matmul
 from mmedge.models.clip import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransformer
-from mmedge.models.component import ComponentDecl
+from mmedge.models.component import ComponentDecl, bound
 from mmedge.models.configs import from_dict
 from mmedge.models.qformer import QFormer, QFormerConfig, QFormerTextEmbeddings
 from mmedge.runtime.manifest import DimRange, TensorSpec
@@ -141,53 +141,20 @@ class Blip2(nn.Module):
         return self.language_projection(self.query_outputs(self.image_features(pixel_values)))
 
 
-class _Vision(nn.Module):
-    def __init__(self, model: Blip2):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.image_features(pixel_values)
-
-
-class _QFormer(nn.Module):
-    def __init__(self, model: Blip2):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        return self.model.query_outputs(image_embeds)
-
-
-class _Projector(nn.Module):
-    def __init__(self, model: Blip2):
-        super().__init__()
-        self.proj = model.language_projection
-
-    def forward(self, query_output: torch.Tensor) -> torch.Tensor:
-        return self.proj(query_output)
-
-
-def _lm_part(build):  # noqa: ANN001, ANN202 - adapt a decoder component's builder to the BLIP-2 model
-    return lambda model: build(model.language_model)
-
-
 def components(cfg: Blip2Config) -> tuple[ComponentDecl, ...]:
     """vision, qformer, projector, then the LM's embed and llm."""
     v, q, s = cfg.vision, cfg.qformer, cfg.vision.image_size
     batch = DimRange(1, 1, 16)
     image = TensorSpec("image_embeds", "float32", ("batch", v.tokens, v.width))
     query = TensorSpec("query_output", "float32", ("batch", q.num_query_tokens, q.hidden))
-    lm = tuple(
-        ComponentDecl(d.name, d.inputs, d.outputs, d.dims, _lm_part(d.build), d.calibration_data, d.parity_atol, d.int_ranges)
-        for d in decoder.components(cfg.text)
-    )
+    # the LM's own builders, applied to the BLIP-2 model's language_model
+    lm = tuple(replace(d, build=lambda model, b=d.build: b(model.language_model)) for d in decoder.components(cfg.text))
     return (
         ComponentDecl("vision", (TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),), (image,),
-                      {"batch": batch}, _Vision, calibration_data="images"),
-        ComponentDecl("qformer", (image,), (query,), {"batch": batch}, _QFormer, calibration_data="images:vision"),
+                      {"batch": batch}, bound("image_features"), calibration_data="images"),
+        ComponentDecl("qformer", (image,), (query,), {"batch": batch}, bound("query_outputs"), calibration_data="images:vision"),
         ComponentDecl("projector", (query,), (TensorSpec("image_prefix", "float32", ("batch", q.num_query_tokens, cfg.text.embed_dim)),),
-                      {"batch": batch}, _Projector, calibration_data="images:qformer"),
+                      {"batch": batch}, bound("language_projection"), calibration_data="images:qformer"),
         *lm,
     )
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from mmedge.errors import ConfigError
 from mmedge.models.blocks import MASK_VALUE, Encoder, activation, patchify_matmul
-from mmedge.models.component import ComponentDecl
+from mmedge.models.component import ComponentDecl, bound
 from mmedge.models.configs import from_dict
 from mmedge.runtime.manifest import DimRange, TensorSpec
 
@@ -194,24 +194,6 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.normal_(m.weight, std=0.02)
 
 
-class _ImageTower(nn.Module):
-    def __init__(self, model: CLIP):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixel_values)
-
-
-class _TextTower(nn.Module):
-    def __init__(self, model: CLIP):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids, attention_mask)
-
-
 def components(cfg: CLIPConfig) -> tuple[ComponentDecl, ...]:
     """The two exportable towers of a CLIP model."""
     s, d, ctx = cfg.vision.image_size, cfg.projection_dim, cfg.text.context_length
@@ -222,7 +204,7 @@ def components(cfg: CLIPConfig) -> tuple[ComponentDecl, ...]:
             inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),),
             outputs=(TensorSpec("image_embeds", "float32", ("batch", d)),),
             dims={"batch": batch},
-            build=_ImageTower,
+            build=bound("encode_image"),
             calibration_data="images",
         ),
         ComponentDecl(
@@ -233,7 +215,7 @@ def components(cfg: CLIPConfig) -> tuple[ComponentDecl, ...]:
             ),
             outputs=(TensorSpec("text_embeds", "float32", ("batch", d)),),
             dims={"batch": batch, "sequence": DimRange(1, min(16, ctx), ctx)},
-            build=_TextTower,
+            build=bound("encode_text"),
             calibration_data="texts",
             int_ranges={"input_ids": (0, cfg.text.vocab_size), "attention_mask": (1, 2)},
         ),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from mmedge.runtime.manifest import DimRange, TensorSpec
@@ -26,3 +27,17 @@ class ComponentDecl:
     calibration_data: str = "images"  # which --data modality calibrates it: "images" | "texts" | "none"
     parity_atol: float = 1e-4
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs: [low, high)
+
+
+class _Bound(nn.Module):
+    def __init__(self, model: nn.Module, attr: str):
+        super().__init__()
+        self.model, self.attr = model, attr
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.attr)(*inputs)
+
+
+def bound(attr: str) -> Callable[[nn.Module], nn.Module]:
+    """A component builder whose module's forward is `model.<attr>(*inputs)` (a method or submodule)."""
+    return lambda model: _Bound(model, attr)

@@ -21,7 +21,7 @@ from torch import nn
 
 from mmedge.errors import ConfigError
 from mmedge.models.blocks import MASK_VALUE, activation
-from mmedge.models.component import ComponentDecl
+from mmedge.models.component import ComponentDecl, bound
 from mmedge.models.configs import from_dict
 from mmedge.runtime.manifest import DimRange, TensorSpec
 
@@ -294,15 +294,6 @@ def _init(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class _EmbedTokens(nn.Module):
-    def __init__(self, model: DecoderLM):
-        super().__init__()
-        self.embed = model.embed_tokens
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids)
-
-
 class _Step(nn.Module):
     """The exported LLM step: flat cache inputs/outputs in HF's per-layer naming order."""
 
@@ -335,7 +326,7 @@ def components(cfg: DecoderConfig) -> tuple[ComponentDecl, ...]:
             inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
             outputs=(TensorSpec("inputs_embeds", "float32", ("batch", "sequence", cfg.embed_dim)),),
             dims={"batch": batch, "sequence": seq},
-            build=_EmbedTokens,
+            build=bound("embed_tokens"),
             calibration_data="none",
             int_ranges={"input_ids": (0, cfg.vocab_size)},
         ),
