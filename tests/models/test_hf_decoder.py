@@ -111,6 +111,38 @@ def test_cached_decoding_equals_recomputing(exported) -> None:  # noqa: ANN001
     assert cached == seq[len(ids):]
 
 
+def test_ort_build_with_in_place_cache_matches_transformers(exported, tmp_path: Path) -> None:  # noqa: ANN001
+    """`build --backend ort` fuses each layer's attention into GroupQueryAttention writing the cache
+    in place; greedy tokens (prompt, then decode, then a second prompt on the same cache) stay
+    identical to transformers and to the portable graph."""
+    import shutil
+
+    from mmedge import sdk
+    from mmedge.calibration.build import build_package
+    from mmedge.runtime.generation import GenerationConfig
+
+    hf, pipe, _ = exported
+    pkg = tmp_path / "pkg"
+    shutil.copytree(pipe.runner.package.root, pkg)
+    built = build_package(pkg, backend="ort", precision="fp32")
+    assert built["builds"]["llm.fp32"]["ops"]["com.microsoft:GroupQueryAttention"] == 2
+    fused = sdk.Pipeline(str(pkg), precision="fp32")
+    assert fused.lm.in_place and not pipe.lm.in_place
+    for ids in _prompts():
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        assert fused.generate_ids(ids, max_new_tokens=20, min_new_tokens=20) == ref[0, len(ids):].tolist()
+    lm, first, second = fused.lm, _prompts(2)[1], _prompts(1)[0]
+    cache = lm.new_cache()
+    six = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
+    turn1 = list(lm.generate_ids(lm.embed(np.array([first]))[0], six, cache))
+    turn2 = list(lm.generate_ids(lm.embed(np.array([second]))[0], six, cache))
+    seq = first + turn1[:-1] + second  # the last token of turn 1 was yielded but never fed back
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([seq]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert turn2 == ref[0, len(seq):].tolist()
+
+
 def test_sampling_controls(exported) -> None:  # noqa: ANN001
     _, pipe, _ = exported
     ids = _prompts(1)[0]
@@ -195,7 +227,8 @@ def test_weight_only_quantization(exported, tmp_path: Path) -> None:  # noqa: AN
     # 8-bit weights stay much closer to fp32 than 4-bit ones on the same tokens
     assert llm.precisions["int8"].parity["logits_cosine"] > max(0.999, llm.precisions["int4"].parity["logits_cosine"])
     built = build_package(pkg, backend="ort")
-    assert built["builds"]["llm.int4"]["ops"]["com.microsoft:MatMulNBits"] >= 2 * 6 + 1  # layers + lm_head
+    # per layer: joined q/k/v, output, then fc1 + fc2 (OPT) or joined gate/up + down (Llama); + lm_head
+    assert built["builds"]["llm.int4"]["ops"]["com.microsoft:MatMulNBits"] == 2 * 4 + 1
     ids = _prompts(1)[0]
     for precision in ("int4", "int8", "auto"):
         out = sdk.Pipeline(str(pkg), precision=precision).generate_ids(ids, max_new_tokens=6, min_new_tokens=6)

@@ -62,8 +62,12 @@ def optimize_for_ort(
     hidden_size: int = 0,
     fuse_bias: bool = True,
     fuse_attention: bool = True,
+    decoder: dict[str, Any] | None = None,
 ) -> dict[str, int]:
-    """Write ORT's offline-optimized graph of `in_path` to `out_path` atomically; return its op counts."""
+    """Write ORT's offline-optimized graph of `in_path` to `out_path` atomically; return its op counts.
+
+    `decoder` (a manifest's generation section) marks an LLM step: its attention becomes
+    GroupQueryAttention over an in-place cache (`ort_decoder`)."""
     import onnx
     import onnxruntime as ort
 
@@ -106,6 +110,11 @@ def optimize_for_ort(
         log.info("folded %d bias Adds into MatMulIntegerToFloat", fuse_integer_matmul_bias(optimized))
         if fuse_attention:  # matches only bias-fused projections
             log.info("replaced %d attention blocks by QAttention", attention_to_qattention(optimized))
+    if decoder is not None:
+        from mmedge.calibration.ort_decoder import decoder_attention_to_gqa
+
+        log.info("replaced the attention of %d decoder layers by GroupQueryAttention",
+                 decoder_attention_to_gqa(optimized, decoder))
     data = optimized.SerializeToString()
     ops: dict[str, int] = {}
     for node in optimized.graph.node:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from mmedge.export.graph_simplify import remove_dead_nodes
+
 
 def activations_to_uint8(model: Any) -> int:
     """Rewrite int8 (zero point 0) activation Q/DQ pairs to uint8 (zero point 128) in place; return the count."""
@@ -297,25 +299,3 @@ def attention_to_qattention(model: Any) -> int:
         graph.node.extend(kept)
         remove_dead_nodes(model)
     return replaced
-
-
-def remove_dead_nodes(model: Any) -> int:
-    """Drop nodes none of whose outputs reach a graph output (e.g. orphaned shape chains); return the count."""
-    graph = model.graph
-    live = {o.name for o in graph.output}
-    alive = []
-    for node in reversed(list(graph.node)):
-        if any(o in live for o in node.output):
-            alive.append(node)
-            live.update(i for i in node.input if i)
-            for a in node.attribute:  # names a subgraph reads from the outer scope stay live
-                for g in ([a.g] if a.HasField("g") else list(a.graphs)):
-                    live.update(i for n in g.node for i in n.input if i)
-    removed = len(graph.node) - len(alive)
-    if removed:
-        del graph.node[:]
-        graph.node.extend(reversed(alive))
-        kept = [i for i in graph.initializer if i.name in live]  # weights only dead nodes read
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    return removed

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmedge.export.graph_simplify import simplify
 from mmedge.models.component import ComponentDecl
 from mmedge.runtime.manifest import TensorSpec
 
@@ -55,6 +56,7 @@ def export_component(model: torch.nn.Module, decl: ComponentDecl, out_path: Path
             )
         proto = onnx.load(str(raw))  # pulls any external data torch wrote into memory
     proto.producer_name = "mmedge"
+    simplify(proto)
     written = [out_path]
     if sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD:
         data_name = out_path.name + ".data"

@@ -8,6 +8,11 @@ The cached step (`DecoderLM.step`) is what gets exported: the cache is a fixed-s
 new tokens. The runtime writes those into its preallocated buffers, so no token ever copies the
 whole cache. Attention scores against the cache and against the new tokens are computed apart and
 joined before the softmax, so the graph never concatenates (copies) the cache either.
+
+A one-token step is small matrices, so its cost is largely per-node overhead in the runtime: the
+forward is written for a short graph (q/k/v and gate/up as one matmul each, 1/sqrt(d) folded into
+q's weights, one mask built once for all layers, static slice bounds), and `export.graph_simplify`
+removes the exporter's shape arithmetic.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mmedge.errors import ConfigError
 from mmedge.models.blocks import MASK_VALUE, activation
@@ -88,15 +94,22 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves (HF Llama convention); x (B, H, S, D), cos/sin (B, 1, S, D)."""
-    half = x.shape[-1] // 2
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    """Rotate halves (HF Llama convention); x (B, H, S, D), cos/sin (B, 1, S, D), `half` = D / 2.
+
+    `half` is a Python int rather than `x.shape[-1] // 2`, so the export has constant slice bounds
+    instead of a shape computation per call."""
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
 
 class CachedAttention(nn.Module):
-    """Self-attention over a fixed-size cache plus the new tokens; q/k/v/o names per style."""
+    """Self-attention over a fixed-size cache plus the new tokens; q/k/v/o names per style.
+
+    The checkpoint keeps HF's separate q/k/v projections; the forward joins them into one matmul
+    (q's rows pre-scaled by 1/sqrt(d)), which the export folds into a single weight: one GEMV per
+    layer and token instead of three, and no scale multiply.
+    """
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -112,26 +125,34 @@ class CachedAttention(nn.Module):
         else:
             self.o_proj = out
 
-    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, past_bias: torch.Tensor | None,
-                new_bias: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.cat([self.q_proj.weight * self.scale, self.k_proj.weight, self.v_proj.weight])
+        bias = None if self.q_proj.bias is None else torch.cat(
+            [self.q_proj.bias * self.scale, self.k_proj.bias, self.v_proj.bias])
+        return F.linear(x, weight, bias)
+
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+        """`bias` (B, 1, g*S, T+S): additive mask over [cache | new] for each grouped query row."""
         b, s, _ = x.shape
-        g = self.heads // self.kv_heads
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        h, hkv, d = self.heads, self.kv_heads, self.head_dim
+        qkv = self._qkv(x).view(b, s, h + 2 * hkv, d).transpose(1, 2)  # (B, H + 2Hkv, S, D)
+        qk, v = qkv.split([h + hkv, hkv], dim=1)
         if rope is not None:
-            q, k = rotary(q, *rope), rotary(k, *rope)
+            qk = rotary(qk, *rope, d // 2)
+        q, k = qk.split([h, hkv], dim=1)
         # query heads grouped by the kv head they share (HF repeat_kv order): no copy of k/v per group
-        qg = (q * self.scale).reshape(b, self.kv_heads, g * s, self.head_dim)
-        scores = [(qg @ k.transpose(-1, -2)).view(b, self.heads, s, s) + new_bias]
+        qg = q.reshape(b, hkv, (h // hkv) * s, d)
+        scores = qg @ k.transpose(-1, -2)
         if past is not None:
-            scores.insert(0, (qg @ past[0].transpose(-1, -2)).view(b, self.heads, s, -1) + past_bias)
-        probs = torch.softmax(torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0], dim=-1)
-        probs = probs.reshape(b, self.kv_heads, g * s, -1)
-        out = probs[..., -s:] @ v
-        if past is not None:
-            out = out + probs[..., : past[0].shape[2]] @ past[1]
-        out = out.view(b, self.heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
+            scores = torch.cat([qg @ past[0].transpose(-1, -2), scores], dim=-1)
+        probs = torch.softmax(scores + bias, dim=-1)
+        if past is None:
+            out = probs @ v
+        else:  # split at the cache size, a static dim of the export (not at -s, a dynamic one)
+            t = past[0].shape[2]
+            out = probs[..., t:] @ v + probs[..., :t] @ past[1]
+        out = out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
         proj = self.out_proj if hasattr(self, "out_proj") else self.o_proj
         return proj(out), k, v
 
@@ -147,9 +168,9 @@ class OPTLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.act = activation(cfg.act)
 
-    def forward(self, x: torch.Tensor, past, past_bias, new_bias, rope) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    def forward(self, x: torch.Tensor, past, bias, rope) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
         h = self.self_attn_layer_norm(x) if self.pre_norm else x
-        h, k, v = self.self_attn(h, past, past_bias, new_bias, rope)
+        h, k, v = self.self_attn(h, past, bias, rope)
         x = x + h
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
@@ -169,7 +190,10 @@ class LlamaMLP(nn.Module):
         self.act = activation(cfg.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        # gate and up joined into one matmul (one weight in the export), as q/k/v above
+        ffn = self.up_proj.out_features  # a Python int: constant split sizes in the export
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).split([ffn, ffn], dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaLayer(nn.Module):
@@ -180,8 +204,8 @@ class LlamaLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, past, past_bias, new_bias, rope) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
-        h, k, v = self.self_attn(self.input_layernorm(x), past, past_bias, new_bias, rope)
+    def forward(self, x: torch.Tensor, past, bias, rope) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+        h, k, v = self.self_attn(self.input_layernorm(x), past, bias, rope)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -254,8 +278,11 @@ class DecoderLM(nn.Module):
         t = attention_mask.shape[1] - s
         mask = attention_mask.to(inputs_embeds.dtype)
         causal = torch.triu(torch.full((s, s), MASK_VALUE, dtype=inputs_embeds.dtype), diagonal=1)
-        new_bias = causal + (1.0 - mask[:, None, None, t:]) * MASK_VALUE  # (B, 1, S, S)
-        past_bias = (1.0 - mask[:, None, None, :t]) * MASK_VALUE if past is not None else None
+        bias = causal + (1.0 - mask[:, None, None, t:]) * MASK_VALUE  # (B, 1, S, S)
+        if past is not None:
+            past_bias = (1.0 - mask[:, None, None, :t]) * MASK_VALUE  # (B, 1, 1, T)
+            bias = torch.cat([past_bias.expand(-1, -1, s, -1), bias], dim=-1)
+        bias = bias.repeat(1, 1, cfg.heads // cfg.n_kv_heads, 1)  # rows of the grouped queries
         x, rope = inputs_embeds, None
         if cfg.style == "opt":
             dec = self.model.decoder
@@ -266,7 +293,7 @@ class DecoderLM(nn.Module):
             rope = self._rope(position_ids)
         new_kv = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, past[i] if past is not None else None, past_bias, new_bias, rope)
+            x, k, v = layer(x, past[i] if past is not None else None, bias, rope)
             new_kv.append((k, v))
         if logits_to_keep is not None:
             x = x[:, s - logits_to_keep[0]:]
@@ -359,4 +386,6 @@ def generation_section(cfg: DecoderConfig, prompt_template: str = "{}") -> dict[
         "vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id, "prompt_template": prompt_template,
         "kv_cache": "fixed buffers of max_context slots; present.* hold only the new tokens' entries",
+        # what a backend build needs to replace the attention by a fused kernel (calibration.ort_decoder)
+        "style": cfg.style, "heads": cfg.heads, "rope_theta": cfg.rope_theta,
     }

@@ -89,6 +89,8 @@ class KVCache:
         self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * layers)]  # key, value per layer
         self.max_context = max_context
         self.length = 0
+        self.binding: Any = None  # the LLM session's binding with these buffers bound (LanguageModel)
+        self.binding_session: Any = None
 
     def attention_mask(self, new: int) -> np.ndarray:
         """(B, max_context + new) int64: filled slots and the new tokens are 1."""
@@ -131,6 +133,10 @@ class LanguageModel:
         llm = runner.manifest.component("llm")
         self._past = [s.name for s in llm.inputs if s.name.startswith("past_key_values.")]
         self._present = [s.name for s in llm.outputs if s.name.startswith("present.")]
+        # An ORT build with GroupQueryAttention (calibration.ort_decoder) returns the whole cache as
+        # present.*: bound to the past buffers, the kernel writes the new entries in place.
+        shapes = getattr(runner.session("llm"), "output_shapes", {})
+        self.in_place = bool(self._present) and shapes.get(self._present[0], (None,) * 3)[2] == self.max_context
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -164,10 +170,32 @@ class LanguageModel:
         if out is None or s != 1:
             shape = (b, self.kv_heads, s, self.head_dim)
             out = _StepBuffers(np.empty((b, keep, self.vocab_size), np.float32),
-                               [np.empty(shape, np.float32) for _ in self._present])
-        self.runner.session("llm").run_into(feeds, {"logits": out.logits, **dict(zip(self._present, out.present))})
-        cache.append(out.present)
+                               [] if self.in_place else [np.empty(shape, np.float32) for _ in self._present])
+        binding = self._binding(cache) if self.in_place else None
+        if binding is not None:  # the cache is bound once; only this step's small tensors are bound here
+            binding.bind({k: v for k, v in feeds.items() if not k.startswith("past_key_values.")}, {"logits": out.logits})
+            binding.run()
+            cache.length += s
+        elif self.in_place:
+            self.runner.session("llm").run_into(feeds, {"logits": out.logits, **dict(zip(self._present, cache.buffers))})
+            cache.length += s
+        else:
+            self.runner.session("llm").run_into(feeds, {"logits": out.logits, **dict(zip(self._present, out.present))})
+            cache.append(out.present)
         return out.logits
+
+    def _binding(self, cache: KVCache) -> Any:
+        """The cache's binding to the LLM session, with its buffers bound as past and present
+        (in place); None when the backend has no reusable binding."""
+        sess = self.runner.session("llm")
+        if cache.binding is None or cache.binding_session is not sess:
+            make = getattr(sess, "binding", None)
+            binding = make() if make is not None else None
+            if binding is None:
+                return None
+            binding.bind(dict(zip(self._past, cache.buffers)), dict(zip(self._present, cache.buffers)))
+            cache.binding, cache.binding_session = binding, sess
+        return cache.binding
 
     def generate_ids(self, prompt: np.ndarray, config: GenerationConfig, cache: KVCache | None = None,
                      history: Sequence[int] = ()) -> Iterator[int]:
@@ -186,6 +214,7 @@ class LanguageModel:
         seen = np.zeros(self.vocab_size, bool)
         seen[[t for t in history if 0 <= t < self.vocab_size]] = True
         step = _StepBuffers(np.empty((1, 1, self.vocab_size), np.float32),
+                            [] if self.in_place else
                             [np.empty((1, self.kv_heads, 1, self.head_dim), np.float32) for _ in self._present])
         logits = self.forward(prompt[None], cache, logits_to_keep=1)[0, -1]
         for n in range(config.max_new_tokens):

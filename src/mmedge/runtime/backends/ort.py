@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +54,11 @@ class OrtSession:
             so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._sess = ort.InferenceSession(model, sess_options=so, providers=[p for p in wanted if p in available])
+        self._cpu = options.device == "cpu"
         self.input_names = tuple(i.name for i in self._sess.get_inputs())
         self.output_names = tuple(o.name for o in self._sess.get_outputs())
+        # fixed dims are ints, symbolic ones strings: how a caller tells a build's I/O contract apart
+        self.output_shapes = {o.name: tuple(o.shape) for o in self._sess.get_outputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self._sess.run(list(self.output_names), feeds)
@@ -73,6 +77,32 @@ class OrtSession:
                 raise UnsupportedError(f"output buffer {name!r} must be C-contiguous")
             io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
         self._sess.run_with_iobinding(io)
+
+
+    def binding(self) -> OrtBinding | None:
+        """A reusable binding (CPU only): what stays bound between calls, a KV cache, is bound once."""
+        return OrtBinding(self._sess) if self._cpu else None
+
+
+class OrtBinding:
+    """One caller's IOBinding over numpy memory, kept across calls. Binding costs ~8 us a tensor:
+    a 30-layer cache rebound every token (120 tensors) took 1 ms, ~10% of a decode step."""
+
+    def __init__(self, sess: Any):
+        self._sess, self._io = sess, sess.io_binding()
+        self._keep: dict[str, np.ndarray] = {}  # the bound arrays must outlive the binding
+
+    def bind(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """(Re)bind these names to these C-contiguous arrays; other names keep their binding."""
+        for items, bind in ((inputs, self._io.bind_input), (outputs, self._io.bind_output)):
+            for name, arr in items.items():
+                if not arr.flags.c_contiguous:
+                    raise UnsupportedError(f"buffer {name!r} must be C-contiguous")
+                bind(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+                self._keep[name] = arr
+
+    def run(self) -> None:
+        self._sess.run_with_iobinding(self._io)
 
 
 def ort_target(device: str = "cpu") -> str:
