@@ -7,6 +7,7 @@ Sessions are created lazily, once per component, and shared between threads (ONN
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -132,11 +133,21 @@ class ComponentRunner:
                 return p
         return next(iter(entry.precisions))
 
+    def session_options(self, component: str) -> SessionOptions:
+        """The runner's options, adjusted to the component's role in a generation package: the
+        token lookup runs on one thread; the image encoders, run once per request right before
+        the LLM, do not keep their threads spinning; the LLM, run back to back while decoding, does."""
+        if self.manifest.task not in ("chat", "generation"):
+            return self.options
+        if component == "embed":
+            return replace(self.options, threads=1, spin=False)
+        return replace(self.options, spin=component == "llm")
+
     def session(self, component: str) -> Session:
         with self._lock:
             if component not in self._sessions:
                 self._sessions[component] = self.backend.load(
-                    self.package, component, self.precision_of(component), self.options
+                    self.package, component, self.precision_of(component), self.session_options(component)
                 )
             return self._sessions[component]
 

@@ -17,6 +17,10 @@ class SessionOptions:
 
     threads: int = 0  # 0 = the backend's default
     device: str = "cpu"  # "cpu" | "cuda" | "tensorrt" (ORT execution provider choice)
+    # Worker threads busy-wait for the next parallel section (lower latency for back-to-back runs).
+    # Off for a component that runs once per request before another one: its spinning threads
+    # would take the cores from the next component (BLIP-2's LLM prefill ran 2x slower).
+    spin: bool = True
     extra: dict = field(default_factory=dict)
 
 

@@ -53,6 +53,8 @@ class OrtSession:
             so.intra_op_num_threads = options.threads
             so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not options.spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._sess = ort.InferenceSession(model, sess_options=so, providers=[p for p in wanted if p in available])
         self._cpu = options.device == "cpu"
         self.input_names = tuple(i.name for i in self._sess.get_inputs())
