@@ -181,3 +181,18 @@ def test_ten_thousand_scenes_are_fast() -> None:
     scenes = generate_scenes(10_000, HELD_OUT_SEED)
     assert len(scenes) == 10_000
     assert time.perf_counter() - start < 15
+
+
+def test_scene_slots_give_each_fact_a_fixed_place() -> None:
+    from mmedge.data import scene_slots
+    from mmedge.data.scenes import EMPTY_SLOT, SLOT_WORDS
+
+    for s in SCENES:
+        words = scene_slots(s.objects).split()
+        assert len(words) == SLOT_WORDS == 16
+        assert words[0] == ("one", "two", "three")[len(s.objects) - 1]
+        at = {o.position: o for o in s.objects}
+        for i, p in enumerate(POSITIONS):
+            o = at.get(p)
+            assert words[1 + 3 * i: 4 + 3 * i] == ([o.size, o.colour, o.shape] if o else [EMPTY_SLOT] * 3)
+        assert set(words) <= set(VOCABULARY)

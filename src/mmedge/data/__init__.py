@@ -20,6 +20,7 @@ from mmedge.data.scenes import (
     questions_for,
     render,
     sample_objects,
+    scene_slots,
 )
 from mmedge.data.sources import IMAGE_EXTENSIONS, DataItem, load_data
 
@@ -46,4 +47,5 @@ __all__ = [
     "questions_for",
     "render",
     "sample_objects",
+    "scene_slots",
 ]

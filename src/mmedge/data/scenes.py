@@ -127,6 +127,25 @@ def caption_for(objects: Sequence[SceneObject], rng: np.random.Generator) -> str
     return prefix + body + suffix
 
 
+EMPTY_SLOT = "none"
+SLOT_WORDS = 1 + 3 * len(POSITIONS)  # count, then size colour shape per position
+
+
+def scene_slots(objects: Sequence[SceneObject]) -> str:
+    """The scene as fixed slots: the count word, then size, colour and shape for each position in
+    POSITIONS order, `none none none` where it is empty (16 words, one meaning per slot).
+
+    `blip2-tiny`'s LM learns to read this text where the image prefix will go: with a fixed slot
+    per fact, each query of the prefix can stand for one slot (see `models.blip2_train`).
+    """
+    at = {o.position: o for o in _check_objects(objects)}
+    words = [_COUNT_WORDS[len(at)]]
+    for p in POSITIONS:
+        o = at.get(p)
+        words += [o.size, o.colour, o.shape] if o else [EMPTY_SLOT] * 3
+    return " ".join(words)
+
+
 _CAPTION_OBJECT = re.compile(
     r"\b(?P<size>{})\s+(?P<colour>{})\s+(?P<shape>{})\s+(?:at|in)\s+the\s+"
     r"(?P<position>top left|top right|bottom left|bottom right|center|middle)\b".format(
@@ -303,10 +322,10 @@ def generate_scenes(n: int, seed: int, image_size: int = 64) -> list[Scene]:
 
 
 def _vocabulary() -> tuple[str, ...]:
-    """Every word a caption, question or answer can contain, sorted."""
+    """Every word a caption, slot text, question or answer can contain, sorted."""
     text = " ".join(
         (*_PREFIXES, *_CORNER_PHRASES, *_CENTER_PHRASES, *_COUNT_WORDS[1:], *SHAPES, *COLOURS, *SIZES,
-         *POSITIONS, "a and how many shapes are there what shape is colour where the at")
+         *POSITIONS, EMPTY_SLOT, "a and how many shapes are there what shape is colour where the at")
     )
     return tuple(sorted(set(re.findall(r"[a-z]+", text)) - {"p"}))
 

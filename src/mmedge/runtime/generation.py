@@ -4,7 +4,9 @@ The KV cache is one preallocated buffer per layer and key/value, `max_context` s
 to the session with IOBinding (read in place). Each step the graph returns only the new tokens'
 keys/values, which are written into the next free slots: a token costs O(new tokens) copying,
 never a copy of the cache. Decode-step outputs (logits, new keys/values) go into buffers that are
-allocated once per generation and reused.
+allocated once per generation and reused. An ORT build with an in-place cache
+(`calibration.ort_decoder`) returns the whole cache as present.*: its buffers are bound once per
+cache as both past and present, and the attention kernel writes the new entries itself.
 
 Sampling parameters carry Hugging Face `generate` names; `temperature=0` means greedy.
 """
