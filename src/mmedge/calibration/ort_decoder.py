@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.export.graph_simplify import remove_dead_nodes
+from mmedge.export.graph_simplify import graph_index, remove_dead_nodes
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,7 @@ def decoder_attention_to_gqa(model: Any, generation: dict[str, Any]) -> int:
     style = generation.get("style")
     if style not in ("opt", "llama") or (style == "llama" and "rope_theta" not in generation):
         return 0  # a package exported before these fields were recorded: keep the portable graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    inits, producer, consumers = graph_index(graph)
 
     def chain(start: str, ops: tuple[str, ...]) -> Any:
         """Follow single consumers from `start` through `ops`; the last node, or None."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.export.graph_simplify import remove_dead_nodes
+from mmedge.export.graph_simplify import graph_index, remove_dead_nodes
 
 
 def activations_to_uint8(model: Any) -> int:
@@ -209,12 +209,7 @@ def attention_to_qattention(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    inits, producer, consumers = graph_index(graph)
     graph_outputs = {o.name for o in graph.output}
 
     def attr(node: Any, key: str, default: Any = None) -> Any:

@@ -35,9 +35,9 @@ def _symbolic_dims(model: Any) -> dict[str, list[int | str | None]]:
     noisy.setLevel(logging.ERROR)
     try:
         inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
-        inference._preprocess(model)  # noqa: SLF001 - see the docstring
+        inference._preprocess(model)  # private loop: see the docstring
         while inference.run_:
-            inference._infer_impl()  # noqa: SLF001
+            inference._infer_impl()
         known = inference.known_vi_
     except Exception as exc:  # noqa: BLE001 - an op it does not know: leave the graph as exported
         log.info("symbolic shape inference failed (%s); shapes left as exported", exc)
@@ -116,6 +116,15 @@ def _static_dims(graph: Any, consts: dict[str, np.ndarray], dims: dict[str, list
         del node.attribute[:]
         changed += 1
     return changed
+
+
+def graph_index(graph: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[Any]]]:
+    """(initializers by name, producing node by output name, consuming nodes by input name)."""
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return {i.name: i for i in graph.initializer}, {o: n for n in graph.node for o in n.output}, consumers
 
 
 def remove_dead_nodes(model: Any) -> int:
