@@ -387,5 +387,5 @@ def generation_section(cfg: DecoderConfig, prompt_template: str = "{}") -> dict[
         "pad_token_id": cfg.pad_token_id, "prompt_template": prompt_template,
         "kv_cache": "fixed buffers of max_context slots; present.* hold only the new tokens' entries",
         # what a backend build needs to replace the attention by a fused kernel (calibration.ort_decoder)
-        "style": cfg.style, "heads": cfg.heads, "rope_theta": cfg.rope_theta,
+        "style": cfg.style, "rope_theta": cfg.rope_theta,
     }

@@ -167,22 +167,22 @@ class LanguageModel:
         feeds = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32),
                  "logits_to_keep": np.array([keep], np.int64),
                  "attention_mask": cache.attention_mask(s),
-                 "position_ids": np.broadcast_to(np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s)).copy(),
-                 **dict(zip(self._past, cache.buffers))}
+                 "position_ids": np.broadcast_to(np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s)).copy()}
+        past = dict(zip(self._past, cache.buffers))
         if out is None or s != 1:
             shape = (b, self.kv_heads, s, self.head_dim)
             out = _StepBuffers(np.empty((b, keep, self.vocab_size), np.float32),
                                [] if self.in_place else [np.empty(shape, np.float32) for _ in self._present])
         binding = self._binding(cache) if self.in_place else None
         if binding is not None:  # the cache is bound once; only this step's small tensors are bound here
-            binding.bind({k: v for k, v in feeds.items() if not k.startswith("past_key_values.")}, {"logits": out.logits})
+            binding.bind(feeds, {"logits": out.logits})
             binding.run()
             cache.length += s
         elif self.in_place:
-            self.runner.session("llm").run_into(feeds, {"logits": out.logits, **dict(zip(self._present, cache.buffers))})
+            self.runner.session("llm").run_into({**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, cache.buffers))})
             cache.length += s
         else:
-            self.runner.session("llm").run_into(feeds, {"logits": out.logits, **dict(zip(self._present, out.present))})
+            self.runner.session("llm").run_into({**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, out.present))})
             cache.append(out.present)
         return out.logits
 
