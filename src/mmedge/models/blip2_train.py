@@ -4,8 +4,9 @@
    each after the scene's slot text (`data.scene_slots`: the count, then size / colour / shape
    for each of the 5 positions, 16 words) placed before BOS, then is frozen. Stage 2 puts the
    image prefix, 16 queries, in that place. A fixed slot per fact is what a 2-layer LM can read
-   from a soft prefix: with free-form captions there, it mixed up which shape sat where (demo
-   VQA 0.72 on 300 held-out questions, shape 0.58; with slots and this stage 1, 0.76, shape 0.66).
+   from a soft prefix: with free-form captions there, it mixed up which shape sat where (shape
+   questions 0.58). With slots and this stage 1, controlled runs on one LM reached shape 0.77-0.80;
+   demo runs vary with the clip-tiny they get (VQA 0.70-0.76, shape 0.55-0.66).
    Colour questions ("what colour is the circle?") stay near 0.70 because the LM itself misses
    them: given the slot text, it answers count and shape questions perfectly but colour ones
    0.68-0.71 (490 or 1000 steps, 2 or 3 layers), picking another object's colour.
