@@ -168,35 +168,28 @@ class LanguageModel:
                  "logits_to_keep": np.array([keep], np.int64),
                  "attention_mask": cache.attention_mask(s),
                  "position_ids": np.broadcast_to(np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s)).copy()}
-        past = dict(zip(self._past, cache.buffers))
         if out is None or s != 1:
             shape = (b, self.kv_heads, s, self.head_dim)
             out = _StepBuffers(np.empty((b, keep, self.vocab_size), np.float32),
                                [] if self.in_place else [np.empty(shape, np.float32) for _ in self._present])
-        binding = self._binding(cache) if self.in_place else None
-        if binding is not None:  # the cache is bound once; only this step's small tensors are bound here
+        if self.in_place:  # the cache is bound once; only this step's small tensors are bound here
+            binding = self._binding(cache)
             binding.bind(feeds, {"logits": out.logits})
             binding.run()
             cache.length += s
-        elif self.in_place:
-            self.runner.session("llm").run_into({**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, cache.buffers))})
-            cache.length += s
         else:
+            past = dict(zip(self._past, cache.buffers))
             self.runner.session("llm").run_into({**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, out.present))})
             cache.append(out.present)
         return out.logits
 
     def _binding(self, cache: KVCache) -> Any:
-        """The cache's binding to the LLM session, with its buffers bound as past and present
-        (in place); None when the backend has no reusable binding."""
+        """The cache's binding to the LLM session, its buffers bound as both past and present.
+        (An in-place build is an ORT build, so the session is an OrtSession.)"""
         sess = self.runner.session("llm")
         if cache.binding is None or cache.binding_session is not sess:
-            make = getattr(sess, "binding", None)
-            binding = make() if make is not None else None
-            if binding is None:
-                return None
-            binding.bind(dict(zip(self._past, cache.buffers)), dict(zip(self._present, cache.buffers)))
-            cache.binding, cache.binding_session = binding, sess
+            cache.binding, cache.binding_session = sess.binding(), sess
+            cache.binding.bind(dict(zip(self._past, cache.buffers)), dict(zip(self._present, cache.buffers)))
         return cache.binding
 
     def generate_ids(self, prompt: np.ndarray, config: GenerationConfig, cache: KVCache | None = None,

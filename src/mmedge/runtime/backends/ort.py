@@ -56,7 +56,6 @@ class OrtSession:
         if not options.spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._sess = ort.InferenceSession(model, sess_options=so, providers=[p for p in wanted if p in available])
-        self._cpu = options.device == "cpu"
         self.input_names = tuple(i.name for i in self._sess.get_inputs())
         self.output_names = tuple(o.name for o in self._sess.get_outputs())
         # fixed dims are ints, symbolic ones strings: how a caller tells a build's I/O contract apart
@@ -67,23 +66,15 @@ class OrtSession:
         return dict(zip(self.output_names, outs))
 
     def run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        """IOBinding over the caller's numpy memory: on CPU, OrtValues wrap the arrays without a copy,
-        so a KV cache bound here is read in place and outputs land directly in their buffers."""
-        import onnxruntime as ort
+        """IOBinding over the caller's numpy memory: the arrays are bound without a copy, so a KV
+        cache bound here is read in place and outputs land directly in their buffers."""
+        binding = self.binding()  # per call: bindings are not shared between threads
+        binding.bind({k: np.ascontiguousarray(v) for k, v in feeds.items()}, outputs)
+        binding.run()
 
-        io = self._sess.io_binding()  # per call: bindings are not shared between threads
-        for name, arr in feeds.items():
-            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr)))
-        for name, arr in outputs.items():
-            if not arr.flags.c_contiguous:
-                raise UnsupportedError(f"output buffer {name!r} must be C-contiguous")
-            io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        self._sess.run_with_iobinding(io)
-
-
-    def binding(self) -> OrtBinding | None:
-        """A reusable binding (CPU only): what stays bound between calls, a KV cache, is bound once."""
-        return OrtBinding(self._sess) if self._cpu else None
+    def binding(self) -> OrtBinding:
+        """A reusable binding over host memory: what stays bound between calls (a KV cache) is bound once."""
+        return OrtBinding(self._sess)
 
 
 class OrtBinding:
