@@ -189,10 +189,13 @@ def test_scene_slots_give_each_fact_a_fixed_place() -> None:
 
     for s in SCENES:
         words = scene_slots(s.objects).split()
-        assert len(words) == SLOT_WORDS == 16
+        assert len(words) == SLOT_WORDS == 20
         assert words[0] == ("one", "two", "three")[len(s.objects) - 1]
         at = {o.position: o for o in s.objects}
         for i, p in enumerate(POSITIONS):
             o = at.get(p)
             assert words[1 + 3 * i: 4 + 3 * i] == ([o.size, o.colour, o.shape] if o else [EMPTY_SLOT] * 3)
+        for shape, word in zip(SHAPES, words[16:]):
+            having = [o for o in s.objects if o.shape == shape]
+            assert word == (having[0].colour if len(having) == 1 else EMPTY_SLOT)
         assert set(words) <= set(VOCABULARY)

@@ -128,21 +128,30 @@ def caption_for(objects: Sequence[SceneObject], rng: np.random.Generator) -> str
 
 
 EMPTY_SLOT = "none"
-SLOT_WORDS = 1 + 3 * len(POSITIONS)  # count, then size colour shape per position
+# the count; size, colour and shape per position; then the colour of each shape
+SLOT_WORDS = 1 + 3 * len(POSITIONS) + len(SHAPES)
 
 
 def scene_slots(objects: Sequence[SceneObject]) -> str:
-    """The scene as fixed slots: the count word, then size, colour and shape for each position in
-    POSITIONS order, `none none none` where it is empty (16 words, one meaning per slot).
+    """The scene as fixed slots (SLOT_WORDS words, one meaning per slot): the count word; size,
+    colour and shape for each position in POSITIONS order (`none none none` where it is empty);
+    then, for each of SHAPES, its colour when exactly one object has that shape, else `none`.
 
-    `blip2-tiny`'s LM learns to read this text where the image prefix will go: with a fixed slot
-    per fact, each query of the prefix can stand for one slot (see `models.blip2_train`).
+    `blip2-tiny`'s LM learns to read this text where the image prefix will go, and stage 2 trains
+    query i to stand for slot i (see `models.blip2_train`). The colour-by-shape block gives
+    "what colour is the star?" a fixed place to look. The LM does not learn to use it for colour in
+    the demo's budget, but learned the position questions faster with it (LM alone on slot text,
+    35-90 s: shape 0.94-1.0 in four runs, against 0.80-0.86 in four runs without).
     """
-    at = {o.position: o for o in _check_objects(objects)}
+    ordered = _check_objects(objects)
+    at = {o.position: o for o in ordered}
     words = [_COUNT_WORDS[len(at)]]
     for p in POSITIONS:
         o = at.get(p)
         words += [o.size, o.colour, o.shape] if o else [EMPTY_SLOT] * 3
+    shape_counts = Counter(o.shape for o in ordered)
+    colour_of = {o.shape: o.colour for o in ordered if shape_counts[o.shape] == 1}
+    words += [colour_of.get(shape, EMPTY_SLOT) for shape in SHAPES]
     return " ".join(words)
 
 

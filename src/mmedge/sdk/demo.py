@@ -18,7 +18,7 @@ from mmedge.sdk.store import model_home
 DEMO_STEPS = 1600
 # Schedules anneal by these deadlines even on a slow machine (seconds).
 DEMO_TRAIN_BUDGET_S = 275.0
-BLIP2_BUDGETS_S = {"lm": 45.0, "stage1": 40.0, "stage2": 115.0}
+BLIP2_BUDGETS_S = {"lm": 60.0, "stage1": 40.0, "stage2": 110.0}
 VQA_QUESTIONS, VQA_SCENES, CAPTIONS = 300, 100, 50
 
 
