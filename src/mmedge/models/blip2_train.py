@@ -23,10 +23,11 @@
      generated (next-token loss through a head tied to the Q-Former's word embeddings).
 2. Stage 2: the query outputs, projected, are the LM's input prefix; the Q-Former and projector
    learn with the frozen LM's loss on captions (no prompt) and answers (after the template), plus
-   (our addition, `slot_weight`) a cross-entropy that makes projected query i score the token of
-   slot i highest against the LM's input embeddings: the slots are ground truth the synthetic
-   data has, and the LM loss alone reached the right slot token for 20% of queries in the demo's
-   budget against 99% with it (held-out scenes; VQA 0.73 against 0.77 on the same frozen LM).
+   (our addition, `slot_weight`) a slot loss that makes projected query i look like the LM's
+   input embedding of slot i's token (`_stage2_loss`): the slots are ground truth the synthetic
+   data has. With the LM loss alone, 20% of queries were nearest to their slot's token on held-out
+   scenes; with a slot loss, 92-99%. On one frozen LM: VQA 0.733 without, 0.773 with a plain
+   cross-entropy (16 slots); on another, 0.740 with the plain cross-entropy, 0.763 with this one.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from mmedge.models.trainer import TrainConfig, train
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+SLOT_TEMPERATURE = 0.1  # of the slot loss's cosine cross-entropy
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,11 @@ def _stage1_loss(heads: _Stage1Heads, batch: tuple[torch.Tensor, ...], itm_pairs
 
 
 def _stage2_loss(model: Blip2, batch: tuple[torch.Tensor, ...], slot_weight: float = 0.0) -> torch.Tensor:
-    """The frozen LM's loss after the projected queries; with `slot_weight`, plus the slot
-    cross-entropy: projected query i scored against the LM's input embeddings, target slot i."""
+    """The frozen LM's loss after the projected queries; with `slot_weight`, plus the slot loss:
+    projected query i should look like the LM's input embedding of slot i's token, in direction
+    (cross-entropy over cosine similarities to every token's embedding) and in size (squared log of
+    the norm ratio). A plain dot-product cross-entropy grew the prefix to 75x the embeddings' norm,
+    which drowned the LM's position embeddings: the LM then mixed up which slot held which shape."""
     feats, ids, mask, labels, slot_ids = batch
     prefix = model.language_projection(model.query_outputs(feats))  # (B, Q, E)
     lm = model.language_model
@@ -208,8 +213,11 @@ def _stage2_loss(model: Blip2, batch: tuple[torch.Tensor, ...], slot_weight: flo
     full_labels = torch.cat([torch.full(prefix.shape[:2], IGNORE, dtype=labels.dtype), labels], 1)
     loss = _lm_loss(logits, full_labels)
     if slot_weight:
-        slot_logits = prefix @ lm.embed_tokens.weight.t()  # (B, Q, V)
-        loss = loss + slot_weight * F.cross_entropy(slot_logits.flatten(0, 1), slot_ids.flatten())
+        table = lm.embed_tokens.weight  # (V, E)
+        cosine = F.normalize(prefix, dim=-1) @ F.normalize(table, dim=-1).t()  # (B, Q, V)
+        direction = F.cross_entropy((cosine / SLOT_TEMPERATURE).flatten(0, 1), slot_ids.flatten())
+        size = (prefix.norm(dim=-1) / table[slot_ids].norm(dim=-1)).log().square().mean()
+        loss = loss + slot_weight * (direction + size)
     return loss
 
 
