@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmedge.data.scenes import TRAIN_SEED
+from mmedge.data.scenes import EMPTY_SLOT, TRAIN_SEED
 from mmedge.errors import ConfigError
 from mmedge.models.blip2 import Blip2, Blip2Config
 from mmedge.models.blocks import MASK_VALUE
@@ -55,6 +55,7 @@ from mmedge.models.trainer import TrainConfig, train
 log = logging.getLogger(__name__)
 IGNORE = -100
 SLOT_TEMPERATURE = 0.1  # of the slot loss's cosine cross-entropy
+EMPTY_SLOT_WEIGHT = 0.25  # of an empty slot's term in it
 
 
 @dataclass(frozen=True)
@@ -197,12 +198,14 @@ def _stage1_loss(heads: _Stage1Heads, batch: tuple[torch.Tensor, ...], itm_pairs
     return itc + itm + itg
 
 
-def _stage2_loss(model: Blip2, batch: tuple[torch.Tensor, ...], slot_weight: float = 0.0) -> torch.Tensor:
+def _stage2_loss(model: Blip2, batch: tuple[torch.Tensor, ...], slot_weight: float = 0.0,
+                 empty_id: int = -1) -> torch.Tensor:
     """The frozen LM's loss after the projected queries; with `slot_weight`, plus the slot loss:
     projected query i should look like the LM's input embedding of slot i's token, in direction
     (cross-entropy over cosine similarities to every token's embedding) and in size (squared log of
     the norm ratio). A plain dot-product cross-entropy grew the prefix to 75x the embeddings' norm,
-    which drowned the LM's position embeddings: the LM then mixed up which slot held which shape."""
+    which drowned the LM's position embeddings: the LM then mixed up which slot held which shape.
+    Empty slots (token `empty_id`) are most slots and the easiest; they weigh EMPTY_SLOT_WEIGHT."""
     feats, ids, mask, labels, slot_ids = batch
     prefix = model.language_projection(model.query_outputs(feats))  # (B, Q, E)
     lm = model.language_model
@@ -215,7 +218,9 @@ def _stage2_loss(model: Blip2, batch: tuple[torch.Tensor, ...], slot_weight: flo
     if slot_weight:
         table = lm.embed_tokens.weight  # (V, E)
         cosine = F.normalize(prefix, dim=-1) @ F.normalize(table, dim=-1).t()  # (B, Q, V)
-        direction = F.cross_entropy((cosine / SLOT_TEMPERATURE).flatten(0, 1), slot_ids.flatten())
+        per_slot = F.cross_entropy((cosine / SLOT_TEMPERATURE).flatten(0, 1), slot_ids.flatten(), reduction="none")
+        weights = torch.where(slot_ids.flatten() == empty_id, EMPTY_SLOT_WEIGHT, 1.0)
+        direction = (per_slot * weights).sum() / weights.sum()
         size = (prefix.norm(dim=-1) / table[slot_ids].norm(dim=-1)).log().square().mean()
         loss = loss + slot_weight * (direction + size)
     return loss
@@ -305,7 +310,8 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
             yield feats[idx], ids, mask, labels, slot_ids[idx]
 
     model.qformer_text.requires_grad_(False)  # stage 2 reads queries only
-    stage("stage2", model, s2_batches(), lambda m, batch: _stage2_loss(m, batch, settings.slot_weight),
+    (empty_id,) = tok.encode(EMPTY_SLOT, add_special_tokens=False).ids  # one token, as checked above
+    stage("stage2", model, s2_batches(), lambda m, batch: _stage2_loss(m, batch, settings.slot_weight, empty_id),
           settings.stage2_steps, settings.stage2_budget_s, settings.stage2_lr)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["clip_checkpoint"] = str(settings.clip_checkpoint)
