@@ -132,6 +132,12 @@ EMPTY_SLOT = "none"
 SLOT_WORDS = 1 + 3 * len(POSITIONS) + len(SHAPES)
 
 
+def _unique_shapes(objects: Sequence[SceneObject]) -> set[str]:
+    """Shapes that exactly one object has: "the star" names an object only then."""
+    counts = Counter(o.shape for o in objects)
+    return {shape for shape, n in counts.items() if n == 1}
+
+
 def scene_slots(objects: Sequence[SceneObject]) -> str:
     """The scene as fixed slots (SLOT_WORDS words, one meaning per slot): the count word; size,
     colour and shape for each position in POSITIONS order (`none none none` where it is empty);
@@ -149,8 +155,8 @@ def scene_slots(objects: Sequence[SceneObject]) -> str:
     for p in POSITIONS:
         o = at.get(p)
         words += [o.size, o.colour, o.shape] if o else [EMPTY_SLOT] * 3
-    shape_counts = Counter(o.shape for o in ordered)
-    colour_of = {o.shape: o.colour for o in ordered if shape_counts[o.shape] == 1}
+    unique = _unique_shapes(ordered)
+    colour_of = {o.shape: o.colour for o in ordered if o.shape in unique}
     words += [colour_of.get(shape, EMPTY_SLOT) for shape in SHAPES]
     return " ".join(words)
 
@@ -175,13 +181,13 @@ def parse_caption(text: str) -> tuple[SceneObject, ...]:
 def questions_for(objects: Sequence[SceneObject]) -> tuple[QA, ...]:
     """Return the scene's QA pairs: count, then per object shape, colour and position questions."""
     ordered = _check_objects(objects)
-    shape_counts = Counter(o.shape for o in ordered)
+    unique = _unique_shapes(ordered)
     pair_counts = Counter((o.colour, o.shape) for o in ordered)
     qa = [QA("how many shapes are there?", _COUNT_WORDS[len(ordered)], "count")]
     for o in ordered:
         where = "in the center" if o.position == "center" else f"at the {o.position}"
         qa.append(QA(f"what shape is {where}?", o.shape, "shape"))
-        if shape_counts[o.shape] == 1:  # otherwise "the star" would be ambiguous
+        if o.shape in unique:  # otherwise "the star" would be ambiguous
             qa.append(QA(f"what colour is the {o.shape}?", o.colour, "colour"))
         if pair_counts[(o.colour, o.shape)] == 1:
             qa.append(QA(f"where is the {o.colour} {o.shape}?", o.position, "position"))

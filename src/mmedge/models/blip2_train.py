@@ -26,7 +26,7 @@
    (our addition, `slot_weight`) a slot loss that makes projected query i look like the LM's
    input embedding of slot i's token (`_stage2_loss`): the slots are ground truth the synthetic
    data has. With the LM loss alone, 20% of queries were nearest to their slot's token on held-out
-   scenes; with a slot loss, 92-99%. On one frozen LM: VQA 0.733 without, 0.773 with a plain
+   scenes; with a slot loss, 85-99%. On one frozen LM: VQA 0.733 without, 0.773 with a plain
    cross-entropy (16 slots); on another, 0.740 with the plain cross-entropy, 0.763 with this one.
 """
 
@@ -74,7 +74,7 @@ class Blip2TrainSettings:
     stage2_lr: float = 2e-3
     caption_fraction: float = 0.2  # stage 2: the rest are questions
     itm_pairs: int = 16  # stage 1: matched pairs per batch that also get ITM (with 2 negatives each)
-    slot_weight: float = 1.0  # stage 2: weight of the slot cross-entropy beside the LM loss (0: LM loss only)
+    slot_weight: float = 1.0  # stage 2: weight of the slot loss (`_stage2_loss`) beside the LM loss; 0: LM loss only
     pool: int = 8192  # scenes rendered and encoded once for stages 1 and 2
     seed: int = 0
     threads: int = 0
