@@ -8,7 +8,7 @@
    shape sat where (shape questions 0.58).
    What the LM does not learn in the demo's budget is binding: given the slot text it answers
    count questions, and shape questions 0.82-1.0, but colour questions ("what colour is the
-   circle?") only 0.65-0.73, naming another object's colour, with or without the colour-by-shape
+   circle?") only 0.63-0.73, naming another object's colour, with or without the colour-by-shape
    block, 2 or 3 layers, OPT or Llama style, trained on colour questions alone. Alone, the
    colour-by-shape block is learned (0.92); among the other slots it is not.
 1. Stage 1 (Q-Former, frozen image encoder), three losses as in the BLIP-2 paper, each with its
