@@ -18,7 +18,7 @@ from mmedge.models.clip import CLIP, CLIPConfig
 from mmedge.models.families import load_preset
 from mmedge.models.losses import itc_loss
 from mmedge.models.tokenizer_train import EOS_ID, PAD_ID, train_tokenizer
-from mmedge.models.trainer import TrainConfig, train
+from mmedge.models.trainer import TrainConfig, amx_bf16_fast, train
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ class CLIPTrainSettings:
     seed: int = 0
     threads: int = 0
     time_budget_s: float | None = None
+    # Steps matter more than anything else we swept (GPU seed sweep, torch R@1 on 500 held-out scenes):
+    # 1300 steps gave 0.82-0.97 over 8 seeds, 1800 steps 0.98-0.99 fp32 and 0.93-0.99 with bf16
+    # autocast. bf16 buys ~1.3x more steps in a time budget where the CPU has AMX.
+    bf16: bool = True
 
 
 def _pixels(images: list[np.ndarray], cfg) -> np.ndarray:  # noqa: ANN001 - PreprocessConfig
@@ -86,11 +90,11 @@ def train_clip(out: str | Path, settings: CLIPTrainSettings = CLIPTrainSettings(
     torch.manual_seed(settings.seed)
     model = CLIP(cfg)
     tc = TrainConfig(steps=settings.steps, lr=settings.lr, warmup=min(50, settings.steps // 10), seed=settings.seed,
-                     threads=settings.threads, time_budget_s=settings.time_budget_s)
+                     threads=settings.threads, time_budget_s=settings.time_budget_s, bf16=settings.bf16)
     losses = train(model, _batches(tokenizer, pre, cfg.vision.image_size, settings), _loss, tc,
                    progress=progress, desc=f"train {settings.preset}")
     info = {"train": {"preset": settings.preset, "steps": len(losses), "batch_size": settings.batch_size,
-                      "hard_negatives": settings.hard_negatives,
+                      "hard_negatives": settings.hard_negatives, "bf16": settings.bf16 and amx_bf16_fast(),
                       "final_loss": float(np.mean(losses[-20:])), "seconds": round(time.perf_counter() - t0, 1)}}
     log.info("trained %d steps, final loss %.3f", len(losses), info["train"]["final_loss"])
     return save_checkpoint(out, family.name, cfg.to_dict(), model, tok.to_str(), extra=info)

@@ -35,7 +35,7 @@ def cmd_train(a: argparse.Namespace) -> object:
 
     s = CLIPTrainSettings(preset=a.preset, steps=a.steps, batch_size=a.batch_size, hard_negatives=a.hard_negatives,
                           lr=a.lr, seed=a.seed,
-                          threads=a.threads, time_budget_s=a.time_budget)
+                          threads=a.threads, time_budget_s=a.time_budget, bf16=not a.fp32)
     return {"checkpoint": str(train_clip(a.out, s, progress=None))}
 
 
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--threads", type=int, default=0)
     sp.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
+    sp.add_argument("--fp32", action="store_true",
+                    help="no bf16 autocast (used by default only where the CPU has AMX tiles, ~1.3x faster steps)")
 
     sp = add("init", cmd_init, "write a random-weight checkpoint of a preset (for benchmarks)")
     sp.add_argument("preset")
