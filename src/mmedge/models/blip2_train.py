@@ -50,7 +50,7 @@ from mmedge.models.blocks import MASK_VALUE
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.families import load_preset
 from mmedge.models.tokenizer_train import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
-from mmedge.models.trainer import TrainConfig, train
+from mmedge.models.trainer import TrainConfig, amx_bf16_fast, train
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -316,6 +316,7 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
           settings.stage2_steps, settings.stage2_budget_s, settings.stage2_lr)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["clip_checkpoint"] = str(settings.clip_checkpoint)
+    info["bf16"] = settings.bf16 and amx_bf16_fast()
     return save_checkpoint(out, family.name, cfg.to_dict(), model.eval(), tok.to_str(), extra={"train": info})
 
 
