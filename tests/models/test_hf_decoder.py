@@ -233,3 +233,39 @@ def test_weight_only_quantization(exported, tmp_path: Path) -> None:  # noqa: AN
     for precision in ("int4", "int8", "auto"):
         out = sdk.Pipeline(str(pkg), precision=precision).generate_ids(ids, max_new_tokens=6, min_new_tokens=6)
         assert len(out) == 6 and all(0 <= t < VOCAB for t in out)
+    _check_prefill_builds(pkg, built, ids)
+
+
+def _check_prefill_builds(pkg: Path, built: dict, ids: list[int]) -> None:
+    """Each weight-only build has a prefill build (int8 GEMMs); prompts run through it, decoding
+    through the 4-bit build, both bound to one cache; `--no-prefill-build` leaves none behind."""
+    from mmedge.calibration.build import build_package
+    from mmedge.runtime.components import ComponentRunner
+    from mmedge.runtime.generation import PREFILL, LanguageModel
+    from mmedge.runtime.package import verify_package
+
+    for bits in (4, 8):
+        rec = built["builds"][f"llm.int{bits}.{PREFILL}"]
+        assert rec["int8_gemms"] == 2 * 4 + 1 and rec["rel_error_vs_source"] < 1e-1
+    lm = LanguageModel(ComponentRunner(pkg, precision="int4"))
+    prefill = lm.runner.variant_session("llm", PREFILL)
+    assert prefill is not None and prefill is not lm.runner.session("llm")
+    cache, stepwise = lm.new_cache(), lm.new_cache()
+    prompt = lm.embed(np.array([ids]))
+    logits = lm.forward(prompt, cache, logits_to_keep=1)[0, -1]
+    assert [s for s, _ in cache.bindings] == [prefill]
+    for i in range(len(ids)):  # the same prompt one token at a time: the 4-bit decode build only
+        ref = lm.forward(prompt[:, i:i + 1], stepwise)[0, -1]
+    assert [s for s, _ in stepwise.bindings] == [lm.runner.session("llm")]
+    cos = float(logits @ ref / (np.linalg.norm(logits) * np.linalg.norm(ref)))
+    assert cos > 0.99
+    n = len(ids)
+    for a, b in zip(cache.buffers, stepwise.buffers):  # the keys/values decoding will read
+        assert np.abs(a[:, :, :n] - b[:, :, :n]).max() <= 0.1 * np.abs(b[:, :, :n]).max()
+    lm.forward(lm.embed(np.array([[ids[0]]])), cache)  # then decoding, on the same cache
+    assert [s for s, _ in cache.bindings] == [prefill, lm.runner.session("llm")]
+    build_package(pkg, backend="ort", prefill=False)
+    engines = next(iter(verify_package(pkg).manifest.engines.values()))
+    assert not [k for k in engines.files if k.endswith(f".{PREFILL}")]
+    assert not list(pkg.glob(f"builds/*/*.{PREFILL}.onnx"))
+    assert ComponentRunner(pkg, precision="int4").variant_session("llm", PREFILL) is None

@@ -68,6 +68,10 @@ def _check_build(source: Path, built: Path, pkg: Package, entry: ComponentEntry,
 # attention's different float summation order moves a random-weight 30-layer LM's logits by ~1e-2;
 # a structural error (heads, rotary, slots) moves them by O(1). fp32 builds keep the strict limit.
 IN_PLACE_QUANTIZED_MAX_REL_ERROR = 5e-2
+# The prefill build (`ort_prefill`) adds per-column int8 weights and per-tensor dynamic int8
+# activations on top: 2.6e-2 on BLIP-2-base's random OPT-125M, 5.1e-2 on the 2-layer random Llama
+# of the tests. Still an order of magnitude under a structural error.
+PREFILL_MAX_REL_ERROR = 1e-1
 
 
 def _check_decoder_build(source: Path, built: Path, entry: ComponentEntry, generation: dict[str, Any],
@@ -111,8 +115,11 @@ def _check_decoder_build(source: Path, built: Path, entry: ComponentEntry, gener
 
 
 def build_package(package: str | Path, backend: str = "ort", precision: str = "auto", threads: int = 2,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build every component at `precision` (auto = every precision present) for `backend`."""
+                  progress: Callable[[str], None] | None = None, prefill: bool = True) -> dict[str, Any]:
+    """Build every component at `precision` (auto = every precision present) for `backend`.
+
+    For ORT, a weight-only LLM also gets a prefill build with int8 GEMMs (`ort_prefill`; `prefill`
+    False skips it and its extra int8 copy of the weights)."""
     from mmedge.export.package_writer import write_manifest
     from mmedge.sdk.store import resolve
 
@@ -132,6 +139,8 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
 
             target, version, device = ort_target("cpu"), ort.__version__, "CPUExecutionProvider"
             from mmedge.calibration.ort_build import MATMULNBITS_ACCURACY_LEVEL
+            from mmedge.calibration.ort_prefill import write_prefill_build
+            from mmedge.runtime.generation import PREFILL
 
             settings = {"level": "extended", "uint8_activations": "x86 only",
                         "matmulnbits_accuracy_level": MATMULNBITS_ACCURACY_LEVEL,
@@ -151,6 +160,14 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
                     files[f"{name}.{p}"] = rel
                     report["builds"][f"{name}.{p}"] = {"file": rel, "ops": ops, "rel_error_vs_source": err}
                     say(f"built {name}.{p} for {target} (relative error vs source {err:.1e})")
+                    if ops.get("com.microsoft:GroupQueryAttention") and ops.get("com.microsoft:MatMulNBits") and prefill:
+                        key, prel = f"{name}.{p}.{PREFILL}", f"builds/{target}/{name}.{p}.{PREFILL}.onnx"
+                        n = write_prefill_build(tmp / rel, tmp / prel)
+                        err = _check_decoder_build(src, tmp / prel, entry, pkg.manifest.generation, threads,
+                                                   PREFILL_MAX_REL_ERROR)
+                        files[key] = prel
+                        report["builds"][key] = {"file": prel, "int8_gemms": n, "rel_error_vs_source": err}
+                        say(f"built {key} for {target}: {n} int8 GEMMs for prompts (relative error vs source {err:.1e})")
         else:
             from mmedge.runtime.backends import tensorrt as trt_backend
 
@@ -181,8 +198,13 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
             raise UnsupportedError(f"no component has a {precision!r} build to compile")
         old = pkg.manifest.engines.get(target)
         if old is not None and (old.version, old.device, old.settings) == (version, device, settings):
-            # building some precisions keeps the target's other builds (their files stay in the package)
-            files = {**{k: v for k, v in old.files.items() if (tmp / v).is_file()}, **files}
+            # building some precisions keeps the target's other builds (their files stay in the package);
+            # a rebuilt one drops its old variants ("llm.int4" drops "llm.int4.prefill" unless rebuilt too)
+            stale = tuple(f"{k}." for k in files)
+            for k, v in old.files.items():
+                if k.startswith(stale) and k not in files and v not in files.values():
+                    (tmp / v).unlink(missing_ok=True)
+            files = {**{k: v for k, v in old.files.items() if (tmp / v).is_file() and not k.startswith(stale)}, **files}
         engines = {**pkg.manifest.engines, target: EngineEntry(backend, version, device, settings, files)}
         write_manifest(tmp, replace(pkg.manifest, engines=engines))
         verify_package(tmp)

@@ -151,6 +151,27 @@ class ComponentRunner:
                 )
             return self._sessions[component]
 
+    def variant_session(self, component: str, variant: str) -> Session | None:
+        """The ORT build `variant` of a component (the LLM's "prefill" build), or None where the
+        package has none for this backend, precision and ORT version."""
+        if self.backend.name != "ort":
+            return None
+        from mmedge.runtime.backends.ort import ort_target
+
+        precision = self.precision_of(component)
+        engines = self.manifest.engines.get(ort_target(self.options.device))
+        key = f"{component}.{precision}.{variant}"
+        if engines is None or key not in engines.files:
+            return None
+        # A prompt runs once before decoding: threads left spinning would take the decode build's cores.
+        options = replace(self.session_options(component), spin=False)
+        with self._lock:
+            if key not in self._sessions:
+                self._sessions[key] = self.backend.load(  # type: ignore[call-arg]  # ORT-only argument
+                    self.package, component, precision, options, variant=variant
+                )
+            return self._sessions[key]
+
     def check_inputs(self, component: str, feeds: dict[str, np.ndarray]) -> ComponentEntry:
         """Dtype, rank, fixed dims and dim ranges of every input, as the manifest declares them."""
         entry = self.manifest.component(component)

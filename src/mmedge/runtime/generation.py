@@ -23,6 +23,10 @@ from mmedge.errors import InvalidInputError
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.texts import TextTokenizer
 
+# Engine-file variant of an LLM build that serves steps of more than one token ("llm.int4.prefill";
+# `calibration.ort_prefill` writes it); decoding runs the plain build.
+PREFILL = "prefill"
+
 MAX_STOP_STRINGS = 16
 
 
@@ -91,8 +95,8 @@ class KVCache:
         self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * layers)]  # key, value per layer
         self.max_context = max_context
         self.length = 0
-        self.binding: Any = None  # the LLM session's binding with these buffers bound (LanguageModel)
-        self.binding_session: Any = None
+        # (session, binding) per LLM session whose binding has these buffers bound (LanguageModel)
+        self.bindings: list[tuple[Any, Any]] = []
 
     def attention_mask(self, new: int) -> np.ndarray:
         """(B, max_context + new) int64: filled slots and the new tokens are 1."""
@@ -172,8 +176,9 @@ class LanguageModel:
             shape = (b, self.kv_heads, s, self.head_dim)
             out = _StepBuffers(np.empty((b, keep, self.vocab_size), np.float32),
                                [] if self.in_place else [np.empty(shape, np.float32) for _ in self._present])
-        if self.in_place:  # the cache is bound once; only this step's small tensors are bound here
-            binding = self._binding(cache)
+        if self.in_place:  # the cache is bound once per session; only this step's small tensors are bound here
+            prefill = self.runner.variant_session("llm", PREFILL) if s > 1 else None
+            binding = self._binding(cache, prefill or self.runner.session("llm"))
             binding.bind(feeds, {"logits": out.logits})
             binding.run()
             cache.length += s
@@ -183,14 +188,17 @@ class LanguageModel:
             cache.append(out.present)
         return out.logits
 
-    def _binding(self, cache: KVCache) -> Any:
-        """The cache's binding to the LLM session, its buffers bound as both past and present.
+    def _binding(self, cache: KVCache, sess: Any) -> Any:
+        """The cache's binding to an LLM session (the decode build, or the prefill build of
+        `calibration.ort_prefill` for prompts), its buffers bound as both past and present.
         (An in-place build is an ORT build, so the session is an OrtSession.)"""
-        sess = self.runner.session("llm")
-        if cache.binding is None or cache.binding_session is not sess:
-            cache.binding, cache.binding_session = sess.binding(), sess
-            cache.binding.bind(dict(zip(self._past, cache.buffers)), dict(zip(self._present, cache.buffers)))
-        return cache.binding
+        for bound, binding in cache.bindings:
+            if bound is sess:
+                return binding
+        binding = sess.binding()
+        binding.bind(dict(zip(self._past, cache.buffers)), dict(zip(self._present, cache.buffers)))
+        cache.bindings.append((sess, binding))
+        return binding
 
     def generate_ids(self, prompt: np.ndarray, config: GenerationConfig, cache: KVCache | None = None,
                      history: Sequence[int] = ()) -> Iterator[int]:

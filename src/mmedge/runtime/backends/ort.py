@@ -108,14 +108,21 @@ def ort_target(device: str = "cpu") -> str:
 class OrtBackend:
     name = "ort"
 
-    def load(self, package: Package, component: str, precision: str, options: SessionOptions) -> OrtSession:
-        """Prefer an ORT-optimized build for this ORT version; load verified bytes when self-contained."""
+    def load(self, package: Package, component: str, precision: str, options: SessionOptions,
+             variant: str = "") -> OrtSession:
+        """Prefer an ORT-optimized build for this ORT version; load verified bytes when self-contained.
+
+        `variant` names an extra build of the component (e.g. the LLM's "prefill" build,
+        `calibration.ort_prefill`); it exists only as an ORT build."""
         import hashlib
 
         _, rel = component_file(package, component, precision)
         built = package.manifest.engines.get(ort_target(options.device))
-        if built is not None and f"{component}.{precision}" in built.files:
-            rel = built.files[f"{component}.{precision}"]
+        key = f"{component}.{precision}" + (f".{variant}" if variant else "")
+        if built is not None and key in built.files:
+            rel = built.files[key]
+        elif variant:
+            raise UnsupportedError(f"package {package.manifest.name!r} has no {key!r} build for {ort_target(options.device)}")
         path = package.path(rel)
         if rel + ".data" in package.manifest.files:  # external data: ORT must read it from disk
             return OrtSession(str(path), options)
