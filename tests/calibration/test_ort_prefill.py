@@ -8,12 +8,12 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
-from mmedge.calibration.ort_prefill import dequantize_nbits, nbits_to_dynamic_int8, per_column_int8  # noqa: E402
+from mmedge.calibration.ort_prefill import dequantize_nbits, nbits_to_dynamic_int8, per_column_int8
 
 
-def _matmulnbits(rng: np.random.Generator, k: int, n: int, block: int, bits: int, zero_points: bool):  # noqa: ANN202
+def _matmulnbits(rng: np.random.Generator, k: int, n: int, block: int, bits: int, zero_points: bool) -> tuple:
     blocks = (k + block - 1) // block
     b = rng.integers(0, 256, (n, blocks, block * bits // 8)).astype(np.uint8)
     scales = (rng.random(n * blocks) * 0.1 + 0.01).astype(np.float32)
@@ -31,7 +31,7 @@ def _matmulnbits(rng: np.random.Generator, k: int, n: int, block: int, bits: int
     return model, b, scales, zp
 
 
-def _run(model, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": x})[0]
 
 

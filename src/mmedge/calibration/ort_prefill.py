@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 
-
 def dequantize_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
                      k: int, n: int, block: int) -> np.ndarray:
     """The float weight (K, N) that a MatMulNBits node holds.

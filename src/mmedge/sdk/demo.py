@@ -70,6 +70,7 @@ def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json
     say(f"[4/{n}] benchmarking the vision tower, batch 1")
     b = bench(str(pkg), precision="int8", batches=[1], threads=threads, runs=30, vs="torch", components=["vision"])
     lat = b["components"]["vision"]["batch1"]
+    timings["clip_s"] = time.perf_counter() - t0
     result: dict[str, Any] = {"eval": ev, "bench_vision_batch1": lat, "calibration": calib, "timings": timings,
                               "package": str(pkg)}
     if blip2:
@@ -92,7 +93,8 @@ def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json
     print(_table(rows))
     if blip2:
         _print_blip2(result["blip2"])
-    print(f"\ntotal time: {timings['total_s']:.0f} s   packages: {pkg}" + (", blip2-tiny" if blip2 else ""))
+    print(f"\ntotal time: {timings['total_s']:.0f} s (clip-tiny part {timings['clip_s']:.0f} s)   packages: {pkg}"
+          + (", blip2-tiny" if blip2 else ""))
     print("try: mmedge chat blip2-tiny IMAGE \"what colour is the circle?\"   or   "
           "python -c \"from mmedge import sdk; p = sdk.Pipeline('clip-tiny'); print(p.embed_texts(['a red circle']).shape)\"")
     return None
