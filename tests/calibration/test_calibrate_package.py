@@ -145,3 +145,21 @@ def test_bad_arguments(tiny_pkg: Path) -> None:
     with pytest.raises(InvalidInputError, match="shapes"):
         calibrate_package(tiny_pkg, "shapes:abc")
     np.testing.assert_equal(sorted(verify_package(tiny_pkg).manifest.components["vision"].precisions), ["fp32"])
+
+
+def test_recalibration_drops_builds_of_the_old_weights(calibrated: tuple[Path, dict], tmp_path: Path) -> None:
+    import shutil
+
+    from mmedge.calibration.build import build_package
+    from mmedge.calibration.package import calibrate_package
+    from mmedge.runtime.backends.ort import ort_target
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(calibrated[0], pkg)
+    build_package(pkg, backend="ort")
+    calibrate_package(pkg, "train-shapes:40", samples=16, target_cosine=0.99, components=["vision"])
+    files = verify_package(pkg).manifest.engines[ort_target()].files
+    assert set(files) == {"vision.fp32", "text.fp32", "text.int8"}  # vision.int8 was built from the old weights
+    assert not list(pkg.glob("builds/*/vision.int8.onnx"))
+    p = sdk.Pipeline(str(pkg), precision="int8")  # runs the new Q/DQ file until it is built again
+    assert p.embed_images([generate_scenes(1, seed=0)[0].image]).shape[0] == 1

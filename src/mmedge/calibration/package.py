@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.errors import InvalidInputError
-from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry
+from mmedge.runtime.manifest import ComponentEntry, EngineEntry, Manifest, PrecisionEntry
 from mmedge.runtime.package import Package, verify_package
 from mmedge.runtime.staging import staged_update, write_atomic
 
@@ -54,6 +54,23 @@ def _feeds(pkg: Package, kind: str, items: list) -> list[dict[str, np.ndarray]]:
     else:
         raise InvalidInputError(f"unknown calibration data kind {kind!r}")
     return feeds
+
+
+def _without_builds_of(tmp: Path, engines: dict[str, EngineEntry], keys: set[str]) -> dict[str, EngineEntry]:
+    """The engine table without the builds of `keys` ("<component>.<precision>") and their variants
+    ("llm.int4.prefill"), whose files are deleted: a build of the old weights must not outlive them."""
+    variants = tuple(f"{k}." for k in keys)
+    out = {}
+    for target, engine in engines.items():
+        kept = {}
+        for key, rel in engine.files.items():
+            if key in keys or key.startswith(variants):
+                (tmp / rel).unlink(missing_ok=True)
+            else:
+                kept[key] = rel
+        if kept:
+            out[target] = replace(engine, files=kept)
+    return out
 
 
 def calibrate_package(package: str | Path, data: str, method: str = "minmax", samples: int = 64,
@@ -109,7 +126,10 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
             report["components"][name] = {**record, "trt_lint_ok": lint.ok}
             cos = ", ".join(f"{k}={v:.4f}" for k, v in res.cosine.items())
             say(f"  {cos}; {len(res.float_nodes)} nodes kept in float; met={res.met}")
-        manifest: Manifest = replace(pkg.manifest, components=comps)
+        requantized = {f"{name}.{p}" for name in wanted for p, rec in comps[name].precisions.items()
+                       if p != "fp32" and rec != pkg.manifest.components[name].precisions.get(p)}
+        engines = _without_builds_of(tmp, pkg.manifest.engines, requantized)
+        manifest: Manifest = replace(pkg.manifest, components=comps, engines=engines)
         write_atomic(tmp / "reports" / "calibration.json", json.dumps(report, indent=2, sort_keys=True))
         manifest = write_manifest(tmp, manifest)
         staged = verify_package(tmp)
