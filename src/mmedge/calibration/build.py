@@ -114,6 +114,23 @@ def _check_decoder_build(source: Path, built: Path, entry: ComponentEntry, gener
     return err
 
 
+def without_builds_of(tmp: Path, engines: dict[str, EngineEntry], keys: set[str]) -> dict[str, EngineEntry]:
+    """The engine table without the builds of `keys` ("<component>.<precision>") and their variants
+    ("llm.int4.prefill"), whose files are deleted: a build of the old weights must not outlive them."""
+    variants = tuple(f"{k}." for k in keys)
+    out = {}
+    for target, engine in engines.items():
+        kept = {}
+        for key, rel in engine.files.items():
+            if key in keys or key.startswith(variants):
+                (tmp / rel).unlink(missing_ok=True)
+            else:
+                kept[key] = rel
+        if kept:
+            out[target] = replace(engine, files=kept)
+    return out
+
+
 def build_package(package: str | Path, backend: str = "ort", precision: str = "auto", threads: int = 2,
                   progress: Callable[[str], None] | None = None, prefill: bool = True) -> dict[str, Any]:
     """Build every component at `precision` (auto = every precision present) for `backend`.
@@ -200,11 +217,10 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
         if old is not None and (old.version, old.device, old.settings) == (version, device, settings):
             # building some precisions keeps the target's other builds (their files stay in the package);
             # a rebuilt one drops its old variants ("llm.int4" drops "llm.int4.prefill" unless rebuilt too)
-            stale = tuple(f"{k}." for k in files)
-            for k, v in old.files.items():
-                if k.startswith(stale) and k not in files and v not in files.values():
-                    (tmp / v).unlink(missing_ok=True)
-            files = {**{k: v for k, v in old.files.items() if (tmp / v).is_file() and not k.startswith(stale)}, **files}
+            rebuilt = tuple(f"{k}." for k in files)
+            stale = {k for k in old.files if k.startswith(rebuilt) and k not in files}
+            kept = without_builds_of(tmp, {target: old}, stale).get(target)
+            files = {**{k: v for k, v in (kept.files if kept else {}).items() if (tmp / v).is_file()}, **files}
         engines = {**pkg.manifest.engines, target: EngineEntry(backend, version, device, settings, files)}
         write_manifest(tmp, replace(pkg.manifest, engines=engines))
         verify_package(tmp)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.errors import InvalidInputError
-from mmedge.runtime.manifest import ComponentEntry, EngineEntry, Manifest, PrecisionEntry
+from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry
 from mmedge.runtime.package import Package, verify_package
 from mmedge.runtime.staging import staged_update, write_atomic
 
@@ -56,23 +56,6 @@ def _feeds(pkg: Package, kind: str, items: list) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def _without_builds_of(tmp: Path, engines: dict[str, EngineEntry], keys: set[str]) -> dict[str, EngineEntry]:
-    """The engine table without the builds of `keys` ("<component>.<precision>") and their variants
-    ("llm.int4.prefill"), whose files are deleted: a build of the old weights must not outlive them."""
-    variants = tuple(f"{k}." for k in keys)
-    out = {}
-    for target, engine in engines.items():
-        kept = {}
-        for key, rel in engine.files.items():
-            if key in keys or key.startswith(variants):
-                (tmp / rel).unlink(missing_ok=True)
-            else:
-                kept[key] = rel
-        if kept:
-            out[target] = replace(engine, files=kept)
-    return out
-
-
 def calibrate_package(package: str | Path, data: str, method: str = "minmax", samples: int = 64,
                       target_cosine: float = 0.99, components: list[str] | None = None,
                       weight_bits: tuple[int, ...] = (4,), block_size: int = 32,
@@ -83,6 +66,7 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
     components (an LLM): block-wise INT4 and/or INT8 weights (`weight_bits`), each measured
     against fp32 (logits cosine, next-token agreement) on the data's texts.
     """
+    from mmedge.calibration.build import without_builds_of
     from mmedge.calibration.search import calibrate_to_target
     from mmedge.data import load_data
     from mmedge.export.package_writer import write_manifest
@@ -128,7 +112,7 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
             say(f"  {cos}; {len(res.float_nodes)} nodes kept in float; met={res.met}")
         requantized = {f"{name}.{p}" for name in wanted for p, rec in comps[name].precisions.items()
                        if p != "fp32" and rec != pkg.manifest.components[name].precisions.get(p)}
-        engines = _without_builds_of(tmp, pkg.manifest.engines, requantized)
+        engines = without_builds_of(tmp, pkg.manifest.engines, requantized)
         manifest: Manifest = replace(pkg.manifest, components=comps, engines=engines)
         write_atomic(tmp / "reports" / "calibration.json", json.dumps(report, indent=2, sort_keys=True))
         manifest = write_manifest(tmp, manifest)
