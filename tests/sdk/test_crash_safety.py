@@ -23,8 +23,12 @@ SCRIPTS = {
 
 
 def _start(kind: str, ckpt: Path, pkg: Path) -> subprocess.Popen:
+    # A killed run cannot remove its temporary directories: keep them under the test's own tmp dir.
+    tmp = pkg.parent / "tmp"
+    tmp.mkdir(exist_ok=True)
     return subprocess.Popen([sys.executable, "-c", SCRIPTS[kind], str(ckpt), str(pkg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp)})
 
 
 def _run_to_end(kind: str, ckpt: Path, pkg: Path) -> float:
