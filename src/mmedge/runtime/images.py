@@ -228,10 +228,10 @@ def preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarra
     # transformers: rescale in float64, cast to float32, normalise in float32. A LUT per level is exact.
     levels = (np.arange(256, dtype=np.float64) * cfg.rescale).astype(np.float32)[:, None]  # (256, 1)
     lut = (levels - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)  # (256, 3)
-    out = np.empty((len(images), 3, cfg.image_size, cfg.image_size), np.float32)  # (N, 3, S, S)
-    for c in range(3):
-        np.take(lut[:, c], batch[..., c], out=out[:, c])
-    return out
+    # cv2.LUT maps all three channels in one vectorised pass (~2x np.take per channel), then one transpose.
+    n, size = len(images), cfg.image_size
+    hwc = cv2.LUT(batch.reshape(n * size, size, 3), lut.reshape(1, 256, 3))  # (N*S, S, 3) float32
+    return np.ascontiguousarray(hwc.reshape(n, size, size, 3).transpose(0, 3, 1, 2))  # (N, 3, S, S)
 
 
 def _resize_crop(img: np.ndarray, size: int, resample: str, exact: bool = False) -> np.ndarray:
