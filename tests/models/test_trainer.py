@@ -57,3 +57,49 @@ def test_time_budget_stops_early() -> None:
     losses = train(nn.Linear(8, 1), _regression_batches(), _loss_recording_autocast([]),
                    TrainConfig(steps=10**7, warmup=1, time_budget_s=0.3), progress=False)
     assert 0 < len(losses) < 10**7
+
+
+def test_thread_tuner_probes_then_keeps_the_fastest() -> None:
+    # 3 warm-up steps, then cycles of 2 steps on 2 threads, 2 on 1, 5 on the faster
+    tuner = trainer.ThreadTuner(2, probe=2, period=5, settle=3)
+    for s in range(3):
+        assert tuner.threads_for(s) == 2
+        tuner.record(s, 2, 9.0)  # warm-up steps are not measured
+    assert [tuner.threads_for(s) for s in range(3, 7)] == [2, 2, 1, 1]
+    for s, secs in zip(range(3, 7), (0.6, 0.5, 0.2, 0.3)):  # one busy core: 1 thread is faster
+        tuner.record(s, tuner.threads_for(s), secs)
+    assert [tuner.threads_for(s) for s in range(7, 12)] == [1] * 5
+    for s, secs in zip(range(12, 16), (0.1, 0.1, 0.2, 0.2)):  # the load went away: 2 threads win again
+        tuner.record(s, tuner.threads_for(s), secs)
+    assert [tuner.threads_for(s) for s in range(16, 21)] == [2] * 5
+    for s, secs in zip(range(21, 25), (0.2, 0.2, 0.19, 0.18)):  # within the margin: keep all threads
+        tuner.record(s, tuner.threads_for(s), secs)
+    assert tuner.threads_for(25) == 2
+
+
+def test_thread_tuner_with_one_thread_has_nothing_to_pick() -> None:
+    tuner = trainer.ThreadTuner(1)
+    for s in range(300):
+        assert tuner.threads_for(s) == 1
+        tuner.record(s, 1, 0.1)
+
+
+def test_training_moves_to_the_thread_count_that_runs_faster() -> None:
+    import time
+
+    seen: list[int] = []
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        time.sleep(0.01 if seen[-1] > 1 else 0.0)  # as if another process held one of the cores
+        x, y = batch
+        return nn.functional.mse_loss(model(x), y)
+
+    train(nn.Linear(8, 1), _regression_batches(), loss, TrainConfig(steps=150, warmup=1, threads=2), progress=False)
+    assert seen[:18] == [2] * 10 + [2] * 4 + [1] * 4  # warm-up, then the probes
+    assert seen[18:138] == [1] * 120
+    assert torch.get_num_threads() == 2  # restored for whatever runs next
+    seen.clear()
+    train(nn.Linear(8, 1), _regression_batches(), loss,
+          TrainConfig(steps=20, warmup=1, threads=2, tune_threads=False), progress=False)
+    assert seen == [2] * 20
