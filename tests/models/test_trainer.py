@@ -103,3 +103,22 @@ def test_training_moves_to_the_thread_count_that_runs_faster() -> None:
     train(nn.Linear(8, 1), _regression_batches(), loss,
           TrainConfig(steps=20, warmup=1, threads=2, tune_threads=False), progress=False)
     assert seen == [2] * 20
+
+
+def test_an_interrupted_run_restores_the_thread_count() -> None:
+    import time
+
+    calls: list[int] = []
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        calls.append(torch.get_num_threads())
+        if len(calls) == 30:  # while the tuner runs on one thread
+            raise KeyboardInterrupt
+        time.sleep(0.01 if calls[-1] > 1 else 0.0)
+        x, y = batch
+        return nn.functional.mse_loss(model(x), y)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(nn.Linear(8, 1), _regression_batches(), loss, TrainConfig(steps=100, warmup=1, threads=2), progress=False)
+    assert calls[-1] == 1
+    assert torch.get_num_threads() == 2

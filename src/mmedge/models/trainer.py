@@ -135,30 +135,32 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, obj
     losses: list[float] = []
     model.train()
     start = time.perf_counter()
-    for step in range(cfg.steps):
-        t = progress_at(step)
-        if t >= 1.0:
-            log.info("%s: time budget of %.0f s reached after %d/%d steps", desc, cfg.time_budget_s, step, cfg.steps)
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, t)
-        n = tuner.threads_for(step) if tuner else threads
-        if n != torch.get_num_threads():
-            torch.set_num_threads(n)
-        t_step = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = loss_fn(model, next(batches))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if tuner:
-            tuner.record(step, n, time.perf_counter() - t_step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    torch.set_num_threads(threads)
+    try:
+        for step in range(cfg.steps):
+            t = progress_at(step)
+            if t >= 1.0:
+                log.info("%s: time budget of %.0f s reached after %d/%d steps", desc, cfg.time_budget_s, step, cfg.steps)
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, t)
+            n = tuner.threads_for(step) if tuner else threads
+            if n != torch.get_num_threads():
+                torch.set_num_threads(n)
+            t_step = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                loss = loss_fn(model, next(batches))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+            if tuner:
+                tuner.record(step, n, time.perf_counter() - t_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:  # an interrupted run must not leave torch on the tuner's thread count
+        bar.close()
+        torch.set_num_threads(threads)
     model.eval()
     return losses
