@@ -18,8 +18,8 @@ from mmedge.sdk.store import model_home
 DEMO_STEPS = 2600  # the time budget binds first on 2 cores
 # Schedules anneal by these deadlines even on a slow machine (seconds).
 DEMO_TRAIN_BUDGET_S = 275.0
-# clip-tiny's R@1 follows its step count: 0.69 at 1199 steps, 0.896 at 1461, 0.93-0.99 from 1600
-# (demo runs); an idle 2-core machine with AMX trains 1700-1970 steps in the budget.
+# clip-tiny's R@1 follows its step count: 0.69 at 1199 steps, 0.896 at 1461, 0.91-0.98 at 1568-1967
+# (demo runs); an idle 2-core machine with AMX trains 1570-1970 steps in the budget.
 CLIP_STEPS_FOR_TARGET = 1500
 BLIP2_BUDGETS_S = {"lm": 60.0, "stage1": 40.0, "stage2": 150.0}
 VQA_QUESTIONS, VQA_SCENES, CAPTIONS = 300, 100, 50
