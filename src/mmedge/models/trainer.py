@@ -49,8 +49,9 @@ class ThreadTuner:
     took 623 ms on 2 threads with one of 2 cores busy, against 160 ms on 1 thread (123 ms on 2
     threads with the machine idle). After `settle` warm-up steps, every cycle times `probe` steps
     on each candidate count, then runs `period` steps on the fastest, so a run adapts when load
-    comes or goes. Fewer threads must win by `margin` (step noise is ~10%): an idle machine keeps
-    all its threads, and the probes on one thread cost it ~2% of the steps.
+    comes or goes. Fewer threads must win by `margin` (step noise is ~10%), so an idle machine keeps
+    all its threads; there the probes cost no measurable speed (150-step runs with and without the
+    tuner: 160 vs 158 and 168 vs 171 ms per step).
     """
 
     def __init__(self, threads: int, probe: int = 4, period: int = 120, settle: int = 10,
@@ -61,17 +62,19 @@ class ThreadTuner:
         self.best = threads
         self._times: dict[int, list[float]] = {}
 
+    @property
+    def _probe_steps(self) -> int:
+        return self.probe * len(self.candidates)
+
     def _cycle_pos(self, step: int) -> int | None:
         if len(self.candidates) == 1 or step < self.settle:
             return None
-        return (step - self.settle) % (self.probe * len(self.candidates) + self.period)
+        return (step - self.settle) % (self._probe_steps + self.period)
 
     def threads_for(self, step: int) -> int:
         """The thread count to run `step` with."""
         pos = self._cycle_pos(step)
-        if pos is None:
-            return self.best
-        if pos < self.probe * len(self.candidates):
+        if pos is not None and pos < self._probe_steps:
             return self.candidates[pos // self.probe]
         return self.best
 
@@ -83,7 +86,7 @@ class ThreadTuner:
         if pos == 0:
             self._times = {}
         self._times.setdefault(threads, []).append(seconds)
-        if pos == self.probe * len(self.candidates) - 1:
+        if pos == self._probe_steps - 1:
             medians = {n: sorted(t)[len(t) // 2] for n, t in self._times.items() if t}
             fewer = min(medians, key=medians.__getitem__)
             best = fewer if medians[fewer] < self.margin * medians.get(self.default, math.inf) else self.default
