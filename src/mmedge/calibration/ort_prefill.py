@@ -81,12 +81,11 @@ def nbits_to_dynamic_int8(model: Any) -> int:
                                       list(node.output), name=base, domain="com.microsoft")
         replaced += 1
     if replaced:
+        from mmedge.export.graph_simplify import remove_dead_nodes
+
         del graph.node[:]
         graph.node.extend(nodes)
-        used = {x for nd in nodes for x in nd.input}
-        kept = [i for i in graph.initializer if i.name in used]  # the packed weights nothing reads now go
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        remove_dead_nodes(model)  # drops the packed 4-bit weights nothing reads now
     return replaced
 
 
