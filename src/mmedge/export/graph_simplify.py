@@ -143,12 +143,8 @@ def _fold_sigmoid_gate_scale(graph: Any, consts: dict[str, np.ndarray]) -> int:
     `MatMul(h' * sigmoid(h'), W2 / a)` with `h' = MatMul(x, a W1) + a b` (the module docstring says
     why). Returns the count."""
     graph_outputs = {o.name for o in graph.output}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    names = {i.name for i in graph.initializer}
+    inits, producer, consumers = graph_index(graph)
+    names = set(inits)
 
     def weight(name: str | None) -> bool:
         return name in consts and consts[name].dtype == np.float32
