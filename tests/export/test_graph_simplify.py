@@ -1,4 +1,4 @@
-"""export.graph_simplify: constant reshape shapes and fixed dims, checked against PyTorch at several sizes."""
+"""export.graph_simplify: constant reshape shapes, fixed dims and the quick_gelu fold, checked against PyTorch."""
 
 from __future__ import annotations
 
