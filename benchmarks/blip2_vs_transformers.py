@@ -28,16 +28,42 @@ def setup(work: Path) -> None:
 
     torch.manual_seed(0)
     cfg = tf.Blip2Config(
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=16, qkv_bias=True),
-        qformer_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                            cross_attention_frequency=2),
-        text_config=dict(model_type="opt", vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
-                         num_attention_heads=12, max_position_embeddings=2048, word_embed_proj_dim=768,
-                         bos_token_id=2, eos_token_id=2, pad_token_id=1),
-        num_query_tokens=32, image_token_index=50265)
+        vision_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 224,
+            "patch_size": 16,
+            "qkv_bias": True,
+        },
+        qformer_config={
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "cross_attention_frequency": 2,
+        },
+        text_config={
+            "model_type": "opt",
+            "vocab_size": 50272,
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "ffn_dim": 3072,
+            "num_attention_heads": 12,
+            "max_position_embeddings": 2048,
+            "word_embed_proj_dim": 768,
+            "bos_token_id": 2,
+            "eos_token_id": 2,
+            "pad_token_id": 1,
+        },
+        num_query_tokens=32,
+        image_token_index=50265,
+    )
     tf.Blip2ForConditionalGeneration(cfg).eval().save_pretrained(work / "hf")
-    Tokenizer(models.WordLevel({f"t{i}": i for i in range(1000)}, unk_token="t3")).save(str(work / "hf" / "tokenizer.json"))
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(1000)}, unk_token="t3")).save(
+        str(work / "hf" / "tokenizer.json")
+    )
     export_model(work / "hf", work / "pkg", progress=print)
     calibrate_package(work / "pkg", "train-shapes:96", samples=64, weight_bits=(4,), progress=print)
     build_package(work / "pkg", backend="ort", progress=print)
@@ -71,10 +97,15 @@ def bench(work: Path, threads: int, runs: int) -> dict:
         ref.append(theirs())
     e2e = float(np.median([m["e2e_ms"] for m in mine])) / 1e3
     t = float(np.median(ref))
-    return {"threads": threads, "runs": runs, "transformers_eager_s": round(t, 3), "mmedge_s": round(e2e, 3),
-            "speedup": round(t / e2e, 2),
-            **{f"mmedge_{k}": round(float(np.median([m[k] for m in mine])), 2) for k in mine[0] if k != "e2e_ms"},
-            "precisions": {c: runner.precision_of(c) for c in runner.manifest.components}}
+    return {
+        "threads": threads,
+        "runs": runs,
+        "transformers_eager_s": round(t, 3),
+        "mmedge_s": round(e2e, 3),
+        "speedup": round(t / e2e, 2),
+        **{f"mmedge_{k}": round(float(np.median([m[k] for m in mine])), 2) for k in mine[0] if k != "e2e_ms"},
+        "precisions": {c: runner.precision_of(c) for c in runner.manifest.components},
+    }
 
 
 def main() -> None:

@@ -37,19 +37,47 @@ def setup(work: Path) -> None:
     from mmedge.export.exporter import export_model
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=2048,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = tf.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     tf.LlamaForCausalLM(cfg).eval().save_pretrained(work / "hf")
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t3"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t1", eos_token="t2", pad_token="t0",
-                               unk_token="t3").save_pretrained(work / "hf")
+    tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t3"
+    ).save_pretrained(work / "hf")
     export_model(work / "hf", work / "pkg", progress=print)
     calibrate_package(work / "pkg", "shapes:16", samples=16, weight_bits=(4,), progress=print)
     build_package(work / "pkg", backend="ort", progress=print)
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "hf"),
-                    "-o", str(work / "genai"), "-p", "int4", "-e", "cpu", "-c", str(work / "cache")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(work / "hf"),
+            "-o",
+            str(work / "genai"),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(work / "cache"),
+        ],
+        check=True,
+    )
 
 
 def _genai_threads(work: Path, threads: int) -> None:
@@ -82,7 +110,9 @@ def bench(work: Path, threads: int, runs: int, new_tokens: int) -> dict:
 
     def theirs() -> float:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=PROMPT + new_tokens, min_length=PROMPT + new_tokens, do_sample=False)
+        params.set_search_options(
+            max_length=PROMPT + new_tokens, min_length=PROMPT + new_tokens, do_sample=False
+        )
         gen = og.Generator(model, params)
         gen.append_tokens(prompt[None])  # prefill; its logits give the first new token
         stamps = [time.perf_counter()]
@@ -97,9 +127,17 @@ def bench(work: Path, threads: int, runs: int, new_tokens: int) -> dict:
         mine.append(ours())
         ref.append(theirs())
     m, r = float(np.median(mine)), float(np.median(ref))
-    return {"threads": threads, "runs": runs, "new_tokens": new_tokens, "prompt_tokens": PROMPT,
-            "mmedge_decode_tokens_per_s": round(m, 1), "genai_decode_tokens_per_s": round(r, 1),
-            "ratio": round(m / r, 3), "mmedge_runs": [round(x, 1) for x in mine], "genai_runs": [round(x, 1) for x in ref]}
+    return {
+        "threads": threads,
+        "runs": runs,
+        "new_tokens": new_tokens,
+        "prompt_tokens": PROMPT,
+        "mmedge_decode_tokens_per_s": round(m, 1),
+        "genai_decode_tokens_per_s": round(r, 1),
+        "ratio": round(m / r, 3),
+        "mmedge_runs": [round(x, 1) for x in mine],
+        "genai_runs": [round(x, 1) for x in ref],
+    }
 
 
 def main() -> None:

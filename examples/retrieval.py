@@ -1,6 +1,6 @@
 """Index a folder of images and search it with text, using only the torch-free runtime.
 
-    python examples/retrieval.py PACKAGE_OR_NAME IMAGE_FOLDER "a red circle"
+python examples/retrieval.py PACKAGE_OR_NAME IMAGE_FOLDER "a red circle"
 """
 
 from __future__ import annotations

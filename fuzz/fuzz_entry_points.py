@@ -33,9 +33,18 @@ from typing import Any
 TARGETS = ("manifest", "external_data", "image", "tokenizer", "params")
 # Imported inside atheris.instrument_imports() when fuzzing, so coverage guides the mutations.
 MMEDGE_MODULES = (
-    "mmedge.errors", "mmedge.runtime.manifest", "mmedge.runtime.package", "mmedge.runtime.image_headers",
-    "mmedge.runtime.images", "mmedge.runtime.texts", "mmedge.runtime.index", "mmedge.runtime.components",
-    "mmedge.runtime.retrieval", "mmedge.sdk.store", "mmedge.sdk.pipeline", "mmedge.sdk",
+    "mmedge.errors",
+    "mmedge.runtime.manifest",
+    "mmedge.runtime.package",
+    "mmedge.runtime.image_headers",
+    "mmedge.runtime.images",
+    "mmedge.runtime.texts",
+    "mmedge.runtime.index",
+    "mmedge.runtime.components",
+    "mmedge.runtime.retrieval",
+    "mmedge.sdk.store",
+    "mmedge.sdk.pipeline",
+    "mmedge.sdk",
 )
 
 
@@ -64,10 +73,10 @@ class Input:
     def text(self, max_len: int = 64) -> str:
         return self.take(self.byte() % (max_len + 1)).decode("utf-8", "replace")
 
-    def pick(self, options: tuple | list) -> Any:  # noqa: ANN401
+    def pick(self, options: tuple | list) -> Any:
         return options[self.byte() % len(options)]
 
-    def value(self) -> Any:  # noqa: ANN401 - deliberately any type: type confusion is the point
+    def value(self) -> Any:
         """A parameter value of a fuzzed type: ints of every size, floats, strings, None, bools, lists."""
         import numpy as np
 
@@ -113,19 +122,24 @@ def valid_manifest() -> str:
     vision = ComponentEntry(
         inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, 64, 64)),),
         outputs=(TensorSpec("image_embeds", "float32", ("batch", 96)),),
-        dims={"batch": DimRange(1, 1, 64)}, precisions={"fp32": PrecisionEntry("onnx/v.onnx", {"cosine": 1.0})},
+        dims={"batch": DimRange(1, 1, 64)},
+        precisions={"fp32": PrecisionEntry("onnx/v.onnx", {"cosine": 1.0})},
     )
     return Manifest(
-        name="fuzz", family="clip", task="retrieval", provenance={"by": "fuzz"},
+        name="fuzz",
+        family="clip",
+        task="retrieval",
+        provenance={"by": "fuzz"},
         preprocess={"image_size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-        tokenizer={"file": "tokenizer.json", "context_length": 32, "pad_id": 0}, generation={},
+        tokenizer={"file": "tokenizer.json", "context_length": 32, "pad_id": 0},
+        generation={},
         files={"onnx/v.onnx": FileEntry("0" * 64, 10), "tokenizer.json": FileEntry("1" * 64, 5)},
         components={"vision": vision},
         engines={"ort1.0-cpu": EngineEntry("ort", "1.0", "cpu", {}, {"vision.fp32": "onnx/v.onnx"})},
     ).to_json()
 
 
-def _json_value(inp: Input) -> Any:  # noqa: ANN401
+def _json_value(inp: Input) -> Any:
     kind = inp.byte() % 8
     if kind == 0:
         return inp.int(inp.pick((1, 2, 4, 8)))
@@ -144,7 +158,13 @@ def _mutated_manifest(inp: Input) -> bytes:
     for _ in range(1 + inp.byte() % 3):
         parent, key, node = None, None, raw
         for _ in range(1 + inp.byte() % 5):  # walk down to one nested value
-            keys = list(node) if isinstance(node, dict) else list(range(len(node))) if isinstance(node, list) else []
+            keys = (
+                list(node)
+                if isinstance(node, dict)
+                else list(range(len(node)))
+                if isinstance(node, list)
+                else []
+            )
             if not keys:
                 break
             parent, key = node, inp.pick(keys)
@@ -180,8 +200,20 @@ def check_manifest(data: bytes) -> None:
 
 # --- ONNX external data ---------------------------------------------------------------------------
 
-_EXT_LOCATIONS = ("w.bin", "sub/v.bin", "../w.bin", "/etc/passwd", "./w.bin", "sub/../w.bin", "missing.bin",
-                  "", "w.bin\x00.txt", "sub", "C:\\w.bin", "m.onnx")
+_EXT_LOCATIONS = (
+    "w.bin",
+    "sub/v.bin",
+    "../w.bin",
+    "/etc/passwd",
+    "./w.bin",
+    "sub/../w.bin",
+    "missing.bin",
+    "",
+    "w.bin\x00.txt",
+    "sub",
+    "C:\\w.bin",
+    "m.onnx",
+)
 _EXT_NUMBERS = ("0", "4", "64", "65", "-1", "-8", "", "0x10", "1e3", " 8", str(2**63), str(10**30))
 _EXT_KEYS = ("location", "offset", "length", "checksum", "basepath", "LOCATION")
 
@@ -196,7 +228,11 @@ class ExternalDataTarget:
         (self.root / "sub").mkdir(parents=True, exist_ok=True)
         (self.root / "w.bin").write_bytes(bytes(64))
         (self.root / "sub" / "v.bin").write_bytes(bytes(16))
-        files = {"m.onnx": FileEntry("0" * 64, 0), "w.bin": FileEntry("0" * 64, 64), "sub/v.bin": FileEntry("0" * 64, 16)}
+        files = {
+            "m.onnx": FileEntry("0" * 64, 0),
+            "w.bin": FileEntry("0" * 64, 64),
+            "sub/v.bin": FileEntry("0" * 64, 16),
+        }
         self.manifest = Manifest("fuzz", "clip", "retrieval", {}, {}, {}, {}, files, {})
 
     def model_bytes(self, inp: Input) -> bytes:
@@ -220,16 +256,26 @@ class ExternalDataTarget:
             nodes = [helper.make_node("Identity", [tensors[0].name], ["y"])]
             graph = helper.make_graph(nodes, "g", [], [out], initializer=tensors)
         elif mode == 2:  # Constant nodes' tensor attributes
-            nodes = [helper.make_node("Constant", [], ["y" if i == 0 else f"c{i}"], value=t) for i, t in enumerate(tensors)]
+            nodes = [
+                helper.make_node("Constant", [], ["y" if i == 0 else f"c{i}"], value=t)
+                for i, t in enumerate(tensors)
+            ]
             graph = helper.make_graph(nodes, "g", [], [out])
         else:  # inside an If node's subgraphs
-            branch = helper.make_graph([helper.make_node("Identity", [tensors[0].name], ["y"])], "b", [], [out],
-                                       initializer=tensors)
+            branch = helper.make_graph(
+                [helper.make_node("Identity", [tensors[0].name], ["y"])], "b", [], [out], initializer=tensors
+            )
             cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
-            graph = helper.make_graph([helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)],
-                                      "g", [cond], [out])
+            graph = helper.make_graph(
+                [helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)],
+                "g",
+                [cond],
+                [out],
+            )
         opset = inp.pick((17, 17, 17, 1, 99))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=inp.pick((8, 8, 3, 99)))
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=inp.pick((8, 8, 3, 99))
+        )
         return model.SerializeToString()
 
     def __call__(self, data: bytes) -> None:
@@ -258,7 +304,9 @@ class ExternalDataTarget:
             assert loc in self.manifest.files, f"accepted external data location {loc!r}"
             offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
             size = self.manifest.files[loc].size
-            assert 0 <= offset and offset + max(length, 0) <= size, f"accepted {offset}+{length} in {size} bytes"
+            assert offset >= 0 and offset + max(length, 0) <= size, (
+                f"accepted {offset}+{length} in {size} bytes"
+            )
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -374,14 +422,23 @@ class ParamsTarget:
             assert len(hits) <= min(int(k), len(p.index)), (k, hits)
         elif op == 1:
             labels = [inp.value() if inp.byte() % 3 == 0 else inp.text(16) for _ in range(inp.byte() % 5)]
-            templates = None if inp.byte() % 2 else [inp.value() if inp.byte() % 3 == 0 else inp.text(16)
-                                                     for _ in range(inp.byte() % 3)]
+            templates = (
+                None
+                if inp.byte() % 2
+                else [inp.value() if inp.byte() % 3 == 0 else inp.text(16) for _ in range(inp.byte() % 3)]
+            )
             out = p.classify(self.image, labels, templates=templates)
             assert [x.label for x in out] and abs(sum(x.score for x in out) - 1.0) < 1e-3, out
         elif op == 2:
-            kwargs = {name: inp.value() if inp.byte() % 2 else inp.pick(choices) for name, choices in (
-                ("precision", ("auto", "fp32", "int8", "fp16", "int4")), ("backend", ("ort", "tensorrt", "tflite")),
-                ("threads", (0, 1, 2, -1)), ("device", ("cpu", "cuda", "tpu")))}
+            kwargs = {
+                name: inp.value() if inp.byte() % 2 else inp.pick(choices)
+                for name, choices in (
+                    ("precision", ("auto", "fp32", "int8", "fp16", "int4")),
+                    ("backend", ("ort", "tensorrt", "tflite")),
+                    ("threads", (0, 1, 2, -1)),
+                    ("device", ("cpu", "cuda", "tpu")),
+                )
+            }
             q = sdk.Pipeline(str(self.package), **kwargs)
             q.runner.precision_of("text")
         elif op == 3:
@@ -392,7 +449,9 @@ class ParamsTarget:
             added = p.add_images([self.image] * n, ids=ids, labels=labels)
             assert len(added) == n == len(p.index), (added, len(p.index))
         elif op == 4:
-            p.embed_images([self.image], channel_order=inp.value() if inp.byte() % 2 else inp.pick(("RGB", "BGR")))
+            p.embed_images(
+                [self.image], channel_order=inp.value() if inp.byte() % 2 else inp.pick(("RGB", "BGR"))
+            )
         else:
             items = [inp.value() if inp.byte() % 4 == 0 else inp.text(24) for _ in range(inp.byte() % 4)]
             vecs = p.embed_texts(items)
@@ -412,7 +471,9 @@ def build_package(workdir: Path) -> Path:
     return workdir / "pkg"
 
 
-def make_target(name: str, package: Path | None = None, workdir: Path | None = None) -> Callable[[bytes], None]:
+def make_target(
+    name: str, package: Path | None = None, workdir: Path | None = None
+) -> Callable[[bytes], None]:
     """The one-input function of a target; `package` is needed by tokenizer and params (else built)."""
     if name not in TARGETS:
         raise SystemExit(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
@@ -439,7 +500,9 @@ def seeds(name: str, package: Path | None = None) -> list[bytes]:
 
     if name == "manifest":
         valid = valid_manifest().encode()
-        out = [valid, valid[:200], b"{}", b"[]", b'{"a": ' * 50] + [bytes([0, i, i + 1, 2, i % 3]) for i in range(8)]
+        out = [valid, valid[:200], b"{}", b"[]", b'{"a": ' * 50] + [
+            bytes([0, i, i + 1, 2, i % 3]) for i in range(8)
+        ]
         if package is not None:
             text = (package / "manifest.json").read_bytes()
             raw = json.loads(text)
@@ -447,7 +510,10 @@ def seeds(name: str, package: Path | None = None) -> list[bytes]:
             out += [text, json.dumps(raw).encode(), text[: len(text) // 2]]
         return out
     if name == "external_data":
-        return [bytes([m, 1, 3, 0, 0, 1, 0, 1, 2, 1, 2, 3, 2]) for m in (1, 2, 3)] + [b"\x00\x08\x07", b"\x01\x00"]
+        return [bytes([m, 1, 3, 0, 0, 1, 0, 1, 2, 1, 2, 3, 2]) for m in (1, 2, 3)] + [
+            b"\x00\x08\x07",
+            b"\x01\x00",
+        ]
     if name == "image":
         import cv2
         import numpy as np
@@ -455,22 +521,40 @@ def seeds(name: str, package: Path | None = None) -> list[bytes]:
         img = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
         files = [cv2.imencode(ext, img)[1].tobytes() for ext in (".png", ".jpg", ".bmp", ".webp")]
         chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
-        bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
-        gif = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
-               b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
-        return files + [f[: len(f) // 2] for f in files] + [bomb, gif, b"ARR\x00\x03\x04\x04\x03" + bytes(48),
-                                                               b"ARR\x01\x02\x04\x04" + bytes(64)]
+        bomb = (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b"")
+        )
+        gif = (
+            b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
+            b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+        )
+        return (
+            files
+            + [f[: len(f) // 2] for f in files]
+            + [bomb, gif, b"ARR\x00\x03\x04\x04\x03" + bytes(48), b"ARR\x01\x02\x04\x04" + bytes(64)]
+        )
     if name == "tokenizer":
-        out = ["a red circle", "A RED <|endoftext|> circle\x1ebig blue star", " \x1ex", "\u00e9\u0301 \U0001f600",
-               "x" * 300]
+        out = [
+            "a red circle",
+            "A RED <|endoftext|> circle\x1ebig blue star",
+            " \x1ex",
+            "\u00e9\u0301 \U0001f600",
+            "x" * 300,
+        ]
         raw = [s.encode() for s in out] + [b"\xff\xfe bad utf-8", b"\x1fbytes", b'{"model": 1}', b"{"]
         if package is not None:
             raw.append((package / "tokenizer.json").read_bytes())
         return raw
-    return [bytes([op]) + tail for op in range(6) for tail in (b"", b"\x00\x03a b\x05\x02", b"\x04\x07\x01\x09\x02")]
+    return [
+        bytes([op]) + tail
+        for op in range(6)
+        for tail in (b"", b"\x00\x03a b\x05\x02", b"\x04\x07\x01\x09\x02")
+    ]
 
 
-def _instrumented_import(atheris: Any) -> None:  # noqa: ANN401
+def _instrumented_import(atheris: Any) -> None:
     if any(m == "mmedge" or m.startswith("mmedge.") for m in sys.modules):
         raise SystemExit("mmedge was imported before instrumentation; run this file as a script")
     with atheris.instrument_imports(include=["mmedge"]):
@@ -481,17 +565,27 @@ def _instrumented_import(atheris: Any) -> None:  # noqa: ANN401
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="other arguments go to libFuzzer")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog="other arguments go to libFuzzer"
+    )
     ap.add_argument("--target", required=True, choices=TARGETS)
-    ap.add_argument("--package", type=Path, help="package for the tokenizer and params targets (default: build one)")
-    ap.add_argument("--max-rss-mb", type=int, default=2048,
-                    help="an input that lifts peak memory above this is a finding (a decompression bomb)")
+    ap.add_argument(
+        "--package", type=Path, help="package for the tokenizer and params targets (default: build one)"
+    )
+    ap.add_argument(
+        "--max-rss-mb",
+        type=int,
+        default=2048,
+        help="an input that lifts peak memory above this is a finding (a decompression bomb)",
+    )
     args, libfuzzer_args = ap.parse_known_args(argv[1:])
     try:
         import atheris
     except ImportError:
-        raise SystemExit("atheris is not installed: `pip install atheris` (Linux/macOS, CPython 3.8-3.12), "
-                         "then rerun this command") from None
+        raise SystemExit(
+            "atheris is not installed: `pip install atheris` (Linux/macOS, CPython 3.8-3.12), "
+            "then rerun this command"
+        ) from None
     _instrumented_import(atheris)
     if args.package is None and args.target in ("tokenizer", "params"):
         args.package = build_package(Path(tempfile.mkdtemp(prefix="mmedge-fuzz-package-")))
@@ -507,7 +601,9 @@ def main(argv: list[str]) -> None:
         # own -rss_limit_mb samples once a second and misses a spike that is freed in time).
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         if peak_mb > args.max_rss_mb:
-            raise MemoryError(f"peak RSS reached {peak_mb} MB on this {len(data)}-byte input (--max-rss-mb {args.max_rss_mb})")
+            raise MemoryError(
+                f"peak RSS reached {peak_mb} MB on this {len(data)}-byte input (--max-rss-mb {args.max_rss_mb})"
+            )
 
     if not any(not a.startswith("-") for a in libfuzzer_args):  # no corpus directory: seed a temporary one
         corpus = Path(tempfile.mkdtemp(prefix=f"mmedge-corpus-{args.target}-"))

@@ -31,7 +31,7 @@ class MissingDependencyError(MmedgeError, ImportError):
     """An optional library is needed; the message names the extra to install."""
 
 
-def require(module: str, extra: str):  # noqa: ANN201 - returns a module
+def require(module: str, extra: str):
     """Import an optional dependency or raise an error naming the extra that provides it."""
     import importlib
 

@@ -49,8 +49,16 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = _Tiny().eval()
     path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
-    torch.onnx.export(model, (torch.randn(1, TOKENS, 16),), str(path), dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (torch.randn(1, TOKENS, 16),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+    )
     return path
 
 

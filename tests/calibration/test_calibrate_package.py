@@ -53,10 +53,15 @@ def test_int8_pipeline_close_to_fp32(calibrated: tuple[Path, dict]) -> None:
 def test_impossible_target_keeps_nodes_in_float(tiny_pkg: Path) -> None:
     from mmedge.calibration.package import calibrate_package
 
-    report = calibrate_package(tiny_pkg, "train-shapes:20", samples=12, target_cosine=0.999999, components=["vision"])
+    report = calibrate_package(
+        tiny_pkg, "train-shapes:20", samples=12, target_cosine=0.999999, components=["vision"]
+    )
     rec = report["components"]["vision"]
     assert rec["float_nodes"], "an unreachable target must keep some nodes in float"
-    assert verify_package(tiny_pkg).manifest.components["vision"].precisions["int8"].calibration["met"] == rec["met"]
+    assert (
+        verify_package(tiny_pkg).manifest.components["vision"].precisions["int8"].calibration["met"]
+        == rec["met"]
+    )
 
 
 def test_build_ort_is_used_and_verified(calibrated: tuple[Path, dict], tmp_path: Path) -> None:
@@ -69,7 +74,10 @@ def test_build_ort_is_used_and_verified(calibrated: tuple[Path, dict], tmp_path:
     shutil.copytree(calibrated[0], pkg)
     report = build_package(pkg, backend="ort")
     m = verify_package(pkg).manifest
-    assert report["target"] == ort_target() and set(m.engines[ort_target()].files) >= {"vision.int8", "text.int8"}
+    assert report["target"] == ort_target() and set(m.engines[ort_target()].files) >= {
+        "vision.int8",
+        "text.int8",
+    }
     builds = report["builds"]
     # unmasked vision attention becomes QAttention (3 layers); the text tower's masked attention stays
     assert builds["vision.int8"]["ops"].get("com.microsoft:QAttention") == 3
@@ -116,8 +124,9 @@ def test_attention_fusion_is_exact(calibrated: tuple[Path, dict], tmp_path: Path
     assert fused.stat().st_size < plain.stat().st_size
 
 
-def test_build_refuses_a_graph_that_disagrees_with_its_source(calibrated: tuple[Path, dict], tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_refuses_a_graph_that_disagrees_with_its_source(
+    calibrated: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
     from mmedge.calibration import ort_build
@@ -151,7 +160,9 @@ def test_bad_arguments(tiny_pkg: Path) -> None:
         calibrate_package(tiny_pkg, "train-shapes:8", target_cosine=1.5)
     with pytest.raises(InvalidInputError, match="shapes"):
         calibrate_package(tiny_pkg, "shapes:abc")
-    np.testing.assert_equal(sorted(verify_package(tiny_pkg).manifest.components["vision"].precisions), ["fp32"])
+    np.testing.assert_equal(
+        sorted(verify_package(tiny_pkg).manifest.components["vision"].precisions), ["fp32"]
+    )
 
 
 def test_recalibration_drops_builds_of_the_old_weights(calibrated: tuple[Path, dict], tmp_path: Path) -> None:
@@ -166,7 +177,11 @@ def test_recalibration_drops_builds_of_the_old_weights(calibrated: tuple[Path, d
     build_package(pkg, backend="ort")
     calibrate_package(pkg, "train-shapes:40", samples=16, target_cosine=0.99, components=["vision"])
     files = verify_package(pkg).manifest.engines[ort_target()].files
-    assert set(files) == {"vision.fp32", "text.fp32", "text.int8"}  # vision.int8 was built from the old weights
+    assert set(files) == {
+        "vision.fp32",
+        "text.fp32",
+        "text.int8",
+    }  # vision.int8 was built from the old weights
     assert not list(pkg.glob("builds/*/vision.int8.onnx"))
     p = sdk.Pipeline(str(pkg), precision="int8")  # runs the new Q/DQ file until it is built again
     assert p.embed_images([generate_scenes(1, seed=0)[0].image]).shape[0] == 1

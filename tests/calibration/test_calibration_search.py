@@ -25,8 +25,15 @@ def test_target_zero_keeps_everything_quantized(tiny_onnx, calib_feeds, eval_fee
 
 def test_impossible_target_keeps_nodes_in_float(tiny_onnx, calib_feeds, eval_feeds, tmp_path):
     out, msgs = tmp_path / "q.onnx", []
-    res = calibrate_to_target(tiny_onnx, out, calib_feeds[:8], eval_feeds, target_cosine=0.999999,
-                              max_float_nodes=3, progress=msgs.append)
+    res = calibrate_to_target(
+        tiny_onnx,
+        out,
+        calib_feeds[:8],
+        eval_feeds,
+        target_cosine=0.999999,
+        max_float_nodes=3,
+        progress=msgs.append,
+    )
     assert not res.met and len(res.float_nodes) == 3 and msgs
     assert res.met == (min(res.cosine.values()) >= res.target)
     model = onnx.load(str(out))
@@ -42,7 +49,9 @@ def test_target_met_after_excluding(tiny_onnx, calib_feeds, eval_feeds, tmp_path
     quantize_int8(tiny_onnx, full, calib_feeds[:8])
     base = output_cosine(tiny_onnx, full, eval_feeds)["y"]
     target = 1.0 - (1.0 - base) / 4  # reachable (all-float gives 1.0) but not by full quantization
-    res = calibrate_to_target(tiny_onnx, tmp_path / "q.onnx", calib_feeds[:8], eval_feeds, target_cosine=target)
+    res = calibrate_to_target(
+        tiny_onnx, tmp_path / "q.onnx", calib_feeds[:8], eval_feeds, target_cosine=target
+    )
     assert res.met and 0 < len(res.float_nodes) <= len(quantizable_nodes(tiny_onnx))
     assert res.cosine["y"] >= target
 

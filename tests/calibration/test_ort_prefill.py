@@ -17,28 +17,59 @@ def _matmulnbits(rng: np.random.Generator, k: int, n: int, block: int, bits: int
     blocks = (k + block - 1) // block
     b = rng.integers(0, 256, (n, blocks, block * bits // 8)).astype(np.uint8)
     scales = (rng.random(n * blocks) * 0.1 + 0.01).astype(np.float32)
-    zp = rng.integers(0, 256, n * ((blocks + 1) // 2) if bits == 4 else n * blocks).astype(np.uint8) if zero_points else None
+    zp = (
+        rng.integers(0, 256, n * ((blocks + 1) // 2) if bits == 4 else n * blocks).astype(np.uint8)
+        if zero_points
+        else None
+    )
     inits = [numpy_helper.from_array(b, "b"), numpy_helper.from_array(scales, "s")]
     inputs = ["a", "b", "s"]
     if zp is not None:
         inits.append(numpy_helper.from_array(zp, "z"))
         inputs.append("z")
-    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=block, accuracy_level=0)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "MatMulNBits",
+        inputs,
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=0,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     return model, b, scales, zp
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": x})[0]
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"a": x}
+    )[0]
 
 
-@pytest.mark.parametrize(("bits", "k", "n", "block", "zero_points"),
-                         [(4, 64, 48, 32, False), (4, 96, 40, 32, True), (4, 80, 24, 16, True),
-                          (8, 64, 48, 32, False), (8, 80, 24, 16, True)])
-def test_dequantized_weights_are_what_ort_multiplies_by(bits: int, k: int, n: int, block: int, zero_points: bool) -> None:
+@pytest.mark.parametrize(
+    ("bits", "k", "n", "block", "zero_points"),
+    [
+        (4, 64, 48, 32, False),
+        (4, 96, 40, 32, True),
+        (4, 80, 24, 16, True),
+        (8, 64, 48, 32, False),
+        (8, 80, 24, 16, True),
+    ],
+)
+def test_dequantized_weights_are_what_ort_multiplies_by(
+    bits: int, k: int, n: int, block: int, zero_points: bool
+) -> None:
     rng = np.random.default_rng(bits * 1000 + k)
     model, b, scales, zp = _matmulnbits(rng, k, n, block, bits, zero_points)
     x = rng.standard_normal((3, k)).astype(np.float32)
@@ -56,7 +87,10 @@ def test_prefill_graph_is_the_same_product_in_int8(bits: int) -> None:
     y = _run(model, x)
     assert nbits_to_dynamic_int8(model) == 1
     assert [nd.op_type for nd in model.graph.node] == ["DynamicQuantizeMatMul"]
-    assert sorted(i.name for i in model.graph.initializer) == ["y_prefill_scale", "y_prefill_w"]  # packed weights gone
+    assert sorted(i.name for i in model.graph.initializer) == [
+        "y_prefill_scale",
+        "y_prefill_w",
+    ]  # packed weights gone
     err = np.abs(_run(model, x) - y).max() / np.abs(y).max()
     assert err < 2e-2  # int8 weights per column + dynamic int8 activations, against uniform random weights
 

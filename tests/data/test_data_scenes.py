@@ -194,7 +194,7 @@ def test_scene_slots_give_each_fact_a_fixed_place() -> None:
         at = {o.position: o for o in s.objects}
         for i, p in enumerate(POSITIONS):
             o = at.get(p)
-            assert words[1 + 3 * i: 4 + 3 * i] == ([o.size, o.colour, o.shape] if o else [EMPTY_SLOT] * 3)
+            assert words[1 + 3 * i : 4 + 3 * i] == ([o.size, o.colour, o.shape] if o else [EMPTY_SLOT] * 3)
         for shape, word in zip(SHAPES, words[16:]):
             having = [o for o in s.objects if o.shape == shape]
             assert word == (having[0].colour if len(having) == 1 else EMPTY_SLOT)

@@ -111,5 +111,5 @@ def test_empty_jsonl_and_other_files(tmp_path: Path) -> None:
         load_data(str(empty))
     other = tmp_path / "caps.json"
     other.write_text("[]")
-    with pytest.raises(InvalidInputError, match="neither a directory nor a .jsonl"):
+    with pytest.raises(InvalidInputError, match=r"neither a directory nor a \.jsonl"):
         load_data(str(other))

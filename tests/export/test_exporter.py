@@ -32,7 +32,9 @@ def test_graphs_have_dynamic_batch_and_opset(tiny_pkg_session: Path) -> None:
     model = onnx.load(str(tiny_pkg_session / "onnx" / "vision.onnx"))
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} >= {17}
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    sess = ort.InferenceSession(str(tiny_pkg_session / "onnx" / "vision.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(tiny_pkg_session / "onnx" / "vision.onnx"), providers=["CPUExecutionProvider"]
+    )
     out = sess.run(None, {"pixel_values": np.zeros((3, 3, 64, 64), np.float32)})[0]
     assert out.shape[0] == 3
 
@@ -60,13 +62,15 @@ def test_symlinked_file_is_refused(tiny_pkg: Path, tmp_path: Path) -> None:
         verify_package(tiny_pkg)
 
 
-def test_failed_export_leaves_old_package(tiny_ckpt: Path, tiny_pkg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_export_leaves_old_package(
+    tiny_ckpt: Path, tiny_pkg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mmedge.export.exporter as exporter
 
     before = (tiny_pkg / MANIFEST_NAME).read_bytes()
     calls = []
 
-    def boom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def boom(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated crash while exporting the second component")

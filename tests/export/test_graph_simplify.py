@@ -33,9 +33,20 @@ def _export(tmp_path: Path) -> tuple[torch.nn.Module, object]:
     model = _Heads().eval()
     path = tmp_path / "m.onnx"
     with torch.inference_mode():
-        torch.onnx.export(model, (torch.randn(2, 3, 32), torch.randn(2, 2, 6, 8)), str(path), dynamo=False,
-                          input_names=["x", "cache"], output_names=["y"], opset_version=17,
-                          dynamic_axes={"x": {0: "batch", 1: "sequence"}, "cache": {0: "batch"}, "y": {0: "batch", 1: "sequence"}})
+        torch.onnx.export(
+            model,
+            (torch.randn(2, 3, 32), torch.randn(2, 2, 6, 8)),
+            str(path),
+            dynamo=False,
+            input_names=["x", "cache"],
+            output_names=["y"],
+            opset_version=17,
+            dynamic_axes={
+                "x": {0: "batch", 1: "sequence"},
+                "cache": {0: "batch"},
+                "y": {0: "batch", 1: "sequence"},
+            },
+        )
     return model, onnx.load(str(path))
 
 
@@ -76,12 +87,22 @@ def test_unprovable_reshape_is_left_alone(tmp_path: Path) -> None:
             return x.reshape(b * s, c).reshape(-1, b * c)  # two dims computed from inputs: no single -1
 
     path = tmp_path / "f.onnx"
-    torch.onnx.export(Flatten2(), (torch.randn(2, 3, 4),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["y"], opset_version=17, dynamic_axes={"x": {0: "b", 1: "s"}})
+    torch.onnx.export(
+        Flatten2(),
+        (torch.randn(2, 3, 4),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        opset_version=17,
+        dynamic_axes={"x": {0: "b", 1: "s"}},
+    )
     proto = onnx.load(str(path))
     simplify(proto)
     x = np.random.default_rng(0).standard_normal((3, 5, 4), np.float32)
-    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
     np.testing.assert_array_equal(y, x.reshape(15, 4).reshape(-1, 12))
 
 
@@ -108,8 +129,16 @@ def _export_mlp(tmp_path: Path, model: torch.nn.Module) -> object:
     path = tmp_path / "mlp.onnx"
     outputs = ["y", "h"] if getattr(model, "tap", False) else ["y"]
     with torch.inference_mode():
-        torch.onnx.export(model, (torch.randn(2, 5, 32),), str(path), dynamo=False, input_names=["x"],
-                          output_names=outputs, opset_version=17, dynamic_axes={"x": {0: "b", 1: "s"}})
+        torch.onnx.export(
+            model,
+            (torch.randn(2, 5, 32),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=outputs,
+            opset_version=17,
+            dynamic_axes={"x": {0: "b", 1: "s"}},
+        )
     return onnx.load(str(path))
 
 
@@ -130,7 +159,9 @@ def test_quick_gelu_scale_moves_into_the_linears(tmp_path: Path) -> None:
         x = rng.standard_normal((b, s, 32), np.float32) * 3
         with torch.inference_mode():
             ref = model(torch.from_numpy(x)).numpy()
-        y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )[0]
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     # the point of the rewrite: ORT now fuses a QuickGelu whose kernel skips its alpha pass
     so = ort.SessionOptions()
@@ -138,7 +169,10 @@ def test_quick_gelu_scale_moves_into_the_linears(tmp_path: Path) -> None:
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     gelus = [n for n in onnx.load(so.optimized_model_filepath).graph.node if n.op_type == "QuickGelu"]
-    assert [onnx.helper.get_attribute_value(a) for n in gelus for a in n.attribute if a.name == "alpha"] == [1.0, 1.0]
+    assert [onnx.helper.get_attribute_value(a) for n in gelus for a in n.attribute if a.name == "alpha"] == [
+        1.0,
+        1.0,
+    ]
 
 
 @pytest.mark.parametrize("model", [_Mlp(tap=True), _Mlp(alpha=1.0)], ids=["h-read-elsewhere", "silu"])

@@ -16,7 +16,7 @@ VOCAB, QUERIES, SIZE = 120, 4, 32
 
 
 @pytest.fixture(scope="module")
-def blip2(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def blip2(tmp_path_factory: pytest.TempPathFactory):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from mmedge import sdk
@@ -24,14 +24,45 @@ def blip2(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
     root = tmp_path_factory.mktemp("blip2")
     torch.manual_seed(0)
-    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=SIZE,
-              patch_size=8, qkv_bias=True, initializer_range=0.2)
-    qc = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-              cross_attention_frequency=2, vocab_size=100, initializer_range=0.2)
-    tc = dict(model_type="opt", vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, ffn_dim=96, num_attention_heads=4,
-              max_position_embeddings=128, word_embed_proj_dim=48, init_std=0.3, bos_token_id=2, eos_token_id=1)
-    cfg = transformers.Blip2Config(vision_config=vc, qformer_config=qc, text_config=tc, num_query_tokens=QUERIES,
-                                   image_token_index=VOCAB - 1)
+    vc = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": SIZE,
+        "patch_size": 8,
+        "qkv_bias": True,
+        "initializer_range": 0.2,
+    }
+    qc = {
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "cross_attention_frequency": 2,
+        "vocab_size": 100,
+        "initializer_range": 0.2,
+    }
+    tc = {
+        "model_type": "opt",
+        "vocab_size": VOCAB,
+        "hidden_size": 48,
+        "num_hidden_layers": 2,
+        "ffn_dim": 96,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 128,
+        "word_embed_proj_dim": 48,
+        "init_std": 0.3,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+    }
+    cfg = transformers.Blip2Config(
+        vision_config=vc,
+        qformer_config=qc,
+        text_config=tc,
+        num_query_tokens=QUERIES,
+        image_token_index=VOCAB - 1,
+    )
     hf = transformers.Blip2ForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # HF's init leaves the image path tiny; make the image matter to the LM
         hf.query_tokens.normal_(0, 1.0)
@@ -48,34 +79,39 @@ def _pixels(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
 
 
-def _prefix(pipe, pixels: np.ndarray) -> np.ndarray:  # noqa: ANN001
+def _prefix(pipe, pixels: np.ndarray) -> np.ndarray:
     r = pipe.runner
     feats = r.session("vision").run({"pixel_values": pixels})["image_embeds"]
     query = r.session("qformer").run({"image_embeds": feats})["query_output"]
     return r.session("projector").run({"query_output": query})["image_prefix"][0]
 
 
-def test_components_and_manifest(blip2) -> None:  # noqa: ANN001
+def test_components_and_manifest(blip2) -> None:
     _, pipe = blip2
     m = pipe.runner.manifest
     assert m.family == "blip2" and m.task == "chat"
     assert sorted(m.components) == ["embed", "llm", "projector", "qformer", "vision"]
-    assert m.generation["prompt_template"] == "Question: {} Answer:" and m.generation["num_query_tokens"] == QUERIES
+    assert (
+        m.generation["prompt_template"] == "Question: {} Answer:"
+        and m.generation["num_query_tokens"] == QUERIES
+    )
     assert m.preprocess["resize"] == "exact"
     assert all(c.precisions["fp32"].parity["trt_lint_ok"] for c in m.components.values())
 
 
-def test_greedy_generation_matches_transformers(blip2) -> None:  # noqa: ANN001
+def test_greedy_generation_matches_transformers(blip2) -> None:
     from mmedge.runtime.generation import GenerationConfig
 
     hf, pipe = blip2
     lm = pipe.lm
     for seed in range(3):
-        prompt = [2] + np.random.default_rng(seed).integers(4, VOCAB - 2, 3 + 2 * seed).tolist()
+        prompt = [2, *np.random.default_rng(seed).integers(4, VOCAB - 2, 3 + 2 * seed).tolist()]
         px = _pixels(seed)
         ids = torch.tensor([[VOCAB - 1] * QUERIES + prompt])
         with torch.no_grad():
-            ref = hf.generate(pixel_values=torch.from_numpy(px), input_ids=ids, max_new_tokens=20, min_new_tokens=20)
+            ref = hf.generate(
+                pixel_values=torch.from_numpy(px), input_ids=ids, max_new_tokens=20, min_new_tokens=20
+            )
             ref_logits = hf(pixel_values=torch.from_numpy(px), input_ids=ids).logits[0].numpy()
         embeds = np.concatenate([_prefix(pipe, px), lm.embed(np.array([prompt]))[0]])
         ours = list(lm.generate_ids(embeds, GenerationConfig(max_new_tokens=20, min_new_tokens=20)))
@@ -83,7 +119,7 @@ def test_greedy_generation_matches_transformers(blip2) -> None:  # noqa: ANN001
         assert np.abs(lm.forward(embeds[None], lm.new_cache())[0] - ref_logits).max() < 1e-3
 
 
-def test_chat_end_to_end_matches_transformers(blip2) -> None:  # noqa: ANN001
+def test_chat_end_to_end_matches_transformers(blip2) -> None:
     """An image file through our preprocessing == BlipImageProcessor + HF generate."""
     from PIL import Image
 
@@ -94,12 +130,14 @@ def test_chat_end_to_end_matches_transformers(blip2) -> None:  # noqa: ANN001
     prompt = "Question: t7 t9 t11 Answer:"
     ids = torch.tensor([[VOCAB - 1] * QUERIES + pipe.lm.tokenizer.encode(prompt)])
     with torch.no_grad():
-        ref = hf.generate(pixel_values=px, input_ids=ids, max_new_tokens=10, min_new_tokens=10)[0, -10:].tolist()
+        ref = hf.generate(pixel_values=px, input_ids=ids, max_new_tokens=10, min_new_tokens=10)[
+            0, -10:
+        ].tolist()
     answer = pipe.chat(img, "t7 t9 t11", max_new_tokens=10, min_new_tokens=10)
     assert answer == pipe.lm.tokenizer.decode(ref)
 
 
-def test_multi_turn_reuses_the_cache_and_matches_recomputing(blip2, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_multi_turn_reuses_the_cache_and_matches_recomputing(blip2, monkeypatch: pytest.MonkeyPatch) -> None:
     from mmedge import sdk
 
     _, pipe = blip2
@@ -109,13 +147,13 @@ def test_multi_turn_reuses_the_cache_and_matches_recomputing(blip2, monkeypatch:
     calls = {"vision": 0, "llm_tokens": 0}
     forward = pipe.lm.forward
 
-    def counting_forward(embeds, cache, out=None, logits_to_keep=None):  # noqa: ANN001, ANN202
+    def counting_forward(embeds, cache, out=None, logits_to_keep=None):
         calls["llm_tokens"] += embeds.shape[1]
         return forward(embeds, cache, out, logits_to_keep)
 
     run = pipe.runner.run_batched
 
-    def counting_run(component, feeds):  # noqa: ANN001, ANN202
+    def counting_run(component, feeds):
         calls["vision"] += component == "vision"
         return run(component, feeds)
 
@@ -130,7 +168,7 @@ def test_multi_turn_reuses_the_cache_and_matches_recomputing(blip2, monkeypatch:
     assert fresh.chat(img, "t7 t8", history=history, max_new_tokens=6, min_new_tokens=6) == a2
 
 
-def test_caption_stream_and_bad_input(blip2) -> None:  # noqa: ANN001
+def test_caption_stream_and_bad_input(blip2) -> None:
     from mmedge.errors import InvalidInputError
 
     _, pipe = blip2
@@ -139,8 +177,11 @@ def test_caption_stream_and_bad_input(blip2) -> None:  # noqa: ANN001
     assert len(cap.split()) == 5
     pieces = list(pipe.chat(img, "t4", stream=True, max_new_tokens=5, min_new_tokens=5))
     assert "".join(pieces) == pipe.chat(img, "t4", max_new_tokens=5, min_new_tokens=5)
-    for kwargs, match in (({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
-                          ({"top_p": 2.0}, "top_p")):
+    for kwargs, match in (
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 2.0}, "top_p"),
+    ):
         with pytest.raises(InvalidInputError, match=match):
             pipe.chat(img, "t4", **kwargs)
     with pytest.raises(InvalidInputError, match="history"):
@@ -155,7 +196,11 @@ def test_import_refuses_unsupported_blip2() -> None:
     from mmedge.errors import UnsupportedError
     from mmedge.models.hf_import import _blip2_config
 
-    cfg = {"vision_config": {}, "qformer_config": {"use_qformer_text_input": True}, "text_config": {"model_type": "opt"}}
+    cfg = {
+        "vision_config": {},
+        "qformer_config": {"use_qformer_text_input": True},
+        "text_config": {"model_type": "opt"},
+    }
     with pytest.raises(UnsupportedError, match="text input"):
         _blip2_config(cfg, None)
     with pytest.raises(UnsupportedError, match="t5"):

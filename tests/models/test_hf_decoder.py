@@ -27,23 +27,41 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def _hf_model(style: str):  # noqa: ANN202
+def _hf_model(style: str):
     torch.manual_seed(0)
     ids = {"pad_token_id": VOCAB - 3, "bos_token_id": VOCAB - 2, "eos_token_id": VOCAB - 1}
     if style == "opt":
-        cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                                     num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
-                                     init_std=0.3, **ids)
+        cfg = transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+            init_std=0.3,
+            **ids,
+        )
         return transformers.OPTForCausalLM(cfg).eval()
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True, initializer_range=0.3, rms_norm_eps=1e-5,
-                                   rope_theta=500.0, **ids)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        rms_norm_eps=1e-5,
+        rope_theta=500.0,
+        **ids,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     from mmedge import sdk
     from mmedge.export.exporter import export_model
 
@@ -59,7 +77,7 @@ def _prompts(n: int = 3) -> list[list[int]]:
     return [np.random.default_rng(s).integers(0, VOCAB - 3, 5 + 3 * s).tolist() for s in range(n)]
 
 
-def test_manifest_declares_a_fixed_cache(exported) -> None:  # noqa: ANN001
+def test_manifest_declares_a_fixed_cache(exported) -> None:
     _, _, manifest = exported
     g = manifest.generation
     assert g["max_context"] == 128 and g["layers"] == 2
@@ -69,24 +87,28 @@ def test_manifest_declares_a_fixed_cache(exported) -> None:  # noqa: ANN001
     assert all(s.shape[2] == 128 for s in past) and llm.precisions["fp32"].parity["trt_lint_ok"]
 
 
-def test_greedy_tokens_match_transformers(exported) -> None:  # noqa: ANN001
+def test_greedy_tokens_match_transformers(exported) -> None:
     hf, pipe, _ = exported
     for ids in _prompts():
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
-        assert pipe.generate_ids(ids, max_new_tokens=20, min_new_tokens=20) == ref[0, len(ids):].tolist()
+        assert pipe.generate_ids(ids, max_new_tokens=20, min_new_tokens=20) == ref[0, len(ids) :].tolist()
 
 
-def test_repetition_penalty_matches_transformers(exported) -> None:  # noqa: ANN001
+def test_repetition_penalty_matches_transformers(exported) -> None:
     hf, pipe, _ = exported
     ids = _prompts(1)[0]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                          repetition_penalty=1.8)
-    assert pipe.generate_ids(ids, max_new_tokens=12, min_new_tokens=12, repetition_penalty=1.8) == ref[0, len(ids):].tolist()
+        ref = hf.generate(
+            torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False, repetition_penalty=1.8
+        )
+    assert (
+        pipe.generate_ids(ids, max_new_tokens=12, min_new_tokens=12, repetition_penalty=1.8)
+        == ref[0, len(ids) :].tolist()
+    )
 
 
-def test_prefill_logits_match_transformers(exported) -> None:  # noqa: ANN001
+def test_prefill_logits_match_transformers(exported) -> None:
     hf, pipe, _ = exported
     lm = pipe.lm
     for ids in _prompts():
@@ -94,11 +116,13 @@ def test_prefill_logits_match_transformers(exported) -> None:  # noqa: ANN001
             ref = hf(torch.tensor([ids])).logits[0].numpy()
         ours = lm.forward(lm.embed(np.array([ids])), lm.new_cache())[0]
         assert np.abs(ours - ref).max() < 1e-3
-        last = lm.forward(lm.embed(np.array([ids])), lm.new_cache(), logits_to_keep=1)[0]  # what a prefill computes
+        last = lm.forward(lm.embed(np.array([ids])), lm.new_cache(), logits_to_keep=1)[
+            0
+        ]  # what a prefill computes
         assert last.shape == (1, VOCAB) and np.abs(last[0] - ref[-1]).max() < 1e-3
 
 
-def test_cached_decoding_equals_recomputing(exported) -> None:  # noqa: ANN001
+def test_cached_decoding_equals_recomputing(exported) -> None:
     """Greedy with the KV cache == greedy re-running the whole sequence with an empty cache each step."""
     _, pipe, _ = exported
     lm = pipe.lm
@@ -108,10 +132,10 @@ def test_cached_decoding_equals_recomputing(exported) -> None:  # noqa: ANN001
     for _ in range(15):
         logits = lm.forward(lm.embed(np.array([seq])), lm.new_cache())[0, -1]
         seq.append(int(np.argmax(logits)))
-    assert cached == seq[len(ids):]
+    assert cached == seq[len(ids) :]
 
 
-def test_ort_build_with_in_place_cache_matches_transformers(exported, tmp_path: Path) -> None:  # noqa: ANN001
+def test_ort_build_with_in_place_cache_matches_transformers(exported, tmp_path: Path) -> None:
     """`build --backend ort` fuses each layer's attention into GroupQueryAttention writing the cache
     in place; greedy tokens (prompt, then decode, then a second prompt on the same cache) stay
     identical to transformers and to the portable graph."""
@@ -131,7 +155,7 @@ def test_ort_build_with_in_place_cache_matches_transformers(exported, tmp_path: 
     for ids in _prompts():
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
-        assert fused.generate_ids(ids, max_new_tokens=20, min_new_tokens=20) == ref[0, len(ids):].tolist()
+        assert fused.generate_ids(ids, max_new_tokens=20, min_new_tokens=20) == ref[0, len(ids) :].tolist()
     lm, first, second = fused.lm, _prompts(2)[1], _prompts(1)[0]
     cache = lm.new_cache()
     six = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
@@ -140,23 +164,31 @@ def test_ort_build_with_in_place_cache_matches_transformers(exported, tmp_path: 
     seq = first + turn1[:-1] + second  # the last token of turn 1 was yielded but never fed back
     with torch.no_grad():
         ref = hf.generate(torch.tensor([seq]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert turn2 == ref[0, len(seq):].tolist()
+    assert turn2 == ref[0, len(seq) :].tolist()
 
 
-def test_sampling_controls(exported) -> None:  # noqa: ANN001
+def test_sampling_controls(exported) -> None:
     _, pipe, _ = exported
     ids = _prompts(1)[0]
     greedy = pipe.generate_ids(ids, max_new_tokens=10, min_new_tokens=10)
-    assert pipe.generate_ids(ids, max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=0) == greedy
-    assert pipe.generate_ids(ids, max_new_tokens=10, min_new_tokens=10, do_sample=True, top_k=1, seed=5) == greedy
-    assert pipe.generate_ids(ids, max_new_tokens=10, min_new_tokens=10, do_sample=True, top_p=1e-6, seed=5) == greedy
+    assert (
+        pipe.generate_ids(ids, max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=0) == greedy
+    )
+    assert (
+        pipe.generate_ids(ids, max_new_tokens=10, min_new_tokens=10, do_sample=True, top_k=1, seed=5)
+        == greedy
+    )
+    assert (
+        pipe.generate_ids(ids, max_new_tokens=10, min_new_tokens=10, do_sample=True, top_p=1e-6, seed=5)
+        == greedy
+    )
     a = pipe.generate_ids(ids, max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=5.0, seed=7)
     b = pipe.generate_ids(ids, max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=5.0, seed=7)
     c = pipe.generate_ids(ids, max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=5.0, seed=8)
     assert a == b and a != c and a != greedy
 
 
-def test_text_generation_and_streaming(exported) -> None:  # noqa: ANN001
+def test_text_generation_and_streaming(exported) -> None:
     _, pipe, _ = exported
     text = pipe.generate("t5 t6 t7", max_new_tokens=8, min_new_tokens=8)
     pieces = list(pipe.generate("t5 t6 t7", stream=True, max_new_tokens=8, min_new_tokens=8))
@@ -166,15 +198,23 @@ def test_text_generation_and_streaming(exported) -> None:  # noqa: ANN001
     assert first not in cut and text.startswith(cut)
 
 
-def test_bad_generation_requests(exported) -> None:  # noqa: ANN001
+def test_bad_generation_requests(exported) -> None:
     from mmedge.errors import InvalidInputError
 
     _, pipe, _ = exported
-    bad = [({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": -3}, "max_new_tokens"),
-           ({"temperature": -0.5}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-           ({"top_k": -1}, "top_k"), ({"repetition_penalty": 0}, "repetition_penalty"),
-           ({"min_new_tokens": 99, "max_new_tokens": 5}, "min_new_tokens"), ({"stop_strings": "x"}, "stop_strings"),
-           ({"beams": 4}, "unknown generation parameters"), ({"temperature": float("nan")}, "temperature")]
+    bad = [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": -3}, "max_new_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_new_tokens": 99, "max_new_tokens": 5}, "min_new_tokens"),
+        ({"stop_strings": "x"}, "stop_strings"),
+        ({"beams": 4}, "unknown generation parameters"),
+        ({"temperature": float("nan")}, "temperature"),
+    ]
     for kwargs, match in bad:
         with pytest.raises(InvalidInputError, match=match):
             pipe.generate("t5", **kwargs)
@@ -184,7 +224,7 @@ def test_bad_generation_requests(exported) -> None:  # noqa: ANN001
         pipe.generate_ids([5] * 128, max_new_tokens=4)
 
 
-def test_special_tokens_in_user_text_are_plain_text(exported) -> None:  # noqa: ANN001
+def test_special_tokens_in_user_text_are_plain_text(exported) -> None:
     _, pipe, _ = exported
     ids = pipe.encode_prompt("t5 </s> <pad>")
     assert VOCAB - 1 not in ids and VOCAB - 3 not in ids
@@ -206,7 +246,7 @@ def test_import_refuses_unsupported_configs(tmp_path: Path) -> None:
         load_hf(tmp_path)
 
 
-def test_weight_only_quantization(exported, tmp_path: Path) -> None:  # noqa: ANN001
+def test_weight_only_quantization(exported, tmp_path: Path) -> None:
     import shutil
 
     from mmedge import sdk
@@ -225,13 +265,17 @@ def test_weight_only_quantization(exported, tmp_path: Path) -> None:  # noqa: AN
         assert rec.calibration["method"] == "weight-only" and rec.calibration["bits"] == bits
         assert rec.parity["trt_lint_ok"] and 0 < rec.parity["logits_cosine"] <= 1
     # 8-bit weights stay much closer to fp32 than 4-bit ones on the same tokens
-    assert llm.precisions["int8"].parity["logits_cosine"] > max(0.999, llm.precisions["int4"].parity["logits_cosine"])
+    assert llm.precisions["int8"].parity["logits_cosine"] > max(
+        0.999, llm.precisions["int4"].parity["logits_cosine"]
+    )
     built = build_package(pkg, backend="ort")
     # per layer: joined q/k/v, output, then fc1 + fc2 (OPT) or joined gate/up + down (Llama); + lm_head
     assert built["builds"]["llm.int4"]["ops"]["com.microsoft:MatMulNBits"] == 2 * 4 + 1
     ids = _prompts(1)[0]
     for precision in ("int4", "int8", "auto"):
-        out = sdk.Pipeline(str(pkg), precision=precision).generate_ids(ids, max_new_tokens=6, min_new_tokens=6)
+        out = sdk.Pipeline(str(pkg), precision=precision).generate_ids(
+            ids, max_new_tokens=6, min_new_tokens=6
+        )
         assert len(out) == 6 and all(0 <= t < VOCAB for t in out)
     _check_prefill_builds(pkg, built, ids)
 
@@ -255,7 +299,7 @@ def _check_prefill_builds(pkg: Path, built: dict, ids: list[int]) -> None:
     logits = lm.forward(prompt, cache, logits_to_keep=1)[0, -1]
     assert [s for s, _ in cache.bindings] == [prefill]
     for i in range(len(ids)):  # the same prompt one token at a time: the 4-bit decode build only
-        ref = lm.forward(prompt[:, i:i + 1], stepwise)[0, -1]
+        ref = lm.forward(prompt[:, i : i + 1], stepwise)[0, -1]
     assert [s for s, _ in stepwise.bindings] == [lm.runner.session("llm")]
     cos = float(logits @ ref / (np.linalg.norm(logits) * np.linalg.norm(ref)))
     assert cos > 0.99

@@ -25,6 +25,7 @@ def _loss_recording_autocast(seen: list[bool]) -> Callable[[nn.Module, tuple], t
         seen.append(torch.is_autocast_enabled("cpu"))
         x, y = batch
         return nn.functional.mse_loss(model(x).float(), y)
+
     return loss
 
 
@@ -33,8 +34,13 @@ def test_bf16_autocast_only_where_the_cpu_has_amx(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(trainer, "amx_bf16_fast", lambda: amx)
     seen: list[bool] = []
     model = nn.Linear(8, 1)
-    losses = train(model, _regression_batches(), _loss_recording_autocast(seen),
-                   TrainConfig(steps=60, lr=3e-2, warmup=5, bf16=True), progress=False)
+    losses = train(
+        model,
+        _regression_batches(),
+        _loss_recording_autocast(seen),
+        TrainConfig(steps=60, lr=3e-2, warmup=5, bf16=True),
+        progress=False,
+    )
     assert seen == [amx] * 60
     assert model.weight.dtype == torch.float32  # autocast computes in bf16; the weights stay fp32
     assert losses[-1] < 0.1 * losses[0]
@@ -43,8 +49,13 @@ def test_bf16_autocast_only_where_the_cpu_has_amx(monkeypatch: pytest.MonkeyPatc
 def test_bf16_off_means_fp32_even_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trainer, "amx_bf16_fast", lambda: True)
     seen: list[bool] = []
-    train(nn.Linear(8, 1), _regression_batches(), _loss_recording_autocast(seen),
-          TrainConfig(steps=5, warmup=1), progress=False)
+    train(
+        nn.Linear(8, 1),
+        _regression_batches(),
+        _loss_recording_autocast(seen),
+        TrainConfig(steps=5, warmup=1),
+        progress=False,
+    )
     assert seen == [False] * 5
 
 
@@ -54,8 +65,13 @@ def test_amx_probe_missing_means_no_bf16(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_time_budget_stops_early() -> None:
-    losses = train(nn.Linear(8, 1), _regression_batches(), _loss_recording_autocast([]),
-                   TrainConfig(steps=10**7, warmup=1, time_budget_s=0.3), progress=False)
+    losses = train(
+        nn.Linear(8, 1),
+        _regression_batches(),
+        _loss_recording_autocast([]),
+        TrainConfig(steps=10**7, warmup=1, time_budget_s=0.3),
+        progress=False,
+    )
     assert 0 < len(losses) < 10**7
 
 
@@ -95,13 +111,24 @@ def test_training_moves_to_the_thread_count_that_runs_faster() -> None:
         x, y = batch
         return nn.functional.mse_loss(model(x), y)
 
-    train(nn.Linear(8, 1), _regression_batches(), loss, TrainConfig(steps=150, warmup=1, threads=2), progress=False)
+    train(
+        nn.Linear(8, 1),
+        _regression_batches(),
+        loss,
+        TrainConfig(steps=150, warmup=1, threads=2),
+        progress=False,
+    )
     assert seen[:18] == [2] * 10 + [2] * 4 + [1] * 4  # warm-up, then the probes
     assert seen[18:138] == [1] * 120
     assert torch.get_num_threads() == 2  # restored for whatever runs next
     seen.clear()
-    train(nn.Linear(8, 1), _regression_batches(), loss,
-          TrainConfig(steps=20, warmup=1, threads=2, tune_threads=False), progress=False)
+    train(
+        nn.Linear(8, 1),
+        _regression_batches(),
+        loss,
+        TrainConfig(steps=20, warmup=1, threads=2, tune_threads=False),
+        progress=False,
+    )
     assert seen == [2] * 20
 
 
@@ -119,6 +146,12 @@ def test_an_interrupted_run_restores_the_thread_count() -> None:
         return nn.functional.mse_loss(model(x), y)
 
     with pytest.raises(KeyboardInterrupt):
-        train(nn.Linear(8, 1), _regression_batches(), loss, TrainConfig(steps=100, warmup=1, threads=2), progress=False)
+        train(
+            nn.Linear(8, 1),
+            _regression_batches(),
+            loss,
+            TrainConfig(steps=100, warmup=1, threads=2),
+            progress=False,
+        )
     assert calls[-1] == 1
     assert torch.get_num_threads() == 2

@@ -16,7 +16,9 @@ from mmedge.runtime.manifest import MANIFEST_NAME, parse_manifest
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -31,9 +33,29 @@ def test_manifest_parser_bytes(data: bytes) -> None:
 
 
 @FAST
-@given(path=st.lists(st.sampled_from(["files", "components", "vision", "precisions", "fp32", "dims", "batch", "min",
-                                      "inputs", "engines", "tokenizer", "file"]), min_size=1, max_size=4),
-       value=JSON)
+@given(
+    path=st.lists(
+        st.sampled_from(
+            [
+                "files",
+                "components",
+                "vision",
+                "precisions",
+                "fp32",
+                "dims",
+                "batch",
+                "min",
+                "inputs",
+                "engines",
+                "tokenizer",
+                "file",
+            ]
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    value=JSON,
+)
 def test_manifest_parser_mutations(tiny_pkg_session: Path, path: list[str], value: object) -> None:
     """Replace one nested value of a real manifest with arbitrary JSON: parse or IntegrityError."""
     raw = json.loads((tiny_pkg_session / MANIFEST_NAME).read_text())
@@ -65,7 +87,7 @@ def test_image_loader_bytes(data: bytes) -> None:
 def test_image_loader_corrupted_png(tail: bytes, cut: int) -> None:
     import cv2
 
-    ok, buf = cv2.imencode(".png", np.full((16, 16, 3), 128, np.uint8))
+    _ok, buf = cv2.imencode(".png", np.full((16, 16, 3), 128, np.uint8))
     data = buf.tobytes()
     data = data[: len(data) - cut] + tail
     try:
@@ -106,7 +128,7 @@ def test_request_parameters(tiny_pkg_session: Path, k: int, labels: list[str]) -
 _PIPES: dict[Path, object] = {}
 
 
-def _pipe(pkg: Path):  # noqa: ANN202
+def _pipe(pkg: Path):
     from mmedge import sdk
 
     if pkg not in _PIPES:
@@ -117,11 +139,18 @@ def _pipe(pkg: Path):  # noqa: ANN202
 
 
 @FAST
-@given(location=st.sampled_from(["w.bin", "../w.bin", "/etc/passwd", "sub/../w.bin", "missing.bin", "", "w.bin\x00x"])
-       | st.text(max_size=20),
-       offset=st.integers(-10, 10**12) | st.text(max_size=5), length=st.integers(-10, 10**12) | st.text(max_size=5),
-       extra=st.booleans())
-def test_external_data_validator(tmp_path_factory, location: str, offset: object, length: object, extra: bool) -> None:  # noqa: ANN001
+@given(
+    location=st.sampled_from(
+        ["w.bin", "../w.bin", "/etc/passwd", "sub/../w.bin", "missing.bin", "", "w.bin\x00x"]
+    )
+    | st.text(max_size=20),
+    offset=st.integers(-10, 10**12) | st.text(max_size=5),
+    length=st.integers(-10, 10**12) | st.text(max_size=5),
+    extra=st.booleans(),
+)
+def test_external_data_validator(
+    tmp_path_factory, location: str, offset: object, length: object, extra: bool
+) -> None:
     """Any external-data entry is either inside a listed file or refused before a runtime sees it."""
     import onnx
     from onnx import TensorProto, helper
@@ -141,10 +170,20 @@ def test_external_data_validator(tmp_path_factory, location: str, offset: object
     for k, v in entries.items():
         e = w.external_data.add()
         e.key, e.value = k, v
-    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])], initializer=[w])
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(root / "m.onnx"))
-    files = {rel: FileEntry(sha256_file(root / rel), (root / rel).stat().st_size) for rel in ("m.onnx", "w.bin")}
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
+        initializer=[w],
+    )
+    onnx.save_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+        str(root / "m.onnx"),
+    )
+    files = {
+        rel: FileEntry(sha256_file(root / rel), (root / rel).stat().st_size) for rel in ("m.onnx", "w.bin")
+    }
     m = Manifest("x", "clip", "retrieval", {}, {}, {}, {}, files, {})
     try:
         check_onnx_file(root, "m.onnx", m)
@@ -153,4 +192,4 @@ def test_external_data_validator(tmp_path_factory, location: str, offset: object
     # Accepted: then the entry really lies inside the listed file.
     assert location == "w.bin" and not extra
     off, ln = int(offset), int(length)
-    assert 0 <= off and off + max(ln, 0) <= 64
+    assert off >= 0 and off + max(ln, 0) <= 64

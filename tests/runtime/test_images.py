@@ -424,7 +424,7 @@ def test_unknown_and_disabled_formats():
 def test_truncated_files_rejected(fmt, kw):
     data = encode(natural(64, 64), fmt, **kw)
     for cut in (len(data) // 2, len(data) - 3, 20, 13):
-        with pytest.raises(InvalidInputError, match="corrupt or truncated|zero size"):
+        with pytest.raises(InvalidInputError, match=r"corrupt or truncated|zero size"):
             load_image(data[:cut])
 
 

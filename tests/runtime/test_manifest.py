@@ -32,16 +32,25 @@ def test_round_trip(tiny_pkg_session: Path) -> None:
         (lambda r: r["components"]["vision"]["dims"]["batch"].update(min=0), "min <= opt"),
         (lambda r: r["components"]["vision"]["dims"]["batch"].update(max="64"), "expected"),
         (lambda r: r["components"]["vision"]["inputs"][0].update(dtype="complex128"), "dtype"),
-        (lambda r: r["components"]["vision"]["precisions"]["fp32"].update(file="../evil.onnx"), "inside the package"),
-        (lambda r: r["components"]["vision"]["precisions"]["fp32"].update(file="/etc/passwd"), "inside the package"),
-        (lambda r: r["components"]["vision"]["precisions"]["fp32"].update(file="onnx/unlisted.onnx"), "does not list"),
+        (
+            lambda r: r["components"]["vision"]["precisions"]["fp32"].update(file="../evil.onnx"),
+            "inside the package",
+        ),
+        (
+            lambda r: r["components"]["vision"]["precisions"]["fp32"].update(file="/etc/passwd"),
+            "inside the package",
+        ),
+        (
+            lambda r: r["components"]["vision"]["precisions"]["fp32"].update(file="onnx/unlisted.onnx"),
+            "does not list",
+        ),
         (lambda r: r["files"].update({"x.bin": {"sha256": "zz", "size": 1}}), "sha256"),
         (lambda r: r["files"].update({"x.bin": {"sha256": "0" * 64, "size": True}}), "bool"),
         (lambda r: r["files"].update({"x.bin": {"sha256": "0" * 64, "size": -1}}), "negative"),
         (lambda r: r.update(name="bad name with spaces"), "valid name"),
     ],
 )
-def test_rejects(tiny_pkg_session: Path, mutate, message: str) -> None:  # noqa: ANN001
+def test_rejects(tiny_pkg_session: Path, mutate, message: str) -> None:
     raw = _raw(tiny_pkg_session)
     mutate(raw)
     with pytest.raises(IntegrityError, match=message):

@@ -14,11 +14,11 @@ from mmedge.errors import InvalidInputError, ModelNotFoundError, UnsupportedErro
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pkg_session: Path):  # noqa: ANN201
+def pipe(tiny_pkg_session: Path):
     return sdk.Pipeline(str(tiny_pkg_session))
 
 
-def test_embeddings_are_normalised_and_input_forms_agree(pipe, tmp_path: Path) -> None:  # noqa: ANN001
+def test_embeddings_are_normalised_and_input_forms_agree(pipe, tmp_path: Path) -> None:
     img = generate_scenes(1, seed=5)[0].image
     path = tmp_path / "a.png"
     cv2.imwrite(str(path), img[:, :, ::-1])
@@ -34,7 +34,7 @@ def test_embeddings_are_normalised_and_input_forms_agree(pipe, tmp_path: Path) -
     assert t.shape == (2, pipe.dim) and np.allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
 
 
-def test_batching_matches_single(pipe) -> None:  # noqa: ANN001
+def test_batching_matches_single(pipe) -> None:
     imgs = [s.image for s in generate_scenes(70, seed=3)]  # beyond the max batch of 64: chunked
     batch = pipe.embed_images(imgs)
     single = np.concatenate([pipe.embed_images([im]) for im in imgs[:3]])
@@ -44,7 +44,7 @@ def test_batching_matches_single(pipe) -> None:  # noqa: ANN001
     np.testing.assert_allclose(both[0], pipe.embed_texts(texts[:1])[0], atol=1e-5)
 
 
-def test_index_search_and_classify(pipe) -> None:  # noqa: ANN001
+def test_index_search_and_classify(pipe) -> None:
     from mmedge.runtime.components import ComponentRunner
     from mmedge.runtime.retrieval import RetrievalPipeline
 
@@ -75,7 +75,7 @@ def test_precision_not_built(tiny_pkg_session: Path) -> None:
         p.embed_texts(["x"])
 
 
-def test_bad_calls(pipe) -> None:  # noqa: ANN001
+def test_bad_calls(pipe) -> None:
     with pytest.raises(InvalidInputError):
         pipe.embed_images([])
     with pytest.raises(InvalidInputError):

@@ -22,8 +22,20 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for verb in ("train", "export", "calibrate", "build", "verify", "inspect", "eval", "bench", "embed", "search",
-                 "classify", "demo"):
+    for verb in (
+        "train",
+        "export",
+        "calibrate",
+        "build",
+        "verify",
+        "inspect",
+        "eval",
+        "bench",
+        "embed",
+        "search",
+        "classify",
+        "demo",
+    ):
         assert verb in out
 
 
@@ -33,8 +45,22 @@ def test_verify_inspect_eval_bench(tiny_pkg: Path, capsys: pytest.CaptureFixture
     ev = _json(capsys, ["eval", str(tiny_pkg), "--data", "shapes:20", "--precision", "fp32", "--json"])
     assert {"t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"} <= set(ev) and ev["n"] == 20
     assert 0.0 <= ev["t2i_r1"] <= ev["t2i_r5"] <= 1.0
-    b = _json(capsys, ["bench", str(tiny_pkg), "--batch", "1,2", "--threads", "1", "--runs", "3", "--vs", "torch",
-                       "--json"])
+    b = _json(
+        capsys,
+        [
+            "bench",
+            str(tiny_pkg),
+            "--batch",
+            "1,2",
+            "--threads",
+            "1",
+            "--runs",
+            "3",
+            "--vs",
+            "torch",
+            "--json",
+        ],
+    )
     row = b["components"]["vision"]["batch2"]
     assert {"ort-fp32", "torch-eager"} <= set(row) and row["ort-fp32"]["p50_ms"] > 0
     assert row["speedup_vs"]["torch-eager"] > 0
@@ -50,11 +76,15 @@ def test_embed_search_classify(tiny_pkg: Path, tmp_path: Path, capsys: pytest.Ca
     idx = tmp_path / "index"
     r = _json(capsys, ["search", str(tiny_pkg), "--add", str(folder), "--index", str(idx), "--json"])
     assert r["indexed"] == 6 and (idx / "index.usearch").is_file()
-    r = _json(capsys, ["search", str(tiny_pkg), str(folder / "3.png"), "--index", str(idx), "-k", "2", "--json"])
+    r = _json(
+        capsys, ["search", str(tiny_pkg), str(folder / "3.png"), "--index", str(idx), "-k", "2", "--json"]
+    )
     assert r["hits"][0]["label"].endswith("3.png")
     r = _json(capsys, ["search", str(tiny_pkg), "a red circle", "--index", str(idx), "--json"])
     assert len(r["hits"]) == 5
-    c = _json(capsys, ["classify", str(tiny_pkg), str(folder / "0.png"), "--labels", "circle,square", "--json"])
+    c = _json(
+        capsys, ["classify", str(tiny_pkg), str(folder / "0.png"), "--labels", "circle,square", "--json"]
+    )
     assert {x["label"] for x in c["labels"]} == {"circle", "square"}
 
 
@@ -65,10 +95,15 @@ def test_errors_are_reported_not_raised(tmp_path: Path, store: Path, capsys: pyt
     assert "empty" in capsys.readouterr().err
 
 
-def test_bench_reports_generation_for_chat_packages(chat_pkg_session: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bench_reports_generation_for_chat_packages(
+    chat_pkg_session: Path, capsys: pytest.CaptureFixture
+) -> None:
     from mmedge.sdk.cli import main
 
-    assert main(["bench", str(chat_pkg_session), "--batch", "1", "--runs", "5", "--components", "llm", "--json"]) == 0
+    assert (
+        main(["bench", str(chat_pkg_session), "--batch", "1", "--runs", "5", "--components", "llm", "--json"])
+        == 0
+    )
     gen = json.loads(capsys.readouterr().out)["generation"]
     assert gen["new_tokens"] == 20 and gen["prompt_tokens"] == 8
     assert 0 < gen["image_ms"] < gen["e2e_ms"] and gen["prefill_ms"] > 0 and gen["decode_tokens_per_s"] > 0

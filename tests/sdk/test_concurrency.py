@@ -42,8 +42,12 @@ print(json.dumps({"out": out, "maxrss_kb": resource.getrusage(resource.RUSAGE_SE
 
 
 def _run(pkg: Path, chat_pkg: Path, mode: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(pkg), str(chat_pkg), mode], capture_output=True, text=True,
-                          timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(pkg), str(chat_pkg), mode],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

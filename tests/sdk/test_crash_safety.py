@@ -18,7 +18,7 @@ from mmedge.runtime.staging import remove_stale_staging
 SCRIPTS = {
     "export": "from mmedge.export.exporter import export_model; import sys; export_model(sys.argv[1], sys.argv[2])",
     "calibrate": "from mmedge.calibration.package import calibrate_package; import sys; "
-                 "calibrate_package(sys.argv[2], 'train-shapes:24', samples=16)",
+    "calibrate_package(sys.argv[2], 'train-shapes:24', samples=16)",
 }
 
 
@@ -26,9 +26,13 @@ def _start(kind: str, ckpt: Path, pkg: Path) -> subprocess.Popen:
     # A killed run cannot remove its temporary directories: keep them under the test's own tmp dir.
     tmp = pkg.parent / "tmp"
     tmp.mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, "-c", SCRIPTS[kind], str(ckpt), str(pkg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "TMPDIR": str(tmp)})
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPTS[kind], str(ckpt), str(pkg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
 
 
 def _run_to_end(kind: str, ckpt: Path, pkg: Path) -> float:

@@ -131,9 +131,15 @@ _IMPORTS = textwrap.dedent(
 
 def _run(script: str, *args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, "-c", _BLOCKER + script, *args], check=False, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", _BLOCKER + script, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert proc.returncode == 0 and "TORCH_FREE_OK" in proc.stdout, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0 and "TORCH_FREE_OK" in proc.stdout, (
+        f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
     return proc.stdout
 
 

@@ -51,8 +51,14 @@ CHILD_TIMEOUT_S = 180
 class Env:
     """Per-row scratch space: private copies of the package and checkpoint, and a shared pipeline."""
 
-    def __init__(self, tmp: Path, pkg_src: Path, ckpt_src: Path, pipe_factory: Callable[[], object],
-                 store: Path | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        pkg_src: Path,
+        ckpt_src: Path,
+        pipe_factory: Callable[[], object],
+        store: Path | None = None,
+    ) -> None:
         self.tmp, self._pkg_src, self._ckpt_src, self._pipe_factory = tmp, pkg_src, ckpt_src, pipe_factory
         self.store = store
         self._pkg: Path | None = None
@@ -73,7 +79,7 @@ class Env:
         return self._ckpt
 
     @property
-    def pipe(self):  # noqa: ANN201 - a RetrievalPipeline over the untouched package, shared by rows
+    def pipe(self):
         return self._pipe_factory()
 
 
@@ -113,14 +119,21 @@ def _rewrite_onnx(root: Path, rel: str, mutate: Callable[[object], object]) -> P
     return _relist(root, rel)
 
 
-def _set_opset(model, version: int) -> None:  # noqa: ANN001
+def _set_opset(model, version: int) -> None:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = version
 
 
-def _external(env: Env, location: str = "ext.bin", offset: str = "0", length: str = "64",
-              extra: dict[str, str] | None = None, in_attribute: bool = False, symlink: bool = False) -> Path:
+def _external(
+    env: Env,
+    location: str = "ext.bin",
+    offset: str = "0",
+    length: str = "64",
+    extra: dict[str, str] | None = None,
+    in_attribute: bool = False,
+    symlink: bool = False,
+) -> Path:
     """Add a listed onnx/ext.onnx whose tensor `w` keeps its 64 bytes in external data at `location`."""
     import onnx
     from onnx import TensorProto, helper
@@ -142,7 +155,9 @@ def _external(env: Env, location: str = "ext.bin", offset: str = "0", length: st
     if in_attribute:  # a Constant node's tensor attribute, not an initializer
         graph = helper.make_graph([helper.make_node("Constant", [], ["y"], value=w)], "g", [], [out])
     else:
-        graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [], [out], initializer=[w])
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["w"], ["y"])], "g", [], [out], initializer=[w]
+        )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save_model(model, str(root / "onnx" / "ext.onnx"))
     return _relist(root, "onnx/ext.onnx", "onnx/ext.bin")
@@ -184,7 +199,7 @@ def _load_ckpt(root: Path) -> object:
 class _GetPid:
     """Pickles as a call to os.getpid: a harmless stand-in for a payload that runs code on load."""
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (os.getpid, ())
 
 
@@ -201,7 +216,9 @@ def _ihdr(width: int, height: int) -> bytes:
 
 def _png_declaring(width: int, height: int) -> bytes:
     """A well-formed PNG whose IHDR declares width x height, with a tiny IDAT."""
-    return _PNG_SIG + _ihdr(width, height) + _chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + _chunk(b"IEND", b"")
+    return (
+        _PNG_SIG + _ihdr(width, height) + _chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + _chunk(b"IEND", b"")
+    )
 
 
 def _encode(ext: str, shape: tuple[int, ...] = (32, 32, 3)) -> bytes:
@@ -222,8 +239,13 @@ def _jpeg_declaring(width: int, height: int) -> bytes:
 
 
 def _webp_vp8x(width: int, height: int) -> bytes:
-    body = b"VP8X" + struct.pack("<I", 10) + b"\x00\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (
-        height - 1).to_bytes(3, "little")
+    body = (
+        b"VP8X"
+        + struct.pack("<I", 10)
+        + b"\x00\x00\x00\x00"
+        + (width - 1).to_bytes(3, "little")
+        + (height - 1).to_bytes(3, "little")
+    )
     return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
 
 
@@ -232,8 +254,10 @@ def _bmp_declaring(width: int, height: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", 14 + len(dib), 0, 0, 14 + len(dib)) + dib
 
 
-_GIF_1X1 = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
-            b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+_GIF_1X1 = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
 
 
 def _load_image(src: object, **limits: object) -> object:
@@ -285,8 +309,15 @@ IMG = np.full((32, 32, 3), 128, np.uint8)
 NATIVE: list[str] = []  # ids of rows that drive native parsers; they also run in a child process
 
 
-def case(id: str, exc: type[MmedgeError], match: str, run: Callable[[Env], object], *,  # noqa: A002
-         native: bool = False, xfail: str | None = None) -> object:
+def case(
+    id: str,
+    exc: type[MmedgeError],
+    match: str,
+    run: Callable[[Env], object],
+    *,
+    native: bool = False,
+    xfail: str | None = None,
+) -> object:
     if native:
         NATIVE.append(id)
     marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
@@ -295,273 +326,806 @@ def case(id: str, exc: type[MmedgeError], match: str, run: Callable[[Env], objec
 
 CASES = [
     # --- package and manifest: verified on load, before any runtime sees a file ---------------------
-    case("manifest-unknown-key", IntegrityError, r"root: unknown keys \['surprise'\]",
-         lambda e: _open(_edit_manifest(e.pkg(), lambda r: r.update(surprise=1)))),
-    case("manifest-unknown-nested-key", IntegrityError, r"inputs\[0\]: unknown keys \['layout'\]",
-         lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["components"]["vision"]["inputs"][0].update(layout="NCHW")))),
-    case("manifest-wrong-type-size", IntegrityError, r"files\.tokenizer\.json\.size: expected .*int.*got str",
-         lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["files"]["tokenizer.json"].update(size="3421")))),
-    case("manifest-wrong-type-dim", IntegrityError, r"dims\.batch\.max: expected .*int.*got str",
-         lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["components"]["vision"]["dims"]["batch"].update(max="64")))),
-    case("manifest-not-json", IntegrityError, "manifest is not valid JSON",
-         lambda e: (e.pkg().joinpath("manifest.json").write_text("{not json"), _open(e.pkg()))),
-    case("manifest-over-4MiB", IntegrityError, r"manifest is \d+ bytes; the limit is 4194304",
-         lambda e: (e.pkg().joinpath("manifest.json").write_bytes(b" " * (4 * 1024 * 1024 + 1)), _open(e.pkg()))),
-    case("manifest-unknown-schema", IntegrityError, r"schema 'mmedge.package/2' is not supported",
-         lambda e: _open(_edit_manifest(e.pkg(), lambda r: r.update(schema="mmedge.package/2")))),
-    case("manifest-is-symlink", IntegrityError, r"has no manifest\.json \(or it is not a regular file\)",
-         lambda e: _open(_replace_with_symlink(e, "manifest.json"))),
-    case("pkg-listed-file-missing", IntegrityError, r"package file 'reports/parity\.json' is missing",
-         lambda e: (e.pkg().joinpath("reports/parity.json").unlink(), _open(e.pkg()))),
-    case("pkg-unlisted-file-referenced", IntegrityError, r"names 'onnx/extra\.onnx' but does not list its hash",
-         lambda e: (shutil.copy(e.pkg() / "onnx/vision.onnx", e.pkg() / "onnx/extra.onnx"),
-                    _open(_edit_manifest(e.pkg(), lambda r: r["components"]["vision"]["precisions"]["fp32"]
-                                         .update(file="onnx/extra.onnx"))))),
-    case("pkg-sha256-mismatch", IntegrityError, r"onnx/text\.onnx: sha256 differs from the manifest",
-         lambda e: (_flip_last_byte(e.pkg() / "onnx/text.onnx"), _open(e.pkg()))),
-    case("pkg-size-mismatch", IntegrityError, r"tokenizer\.json: size \d+ differs from the manifest's \d+",
-         lambda e: (_append(e.pkg() / "tokenizer.json", b" "), _open(e.pkg()))),
-    case("pkg-path-traversal", IntegrityError, r"'\.\./outside\.bin' must be relative and stay inside the package",
-         lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["files"].update(
-             {"../outside.bin": {"sha256": "0" * 64, "size": 1}})))),
-    case("pkg-absolute-path", IntegrityError, r"tokenizer\.file '/etc/passwd' must be relative",
-         lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["tokenizer"].update(file="/etc/passwd")))),
-    case("pkg-backslash-path", IntegrityError, r"'onnx\\\\text\.onnx' is not a relative POSIX path",
-         lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["files"].update(
-             {"onnx\\text.onnx": r["files"].pop("onnx/text.onnx")})))),
-    case("pkg-symlinked-file", IntegrityError, r"'tokenizer\.json' goes through a symlink; symlinks are refused",
-         lambda e: _open(_replace_with_symlink(e, "tokenizer.json"))),
-    case("pkg-symlinked-directory", IntegrityError, r"'onnx/text\.onnx' goes through a symlink",
-         lambda e: _open(_replace_with_symlink(e, "onnx"))),
-    case("pkg-hard-link", IntegrityError, r"'tokenizer\.json' has 2 hard links; hard links are refused",
-         lambda e: (os.link(e.pkg() / "tokenizer.json", e.tmp / "alias.json"), _open(e.pkg()))),
-    case("pkg-fifo-instead-of-file", IntegrityError, r"'reports/trt_lint\.json' is not a regular file",
-         lambda e: (e.pkg().joinpath("reports/trt_lint.json").unlink(), os.mkfifo(e.pkg() / "reports/trt_lint.json"),
-                    _open(e.pkg()))),
-    case("pkg-tokenizer-json-corrupt", IntegrityError, "cannot parse tokenizer JSON",
-         lambda e: (e.pkg().joinpath("tokenizer.json").write_text('{"model": 42}'),
-                    _open(_relist(e.pkg(), "tokenizer.json")).embed_texts(["a red circle"])), native=True),
+    case(
+        "manifest-unknown-key",
+        IntegrityError,
+        r"root: unknown keys \['surprise'\]",
+        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r.update(surprise=1))),
+    ),
+    case(
+        "manifest-unknown-nested-key",
+        IntegrityError,
+        r"inputs\[0\]: unknown keys \['layout'\]",
+        lambda e: _open(
+            _edit_manifest(e.pkg(), lambda r: r["components"]["vision"]["inputs"][0].update(layout="NCHW"))
+        ),
+    ),
+    case(
+        "manifest-wrong-type-size",
+        IntegrityError,
+        r"files\.tokenizer\.json\.size: expected .*int.*got str",
+        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["files"]["tokenizer.json"].update(size="3421"))),
+    ),
+    case(
+        "manifest-wrong-type-dim",
+        IntegrityError,
+        r"dims\.batch\.max: expected .*int.*got str",
+        lambda e: _open(
+            _edit_manifest(e.pkg(), lambda r: r["components"]["vision"]["dims"]["batch"].update(max="64"))
+        ),
+    ),
+    case(
+        "manifest-not-json",
+        IntegrityError,
+        "manifest is not valid JSON",
+        lambda e: (e.pkg().joinpath("manifest.json").write_text("{not json"), _open(e.pkg())),
+    ),
+    case(
+        "manifest-over-4MiB",
+        IntegrityError,
+        r"manifest is \d+ bytes; the limit is 4194304",
+        lambda e: (
+            e.pkg().joinpath("manifest.json").write_bytes(b" " * (4 * 1024 * 1024 + 1)),
+            _open(e.pkg()),
+        ),
+    ),
+    case(
+        "manifest-unknown-schema",
+        IntegrityError,
+        r"schema 'mmedge.package/2' is not supported",
+        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r.update(schema="mmedge.package/2"))),
+    ),
+    case(
+        "manifest-is-symlink",
+        IntegrityError,
+        r"has no manifest\.json \(or it is not a regular file\)",
+        lambda e: _open(_replace_with_symlink(e, "manifest.json")),
+    ),
+    case(
+        "pkg-listed-file-missing",
+        IntegrityError,
+        r"package file 'reports/parity\.json' is missing",
+        lambda e: (e.pkg().joinpath("reports/parity.json").unlink(), _open(e.pkg())),
+    ),
+    case(
+        "pkg-unlisted-file-referenced",
+        IntegrityError,
+        r"names 'onnx/extra\.onnx' but does not list its hash",
+        lambda e: (
+            shutil.copy(e.pkg() / "onnx/vision.onnx", e.pkg() / "onnx/extra.onnx"),
+            _open(
+                _edit_manifest(
+                    e.pkg(),
+                    lambda r: r["components"]["vision"]["precisions"]["fp32"].update(file="onnx/extra.onnx"),
+                )
+            ),
+        ),
+    ),
+    case(
+        "pkg-sha256-mismatch",
+        IntegrityError,
+        r"onnx/text\.onnx: sha256 differs from the manifest",
+        lambda e: (_flip_last_byte(e.pkg() / "onnx/text.onnx"), _open(e.pkg())),
+    ),
+    case(
+        "pkg-size-mismatch",
+        IntegrityError,
+        r"tokenizer\.json: size \d+ differs from the manifest's \d+",
+        lambda e: (_append(e.pkg() / "tokenizer.json", b" "), _open(e.pkg())),
+    ),
+    case(
+        "pkg-path-traversal",
+        IntegrityError,
+        r"'\.\./outside\.bin' must be relative and stay inside the package",
+        lambda e: _open(
+            _edit_manifest(
+                e.pkg(), lambda r: r["files"].update({"../outside.bin": {"sha256": "0" * 64, "size": 1}})
+            )
+        ),
+    ),
+    case(
+        "pkg-absolute-path",
+        IntegrityError,
+        r"tokenizer\.file '/etc/passwd' must be relative",
+        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["tokenizer"].update(file="/etc/passwd"))),
+    ),
+    case(
+        "pkg-backslash-path",
+        IntegrityError,
+        r"'onnx\\\\text\.onnx' is not a relative POSIX path",
+        lambda e: _open(
+            _edit_manifest(
+                e.pkg(), lambda r: r["files"].update({"onnx\\text.onnx": r["files"].pop("onnx/text.onnx")})
+            )
+        ),
+    ),
+    case(
+        "pkg-symlinked-file",
+        IntegrityError,
+        r"'tokenizer\.json' goes through a symlink; symlinks are refused",
+        lambda e: _open(_replace_with_symlink(e, "tokenizer.json")),
+    ),
+    case(
+        "pkg-symlinked-directory",
+        IntegrityError,
+        r"'onnx/text\.onnx' goes through a symlink",
+        lambda e: _open(_replace_with_symlink(e, "onnx")),
+    ),
+    case(
+        "pkg-hard-link",
+        IntegrityError,
+        r"'tokenizer\.json' has 2 hard links; hard links are refused",
+        lambda e: (os.link(e.pkg() / "tokenizer.json", e.tmp / "alias.json"), _open(e.pkg())),
+    ),
+    case(
+        "pkg-fifo-instead-of-file",
+        IntegrityError,
+        r"'reports/trt_lint\.json' is not a regular file",
+        lambda e: (
+            e.pkg().joinpath("reports/trt_lint.json").unlink(),
+            os.mkfifo(e.pkg() / "reports/trt_lint.json"),
+            _open(e.pkg()),
+        ),
+    ),
+    case(
+        "pkg-tokenizer-json-corrupt",
+        IntegrityError,
+        "cannot parse tokenizer JSON",
+        lambda e: (
+            e.pkg().joinpath("tokenizer.json").write_text('{"model": 42}'),
+            _open(_relist(e.pkg(), "tokenizer.json")).embed_texts(["a red circle"]),
+        ),
+        native=True,
+    ),
     # --- ONNX files: parsed (never executed) during verification -----------------------------------
-    case("onnx-not-protobuf", IntegrityError, r"onnx/text\.onnx: not a readable ONNX model",
-         lambda e: (e.pkg().joinpath("onnx/text.onnx").write_bytes(b"\x0a\xff\xff\xff\xff\x0f" + bytes(range(64))),
-                    _open(_relist(e.pkg(), "onnx/text.onnx"))), native=True),
-    case("onnx-opset-newer-than-runtime", UnsupportedError, r"opset 99 is newer than this runtime supports",
-         lambda e: _open(_rewrite_onnx(e.pkg(), "onnx/vision.onnx", lambda m: _set_opset(m, 99))), native=True),
-    case("onnx-ir-version-too-new", UnsupportedError, r"IR version \d+ is newer than supported",
-         lambda e: _open(_rewrite_onnx(e.pkg(), "onnx/vision.onnx", lambda m: setattr(m, "ir_version", 99))),
-         native=True),
+    case(
+        "onnx-not-protobuf",
+        IntegrityError,
+        r"onnx/text\.onnx: not a readable ONNX model",
+        lambda e: (
+            e.pkg().joinpath("onnx/text.onnx").write_bytes(b"\x0a\xff\xff\xff\xff\x0f" + bytes(range(64))),
+            _open(_relist(e.pkg(), "onnx/text.onnx")),
+        ),
+        native=True,
+    ),
+    case(
+        "onnx-opset-newer-than-runtime",
+        UnsupportedError,
+        r"opset 99 is newer than this runtime supports",
+        lambda e: _open(_rewrite_onnx(e.pkg(), "onnx/vision.onnx", lambda m: _set_opset(m, 99))),
+        native=True,
+    ),
+    case(
+        "onnx-ir-version-too-new",
+        UnsupportedError,
+        r"IR version \d+ is newer than supported",
+        lambda e: _open(_rewrite_onnx(e.pkg(), "onnx/vision.onnx", lambda m: setattr(m, "ir_version", 99))),
+        native=True,
+    ),
     # --- ONNX external data: every reference must stay inside a listed file -----------------------
-    case("ext-location-parent-dir", IntegrityError, r"external data location '\.\./tokenizer\.json' must be relative",
-         lambda e: _open(_external(e, location="../tokenizer.json"))),
-    case("ext-location-absolute", IntegrityError, r"external data location '/etc/passwd' must be relative",
-         lambda e: _open(_external(e, location="/etc/passwd"))),
-    case("ext-location-unlisted", IntegrityError, r"external data file 'onnx/secret\.bin' is not listed",
-         lambda e: (e.pkg().joinpath("onnx/secret.bin").write_bytes(b"\0" * 64),
-                    _open(_external(e, location="secret.bin")))),
-    case("ext-location-symlink", IntegrityError, r"'onnx/ext\.bin' goes through a symlink",
-         lambda e: _open(_external(e, symlink=True))),
-    case("ext-offset-past-end", IntegrityError, r"external data of 'w' points outside 'onnx/ext\.bin'",
-         lambda e: _open(_external(e, offset="64", length="64"))),
-    case("ext-length-past-end", IntegrityError, r"external data of 'w' points outside",
-         lambda e: _open(_external(e, length=str(10**12)))),
-    case("ext-negative-offset", IntegrityError, r"external data of 'w' points outside",
-         lambda e: _open(_external(e, offset="-8"))),
-    case("ext-offset-not-integer", IntegrityError, r"offset/length of 'w' are not integers",
-         lambda e: _open(_external(e, offset="0x10"))),
-    case("ext-unknown-key", IntegrityError, r"external data of 'w' has unknown keys \['basepath'\]",
-         lambda e: _open(_external(e, extra={"basepath": "/"}))),
-    case("ext-in-node-attribute", IntegrityError, r"external data location '\.\./\.\./x' must be relative",
-         lambda e: _open(_external(e, location="../../x", in_attribute=True))),
+    case(
+        "ext-location-parent-dir",
+        IntegrityError,
+        r"external data location '\.\./tokenizer\.json' must be relative",
+        lambda e: _open(_external(e, location="../tokenizer.json")),
+    ),
+    case(
+        "ext-location-absolute",
+        IntegrityError,
+        r"external data location '/etc/passwd' must be relative",
+        lambda e: _open(_external(e, location="/etc/passwd")),
+    ),
+    case(
+        "ext-location-unlisted",
+        IntegrityError,
+        r"external data file 'onnx/secret\.bin' is not listed",
+        lambda e: (
+            e.pkg().joinpath("onnx/secret.bin").write_bytes(b"\0" * 64),
+            _open(_external(e, location="secret.bin")),
+        ),
+    ),
+    case(
+        "ext-location-symlink",
+        IntegrityError,
+        r"'onnx/ext\.bin' goes through a symlink",
+        lambda e: _open(_external(e, symlink=True)),
+    ),
+    case(
+        "ext-offset-past-end",
+        IntegrityError,
+        r"external data of 'w' points outside 'onnx/ext\.bin'",
+        lambda e: _open(_external(e, offset="64", length="64")),
+    ),
+    case(
+        "ext-length-past-end",
+        IntegrityError,
+        r"external data of 'w' points outside",
+        lambda e: _open(_external(e, length=str(10**12))),
+    ),
+    case(
+        "ext-negative-offset",
+        IntegrityError,
+        r"external data of 'w' points outside",
+        lambda e: _open(_external(e, offset="-8")),
+    ),
+    case(
+        "ext-offset-not-integer",
+        IntegrityError,
+        r"offset/length of 'w' are not integers",
+        lambda e: _open(_external(e, offset="0x10")),
+    ),
+    case(
+        "ext-unknown-key",
+        IntegrityError,
+        r"external data of 'w' has unknown keys \['basepath'\]",
+        lambda e: _open(_external(e, extra={"basepath": "/"})),
+    ),
+    case(
+        "ext-in-node-attribute",
+        IntegrityError,
+        r"external data location '\.\./\.\./x' must be relative",
+        lambda e: _open(_external(e, location="../../x", in_attribute=True)),
+    ),
     # --- checkpoints: safetensors only unless opted in; weights must fit the family config --------
-    case("ckpt-pickle-bin-refused", UnsupportedError, r"pytorch_model\.bin is a pickle-based checkpoint.*allow_pickle",
-         lambda e: _load_ckpt(_hf_dir_with_pickle(e))),
-    case("ckpt-pickle-pt-refused", UnsupportedError, r"w\.pt is a pickle-based checkpoint, which can run code",
-         lambda e: _load_weights(_torch_save(e, "w.pt", {"w": _zeros()}))),
-    case("ckpt-pickle-payload-with-opt-in", IntegrityError, r"refused by the weights-only loader",
-         lambda e: _load_weights(_torch_save(e, "evil.pt", {"w": _GetPid()}), allow_pickle=True)),
-    case("ckpt-unknown-weights-format", UnsupportedError, r"unknown weights format; accepted: \.safetensors",
-         lambda e: _load_weights(Path(_write(e, "w.npz", b"PK\x03\x04")))),
-    case("ckpt-tensor-wrong-name", ConfigError, r"missing \['logit_scale'\], unexpected \['logit_scal'\]",
-         lambda e: _load_ckpt(_ckpt_tensors(e, lambda t: t.__setitem__("logit_scal", t.pop("logit_scale"))))),
-    case("ckpt-tensor-wrong-shape", ConfigError, r"token_embedding\.weight has shape \(116, 96\), the config needs \(115, 96\)",
-         lambda e: _load_ckpt(_ckpt_tensors(e, lambda t: t.__setitem__(
-             "text_model.embeddings.token_embedding.weight", _zeros(116, 96))))),
-    case("ckpt-tensor-wrong-dtype", ConfigError, r"logit_scale has dtype torch\.int64; floating point expected",
-         lambda e: _load_ckpt(_ckpt_tensors(e, lambda t: t.__setitem__("logit_scale", _zeros(dtype="int64"))))),
-    case("ckpt-safetensors-truncated", IntegrityError, r"model\.safetensors: not a readable safetensors file",
-         lambda e: (_truncate(e.ckpt() / "model.safetensors"), _load_ckpt(e.ckpt())), native=True),
-    case("ckpt-safetensors-header-2^60", IntegrityError, r"not a readable safetensors file .*header too large",
-         lambda e: (e.ckpt().joinpath("model.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}"),
-                    _load_ckpt(e.ckpt())), native=True),
-    case("ckpt-config-not-object", ConfigError, r"config\.json must hold a JSON object",
-         lambda e: (e.ckpt().joinpath("config.json").write_text("[1, 2]"), _load_ckpt(e.ckpt()))),
-    case("ckpt-config-not-json", ConfigError, r"config\.json is not valid JSON",
-         lambda e: (e.ckpt().joinpath("config.json").write_text("{family: clip"), _load_ckpt(e.ckpt()))),
-    case("ckpt-config-wrong-format", ConfigError, r"is not an mmedge checkpoint",
-         lambda e: _load_ckpt(_ckpt_config(e, lambda m: m.pop("format")))),
-    case("ckpt-unknown-family", ConfigError, r"unknown family 'bogus'; known: \[.*'clip'",
-         lambda e: _load_ckpt(_ckpt_config(e, lambda m: m.update(family="bogus")))),
-    case("ckpt-config-unknown-key", ConfigError, r"clip config 'vision': unknown keys \['dropout'\]",
-         lambda e: _load_ckpt(_ckpt_config(e, lambda m: m["config"]["vision"].update(dropout=0.1)))),
-    case("ckpt-config-wrong-type", ConfigError, r"width.*big",
-         run=lambda e: _load_ckpt(_ckpt_config(e, lambda m: m["config"]["vision"].update(width="big")))),
-    case("ckpt-config-negative-layers", ConfigError, r"layers.*-1",
-         run=lambda e: _load_ckpt(_ckpt_config(e, lambda m: m["config"]["vision"].update(layers=-1)))),
-    case("ckpt-not-a-directory", ConfigError, r"is not a directory; expected an mmedge checkpoint",
-         lambda e: _load_ckpt(e.tmp / "no-such-ckpt")),
+    case(
+        "ckpt-pickle-bin-refused",
+        UnsupportedError,
+        r"pytorch_model\.bin is a pickle-based checkpoint.*allow_pickle",
+        lambda e: _load_ckpt(_hf_dir_with_pickle(e)),
+    ),
+    case(
+        "ckpt-pickle-pt-refused",
+        UnsupportedError,
+        r"w\.pt is a pickle-based checkpoint, which can run code",
+        lambda e: _load_weights(_torch_save(e, "w.pt", {"w": _zeros()})),
+    ),
+    case(
+        "ckpt-pickle-payload-with-opt-in",
+        IntegrityError,
+        r"refused by the weights-only loader",
+        lambda e: _load_weights(_torch_save(e, "evil.pt", {"w": _GetPid()}), allow_pickle=True),
+    ),
+    case(
+        "ckpt-unknown-weights-format",
+        UnsupportedError,
+        r"unknown weights format; accepted: \.safetensors",
+        lambda e: _load_weights(Path(_write(e, "w.npz", b"PK\x03\x04"))),
+    ),
+    case(
+        "ckpt-tensor-wrong-name",
+        ConfigError,
+        r"missing \['logit_scale'\], unexpected \['logit_scal'\]",
+        lambda e: _load_ckpt(_ckpt_tensors(e, lambda t: t.__setitem__("logit_scal", t.pop("logit_scale")))),
+    ),
+    case(
+        "ckpt-tensor-wrong-shape",
+        ConfigError,
+        r"token_embedding\.weight has shape \(116, 96\), the config needs \(115, 96\)",
+        lambda e: _load_ckpt(
+            _ckpt_tensors(
+                e, lambda t: t.__setitem__("text_model.embeddings.token_embedding.weight", _zeros(116, 96))
+            )
+        ),
+    ),
+    case(
+        "ckpt-tensor-wrong-dtype",
+        ConfigError,
+        r"logit_scale has dtype torch\.int64; floating point expected",
+        lambda e: _load_ckpt(_ckpt_tensors(e, lambda t: t.__setitem__("logit_scale", _zeros(dtype="int64")))),
+    ),
+    case(
+        "ckpt-safetensors-truncated",
+        IntegrityError,
+        r"model\.safetensors: not a readable safetensors file",
+        lambda e: (_truncate(e.ckpt() / "model.safetensors"), _load_ckpt(e.ckpt())),
+        native=True,
+    ),
+    case(
+        "ckpt-safetensors-header-2^60",
+        IntegrityError,
+        r"not a readable safetensors file .*header too large",
+        lambda e: (
+            e.ckpt().joinpath("model.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}"),
+            _load_ckpt(e.ckpt()),
+        ),
+        native=True,
+    ),
+    case(
+        "ckpt-config-not-object",
+        ConfigError,
+        r"config\.json must hold a JSON object",
+        lambda e: (e.ckpt().joinpath("config.json").write_text("[1, 2]"), _load_ckpt(e.ckpt())),
+    ),
+    case(
+        "ckpt-config-not-json",
+        ConfigError,
+        r"config\.json is not valid JSON",
+        lambda e: (e.ckpt().joinpath("config.json").write_text("{family: clip"), _load_ckpt(e.ckpt())),
+    ),
+    case(
+        "ckpt-config-wrong-format",
+        ConfigError,
+        r"is not an mmedge checkpoint",
+        lambda e: _load_ckpt(_ckpt_config(e, lambda m: m.pop("format"))),
+    ),
+    case(
+        "ckpt-unknown-family",
+        ConfigError,
+        r"unknown family 'bogus'; known: \[.*'clip'",
+        lambda e: _load_ckpt(_ckpt_config(e, lambda m: m.update(family="bogus"))),
+    ),
+    case(
+        "ckpt-config-unknown-key",
+        ConfigError,
+        r"clip config 'vision': unknown keys \['dropout'\]",
+        lambda e: _load_ckpt(_ckpt_config(e, lambda m: m["config"]["vision"].update(dropout=0.1))),
+    ),
+    case(
+        "ckpt-config-wrong-type",
+        ConfigError,
+        r"width.*big",
+        run=lambda e: _load_ckpt(_ckpt_config(e, lambda m: m["config"]["vision"].update(width="big"))),
+    ),
+    case(
+        "ckpt-config-negative-layers",
+        ConfigError,
+        r"layers.*-1",
+        run=lambda e: _load_ckpt(_ckpt_config(e, lambda m: m["config"]["vision"].update(layers=-1))),
+    ),
+    case(
+        "ckpt-not-a-directory",
+        ConfigError,
+        r"is not a directory; expected an mmedge checkpoint",
+        lambda e: _load_ckpt(e.tmp / "no-such-ckpt"),
+    ),
     # --- images: caps and format checked from the header, before any decoder allocates ------------
-    case("img-empty-file", InvalidInputError, r"image is empty \(0 bytes\)",
-         lambda e: e.pipe.embed_images([_write(e, "empty.png", b"")])),
-    case("img-truncated-png", InvalidInputError, r"corrupt or truncated png",
-         lambda e: e.pipe.embed_images([_encode(".png")[:-30]]), native=True),
-    case("img-truncated-jpeg", InvalidInputError, r"corrupt or truncated jpeg.*no end-of-image marker",
-         lambda e: e.pipe.embed_images([_encode(".jpg")[:-40]]), native=True),
-    case("img-pdf", InvalidInputError, r"image data is an unknown format; accepted formats: png",
-         lambda e: e.pipe.embed_images([_write(e, "doc.png", b"%PDF-1.4\n" + b"x" * 100)])),
-    case("img-gif-not-enabled", InvalidInputError, r"image data is gif, which is not enabled; accepted formats: png, jpeg",
-         lambda e: _load_image(_GIF_1X1, formats=("png", "jpeg"))),
-    case("img-png-header-20000x20000", InvalidInputError, r"20000x20000 = 400000000 pixels; the cap is 50000000",
-         lambda e: e.pipe.embed_images([_write(e, "huge.png", _png_declaring(20000, 20000))]), native=True),
-    case("img-jpeg-header-65000x65000", InvalidInputError, r"65000x65000 = \d+ pixels; the cap is",
-         lambda e: e.pipe.embed_images([_jpeg_declaring(65000, 65000)]), native=True),
-    case("img-webp-header-16384x16384", InvalidInputError, r"16384x16384 = \d+ pixels; the cap is",
-         lambda e: e.pipe.embed_images([_webp_vp8x(16384, 16384)]), native=True),
-    case("img-bmp-header-100000x100000", InvalidInputError, r"100000x100000 = \d+ pixels; the cap is",
-         lambda e: e.pipe.embed_images([_bmp_declaring(100000, 100000)]), native=True),
-    case("img-png-chunk-declares-4GB", InvalidInputError, r"declares 4294967280 bytes but the file ends first",
-         lambda e: e.pipe.embed_images([_PNG_SIG + _ihdr(8, 8) + struct.pack(">I", 0xFFFFFFF0) + b"IDAT" + b"\0" * 64]),
-         native=True),
-    case("img-png-200k-chunks", InvalidInputError, r"PNG has more than 200000 chunks",
-         lambda e: e.pipe.embed_images([_PNG_SIG + _ihdr(8, 8) + _chunk(b"tEXt", b"") * 200_001]), native=True),
-    case("img-bytes-over-cap", InvalidInputError, r"image is \d+ bytes; the limit is 64 bytes",
-         lambda e: _load_image(_encode(".png"), max_bytes=64)),
-    case("img-file-over-cap-not-read", InvalidInputError, r"image is 65 bytes; the limit is 64 bytes",
-         lambda e: _load_image(_write(e, "big.png", b"\0" * 65), max_bytes=64)),
-    case("img-fifo-path-never-opened", InvalidInputError, r"is not a regular file",
-         lambda e: e.pipe.embed_images([_fifo(e)])),
-    case("img-missing-file", InvalidInputError, r"cannot read image file .*No such file",
-         lambda e: e.pipe.embed_images([str(e.tmp / "no-such.png")])),
-    case("img-path-with-nul", InvalidInputError, r"image path contains a NUL character",
-         lambda e: e.pipe.embed_images(["a\x00b.png"])),
-    case("img-zero-size-array", InvalidInputError, r"image has zero size \(10x0\)",
-         lambda e: e.pipe.embed_images([np.zeros((0, 10, 3), np.uint8)])),
-    case("img-array-wrong-dtype", InvalidInputError, r"image array dtype int32; accepted: uint8, float32/64",
-         lambda e: e.pipe.embed_images([np.zeros((8, 8, 3), np.int32)])),
-    case("img-array-wrong-rank", InvalidInputError, r"image array has shape \(2, 8, 8, 3, 1\); accepted",
-         lambda e: e.pipe.embed_images([np.zeros((2, 8, 8, 3, 1), np.uint8)])),
-    case("img-array-5-channels", InvalidInputError, r"image array has shape \(8, 8, 5\)",
-         lambda e: e.pipe.embed_images([np.zeros((8, 8, 5), np.uint8)])),
-    case("img-array-nan", InvalidInputError, r"image array contains NaN or infinity",
-         lambda e: e.pipe.embed_images([_with(np.full((8, 8, 3), 0.5, np.float32), (3, 3, 1), np.nan)])),
-    case("img-array-float-out-of-range", InvalidInputError, r"values in \[0\.0, 255\.0\]; accepted range is \[0, 1\]",
-         lambda e: e.pipe.embed_images([_with(np.zeros((8, 8, 3), np.float32), (0, 0, 0), 255.0)])),
-    case("img-array-over-pixel-cap", InvalidInputError, r"image is 20x20 = 400 pixels; the cap is 100",
-         lambda e: _load_image(np.zeros((20, 20, 3), np.uint8), max_pixels=100)),
-    case("img-channel-order-invalid", InvalidInputError, r"channel_order 'BRG' is not accepted; use 'RGB' or 'BGR'",
-         lambda e: e.pipe.embed_images([IMG], channel_order="BRG")),
-    case("img-not-an-image-object", InvalidInputError, r"cannot load an image from dict; accepted: a path, bytes",
-         lambda e: e.pipe.embed_images([{"path": "a.png"}])),
+    case(
+        "img-empty-file",
+        InvalidInputError,
+        r"image is empty \(0 bytes\)",
+        lambda e: e.pipe.embed_images([_write(e, "empty.png", b"")]),
+    ),
+    case(
+        "img-truncated-png",
+        InvalidInputError,
+        r"corrupt or truncated png",
+        lambda e: e.pipe.embed_images([_encode(".png")[:-30]]),
+        native=True,
+    ),
+    case(
+        "img-truncated-jpeg",
+        InvalidInputError,
+        r"corrupt or truncated jpeg.*no end-of-image marker",
+        lambda e: e.pipe.embed_images([_encode(".jpg")[:-40]]),
+        native=True,
+    ),
+    case(
+        "img-pdf",
+        InvalidInputError,
+        r"image data is an unknown format; accepted formats: png",
+        lambda e: e.pipe.embed_images([_write(e, "doc.png", b"%PDF-1.4\n" + b"x" * 100)]),
+    ),
+    case(
+        "img-gif-not-enabled",
+        InvalidInputError,
+        r"image data is gif, which is not enabled; accepted formats: png, jpeg",
+        lambda e: _load_image(_GIF_1X1, formats=("png", "jpeg")),
+    ),
+    case(
+        "img-png-header-20000x20000",
+        InvalidInputError,
+        r"20000x20000 = 400000000 pixels; the cap is 50000000",
+        lambda e: e.pipe.embed_images([_write(e, "huge.png", _png_declaring(20000, 20000))]),
+        native=True,
+    ),
+    case(
+        "img-jpeg-header-65000x65000",
+        InvalidInputError,
+        r"65000x65000 = \d+ pixels; the cap is",
+        lambda e: e.pipe.embed_images([_jpeg_declaring(65000, 65000)]),
+        native=True,
+    ),
+    case(
+        "img-webp-header-16384x16384",
+        InvalidInputError,
+        r"16384x16384 = \d+ pixels; the cap is",
+        lambda e: e.pipe.embed_images([_webp_vp8x(16384, 16384)]),
+        native=True,
+    ),
+    case(
+        "img-bmp-header-100000x100000",
+        InvalidInputError,
+        r"100000x100000 = \d+ pixels; the cap is",
+        lambda e: e.pipe.embed_images([_bmp_declaring(100000, 100000)]),
+        native=True,
+    ),
+    case(
+        "img-png-chunk-declares-4GB",
+        InvalidInputError,
+        r"declares 4294967280 bytes but the file ends first",
+        lambda e: e.pipe.embed_images(
+            [_PNG_SIG + _ihdr(8, 8) + struct.pack(">I", 0xFFFFFFF0) + b"IDAT" + b"\0" * 64]
+        ),
+        native=True,
+    ),
+    case(
+        "img-png-200k-chunks",
+        InvalidInputError,
+        r"PNG has more than 200000 chunks",
+        lambda e: e.pipe.embed_images([_PNG_SIG + _ihdr(8, 8) + _chunk(b"tEXt", b"") * 200_001]),
+        native=True,
+    ),
+    case(
+        "img-bytes-over-cap",
+        InvalidInputError,
+        r"image is \d+ bytes; the limit is 64 bytes",
+        lambda e: _load_image(_encode(".png"), max_bytes=64),
+    ),
+    case(
+        "img-file-over-cap-not-read",
+        InvalidInputError,
+        r"image is 65 bytes; the limit is 64 bytes",
+        lambda e: _load_image(_write(e, "big.png", b"\0" * 65), max_bytes=64),
+    ),
+    case(
+        "img-fifo-path-never-opened",
+        InvalidInputError,
+        r"is not a regular file",
+        lambda e: e.pipe.embed_images([_fifo(e)]),
+    ),
+    case(
+        "img-missing-file",
+        InvalidInputError,
+        r"cannot read image file .*No such file",
+        lambda e: e.pipe.embed_images([str(e.tmp / "no-such.png")]),
+    ),
+    case(
+        "img-path-with-nul",
+        InvalidInputError,
+        r"image path contains a NUL character",
+        lambda e: e.pipe.embed_images(["a\x00b.png"]),
+    ),
+    case(
+        "img-zero-size-array",
+        InvalidInputError,
+        r"image has zero size \(10x0\)",
+        lambda e: e.pipe.embed_images([np.zeros((0, 10, 3), np.uint8)]),
+    ),
+    case(
+        "img-array-wrong-dtype",
+        InvalidInputError,
+        r"image array dtype int32; accepted: uint8, float32/64",
+        lambda e: e.pipe.embed_images([np.zeros((8, 8, 3), np.int32)]),
+    ),
+    case(
+        "img-array-wrong-rank",
+        InvalidInputError,
+        r"image array has shape \(2, 8, 8, 3, 1\); accepted",
+        lambda e: e.pipe.embed_images([np.zeros((2, 8, 8, 3, 1), np.uint8)]),
+    ),
+    case(
+        "img-array-5-channels",
+        InvalidInputError,
+        r"image array has shape \(8, 8, 5\)",
+        lambda e: e.pipe.embed_images([np.zeros((8, 8, 5), np.uint8)]),
+    ),
+    case(
+        "img-array-nan",
+        InvalidInputError,
+        r"image array contains NaN or infinity",
+        lambda e: e.pipe.embed_images([_with(np.full((8, 8, 3), 0.5, np.float32), (3, 3, 1), np.nan)]),
+    ),
+    case(
+        "img-array-float-out-of-range",
+        InvalidInputError,
+        r"values in \[0\.0, 255\.0\]; accepted range is \[0, 1\]",
+        lambda e: e.pipe.embed_images([_with(np.zeros((8, 8, 3), np.float32), (0, 0, 0), 255.0)]),
+    ),
+    case(
+        "img-array-over-pixel-cap",
+        InvalidInputError,
+        r"image is 20x20 = 400 pixels; the cap is 100",
+        lambda e: _load_image(np.zeros((20, 20, 3), np.uint8), max_pixels=100),
+    ),
+    case(
+        "img-channel-order-invalid",
+        InvalidInputError,
+        r"channel_order 'BRG' is not accepted; use 'RGB' or 'BGR'",
+        lambda e: e.pipe.embed_images([IMG], channel_order="BRG"),
+    ),
+    case(
+        "img-not-an-image-object",
+        InvalidInputError,
+        r"cannot load an image from dict; accepted: a path, bytes",
+        lambda e: e.pipe.embed_images([{"path": "a.png"}]),
+    ),
     # --- texts: caps and types checked before the Rust tokenizer sees them ------------------------
-    case("text-empty", InvalidInputError, r"empty text at index 0",
-         lambda e: e.pipe.embed_texts([""])),
-    case("text-whitespace-only", InvalidInputError, r"empty text at index 1: blank or whitespace-only",
-         lambda e: e.pipe.embed_texts(["a cat", " \t\n\u3000"])),
-    case("text-1MB", InvalidInputError, r"text 0 has 1048576 characters; the limit is 10000",
-         lambda e: e.pipe.embed_texts(["a" * (1 << 20)]), native=True),
-    case("text-bytes-not-str", InvalidInputError, r"text 0 is bytes; expected str",
-         lambda e: e.pipe.embed_texts([b"bytes are not text"])),
-    case("text-none", InvalidInputError, r"text 0 is NoneType; expected str",
-         lambda e: e.pipe.embed_texts(None)),
-    case("text-lone-surrogate", InvalidInputError, r"text 0 is not valid Unicode",
-         lambda e: e.pipe.embed_texts(["ok \ud800 ok"]), native=True),
-    case("text-empty-list", InvalidInputError, r"no texts given",
-         lambda e: e.pipe.embed_texts([])),
-    case("text-4097-in-one-call", InvalidInputError, r"4097 texts in one call; the limit is 4096",
-         lambda e: e.pipe.embed_texts(["a"] * 4097)),
-    case("tokenizer-json-garbage", IntegrityError, r"cannot parse tokenizer JSON",
-         lambda e: _tokenizer_from_json('{"version": "1.0", "model": {"type": "BPE", "vocab": 7}}'), native=True),
-    case("tokenizer-context-no-room", ConfigError, r"context_length 2 leaves no room for text after 2 special tokens",
-         lambda e: _tokenizer_from_file(e, context_length=2)),
+    case("text-empty", InvalidInputError, r"empty text at index 0", lambda e: e.pipe.embed_texts([""])),
+    case(
+        "text-whitespace-only",
+        InvalidInputError,
+        r"empty text at index 1: blank or whitespace-only",
+        lambda e: e.pipe.embed_texts(["a cat", " \t\n\u3000"]),
+    ),
+    case(
+        "text-1MB",
+        InvalidInputError,
+        r"text 0 has 1048576 characters; the limit is 10000",
+        lambda e: e.pipe.embed_texts(["a" * (1 << 20)]),
+        native=True,
+    ),
+    case(
+        "text-bytes-not-str",
+        InvalidInputError,
+        r"text 0 is bytes; expected str",
+        lambda e: e.pipe.embed_texts([b"bytes are not text"]),
+    ),
+    case(
+        "text-none",
+        InvalidInputError,
+        r"text 0 is NoneType; expected str",
+        lambda e: e.pipe.embed_texts(None),
+    ),
+    case(
+        "text-lone-surrogate",
+        InvalidInputError,
+        r"text 0 is not valid Unicode",
+        lambda e: e.pipe.embed_texts(["ok \ud800 ok"]),
+        native=True,
+    ),
+    case("text-empty-list", InvalidInputError, r"no texts given", lambda e: e.pipe.embed_texts([])),
+    case(
+        "text-4097-in-one-call",
+        InvalidInputError,
+        r"4097 texts in one call; the limit is 4096",
+        lambda e: e.pipe.embed_texts(["a"] * 4097),
+    ),
+    case(
+        "tokenizer-json-garbage",
+        IntegrityError,
+        r"cannot parse tokenizer JSON",
+        lambda e: _tokenizer_from_json('{"version": "1.0", "model": {"type": "BPE", "vocab": 7}}'),
+        native=True,
+    ),
+    case(
+        "tokenizer-context-no-room",
+        ConfigError,
+        r"context_length 2 leaves no room for text after 2 special tokens",
+        lambda e: _tokenizer_from_file(e, context_length=2),
+    ),
     # --- arrays at the component boundary: dtype, rank, dims and values against the manifest ------
-    case("array-wrong-dtype", InvalidInputError, r"vision\.pixel_values: expected float32 with 4 dims, got float64",
-         lambda e: e.pipe.runner.run_batched("vision", {"pixel_values": np.zeros((1, 3, 64, 64))})),
-    case("array-wrong-rank", InvalidInputError, r"vision\.pixel_values: expected float32 with 4 dims, got float32 \(3, 64, 64\)",
-         lambda e: e.pipe.runner.run_batched("vision", {"pixel_values": np.zeros((3, 64, 64), np.float32)})),
-    case("array-fixed-dim-mismatch", InvalidInputError, r"shape \(1, 3, 32, 32\) does not fit \('batch', 3, 64, 64\)",
-         lambda e: e.pipe.runner.run_batched("vision", {"pixel_values": np.zeros((1, 3, 32, 32), np.float32)})),
-    case("array-dim-above-range", InvalidInputError, r"text\.input_ids: sequence=33 outside \[1, 32\]",
-         lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.ones((1, 33), np.int64)))),
-    case("array-dim-below-range", InvalidInputError, r"text\.input_ids: sequence=0 outside \[1, 32\]",
-         lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.ones((1, 0), np.int64)))),
-    case("array-dims-disagree", InvalidInputError, r"dim 'sequence' is 5 and 6 in different inputs",
-         lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.ones((1, 5), np.int64), np.ones((1, 6), np.int64)))),
-    case("array-nan", InvalidInputError, r"vision\.pixel_values: contains NaN or infinity",
-         lambda e: e.pipe.runner.run_batched("vision", {"pixel_values": _with(np.zeros((1, 3, 64, 64), np.float32),
-                                                                                (0, 1, 2, 3), np.nan)})),
-    case("array-inf", InvalidInputError, r"vision\.pixel_values: contains NaN or infinity",
-         lambda e: e.pipe.runner.run_batched("vision", {"pixel_values": _with(np.zeros((1, 3, 64, 64), np.float32),
-                                                                                (0, 0, 0, 0), -np.inf)})),
-    case("array-missing-input", InvalidInputError, r"text: missing input 'attention_mask'",
-         lambda e: e.pipe.runner.run_batched("text", {"input_ids": np.ones((1, 4), np.int64)})),
-    case("array-list-not-ndarray", InvalidInputError, r"text\.input_ids: expected a numpy array, got list",
-         lambda e: e.pipe.runner.run_batched("text", {"input_ids": [[1, 2]], "attention_mask": [[1, 1]]})),
-    case("array-token-id-above-vocab", InvalidInputError, r"token ids must be in \[0, 115\), got values in \[1, 1000000\]",
-         lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.array([[1, 10**6]], np.int64)))),
-    case("array-token-id-negative", InvalidInputError, r"token ids must be in \[0, 115\), got values in \[-5, 1\]",
-         lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.array([[1, -5]], np.int64)))),
-    case("array-unknown-component", IntegrityError, r"has no component 'audio'; it has \['text', 'vision'\]",
-         lambda e: e.pipe.runner.run_batched("audio", {})),
+    case(
+        "array-wrong-dtype",
+        InvalidInputError,
+        r"vision\.pixel_values: expected float32 with 4 dims, got float64",
+        lambda e: e.pipe.runner.run_batched("vision", {"pixel_values": np.zeros((1, 3, 64, 64))}),
+    ),
+    case(
+        "array-wrong-rank",
+        InvalidInputError,
+        r"vision\.pixel_values: expected float32 with 4 dims, got float32 \(3, 64, 64\)",
+        lambda e: e.pipe.runner.run_batched("vision", {"pixel_values": np.zeros((3, 64, 64), np.float32)}),
+    ),
+    case(
+        "array-fixed-dim-mismatch",
+        InvalidInputError,
+        r"shape \(1, 3, 32, 32\) does not fit \('batch', 3, 64, 64\)",
+        lambda e: e.pipe.runner.run_batched("vision", {"pixel_values": np.zeros((1, 3, 32, 32), np.float32)}),
+    ),
+    case(
+        "array-dim-above-range",
+        InvalidInputError,
+        r"text\.input_ids: sequence=33 outside \[1, 32\]",
+        lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.ones((1, 33), np.int64))),
+    ),
+    case(
+        "array-dim-below-range",
+        InvalidInputError,
+        r"text\.input_ids: sequence=0 outside \[1, 32\]",
+        lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.ones((1, 0), np.int64))),
+    ),
+    case(
+        "array-dims-disagree",
+        InvalidInputError,
+        r"dim 'sequence' is 5 and 6 in different inputs",
+        lambda e: e.pipe.runner.run_batched(
+            "text", _text_feeds(np.ones((1, 5), np.int64), np.ones((1, 6), np.int64))
+        ),
+    ),
+    case(
+        "array-nan",
+        InvalidInputError,
+        r"vision\.pixel_values: contains NaN or infinity",
+        lambda e: e.pipe.runner.run_batched(
+            "vision", {"pixel_values": _with(np.zeros((1, 3, 64, 64), np.float32), (0, 1, 2, 3), np.nan)}
+        ),
+    ),
+    case(
+        "array-inf",
+        InvalidInputError,
+        r"vision\.pixel_values: contains NaN or infinity",
+        lambda e: e.pipe.runner.run_batched(
+            "vision", {"pixel_values": _with(np.zeros((1, 3, 64, 64), np.float32), (0, 0, 0, 0), -np.inf)}
+        ),
+    ),
+    case(
+        "array-missing-input",
+        InvalidInputError,
+        r"text: missing input 'attention_mask'",
+        lambda e: e.pipe.runner.run_batched("text", {"input_ids": np.ones((1, 4), np.int64)}),
+    ),
+    case(
+        "array-list-not-ndarray",
+        InvalidInputError,
+        r"text\.input_ids: expected a numpy array, got list",
+        lambda e: e.pipe.runner.run_batched("text", {"input_ids": [[1, 2]], "attention_mask": [[1, 1]]}),
+    ),
+    case(
+        "array-token-id-above-vocab",
+        InvalidInputError,
+        r"token ids must be in \[0, 115\), got values in \[1, 1000000\]",
+        lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.array([[1, 10**6]], np.int64))),
+    ),
+    case(
+        "array-token-id-negative",
+        InvalidInputError,
+        r"token ids must be in \[0, 115\), got values in \[-5, 1\]",
+        lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.array([[1, -5]], np.int64))),
+    ),
+    case(
+        "array-unknown-component",
+        IntegrityError,
+        r"has no component 'audio'; it has \['text', 'vision'\]",
+        lambda e: e.pipe.runner.run_batched("audio", {}),
+    ),
     # --- request parameters ----------------------------------------------------------------------
-    case("param-search-k-zero", InvalidInputError, r"k must be a positive int, got 0",
-         lambda e: e.pipe.search("a red circle", k=0)),
-    case("param-search-k-negative", InvalidInputError, r"k must be a positive int, got -3",
-         lambda e: e.pipe.search("a red circle", k=-3)),
-    case("param-search-k-float", InvalidInputError, r"k must be a positive int, got 2\.5",
-         lambda e: e.pipe.search("a red circle", k=2.5)),
-    case("param-search-k-str", InvalidInputError, r"k must be a positive int, got '3'",
-         lambda e: e.pipe.search("a red circle", k="3")),
-    case("param-search-k-bool", InvalidInputError, r"k must be a positive int, got True",
-         lambda e: e.pipe.search("a red circle", k=True)),
-    case("param-classify-no-labels", InvalidInputError, r"no labels given",
-         lambda e: e.pipe.classify(IMG, [])),
-    case("param-classify-blank-label", InvalidInputError, r"labels must be non-empty strings",
-         lambda e: e.pipe.classify(IMG, ["circle", "  "])),
-    case("param-classify-template-without-slot", InvalidInputError, r"each template must be a string containing '\{\}'",
-         lambda e: e.pipe.classify(IMG, ["circle"], templates=["a photo"])),
-    case("param-add-negative-id", InvalidInputError, r"ids must be 1 non-negative integers",
-         lambda e: e.pipe.add_images([IMG], ids=[-1])),
-    case("param-add-duplicate-ids", InvalidInputError, r"ids must be unique",
-         lambda e: e.pipe.add_images([IMG, IMG], ids=[7, 7])),
-    case("param-add-label-count", InvalidInputError, r"got 1 labels for 2 vectors",
-         lambda e: e.pipe.add_images([IMG, IMG], labels=["one"])),
-    case("param-add-ragged-ids", InvalidInputError, r"ids must be 2 non-negative integers, got a ragged list",
-         lambda e: e.pipe.add_images([IMG, IMG], ids=[[1], 2])),
-    case("param-add-labels-not-a-sequence", InvalidInputError, r"labels must be a sequence with one label per item, got int",
-         lambda e: e.pipe.add_images([IMG], labels=5)),
-    case("param-unknown-precision", UnsupportedError, r"precision 'int3' not in \('auto', 'fp32', .*\)",
-         lambda e: _pipeline(e, precision="int3")),
-    case("param-precision-not-built", UnsupportedError, r"component 'text' has no int8 build \(has \['fp32'\]\)",
-         lambda e: _pipeline(e, precision="int8").embed_texts(["a red circle"])),
-    case("param-unknown-backend", UnsupportedError, r"backend 'tflite' is not supported; choose 'ort' or 'tensorrt'",
-         lambda e: _pipeline(e, backend="tflite")),
-    case("param-unknown-device", UnsupportedError, r"device 'tpu' not supported; choose from",
-         lambda e: _pipeline(e, device="tpu").embed_texts(["a red circle"])),
-    case("param-threads-negative", InvalidInputError, r"threads must be an int in \[0, 1024\] .*got -1",
-         lambda e: _pipeline(e, threads=-1)),
-    case("param-threads-float", InvalidInputError, r"threads must be an int in \[0, 1024\] .*got 1\.5",
-         lambda e: _pipeline(e, threads=1.5)),
-    case("param-threads-2^31", InvalidInputError, r"threads must be an int in \[0, 1024\] .*got 2147483648",
-         lambda e: _pipeline(e, threads=2**31)),
-    case("param-image-formats-unknown", ConfigError, r"image formats \('tiff',\) are not all supported",
-         lambda e: _load_image(IMG, formats=("tiff",))),
-    case("param-unknown-package-name", ModelNotFoundError, r"no model package 'clip-tinny'; packages in .*: clip-tiny",
-         lambda e: (_store_with_package(e), _open_name("clip-tinny"))),
-    case("param-empty-store", ModelNotFoundError, r"no model package 'clip-tiny'; the store .* is empty",
-         lambda e: _open_name("clip-tiny")),
-    case("param-index-tampered", IntegrityError, r"index\.usearch is missing or its sha256 differs",
-         lambda e: _index_dir(e, lambda d: _flip_last_byte(d / "index.usearch"))),
-    case("param-index-wrong-dimension", InvalidInputError, r"index has dimension 4; this model embeds to 96",
-         lambda e: setattr(e.pipe, "index", _index_dir(e, lambda d: None))),
+    case(
+        "param-search-k-zero",
+        InvalidInputError,
+        r"k must be a positive int, got 0",
+        lambda e: e.pipe.search("a red circle", k=0),
+    ),
+    case(
+        "param-search-k-negative",
+        InvalidInputError,
+        r"k must be a positive int, got -3",
+        lambda e: e.pipe.search("a red circle", k=-3),
+    ),
+    case(
+        "param-search-k-float",
+        InvalidInputError,
+        r"k must be a positive int, got 2\.5",
+        lambda e: e.pipe.search("a red circle", k=2.5),
+    ),
+    case(
+        "param-search-k-str",
+        InvalidInputError,
+        r"k must be a positive int, got '3'",
+        lambda e: e.pipe.search("a red circle", k="3"),
+    ),
+    case(
+        "param-search-k-bool",
+        InvalidInputError,
+        r"k must be a positive int, got True",
+        lambda e: e.pipe.search("a red circle", k=True),
+    ),
+    case(
+        "param-classify-no-labels", InvalidInputError, r"no labels given", lambda e: e.pipe.classify(IMG, [])
+    ),
+    case(
+        "param-classify-blank-label",
+        InvalidInputError,
+        r"labels must be non-empty strings",
+        lambda e: e.pipe.classify(IMG, ["circle", "  "]),
+    ),
+    case(
+        "param-classify-template-without-slot",
+        InvalidInputError,
+        r"each template must be a string containing '\{\}'",
+        lambda e: e.pipe.classify(IMG, ["circle"], templates=["a photo"]),
+    ),
+    case(
+        "param-add-negative-id",
+        InvalidInputError,
+        r"ids must be 1 non-negative integers",
+        lambda e: e.pipe.add_images([IMG], ids=[-1]),
+    ),
+    case(
+        "param-add-duplicate-ids",
+        InvalidInputError,
+        r"ids must be unique",
+        lambda e: e.pipe.add_images([IMG, IMG], ids=[7, 7]),
+    ),
+    case(
+        "param-add-label-count",
+        InvalidInputError,
+        r"got 1 labels for 2 vectors",
+        lambda e: e.pipe.add_images([IMG, IMG], labels=["one"]),
+    ),
+    case(
+        "param-add-ragged-ids",
+        InvalidInputError,
+        r"ids must be 2 non-negative integers, got a ragged list",
+        lambda e: e.pipe.add_images([IMG, IMG], ids=[[1], 2]),
+    ),
+    case(
+        "param-add-labels-not-a-sequence",
+        InvalidInputError,
+        r"labels must be a sequence with one label per item, got int",
+        lambda e: e.pipe.add_images([IMG], labels=5),
+    ),
+    case(
+        "param-unknown-precision",
+        UnsupportedError,
+        r"precision 'int3' not in \('auto', 'fp32', .*\)",
+        lambda e: _pipeline(e, precision="int3"),
+    ),
+    case(
+        "param-precision-not-built",
+        UnsupportedError,
+        r"component 'text' has no int8 build \(has \['fp32'\]\)",
+        lambda e: _pipeline(e, precision="int8").embed_texts(["a red circle"]),
+    ),
+    case(
+        "param-unknown-backend",
+        UnsupportedError,
+        r"backend 'tflite' is not supported; choose 'ort' or 'tensorrt'",
+        lambda e: _pipeline(e, backend="tflite"),
+    ),
+    case(
+        "param-unknown-device",
+        UnsupportedError,
+        r"device 'tpu' not supported; choose from",
+        lambda e: _pipeline(e, device="tpu").embed_texts(["a red circle"]),
+    ),
+    case(
+        "param-threads-negative",
+        InvalidInputError,
+        r"threads must be an int in \[0, 1024\] .*got -1",
+        lambda e: _pipeline(e, threads=-1),
+    ),
+    case(
+        "param-threads-float",
+        InvalidInputError,
+        r"threads must be an int in \[0, 1024\] .*got 1\.5",
+        lambda e: _pipeline(e, threads=1.5),
+    ),
+    case(
+        "param-threads-2^31",
+        InvalidInputError,
+        r"threads must be an int in \[0, 1024\] .*got 2147483648",
+        lambda e: _pipeline(e, threads=2**31),
+    ),
+    case(
+        "param-image-formats-unknown",
+        ConfigError,
+        r"image formats \('tiff',\) are not all supported",
+        lambda e: _load_image(IMG, formats=("tiff",)),
+    ),
+    case(
+        "param-unknown-package-name",
+        ModelNotFoundError,
+        r"no model package 'clip-tinny'; packages in .*: clip-tiny",
+        lambda e: (_store_with_package(e), _open_name("clip-tinny")),
+    ),
+    case(
+        "param-empty-store",
+        ModelNotFoundError,
+        r"no model package 'clip-tiny'; the store .* is empty",
+        lambda e: _open_name("clip-tiny"),
+    ),
+    case(
+        "param-index-tampered",
+        IntegrityError,
+        r"index\.usearch is missing or its sha256 differs",
+        lambda e: _index_dir(e, lambda d: _flip_last_byte(d / "index.usearch")),
+    ),
+    case(
+        "param-index-wrong-dimension",
+        InvalidInputError,
+        r"index has dimension 4; this model embeds to 96",
+        lambda e: setattr(e.pipe, "index", _index_dir(e, lambda d: None)),
+    ),
 ]
 
 
@@ -635,7 +1199,7 @@ def _open_name(name: str) -> object:
 
 
 @contextmanager
-def _watchdog(file: object = None, seconds: float = CASE_TIMEOUT_S):  # noqa: ANN202
+def _watchdog(file: object = None, seconds: float = CASE_TIMEOUT_S):
     """If a row hangs, even inside native code, dump every thread's stack to `file` and end the process."""
     faulthandler.dump_traceback_later(seconds, exit=True, file=file or sys.stderr)
     try:
@@ -654,14 +1218,14 @@ def _check(exc: BaseException, expected: type[MmedgeError], match: str) -> str |
 
 
 @pytest.fixture(scope="module")
-def shared_pipe(tiny_pkg_session: Path):  # noqa: ANN201
+def shared_pipe(tiny_pkg_session: Path):
     from mmedge import sdk
 
     return sdk.Pipeline(str(tiny_pkg_session))
 
 
 @pytest.fixture()
-def env(tmp_path: Path, tiny_pkg_session: Path, tiny_ckpt: Path, shared_pipe, store: Path) -> Env:  # noqa: ANN001
+def env(tmp_path: Path, tiny_pkg_session: Path, tiny_ckpt: Path, shared_pipe, store: Path) -> Env:
     return Env(tmp_path, tiny_pkg_session, tiny_ckpt, lambda: shared_pipe, store=store)
 
 
@@ -682,15 +1246,20 @@ def _terminal_stderr(config: pytest.Config) -> object:
 
 
 @pytest.mark.parametrize("run, expected, match", CASES)
-def test_bad_input(run: Callable[[Env], object], expected: type[MmedgeError], match: str, env: Env,
-                   request: pytest.FixtureRequest) -> None:
+def test_bad_input(
+    run: Callable[[Env], object],
+    expected: type[MmedgeError],
+    match: str,
+    env: Env,
+    request: pytest.FixtureRequest,
+) -> None:
     with _watchdog(_terminal_stderr(request.config)), pytest.raises(MmedgeError) as info:
         run(env)
     problem = _check(info.value, expected, match)
     assert problem is None, problem
 
 
-def test_special_tokens_in_user_text_are_plain_text(shared_pipe, tiny_pkg_session: Path) -> None:  # noqa: ANN001
+def test_special_tokens_in_user_text_are_plain_text(shared_pipe, tiny_pkg_session: Path) -> None:
     """A typed special token is not an error and never becomes the special token itself."""
     spec = json.loads((tiny_pkg_session / "tokenizer.json").read_text())
     specials = {t["content"]: t["id"] for t in spec["added_tokens"] if t["special"]}
@@ -715,16 +1284,33 @@ def test_special_tokens_in_user_text_are_plain_text(shared_pipe, tiny_pkg_sessio
 
 def test_native_rows_in_child_process(tmp_path: Path, tiny_pkg_session: Path, tiny_ckpt: Path) -> None:
     """Rows that reach native parsers, again in a fresh process: a segfault or hang fails with the row's id."""
-    cmd = [sys.executable, __file__, "--pkg", str(tiny_pkg_session), "--ckpt", str(tiny_ckpt),
-           "--tmp", str(tmp_path), *NATIVE]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--pkg",
+        str(tiny_pkg_session),
+        "--ckpt",
+        str(tiny_ckpt),
+        "--tmp",
+        str(tmp_path),
+        *NATIVE,
+    ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False,
-                              env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            check=False,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         pytest.fail(f"child hung after {CHILD_TIMEOUT_S}s; last row started: {_last_started(out)}\n{out}")
     if proc.returncode < 0 or proc.returncode > 1:
-        pytest.fail(f"child died (exit {proc.returncode}) in row {_last_started(proc.stdout)}\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"child died (exit {proc.returncode}) in row {_last_started(proc.stdout)}\n{proc.stderr[-4000:]}"
+        )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert sum(line.startswith("OK ") for line in proc.stdout.splitlines()) == len(NATIVE), proc.stdout
 

@@ -16,7 +16,7 @@ import pytest
 HARNESS = Path(__file__).resolve().parents[2] / "fuzz" / "fuzz_entry_points.py"
 
 
-def _load_harness():  # noqa: ANN202
+def _load_harness():
     spec = importlib.util.spec_from_file_location("fuzz_entry_points", HARNESS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -30,8 +30,14 @@ def _random_inputs(name: str, n: int = 20) -> list[bytes]:
     rng = random.Random(f"mmedge-{name}")
     out = [rng.randbytes(rng.randint(0, 400)) for _ in range(n)]
     if name == "image":  # past the magic bytes, into each header parser
-        magics = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR", b"\xff\xd8\xff", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBP", b"BM",
-                  b"ARR")
+        magics = (
+            b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR",
+            b"\xff\xd8\xff",
+            b"GIF89a",
+            b"RIFF\x00\x00\x00\x00WEBP",
+            b"BM",
+            b"ARR",
+        )
         out += [m + rng.randbytes(rng.randint(0, 200)) for m in magics for _ in range(3)]
     return out
 
@@ -43,20 +49,23 @@ def test_target_survives_seeds_and_random_bytes(name: str, tiny_pkg_session: Pat
     for i, data in enumerate(inputs):
         try:
             target(data)
-        except Exception as exc:  # noqa: BLE001 - a finding: name the input so it can be replayed
+        except Exception as exc:
             pytest.fail(f"{name} input {i} ({data[:80]!r}...) raised {type(exc).__name__}: {exc}")
 
 
-def test_mmedge_errors_pass_and_anything_else_is_a_finding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mmedge_errors_pass_and_anything_else_is_a_finding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The harness's own contract: a target swallows MmedgeError and lets every other exception escape."""
     from mmedge.errors import IntegrityError
     from mmedge.runtime import package
 
     target = fuzz.make_target("external_data", workdir=tmp_path)
 
-    def validator(exc: Exception):  # noqa: ANN202
+    def validator(exc: Exception):
         def check(*args: object) -> None:
             raise exc
+
         return check
 
     monkeypatch.setattr(package, "check_onnx_file", validator(IntegrityError("refused")))

@@ -19,8 +19,11 @@ def ort_session(model: Path | bytes | Any, threads: int = 2, uint8_activations: 
     if uint8_activations:
         from mmedge.calibration.ort_passes import activations_to_uint8
 
-        proto = model if isinstance(model, onnx.ModelProto) else (
-            onnx.load_model_from_string(model) if isinstance(model, bytes) else onnx.load(str(model)))
+        proto = (
+            model
+            if isinstance(model, onnx.ModelProto)
+            else (onnx.load_model_from_string(model) if isinstance(model, bytes) else onnx.load(str(model)))
+        )
         activations_to_uint8(proto)
         model = proto.SerializeToString()
     elif isinstance(model, onnx.ModelProto):

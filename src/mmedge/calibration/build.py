@@ -59,8 +59,10 @@ def _check_build(source: Path, built: Path, pkg: Package, entry: ComponentEntry,
     out = run_outputs(ort_session(built, threads), feeds)
     err = max(float(np.abs(out[k] - v).max() / max(np.abs(v).max(), 1e-12)) for k, v in ref.items())
     if not err <= BUILD_MAX_REL_ERROR:
-        raise IntegrityError(f"{built.name}: the optimized graph disagrees with its source (relative error "
-                             f"{err:.2e}, limit {BUILD_MAX_REL_ERROR:.0e}); please report this as a bug")
+        raise IntegrityError(
+            f"{built.name}: the optimized graph disagrees with its source (relative error "
+            f"{err:.2e}, limit {BUILD_MAX_REL_ERROR:.0e}); please report this as a bug"
+        )
     return err
 
 
@@ -74,8 +76,14 @@ IN_PLACE_QUANTIZED_MAX_REL_ERROR = 5e-2
 PREFILL_MAX_REL_ERROR = 1e-1
 
 
-def _check_decoder_build(source: Path, built: Path, entry: ComponentEntry, generation: dict[str, Any],
-                         threads: int, limit: float = BUILD_MAX_REL_ERROR) -> float:
+def _check_decoder_build(
+    source: Path,
+    built: Path,
+    entry: ComponentEntry,
+    generation: dict[str, Any],
+    threads: int,
+    limit: float = BUILD_MAX_REL_ERROR,
+) -> float:
     """`_check_build` for an LLM step rebuilt with an in-place cache (`ort_decoder`): the built step
     runs as the runtime runs it, present bound to the past buffers, on a cache with a few filled
     slots and garbage after them. Its logits and the entries it writes into the next slots must
@@ -86,31 +94,45 @@ def _check_decoder_build(source: Path, built: Path, entry: ComponentEntry, gener
 
     rng = np.random.default_rng(0)
     t, filled = int(generation["max_context"]), 3
-    past = {s.name: rng.standard_normal((1, *s.shape[1:])).astype(np.float32)
-            for s in entry.inputs if s.name.startswith("past_key_values.")}
+    past = {
+        s.name: rng.standard_normal((1, *s.shape[1:])).astype(np.float32)
+        for s in entry.inputs
+        if s.name.startswith("past_key_values.")
+    }
     embed_dim = next(s.shape[2] for s in entry.inputs if s.name == "inputs_embeds")
     ref_sess, sess = ort_session(source, threads), OrtSession(str(built), SessionOptions(threads=threads))
     err = 0.0
     for new in (2, 1):  # a prompt after earlier turns, then one decoded token
         mask = np.zeros((1, t + new), np.int64)
         mask[:, :filled], mask[:, t:] = 1, 1
-        feeds = {"inputs_embeds": rng.standard_normal((1, new, embed_dim)).astype(np.float32),
-                 "attention_mask": mask, "position_ids": np.arange(filled, filled + new, dtype=np.int64)[None],
-                 "logits_to_keep": np.array([new], np.int64)}
+        feeds = {
+            "inputs_embeds": rng.standard_normal((1, new, embed_dim)).astype(np.float32),
+            "attention_mask": mask,
+            "position_ids": np.arange(filled, filled + new, dtype=np.int64)[None],
+            "logits_to_keep": np.array([new], np.int64),
+        }
         ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, {**feeds, **past})))
         cache = {k: v.copy() for k, v in past.items()}
         logits = np.empty_like(ref["logits"])
-        sess.run_into({**feeds, **cache}, {"logits": logits, **{k.replace("past_key_values.", "present."): v
-                                                                  for k, v in cache.items()}})
+        sess.run_into(
+            {**feeds, **cache},
+            {"logits": logits, **{k.replace("past_key_values.", "present."): v for k, v in cache.items()}},
+        )
         pairs = [(logits, ref["logits"])]
         for name, buf in cache.items():
-            pairs.append((buf[:, :, filled:filled + new], ref[name.replace("past_key_values.", "present.")]))
-            kept = np.concatenate([buf[:, :, :filled], buf[:, :, filled + new:]], axis=2)
-            pairs.append((kept, np.concatenate([past[name][:, :, :filled], past[name][:, :, filled + new:]], axis=2)))
+            pairs.append(
+                (buf[:, :, filled : filled + new], ref[name.replace("past_key_values.", "present.")])
+            )
+            kept = np.concatenate([buf[:, :, :filled], buf[:, :, filled + new :]], axis=2)
+            pairs.append(
+                (kept, np.concatenate([past[name][:, :, :filled], past[name][:, :, filled + new :]], axis=2))
+            )
         err = max(err, *(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) for a, b in pairs))
     if not err <= limit:
-        raise IntegrityError(f"{built.name}: the in-place cache build disagrees with its source (relative error "
-                             f"{err:.2e}, limit {limit:.0e}); please report this as a bug")
+        raise IntegrityError(
+            f"{built.name}: the in-place cache build disagrees with its source (relative error "
+            f"{err:.2e}, limit {limit:.0e}); please report this as a bug"
+        )
     return err
 
 
@@ -131,8 +153,14 @@ def without_builds_of(tmp: Path, engines: dict[str, EngineEntry], keys: set[str]
     return out
 
 
-def build_package(package: str | Path, backend: str = "ort", precision: str = "auto", threads: int = 2,
-                  progress: Callable[[str], None] | None = None, prefill: bool = True) -> dict[str, Any]:
+def build_package(
+    package: str | Path,
+    backend: str = "ort",
+    precision: str = "auto",
+    threads: int = 2,
+    progress: Callable[[str], None] | None = None,
+    prefill: bool = True,
+) -> dict[str, Any]:
     """Build every component at `precision` (auto = every precision present) for `backend`.
 
     For ORT, a weight-only LLM also gets a prefill build with int8 GEMMs (`ort_prefill`; `prefill`
@@ -159,9 +187,12 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
             from mmedge.calibration.ort_prefill import write_prefill_build
             from mmedge.runtime.generation import PREFILL
 
-            settings = {"level": "extended", "uint8_activations": "x86 only",
-                        "matmulnbits_accuracy_level": MATMULNBITS_ACCURACY_LEVEL,
-                        "kv_cache": "in-place where the LLM step matches (present.* = the whole cache)"}
+            settings = {
+                "level": "extended",
+                "uint8_activations": "x86 only",
+                "matmulnbits_accuracy_level": MATMULNBITS_ACCURACY_LEVEL,
+                "kv_cache": "in-place where the LLM step matches (present.* = the whole cache)",
+            }
             for name, entry in pkg.manifest.components.items():
                 for p in _precisions(entry, precision):
                     rel = f"builds/{target}/{name}.{p}.onnx"
@@ -171,20 +202,29 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
                     ops = optimize_for_ort(src, tmp / rel, threads=threads, decoder=generation)
                     if ops.get("com.microsoft:GroupQueryAttention"):
                         limit = BUILD_MAX_REL_ERROR if p == "fp32" else IN_PLACE_QUANTIZED_MAX_REL_ERROR
-                        err = _check_decoder_build(src, tmp / rel, entry, pkg.manifest.generation, threads, limit)
+                        err = _check_decoder_build(
+                            src, tmp / rel, entry, pkg.manifest.generation, threads, limit
+                        )
                     else:
                         err = _check_build(src, tmp / rel, pkg, entry, threads)
                     files[f"{name}.{p}"] = rel
                     report["builds"][f"{name}.{p}"] = {"file": rel, "ops": ops, "rel_error_vs_source": err}
                     say(f"built {name}.{p} for {target} (relative error vs source {err:.1e})")
-                    if ops.get("com.microsoft:GroupQueryAttention") and ops.get("com.microsoft:MatMulNBits") and prefill:
+                    if (
+                        ops.get("com.microsoft:GroupQueryAttention")
+                        and ops.get("com.microsoft:MatMulNBits")
+                        and prefill
+                    ):
                         key, prel = f"{name}.{p}.{PREFILL}", f"builds/{target}/{name}.{p}.{PREFILL}.onnx"
                         n = write_prefill_build(tmp / rel, tmp / prel)
-                        err = _check_decoder_build(src, tmp / prel, entry, pkg.manifest.generation, threads,
-                                                   PREFILL_MAX_REL_ERROR)
+                        err = _check_decoder_build(
+                            src, tmp / prel, entry, pkg.manifest.generation, threads, PREFILL_MAX_REL_ERROR
+                        )
                         files[key] = prel
                         report["builds"][key] = {"file": prel, "int8_gemms": n, "rel_error_vs_source": err}
-                        say(f"built {key} for {target}: {n} int8 GEMMs for prompts (relative error vs source {err:.1e})")
+                        say(
+                            f"built {key} for {target}: {n} int8 GEMMs for prompts (relative error vs source {err:.1e})"
+                        )
         else:
             from mmedge.runtime.backends import tensorrt as trt_backend
 
@@ -195,7 +235,10 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
                     rel = f"engines/pending/{name}.{p}.plan"
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     records[f"{name}.{p}"] = trt_backend.build_engine(
-                        tmp / entry.precisions[p].file, tmp / rel, _profile(entry), precision=trt_precision,
+                        tmp / entry.precisions[p].file,
+                        tmp / rel,
+                        _profile(entry),
+                        precision=trt_precision,
                         timing_cache_path=tmp / "engines" / "timing.cache",
                     )
                     files[f"{name}.{p}"] = rel
@@ -220,7 +263,10 @@ def build_package(package: str | Path, backend: str = "ort", precision: str = "a
             rebuilt = tuple(f"{k}." for k in files)
             stale = {k for k in old.files if k.startswith(rebuilt) and k not in files}
             kept = without_builds_of(tmp, {target: old}, stale).get(target)
-            files = {**{k: v for k, v in (kept.files if kept else {}).items() if (tmp / v).is_file()}, **files}
+            files = {
+                **{k: v for k, v in (kept.files if kept else {}).items() if (tmp / v).is_file()},
+                **files,
+            }
         engines = {**pkg.manifest.engines, target: EngineEntry(backend, version, device, settings, files)}
         write_manifest(tmp, replace(pkg.manifest, engines=engines))
         verify_package(tmp)

@@ -102,8 +102,12 @@ def optimize_for_ort(
         # VNNI / AMX integer kernels instead of dequantizing each block to fp32 on every call.
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(MATMULNBITS_ACCURACY_LEVEL))
         # MatMulAddFusion would fold the Gemm rewrite back into a float Gemm before the QDQ fusions run.
-        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=["MatMulAddFusion"] if gemms else None)
+        ort.InferenceSession(
+            str(src),
+            so,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=["MatMulAddFusion"] if gemms else None,
+        )
         optimized = onnx.load(str(dst))
     log.info("folded %d unfused weight dequantizations", fold_constant_dequantize(optimized))
     if fuse_bias:
@@ -113,8 +117,10 @@ def optimize_for_ort(
     if decoder is not None:
         from mmedge.calibration.ort_decoder import decoder_attention_to_gqa
 
-        log.info("replaced the attention of %d decoder layers by GroupQueryAttention",
-                 decoder_attention_to_gqa(optimized, decoder))
+        log.info(
+            "replaced the attention of %d decoder layers by GroupQueryAttention",
+            decoder_attention_to_gqa(optimized, decoder),
+        )
     data = optimized.SerializeToString()
     ops: dict[str, int] = {}
     for node in optimized.graph.node:
@@ -127,7 +133,13 @@ def optimize_for_ort(
 def _transformer_fusions(model: Any, model_type: str, num_heads: int, hidden_size: int) -> Any:
     from onnxruntime.transformers.optimizer import optimize_model
 
-    opt = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
-                         opt_level=0, only_onnxruntime=False)
+    opt = optimize_model(
+        model,
+        model_type=model_type,
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        opt_level=0,
+        only_onnxruntime=False,
+    )
     log.info("transformer fusions (%s): %s", model_type, opt.get_fused_operator_statistics())
     return opt.model

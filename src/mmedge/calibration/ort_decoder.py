@@ -89,30 +89,56 @@ def decoder_attention_to_gqa(model: Any, generation: dict[str, Any]) -> int:
 
     mask = "attention_mask"
     pre = [
-        helper.make_node("ReduceSum", [mask, "gqa_axis1"], ["gqa_total_per_row"], keepdims=0, name="gqa_total_per_row"),
+        helper.make_node(
+            "ReduceSum", [mask, "gqa_axis1"], ["gqa_total_per_row"], keepdims=0, name="gqa_total_per_row"
+        ),
         helper.make_node("Sub", ["gqa_total_per_row", "gqa_one"], ["gqa_seqlens_i64"], name="gqa_seqlens"),
-        helper.make_node("Cast", ["gqa_seqlens_i64"], ["gqa_seqlens_k"], to=TensorProto.INT32, name="gqa_seqlens_k"),
+        helper.make_node(
+            "Cast", ["gqa_seqlens_i64"], ["gqa_seqlens_k"], to=TensorProto.INT32, name="gqa_seqlens_k"
+        ),
         helper.make_node("ReduceMax", ["gqa_total_per_row"], ["gqa_total_i64"], keepdims=0, name="gqa_total"),
-        helper.make_node("Cast", ["gqa_total_i64"], ["gqa_total_len"], to=TensorProto.INT32, name="gqa_total_len"),
+        helper.make_node(
+            "Cast", ["gqa_total_i64"], ["gqa_total_len"], to=TensorProto.INT32, name="gqa_total_len"
+        ),
     ]
-    graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "gqa_axis1"),
-                              numpy_helper.from_array(np.array(1, np.int64), "gqa_one")])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([1], np.int64), "gqa_axis1"),
+            numpy_helper.from_array(np.array(1, np.int64), "gqa_one"),
+        ]
+    )
     rotary = style == "llama"
     if rotary:
         cos, sin = rotary_tables(t, d, float(generation["rope_theta"]))
-        graph.initializer.extend([numpy_helper.from_array(cos, "gqa_cos_cache"),
-                                  numpy_helper.from_array(sin, "gqa_sin_cache")])
+        graph.initializer.extend(
+            [numpy_helper.from_array(cos, "gqa_cos_cache"), numpy_helper.from_array(sin, "gqa_sin_cache")]
+        )
     for i, packed, out, heads in sites:
         for name in (f"present.{i}.key", f"present.{i}.value"):  # their old producers become dead
             old = producer[name]
             old.output[list(old.output).index(name)] = f"{name}__unused"
         gqa = helper.make_node(
             "GroupQueryAttention",
-            [packed, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "gqa_seqlens_k",
-             "gqa_total_len", *(["gqa_cos_cache", "gqa_sin_cache"] if rotary else [])],
+            [
+                packed,
+                "",
+                "",
+                f"past_key_values.{i}.key",
+                f"past_key_values.{i}.value",
+                "gqa_seqlens_k",
+                "gqa_total_len",
+                *(["gqa_cos_cache", "gqa_sin_cache"] if rotary else []),
+            ],
             [out.output[0], f"present.{i}.key", f"present.{i}.value"],
-            name=f"layers.{i}.GroupQueryAttention", domain="com.microsoft", num_heads=heads, kv_num_heads=hkv,
-            scale=1.0, do_rotary=int(rotary), rotary_interleaved=0, local_window_size=-1)
+            name=f"layers.{i}.GroupQueryAttention",
+            domain="com.microsoft",
+            num_heads=heads,
+            kv_num_heads=hkv,
+            scale=1.0,
+            do_rotary=int(rotary),
+            rotary_interleaved=0,
+            local_window_size=-1,
+        )
         nodes = list(graph.node)
         at = nodes.index(out)
         del graph.node[at]

@@ -34,13 +34,20 @@ def activations_to_uint8(model: Any) -> int:
         if zp.dtype != np.int8 or zp.size != 1 or q.output[0] in graph_outputs:
             continue
         dqs = consumers.get(q.output[0], [])
-        if not dqs or any(d.op_type != "DequantizeLinear" or len(d.input) < 3 or d.input[2] not in inits
-                          or not np.array_equal(numpy_helper.to_array(inits[d.input[2]]), zp) for d in dqs):
+        if not dqs or any(
+            d.op_type != "DequantizeLinear"
+            or len(d.input) < 3
+            or d.input[2] not in inits
+            or not np.array_equal(numpy_helper.to_array(inits[d.input[2]]), zp)
+            for d in dqs
+        ):
             continue
         key = (int(zp.reshape(-1)[0]), zp.shape)
         if key not in u8_zp:
             name = f"{q.input[2]}_u8"
-            graph.initializer.append(numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), name))
+            graph.initializer.append(
+                numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), name)
+            )
             u8_zp[key] = name
         for node in (q, *dqs):
             node.input[2] = u8_zp[key]
@@ -75,7 +82,12 @@ def gemms_to_matmuls(model: Any) -> int:
         if len(node.input) > 2 and node.input[2] and attrs.get("beta", 1.0) != 1.0:
             continue
         dq = producer.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or users[dq.output[0]] != 1:
+        if (
+            dq is None
+            or dq.op_type != "DequantizeLinear"
+            or dq.input[0] not in inits
+            or users[dq.output[0]] != 1
+        ):
             continue
         dq_axis = {a.name: helper.get_attribute_value(a) for a in dq.attribute}.get("axis", 1)
         if attrs.get("transB", 0):
@@ -178,8 +190,11 @@ def fold_constant_dequantize(model: Any) -> int:
             continue
         x = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        zp = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-              if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+        zp = (
+            numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+            if len(node.input) > 2 and node.input[2]
+            else np.zeros_like(scale)
+        )
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         if scale.ndim == 1 and scale.size > 1:
             shape = [1] * x.ndim
@@ -187,7 +202,9 @@ def fold_constant_dequantize(model: Any) -> int:
             scale, zp = scale.reshape(shape), zp.reshape(shape)
         elif scale.ndim > 1 or any(a.name == "block_size" and a.i for a in node.attribute):
             continue  # blocked quantization: leave it to ORT
-        graph.initializer.append(numpy_helper.from_array(((x - zp) * scale).astype(np.float32), node.output[0]))
+        graph.initializer.append(
+            numpy_helper.from_array(((x - zp) * scale).astype(np.float32), node.output[0])
+        )
         folded.append(node)
     for node in folded:
         graph.node.remove(node)
@@ -246,8 +263,11 @@ def attention_to_qattention(model: Any) -> int:
         mix = only_user(softmax.output[0], "MatMul")
         if mix is None or only_user(scores.output[0], "Softmax") is None:
             continue
-        parts = [projection(scores.input[0], [0, 2, 1, 3]), projection(scores.input[1], [0, 2, 3, 1]),
-                 projection(mix.input[1], [0, 2, 1, 3])]
+        parts = [
+            projection(scores.input[0], [0, 2, 1, 3]),
+            projection(scores.input[1], [0, 2, 3, 1]),
+            projection(mix.input[1], [0, 2, 1, 3]),
+        ]
         if any(p is None for p in parts) or mix.input[0] != softmax.output[0]:
             continue
         mms = [p[0] for p in parts]  # type: ignore[index]
@@ -266,21 +286,43 @@ def attention_to_qattention(model: Any) -> int:
         head_dim = round(alpha**-2) if alpha > 0 else 0
         if head_dim < 1 or width % head_dim or abs(alpha - head_dim**-0.5) > 1e-6 * alpha:
             continue  # QAttention scales by 1/sqrt(head_dim); anything else is not this pattern
-        scales = [np.broadcast_to(numpy_helper.to_array(inits[m.input[3]]).astype(np.float32), (width,)) for m in mms]
+        scales = [
+            np.broadcast_to(numpy_helper.to_array(inits[m.input[3]]).astype(np.float32), (width,))
+            for m in mms
+        ]
         biases = [numpy_helper.to_array(inits[m.input[6]]).astype(np.float32) for m in mms]
         stem = f"{softmax.name or softmax.output[0]}_qattention"
-        graph.initializer.extend([
-            numpy_helper.from_array(np.concatenate(weights, axis=1), f"{stem}_weight"),
-            numpy_helper.from_array(np.concatenate(biases), f"{stem}_bias"),
-            numpy_helper.from_array(np.concatenate(scales), f"{stem}_weight_scale"),
-        ])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.concatenate(weights, axis=1), f"{stem}_weight"),
+                numpy_helper.from_array(np.concatenate(biases), f"{stem}_bias"),
+                numpy_helper.from_array(np.concatenate(scales), f"{stem}_weight_scale"),
+            ]
+        )
         x = mms[0]
         new = [
-            helper.make_node("QAttention", [x.input[0], f"{stem}_weight", f"{stem}_bias", x.input[2],
-                                            f"{stem}_weight_scale", "", x.input[4]],
-                             [f"{stem}_out"], name=stem, domain="com.microsoft", num_heads=width // head_dim),
-            helper.make_node("QuantizeLinear", [f"{stem}_out", *quant.input[1:]], [merge.output[0]],
-                             name=f"{stem}_quantize"),
+            helper.make_node(
+                "QAttention",
+                [
+                    x.input[0],
+                    f"{stem}_weight",
+                    f"{stem}_bias",
+                    x.input[2],
+                    f"{stem}_weight_scale",
+                    "",
+                    x.input[4],
+                ],
+                [f"{stem}_out"],
+                name=stem,
+                domain="com.microsoft",
+                num_heads=width // head_dim,
+            ),
+            helper.make_node(
+                "QuantizeLinear",
+                [f"{stem}_out", *quant.input[1:]],
+                [merge.output[0]],
+                name=f"{stem}_quantize",
+            ),
         ]
         at = list(graph.node).index(quant)
         for offset, node in enumerate(new):

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 
-def dequantize_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
-                     k: int, n: int, block: int) -> np.ndarray:
+def dequantize_nbits(
+    b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, k: int, n: int, block: int
+) -> np.ndarray:
     """The float weight (K, N) that a MatMulNBits node holds.
 
     The layout is ORT's: B is (N, blocks, block * bits / 8) uint8, 4-bit values low nibble first;
@@ -66,19 +67,37 @@ def nbits_to_dynamic_int8(model: Any) -> int:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         ins = list(node.input) + [""] * (6 - len(node.input))
-        if attrs.get("bits", 4) not in (4, 8) or ins[4] or any(x and x not in inits for x in (ins[1], ins[2], ins[3], ins[5])):
+        if (
+            attrs.get("bits", 4) not in (4, 8)
+            or ins[4]
+            or any(x and x not in inits for x in (ins[1], ins[2], ins[3], ins[5]))
+        ):
             continue
         zero_points = numpy_helper.to_array(inits[ins[3]]) if ins[3] else None
         if zero_points is not None and zero_points.dtype != np.uint8:
             continue  # float zero points (another quantizer's layout): keep the node
         k, n = int(attrs["K"]), int(attrs["N"])
-        w = dequantize_nbits(numpy_helper.to_array(inits[ins[1]]), numpy_helper.to_array(inits[ins[2]]),
-                             zero_points, int(attrs.get("bits", 4)), k, n, int(attrs["block_size"]))
+        w = dequantize_nbits(
+            numpy_helper.to_array(inits[ins[1]]),
+            numpy_helper.to_array(inits[ins[2]]),
+            zero_points,
+            int(attrs.get("bits", 4)),
+            k,
+            n,
+            int(attrs["block_size"]),
+        )
         q, scale = per_column_int8(w)
         base = f"{node.name or node.output[0]}_prefill"
-        graph.initializer.extend([numpy_helper.from_array(q, f"{base}_w"), numpy_helper.from_array(scale, f"{base}_scale")])
-        nodes[idx] = helper.make_node("DynamicQuantizeMatMul", [ins[0], f"{base}_w", f"{base}_scale", "", ins[5]],
-                                      list(node.output), name=base, domain="com.microsoft")
+        graph.initializer.extend(
+            [numpy_helper.from_array(q, f"{base}_w"), numpy_helper.from_array(scale, f"{base}_scale")]
+        )
+        nodes[idx] = helper.make_node(
+            "DynamicQuantizeMatMul",
+            [ins[0], f"{base}_w", f"{base}_scale", "", ins[5]],
+            list(node.output),
+            name=base,
+            domain="com.microsoft",
+        )
         replaced += 1
     if replaced:
         from mmedge.export.graph_simplify import remove_dead_nodes

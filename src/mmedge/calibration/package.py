@@ -26,7 +26,7 @@ FEED_BATCH = 8  # samples per calibration feed
 EVAL_SAMPLES = 32  # extra samples, never used for ranges, that measure the cosine
 
 
-def _feeds(pkg: Package, kind: str, items: list) -> list[dict[str, np.ndarray]]:  # noqa: ANN001
+def _feeds(pkg: Package, kind: str, items: list) -> list[dict[str, np.ndarray]]:
     from mmedge.runtime.images import PreprocessConfig, load_image, preprocess
     from mmedge.runtime.texts import TextTokenizer
 
@@ -38,7 +38,9 @@ def _feeds(pkg: Package, kind: str, items: list) -> list[dict[str, np.ndarray]]:
             feeds.append({"pixel_values": preprocess(arrays, pre)})
     elif kind == "texts":
         t = pkg.manifest.tokenizer
-        tok = TextTokenizer.from_file(pkg.path(t["file"]), context_length=int(t["context_length"]), pad_id=int(t["pad_id"]))
+        tok = TextTokenizer.from_file(
+            pkg.path(t["file"]), context_length=int(t["context_length"]), pad_id=int(t["pad_id"])
+        )
         for i in range(0, len(items), FEED_BATCH):
             ids, mask = tok.encode_batch([it.text for it in items[i : i + FEED_BATCH]])
             feeds.append({"input_ids": ids, "attention_mask": mask})
@@ -56,10 +58,17 @@ def _feeds(pkg: Package, kind: str, items: list) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def calibrate_package(package: str | Path, data: str, method: str = "minmax", samples: int = 64,
-                      target_cosine: float = 0.99, components: list[str] | None = None,
-                      weight_bits: tuple[int, ...] = (4,), block_size: int = 32,
-                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def calibrate_package(
+    package: str | Path,
+    data: str,
+    method: str = "minmax",
+    samples: int = 64,
+    target_cosine: float = 0.99,
+    components: list[str] | None = None,
+    weight_bits: tuple[int, ...] = (4,),
+    block_size: int = 32,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Quantize a package; returns the report.
 
     Encoders: INT8 Q/DQ until each output's cosine vs fp32 meets the target. Weight-only
@@ -84,7 +93,12 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
     # Samples past the first `samples` measure the cosine; with none left, the calibration set does.
     cal_items, eval_items = items[:samples], items[samples:] or items[:samples]
     wanted = components or list(pkg.manifest.components)
-    report: dict[str, Any] = {"data": data, "method": method, "target_cosine": target_cosine, "components": {}}
+    report: dict[str, Any] = {
+        "data": data,
+        "method": method,
+        "target_cosine": target_cosine,
+        "components": {},
+    }
     with staged_update(pkg.root) as tmp:
         comps = dict(pkg.manifest.components)
         for name in wanted:
@@ -100,24 +114,38 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
             say(f"calibrate {name} on {len(cal_items)} samples ({method}, target cosine {target_cosine})")
             fp32_rel = entry.precisions["fp32"].file
             int8_rel = fp32_rel.replace(".onnx", ".int8.onnx")
-            res = calibrate_to_target(tmp / fp32_rel, tmp / int8_rel, _feeds(pkg, kind, cal_items),
-                                      _feeds(pkg, kind, eval_items), method=method, target_cosine=target_cosine,
-                                      progress=lambda m: say("  " + m))
+            res = calibrate_to_target(
+                tmp / fp32_rel,
+                tmp / int8_rel,
+                _feeds(pkg, kind, cal_items),
+                _feeds(pkg, kind, eval_items),
+                method=method,
+                target_cosine=target_cosine,
+                progress=lambda m: say("  " + m),
+            )
             record = {**res.to_dict(), "data": data}
             lint = lint_model(tmp / int8_rel)
             parity = {"cosine_vs_fp32": res.cosine, "trt_lint_ok": lint.ok, "eval_samples": len(eval_items)}
-            comps[name] = replace(entry, precisions={**entry.precisions, "int8": PrecisionEntry(int8_rel, parity, record)})
+            comps[name] = replace(
+                entry, precisions={**entry.precisions, "int8": PrecisionEntry(int8_rel, parity, record)}
+            )
             report["components"][name] = {**record, "trt_lint_ok": lint.ok}
             cos = ", ".join(f"{k}={v:.4f}" for k, v in res.cosine.items())
             say(f"  {cos}; {len(res.float_nodes)} nodes kept in float; met={res.met}")
-        requantized = {f"{name}.{p}" for name in wanted for p, rec in comps[name].precisions.items()
-                       if p != "fp32" and rec != pkg.manifest.components[name].precisions.get(p)}
+        requantized = {
+            f"{name}.{p}"
+            for name in wanted
+            for p, rec in comps[name].precisions.items()
+            if p != "fp32" and rec != pkg.manifest.components[name].precisions.get(p)
+        }
         engines = without_builds_of(tmp, pkg.manifest.engines, requantized)
         manifest: Manifest = replace(pkg.manifest, components=comps, engines=engines)
         write_atomic(tmp / "reports" / "calibration.json", json.dumps(report, indent=2, sort_keys=True))
         manifest = write_manifest(tmp, manifest)
         staged = verify_package(tmp)
-        manifest = _measure_weight_only(staged, manifest, [it.text for it in eval_items if it.text], report, say)
+        manifest = _measure_weight_only(
+            staged, manifest, [it.text for it in eval_items if it.text], report, say
+        )
         write_manifest(tmp, manifest)
         staged = verify_package(tmp)
         report["task_metric"] = _task_metric(staged, eval_items)
@@ -127,8 +155,15 @@ def calibrate_package(package: str | Path, data: str, method: str = "minmax", sa
     return report
 
 
-def _weight_only(tmp: Path, name: str, entry: ComponentEntry, bits: tuple[int, ...], block_size: int,
-                 report: dict[str, Any], say: Callable[[str], None]) -> ComponentEntry:
+def _weight_only(
+    tmp: Path,
+    name: str,
+    entry: ComponentEntry,
+    bits: tuple[int, ...],
+    block_size: int,
+    report: dict[str, Any],
+    say: Callable[[str], None],
+) -> ComponentEntry:
     """Add int4/int8 weight-only precisions of one component (none if it has no MatMul weights)."""
     from mmedge.calibration.weight_only import quantize_weight_only
     from mmedge.export.trt_lint import lint_model
@@ -143,22 +178,31 @@ def _weight_only(tmp: Path, name: str, entry: ComponentEntry, bits: tuple[int, .
             report["components"][name] = {"skipped": "no MatMul weights to quantize"}
             return entry
         lint = lint_model(tmp / rel)
-        record = {"method": "weight-only", "bits": b, "block_size": block_size, "symmetric": True, "matmuls": count}
+        record = {
+            "method": "weight-only",
+            "bits": b,
+            "block_size": block_size,
+            "symmetric": True,
+            "matmuls": count,
+        }
         precisions[f"int{b}"] = PrecisionEntry(rel, {"trt_lint_ok": lint.ok}, record)
         report["components"].setdefault(name, {})[f"int{b}"] = {**record, "trt_lint_ok": lint.ok}
         say(f"{name}: weight-only int{b}, {count} MatMul weights in blocks of {block_size}")
     return replace(entry, precisions=precisions)
 
 
-def _measure_weight_only(pkg: Package, manifest: Manifest, texts: list[str], report: dict[str, Any],
-                         say: Callable[[str], None]) -> Manifest:
+def _measure_weight_only(
+    pkg: Package, manifest: Manifest, texts: list[str], report: dict[str, Any], say: Callable[[str], None]
+) -> Manifest:
     """Logits cosine and next-token agreement of each weight-only LLM precision against fp32."""
     from mmedge.calibration.accuracy import row_cosine
     from mmedge.runtime.components import ComponentRunner
     from mmedge.runtime.generation import LanguageModel
 
     llm = manifest.components.get("llm")
-    weight_only = [p for p, e in (llm.precisions.items() if llm else ()) if e.calibration.get("method") == "weight-only"]
+    weight_only = [
+        p for p, e in (llm.precisions.items() if llm else ()) if e.calibration.get("method") == "weight-only"
+    ]
     if not weight_only:
         return manifest
     if not texts:
@@ -176,16 +220,21 @@ def _measure_weight_only(pkg: Package, manifest: Manifest, texts: list[str], rep
     precisions = dict(llm.precisions)
     for p in weight_only:
         out = logits(p)
-        acc = {"logits_cosine": round(row_cosine(ref, out), 6),
-               "top1_agreement": round(float((ref.argmax(1) == out.argmax(1)).mean()), 4), "eval_tokens": len(ref)}
+        acc = {
+            "logits_cosine": round(row_cosine(ref, out), 6),
+            "top1_agreement": round(float((ref.argmax(1) == out.argmax(1)).mean()), 4),
+            "eval_tokens": len(ref),
+        }
         precisions[p] = replace(precisions[p], parity={**precisions[p].parity, **acc})
         report["components"]["llm"][p].update(acc)
-        say(f"llm {p}: logits cosine {acc['logits_cosine']:.4f}, next-token agreement {acc['top1_agreement']:.3f} "
-            f"on {acc['eval_tokens']} tokens")
+        say(
+            f"llm {p}: logits cosine {acc['logits_cosine']:.4f}, next-token agreement {acc['top1_agreement']:.3f} "
+            f"on {acc['eval_tokens']} tokens"
+        )
     return replace(manifest, components={**manifest.components, "llm": replace(llm, precisions=precisions)})
 
 
-def _task_metric(pkg: Package, items: list) -> dict[str, Any]:  # noqa: ANN001
+def _task_metric(pkg: Package, items: list) -> dict[str, Any]:
     """The task metric fp32 vs int8 on the held-back samples (retrieval recall when texts exist)."""
     from mmedge.runtime.components import ComponentRunner
     from mmedge.runtime.retrieval import RetrievalPipeline
@@ -194,5 +243,7 @@ def _task_metric(pkg: Package, items: list) -> dict[str, Any]:  # noqa: ANN001
     if pkg.manifest.task != "retrieval" or any(it.text is None for it in items):
         return {"skipped": "needs captions for a retrieval metric"}
     # "auto" takes int8 where it was built and fp32 where calibration skipped a component.
-    return {label: evaluate_items(RetrievalPipeline(ComponentRunner(pkg, precision=p)), items)
-            for label, p in (("fp32", "fp32"), ("int8", "auto"))}
+    return {
+        label: evaluate_items(RetrievalPipeline(ComponentRunner(pkg, precision=p)), items)
+        for label, p in (("fp32", "fp32"), ("int8", "auto"))
+    }

@@ -67,10 +67,15 @@ def calibration_method(method: str):
     """Map "minmax" | "entropy" | "percentile" to onnxruntime's CalibrationMethod."""
     from onnxruntime.quantization import CalibrationMethod
 
-    table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-             "percentile": CalibrationMethod.Percentile}
+    table = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     if method not in table:
-        raise InvalidInputError(f"calibration method {method!r} is not supported; choose from {list(METHODS)}")
+        raise InvalidInputError(
+            f"calibration method {method!r} is not supported; choose from {list(METHODS)}"
+        )
     return table[method]
 
 
@@ -78,8 +83,11 @@ def quantizable_nodes(model_or_path: Any, op_types: Sequence[str] | None = None)
     """Names of the nodes `quantize_int8` would quantize: given op types with a constant weight input."""
     import onnx
 
-    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(
-        str(model_or_path), load_external_data=False)
+    model = (
+        model_or_path
+        if isinstance(model_or_path, onnx.ModelProto)
+        else onnx.load(str(model_or_path), load_external_data=False)
+    )
     op_types = tuple(op_types or DEFAULT_OP_TYPES)
     inits = {i.name for i in model.graph.initializer}
     names = []
@@ -168,13 +176,17 @@ def check_qdq_model(model: Any) -> None:
         model = onnx.load_model_from_string(bytes(model))
     bad_ops = sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if bad_ops:
-        raise UnsupportedError(f"Q/DQ model holds non-standard ops {bad_ops}; only default-domain ONNX ops are accepted")
+        raise UnsupportedError(
+            f"Q/DQ model holds non-standard ops {bad_ops}; only default-domain ONNX ops are accepted"
+        )
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
             zp = inits.get(node.input[2])
             if zp is None or np.any(numpy_helper.to_array(zp) != 0):
-                raise UnsupportedError(f"{node.name}: zero point must be a constant 0 (TensorRT needs symmetric int8)")
+                raise UnsupportedError(
+                    f"{node.name}: zero point must be a constant 0 (TensorRT needs symmetric int8)"
+                )
 
 
 def _all_node_names(path: Path) -> set[str]:

@@ -98,20 +98,29 @@ def calibrate_to_target(
             quantize_int8(fp32_path, path, feeds, method, excluded, op_types, calibration_cache=cache)
             cos = evaluate(path)
             tried[len(excluded)] = (path, cos)
-            say(f"{len(excluded)} float node(s): worst output cosine {min(cos.values()):.6f} (target {target_cosine})")
+            say(
+                f"{len(excluded)} float node(s): worst output cosine {min(cos.values()):.6f} (target {target_cosine})"
+            )
             return cos
 
         def ok(cos: Mapping[str, float]) -> bool:
             return min(cos.values()) >= target_cosine
 
-        say(f"calibrating {fp32_path.name} ({method}, {len(feeds)} feeds, {len(candidates)} quantizable nodes)")
+        say(
+            f"calibrating {fp32_path.name} ({method}, {len(feeds)} feeds, {len(candidates)} quantizable nodes)"
+        )
         cos = attempt(())
         order: list[str] = []
         best = 0
         if not ok(cos) and limit > 0:
             say("target missed; ranking node sensitivity")
-            scores = node_sensitivity(onnx.load(str(fp32_path)), onnx.load(str(tried[0][0])), candidates,
-                                      eval_feeds[:SENSITIVITY_FEEDS], threads)
+            scores = node_sensitivity(
+                onnx.load(str(fp32_path)),
+                onnx.load(str(tried[0][0])),
+                candidates,
+                eval_feeds[:SENSITIVITY_FEEDS],
+                threads,
+            )
             order = sorted(scores, key=lambda n: -scores[n])
             for name in order[:5]:
                 say(f"  sensitive: {name} (noise/signal {scores[name]:.3g})")
@@ -141,8 +150,14 @@ def calibrate_to_target(
         path, cos = tried[best]
         write_atomic(out_path, path.read_bytes())
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)  # rows, not feed dicts
-    result = CalibrationResult(method=method, samples=samples, float_nodes=tuple(order[:best]),
-                               cosine=dict(cos), target=float(target_cosine), met=ok(cos),
-                               seconds=round(time.perf_counter() - t0, 3))
+    result = CalibrationResult(
+        method=method,
+        samples=samples,
+        float_nodes=tuple(order[:best]),
+        cosine=dict(cos),
+        target=float(target_cosine),
+        met=ok(cos),
+        seconds=round(time.perf_counter() - t0, 3),
+    )
     say(f"done: {len(result.float_nodes)} float node(s), met={result.met}, {result.seconds:.1f}s")
     return result

@@ -49,9 +49,16 @@ def add_quantized_twins(fp32: Any, qdq: Any, nodes: Sequence[str]) -> tuple[Any,
             need_init(node.input[0])
             src = node.input[0]
         out = f"{tensor}__twin_{tag}"
-        g.node.append(helper.make_node(node.op_type, [src, *node.input[1:]], [out], name=f"{node.name}__twin_{tag}",
-                                       domain=node.domain, **{a.name: helper.get_attribute_value(a)
-                                                             for a in node.attribute}))
+        g.node.append(
+            helper.make_node(
+                node.op_type,
+                [src, *node.input[1:]],
+                [out],
+                name=f"{node.name}__twin_{tag}",
+                domain=node.domain,
+                **{a.name: helper.get_attribute_value(a) for a in node.attribute},
+            )
+        )
         return out
 
     for k, name in enumerate(nodes):
@@ -61,9 +68,16 @@ def add_quantized_twins(fp32: Any, qdq: Any, nodes: Sequence[str]) -> tuple[Any,
         tag = str(k)
         inputs = [twin_of(t, tag) if t else t for t in qnode.input]
         out = f"{qnode.output[0]}__twin_{tag}"
-        g.node.append(helper.make_node(qnode.op_type, inputs, [out, *[f"{o}__twin_{tag}" for o in qnode.output[1:]]],
-                                       name=f"{name}__twin", domain=qnode.domain,
-                                       **{a.name: helper.get_attribute_value(a) for a in qnode.attribute}))
+        g.node.append(
+            helper.make_node(
+                qnode.op_type,
+                inputs,
+                [out, *[f"{o}__twin_{tag}" for o in qnode.output[1:]]],
+                name=f"{name}__twin",
+                domain=qnode.domain,
+                **{a.name: helper.get_attribute_value(a) for a in qnode.attribute},
+            )
+        )
         pairs[name] = (qnode.output[0], out)
     outputs = {o.name for o in g.output}
     for ref, twin in pairs.values():

@@ -53,10 +53,20 @@ def _int8_blockwise(model: Any, block_size: int) -> int:
         scale[scale == 0] = 1.0
         q = np.clip(np.rint(blocks / scale[:, None]), -127, 127).astype(np.int8).reshape(k, n)
         base = node.input[1]
-        graph.initializer.extend([numpy_helper.from_array(q, f"{base}_q8"),
-                                  numpy_helper.from_array(scale.astype(np.float32), f"{base}_q8_scale")])
-        dq = helper.make_node("DequantizeLinear", [f"{base}_q8", f"{base}_q8_scale"], [f"{base}_dq8"],
-                              name=f"{node.name}_dq8", axis=0, block_size=block_size)
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(q, f"{base}_q8"),
+                numpy_helper.from_array(scale.astype(np.float32), f"{base}_q8_scale"),
+            ]
+        )
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [f"{base}_q8", f"{base}_q8_scale"],
+            [f"{base}_dq8"],
+            name=f"{node.name}_dq8",
+            axis=0,
+            block_size=block_size,
+        )
         graph.node.insert(list(graph.node).index(node), dq)
         node.input[1] = f"{base}_dq8"
         done += 1
@@ -85,9 +95,17 @@ def quantize_weight_only(src: Path, dst: Path, bits: int = 4, block_size: int = 
             MatMulNBitsQuantizer,
         )
 
-        algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QDQ, bits=4)
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                                         quant_format=QuantFormat.QDQ, algo_config=algo)
+        algo = DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QDQ, bits=4
+        )
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=4,
+            block_size=block_size,
+            is_symmetric=True,
+            quant_format=QuantFormat.QDQ,
+            algo_config=algo,
+        )
         quantizer.process()
         model = quantizer.model.model
         count = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear")

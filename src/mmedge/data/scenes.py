@@ -279,8 +279,9 @@ def sample_objects(rng: np.random.Generator) -> tuple[SceneObject, ...]:
 PERTURB_KINDS = ("shape", "colour", "size", "position")
 
 
-def perturb(objects: Sequence[SceneObject], rng: np.random.Generator,
-            weights: Sequence[float] | None = None) -> tuple[SceneObject, ...]:
+def perturb(
+    objects: Sequence[SceneObject], rng: np.random.Generator, weights: Sequence[float] | None = None
+) -> tuple[SceneObject, ...]:
     """A hard negative: the same scene with one attribute of one object changed.
 
     Contrastive training on such pairs teaches the fine distinctions (one colour, one size,
@@ -339,8 +340,18 @@ def generate_scenes(n: int, seed: int, image_size: int = 64) -> list[Scene]:
 def _vocabulary() -> tuple[str, ...]:
     """Every word a caption, slot text, question or answer can contain, sorted."""
     text = " ".join(
-        (*_PREFIXES, *_CORNER_PHRASES, *_CENTER_PHRASES, *_COUNT_WORDS[1:], *SHAPES, *COLOURS, *SIZES,
-         *POSITIONS, EMPTY_SLOT, "a and how many shapes are there what shape is colour where the at")
+        (
+            *_PREFIXES,
+            *_CORNER_PHRASES,
+            *_CENTER_PHRASES,
+            *_COUNT_WORDS[1:],
+            *SHAPES,
+            *COLOURS,
+            *SIZES,
+            *POSITIONS,
+            EMPTY_SLOT,
+            "a and how many shapes are there what shape is colour where the at",
+        )
     )
     return tuple(sorted(set(re.findall(r"[a-z]+", text)) - {"p"}))
 

@@ -67,9 +67,7 @@ def _load_shapes(count: str, spec: str, image_size: int, limit: int | None, seed
 
 def _load_folder(folder: Path) -> list[DataItem]:
     """Image files directly inside `folder` (not recursive), sorted by name, without text."""
-    files = sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise InvalidInputError(
             f"data folder {str(folder)!r} holds no image files; accepted extensions: "

@@ -28,10 +28,15 @@ def _versions(opset: int) -> dict[str, str | int]:
 
     import mmedge
 
-    return {"mmedge": mmedge.__version__, "torch": torch.__version__, "onnx": onnx.__version__, "opset": opset}
+    return {
+        "mmedge": mmedge.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "opset": opset,
+    }
 
 
-def _parity_feeds(decl, tokenizer_json: str, context_length: int) -> list[dict[str, np.ndarray]]:  # noqa: ANN001
+def _parity_feeds(decl, tokenizer_json: str, context_length: int) -> list[dict[str, np.ndarray]]:
     """Random feeds, plus real tokenised text with padding for text components."""
     feeds = [example_inputs(decl, sizes={"batch": 2}, seed=i) for i in range(2)]
     if {s.name for s in decl.inputs} == {"input_ids", "attention_mask"}:
@@ -43,9 +48,15 @@ def _parity_feeds(decl, tokenizer_json: str, context_length: int) -> list[dict[s
     return feeds
 
 
-def export_model(src: str | Path, out: str | Path, family: str | None = None, opset: int = DEFAULT_OPSET,
-                 allow_pickle: bool = False, name: str | None = None,
-                 progress: Callable[[str], None] | None = None) -> Manifest:
+def export_model(
+    src: str | Path,
+    out: str | Path,
+    family: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    allow_pickle: bool = False,
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Manifest:
     """Export every component of a model into a package at `out` (replacing it atomically)."""
     from mmedge.export.trt_lint import lint_model
     from mmedge.models.sources import load_source
@@ -62,16 +73,24 @@ def export_model(src: str | Path, out: str | Path, family: str | None = None, op
             say(f"export {decl.name}")
             path = tmp / "onnx" / f"{decl.name}.onnx"
             export_component(lm.model, decl, path, opset)
-            parity = measure_parity(lm.model, decl, path, _parity_feeds(decl, lm.tokenizer_json, tok_cfg["context_length"]))
+            parity = measure_parity(
+                lm.model, decl, path, _parity_feeds(decl, lm.tokenizer_json, tok_cfg["context_length"])
+            )
             if not parity["passed"]:
-                raise IntegrityError(f"{decl.name}: ONNX output differs from PyTorch beyond tolerance: {parity}")
+                raise IntegrityError(
+                    f"{decl.name}: ONNX output differs from PyTorch beyond tolerance: {parity}"
+                )
             lint = lint_model(path)
             parity["trt_lint_ok"] = lint.ok
             reports["parity"][decl.name] = parity
             reports["trt_lint"][decl.name] = lint.to_dict()
-            say(f"  parity max|err|={parity['max_abs_err']:.2e} cosine={parity['cosine']:.6f} trt-lint={'ok' if lint.ok else 'FAIL'}")
+            say(
+                f"  parity max|err|={parity['max_abs_err']:.2e} cosine={parity['cosine']:.6f} trt-lint={'ok' if lint.ok else 'FAIL'}"
+            )
             components[decl.name] = ComponentEntry(
-                inputs=decl.inputs, outputs=decl.outputs, dims=decl.dims,
+                inputs=decl.inputs,
+                outputs=decl.outputs,
+                dims=decl.dims,
                 precisions={"fp32": PrecisionEntry(file=f"onnx/{decl.name}.onnx", parity=parity)},
                 calibration_data=decl.calibration_data,
             )
@@ -82,8 +101,12 @@ def export_model(src: str | Path, out: str | Path, family: str | None = None, op
             name=name or out.name,
             family=lm.family.name,
             task=lm.family.task,
-            provenance={**_versions(opset), "source": lm.source, "config": lm.config.to_dict(),
-                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+            provenance={
+                **_versions(opset),
+                "source": lm.source,
+                "config": lm.config.to_dict(),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            },
             preprocess=lm.preprocess,
             tokenizer={"file": TOKENIZER_FILE, **tok_cfg},
             generation=lm.family.generation(lm.config),

@@ -46,7 +46,7 @@ def _symbolic_dims(model: Any) -> dict[str, list[int | str | None]]:
         while inference.run_:
             inference._infer_impl()
         known = inference.known_vi_
-    except Exception as exc:  # noqa: BLE001 - an op it does not know: leave the graph as exported
+    except Exception as exc:
         log.info("symbolic shape inference failed (%s); shapes left as exported", exc)
         return {}
     finally:
@@ -55,7 +55,9 @@ def _symbolic_dims(model: Any) -> dict[str, list[int | str | None]]:
     for name, v in known.items():
         t = v.type.tensor_type
         if t.HasField("shape"):
-            out[name] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
+            out[name] = [
+                d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim
+            ]
     return out
 
 
@@ -71,9 +73,11 @@ def simplify(model: Any) -> dict[str, int]:
         elif n.op_type == "Identity" and n.input[0] in consts:  # the exporter's alias of an equal weight
             consts[n.output[0]] = consts[n.input[0]]
     dims = _symbolic_dims(model)
-    counts = {"static_reshapes": _static_reshapes(graph, consts, dims),
-              "static_dims": _static_dims(graph, consts, dims),
-              "quick_gelu_alpha": _fold_sigmoid_gate_scale(graph, consts)}
+    counts = {
+        "static_reshapes": _static_reshapes(graph, consts, dims),
+        "static_dims": _static_dims(graph, consts, dims),
+        "quick_gelu_alpha": _fold_sigmoid_gate_scale(graph, consts),
+    }
     if any(counts.values()):
         counts["dead_nodes"] = remove_dead_nodes(model)
     return counts
@@ -91,12 +95,18 @@ def _static_reshapes(graph: Any, consts: dict[str, np.ndarray], dims: dict[str, 
     where symbolic inference proves it equivalent."""
     changed = 0
     for node in graph.node:
-        if node.op_type != "Reshape" or node.input[1] in consts or any(a.name == "allowzero" and a.i for a in node.attribute):
+        if (
+            node.op_type != "Reshape"
+            or node.input[1] in consts
+            or any(a.name == "allowzero" and a.i for a in node.attribute)
+        ):
             continue
         src, dst = dims.get(node.input[0]), dims.get(node.output[0])
         if src is None or dst is None or None in src or None in dst:
             continue
-        shape = [d if isinstance(d, int) else 0 if j < len(src) and src[j] == d else -1 for j, d in enumerate(dst)]
+        shape = [
+            d if isinstance(d, int) else 0 if j < len(src) and src[j] == d else -1 for j, d in enumerate(dst)
+        ]
         if shape.count(-1) > 1:
             continue
         node.input[1] = _constant(graph, f"{node.output[0]}__static_shape", np.array(shape, np.int64))
@@ -181,11 +191,17 @@ def _fold_sigmoid_gate_scale(graph: Any, consts: dict[str, np.ndarray]) -> int:
         is_add = bias_add is not None and bias_add.op_type == "Add"
         b = next((i for i in bias_add.input if weight(i)), None) if is_add else None
         fc1 = producer.get(other(bias_add, b)) if b is not None else None
-        if fc1 is None or fc1.op_type != "MatMul" or len(users(fc1.output[0])) != 1 or not weight(fc1.input[1]):
+        if (
+            fc1 is None
+            or fc1.op_type != "MatMul"
+            or len(users(fc1.output[0])) != 1
+            or not weight(fc1.input[1])
+        ):
             continue
         fc2s = users(gate[0].output[0])
-        if not fc2s or any(n.op_type != "MatMul" or n.input[0] != gate[0].output[0] or not weight(n.input[1])
-                           for n in fc2s):
+        if not fc2s or any(
+            n.op_type != "MatMul" or n.input[0] != gate[0].output[0] or not weight(n.input[1]) for n in fc2s
+        ):
             continue
         scale_weight(fc1, 1, a)
         scale_weight(bias_add, list(bias_add.input).index(b), a)
@@ -206,7 +222,7 @@ def remove_dead_nodes(model: Any) -> int:
             alive.append(node)
             live.update(i for i in node.input if i)
             for a in node.attribute:  # names a subgraph reads from the outer scope stay live
-                for g in ([a.g] if a.HasField("g") else list(a.graphs)):
+                for g in [a.g] if a.HasField("g") else list(a.graphs):
                     live.update(i for n in g.node for i in n.input if i)
     removed = len(graph.node) - len(alive)
     if removed:

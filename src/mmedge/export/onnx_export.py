@@ -19,7 +19,9 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
-def example_inputs(decl: ComponentDecl, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def example_inputs(
+    decl: ComponentDecl, sizes: dict[str, int] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random inputs matching the declaration; symbolic dims take `sizes` or their 'opt' value."""
     rng = np.random.default_rng(seed)
     sizes = {**{k: r.opt for k, r in decl.dims.items()}, **(sizes or {})}
@@ -38,7 +40,9 @@ def _dynamic_axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
     return {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in specs}
 
 
-def export_component(model: torch.nn.Module, decl: ComponentDecl, out_path: Path, opset: int = DEFAULT_OPSET) -> list[Path]:
+def export_component(
+    model: torch.nn.Module, decl: ComponentDecl, out_path: Path, opset: int = DEFAULT_OPSET
+) -> list[Path]:
     """Export `decl` of `model` to `out_path`; returns the files written (model + external data)."""
     import onnx
 
@@ -49,8 +53,13 @@ def export_component(model: torch.nn.Module, decl: ComponentDecl, out_path: Path
         raw = Path(tmp) / "raw.onnx"
         with torch.inference_mode():
             torch.onnx.export(
-                module, args, str(raw), dynamo=False, opset_version=opset,
-                input_names=[s.name for s in decl.inputs], output_names=[s.name for s in decl.outputs],
+                module,
+                args,
+                str(raw),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[s.name for s in decl.inputs],
+                output_names=[s.name for s in decl.outputs],
                 dynamic_axes={**_dynamic_axes(decl.inputs), **_dynamic_axes(decl.outputs)},
                 do_constant_folding=True,
             )
@@ -60,8 +69,14 @@ def export_component(model: torch.nn.Module, decl: ComponentDecl, out_path: Path
     written = [out_path]
     if sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD:
         data_name = out_path.name + ".data"
-        onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        onnx.save_model(
+            proto,
+            str(out_path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
         written.append(out_path.with_name(data_name))
     else:
         onnx.save_model(proto, str(out_path))

@@ -19,8 +19,9 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
     return float((num / den).mean())
 
 
-def measure_parity(model: torch.nn.Module, decl: ComponentDecl, onnx_path: Path,
-                   feeds_list: list[dict[str, np.ndarray]]) -> dict[str, float | int | bool]:
+def measure_parity(
+    model: torch.nn.Module, decl: ComponentDecl, onnx_path: Path, feeds_list: list[dict[str, np.ndarray]]
+) -> dict[str, float | int | bool]:
     """Run torch and ORT on each feed; report worst max-abs error, mean cosine and pass/fail."""
     import onnxruntime as ort
 
@@ -40,7 +41,10 @@ def measure_parity(model: torch.nn.Module, decl: ComponentDecl, onnx_path: Path,
             ref_scale = max(ref_scale, float(np.abs(r).max()))
             cosines.append(cosine_rows(r, o))
     return {
-        "max_abs_err": max_abs, "cosine": min(cosines), "samples": len(feeds_list),
+        "max_abs_err": max_abs,
+        "cosine": min(cosines),
+        "samples": len(feeds_list),
         # The tolerance is relative to the output's magnitude (fp32 reassociation error scales with it).
-        "atol": decl.parity_atol, "passed": max_abs <= decl.parity_atol * max(1.0, ref_scale),
+        "atol": decl.parity_atol,
+        "passed": max_abs <= decl.parity_atol * max(1.0, ref_scale),
     }

@@ -12,13 +12,17 @@ from mmedge.errors import ConfigError
 from mmedge.runtime.manifest import Manifest
 
 
-def torch_reference(manifest: Manifest, component: str, threads: int = 0) -> Callable[[dict[str, np.ndarray]], Any]:
+def torch_reference(
+    manifest: Manifest, component: str, threads: int = 0
+) -> Callable[[dict[str, np.ndarray]], Any]:
     """A callable running `component` in eager PyTorch on the same named inputs as the ONNX graph."""
     from mmedge.models.sources import load_source
 
     src = manifest.provenance.get("source", {}).get("path")
     if not src:
-        raise ConfigError(f"package {manifest.name!r} records no source checkpoint to rebuild the reference from")
+        raise ConfigError(
+            f"package {manifest.name!r} records no source checkpoint to rebuild the reference from"
+        )
     lm = load_source(src, family=manifest.family)
     decl = next((d for d in lm.family.components(lm.config) if d.name == component), None)
     if decl is None:

@@ -59,9 +59,8 @@ _CONST_INPUT = {
     "CumSum": (1, "axis"),
 }
 _CONST_INPUT.update(
-    {
-        op: (1, "axes")
-        for op in (
+    dict.fromkeys(
+        (
             "ReduceL1",
             "ReduceL2",
             "ReduceLogSum",
@@ -72,8 +71,9 @@ _CONST_INPUT.update(
             "ReduceProd",
             "ReduceSum",
             "ReduceSumSquare",
-        )
-    }
+        ),
+        (1, "axes"),
+    )
 )
 _RESIZE_ALLOWED = {
     "mode": ("nearest", "linear"),
@@ -206,7 +206,7 @@ def lint_model(model: onnx.ModelProto | str | Path) -> LintReport:
         model = onnx.inliner.inline_local_functions(model)
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-    except Exception as exc:  # noqa: BLE001 - inference is best effort; the op check still runs
+    except Exception as exc:
         problems.append(
             LintProblem(
                 "", "", f"shape inference failed ({exc}); only declared tensor types were checked", "warning"
@@ -381,7 +381,7 @@ class _Linter:
     def _zero_point(self, name: str, consts: dict, report) -> None:
         try:
             value = self._const_value(name, consts)
-        except Exception as exc:  # noqa: BLE001 - e.g. external data that was not shipped alongside
+        except Exception as exc:
             report(f"zero point {name!r} could not be read ({exc}); TensorRT needs it to be zero", "warning")
             return
         if name not in consts:

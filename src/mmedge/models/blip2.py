@@ -44,7 +44,9 @@ class Blip2VisionConfig:
 
     def __post_init__(self) -> None:
         if self.style not in VISION_STYLES:
-            raise ConfigError(f"vision style {self.style!r} is not supported; choose from {list(VISION_STYLES)}")
+            raise ConfigError(
+                f"vision style {self.style!r} is not supported; choose from {list(VISION_STYLES)}"
+            )
 
     @property
     def tokens(self) -> int:
@@ -64,7 +66,9 @@ class Blip2Config:
 
     def __post_init__(self) -> None:
         if self.qformer.encoder_hidden != self.vision.width:
-            raise ConfigError(f"qformer.encoder_hidden {self.qformer.encoder_hidden} != vision width {self.vision.width}")
+            raise ConfigError(
+                f"qformer.encoder_hidden {self.qformer.encoder_hidden} != vision width {self.vision.width}"
+            )
         if self.vision.style == "clip" and self.vision.qkv_bias is not True:
             raise ConfigError("a clip-style vision tower always has q/k/v biases")
 
@@ -73,9 +77,11 @@ class Blip2Config:
         if not isinstance(d, dict):
             raise ConfigError("blip2 config must be an object")
         d = dict(d)
-        parts = {"vision": from_dict(Blip2VisionConfig, d.pop("vision", {}), "blip2 config 'vision'"),
-                 "qformer": QFormerConfig.from_dict(d.pop("qformer", {})),
-                 "text": decoder.DecoderConfig.from_dict(d.pop("text", {}))}
+        parts = {
+            "vision": from_dict(Blip2VisionConfig, d.pop("vision", {}), "blip2 config 'vision'"),
+            "qformer": QFormerConfig.from_dict(d.pop("qformer", {})),
+            "text": decoder.DecoderConfig.from_dict(d.pop("text", {})),
+        }
         for k in ("mean", "std"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -105,7 +111,9 @@ class Blip2VisionModel(nn.Module):
     def __init__(self, cfg: Blip2VisionConfig):
         super().__init__()
         self.embeddings = _Blip2VisionEmbeddings(cfg)
-        self.encoder = Encoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.eps, merged_qkv=True)
+        self.encoder = Encoder(
+            cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.eps, merged_qkv=True
+        )
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
     def hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -121,9 +129,20 @@ class Blip2(nn.Module):
             self.vision_model: nn.Module = Blip2VisionModel(v)
         else:
             self.vision_model = VisionTransformer(
-                VisionConfig(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
-                             heads=v.heads, mlp_dim=v.mlp_dim, act=v.act), v.eps)
-        self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, cfg.qformer.hidden) * 0.02)
+                VisionConfig(
+                    image_size=v.image_size,
+                    patch_size=v.patch_size,
+                    width=v.width,
+                    layers=v.layers,
+                    heads=v.heads,
+                    mlp_dim=v.mlp_dim,
+                    act=v.act,
+                ),
+                v.eps,
+            )
+        self.query_tokens = nn.Parameter(
+            torch.randn(1, cfg.qformer.num_query_tokens, cfg.qformer.hidden) * 0.02
+        )
         self.qformer = QFormer(cfg.qformer)
         if cfg.qformer.text:
             self.qformer_text = QFormerTextEmbeddings(cfg.qformer)
@@ -148,22 +167,53 @@ def components(cfg: Blip2Config) -> tuple[ComponentDecl, ...]:
     image = TensorSpec("image_embeds", "float32", ("batch", v.tokens, v.width))
     query = TensorSpec("query_output", "float32", ("batch", q.num_query_tokens, q.hidden))
     # the LM's own builders, applied to the BLIP-2 model's language_model
-    lm = tuple(replace(d, build=lambda model, b=d.build: b(model.language_model)) for d in decoder.components(cfg.text))
+    lm = tuple(
+        replace(d, build=lambda model, b=d.build: b(model.language_model))
+        for d in decoder.components(cfg.text)
+    )
     return (
-        ComponentDecl("vision", (TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),), (image,),
-                      {"batch": batch}, bound("image_features"), calibration_data="images"),
-        ComponentDecl("qformer", (image,), (query,), {"batch": batch}, bound("query_outputs"), calibration_data="images:vision"),
-        ComponentDecl("projector", (query,), (TensorSpec("image_prefix", "float32", ("batch", q.num_query_tokens, cfg.text.embed_dim)),),
-                      {"batch": batch}, bound("language_projection"), calibration_data="images:qformer"),
+        ComponentDecl(
+            "vision",
+            (TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),),
+            (image,),
+            {"batch": batch},
+            bound("image_features"),
+            calibration_data="images",
+        ),
+        ComponentDecl(
+            "qformer",
+            (image,),
+            (query,),
+            {"batch": batch},
+            bound("query_outputs"),
+            calibration_data="images:vision",
+        ),
+        ComponentDecl(
+            "projector",
+            (query,),
+            (TensorSpec("image_prefix", "float32", ("batch", q.num_query_tokens, cfg.text.embed_dim)),),
+            {"batch": batch},
+            bound("language_projection"),
+            calibration_data="images:qformer",
+        ),
         *lm,
     )
 
 
 def generation_section(cfg: Blip2Config) -> dict[str, Any]:
-    return {**decoder.generation_section(cfg.text, cfg.prompt_template), "caption_prompt": cfg.caption_prompt,
-            "num_query_tokens": cfg.qformer.num_query_tokens}
+    return {
+        **decoder.generation_section(cfg.text, cfg.prompt_template),
+        "caption_prompt": cfg.caption_prompt,
+        "num_query_tokens": cfg.qformer.num_query_tokens,
+    }
 
 
 def preprocess_section(cfg: Blip2Config) -> dict[str, Any]:
-    return {"image_size": cfg.vision.image_size, "mean": list(cfg.mean), "std": list(cfg.std), "resize": cfg.resize,
-            "crop": "center", "rescale": 1 / 255}
+    return {
+        "image_size": cfg.vision.image_size,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "resize": cfg.resize,
+        "crop": "center",
+        "rescale": 1 / 255,
+    }

@@ -74,11 +74,15 @@ class Blip2TrainSettings:
     stage2_lr: float = 2e-3
     caption_fraction: float = 0.2  # stage 2: the rest are questions
     itm_pairs: int = 16  # stage 1: matched pairs per batch that also get ITM (with 2 negatives each)
-    slot_weight: float = 1.0  # stage 2: weight of the slot loss (`_stage2_loss`) beside the LM loss; 0: LM loss only
+    slot_weight: float = (
+        1.0  # stage 2: weight of the slot loss (`_stage2_loss`) beside the LM loss; 0: LM loss only
+    )
     pool: int = 8192  # scenes rendered and encoded once for stages 1 and 2
     seed: int = 0
     threads: int = 0
-    bf16: bool = True  # autocast where the CPU has AMX (`trainer.amx_bf16_fast`): ~1.25-1.5x more steps per budget
+    bf16: bool = (
+        True  # autocast where the CPU has AMX (`trainer.amx_bf16_fast`): ~1.25-1.5x more steps per budget
+    )
 
 
 QUESTIONS_PER_SAMPLE = 3  # answers supervised per image: more signal per (costly) image
@@ -105,8 +109,12 @@ def _texts(rng: np.random.Generator, n: int) -> Iterator[tuple[tuple, list[tuple
         yield objs, _segments(objs, rng, question=True)
 
 
-def _encode(tok, samples: list[list[tuple[str, str]]], context: int,  # noqa: ANN001
-            scene_texts: list[str] | None = None) -> tuple[torch.Tensor, ...]:
+def _encode(
+    tok,
+    samples: list[list[tuple[str, str]]],
+    context: int,
+    scene_texts: list[str] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """ids (B, L), attention mask, labels (each target and its EOS only); right-padded.
 
     Rows are `[scene text] BOS (prompt target EOS)+`. The LM learns with a caption as the scene
@@ -115,10 +123,10 @@ def _encode(tok, samples: list[list[tuple[str, str]]], context: int,  # noqa: AN
     rows, labels = [], []
     for i, segments in enumerate(samples):
         scene = tok.encode(scene_texts[i], add_special_tokens=False).ids if scene_texts else []
-        ids, lab = scene + [BOS_ID], [IGNORE] * (len(scene) + 1)
+        ids, lab = [*scene, BOS_ID], [IGNORE] * (len(scene) + 1)
         for prompt, target in segments:
             head = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
-            tail = tok.encode(target if prompt else target.strip(), add_special_tokens=False).ids + [EOS_ID]
+            tail = [*tok.encode(target if prompt else target.strip(), add_special_tokens=False).ids, EOS_ID]
             ids += head + tail
             lab += [IGNORE] * len(head) + tail
         rows.append(ids[:context])
@@ -134,7 +142,9 @@ def _encode(tok, samples: list[list[tuple[str, str]]], context: int,  # noqa: AN
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy: position i predicts label i+1."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
 
 
 class _Stage1Heads(nn.Module):
@@ -153,19 +163,29 @@ def _masks(queries: int, text_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Additive attention biases (B, 1, Q+T, Q+T) for ITC, ITM and ITG."""
     b, t = text_mask.shape
     n = queries + t
-    allowed_keys = torch.cat([torch.ones(b, queries, dtype=torch.bool), text_mask.bool()], 1)[:, None, :]  # (B,1,N)
+    allowed_keys = torch.cat([torch.ones(b, queries, dtype=torch.bool), text_mask.bool()], 1)[
+        :, None, :
+    ]  # (B,1,N)
     is_q = torch.arange(n) < queries
     uni = (is_q[:, None] == is_q[None, :])[None]  # queries <-> queries, text <-> text
-    causal_text = torch.ones(n, n, dtype=torch.bool).tril() | is_q[None, :]  # text sees all queries, earlier text
+    causal_text = (
+        torch.ones(n, n, dtype=torch.bool).tril() | is_q[None, :]
+    )  # text sees all queries, earlier text
     gen = torch.where(is_q[:, None], is_q[None, :], causal_text)[None]
 
     def bias(allowed: torch.Tensor) -> torch.Tensor:
         return torch.where(allowed & allowed_keys, 0.0, MASK_VALUE)[:, None]
 
-    return {"itc": bias(uni.expand(b, -1, -1)), "itm": bias(allowed_keys.expand(b, n, n)), "itg": bias(gen.expand(b, -1, -1))}
+    return {
+        "itc": bias(uni.expand(b, -1, -1)),
+        "itm": bias(allowed_keys.expand(b, n, n)),
+        "itg": bias(gen.expand(b, -1, -1)),
+    }
 
 
-def _stage1_loss(heads: _Stage1Heads, batch: tuple[torch.Tensor, ...], itm_pairs: int | None = None) -> torch.Tensor:
+def _stage1_loss(
+    heads: _Stage1Heads, batch: tuple[torch.Tensor, ...], itm_pairs: int | None = None
+) -> torch.Tensor:
     feats, ids, mask = batch
     m = heads.model
     qf = m.qformer
@@ -186,7 +206,9 @@ def _stage1_loss(heads: _Stage1Heads, batch: tuple[torch.Tensor, ...], itm_pairs
     with torch.no_grad():
         weights = F.softmax(sim.float(), dim=1).fill_diagonal_(0)[:n] + 1e-6
         neg_text = torch.multinomial(weights, 1).squeeze(1)
-        neg_img = torch.multinomial(F.softmax(sim.t().float(), dim=1).fill_diagonal_(0)[:n] + 1e-6, 1).squeeze(1)
+        neg_img = torch.multinomial(
+            F.softmax(sim.t().float(), dim=1).fill_diagonal_(0)[:n] + 1e-6, 1
+        ).squeeze(1)
     f3 = torch.cat([feats[:n], feats[:n], feats[neg_img]])
     t3, m3 = torch.cat([text[:n], text[neg_text], text[:n]]), torch.cat([mask[:n], mask[neg_text], mask[:n]])
     out = qf(m.query_tokens.expand(3 * n, -1, -1), f3, t3, _masks(q, m3)["itm"])
@@ -199,8 +221,9 @@ def _stage1_loss(heads: _Stage1Heads, batch: tuple[torch.Tensor, ...], itm_pairs
     return itc + itm + itg
 
 
-def _stage2_loss(model: Blip2, batch: tuple[torch.Tensor, ...], slot_weight: float = 0.0,
-                 empty_id: int = -1) -> torch.Tensor:
+def _stage2_loss(
+    model: Blip2, batch: tuple[torch.Tensor, ...], slot_weight: float = 0.0, empty_id: int = -1
+) -> torch.Tensor:
     """The frozen LM's loss after the projected queries; with `slot_weight`, plus the slot loss:
     projected query i should look like the LM's input embedding of slot i's token, in direction
     (cross-entropy over cosine similarities to every token's embedding) and in size (squared log of
@@ -219,7 +242,9 @@ def _stage2_loss(model: Blip2, batch: tuple[torch.Tensor, ...], slot_weight: flo
     if slot_weight:
         table = lm.embed_tokens.weight  # (V, E)
         cosine = F.normalize(prefix, dim=-1) @ F.normalize(table, dim=-1).t()  # (B, Q, V)
-        per_slot = F.cross_entropy((cosine / SLOT_TEMPERATURE).flatten(0, 1), slot_ids.flatten(), reduction="none")
+        per_slot = F.cross_entropy(
+            (cosine / SLOT_TEMPERATURE).flatten(0, 1), slot_ids.flatten(), reduction="none"
+        )
         weights = torch.where(slot_ids.flatten() == empty_id, EMPTY_SLOT_WEIGHT, 1.0)
         direction = (per_slot * weights).sum() / weights.sum()
         size = (prefix.norm(dim=-1) / table[slot_ids].norm(dim=-1)).log().square().mean()
@@ -241,12 +266,22 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     corpus += [scene_slots(sample_objects(rng)) for _ in range(3000)]
     tok = train_tokenizer(corpus, vocab_size=320, generation=True)
     v = clip.config.vision
-    raw = {**raw,
-           "vision": {**raw["vision"], "image_size": v.image_size, "patch_size": v.patch_size, "width": v.width,
-                      "layers": v.layers, "heads": v.heads, "mlp_dim": v.mlp_dim, "act": v.act,
-                      "eps": clip.config.layer_norm_eps},
-           "qformer": {**raw["qformer"], "vocab_size": tok.get_vocab_size(), "encoder_hidden": v.width},
-           "text": {**raw["text"], "vocab_size": tok.get_vocab_size()}}
+    raw = {
+        **raw,
+        "vision": {
+            **raw["vision"],
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "width": v.width,
+            "layers": v.layers,
+            "heads": v.heads,
+            "mlp_dim": v.mlp_dim,
+            "act": v.act,
+            "eps": clip.config.layer_norm_eps,
+        },
+        "qformer": {**raw["qformer"], "vocab_size": tok.get_vocab_size(), "encoder_hidden": v.width},
+        "text": {**raw["text"], "vocab_size": tok.get_vocab_size()},
+    }
     cfg: Blip2Config = family.parse_config(raw)
     torch.manual_seed(settings.seed)
     model = Blip2(cfg)
@@ -257,10 +292,24 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     b = settings.batch_size
     info: dict[str, object] = {}
 
-    def stage(name: str, module: nn.Module, batches: Iterator, loss_fn, steps: int, budget: float | None,  # noqa: ANN001
-              lr: float = settings.lr) -> None:
-        tc = TrainConfig(steps=steps, lr=lr, warmup=min(50, steps // 10), seed=settings.seed,
-                         threads=settings.threads, time_budget_s=budget, bf16=settings.bf16)
+    def stage(
+        name: str,
+        module: nn.Module,
+        batches: Iterator,
+        loss_fn,
+        steps: int,
+        budget: float | None,
+        lr: float = settings.lr,
+    ) -> None:
+        tc = TrainConfig(
+            steps=steps,
+            lr=lr,
+            warmup=min(50, steps // 10),
+            seed=settings.seed,
+            threads=settings.threads,
+            time_budget_s=budget,
+            bf16=settings.bf16,
+        )
         losses = train(module, batches, loss_fn, tc, progress=progress, desc=f"{settings.preset} {name}")
         info[name] = {"steps": len(losses), "final_loss": round(float(np.mean(losses[-20:])), 4)}
         log.info("%s: %d steps, final loss %.3f", name, len(losses), info[name]["final_loss"])
@@ -269,8 +318,10 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     # or a question and answer: it learns to read the scene where stage 2 puts the image prefix.
     example = scene_slots(sample_objects(rng))
     if len(tok.encode(example, add_special_tokens=False).ids) != cfg.qformer.num_query_tokens:
-        raise ConfigError(f"the slot text {example!r} is not {cfg.qformer.num_query_tokens} tokens: "
-                         "queries and slots would not pair up")
+        raise ConfigError(
+            f"the slot text {example!r} is not {cfg.qformer.num_query_tokens} tokens: "
+            "queries and slots would not pair up"
+        )
 
     def lm_batches() -> Iterator[tuple[torch.Tensor, ...]]:
         n = settings.lm_batch_size
@@ -278,16 +329,30 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
             pairs = [x for _, x in zip(range(n), _texts(rng, n))]
             yield _encode(tok, [seg for _, seg in pairs], 2 * context, [scene_slots(o) for o, _ in pairs])
 
-    stage("lm", model.language_model, lm_batches(),
-          lambda lm, batch: _lm_loss(lm(batch[0], batch[1]), batch[2]), settings.lm_steps, settings.lm_budget_s)
+    stage(
+        "lm",
+        model.language_model,
+        lm_batches(),
+        lambda lm, batch: _lm_loss(lm(batch[0], batch[1]), batch[2]),
+        settings.lm_steps,
+        settings.lm_budget_s,
+    )
     model.language_model.requires_grad_(False)
 
     # The image encoder is frozen: render and encode a pool of scenes once; batches draw scenes
     # from it with freshly phrased captions and freshly drawn questions.
     pool = [sample_objects(rng) for _ in range(settings.pool)]
     with torch.no_grad():
-        feats = torch.cat([model.image_features(torch.from_numpy(preprocess(
-            [render(o, v.image_size, rng) for o in pool[i : i + 256]], pre))) for i in range(0, len(pool), 256)])
+        feats = torch.cat(
+            [
+                model.image_features(
+                    torch.from_numpy(
+                        preprocess([render(o, v.image_size, rng) for o in pool[i : i + 256]], pre)
+                    )
+                )
+                for i in range(0, len(pool), 256)
+            ]
+        )
     slot_ids = torch.tensor([tok.encode(scene_slots(o), add_special_tokens=False).ids for o in pool])
     info["pool"] = {"scenes": len(pool), "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -295,25 +360,42 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     def s1_batches() -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
             idx = rng.integers(len(pool), size=b)
-            ids, mask, _ = _encode(tok, [[("", caption_for(pool[i], rng))] for i in idx], cfg.qformer.max_text_positions)
+            ids, mask, _ = _encode(
+                tok, [[("", caption_for(pool[i], rng))] for i in idx], cfg.qformer.max_text_positions
+            )
             yield feats[idx], ids, mask
 
     heads = _Stage1Heads(model)
-    stage("stage1", heads, s1_batches(), lambda h, batch: _stage1_loss(h, batch, settings.itm_pairs),
-          settings.stage1_steps, settings.stage1_budget_s)
+    stage(
+        "stage1",
+        heads,
+        s1_batches(),
+        lambda h, batch: _stage1_loss(h, batch, settings.itm_pairs),
+        settings.stage1_steps,
+        settings.stage1_budget_s,
+    )
 
     # 2. prefix for the frozen LM: captions and answers
     def s2_batches() -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
             idx = rng.integers(len(pool), size=b)
             questions = rng.random(b) >= settings.caption_fraction
-            ids, mask, labels = _encode(tok, [_segments(pool[i], rng, q) for i, q in zip(idx, questions)], context)
+            ids, mask, labels = _encode(
+                tok, [_segments(pool[i], rng, q) for i, q in zip(idx, questions)], context
+            )
             yield feats[idx], ids, mask, labels, slot_ids[idx]
 
     model.qformer_text.requires_grad_(False)  # stage 2 reads queries only
     (empty_id,) = tok.encode(EMPTY_SLOT, add_special_tokens=False).ids  # one token, as checked above
-    stage("stage2", model, s2_batches(), lambda m, batch: _stage2_loss(m, batch, settings.slot_weight, empty_id),
-          settings.stage2_steps, settings.stage2_budget_s, settings.stage2_lr)
+    stage(
+        "stage2",
+        model,
+        s2_batches(),
+        lambda m, batch: _stage2_loss(m, batch, settings.slot_weight, empty_id),
+        settings.stage2_steps,
+        settings.stage2_budget_s,
+        settings.stage2_lr,
+    )
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["clip_checkpoint"] = str(settings.clip_checkpoint)
     info["bf16"] = settings.bf16 and amx_bf16_fast()

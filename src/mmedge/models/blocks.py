@@ -31,12 +31,14 @@ ACTIVATIONS = {
 }
 
 
-def activation(name: str):  # noqa: ANN201
+def activation(name: str):
     """Look up an activation by its HF config name."""
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ConfigError(f"activation {name!r} is not supported; choose from {sorted(ACTIVATIONS)}") from None
+        raise ConfigError(
+            f"activation {name!r} is not supported; choose from {sorted(ACTIVATIONS)}"
+        ) from None
 
 
 class Attention(nn.Module):
@@ -90,7 +92,9 @@ class MergedQKVAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D)
+        q, k, v = (
+            self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )  # (B, H, N, D)
         scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
         if bias is not None:
             scores = scores + bias
@@ -108,7 +112,11 @@ def patchify_matmul(pixel_values: torch.Tensor, conv: nn.Conv2d, grid: int, imag
     p = conv.kernel_size[0]
     if image_size != grid * p:
         pixel_values = pixel_values[:, :, : grid * p, : grid * p]
-    x = pixel_values.reshape(-1, 3, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, grid * grid, 3 * p * p)
+    x = (
+        pixel_values.reshape(-1, 3, grid, p, grid, p)
+        .permute(0, 2, 4, 1, 3, 5)
+        .reshape(-1, grid * grid, 3 * p * p)
+    )
     x = x @ conv.weight.reshape(conv.out_channels, -1).t()
     return x + conv.bias if conv.bias is not None else x
 
@@ -129,9 +137,20 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, layers: int, width: int, heads: int, mlp_dim: int, act: str, eps: float, merged_qkv: bool = False):
+    def __init__(
+        self,
+        layers: int,
+        width: int,
+        heads: int,
+        mlp_dim: int,
+        act: str,
+        eps: float,
+        merged_qkv: bool = False,
+    ):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(width, heads, mlp_dim, act, eps, merged_qkv) for _ in range(layers))
+        self.layers = nn.ModuleList(
+            EncoderLayer(width, heads, mlp_dim, act, eps, merged_qkv) for _ in range(layers)
+        )
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:

@@ -22,8 +22,14 @@ TOKENIZER_NAME = "tokenizer.json"
 FORMAT = "mmedge.checkpoint/1"
 
 
-def save_checkpoint(out_dir: str | os.PathLike, family: str, config: dict[str, Any], model: nn.Module,
-                    tokenizer_json: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    family: str,
+    config: dict[str, Any],
+    model: nn.Module,
+    tokenizer_json: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write a checkpoint directory atomically (staged next to it, then renamed into place)."""
     from safetensors.torch import save_file
 
@@ -96,11 +102,15 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ConfigError(f"{source}: weights do not fit the config; missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ConfigError(
+            f"{source}: weights do not fit the config; missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, t in state.items():
         e = expected[name]
         if tuple(t.shape) != tuple(e.shape):
-            raise ConfigError(f"{source}: {name} has shape {tuple(t.shape)}, the config needs {tuple(e.shape)}")
+            raise ConfigError(
+                f"{source}: {name} has shape {tuple(t.shape)}, the config needs {tuple(e.shape)}"
+            )
         if not t.is_floating_point():
             raise ConfigError(f"{source}: {name} has dtype {t.dtype}; floating point expected")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

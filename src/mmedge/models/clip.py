@@ -34,7 +34,9 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
         activation(self.act)
 
 
@@ -169,7 +171,9 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position codes (MAE-style), (grid*grid + 1, width); row 0 is the class token."""
     quarter = width // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
     parts = []
     for coord in (xs.flatten(), ys.flatten()):
         angles = coord[:, None] * omega[None]

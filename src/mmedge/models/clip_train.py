@@ -39,14 +39,14 @@ class CLIPTrainSettings:
     bf16: bool = True
 
 
-def _pixels(images: list[np.ndarray], cfg) -> np.ndarray:  # noqa: ANN001 - PreprocessConfig
+def _pixels(images: list[np.ndarray], cfg) -> np.ndarray:
     """Exactly the runtime's preprocessing, so training sees what the device will see."""
     from mmedge.runtime.images import preprocess
 
     return preprocess(images, cfg)
 
 
-def _batches(tokenizer, pre, image_size: int, s: CLIPTrainSettings) -> Iterator[tuple[torch.Tensor, ...]]:  # noqa: ANN001
+def _batches(tokenizer, pre, image_size: int, s: CLIPTrainSettings) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless batches of (pixels, ids, mask): fresh scenes, freshly phrased captions, and hard negatives.
 
     Scenes are drawn on the fly from a stream seeded apart from the held-out seed (the scene
@@ -70,7 +70,9 @@ def _loss(model: CLIP, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return itc_loss(model.encode_image(pixels), model.encode_text(ids, mask), model.logit_scale)
 
 
-def train_clip(out: str | Path, settings: CLIPTrainSettings = CLIPTrainSettings(), progress: bool | None = None) -> Path:
+def train_clip(
+    out: str | Path, settings: CLIPTrainSettings = CLIPTrainSettings(), progress: bool | None = None
+) -> Path:
     """Train `settings.preset` on synthetic scenes and save a checkpoint directory at `out`."""
     from mmedge.data import caption_for, generate_scenes
     from mmedge.runtime.images import PreprocessConfig
@@ -81,21 +83,52 @@ def train_clip(out: str | Path, settings: CLIPTrainSettings = CLIPTrainSettings(
     family, raw = load_preset(settings.preset)
     t0 = time.perf_counter()
     rng = np.random.default_rng(settings.seed)
-    tok = train_tokenizer([caption_for(s.objects, rng) for s in generate_scenes(2000, seed=TRAIN_SEED, image_size=32)])
-    raw = {**raw, "text": {**raw["text"], "vocab_size": tok.get_vocab_size(), "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}}
+    tok = train_tokenizer(
+        [caption_for(s.objects, rng) for s in generate_scenes(2000, seed=TRAIN_SEED, image_size=32)]
+    )
+    raw = {
+        **raw,
+        "text": {
+            **raw["text"],
+            "vocab_size": tok.get_vocab_size(),
+            "eos_token_id": EOS_ID,
+            "pad_token_id": PAD_ID,
+        },
+    }
     cfg: CLIPConfig = family.parse_config(raw)
     tokenizer = TextTokenizer.from_json(tok.to_str(), context_length=cfg.text.context_length, pad_id=PAD_ID)
     pre = PreprocessConfig.from_dict(family.preprocess(cfg))
     log.info("trained a %d-token tokenizer in %.1fs", tok.get_vocab_size(), time.perf_counter() - t0)
     torch.manual_seed(settings.seed)
     model = CLIP(cfg)
-    tc = TrainConfig(steps=settings.steps, lr=settings.lr, warmup=min(50, settings.steps // 10), seed=settings.seed,
-                     threads=settings.threads, time_budget_s=settings.time_budget_s, bf16=settings.bf16)
-    losses = train(model, _batches(tokenizer, pre, cfg.vision.image_size, settings), _loss, tc,
-                   progress=progress, desc=f"train {settings.preset}")
-    info = {"train": {"preset": settings.preset, "steps": len(losses), "batch_size": settings.batch_size,
-                      "hard_negatives": settings.hard_negatives, "bf16": settings.bf16 and amx_bf16_fast(),
-                      "final_loss": float(np.mean(losses[-20:])), "seconds": round(time.perf_counter() - t0, 1)}}
+    tc = TrainConfig(
+        steps=settings.steps,
+        lr=settings.lr,
+        warmup=min(50, settings.steps // 10),
+        seed=settings.seed,
+        threads=settings.threads,
+        time_budget_s=settings.time_budget_s,
+        bf16=settings.bf16,
+    )
+    losses = train(
+        model,
+        _batches(tokenizer, pre, cfg.vision.image_size, settings),
+        _loss,
+        tc,
+        progress=progress,
+        desc=f"train {settings.preset}",
+    )
+    info = {
+        "train": {
+            "preset": settings.preset,
+            "steps": len(losses),
+            "batch_size": settings.batch_size,
+            "hard_negatives": settings.hard_negatives,
+            "bf16": settings.bf16 and amx_bf16_fast(),
+            "final_loss": float(np.mean(losses[-20:])),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    }
     log.info("trained %d steps, final loss %.3f", len(losses), info["train"]["final_loss"])
     return save_checkpoint(out, family.name, cfg.to_dict(), model, tok.to_str(), extra=info)
 

@@ -37,5 +37,9 @@ def _check_number(name: str, value: Any, default: int | float | bool, where: str
     else:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok:
-        kind = "true/false" if isinstance(default, bool) else ("an int >= 0" if isinstance(default, int) else "a number")
+        kind = (
+            "true/false"
+            if isinstance(default, bool)
+            else ("an int >= 0" if isinstance(default, int) else "a number")
+        )
         raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}")

@@ -60,9 +60,13 @@ class DecoderConfig:
         if self.style not in STYLES:
             raise ConfigError(f"decoder style {self.style!r} is not supported; choose from {list(STYLES)}")
         if self.hidden % self.heads or self.heads % self.n_kv_heads:
-            raise ConfigError(f"hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} do not divide")
+            raise ConfigError(
+                f"hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} do not divide"
+            )
         if not 0 < self.max_context <= self.max_positions:
-            raise ConfigError(f"max_context {self.max_context} must be in [1, max_positions={self.max_positions}]")
+            raise ConfigError(
+                f"max_context {self.max_context} must be in [1, max_positions={self.max_positions}]"
+            )
 
     @property
     def n_kv_heads(self) -> int:
@@ -127,12 +131,20 @@ class CachedAttention(nn.Module):
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         weight = torch.cat([self.q_proj.weight * self.scale, self.k_proj.weight, self.v_proj.weight])
-        bias = None if self.q_proj.bias is None else torch.cat(
-            [self.q_proj.bias * self.scale, self.k_proj.bias, self.v_proj.bias])
+        bias = (
+            None
+            if self.q_proj.bias is None
+            else torch.cat([self.q_proj.bias * self.scale, self.k_proj.bias, self.v_proj.bias])
+        )
         return F.linear(x, weight, bias)
 
-    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        bias: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, ...]:
         """`bias` (B, 1, g*S, T+S): additive mask over [cache | new] for each grouped query row."""
         b, s, _ = x.shape
         h, hkv, d = self.heads, self.kv_heads, self.head_dim
@@ -168,7 +180,7 @@ class OPTLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.act = activation(cfg.act)
 
-    def forward(self, x: torch.Tensor, past, bias, rope) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    def forward(self, x: torch.Tensor, past, bias, rope) -> tuple[torch.Tensor, ...]:
         h = self.self_attn_layer_norm(x) if self.pre_norm else x
         h, k, v = self.self_attn(h, past, bias, rope)
         x = x + h
@@ -192,7 +204,9 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # gate and up joined into one matmul (one weight in the export), as q/k/v above
         ffn = self.up_proj.out_features  # a Python int: constant split sizes in the export
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).split([ffn, ffn], dim=-1)
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).split(
+            [ffn, ffn], dim=-1
+        )
         return self.down_proj(self.act(gate) * up)
 
 
@@ -204,7 +218,7 @@ class LlamaLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, past, bias, rope) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    def forward(self, x: torch.Tensor, past, bias, rope) -> tuple[torch.Tensor, ...]:
         h, k, v = self.self_attn(self.input_layernorm(x), past, bias, rope)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
@@ -218,7 +232,9 @@ class _OPTDecoder(nn.Module):
         if cfg.embed_dim != cfg.hidden:
             self.project_in = nn.Linear(cfg.embed_dim, cfg.hidden, bias=False)
             self.project_out = nn.Linear(cfg.hidden, cfg.embed_dim, bias=False)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps) if cfg.do_layer_norm_before else None
+        self.final_layer_norm = (
+            nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps) if cfg.do_layer_norm_before else None
+        )
         self.layers = nn.ModuleList(OPTLayer(cfg) for _ in range(cfg.layers))
 
 
@@ -263,9 +279,14 @@ class DecoderLM(nn.Module):
         emb = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, S, D)
         return emb.cos(), emb.sin()
 
-    def step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-             past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-             logits_to_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+    def step(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        logits_to_keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
         """Logits (B, K, V) of the last K positions and each layer's new (key, value), (B, Hkv, S, D).
 
         `attention_mask` (B, T + S) covers the T cache slots then the S new tokens (1 = attend);
@@ -296,7 +317,7 @@ class DecoderLM(nn.Module):
             x, k, v = layer(x, past[i] if past is not None else None, bias, rope)
             new_kv.append((k, v))
         if logits_to_keep is not None:
-            x = x[:, s - logits_to_keep[0]:]
+            x = x[:, s - logits_to_keep[0] :]
         if cfg.style == "opt":
             if dec.final_layer_norm is not None:
                 x = dec.final_layer_norm(x)
@@ -328,8 +349,14 @@ class _Step(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                logits_to_keep: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        logits_to_keep: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         logits, new_kv = self.model.step(inputs_embeds, attention_mask, position_ids, pairs, logits_to_keep)
         return (logits, *(t for kv in new_kv for t in kv))
@@ -382,10 +409,17 @@ def components(cfg: DecoderConfig) -> tuple[ComponentDecl, ...]:
 def generation_section(cfg: DecoderConfig, prompt_template: str = "{}") -> dict[str, Any]:
     """The manifest's `generation` section: what the runtime's generation loop needs."""
     return {
-        "max_context": cfg.max_context, "layers": cfg.layers, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id, "prompt_template": prompt_template,
+        "max_context": cfg.max_context,
+        "layers": cfg.layers,
+        "kv_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "prompt_template": prompt_template,
         "kv_cache": "fixed buffers of max_context slots; present.* hold only the new tokens' entries",
         # what a backend build needs to replace the attention by a fused kernel (calibration.ort_decoder)
-        "style": cfg.style, "rope_theta": cfg.rope_theta,
+        "style": cfg.style,
+        "rope_theta": cfg.rope_theta,
     }

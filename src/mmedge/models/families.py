@@ -36,11 +36,17 @@ def _clip() -> Family:
         build=clip.CLIP,
         components=clip.components,
         preprocess=lambda c: {
-            "image_size": c.vision.image_size, "mean": list(clip.CLIP_MEAN), "std": list(clip.CLIP_STD),
-            "resize": "shortest", "crop": "center", "rescale": 1 / 255,
+            "image_size": c.vision.image_size,
+            "mean": list(clip.CLIP_MEAN),
+            "std": list(clip.CLIP_STD),
+            "resize": "shortest",
+            "crop": "center",
+            "rescale": 1 / 255,
         },
         tokenizer=lambda c: {
-            "context_length": c.text.context_length, "pad_id": c.text.pad_token_id, "eos_id": c.text.eos_token_id,
+            "context_length": c.text.context_length,
+            "pad_id": c.text.pad_token_id,
+            "eos_id": c.text.eos_token_id,
         },
         generation=lambda c: {"prompt_templates": ["a photo of {}.", "a picture of {}.", "{}"]},
     )
@@ -56,7 +62,11 @@ def _causal_lm() -> Family:
         build=decoder.DecoderLM,
         components=decoder.components,
         preprocess=lambda c: {},
-        tokenizer=lambda c: {"context_length": c.max_context, "pad_id": c.pad_token_id, "eos_id": c.eos_token_id},
+        tokenizer=lambda c: {
+            "context_length": c.max_context,
+            "pad_id": c.pad_token_id,
+            "eos_id": c.eos_token_id,
+        },
         generation=decoder.generation_section,
     )
 
@@ -71,8 +81,11 @@ def _blip2() -> Family:
         build=blip2.Blip2,
         components=blip2.components,
         preprocess=blip2.preprocess_section,
-        tokenizer=lambda c: {"context_length": c.text.max_context, "pad_id": c.text.pad_token_id,
-                             "eos_id": c.text.eos_token_id},
+        tokenizer=lambda c: {
+            "context_length": c.text.max_context,
+            "pad_id": c.text.pad_token_id,
+            "eos_id": c.text.eos_token_id,
+        },
         generation=blip2.generation_section,
     )
 
@@ -89,7 +102,9 @@ def get_family(name: str) -> Family:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("mmedge.models.presets").iterdir() if p.name.endswith(".json"))
+    return sorted(
+        p.name[:-5] for p in resources.files("mmedge.models.presets").iterdir() if p.name.endswith(".json")
+    )
 
 
 def load_preset(name: str) -> tuple[Family, dict[str, Any]]:

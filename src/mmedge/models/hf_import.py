@@ -48,7 +48,9 @@ def hf_family(path: str | Path) -> str:
     """Detect the mmedge family of an HF directory from its config's model_type."""
     model_type = _json(Path(path) / "config.json").get("model_type")
     if model_type not in HF_FAMILIES:
-        raise UnsupportedError(f"HF model_type {model_type!r} is not supported; supported: {sorted(HF_FAMILIES)}")
+        raise UnsupportedError(
+            f"HF model_type {model_type!r} is not supported; supported: {sorted(HF_FAMILIES)}"
+        )
     return HF_FAMILIES[model_type]
 
 
@@ -74,19 +76,28 @@ def _clip_config(cfg: dict[str, Any]) -> dict[str, Any]:
     t, v = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
     eps_t, eps_v = t.get("layer_norm_eps", 1e-5), v.get("layer_norm_eps", 1e-5)
     if eps_t != eps_v:
-        raise UnsupportedError(f"different layer_norm_eps for text ({eps_t}) and vision ({eps_v}) is not supported")
+        raise UnsupportedError(
+            f"different layer_norm_eps for text ({eps_t}) and vision ({eps_v}) is not supported"
+        )
     return {
         "vision": {
-            "image_size": v.get("image_size", 224), "patch_size": v.get("patch_size", 32),
-            "width": v.get("hidden_size", 768), "layers": v.get("num_hidden_layers", 12),
-            "heads": v.get("num_attention_heads", 12), "mlp_dim": v.get("intermediate_size", 3072),
+            "image_size": v.get("image_size", 224),
+            "patch_size": v.get("patch_size", 32),
+            "width": v.get("hidden_size", 768),
+            "layers": v.get("num_hidden_layers", 12),
+            "heads": v.get("num_attention_heads", 12),
+            "mlp_dim": v.get("intermediate_size", 3072),
             "act": v.get("hidden_act", "quick_gelu"),
         },
         "text": {
-            "vocab_size": t.get("vocab_size", 49408), "context_length": t.get("max_position_embeddings", 77),
-            "width": t.get("hidden_size", 512), "layers": t.get("num_hidden_layers", 12),
-            "heads": t.get("num_attention_heads", 8), "mlp_dim": t.get("intermediate_size", 2048),
-            "act": t.get("hidden_act", "quick_gelu"), "eos_token_id": t.get("eos_token_id", 49407),
+            "vocab_size": t.get("vocab_size", 49408),
+            "context_length": t.get("max_position_embeddings", 77),
+            "width": t.get("hidden_size", 512),
+            "layers": t.get("num_hidden_layers", 12),
+            "heads": t.get("num_attention_heads", 8),
+            "mlp_dim": t.get("intermediate_size", 2048),
+            "act": t.get("hidden_act", "quick_gelu"),
+            "eos_token_id": t.get("eos_token_id", 49407),
             "pad_token_id": t.get("pad_token_id", 1),
         },
         "projection_dim": cfg.get("projection_dim", 512),
@@ -106,7 +117,9 @@ def _image_preprocess(root: Path, image_size: int, exact_default: bool = False) 
     p = root / "preprocessor_config.json"
     pc = _json(p) if p.is_file() else {}
     # Settings the runtime does not reproduce would change every embedding silently: refuse them.
-    wrong = [f"{k}={pc[k]!r}" for k in ("do_resize", "do_rescale", "do_normalize") if pc.get(k, True) is not True]
+    wrong = [
+        f"{k}={pc[k]!r}" for k in ("do_resize", "do_rescale", "do_normalize") if pc.get(k, True) is not True
+    ]
     if pc.get("resample", _PIL_BICUBIC) != _PIL_BICUBIC:
         wrong.append(f"resample={pc['resample']!r}")
     default = {"height": image_size, "width": image_size} if exact_default else {"shortest_edge": image_size}
@@ -133,28 +146,50 @@ def _image_preprocess(root: Path, image_size: int, exact_default: bool = False) 
                 "only resize == crop == image_size is supported"
             )
     return {
-        "image_size": image_size, "mean": list(pc.get("image_mean", CLIP_MEAN)), "std": list(pc.get("image_std", CLIP_STD)),
-        "resize": "exact" if exact else "shortest", "crop": "center", "rescale": pc.get("rescale_factor", 1 / 255),
+        "image_size": image_size,
+        "mean": list(pc.get("image_mean", CLIP_MEAN)),
+        "std": list(pc.get("image_std", CLIP_STD)),
+        "resize": "exact" if exact else "shortest",
+        "crop": "center",
+        "rescale": pc.get("rescale_factor", 1 / 255),
     }
 
 
 def _blip2_config(cfg: dict[str, Any], max_context: int | None) -> dict[str, Any]:
     v, q, t = cfg.get("vision_config") or {}, cfg.get("qformer_config") or {}, cfg.get("text_config") or {}
     if t.get("model_type", "opt") != "opt":
-        raise UnsupportedError(f"BLIP-2 with a {t.get('model_type')!r} language model is not supported; OPT is")
+        raise UnsupportedError(
+            f"BLIP-2 with a {t.get('model_type')!r} language model is not supported; OPT is"
+        )
     if q.get("use_qformer_text_input"):
-        raise UnsupportedError("a Q-Former with text input (InstructBLIP-style) is not supported by the blip2 family")
+        raise UnsupportedError(
+            "a Q-Former with text input (InstructBLIP-style) is not supported by the blip2 family"
+        )
     width = v.get("hidden_size", 1408)
     return {
-        "vision": {"style": "blip2", "image_size": v.get("image_size", 224), "patch_size": v.get("patch_size", 14),
-                   "width": width, "layers": v.get("num_hidden_layers", 39), "heads": v.get("num_attention_heads", 16),
-                   "mlp_dim": v.get("intermediate_size", 6144), "act": v.get("hidden_act", "gelu"),
-                   "eps": v.get("layer_norm_eps", 1e-6), "qkv_bias": v.get("qkv_bias", True)},
-        "qformer": {"hidden": q.get("hidden_size", 768), "layers": q.get("num_hidden_layers", 12),
-                    "heads": q.get("num_attention_heads", 12), "intermediate": q.get("intermediate_size", 3072),
-                    "cross_attention_frequency": q.get("cross_attention_frequency", 2), "encoder_hidden": width,
-                    "num_query_tokens": cfg.get("num_query_tokens", 32), "act": q.get("hidden_act", "gelu"),
-                    "eps": q.get("layer_norm_eps", 1e-12)},
+        "vision": {
+            "style": "blip2",
+            "image_size": v.get("image_size", 224),
+            "patch_size": v.get("patch_size", 14),
+            "width": width,
+            "layers": v.get("num_hidden_layers", 39),
+            "heads": v.get("num_attention_heads", 16),
+            "mlp_dim": v.get("intermediate_size", 6144),
+            "act": v.get("hidden_act", "gelu"),
+            "eps": v.get("layer_norm_eps", 1e-6),
+            "qkv_bias": v.get("qkv_bias", True),
+        },
+        "qformer": {
+            "hidden": q.get("hidden_size", 768),
+            "layers": q.get("num_hidden_layers", 12),
+            "heads": q.get("num_attention_heads", 12),
+            "intermediate": q.get("intermediate_size", 3072),
+            "cross_attention_frequency": q.get("cross_attention_frequency", 2),
+            "encoder_hidden": width,
+            "num_query_tokens": cfg.get("num_query_tokens", 32),
+            "act": q.get("hidden_act", "gelu"),
+            "eps": q.get("layer_norm_eps", 1e-12),
+        },
         "text": _decoder_config({"model_type": "opt", **t}, max_context),
     }
 
@@ -164,11 +199,15 @@ def _decoder_config(cfg: dict[str, Any], max_context: int | None = None) -> dict
     model_type = cfg.get("model_type")
     positions = cfg.get("max_position_embeddings", 2048)
     common = {
-        "vocab_size": cfg.get("vocab_size"), "hidden": cfg.get("hidden_size"), "layers": cfg.get("num_hidden_layers"),
-        "heads": cfg.get("num_attention_heads"), "max_positions": positions,
+        "vocab_size": cfg.get("vocab_size"),
+        "hidden": cfg.get("hidden_size"),
+        "layers": cfg.get("num_hidden_layers"),
+        "heads": cfg.get("num_attention_heads"),
+        "max_positions": positions,
         "max_context": min(max_context or DEFAULT_MAX_CONTEXT, positions),
         "tie_word_embeddings": cfg.get("tie_word_embeddings", True),
-        "bos_token_id": cfg.get("bos_token_id", 2), "eos_token_id": cfg.get("eos_token_id", 2),
+        "bos_token_id": cfg.get("bos_token_id", 2),
+        "eos_token_id": cfg.get("eos_token_id", 2),
         "pad_token_id": cfg.get("pad_token_id", 1) if cfg.get("pad_token_id") is not None else 0,
     }
     if model_type == "opt":
@@ -177,17 +216,34 @@ def _decoder_config(cfg: dict[str, Any], max_context: int | None = None) -> dict
         if cfg.get("_remove_final_layer_norm", False):
             raise UnsupportedError("OPT with _remove_final_layer_norm is not supported")
         proj = cfg.get("word_embed_proj_dim", common["hidden"])
-        return {**common, "style": "opt", "ffn_dim": cfg.get("ffn_dim", 3072), "act": cfg.get("activation_function", "relu"),
-                "word_embed_proj_dim": 0 if proj == common["hidden"] else proj, "bias": cfg.get("enable_bias", True),
-                "do_layer_norm_before": cfg.get("do_layer_norm_before", True), "norm_eps": 1e-5}
+        return {
+            **common,
+            "style": "opt",
+            "ffn_dim": cfg.get("ffn_dim", 3072),
+            "act": cfg.get("activation_function", "relu"),
+            "word_embed_proj_dim": 0 if proj == common["hidden"] else proj,
+            "bias": cfg.get("enable_bias", True),
+            "do_layer_norm_before": cfg.get("do_layer_norm_before", True),
+            "norm_eps": 1e-5,
+        }
     if cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-        raise UnsupportedError(f"rope scaling {cfg.get('rope_scaling') or cfg.get('rope_parameters')} is not supported")
+        raise UnsupportedError(
+            f"rope scaling {cfg.get('rope_scaling') or cfg.get('rope_parameters')} is not supported"
+        )
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UnsupportedError("Llama with attention_bias or mlp_bias is not supported")
     theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    return {**common, "style": "llama", "ffn_dim": cfg.get("intermediate_size"), "act": cfg.get("hidden_act", "silu"),
-            "kv_heads": cfg.get("num_key_value_heads") or 0, "norm_eps": cfg.get("rms_norm_eps", 1e-6),
-            "rope_theta": float(theta), "bias": False, "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
+    return {
+        **common,
+        "style": "llama",
+        "ffn_dim": cfg.get("intermediate_size"),
+        "act": cfg.get("hidden_act", "silu"),
+        "kv_heads": cfg.get("num_key_value_heads") or 0,
+        "norm_eps": cfg.get("rms_norm_eps", 1e-6),
+        "rope_theta": float(theta),
+        "bias": False,
+        "tie_word_embeddings": cfg.get("tie_word_embeddings", False),
+    }
 
 
 def load_hf(path: str | Path, allow_pickle: bool = False, max_context: int | None = None) -> HFSource:
@@ -206,7 +262,10 @@ def load_hf(path: str | Path, allow_pickle: bool = False, max_context: int | Non
         preprocess = _image_preprocess(root, config["vision"]["image_size"])
     elif family == "blip2":
         config = _blip2_config(cfg, max_context)
-        vocab, preprocess = config["text"]["vocab_size"], _image_preprocess(root, config["vision"]["image_size"], exact_default=True)
+        vocab, preprocess = (
+            config["text"]["vocab_size"],
+            _image_preprocess(root, config["vision"]["image_size"], exact_default=True),
+        )
         _tie_lm_head(state, config["text"], "language_model.")
     else:
         config, preprocess = _decoder_config(cfg, max_context), {}

@@ -31,4 +31,6 @@ def init_checkpoint(preset: str, out: str | Path, seed: int = 0) -> Path:
     cfg = family.parse_config(raw)
     torch.manual_seed(seed)
     model = family.build(cfg).eval()
-    return save_checkpoint(out, family.name, cfg.to_dict(), model, tok.to_str(), extra={"init": {"preset": preset, "seed": seed}})
+    return save_checkpoint(
+        out, family.name, cfg.to_dict(), model, tok.to_str(), extra={"init": {"preset": preset, "seed": seed}}
+    )

@@ -8,7 +8,9 @@ from torch.nn import functional as F
 MAX_LOGIT_SCALE = 100.0
 
 
-def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def itc_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Symmetric cross-entropy over cosine logits scaled by exp(t), exp(t) clipped at 100.
 
     `logit_scale` is the learned log-temperature t. Row i of each batch is a positive pair.

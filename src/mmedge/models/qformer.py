@@ -75,7 +75,7 @@ class _Residual(nn.Module):
     def __init__(self, d_in: int, cfg: QFormerConfig):
         super().__init__()
         self.dense = nn.Linear(d_in, cfg.hidden)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)  # noqa: N815 - HF's name
+        self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dense(h) + x)
@@ -113,8 +113,9 @@ class QFormerLayer(nn.Module):
             self.intermediate = _Intermediate(cfg)
             self.output = _Residual(cfg.intermediate, cfg)
 
-    def forward(self, x: torch.Tensor, image: torch.Tensor, queries: int, bias: torch.Tensor | None,
-                text: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, image: torch.Tensor, queries: int, bias: torch.Tensor | None, text: bool
+    ) -> torch.Tensor:
         x = self.attention(x, x, bias)
         q = x[:, :queries]
         if hasattr(self, "crossattention"):
@@ -141,8 +142,13 @@ class QFormer(nn.Module):
         self.layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
         self.encoder = _Encoder(cfg)
 
-    def forward(self, query_embeds: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query_embeds: torch.Tensor,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = query_embeds if text_embeds is None else torch.cat([query_embeds, text_embeds], dim=1)
         x = self.layernorm(x)
         for layer in self.encoder.layer:

@@ -29,7 +29,9 @@ def load_source(path: str | Path, family: str | None = None, allow_pickle: bool 
 
     root = Path(path)
     if not root.is_dir():
-        raise ConfigError(f"{root} is not a directory; expected an mmedge checkpoint or an HF model directory")
+        raise ConfigError(
+            f"{root} is not a directory; expected an mmedge checkpoint or an HF model directory"
+        )
     if hf_import.is_hf_dir(root):
         src = hf_import.load_hf(root, allow_pickle=allow_pickle)
         fam = get_family(family or src.family)
@@ -37,8 +39,14 @@ def load_source(path: str | Path, family: str | None = None, allow_pickle: bool 
         model = fam.build(cfg)
         checkpoint.assign_weights(model, src.state, str(root))
         files = {f.name: sha256_file(f) for f in src.weight_files}
-        return LoadedModel(fam, cfg, model.eval(), src.tokenizer_json, src.preprocess,
-                           {"kind": "hf", "path": str(root.resolve()), "weights": files})
+        return LoadedModel(
+            fam,
+            cfg,
+            model.eval(),
+            src.tokenizer_json,
+            src.preprocess,
+            {"kind": "hf", "path": str(root.resolve()), "weights": files},
+        )
     meta = checkpoint.read_checkpoint_meta(root)
     fam = get_family(family or meta["family"])
     cfg = fam.parse_config(meta["config"])
@@ -48,7 +56,16 @@ def load_source(path: str | Path, family: str | None = None, allow_pickle: bool 
     tok = root / checkpoint.TOKENIZER_NAME
     if not tok.is_file():
         raise ConfigError(f"{root} has no {checkpoint.TOKENIZER_NAME}")
-    return LoadedModel(fam, cfg, model.eval(), tok.read_text(), fam.preprocess(cfg),
-                       {"kind": "mmedge", "path": str(root.resolve()), "weights": {weights.name: sha256_file(weights)},
-                        "train": meta.get("train", {})})
-
+    return LoadedModel(
+        fam,
+        cfg,
+        model.eval(),
+        tok.read_text(),
+        fam.preprocess(cfg),
+        {
+            "kind": "mmedge",
+            "path": str(root.resolve()),
+            "weights": {weights.name: sha256_file(weights)},
+            "train": meta.get("train", {}),
+        },
+    )

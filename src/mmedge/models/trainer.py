@@ -54,8 +54,9 @@ class ThreadTuner:
     tuner: 160 vs 158 and 168 vs 171 ms per step).
     """
 
-    def __init__(self, threads: int, probe: int = 4, period: int = 120, settle: int = 10,
-                 margin: float = 0.85) -> None:
+    def __init__(
+        self, threads: int, probe: int = 4, period: int = 120, settle: int = 10, margin: float = 0.85
+    ) -> None:
         self.default = threads
         self.candidates = [threads, 1] if threads > 1 else [threads]
         self.probe, self.period, self.settle, self.margin = probe, period, settle, margin
@@ -89,10 +90,15 @@ class ThreadTuner:
         if pos == self._probe_steps - 1:
             medians = {n: sorted(t)[len(t) // 2] for n, t in self._times.items() if t}
             fewer = min(medians, key=medians.__getitem__)
-            best = fewer if medians[fewer] < self.margin * medians.get(self.default, math.inf) else self.default
+            best = (
+                fewer if medians[fewer] < self.margin * medians.get(self.default, math.inf) else self.default
+            )
             if best != self.best:
-                log.info("training on %d thread(s): median step %s ms", best,
-                         {n: round(m * 1e3) for n, m in medians.items()})
+                log.info(
+                    "training on %d thread(s): median step %s ms",
+                    best,
+                    {n: round(m * 1e3) for n, m in medians.items()},
+                )
             self.best = best
 
 
@@ -102,8 +108,14 @@ def fused_adamw_on_cpu() -> bool:
     return (major, minor) >= (2, 4)
 
 
-def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, object], torch.Tensor],
-          cfg: TrainConfig, progress: bool | None = None, desc: str = "train") -> list[float]:
+def train(
+    model: nn.Module,
+    batches: Iterator,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor],
+    cfg: TrainConfig,
+    progress: bool | None = None,
+    desc: str = "train",
+) -> list[float]:
     """Run `cfg.steps` optimisation steps; returns the loss per step."""
     from tqdm.auto import tqdm
 
@@ -116,7 +128,8 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, obj
     decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
         **({"fused": True} if fused_adamw_on_cpu() else {}),
     )
 
@@ -142,7 +155,13 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, obj
         for step in range(cfg.steps):
             t = progress_at(step)
             if t >= 1.0:
-                log.info("%s: time budget of %.0f s reached after %d/%d steps", desc, cfg.time_budget_s, step, cfg.steps)
+                log.info(
+                    "%s: time budget of %.0f s reached after %d/%d steps",
+                    desc,
+                    cfg.time_budget_s,
+                    step,
+                    cfg.steps,
+                )
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, t)

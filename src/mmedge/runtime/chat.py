@@ -74,7 +74,10 @@ class ChatPipeline:
 
         if self.runner.preprocess is None:
             raise InvalidInputError("this package has no image preprocessing; it is not an image chat model")
-        pixels = preprocess([load_image(image, channel_order=channel_order, limits=self.runner.image_limits)], self.runner.preprocess)
+        pixels = preprocess(
+            [load_image(image, channel_order=channel_order, limits=self.runner.image_limits)],
+            self.runner.preprocess,
+        )
         key = hashlib.sha256(pixels.tobytes()).hexdigest()
         cached = self._images.get(key)
         if cached is None:
@@ -103,8 +106,15 @@ class ChatPipeline:
         ids = self._ids(self.caption_prompt, first=True)
         return "".join(self._generate(prefix, ids, self.lm.new_cache(), config, store=None))
 
-    def chat(self, image: Any, prompt: str, history: History | None = None, stream: bool = False,
-             channel_order: str = "RGB", **gen: Any) -> str | Iterator[str]:
+    def chat(
+        self,
+        image: Any,
+        prompt: str,
+        history: History | None = None,
+        stream: bool = False,
+        channel_order: str = "RGB",
+        **gen: Any,
+    ) -> str | Iterator[str]:
         """Answer `prompt` about `image` after the earlier (question, answer) turns in `history`."""
         config = GenerationConfig.from_kwargs(**gen)
         history = _checked_history(history)
@@ -119,12 +129,19 @@ class ChatPipeline:
             cache, ids = self.lm.new_cache(), []
             text = " ".join(f"{self._turn(q)} {a}" for q, a in history)
             new = self._ids((text + " " if text else "") + self._turn(prompt), first=True)
-        pieces = self._generate(prefix if state is None else None, new, cache, config,
-                                store=(key, history, prompt, ids))
+        pieces = self._generate(
+            prefix if state is None else None, new, cache, config, store=(key, history, prompt, ids)
+        )
         return pieces if stream else "".join(pieces)
 
-    def _generate(self, prefix: np.ndarray | None, new_ids: list[int], cache: KVCache, config: GenerationConfig,
-                  store: tuple | None) -> Iterator[str]:
+    def _generate(
+        self,
+        prefix: np.ndarray | None,
+        new_ids: list[int],
+        cache: KVCache,
+        config: GenerationConfig,
+        store: tuple | None,
+    ) -> Iterator[str]:
         lm = self.lm
         embeds = lm.embed(np.array([new_ids]))[0]
         if prefix is not None:
@@ -142,7 +159,9 @@ class ChatPipeline:
             if cache.length + 1 > lm.max_context:
                 return  # no room to continue this conversation anyway
             lm.forward(lm.embed(np.array([[answer[-1]]])), cache)
-        self._conversations.put((key, tuple(history) + ((prompt, stream.text),)), (cache, ids + new_ids + answer))
+        self._conversations.put(
+            (key, (*tuple(history), (prompt, stream.text))), (cache, ids + new_ids + answer)
+        )
 
 
 def _checked_history(history: History | None) -> tuple[tuple[str, str], ...]:

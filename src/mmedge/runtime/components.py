@@ -32,12 +32,14 @@ def package_tokenizer(package: Package) -> TextTokenizer:
     from mmedge.runtime.texts import TextTokenizer
 
     t = package.manifest.tokenizer
-    return TextTokenizer.from_file(package.path(t["file"]), context_length=int(t["context_length"]),
-                                   pad_id=int(t["pad_id"]))
+    return TextTokenizer.from_file(
+        package.path(t["file"]), context_length=int(t["context_length"]), pad_id=int(t["pad_id"])
+    )
 
 
-def sample_feeds(entry: ComponentEntry, batch: int, tokenizer: TextTokenizer | None = None,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+def sample_feeds(
+    entry: ComponentEntry, batch: int, tokenizer: TextTokenizer | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Deterministic inputs of a realistic kind for benchmarks and build checks.
 
     `input_ids` is a tokenised sample caption (needs `tokenizer`), `attention_mask` all ones,
@@ -59,9 +61,7 @@ def sample_feeds(entry: ComponentEntry, batch: int, tokenizer: TextTokenizer | N
         shape = tuple(sizes[d] if isinstance(d, str) else d for d in s.shape)
         if s.name in feeds:
             continue
-        if s.name == "attention_mask":
-            feeds[s.name] = np.ones(shape, s.dtype)
-        elif s.name == "logits_to_keep":
+        if s.name == "attention_mask" or s.name == "logits_to_keep":
             feeds[s.name] = np.ones(shape, s.dtype)
         elif s.name == "position_ids":
             feeds[s.name] = np.broadcast_to(np.arange(shape[-1], dtype=s.dtype), shape).copy()
@@ -88,8 +88,14 @@ def make_backend(name: str) -> Backend:
 class ComponentRunner:
     """Sessions, tokenizer and preprocessing of one package, ready for a task pipeline."""
 
-    def __init__(self, package: Package | str | Path, backend: str = "ort", precision: str = "auto",
-                 options: SessionOptions | None = None, image_limits: ImageLimits | None = None):
+    def __init__(
+        self,
+        package: Package | str | Path,
+        backend: str = "ort",
+        precision: str = "auto",
+        options: SessionOptions | None = None,
+        image_limits: ImageLimits | None = None,
+    ):
         if precision not in PRECISIONS:
             raise UnsupportedError(f"precision {precision!r} not in {PRECISIONS}")
         self.package = package if isinstance(package, Package) else verify_package(package)
@@ -120,7 +126,11 @@ class ComponentRunner:
         """The precision used for a component: the requested one, or for 'auto' the best built."""
         entry = self.manifest.component(component)
         if self.precision != "auto":
-            if self.precision not in entry.precisions and entry.calibration_data == "none" and len(entry.precisions) == 1:
+            if (
+                self.precision not in entry.precisions
+                and entry.calibration_data == "none"
+                and len(entry.precisions) == 1
+            ):
                 return next(iter(entry.precisions))  # never quantized (e.g. a token-embedding lookup)
             if self.precision not in entry.precisions:
                 raise UnsupportedError(
@@ -181,20 +191,28 @@ class ComponentRunner:
                 raise InvalidInputError(f"{component}: missing input {spec.name!r}")
             a = feeds[spec.name]
             if not isinstance(a, np.ndarray):
-                raise InvalidInputError(f"{component}.{spec.name}: expected a numpy array, got {type(a).__name__}")
+                raise InvalidInputError(
+                    f"{component}.{spec.name}: expected a numpy array, got {type(a).__name__}"
+                )
             if a.dtype != np.dtype(spec.dtype) or a.ndim != len(spec.shape):
                 raise InvalidInputError(
                     f"{component}.{spec.name}: expected {spec.dtype} with {len(spec.shape)} dims, got {a.dtype} {a.shape}"
                 )
             for dim, n in zip(spec.shape, a.shape):
                 if isinstance(dim, int) and dim != n:
-                    raise InvalidInputError(f"{component}.{spec.name}: shape {a.shape} does not fit {spec.shape}")
+                    raise InvalidInputError(
+                        f"{component}.{spec.name}: shape {a.shape} does not fit {spec.shape}"
+                    )
                 if isinstance(dim, str):
                     if sizes.setdefault(dim, n) != n:
-                        raise InvalidInputError(f"{component}: dim {dim!r} is {sizes[dim]} and {n} in different inputs")
+                        raise InvalidInputError(
+                            f"{component}: dim {dim!r} is {sizes[dim]} and {n} in different inputs"
+                        )
                     r = entry.dims.get(dim)
                     if r is not None and dim != "batch" and not r.min <= n <= r.max:
-                        raise InvalidInputError(f"{component}.{spec.name}: {dim}={n} outside [{r.min}, {r.max}]")
+                        raise InvalidInputError(
+                            f"{component}.{spec.name}: {dim}={n} outside [{r.min}, {r.max}]"
+                        )
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise InvalidInputError(f"{component}.{spec.name}: contains NaN or infinity")
             if spec.name == "input_ids" and a.size and self.manifest.tokenizer.get("file") is not None:

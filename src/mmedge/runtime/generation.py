@@ -49,16 +49,24 @@ class GenerationConfig:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
         def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+            return (
+                isinstance(v, (int, float, np.integer, np.floating))
+                and not isinstance(v, bool)
+                and np.isfinite(v)
+            )
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
             raise InvalidInputError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
         if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise InvalidInputError(f"min_new_tokens must be an int in [0, max_new_tokens], got {self.min_new_tokens!r}")
+            raise InvalidInputError(
+                f"min_new_tokens must be an int in [0, max_new_tokens], got {self.min_new_tokens!r}"
+            )
         if not isinstance(self.do_sample, bool):
             raise InvalidInputError(f"do_sample must be a bool, got {self.do_sample!r}")
         if not is_num(self.temperature) or self.temperature < 0:
-            raise InvalidInputError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise InvalidInputError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
         if not is_int(self.top_k) or self.top_k < 0:
             raise InvalidInputError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
@@ -66,8 +74,14 @@ class GenerationConfig:
         if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise InvalidInputError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         stops = self.stop_strings
-        if isinstance(stops, str) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
-            raise InvalidInputError(f"stop_strings must be a list of at most {MAX_STOP_STRINGS} non-empty strings")
+        if (
+            isinstance(stops, str)
+            or not all(isinstance(s, str) and s for s in stops)
+            or len(stops) > MAX_STOP_STRINGS
+        ):
+            raise InvalidInputError(
+                f"stop_strings must be a list of at most {MAX_STOP_STRINGS} non-empty strings"
+            )
         if self.seed is not None and not is_int(self.seed):
             raise InvalidInputError(f"seed must be an int or None, got {self.seed!r}")
 
@@ -142,7 +156,9 @@ class LanguageModel:
         # An ORT build with GroupQueryAttention (calibration.ort_decoder) returns the whole cache as
         # present.*: bound to the past buffers, the kernel writes the new entries in place.
         shapes = getattr(runner.session("llm"), "output_shapes", {})
-        self.in_place = bool(self._present) and shapes.get(self._present[0], (None,) * 3)[2] == self.max_context
+        self.in_place = (
+            bool(self._present) and shapes.get(self._present[0], (None,) * 3)[2] == self.max_context
+        )
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -158,8 +174,13 @@ class LanguageModel:
             raise InvalidInputError(f"token ids must lie in [0, {self.vocab_size})")
         return self.runner.session("embed").run({"input_ids": ids})["inputs_embeds"]
 
-    def forward(self, embeds: np.ndarray, cache: KVCache, out: _StepBuffers | None = None,
-                logits_to_keep: int | None = None) -> np.ndarray:
+    def forward(
+        self,
+        embeds: np.ndarray,
+        cache: KVCache,
+        out: _StepBuffers | None = None,
+        logits_to_keep: int | None = None,
+    ) -> np.ndarray:
         """Run new token embeddings (B, S, E) through the LLM, append to `cache`; logits (B, K, V)
         of the last K = `logits_to_keep` positions (default all S)."""
         b, s = embeds.shape[:2]
@@ -168,15 +189,23 @@ class LanguageModel:
                 f"{cache.length} cached + {s} new tokens exceed the model's context of {self.max_context} tokens"
             )
         keep = s if logits_to_keep is None else min(int(logits_to_keep), s)
-        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32),
-                 "logits_to_keep": np.array([keep], np.int64),
-                 "attention_mask": cache.attention_mask(s),
-                 "position_ids": np.broadcast_to(np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s)).copy()}
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(embeds, np.float32),
+            "logits_to_keep": np.array([keep], np.int64),
+            "attention_mask": cache.attention_mask(s),
+            "position_ids": np.broadcast_to(
+                np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s)
+            ).copy(),
+        }
         if out is None or s != 1:
             shape = (b, self.kv_heads, s, self.head_dim)
-            out = _StepBuffers(np.empty((b, keep, self.vocab_size), np.float32),
-                               [] if self.in_place else [np.empty(shape, np.float32) for _ in self._present])
-        if self.in_place:  # the cache is bound once per session; only this step's small tensors are bound here
+            out = _StepBuffers(
+                np.empty((b, keep, self.vocab_size), np.float32),
+                [] if self.in_place else [np.empty(shape, np.float32) for _ in self._present],
+            )
+        if (
+            self.in_place
+        ):  # the cache is bound once per session; only this step's small tensors are bound here
             prefill = self.runner.variant_session("llm", PREFILL) if s > 1 else None
             binding = self._binding(cache, prefill or self.runner.session("llm"))
             binding.bind(feeds, {"logits": out.logits})
@@ -184,7 +213,9 @@ class LanguageModel:
             cache.length += s
         else:
             past = dict(zip(self._past, cache.buffers))
-            self.runner.session("llm").run_into({**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, out.present))})
+            self.runner.session("llm").run_into(
+                {**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, out.present))}
+            )
             cache.append(out.present)
         return out.logits
 
@@ -200,8 +231,13 @@ class LanguageModel:
         cache.bindings.append((sess, binding))
         return binding
 
-    def generate_ids(self, prompt: np.ndarray, config: GenerationConfig, cache: KVCache | None = None,
-                     history: Sequence[int] = ()) -> Iterator[int]:
+    def generate_ids(
+        self,
+        prompt: np.ndarray,
+        config: GenerationConfig,
+        cache: KVCache | None = None,
+        history: Sequence[int] = (),
+    ) -> Iterator[int]:
         """Yield new token ids for one sequence; `prompt` is (S, E) embeddings appended to `cache`.
 
         `history` (earlier token ids) only feeds the repetition penalty. Stops at EOS (not yielded)
@@ -216,12 +252,17 @@ class LanguageModel:
         rng = np.random.default_rng(config.seed)
         seen = np.zeros(self.vocab_size, bool)
         seen[[t for t in history if 0 <= t < self.vocab_size]] = True
-        step = _StepBuffers(np.empty((1, 1, self.vocab_size), np.float32),
-                            [] if self.in_place else
-                            [np.empty((1, self.kv_heads, 1, self.head_dim), np.float32) for _ in self._present])
+        step = _StepBuffers(
+            np.empty((1, 1, self.vocab_size), np.float32),
+            []
+            if self.in_place
+            else [np.empty((1, self.kv_heads, 1, self.head_dim), np.float32) for _ in self._present],
+        )
         logits = self.forward(prompt[None], cache, logits_to_keep=1)[0, -1]
         for n in range(config.max_new_tokens):
-            token = _choose(logits.copy(), config, rng, seen, self.eos_token_id if n < config.min_new_tokens else None)
+            token = _choose(
+                logits.copy(), config, rng, seen, self.eos_token_id if n < config.min_new_tokens else None
+            )
             if token == self.eos_token_id:
                 return
             yield token
@@ -231,8 +272,9 @@ class LanguageModel:
             logits = self.forward(self.embed(np.array([[token]])), cache, step)[0, -1]
 
 
-def _choose(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, seen: np.ndarray,
-            ban: int | None) -> int:
+def _choose(
+    logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, seen: np.ndarray, ban: int | None
+) -> int:
     """Pick the next token from last-position logits (V,), HF warper order: penalty, temperature, top-k, top-p."""
     if cfg.repetition_penalty != 1.0 and seen.any():
         hit = logits[seen]
@@ -280,7 +322,7 @@ class TextStream:
         return full
 
     def _emit(self, ready: str) -> str:
-        piece = ready[len(self.text):]
+        piece = ready[len(self.text) :]
         self.text += piece
         return piece
 
@@ -297,9 +339,15 @@ class TextStream:
         return self._emit(self._decoded())
 
 
-def stream_text(lm: LanguageModel, prompt_embeds: np.ndarray, config: GenerationConfig, cache: KVCache | None = None,
-                history: Sequence[int] = (), generated: list[int] | None = None,
-                stream: TextStream | None = None) -> Iterator[str]:
+def stream_text(
+    lm: LanguageModel,
+    prompt_embeds: np.ndarray,
+    config: GenerationConfig,
+    cache: KVCache | None = None,
+    history: Sequence[int] = (),
+    generated: list[int] | None = None,
+    stream: TextStream | None = None,
+) -> Iterator[str]:
     """Generate and yield text pieces; token ids are appended to `generated` when given, and a
     caller's `stream` shows afterwards whether a stop string cut the text (`stream.stopped`)."""
     stream = stream or TextStream(lm.tokenizer, config.stop_strings)

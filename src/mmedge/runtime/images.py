@@ -22,7 +22,11 @@ from mmedge.runtime.image_headers import FORMATS, HeaderError, apply_orientation
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_MODES = {"resize": ("shortest", "exact"), "crop": ("center",), "resample": ("pil", "cv2")}  # PreprocessConfig
+_MODES = {
+    "resize": ("shortest", "exact"),
+    "crop": ("center",),
+    "resample": ("pil", "cv2"),
+}  # PreprocessConfig
 
 
 @dataclass(frozen=True)
@@ -297,4 +301,4 @@ def _resample_axis0(x: np.ndarray, start: np.ndarray, weights: np.ndarray) -> np
         np.multiply(flat[np.minimum(start + t, last)], w32[:, t : t + 1], out=term)
         acc += term
     acc >>= _PRECISION_BITS
-    return np.clip(acc, 0, 255).astype(np.uint8).reshape((n_out,) + x.shape[1:])
+    return np.clip(acc, 0, 255).astype(np.uint8).reshape((n_out, *x.shape[1:]))

@@ -50,9 +50,13 @@ class VectorIndex:
         try:
             arr = np.asarray(ids)
         except (ValueError, TypeError):  # ragged or otherwise not array-like
-            raise InvalidInputError(f"ids must be {n} non-negative integers, got a ragged {type(ids).__name__}") from None
+            raise InvalidInputError(
+                f"ids must be {n} non-negative integers, got a ragged {type(ids).__name__}"
+            ) from None
         if arr.ndim != 1 or arr.shape[0] != n or not np.issubdtype(arr.dtype, np.integer) or (arr < 0).any():
-            raise InvalidInputError(f"ids must be {n} non-negative integers, got {arr.dtype} shape {arr.shape}")
+            raise InvalidInputError(
+                f"ids must be {n} non-negative integers, got {arr.dtype} shape {arr.shape}"
+            )
         if len(np.unique(arr)) != n:
             raise InvalidInputError("ids must be unique")
         return arr.astype(np.uint64)
@@ -106,7 +110,10 @@ class VectorIndex:
         dist = np.atleast_2d(m.distances)
         counts = np.atleast_1d(m.counts) if hasattr(m, "counts") else [keys.shape[1]] * keys.shape[0]
         return [
-            [Hit(int(i), float(1.0 - d), self._labels.get(int(i))) for i, d in zip(keys[r, : counts[r]], dist[r, : counts[r]])]
+            [
+                Hit(int(i), float(1.0 - d), self._labels.get(int(i)))
+                for i, d in zip(keys[r, : counts[r]], dist[r, : counts[r]])
+            ]
             for r in range(keys.shape[0])
         ]
 
@@ -117,8 +124,12 @@ class VectorIndex:
 
         with self._lock, staged_dir(path) as tmp:
             self._index.save(str(tmp / _BIN))
-            meta = {"format": _FORMAT, "dim": self.dim, "sha256": sha256_file(tmp / _BIN),
-                    "labels": {str(k): v for k, v in self._labels.items()}}
+            meta = {
+                "format": _FORMAT,
+                "dim": self.dim,
+                "sha256": sha256_file(tmp / _BIN),
+                "labels": {str(k): v for k, v in self._labels.items()},
+            }
             (tmp / _META).write_text(json.dumps(meta))
 
     @classmethod
@@ -131,13 +142,23 @@ class VectorIndex:
             meta = json.loads((root / _META).read_text())
         except (OSError, ValueError) as exc:
             raise IntegrityError(f"{root}: cannot read {_META} ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or not isinstance(meta.get("dim"), int):
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format") != _FORMAT
+            or not isinstance(meta.get("dim"), int)
+        ):
             raise IntegrityError(f"{root}: {_META} is not an mmedge index description")
-        if (root / _BIN).is_symlink() or not (root / _BIN).is_file() or sha256_file(root / _BIN) != meta.get("sha256"):
+        if (
+            (root / _BIN).is_symlink()
+            or not (root / _BIN).is_file()
+            or sha256_file(root / _BIN) != meta.get("sha256")
+        ):
             raise IntegrityError(f"{root}: {_BIN} is missing or its sha256 differs from {_META}")
         idx = cls(meta["dim"], exact=exact)
         idx._index.load(str(root / _BIN))
         if idx._index.ndim != idx.dim:
-            raise IntegrityError(f"{root}: index dimension {idx._index.ndim} differs from {_META}'s {idx.dim}")
+            raise IntegrityError(
+                f"{root}: index dimension {idx._index.ndim} differs from {_META}'s {idx.dim}"
+            )
         idx._labels = {int(k): str(v) for k, v in meta.get("labels", {}).items()}
         return idx

@@ -185,11 +185,16 @@ def _component(value: Any, where: str) -> ComponentEntry:
     if not precisions:
         raise IntegrityError(f"manifest {where}: no precisions")
     return ComponentEntry(
-        inputs=tuple(_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(_typed(v["inputs"], list, where))),
+        inputs=tuple(
+            _tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(_typed(v["inputs"], list, where))
+        ),
         outputs=tuple(
             _tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(_typed(v["outputs"], list, where))
         ),
-        dims={_name(k, f"{where}.dims"): _dim(d, f"{where}.dims.{k}") for k, d in _typed(v["dims"], dict, where).items()},
+        dims={
+            _name(k, f"{where}.dims"): _dim(d, f"{where}.dims.{k}")
+            for k, d in _typed(v["dims"], dict, where).items()
+        },
         precisions=precisions,
         calibration_data=_typed(v.get("calibration_data", "images"), str, f"{where}.calibration_data"),
     )
@@ -221,7 +226,18 @@ def parse_manifest(text: str | bytes) -> Manifest:
         raw = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise IntegrityError(f"manifest is not valid JSON: {exc}") from None
-    keys = {"schema", "name", "family", "task", "provenance", "preprocess", "tokenizer", "generation", "files", "components"}
+    keys = {
+        "schema",
+        "name",
+        "family",
+        "task",
+        "provenance",
+        "preprocess",
+        "tokenizer",
+        "generation",
+        "files",
+        "components",
+    }
     v = _obj(raw, "root", keys, {"engines"})
     if v["schema"] != SCHEMA:
         raise IntegrityError(f"manifest schema {v['schema']!r} is not supported; expected {SCHEMA!r}")
@@ -247,8 +263,14 @@ def parse_manifest(text: str | bytes) -> Manifest:
         tokenizer=_typed(v["tokenizer"], dict, "tokenizer"),
         generation=_typed(v["generation"], dict, "generation"),
         files=files,
-        components={_name(k, "components"): _component(c, f"components.{k}") for k, c in _typed(v["components"], dict, "components").items()},
-        engines={_name(k, "engines"): _engine(e, f"engines.{k}") for k, e in _typed(v.get("engines", {}), dict, "engines").items()},
+        components={
+            _name(k, "components"): _component(c, f"components.{k}")
+            for k, c in _typed(v["components"], dict, "components").items()
+        },
+        engines={
+            _name(k, "engines"): _engine(e, f"engines.{k}")
+            for k, e in _typed(v.get("engines", {}), dict, "engines").items()
+        },
     )
     _check_references(m)
     return m
@@ -264,4 +286,3 @@ def _check_references(m: Manifest) -> None:
     for path in named:
         if path not in m.files:
             raise IntegrityError(f"manifest names {path!r} but does not list its hash in 'files'")
-

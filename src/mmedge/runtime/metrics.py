@@ -7,8 +7,9 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 
 
-def recall_at_k(sim: np.ndarray, query_keys: Sequence[Hashable], item_keys: Sequence[Hashable],
-                ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+def recall_at_k(
+    sim: np.ndarray, query_keys: Sequence[Hashable], item_keys: Sequence[Hashable], ks: Sequence[int] = (1, 5)
+) -> dict[int, float]:
     """Fraction of queries whose top-k items include one with the query's key.
 
     `sim` is (Q, I); a retrieved item counts as a hit when its key equals the query's key, so
@@ -22,7 +23,9 @@ def recall_at_k(sim: np.ndarray, query_keys: Sequence[Hashable], item_keys: Sequ
     return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
 
 
-def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, keys: Sequence[Hashable]) -> dict[str, float]:
+def retrieval_metrics(
+    image_emb: np.ndarray, text_emb: np.ndarray, keys: Sequence[Hashable]
+) -> dict[str, float]:
     """Text->image and image->text recall@1/@5 for paired (image_i, text_i) with scene keys."""
     sim = text_emb @ image_emb.T  # (N texts, N images)
     t2i = recall_at_k(sim, keys, keys)

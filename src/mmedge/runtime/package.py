@@ -105,9 +105,13 @@ def check_onnx_file(root: Path, rel: str, manifest: Manifest) -> None:
     limit = max_supported_opset()
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and imp.version > limit:
-            raise UnsupportedError(f"{rel}: opset {imp.version} is newer than this runtime supports ({limit})")
+            raise UnsupportedError(
+                f"{rel}: opset {imp.version} is newer than this runtime supports ({limit})"
+            )
     if model.ir_version > onnx.IR_VERSION:
-        raise UnsupportedError(f"{rel}: IR version {model.ir_version} is newer than supported ({onnx.IR_VERSION})")
+        raise UnsupportedError(
+            f"{rel}: IR version {model.ir_version} is newer than supported ({onnx.IR_VERSION})"
+        )
     base = Path(rel).parent
     for tensor in _all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -115,20 +119,24 @@ def check_onnx_file(root: Path, rel: str, manifest: Manifest) -> None:
         info = {e.key: e.value for e in tensor.external_data}
         unknown = set(info) - _EXTERNAL_KEYS
         if unknown:
-            raise IntegrityError(f"{rel}: external data of {tensor.name!r} has unknown keys {sorted(unknown)}")
+            raise IntegrityError(
+                f"{rel}: external data of {tensor.name!r} has unknown keys {sorted(unknown)}"
+            )
         loc = (base / check_relpath(info.get("location", ""), "external data location")).as_posix()
         if loc not in manifest.files:
             raise IntegrityError(f"{rel}: external data file {loc!r} is not listed in the manifest")
         try:
             offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
         except ValueError:
-            raise IntegrityError(f"{rel}: external data offset/length of {tensor.name!r} are not integers") from None
+            raise IntegrityError(
+                f"{rel}: external data offset/length of {tensor.name!r} are not integers"
+            ) from None
         size = manifest.files[loc].size
         if offset < 0 or length < -1 or offset + max(length, 0) > size:
             raise IntegrityError(f"{rel}: external data of {tensor.name!r} points outside {loc!r}")
 
 
-def _all_tensors(graph):  # noqa: ANN001, ANN202 - onnx protobuf types
+def _all_tensors(graph):
     """Initializers and tensor attributes of this graph and every subgraph."""
     import onnx
 

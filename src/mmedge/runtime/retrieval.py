@@ -39,7 +39,9 @@ def _label_list(labels: object) -> list | None:
     if labels is None:
         return None
     if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
-        raise InvalidInputError(f"labels must be a sequence with one label per item, got {type(labels).__name__}")
+        raise InvalidInputError(
+            f"labels must be a sequence with one label per item, got {type(labels).__name__}"
+        )
     return list(labels)
 
 
@@ -94,8 +96,13 @@ class RetrievalPipeline:
         with self._index_lock:
             self._index = value
 
-    def add_images(self, images: object, ids: Sequence[int] | None = None, labels: Sequence[str] | None = None,
-                   channel_order: str = "RGB") -> list[int]:
+    def add_images(
+        self,
+        images: object,
+        ids: Sequence[int] | None = None,
+        labels: Sequence[str] | None = None,
+        channel_order: str = "RGB",
+    ) -> list[int]:
         """Embed images and add them to the index; ids default to the next free integers."""
         emb = self.embed_images(images, channel_order=channel_order)
         idx = self.index
@@ -114,13 +121,20 @@ class RetrievalPipeline:
 
     def search(self, query: object, k: int = 5, channel_order: str = "RGB") -> list[Hit]:
         """Top-k index entries for one query: a str is a text query, anything else an image."""
-        vec = self.embed_texts([query]) if isinstance(query, str) else self.embed_images([query], channel_order)
+        vec = (
+            self.embed_texts([query]) if isinstance(query, str) else self.embed_images([query], channel_order)
+        )
         return self.index.search(vec, k)[0]
 
     # --- zero-shot classification -------------------------------------------------------
 
-    def classify(self, image: object, labels: Sequence[str], templates: Sequence[str] | None = None,
-                 channel_order: str = "RGB") -> list[Label]:
+    def classify(
+        self,
+        image: object,
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+        channel_order: str = "RGB",
+    ) -> list[Label]:
         """Zero-shot labels for one image, best first; each label embedded with every template, averaged."""
         labels = _as_list(labels, "labels")
         if not all(isinstance(lab, str) and lab.strip() for lab in labels):

@@ -117,8 +117,14 @@ def staged_update(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a full copy of `target` to modify; on success it replaces `target` atomically."""
     target = Path(target).absolute()
     with staged_dir(target) as tmp:
-        shutil.copytree(target, tmp, symlinks=True, dirs_exist_ok=True, copy_function=shutil.copy2,
-                        ignore=lambda d, names: [n for n in names if stat.S_ISLNK(os.lstat(os.path.join(d, n)).st_mode)])
+        shutil.copytree(
+            target,
+            tmp,
+            symlinks=True,
+            dirs_exist_ok=True,
+            copy_function=shutil.copy2,
+            ignore=lambda d, names: [n for n in names if stat.S_ISLNK(os.lstat(os.path.join(d, n)).st_mode)],
+        )
         yield tmp
 
 

@@ -24,7 +24,9 @@ class TextGenerationPipeline:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Prompt token ids: the template filled with user text, which cannot inject special tokens."""
-        return self.lm.tokenizer.encode(self.template.replace("{}", prompt) if "{}" in self.template else prompt)
+        return self.lm.tokenizer.encode(
+            self.template.replace("{}", prompt) if "{}" in self.template else prompt
+        )
 
     def generate(self, prompt: str, stream: bool = False, **gen: Any) -> str | Iterator[str]:
         """Continue `prompt`; the text, or with `stream=True` an iterator of text pieces."""

@@ -110,7 +110,9 @@ class TextTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True, allow_empty: bool = False) -> list[int]:
         """Token ids of one text, unpadded; a text longer than `context_length` tokens is an error."""
-        enc = self._encode([text if allow_empty and text == "" else self._checked(0, text)], add_special_tokens)[0]
+        enc = self._encode(
+            [text if allow_empty and text == "" else self._checked(0, text)], add_special_tokens
+        )[0]
         if enc.overflowing:
             raise InvalidInputError(
                 f"text is longer than the model's context of {self.context_length} tokens; shorten it"
@@ -129,7 +131,9 @@ class TextTokenizer:
         if not isinstance(text, str):
             raise InvalidInputError(f"text {i} is {type(text).__name__}; expected str")
         if len(text) > self.limits.max_chars:  # before tokenising: a 1 MB string never reaches Rust
-            raise InvalidInputError(f"text {i} has {len(text)} characters; the limit is {self.limits.max_chars}")
+            raise InvalidInputError(
+                f"text {i} has {len(text)} characters; the limit is {self.limits.max_chars}"
+            )
         if not text.strip():
             raise InvalidInputError(f"empty text at index {i}: blank or whitespace-only text is not accepted")
         try:

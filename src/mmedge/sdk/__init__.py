@@ -12,6 +12,13 @@ from mmedge.sdk.pipeline import Pipeline
 from mmedge.sdk.store import list_packages, model_home
 
 __all__ = [
-    "Pipeline", "list_packages", "model_home", "MmedgeError", "InvalidInputError", "IntegrityError",
-    "UnsupportedError", "ModelNotFoundError", "ConfigError",
+    "ConfigError",
+    "IntegrityError",
+    "InvalidInputError",
+    "MmedgeError",
+    "ModelNotFoundError",
+    "Pipeline",
+    "UnsupportedError",
+    "list_packages",
+    "model_home",
 ]

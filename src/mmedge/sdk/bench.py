@@ -25,17 +25,34 @@ BLOCK = 5  # timed runs per engine per round
 def _stats(times: list[float], batch: int) -> dict[str, float]:
     t = np.array(times) * 1e3
     p50 = float(np.percentile(t, 50))
-    return {"p50_ms": round(p50, 3), "p90_ms": round(float(np.percentile(t, 90)), 3),
-            "items_per_s": round(batch * 1e3 / p50, 2), "runs": len(times)}
+    return {
+        "p50_ms": round(p50, 3),
+        "p90_ms": round(float(np.percentile(t, 90)), 3),
+        "items_per_s": round(batch * 1e3 / p50, 2),
+        "runs": len(times),
+    }
 
 
-def bench(package: str, precision: str = "auto", batches: list[int] | None = None, threads: int = 2, runs: int = 30,
-          vs: str | None = None, backend: str = "ort", components: list[str] | None = None) -> dict[str, Any]:
+def bench(
+    package: str,
+    precision: str = "auto",
+    batches: list[int] | None = None,
+    threads: int = 2,
+    runs: int = 30,
+    vs: str | None = None,
+    backend: str = "ort",
+    components: list[str] | None = None,
+) -> dict[str, Any]:
     """Median latencies per component and batch; with vs='torch' also PyTorch eager and ORT fp32."""
     path = resolve(package)
     opts = SessionOptions(threads=threads)
     main = ComponentRunner(path, backend=backend, precision=precision, options=opts)
-    out: dict[str, Any] = {"package": main.manifest.name, "threads": threads, "backend": backend, "components": {}}
+    out: dict[str, Any] = {
+        "package": main.manifest.name,
+        "threads": threads,
+        "backend": backend,
+        "components": {},
+    }
     for name in components or list(main.manifest.components):
         entry = main.manifest.component(name)
         label = f"{backend}-{main.precision_of(name)}"
@@ -57,7 +74,7 @@ def bench(package: str, precision: str = "auto", batches: list[int] | None = Non
                 for fn in engines.values():
                     fn(feeds)
             for rnd in range(-(-runs // BLOCK)):
-                for k in order[rnd % len(order):] + order[: rnd % len(order)]:
+                for k in order[rnd % len(order) :] + order[: rnd % len(order)]:
                     engines[k](feeds)  # untimed: absorbs the previous engine's spinning threads
                     for _ in range(min(BLOCK, runs - len(times[k]))):
                         t0 = time.perf_counter()
@@ -73,7 +90,10 @@ def bench(package: str, precision: str = "auto", batches: list[int] | None = Non
         timer()  # warm-up
         parts = [timer() for _ in range(max(1, runs // BLOCK))]
         out["generation"] = {k: round(float(np.median([p[k] for p in parts])), 3) for k in parts[0]} | {
-            "new_tokens": GEN_NEW_TOKENS, "prompt_tokens": GEN_PROMPT_TOKENS, "runs": len(parts)}
+            "new_tokens": GEN_NEW_TOKENS,
+            "prompt_tokens": GEN_PROMPT_TOKENS,
+            "runs": len(parts),
+        }
     return out
 
 
@@ -96,8 +116,11 @@ def generation_timer(runner: ComponentRunner) -> Callable[[], dict[str, float]]:
 
     lm = LanguageModel(runner)
     ids = generation_prompt(runner)
-    pixels = (sample_feeds(runner.manifest.component("vision"), 1)["pixel_values"]
-              if runner.manifest.task == "chat" else None)
+    pixels = (
+        sample_feeds(runner.manifest.component("vision"), 1)["pixel_values"]
+        if runner.manifest.task == "chat"
+        else None
+    )
     cfg = GenerationConfig(max_new_tokens=GEN_NEW_TOKENS, min_new_tokens=GEN_NEW_TOKENS)
 
     def run() -> dict[str, float]:
@@ -114,7 +137,11 @@ def generation_timer(runner: ComponentRunner) -> Callable[[], dict[str, float]]:
         stamps = [time.perf_counter() for _ in lm.generate_ids(embeds, cfg)]  # one per new token
         if len(stamps) != GEN_NEW_TOKENS:
             raise RuntimeError("generation stopped early despite min_new_tokens")
-        return {"image_ms": (t1 - t0) * 1e3, "prefill_ms": (t2 - t1) * 1e3, "e2e_ms": (t1 - t0 + stamps[-1] - t2) * 1e3,
-                "decode_tokens_per_s": (GEN_NEW_TOKENS - 1) / max(stamps[-1] - stamps[0], 1e-9)}
+        return {
+            "image_ms": (t1 - t0) * 1e3,
+            "prefill_ms": (t2 - t1) * 1e3,
+            "e2e_ms": (t1 - t0 + stamps[-1] - t2) * 1e3,
+            "decode_tokens_per_s": (GEN_NEW_TOKENS - 1) / max(stamps[-1] - stamps[0], 1e-9),
+        }
 
     return run

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from mmedge.errors import MmedgeError
 
-DATA_HELP = ("shapes:N (N synthetic scenes from the fixed held-out seed), an image folder, "
-             "or a JSONL file of {\"image\": path, \"text\": caption} lines")
+DATA_HELP = (
+    "shapes:N (N synthetic scenes from the fixed held-out seed), an image folder, "
+    'or a JSONL file of {"image": path, "text": caption} lines'
+)
 
 
 def _print(obj: object, as_json: bool) -> None:
@@ -24,7 +26,7 @@ def _print(obj: object, as_json: bool) -> None:
         print(obj)
 
 
-def _pipeline(args: argparse.Namespace):  # noqa: ANN202
+def _pipeline(args: argparse.Namespace):
     from mmedge import sdk
 
     return sdk.Pipeline(args.package, backend=args.backend, precision=args.precision, threads=args.threads)
@@ -33,9 +35,17 @@ def _pipeline(args: argparse.Namespace):  # noqa: ANN202
 def cmd_train(a: argparse.Namespace) -> object:
     from mmedge.models.clip_train import CLIPTrainSettings, train_clip
 
-    s = CLIPTrainSettings(preset=a.preset, steps=a.steps, batch_size=a.batch_size, hard_negatives=a.hard_negatives,
-                          lr=a.lr, seed=a.seed,
-                          threads=a.threads, time_budget_s=a.time_budget, bf16=not a.fp32)
+    s = CLIPTrainSettings(
+        preset=a.preset,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        hard_negatives=a.hard_negatives,
+        lr=a.lr,
+        seed=a.seed,
+        threads=a.threads,
+        time_budget_s=a.time_budget,
+        bf16=not a.fp32,
+    )
     return {"checkpoint": str(train_clip(a.out, s, progress=None))}
 
 
@@ -48,17 +58,32 @@ def cmd_init(a: argparse.Namespace) -> object:
 def cmd_export(a: argparse.Namespace) -> object:
     from mmedge.export.exporter import export_model
 
-    m = export_model(a.src, a.out, family=a.family, opset=a.opset, allow_pickle=a.allow_pickle, name=a.name,
-                     progress=print if not a.json else None)
+    m = export_model(
+        a.src,
+        a.out,
+        family=a.family,
+        opset=a.opset,
+        allow_pickle=a.allow_pickle,
+        name=a.name,
+        progress=print if not a.json else None,
+    )
     return {"package": str(a.out), "components": sorted(m.components)}
 
 
 def cmd_calibrate(a: argparse.Namespace) -> object:
     from mmedge.calibration.package import calibrate_package
 
-    return calibrate_package(a.package, a.data, method=a.method, samples=a.samples, target_cosine=a.target_cosine,
-                             components=a.components, weight_bits=tuple(a.weight_bits), block_size=a.block_size,
-                             progress=print if not a.json else None)
+    return calibrate_package(
+        a.package,
+        a.data,
+        method=a.method,
+        samples=a.samples,
+        target_cosine=a.target_cosine,
+        components=a.components,
+        weight_bits=tuple(a.weight_bits),
+        block_size=a.block_size,
+        progress=print if not a.json else None,
+    )
 
 
 def cmd_build(a: argparse.Namespace) -> object:
@@ -81,9 +106,12 @@ def cmd_inspect(a: argparse.Namespace) -> object:
     if a.json:
         return json.loads(m.to_json())
     return {
-        "name": m.name, "family": m.family, "task": m.task,
+        "name": m.name,
+        "family": m.family,
+        "task": m.task,
         "components": {c: sorted(e.precisions) for c, e in m.components.items()},
-        "engines": sorted(m.engines), "files": len(m.files),
+        "engines": sorted(m.engines),
+        "files": len(m.files),
     }
 
 
@@ -92,21 +120,33 @@ def cmd_eval(a: argparse.Namespace) -> object:
 
     p = _pipeline(a)
     if p.runner.manifest.task == "chat":
-        return evaluate_chat(p, a.data if a.data != "shapes:500" else "shapes:100", questions=a.questions,
-                             captions=a.captions, progress=None if a.json else print)
+        return evaluate_chat(
+            p,
+            a.data if a.data != "shapes:500" else "shapes:100",
+            questions=a.questions,
+            captions=a.captions,
+            progress=None if a.json else print,
+        )
     return evaluate(p, a.data, limit=a.limit)
 
 
 def _gen_kwargs(a: argparse.Namespace) -> dict[str, object]:
-    kw: dict[str, object] = {"max_new_tokens": a.max_new_tokens, "min_new_tokens": a.min_new_tokens,
-                             "do_sample": a.do_sample, "temperature": a.temperature, "top_k": a.top_k,
-                             "top_p": a.top_p, "repetition_penalty": a.repetition_penalty, "seed": a.seed}
+    kw: dict[str, object] = {
+        "max_new_tokens": a.max_new_tokens,
+        "min_new_tokens": a.min_new_tokens,
+        "do_sample": a.do_sample,
+        "temperature": a.temperature,
+        "top_k": a.top_k,
+        "top_p": a.top_p,
+        "repetition_penalty": a.repetition_penalty,
+        "seed": a.seed,
+    }
     if a.stop:
         kw["stop_strings"] = tuple(a.stop)
     return kw
 
 
-def _stream(pieces) -> str:  # noqa: ANN001
+def _stream(pieces) -> str:
     out = []
     for piece in pieces:
         print(piece, end="", flush=True)
@@ -159,8 +199,16 @@ def cmd_generate(a: argparse.Namespace) -> object:
 def cmd_bench(a: argparse.Namespace) -> object:
     from mmedge.sdk.bench import bench
 
-    return bench(a.package, precision=a.precision, batches=[int(b) for b in a.batch.split(",")], threads=a.threads,
-                 runs=a.runs, vs=a.vs, backend=a.backend, components=a.components)
+    return bench(
+        a.package,
+        precision=a.precision,
+        batches=[int(b) for b in a.batch.split(",")],
+        threads=a.threads,
+        runs=a.runs,
+        vs=a.vs,
+        backend=a.backend,
+        components=a.components,
+    )
 
 
 def cmd_embed(a: argparse.Namespace) -> object:
@@ -184,14 +232,19 @@ def cmd_search(a: argparse.Namespace) -> object:
         from mmedge.data import load_data
 
         items = load_data(a.add)
-        p.add_images([it.image for it in items], labels=[str(it.image) if isinstance(it.image, str) else (it.text or "")
-                                                         for it in items])
+        p.add_images(
+            [it.image for it in items],
+            labels=[str(it.image) if isinstance(it.image, str) else (it.text or "") for it in items],
+        )
         if a.index:
             p.index.save(a.index)
     if not a.query:
         return {"indexed": len(p.index)}
     hits = p.search(_query(a.query), k=a.k)
-    return {"query": a.query, "hits": [{"id": h.id, "score": round(h.score, 4), "label": h.label} for h in hits]}
+    return {
+        "query": a.query,
+        "hits": [{"id": h.id, "score": round(h.score, 4), "label": h.label} for h in hits],
+    }
 
 
 def _query(q: str) -> object:
@@ -202,7 +255,10 @@ def _query(q: str) -> object:
 def cmd_classify(a: argparse.Namespace) -> object:
     p = _pipeline(a)
     labels = [s.strip() for s in a.labels.split(",") if s.strip()]
-    return {"image": a.image, "labels": [{"label": r.label, "score": round(r.score, 4)} for r in p.classify(a.image, labels)]}
+    return {
+        "image": a.image,
+        "labels": [{"label": r.label, "score": round(r.score, 4)} for r in p.classify(a.image, labels)],
+    }
 
 
 def cmd_demo(a: argparse.Namespace) -> object:
@@ -212,11 +268,13 @@ def cmd_demo(a: argparse.Namespace) -> object:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmedge", description="Export, quantize and run multimodal models on edge devices.")
+    p = argparse.ArgumentParser(
+        prog="mmedge", description="Export, quantize and run multimodal models on edge devices."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def add(name: str, fn, help_: str, json_flag: bool = True) -> argparse.ArgumentParser:  # noqa: ANN001
+    def add(name: str, fn, help_: str, json_flag: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(fn=fn)
         if json_flag:
@@ -226,8 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     def runtime_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("package", help="package directory or name in the model store ($MMEDGE_HOME)")
         sp.add_argument("--backend", default="ort", choices=["ort", "tensorrt"])
-        sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8", "int4"],
-                        help="auto = best build of each component (int4 > int8 > fp16 > fp32)")
+        sp.add_argument(
+            "--precision",
+            default="auto",
+            choices=["auto", "fp32", "fp16", "int8", "int4"],
+            help="auto = best build of each component (int4 > int8 > fp16 > fp32)",
+        )
         sp.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = backend default)")
 
     sp = add("train", cmd_train, "train a preset on synthetic scenes and write an mmedge checkpoint")
@@ -235,13 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="checkpoint directory to write")
     sp.add_argument("--steps", type=int, default=1400)
     sp.add_argument("--batch-size", type=int, default=128)
-    sp.add_argument("--hard-negatives", type=int, default=32, help="batch rows that edit one attribute of another row")
+    sp.add_argument(
+        "--hard-negatives", type=int, default=32, help="batch rows that edit one attribute of another row"
+    )
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--threads", type=int, default=0)
     sp.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
-    sp.add_argument("--fp32", action="store_true",
-                    help="no bf16 autocast (used by default only where the CPU has AMX tiles, ~1.3x faster steps)")
+    sp.add_argument(
+        "--fp32",
+        action="store_true",
+        help="no bf16 autocast (used by default only where the CPU has AMX tiles, ~1.3x faster steps)",
+    )
 
     sp = add("init", cmd_init, "write a random-weight checkpoint of a preset (for benchmarks)")
     sp.add_argument("preset")
@@ -249,54 +316,88 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
 
     sp = add("export", cmd_export, "export an mmedge checkpoint or HF model directory to a model package")
-    sp.add_argument("src", help="mmedge checkpoint directory or HF model directory (config.json + safetensors)")
+    sp.add_argument(
+        "src", help="mmedge checkpoint directory or HF model directory (config.json + safetensors)"
+    )
     sp.add_argument("--out", required=True, help="package directory to write (replaced atomically)")
     sp.add_argument("--family", default=None, help="override the family detected from the config")
     sp.add_argument("--name", default=None, help="package name (default: the directory name)")
     sp.add_argument("--opset", type=int, default=17)
-    sp.add_argument("--allow-pickle", action="store_true",
-                    help="load pickle-based weights (.bin/.pt) with weights_only=True; off by default")
+    sp.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load pickle-based weights (.bin/.pt) with weights_only=True; off by default",
+    )
 
-    sp = add("calibrate", cmd_calibrate, "quantize a package: encoders to INT8 Q/DQ against an accuracy target, "
-             "an LLM to weight-only INT4/INT8")
+    sp = add(
+        "calibrate",
+        cmd_calibrate,
+        "quantize a package: encoders to INT8 Q/DQ against an accuracy target, "
+        "an LLM to weight-only INT4/INT8",
+    )
     sp.add_argument("package")
     sp.add_argument("--data", default="shapes:64", help=DATA_HELP)
     sp.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
     sp.add_argument("--samples", type=int, default=64, help="calibration samples drawn from --data")
-    sp.add_argument("--target-cosine", type=float, default=0.99,
-                    help="minimum cosine of each output vs fp32; nodes are kept in float until it is met")
+    sp.add_argument(
+        "--target-cosine",
+        type=float,
+        default=0.99,
+        help="minimum cosine of each output vs fp32; nodes are kept in float until it is met",
+    )
     sp.add_argument("--components", nargs="*", default=None, help="components to quantize (default: all)")
-    sp.add_argument("--weight-bits", type=int, nargs="+", default=[4], choices=[4, 8],
-                    help="weight-only precisions built for an LLM component (default: 4)")
+    sp.add_argument(
+        "--weight-bits",
+        type=int,
+        nargs="+",
+        default=[4],
+        choices=[4, 8],
+        help="weight-only precisions built for an LLM component (default: 4)",
+    )
     sp.add_argument("--block-size", type=int, default=32, help="weights per quantization block along K (LLM)")
 
     sp = add("build", cmd_build, "build backend-specific graphs: ORT-optimized ONNX or TensorRT engines")
     sp.add_argument("package")
     sp.add_argument("--backend", default="ort", choices=["ort", "tensorrt"])
     sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8", "int4"])
-    sp.add_argument("--no-prefill-build", action="store_true",
-                    help="ORT: skip the weight-only LLM's prefill build (int8 GEMMs for prompts, ~5x faster "
-                         "than the 4-bit kernel at 40 tokens; costs an int8 copy of the LLM weights)")
+    sp.add_argument(
+        "--no-prefill-build",
+        action="store_true",
+        help="ORT: skip the weight-only LLM's prefill build (int8 GEMMs for prompts, ~5x faster "
+        "than the 4-bit kernel at 40 tokens; costs an int8 copy of the LLM weights)",
+    )
 
     sp = add("verify", cmd_verify, "verify a package: schema, sizes, sha256, paths, ONNX external data")
     sp.add_argument("package")
     sp = add("inspect", cmd_inspect, "show a package's manifest")
     sp.add_argument("package")
 
-    sp = add("eval", cmd_eval, "task metrics on held-out data (retrieval: recall@1/@5 both ways; "
-             "chat: VQA accuracy and caption exact-match)")
+    sp = add(
+        "eval",
+        cmd_eval,
+        "task metrics on held-out data (retrieval: recall@1/@5 both ways; "
+        "chat: VQA accuracy and caption exact-match)",
+    )
     runtime_opts(sp)
-    sp.add_argument("--data", default="shapes:500", help=DATA_HELP + " (chat packages: shapes:N, default shapes:100)")
+    sp.add_argument(
+        "--data", default="shapes:500", help=DATA_HELP + " (chat packages: shapes:N, default shapes:100)"
+    )
     sp.add_argument("--limit", type=int, default=None)
     sp.add_argument("--questions", type=int, default=300, help="chat: colour/shape/count questions asked")
     sp.add_argument("--captions", type=int, default=100, help="chat: scenes captioned")
 
-    sp = add("bench", cmd_bench, "per-component latency (p50/p90) and throughput; --vs torch compares to PyTorch")
+    sp = add(
+        "bench", cmd_bench, "per-component latency (p50/p90) and throughput; --vs torch compares to PyTorch"
+    )
     runtime_opts(sp)
     sp.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     sp.add_argument("--runs", type=int, default=30)
-    sp.add_argument("--vs", choices=["torch"], default=None,
-                    help="also time PyTorch eager (and ORT fp32 when --precision is not fp32) on the same inputs")
+    sp.add_argument(
+        "--vs",
+        choices=["torch"],
+        default=None,
+        help="also time PyTorch eager (and ORT fp32 when --precision is not fp32) on the same inputs",
+    )
     sp.add_argument("--components", nargs="*", default=None, help="components to time (default: all)")
 
     sp = add("embed", cmd_embed, "embed images or texts")
@@ -345,9 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("prompt")
     gen_opts(sp)
 
-    sp = add("demo", cmd_demo, "the whole path: clip-tiny retrieval and blip2-tiny VQA/captions — train, export, "
-             "quantize, build, evaluate, benchmark; prints tables (under 10 minutes on 2 cores)")
-    sp.add_argument("--clip-only", action="store_true", help="stop after the clip-tiny part (about 5 minutes)")
+    sp = add(
+        "demo",
+        cmd_demo,
+        "the whole path: clip-tiny retrieval and blip2-tiny VQA/captions — train, export, "
+        "quantize, build, evaluate, benchmark; prints tables (under 10 minutes on 2 cores)",
+    )
+    sp.add_argument(
+        "--clip-only", action="store_true", help="stop after the clip-tiny part (about 5 minutes)"
+    )
     sp.add_argument("--steps", type=int, default=None, help="training steps (default: preset's demo setting)")
     sp.add_argument("--eval-n", type=int, default=500)
     sp.add_argument("--threads", type=int, default=2)
@@ -356,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         out = args.fn(args)
     except MmedgeError as exc:

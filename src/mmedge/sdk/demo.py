@@ -32,8 +32,14 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json_out: bool = False,
-             blip2: bool = True, blip2_steps: int | None = None) -> dict[str, Any] | None:
+def run_demo(
+    steps: int | None = None,
+    eval_n: int = 500,
+    threads: int = 2,
+    json_out: bool = False,
+    blip2: bool = True,
+    blip2_steps: int | None = None,
+) -> dict[str, Any] | None:
     """Run the demo; prints progress and the result tables (or returns the results as a dict).
 
     `steps` / `blip2_steps` cap training steps (tests use a handful); budgets cap the time.
@@ -55,16 +61,24 @@ def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json
     n = 7 if blip2 else 4
 
     say(f"[1/{n}] training clip-tiny on synthetic scenes (model store: {home})")
-    train_clip(ckpt, CLIPTrainSettings(steps=steps or DEMO_STEPS, threads=threads, time_budget_s=DEMO_TRAIN_BUDGET_S))
+    train_clip(
+        ckpt, CLIPTrainSettings(steps=steps or DEMO_STEPS, threads=threads, time_budget_s=DEMO_TRAIN_BUDGET_S)
+    )
     timings["clip_train_s"] = time.perf_counter() - t0
     trained = read_checkpoint_meta(ckpt).get("train", {})
-    say(f"      {trained.get('steps')} steps in {timings['clip_train_s']:.0f} s, final loss {trained.get('final_loss', 0):.3f}")
+    say(
+        f"      {trained.get('steps')} steps in {timings['clip_train_s']:.0f} s, final loss {trained.get('final_loss', 0):.3f}"
+    )
     if steps is None and trained.get("steps", 0) < CLIP_STEPS_FOR_TARGET:
-        say(f"      note: fewer than {CLIP_STEPS_FOR_TARGET} steps fit the {DEMO_TRAIN_BUDGET_S:.0f} s budget (is the machine "
-            "busy?); expect text->image R@1 below 0.90")
+        say(
+            f"      note: fewer than {CLIP_STEPS_FOR_TARGET} steps fit the {DEMO_TRAIN_BUDGET_S:.0f} s budget (is the machine "
+            "busy?); expect text->image R@1 below 0.90"
+        )
 
-    say(f"[2/{n}] exporting the vision and text towers to ONNX, calibrating to INT8 (Q/DQ) on 64 training "
-        "scenes, building for ONNX Runtime")
+    say(
+        f"[2/{n}] exporting the vision and text towers to ONNX, calibrating to INT8 (Q/DQ) on 64 training "
+        "scenes, building for ONNX Runtime"
+    )
     export_model(ckpt, pkg, progress=lambda m: say("      " + m))
     calib = calibrate_package(pkg, "train-shapes:96", samples=64, progress=lambda m: say("      " + m))
     build_package(pkg, backend="ort", threads=threads, progress=lambda m: say("      " + m))
@@ -74,11 +88,18 @@ def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json
     ev = {p: evaluate(sdk.Pipeline(pkg, precision=p, threads=threads), data) for p in ("fp32", "int8")}
 
     say(f"[4/{n}] benchmarking the vision tower, batch 1")
-    b = bench(str(pkg), precision="int8", batches=[1], threads=threads, runs=30, vs="torch", components=["vision"])
+    b = bench(
+        str(pkg), precision="int8", batches=[1], threads=threads, runs=30, vs="torch", components=["vision"]
+    )
     lat = b["components"]["vision"]["batch1"]
     timings["clip_s"] = time.perf_counter() - t0
-    result: dict[str, Any] = {"eval": ev, "bench_vision_batch1": lat, "calibration": calib, "timings": timings,
-                              "package": str(pkg)}
+    result: dict[str, Any] = {
+        "eval": ev,
+        "bench_vision_batch1": lat,
+        "calibration": calib,
+        "timings": timings,
+        "package": str(pkg),
+    }
     if blip2:
         result["blip2"] = _blip2_part(ckpt, home, threads, blip2_steps, say, n, timings)
     timings["total_s"] = time.perf_counter() - t0
@@ -86,8 +107,12 @@ def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json
         print(json.dumps(result, indent=2, default=str))
         return result
     rows = [("clip-tiny retrieval", "fp32", "int8")]
-    for key, name in (("t2i_r1", "text->image R@1"), ("t2i_r5", "text->image R@5"),
-                      ("i2t_r1", "image->text R@1"), ("i2t_r5", "image->text R@5")):
+    for key, name in (
+        ("t2i_r1", "text->image R@1"),
+        ("t2i_r5", "text->image R@5"),
+        ("i2t_r1", "image->text R@1"),
+        ("i2t_r5", "image->text R@5"),
+    ):
         rows.append((name, f"{ev['fp32'][key]:.3f}", f"{ev['int8'][key]:.3f}"))
     print()
     print(_table(rows))
@@ -99,15 +124,20 @@ def run_demo(steps: int | None = None, eval_n: int = 500, threads: int = 2, json
     print(_table(rows))
     if blip2:
         _print_blip2(result["blip2"])
-    print(f"\ntotal time: {timings['total_s']:.0f} s (clip-tiny part {timings['clip_s']:.0f} s)   packages: {pkg}"
-          + (", blip2-tiny" if blip2 else ""))
-    print("try: mmedge chat blip2-tiny IMAGE \"what colour is the circle?\"   or   "
-          "python -c \"from mmedge import sdk; p = sdk.Pipeline('clip-tiny'); print(p.embed_texts(['a red circle']).shape)\"")
+    print(
+        f"\ntotal time: {timings['total_s']:.0f} s (clip-tiny part {timings['clip_s']:.0f} s)   packages: {pkg}"
+        + (", blip2-tiny" if blip2 else "")
+    )
+    print(
+        'try: mmedge chat blip2-tiny IMAGE "what colour is the circle?"   or   '
+        "python -c \"from mmedge import sdk; p = sdk.Pipeline('clip-tiny'); print(p.embed_texts(['a red circle']).shape)\""
+    )
     return None
 
 
-def _blip2_part(clip_ckpt: Any, home: Any, threads: int, steps: int | None, say: Any, n: int,
-                timings: dict[str, float]) -> dict[str, Any]:  # noqa: ANN401
+def _blip2_part(
+    clip_ckpt: Any, home: Any, threads: int, steps: int | None, say: Any, n: int, timings: dict[str, float]
+) -> dict[str, Any]:
     from mmedge import sdk
     from mmedge.calibration.build import build_package
     from mmedge.calibration.package import calibrate_package
@@ -118,26 +148,47 @@ def _blip2_part(clip_ckpt: Any, home: Any, threads: int, steps: int | None, say:
 
     ckpt, pkg = home / "checkpoints" / "blip2-tiny", home / "blip2-tiny"
     t0 = time.perf_counter()
-    say(f"[5/{n}] training blip2-tiny on clip-tiny's frozen vision tower: LM, stage 1 (ITC+ITM+ITG), stage 2 (LM loss + slot loss)")
+    say(
+        f"[5/{n}] training blip2-tiny on clip-tiny's frozen vision tower: LM, stage 1 (ITC+ITM+ITG), stage 2 (LM loss + slot loss)"
+    )
     big = 100_000
     settings = Blip2TrainSettings(
-        clip_checkpoint=str(clip_ckpt), threads=threads, lm_steps=steps or big, stage1_steps=steps or big,
-        stage2_steps=steps or big, lm_budget_s=BLIP2_BUDGETS_S["lm"], stage1_budget_s=BLIP2_BUDGETS_S["stage1"],
-        stage2_budget_s=BLIP2_BUDGETS_S["stage2"], **({"pool": 256} if steps else {}))
+        clip_checkpoint=str(clip_ckpt),
+        threads=threads,
+        lm_steps=steps or big,
+        stage1_steps=steps or big,
+        stage2_steps=steps or big,
+        lm_budget_s=BLIP2_BUDGETS_S["lm"],
+        stage1_budget_s=BLIP2_BUDGETS_S["stage1"],
+        stage2_budget_s=BLIP2_BUDGETS_S["stage2"],
+        **({"pool": 256} if steps else {}),
+    )
     train_blip2(ckpt, settings)
     timings["blip2_train_s"] = time.perf_counter() - t0
     info = read_checkpoint_meta(ckpt).get("train", {})
     for part in ("lm", "stage1", "stage2"):
         say(f"      {part}: {info[part]['steps']} steps, final loss {info[part]['final_loss']:.3f}")
-    say(f"[6/{n}] exporting vision, qformer, projector, embed, llm; quantizing (INT8 encoders, INT4 LLM); building")
+    say(
+        f"[6/{n}] exporting vision, qformer, projector, embed, llm; quantizing (INT8 encoders, INT4 LLM); building"
+    )
     export_model(ckpt, pkg, progress=lambda m: say("      " + m))
-    calib = calibrate_package(pkg, "train-shapes:96", samples=64, weight_bits=(4,), progress=lambda m: say("      " + m))
+    calib = calibrate_package(
+        pkg, "train-shapes:96", samples=64, weight_bits=(4,), progress=lambda m: say("      " + m)
+    )
     build_package(pkg, backend="ort", threads=threads, progress=lambda m: say("      " + m))
-    say(f"[7/{n}] VQA on {VQA_QUESTIONS} held-out questions (colour, shape, count) and {CAPTIONS} captions, "
-        "fp32 vs quantized")
-    ev = {label: evaluate_chat(sdk.Pipeline(pkg, precision=p, threads=threads), f"shapes:{VQA_SCENES}",
-                               questions=VQA_QUESTIONS, captions=CAPTIONS)
-          for label, p in (("fp32", "fp32"), ("quantized", "auto"))}
+    say(
+        f"[7/{n}] VQA on {VQA_QUESTIONS} held-out questions (colour, shape, count) and {CAPTIONS} captions, "
+        "fp32 vs quantized"
+    )
+    ev = {
+        label: evaluate_chat(
+            sdk.Pipeline(pkg, precision=p, threads=threads),
+            f"shapes:{VQA_SCENES}",
+            questions=VQA_QUESTIONS,
+            captions=CAPTIONS,
+        )
+        for label, p in (("fp32", "fp32"), ("quantized", "auto"))
+    }
     return {"eval": ev, "train": info, "calibration": calib, "package": str(pkg)}
 
 
@@ -146,13 +197,20 @@ def _print_blip2(r: dict[str, Any]) -> None:
     q = ev["quantized"]["precisions"]
     print()
     rows = [("blip2-tiny", "fp32", f"quantized ({q['vision']} vision/qformer, {q['llm']} llm)")]
-    rows.append(("VQA accuracy", f"{ev['fp32']['vqa_accuracy']:.3f}", f"{ev['quantized']['vqa_accuracy']:.3f}"))
+    rows.append(
+        ("VQA accuracy", f"{ev['fp32']['vqa_accuracy']:.3f}", f"{ev['quantized']['vqa_accuracy']:.3f}")
+    )
     for kind in ("colour", "shape", "count"):
         a, b = ev["fp32"]["vqa_by_kind"].get(kind), ev["quantized"]["vqa_by_kind"].get(kind)
         if a is not None:
             rows.append((f"  {kind}", f"{a:.3f}", f"{b:.3f}"))
-    rows.append(("caption exact-match", f"{ev['fp32']['caption_exact_match']:.3f}",
-                 f"{ev['quantized']['caption_exact_match']:.3f}"))
+    rows.append(
+        (
+            "caption exact-match",
+            f"{ev['fp32']['caption_exact_match']:.3f}",
+            f"{ev['quantized']['caption_exact_match']:.3f}",
+        )
+    )
     print(_table(rows))
     print()
     rows = [("question (quantized model)", "answer", "truth")]

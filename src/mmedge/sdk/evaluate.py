@@ -13,7 +13,7 @@ from mmedge.runtime.retrieval import RetrievalPipeline
 CHUNK = 256
 
 
-def _chunked(fn, items: list) -> np.ndarray:  # noqa: ANN001
+def _chunked(fn, items: list) -> np.ndarray:
     return np.concatenate([fn(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)])
 
 
@@ -26,7 +26,7 @@ def evaluate(pipeline: RetrievalPipeline, data: str, limit: int | None = None) -
     return {"package": runner.manifest.name, "data": data, **evaluate_items(pipeline, items)}
 
 
-def evaluate_items(pipeline: RetrievalPipeline, items: list) -> dict[str, Any]:  # noqa: ANN001 - DataItem
+def evaluate_items(pipeline: RetrievalPipeline, items: list) -> dict[str, Any]:
     """Retrieval metrics on loaded data items (image, text, key)."""
     runner = pipeline.runner
     if any(it.text is None for it in items):
@@ -45,8 +45,9 @@ def _normalise(answer: str) -> str:
     return " ".join(answer.lower().replace(".", " ").replace(",", " ").split())
 
 
-def evaluate_chat(pipeline: Any, data: str = "shapes:100", questions: int = 300, captions: int = 100,
-                  progress: Any = None) -> dict[str, Any]:  # noqa: ANN401 - ChatPipeline (torch-free)
+def evaluate_chat(
+    pipeline: Any, data: str = "shapes:100", questions: int = 300, captions: int = 100, progress: Any = None
+) -> dict[str, Any]:
     """VQA accuracy (colour, shape, count questions) and caption exact-match on synthetic scenes.
 
     A caption is an exact match when the objects it names (size, colour, shape, position) are
@@ -82,10 +83,14 @@ def evaluate_chat(pipeline: Any, data: str = "shapes:100", questions: int = 300,
     total = [x for v in per_kind.values() for x in v]
     runner = pipeline.runner
     return {
-        "task": "chat", "data": data, "questions": len(total),
+        "task": "chat",
+        "data": data,
+        "questions": len(total),
         "vqa_accuracy": round(float(np.mean(total)), 4) if total else None,
         "vqa_by_kind": {k: round(float(np.mean(v)), 4) for k, v in per_kind.items() if v},
-        "captions": len(caps), "caption_exact_match": round(float(np.mean([c[1] for c in caps])), 4) if caps else None,
-        "examples": examples, "caption_examples": [{"caption": c[0], "truth": c[2]} for c in caps[:4]],
+        "captions": len(caps),
+        "caption_exact_match": round(float(np.mean([c[1] for c in caps])), 4) if caps else None,
+        "examples": examples,
+        "caption_examples": [{"caption": c[0], "truth": c[2]} for c in caps[:4]],
         "precisions": {c: runner.precision_of(c) for c in runner.manifest.components},
     }

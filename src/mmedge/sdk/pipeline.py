@@ -13,14 +13,23 @@ from mmedge.runtime.textgen import TextGenerationPipeline
 from mmedge.sdk.store import resolve
 
 
-def Pipeline(name_or_path: str | os.PathLike, backend: str = "ort", precision: str = "auto",  # noqa: N802
-             threads: int = 0, device: str = "cpu") -> RetrievalPipeline | TextGenerationPipeline | ChatPipeline:
+def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
+    name_or_path: str | os.PathLike,
+    backend: str = "ort",
+    precision: str = "auto",
+    threads: int = 0,
+    device: str = "cpu",
+) -> RetrievalPipeline | TextGenerationPipeline | ChatPipeline:
     """Verify a package and return its task pipeline: retrieval (CLIP), generation (causal LMs) or image chat (BLIP-2).
 
     `precision="auto"` takes the best build each component has (int8, then fp16, then fp32).
     """
-    runner = ComponentRunner(resolve(name_or_path), backend=backend, precision=precision,
-                             options=SessionOptions(threads=threads, device=device))
+    runner = ComponentRunner(
+        resolve(name_or_path),
+        backend=backend,
+        precision=precision,
+        options=SessionOptions(threads=threads, device=device),
+    )
     task = runner.manifest.task
     if task == "retrieval":
         return RetrievalPipeline(runner)

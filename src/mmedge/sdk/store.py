@@ -19,7 +19,9 @@ def list_packages() -> list[str]:
     home = model_home()
     if not home.is_dir():
         return []
-    return sorted(p.name for p in home.iterdir() if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file())
+    return sorted(
+        p.name for p in home.iterdir() if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+    )
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -32,5 +34,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         if (q / MANIFEST_NAME).is_file():
             return q
     have = list_packages()
-    hint = f"packages in {model_home()}: {', '.join(have)}" if have else f"the store {model_home()} is empty; run `mmedge demo` or `mmedge export`"
+    hint = (
+        f"packages in {model_home()}: {', '.join(have)}"
+        if have
+        else f"the store {model_home()} is empty; run `mmedge demo` or `mmedge export`"
+    )
     raise ModelNotFoundError(f"no model package {str(name_or_path)!r}; {hint}")

@@ -39,7 +39,9 @@ class OrtSession:
         import onnxruntime as ort
 
         if options.device not in _PROVIDERS:
-            raise UnsupportedError(f"device {options.device!r} not supported; choose from {sorted(_PROVIDERS)}")
+            raise UnsupportedError(
+                f"device {options.device!r} not supported; choose from {sorted(_PROVIDERS)}"
+            )
         wanted = _PROVIDERS[options.device]
         available = ort.get_available_providers()
         if wanted[0] not in available:
@@ -55,7 +57,9 @@ class OrtSession:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not options.spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._sess = ort.InferenceSession(model, sess_options=so, providers=[p for p in wanted if p in available])
+        self._sess = ort.InferenceSession(
+            model, sess_options=so, providers=[p for p in wanted if p in available]
+        )
         self.input_names = tuple(i.name for i in self._sess.get_inputs())
         self.output_names = tuple(o.name for o in self._sess.get_outputs())
         # fixed dims are ints, symbolic ones strings: how a caller tells a build's I/O contract apart
@@ -108,8 +112,9 @@ def ort_target(device: str = "cpu") -> str:
 class OrtBackend:
     name = "ort"
 
-    def load(self, package: Package, component: str, precision: str, options: SessionOptions,
-             variant: str = "") -> OrtSession:
+    def load(
+        self, package: Package, component: str, precision: str, options: SessionOptions, variant: str = ""
+    ) -> OrtSession:
         """Prefer an ORT-optimized build for this ORT version; load verified bytes when self-contained.
 
         `variant` names an extra build of the component (e.g. the LLM's "prefill" build,
@@ -122,7 +127,9 @@ class OrtBackend:
         if built is not None and key in built.files:
             rel = built.files[key]
         elif variant:
-            raise UnsupportedError(f"package {package.manifest.name!r} has no {key!r} build for {ort_target(options.device)}")
+            raise UnsupportedError(
+                f"package {package.manifest.name!r} has no {key!r} build for {ort_target(options.device)}"
+            )
         path = package.path(rel)
         if rel + ".data" in package.manifest.files:  # external data: ORT must read it from disk
             return OrtSession(str(path), options)

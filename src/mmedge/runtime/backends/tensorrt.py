@@ -303,7 +303,7 @@ class TensorRTSession:
                     ctx.set_tensor_address(name, ptrs[-1])
                 if not ctx.execute_async_v3(int(stream)):
                     raise MmedgeError("TensorRT execute_async_v3 failed; the log says why")
-                for (name, out), ptr in zip(outputs.items(), ptrs[len(arrays) :]):
+                for out, ptr in zip(outputs.values(), ptrs[len(arrays) :]):
                     _cuda(
                         cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, stream), "copy from GPU"
                     )
@@ -329,7 +329,7 @@ class TensorRTSession:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001, S110 - at interpreter exit the CUDA runtime may be gone
+        except Exception:
             pass
 
 
