@@ -32,7 +32,7 @@ def setup(work: Path) -> None:
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
     from mmedge.calibration.package import calibrate_package
     from mmedge.export.exporter import export_model
 

@@ -42,7 +42,7 @@ MMEDGE_MODULES = (
     "mmedge.runtime.index",
     "mmedge.runtime.components",
     "mmedge.runtime.retrieval",
-    "mmedge.sdk.store",
+    "mmedge.runtime.store",
     "mmedge.sdk.pipeline",
     "mmedge.sdk",
 )

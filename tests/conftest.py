@@ -27,7 +27,7 @@ def tiny_pkg_session(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) 
 @pytest.fixture(scope="session")
 def chat_pkg_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight blip2-tiny package (int8 encoders, int4 LLM, ORT build): read-only."""
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
     from mmedge.calibration.package import calibrate_package
     from mmedge.export.exporter import export_model
     from mmedge.models.init import init_checkpoint

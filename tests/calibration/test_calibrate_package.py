@@ -67,7 +67,7 @@ def test_impossible_target_keeps_nodes_in_float(tiny_pkg: Path) -> None:
 def test_build_ort_is_used_and_verified(calibrated: tuple[Path, dict], tmp_path: Path) -> None:
     import shutil
 
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
     from mmedge.runtime.backends.ort import ort_target
 
     pkg = tmp_path / "built"
@@ -93,7 +93,7 @@ def test_build_ort_is_used_and_verified(calibrated: tuple[Path, dict], tmp_path:
 def test_building_some_precisions_keeps_the_others(calibrated: tuple[Path, dict], tmp_path: Path) -> None:
     import shutil
 
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
     from mmedge.runtime.backends.ort import ort_target
 
     pkg = tmp_path / "pkg"
@@ -105,8 +105,8 @@ def test_building_some_precisions_keeps_the_others(calibrated: tuple[Path, dict]
 
 
 def test_attention_fusion_is_exact(calibrated: tuple[Path, dict], tmp_path: Path) -> None:
-    from mmedge.calibration.accuracy import ort_session
-    from mmedge.calibration.ort_build import optimize_for_ort
+    from mmedge.builds.ort import optimize_for_ort
+    from mmedge.builds.sessions import ort_session
 
     src = calibrated[0] / "onnx" / "vision.int8.onnx"
     fused, plain = tmp_path / "fused.onnx", tmp_path / "plain.onnx"
@@ -129,8 +129,8 @@ def test_build_refuses_a_graph_that_disagrees_with_its_source(
 ) -> None:
     import shutil
 
-    from mmedge.calibration import ort_build
-    from mmedge.calibration.build import build_package
+    from mmedge.builds import ort as ort_build
+    from mmedge.builds.package import build_package
     from mmedge.errors import IntegrityError
 
     fuse = ort_build.attention_to_qattention
@@ -168,7 +168,7 @@ def test_bad_arguments(tiny_pkg: Path) -> None:
 def test_recalibration_drops_builds_of_the_old_weights(calibrated: tuple[Path, dict], tmp_path: Path) -> None:
     import shutil
 
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
     from mmedge.calibration.package import calibrate_package
     from mmedge.runtime.backends.ort import ort_target
 

@@ -6,9 +6,9 @@ import json
 
 import onnx
 
+from mmedge.builds.ort import optimize_for_ort
+from mmedge.builds.ort_passes import activations_to_uint8
 from mmedge.calibration.accuracy import output_cosine
-from mmedge.calibration.ort_build import optimize_for_ort
-from mmedge.calibration.ort_passes import activations_to_uint8
 from mmedge.calibration.qdq import quantizable_nodes, quantize_int8
 from mmedge.calibration.search import CalibrationResult, calibrate_to_target
 from mmedge.calibration.sensitivity import node_sensitivity

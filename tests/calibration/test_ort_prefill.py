@@ -10,7 +10,7 @@ onnx = pytest.importorskip("onnx")
 
 from onnx import TensorProto, helper, numpy_helper
 
-from mmedge.calibration.ort_prefill import dequantize_nbits, nbits_to_dynamic_int8, per_column_int8
+from mmedge.builds.ort_prefill import dequantize_nbits, nbits_to_dynamic_int8, per_column_int8
 
 
 def _matmulnbits(rng: np.random.Generator, k: int, n: int, block: int, bits: int, zero_points: bool) -> tuple:

@@ -142,7 +142,7 @@ def test_ort_build_with_in_place_cache_matches_transformers(exported, tmp_path: 
     import shutil
 
     from mmedge import sdk
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
     from mmedge.runtime.generation import GenerationConfig
 
     hf, pipe, _ = exported
@@ -250,7 +250,7 @@ def test_weight_only_quantization(exported, tmp_path: Path) -> None:
     import shutil
 
     from mmedge import sdk
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
     from mmedge.calibration.package import calibrate_package
     from mmedge.runtime.package import verify_package
 
@@ -283,7 +283,7 @@ def test_weight_only_quantization(exported, tmp_path: Path) -> None:
 def _check_prefill_builds(pkg: Path, built: dict, ids: list[int]) -> None:
     """Each weight-only build has a prefill build (int8 GEMMs); prompts run through it, decoding
     through the 4-bit build, both bound to one cache; `--no-prefill-build` leaves none behind."""
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
     from mmedge.runtime.components import ComponentRunner
     from mmedge.runtime.generation import PREFILL, LanguageModel
     from mmedge.runtime.package import verify_package

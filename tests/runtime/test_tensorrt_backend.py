@@ -21,6 +21,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import mmedge.builds.tensorrt as trtbuild
 import mmedge.runtime.backends.tensorrt as trtb
 from mmedge.errors import IntegrityError, InvalidInputError, MissingDependencyError, UnsupportedError
 
@@ -59,8 +60,9 @@ def test_module_imports_without_tensorrt_cuda_or_torch():
     code = (
         "import sys\n"
         "for m in ('tensorrt', 'cuda', 'torch'): sys.modules[m] = None\n"
+        "import mmedge.builds.tensorrt as b\n"
         "import mmedge.runtime.backends.tensorrt as t\n"
-        "assert t.TensorRTSession and t.build_engine\n"
+        "assert t.TensorRTSession and b.build_engine\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -68,9 +70,9 @@ def test_module_imports_without_tensorrt_cuda_or_torch():
 def test_build_engine_without_tensorrt_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if not installed, even where it is
     with pytest.raises(MissingDependencyError, match=r"mmedge\[trt\]"):
-        trtb.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", DIMS, "fp16")
+        trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", DIMS, "fp16")
     with pytest.raises(MissingDependencyError, match=r"mmedge\[trt\]"):
-        trtb.engine_target({"workspace": 1})
+        trtbuild.engine_target({"workspace": 1})
 
 
 def test_session_refuses_bytes_with_another_hash_before_tensorrt_sees_them(monkeypatch):
@@ -85,7 +87,7 @@ def test_session_refuses_bytes_with_another_hash_before_tensorrt_sees_them(monke
 )
 def test_bad_dims_and_precision_are_refused_up_front(tmp_path, dims, precision):
     with pytest.raises(InvalidInputError):
-        trtb.build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", dims, precision)
+        trtbuild.build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", dims, precision)
 
 
 # --- build logic against a stand-in of the documented API ---------------------------------
@@ -218,7 +220,7 @@ def test_build_writes_plan_atomically_and_records_settings(tmp_path, fake_trt):
         tmp_path / "engines" / "m.fp16.plan",
         tmp_path / "tc.bin",
     )
-    record = trtb.build_engine(onnx_path, out, DIMS, "fp16", cache, workspace_bytes=1 << 20)
+    record = trtbuild.build_engine(onnx_path, out, DIMS, "fp16", cache, workspace_bytes=1 << 20)
     assert out.read_bytes() == b"PLAN:FP16"
     assert record["sha256"] == hashlib.sha256(b"PLAN:FP16").hexdigest() and record["size"] == 9
     assert (record["backend"], record["version"], record["device"]) == ("tensorrt", "10.3.0.26", "8.7")
@@ -233,34 +235,37 @@ def test_build_writes_plan_atomically_and_records_settings(tmp_path, fake_trt):
 def test_build_int8_sets_int8_and_reuses_or_replaces_the_timing_cache(tmp_path, fake_trt):
     cache = tmp_path / "tc.bin"
     cache.write_bytes(b"old")
-    trtb.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "a.plan", DIMS, "int8", cache)
+    trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "a.plan", DIMS, "int8", cache)
     assert (tmp_path / "a.plan").read_bytes() == b"PLAN:INT8" and cache.read_bytes() == b"old+tuned"
     cache.write_bytes(b"other-gpu")
-    trtb.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "b.plan", DIMS, "fp32", cache)
+    trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "b.plan", DIMS, "fp32", cache)
     assert (tmp_path / "b.plan").read_bytes() == b"PLAN:" and cache.read_bytes() == b"+tuned"
 
 
 def test_build_errors_name_what_is_wrong(tmp_path, fake_trt):
     good = _onnx(tmp_path / "m.onnx")
     with pytest.raises(UnsupportedError, match=r"(?s)cannot parse bad.onnx.*Bernoulli"):
-        trtb.build_engine(_onnx(tmp_path / "bad.onnx", bad=True), tmp_path / "m.plan", DIMS, "fp32")
+        trtbuild.build_engine(_onnx(tmp_path / "bad.onnx", bad=True), tmp_path / "m.plan", DIMS, "fp32")
     with pytest.raises(InvalidInputError, match="dynamic shapes"):
-        trtb.build_engine(good, tmp_path / "m.plan", {}, "fp32")
+        trtbuild.build_engine(good, tmp_path / "m.plan", {}, "fp32")
     with pytest.raises(InvalidInputError, match="not inputs"):
-        trtb.build_engine(good, tmp_path / "m.plan", {**DIMS, "pixel_values": ((1,), (1,), (1,))}, "fp32")
+        trtbuild.build_engine(good, tmp_path / "m.plan", {**DIMS, "pixel_values": ((1,), (1,), (1,))}, "fp32")
     with pytest.raises(InvalidInputError, match="does not fit"):
-        trtb.build_engine(good, tmp_path / "m.plan", {"x": ((1, 2), (2, 2), (8, 2))}, "fp32")
+        trtbuild.build_engine(good, tmp_path / "m.plan", {"x": ((1, 2), (2, 2), (8, 2))}, "fp32")
     with pytest.raises(InvalidInputError, match="does not exist"):
-        trtb.build_engine(tmp_path / "missing.onnx", tmp_path / "m.plan", DIMS, "fp32")
+        trtbuild.build_engine(tmp_path / "missing.onnx", tmp_path / "m.plan", DIMS, "fp32")
     assert not (tmp_path / "m.plan").exists()
 
 
 def test_engine_target_names_gpu_tensorrt_and_settings(fake_trt):
-    a, b = trtb.engine_target({"workspace": 1, "opt": 3}), trtb.engine_target({"opt": 3, "workspace": 1})
+    a, b = (
+        trtbuild.engine_target({"workspace": 1, "opt": 3}),
+        trtbuild.engine_target({"opt": 3, "workspace": 1}),
+    )
     assert re.fullmatch(r"sm87-trt10\.3-[0-9a-f]{8}", a) and a == b
-    assert trtb.engine_target({"workspace": 2}) != a
+    assert trtbuild.engine_target({"workspace": 2}) != a
     with pytest.raises(InvalidInputError):
-        trtb.engine_target({"path": object()})
+        trtbuild.engine_target({"path": object()})
 
 
 # --- real TensorRT on a GPU ------------------------------------------------------------
@@ -278,7 +283,7 @@ def gpu():
 @pytest.mark.trt
 def test_real_build_and_run_fp32_matches_numpy(tmp_path, gpu):
     onnx_path = _onnx(tmp_path / "m.onnx")
-    record = trtb.build_engine(onnx_path, tmp_path / "m.plan", DIMS, "fp32", tmp_path / "tc.bin")
+    record = trtbuild.build_engine(onnx_path, tmp_path / "m.plan", DIMS, "fp32", tmp_path / "tc.bin")
     assert record["device"] == gpu and (tmp_path / "tc.bin").stat().st_size > 0
     session = trtb.TensorRTSession((tmp_path / "m.plan").read_bytes(), record["sha256"])
     assert session.input_names == ("x",) and session.output_names == ("y",)
@@ -297,7 +302,7 @@ def test_real_build_and_run_fp32_matches_numpy(tmp_path, gpu):
 @pytest.mark.trt
 def test_real_fp16_session_is_thread_safe(tmp_path, gpu):
     onnx_path = _onnx(tmp_path / "m.onnx")
-    record = trtb.build_engine(onnx_path, tmp_path / "m.plan", DIMS, "fp16")
+    record = trtbuild.build_engine(onnx_path, tmp_path / "m.plan", DIMS, "fp16")
     session = trtb.TensorRTSession((tmp_path / "m.plan").read_bytes(), record["sha256"])
     failures = []
 
@@ -313,7 +318,7 @@ def test_real_fp16_session_is_thread_safe(tmp_path, gpu):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert failures == []
-    assert re.fullmatch(r"sm\d+-trt\d+\.\d+-[0-9a-f]{8}", trtb.engine_target({"precision": "fp16"}))
+    assert re.fullmatch(r"sm\d+-trt\d+\.\d+-[0-9a-f]{8}", trtbuild.engine_target({"precision": "fp16"}))
 
 
 def test_backend_refuses_engines_of_another_tensorrt_or_gpu(fake_trt):

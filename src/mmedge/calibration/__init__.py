@@ -1,4 +1,4 @@
-"""ONNX -> INT8: explicit Q/DQ quantization, accuracy checks, sensitivity search, ORT CPU builds.
+"""ONNX -> INT8: explicit Q/DQ quantization, accuracy checks, sensitivity search, weight-only LLMs.
 
 Works on ONNX files only (no model families). Public API:
 
@@ -6,11 +6,9 @@ Works on ONNX files only (no model families). Public API:
 - `output_cosine(fp32_path, q_path, feeds)`: per-output mean cosine, fp32 vs quantized, ORT CPU.
 - `calibrate_to_target(...) -> CalibrationResult`: keep the most sensitive nodes in float until the
   target cosine holds.
-- `optimize_for_ort(in_path, out_path)`: the `build --backend ort` graph (may hold com.microsoft ops).
 """
 
 from mmedge.calibration.accuracy import output_cosine
-from mmedge.calibration.ort_build import optimize_for_ort
 from mmedge.calibration.qdq import METHODS, quantizable_nodes, quantize_int8
 from mmedge.calibration.search import CalibrationResult, calibrate_to_target
 
@@ -18,7 +16,6 @@ __all__ = [
     "METHODS",
     "CalibrationResult",
     "calibrate_to_target",
-    "optimize_for_ort",
     "output_cosine",
     "quantizable_nodes",
     "quantize_int8",

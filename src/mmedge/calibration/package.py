@@ -45,7 +45,7 @@ def _feeds(pkg: Package, kind: str, items: list) -> list[dict[str, np.ndarray]]:
             ids, mask = tok.encode_batch([it.text for it in items[i : i + FEED_BATCH]])
             feeds.append({"input_ids": ids, "attention_mask": mask})
     elif kind.startswith("images:"):  # the outputs of an upstream component, itself fed from images
-        from mmedge.calibration.accuracy import ort_session
+        from mmedge.builds.sessions import ort_session
 
         upstream = kind.split(":", 1)[1]
         entry = pkg.manifest.component(upstream)
@@ -75,12 +75,12 @@ def calibrate_package(
     components (an LLM): block-wise INT4 and/or INT8 weights (`weight_bits`), each measured
     against fp32 (logits cosine, next-token agreement) on the data's texts.
     """
-    from mmedge.calibration.build import without_builds_of
+    from mmedge.builds.package import without_builds_of
     from mmedge.calibration.search import calibrate_to_target
     from mmedge.data import load_data
     from mmedge.export.package_writer import write_manifest
     from mmedge.export.trt_lint import lint_model
-    from mmedge.sdk.store import resolve
+    from mmedge.runtime.store import resolve
 
     say = progress or log.info
     if not 0.0 <= target_cosine <= 1.0:
@@ -195,9 +195,9 @@ def _measure_weight_only(
     pkg: Package, manifest: Manifest, texts: list[str], report: dict[str, Any], say: Callable[[str], None]
 ) -> Manifest:
     """Logits cosine and next-token agreement of each weight-only LLM precision against fp32."""
-    from mmedge.calibration.accuracy import row_cosine
     from mmedge.runtime.components import ComponentRunner
     from mmedge.runtime.generation import LanguageModel
+    from mmedge.runtime.metrics import row_cosine
 
     llm = manifest.components.get("llm")
     weight_only = [
@@ -236,9 +236,9 @@ def _measure_weight_only(
 
 def _task_metric(pkg: Package, items: list) -> dict[str, Any]:
     """The task metric fp32 vs int8 on the held-back samples (retrieval recall when texts exist)."""
+    from mmedge.evaluation.tasks import evaluate_items
     from mmedge.runtime.components import ComponentRunner
     from mmedge.runtime.retrieval import RetrievalPipeline
-    from mmedge.sdk.evaluate import evaluate_items
 
     if pkg.manifest.task != "retrieval" or any(it.text is None for it in items):
         return {"skipped": "needs captions for a retrieval metric"}

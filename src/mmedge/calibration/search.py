@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.calibration.accuracy import compare_outputs, ort_session, run_outputs
-from mmedge.calibration.ort_build import is_x86
+from mmedge.builds.ort import is_x86
+from mmedge.builds.sessions import ort_session, run_outputs
+from mmedge.calibration.accuracy import compare_outputs
 from mmedge.calibration.qdq import calibration_method, quantizable_nodes, quantize_int8
 from mmedge.calibration.sensitivity import node_sensitivity
 from mmedge.errors import InvalidInputError

@@ -96,7 +96,7 @@ def node_sensitivity(
     threads: int = 2,
 ) -> dict[str, float]:
     """Local noise-to-signal ratio of each quantized node (higher = keep in float first)."""
-    from mmedge.calibration.accuracy import ort_session
+    from mmedge.builds.sessions import ort_session
 
     model, pairs = add_quantized_twins(fp32, qdq, nodes)
     fix_outputs_types(model, fp32)

@@ -15,7 +15,7 @@ def init_checkpoint(preset: str, out: str | Path, seed: int = 0) -> Path:
     import numpy as np
 
     from mmedge.data import TRAIN_SEED, caption_for, generate_scenes
-    from mmedge.models.tokenizer_train import train_tokenizer
+    from mmedge.data.tokenizer_train import train_tokenizer
 
     family, raw = load_preset(preset)
     rng = np.random.default_rng(seed)

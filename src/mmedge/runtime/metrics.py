@@ -31,3 +31,12 @@ def retrieval_metrics(
     t2i = recall_at_k(sim, keys, keys)
     i2t = recall_at_k(sim.T, keys, keys)
     return {"t2i_r1": t2i[1], "t2i_r5": t2i[5], "i2t_r1": i2t[1], "i2t_r5": i2t[5], "n": len(keys)}
+
+
+def row_cosine(ref: np.ndarray, out: np.ndarray) -> float:
+    """Mean over rows of cosine(ref_row, out_row); two all-zero rows count as identical."""
+    num = (ref * out).sum(axis=1)
+    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    both_zero = (den == 0) & (np.abs(ref).sum(axis=1) == 0) & (np.abs(out).sum(axis=1) == 0)
+    cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(both_zero, 1.0, 0.0))
+    return float(np.mean(cos))

@@ -96,7 +96,7 @@ def check_onnx_file(root: Path, rel: str, manifest: Manifest) -> None:
     """Check opsets against the installed runtime and every external-data reference."""
     import onnx  # base dependency; parsing only, no execution
 
-    from mmedge.runtime.backends.ort import max_supported_opset
+    from mmedge.runtime.opsets import max_supported_opset
 
     try:
         model = onnx.load(str(root / rel), load_external_data=False)

@@ -8,8 +8,8 @@ from mmedge.errors import (
     ModelNotFoundError,
     UnsupportedError,
 )
+from mmedge.runtime.store import list_packages, model_home
 from mmedge.sdk.pipeline import Pipeline
-from mmedge.sdk.store import list_packages, model_home
 
 __all__ = [
     "ConfigError",

@@ -16,7 +16,7 @@ import numpy as np
 
 from mmedge.runtime.backends.base import SessionOptions
 from mmedge.runtime.components import SAMPLE_TEXT, ComponentRunner, sample_feeds
-from mmedge.sdk.store import resolve
+from mmedge.runtime.store import resolve
 
 WARMUP = 3
 BLOCK = 5  # timed runs per engine per round

@@ -33,7 +33,7 @@ def _pipeline(args: argparse.Namespace):
 
 
 def cmd_train(a: argparse.Namespace) -> object:
-    from mmedge.models.clip_train import CLIPTrainSettings, train_clip
+    from mmedge.recipes.clip import CLIPTrainSettings, train_clip
 
     s = CLIPTrainSettings(
         preset=a.preset,
@@ -87,7 +87,7 @@ def cmd_calibrate(a: argparse.Namespace) -> object:
 
 
 def cmd_build(a: argparse.Namespace) -> object:
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
 
     return build_package(a.package, backend=a.backend, precision=a.precision, prefill=not a.no_prefill_build)
 
@@ -116,7 +116,7 @@ def cmd_inspect(a: argparse.Namespace) -> object:
 
 
 def cmd_eval(a: argparse.Namespace) -> object:
-    from mmedge.sdk.evaluate import evaluate, evaluate_chat
+    from mmedge.evaluation.tasks import evaluate, evaluate_chat
 
     p = _pipeline(a)
     if p.runner.manifest.task == "chat":

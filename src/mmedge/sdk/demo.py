@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from mmedge.sdk.store import model_home
+from mmedge.runtime.store import model_home
 
 DEMO_STEPS = 2600  # the time budget binds first on 2 cores
 # Schedules anneal by these deadlines even on a slow machine (seconds).
@@ -45,13 +45,13 @@ def run_demo(
     `steps` / `blip2_steps` cap training steps (tests use a handful); budgets cap the time.
     """
     from mmedge import sdk
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
     from mmedge.calibration.package import calibrate_package
+    from mmedge.evaluation.tasks import evaluate
     from mmedge.export.exporter import export_model
     from mmedge.models.checkpoint import read_checkpoint_meta
-    from mmedge.models.clip_train import CLIPTrainSettings, train_clip
+    from mmedge.recipes.clip import CLIPTrainSettings, train_clip
     from mmedge.sdk.bench import bench
-    from mmedge.sdk.evaluate import evaluate
 
     say = (lambda *_: None) if json_out else print
     home = model_home()
@@ -139,12 +139,12 @@ def _blip2_part(
     clip_ckpt: Any, home: Any, threads: int, steps: int | None, say: Any, n: int, timings: dict[str, float]
 ) -> dict[str, Any]:
     from mmedge import sdk
-    from mmedge.calibration.build import build_package
+    from mmedge.builds.package import build_package
     from mmedge.calibration.package import calibrate_package
+    from mmedge.evaluation.tasks import evaluate_chat
     from mmedge.export.exporter import export_model
-    from mmedge.models.blip2_train import Blip2TrainSettings, train_blip2
     from mmedge.models.checkpoint import read_checkpoint_meta
-    from mmedge.sdk.evaluate import evaluate_chat
+    from mmedge.recipes.blip2 import Blip2TrainSettings, train_blip2
 
     ckpt, pkg = home / "checkpoints" / "blip2-tiny", home / "blip2-tiny"
     t0 = time.perf_counter()

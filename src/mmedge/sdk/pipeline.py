@@ -9,8 +9,8 @@ from mmedge.runtime.backends.base import SessionOptions
 from mmedge.runtime.chat import ChatPipeline
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.retrieval import RetrievalPipeline
+from mmedge.runtime.store import resolve
 from mmedge.runtime.textgen import TextGenerationPipeline
-from mmedge.sdk.store import resolve
 
 
 def Pipeline(  # noqa: N802 - a factory that reads as the class users expect

@@ -1,4 +1,4 @@
-"""Native TensorRT backend: build engines from ONNX and run them (TensorRT 10 Python API + cuda-python).
+"""Native TensorRT backend: run engines that mmedge built (TensorRT 10 Python API + cuda-python).
 
 Engines (`.plan`) are executable artifacts tied to one TensorRT version and one GPU architecture, so
 they live under `engines/<target>/` where the target names both (see `engine_target`), and a session
@@ -13,26 +13,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
-import json
 import logging
-import os
-import tempfile
 import threading
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from mmedge.errors import IntegrityError, InvalidInputError, MmedgeError, UnsupportedError, require
-from mmedge.runtime.package import sha256_file
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "fp16", "int8")
-# INT8 comes from the explicit Q/DQ nodes of the int8 ONNX; the flag lets TensorRT run them in INT8.
-# Layers outside Q/DQ pairs stay FP32 (no implicit calibration: TensorRT 10 deprecates it).
-_FLAGS = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8",)}
-DEFAULT_WORKSPACE = 2 << 30  # bytes; Jetson Orin Nano has 8 GiB shared with the CPU
 
 
 def _trt():
@@ -85,143 +73,6 @@ def compute_capability() -> str:
     major = _cuda(cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, dev), "device query")
     minor = _cuda(cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, dev), "device query")
     return f"{major}.{minor}"
-
-
-def engine_target(settings: dict) -> str:
-    """Engine directory name for this GPU, this TensorRT and these build settings: "sm87-trt10.3-1a2b3c4d"."""
-    try:
-        blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
-    except TypeError as exc:
-        raise InvalidInputError(
-            f"engine settings must be JSON values (str, number, list, dict): {exc}"
-        ) from None
-    trt_minor = ".".join(_trt().__version__.split(".")[:2])
-    sm = compute_capability().replace(".", "")
-    return f"sm{sm}-trt{trt_minor}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-
-
-def _check_dims(dims: dict) -> dict[str, list[list[int]]]:
-    out = {}
-    for name, shapes in dims.items():
-        try:
-            lo, opt, hi = ([int(d) for d in s] for s in shapes)
-        except (TypeError, ValueError):
-            raise InvalidInputError(
-                f"dims[{name!r}] must be (min_shape, opt_shape, max_shape), got {shapes!r}"
-            ) from None
-        if not len(lo) == len(opt) == len(hi) or not all(0 < a <= b <= c for a, b, c in zip(lo, opt, hi)):
-            raise InvalidInputError(
-                f"dims[{name!r}] = {shapes!r}: need equal ranks and 0 < min <= opt <= max per dim"
-            )
-        out[name] = [lo, opt, hi]
-    return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp name beside `path`, fsync, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def build_engine(
-    onnx_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    dims: dict[str, Sequence[Sequence[int]]],
-    precision: str = "fp16",
-    timing_cache_path: str | os.PathLike | None = None,
-    *,
-    workspace_bytes: int = DEFAULT_WORKSPACE,
-) -> dict:
-    """Build a TensorRT engine from ONNX with one optimization profile; return its build record.
-
-    `dims` maps each dynamic input to its (min, opt, max) shapes. The record holds the TensorRT
-    version, compute capability, settings, the ONNX sha256 and the plan's sha256 and size.
-    """
-    if precision not in PRECISIONS:
-        raise InvalidInputError(f"precision {precision!r} is not one of {PRECISIONS}")
-    profile_dims = _check_dims(dims)
-    trt = _trt()
-    cc = compute_capability()
-    onnx_path, out_path = Path(onnx_path), Path(out_path)
-    if not onnx_path.is_file():
-        raise InvalidInputError(f"ONNX file {str(onnx_path)!r} does not exist")
-    logger = _logger()
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # from the file so external weights resolve
-        errors = "\n".join(f"  {parser.get_error(i)}" for i in range(parser.num_errors))
-        raise UnsupportedError(
-            f"TensorRT cannot parse {onnx_path.name}; run the export lint "
-            f"(mmedge.export.trt_lint) for details. Parser errors:\n{errors}"
-        )
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    for flag in _FLAGS[precision]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    inputs = {t.name: tuple(t.shape) for t in (network.get_input(i) for i in range(network.num_inputs))}
-    if unknown := sorted(set(profile_dims) - set(inputs)):
-        raise InvalidInputError(
-            f"dims name {unknown}, which are not inputs of {onnx_path.name}; inputs: {sorted(inputs)}"
-        )
-    if profile_dims:
-        profile = builder.create_optimization_profile()
-        for name, shape in inputs.items():
-            if name not in profile_dims:
-                if any(d < 0 for d in shape):
-                    raise InvalidInputError(
-                        f"input {name!r} has dynamic shape {shape}; give its (min, opt, max) in dims"
-                    )
-                profile.set_shape(name, shape, shape, shape)
-                continue
-            lo, opt, hi = profile_dims[name]
-            if len(lo) != len(shape) or any(
-                d >= 0 and not lo[i] == opt[i] == hi[i] == d for i, d in enumerate(shape)
-            ):
-                raise InvalidInputError(
-                    f"dims[{name!r}] = {profile_dims[name]} does not fit the input's shape {shape}"
-                )
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    elif dynamic := sorted(n for n, s in inputs.items() if any(d < 0 for d in s)):
-        raise InvalidInputError(f"inputs {dynamic} have dynamic shapes; give their (min, opt, max) in dims")
-    cache = None
-    if timing_cache_path is not None:
-        cache_file = Path(timing_cache_path)
-        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-        if not config.set_timing_cache(cache, False):  # another GPU / TensorRT wrote it: start afresh
-            log.warning("timing cache %s does not match this GPU/TensorRT; starting a new one", cache_file)
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, False)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise UnsupportedError(
-            f"TensorRT failed to build {onnx_path.name} at {precision}; the log above says why"
-        )
-    data = bytes(plan)
-    _atomic_write(out_path, data)
-    if cache is not None:
-        _atomic_write(Path(timing_cache_path), bytes(config.get_timing_cache().serialize()))
-    return {  # "backend", "version", "device" as in the manifest's engine entries
-        "backend": "tensorrt",
-        "version": trt.__version__,
-        "device": cc,
-        "precision": precision,
-        "dims": profile_dims,
-        "workspace_bytes": int(workspace_bytes),
-        "onnx_sha256": sha256_file(onnx_path),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-    }
 
 
 class TensorRTSession:

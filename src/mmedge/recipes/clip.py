@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from mmedge.data.scenes import TRAIN_SEED
+from mmedge.data.tokenizer_train import EOS_ID, PAD_ID, train_tokenizer
 from mmedge.errors import ConfigError
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.clip import CLIP, CLIPConfig
 from mmedge.models.families import load_preset
-from mmedge.models.losses import itc_loss
-from mmedge.models.tokenizer_train import EOS_ID, PAD_ID, train_tokenizer
-from mmedge.models.trainer import TrainConfig, amx_bf16_fast, train
+from mmedge.recipes.losses import itc_loss
+from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast, train
 
 log = logging.getLogger(__name__)
 

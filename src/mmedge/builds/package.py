@@ -49,8 +49,8 @@ def _check_build(source: Path, built: Path, pkg: Package, entry: ComponentEntry,
     Returns the largest output error relative to the output's largest magnitude. (Cosine alone is
     too lenient: on random weights a wrong head count still scores 0.999.)
     """
-    from mmedge.calibration.accuracy import ort_session, run_outputs
-    from mmedge.calibration.ort_build import is_x86
+    from mmedge.builds.ort import is_x86
+    from mmedge.builds.sessions import ort_session, run_outputs
     from mmedge.runtime.components import package_tokenizer, sample_feeds
 
     text = package_tokenizer(pkg) if any(s.name == "input_ids" for s in entry.inputs) else None
@@ -88,7 +88,7 @@ def _check_decoder_build(
     runs as the runtime runs it, present bound to the past buffers, on a cache with a few filled
     slots and garbage after them. Its logits and the entries it writes into the next slots must
     match the portable step's logits and new keys/values; every other slot must stay as it was."""
-    from mmedge.calibration.accuracy import ort_session
+    from mmedge.builds.sessions import ort_session
     from mmedge.runtime.backends.base import SessionOptions
     from mmedge.runtime.backends.ort import OrtSession
 
@@ -166,7 +166,7 @@ def build_package(
     For ORT, a weight-only LLM also gets a prefill build with int8 GEMMs (`ort_prefill`; `prefill`
     False skips it and its extra int8 copy of the weights)."""
     from mmedge.export.package_writer import write_manifest
-    from mmedge.sdk.store import resolve
+    from mmedge.runtime.store import resolve
 
     say = progress or log.info
     pkg = verify_package(resolve(package))
@@ -179,12 +179,12 @@ def build_package(
         if backend == "ort":
             import onnxruntime as ort
 
-            from mmedge.calibration.ort_build import optimize_for_ort
+            from mmedge.builds.ort import optimize_for_ort
             from mmedge.runtime.backends.ort import ort_target
 
             target, version, device = ort_target("cpu"), ort.__version__, "CPUExecutionProvider"
-            from mmedge.calibration.ort_build import MATMULNBITS_ACCURACY_LEVEL
-            from mmedge.calibration.ort_prefill import write_prefill_build
+            from mmedge.builds.ort import MATMULNBITS_ACCURACY_LEVEL
+            from mmedge.builds.ort_prefill import write_prefill_build
             from mmedge.runtime.generation import PREFILL
 
             settings = {
@@ -226,7 +226,7 @@ def build_package(
                             f"built {key} for {target}: {n} int8 GEMMs for prompts (relative error vs source {err:.1e})"
                         )
         else:
-            from mmedge.runtime.backends import tensorrt as trt_backend
+            from mmedge.builds import tensorrt as trt_backend
 
             records = {}
             for name, entry in pkg.manifest.components.items():

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mmedge.calibration.ort_passes import (
+from mmedge.builds.ort_passes import (
     activations_to_uint8,
     attention_to_qattention,
     fold_constant_dequantize,
@@ -115,7 +115,7 @@ def optimize_for_ort(
         if fuse_attention:  # matches only bias-fused projections
             log.info("replaced %d attention blocks by QAttention", attention_to_qattention(optimized))
     if decoder is not None:
-        from mmedge.calibration.ort_decoder import decoder_attention_to_gqa
+        from mmedge.builds.ort_decoder import decoder_attention_to_gqa
 
         log.info(
             "replaced the attention of %d decoder layers by GroupQueryAttention",

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmedge.models import trainer
-from mmedge.models.trainer import TrainConfig, train
+from mmedge.recipes import trainer
+from mmedge.recipes.trainer import TrainConfig, train
 
 
 def _regression_batches() -> itertools.cycle:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mmedge.models.losses import MAX_LOGIT_SCALE, itc_loss
+from mmedge.recipes.losses import MAX_LOGIT_SCALE, itc_loss
 
 
 def _reference(i_f: np.ndarray, t_f: np.ndarray, t: float) -> float:

@@ -44,13 +44,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmedge.data.scenes import EMPTY_SLOT, TRAIN_SEED
+from mmedge.data.tokenizer_train import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 from mmedge.errors import ConfigError
 from mmedge.models.blip2 import Blip2, Blip2Config
 from mmedge.models.blocks import MASK_VALUE
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.families import load_preset
-from mmedge.models.tokenizer_train import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
-from mmedge.models.trainer import TrainConfig, amx_bf16_fast, train
+from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast, train
 
 log = logging.getLogger(__name__)
 IGNORE = -100

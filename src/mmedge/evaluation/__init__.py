@@ -1,0 +1,5 @@
+"""Task metrics of a pipeline on --data: retrieval recall, VQA accuracy and caption match (torch-free)."""
+
+from mmedge.evaluation.tasks import evaluate, evaluate_chat, evaluate_items
+
+__all__ = ["evaluate", "evaluate_chat", "evaluate_items"]
