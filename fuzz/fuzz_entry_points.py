@@ -108,7 +108,7 @@ def _is_mmedge_error(exc: BaseException) -> bool:
 
 
 def valid_manifest() -> str:
-    """A small manifest that parses: one component, one engine, a tokenizer file."""
+    """A small retrieval manifest that parses: two components wired into paths, one engine, a tokenizer."""
     from mmedge.runtime.manifest import (
         ComponentEntry,
         DimRange,
@@ -116,25 +116,71 @@ def valid_manifest() -> str:
         FileEntry,
         Manifest,
         PrecisionEntry,
+        Provenance,
         TensorSpec,
     )
-
-    vision = ComponentEntry(
-        inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, 64, 64)),),
-        outputs=(TensorSpec("image_embeds", "float32", ("batch", 96)),),
-        dims={"batch": DimRange(1, 1, 64)},
-        precisions={"fp32": PrecisionEntry("onnx/v.onnx", {"cosine": 1.0})},
+    from mmedge.runtime.sections import (
+        Path,
+        PipelineConfig,
+        PreprocessConfig,
+        RetrievalConfig,
+        Step,
+        TokenizerConfig,
     )
+
+    batch = {"batch": DimRange(1, 1, 64)}
+    pixels, ids = (
+        TensorSpec("pixel_values", "float32", ("batch", 3, 64, 64)),
+        TensorSpec("input_ids", "int64", ("batch", "sequence")),
+    )
+    mask = TensorSpec("attention_mask", "int64", ("batch", "sequence"))
+    image, text = (
+        TensorSpec("image_embeds", "float32", ("batch", 96)),
+        TensorSpec("text_embeds", "float32", ("batch", 96)),
+    )
+    vision = ComponentEntry(
+        "image_encoder", (pixels,), (image,), batch, {"fp32": PrecisionEntry("onnx/v.onnx", {"cosine": 1.0})}
+    )
+    tower = ComponentEntry(
+        "text_encoder",
+        (ids, mask),
+        (text,),
+        {**batch, "sequence": DimRange(1, 16, 32)},
+        {"fp32": PrecisionEntry("onnx/t.onnx")},
+        "texts",
+        {"input_ids": (0, 256)},
+    )
+    paths = {
+        "image": Path(
+            (Step("vision", {"pixel_values": "pixel_values"}, {"image_embeds": "image_embeds"}),),
+            "image_embeds",
+        ),
+        "text": Path(
+            (
+                Step(
+                    "text",
+                    {"input_ids": "input_ids", "attention_mask": "attention_mask"},
+                    {"text_embeds": "text_embeds"},
+                ),
+            ),
+            "text_embeds",
+        ),
+    }
     return Manifest(
         name="fuzz",
         family="clip",
+        variant="vit",
         task="retrieval",
-        provenance={"by": "fuzz"},
-        preprocess={"image_size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-        tokenizer={"file": "tokenizer.json", "context_length": 32, "pad_id": 0},
-        generation={},
-        files={"onnx/v.onnx": FileEntry("0" * 64, 10), "tokenizer.json": FileEntry("1" * 64, 5)},
-        components={"vision": vision},
+        provenance=Provenance("0.1.0", "none", "1.0", 17, "2026-01-01T00:00:00+00:00", {"by": "fuzz"}),
+        files={
+            n: FileEntry(c * 64, 10)
+            for n, c in (("onnx/v.onnx", "0"), ("onnx/t.onnx", "2"), ("tokenizer.json", "1"))
+        },
+        components={"vision": vision, "text": tower},
+        pipeline=PipelineConfig(paths),
+        preprocess=PreprocessConfig(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        tokenizer=TokenizerConfig("tokenizer.json", 32, 0),
+        retrieval=RetrievalConfig(100.0),
         engines={"ort1.0-cpu": EngineEntry("ort", "1.0", "cpu", {}, {"vision.fp32": "onnx/v.onnx"})},
     ).to_json()
 
@@ -222,7 +268,7 @@ class ExternalDataTarget:
     """ONNX files with fuzzed external-data entries (or raw fuzzed protobuf) against one listed layout."""
 
     def __init__(self, workdir: Path) -> None:
-        from mmedge.runtime.manifest import FileEntry, Manifest
+        from mmedge.runtime.manifest import FileEntry
 
         self.root = workdir / "external_data"
         (self.root / "sub").mkdir(parents=True, exist_ok=True)
@@ -233,7 +279,7 @@ class ExternalDataTarget:
             "w.bin": FileEntry("0" * 64, 64),
             "sub/v.bin": FileEntry("0" * 64, 16),
         }
-        self.manifest = Manifest("fuzz", "clip", "retrieval", {}, {}, {}, {}, files, {})
+        self.files = files
 
     def model_bytes(self, inp: Input) -> bytes:
         from onnx import TensorProto, helper
@@ -284,7 +330,7 @@ class ExternalDataTarget:
 
         (self.root / "m.onnx").write_bytes(self.model_bytes(Input(data)))
         try:
-            check_onnx_file(self.root, "m.onnx", self.manifest)
+            check_onnx_file(self.root, "m.onnx", self.files)
         except MmedgeError:
             return
         self._assert_inside()
@@ -489,7 +535,9 @@ def make_target(
         from mmedge.runtime.manifest import MANIFEST_NAME, parse_manifest
 
         t = parse_manifest((package / MANIFEST_NAME).read_bytes()).tokenizer
-        return TokenizerTarget((package / t["file"]).read_text(), int(t["context_length"]), t.get("pad_id"))
+        if t is None:
+            raise SystemExit(f"{package} has no tokenizer to fuzz")
+        return TokenizerTarget((package / t.file).read_text(), t.context_length, t.pad_id)
     return ParamsTarget(package)
 
 

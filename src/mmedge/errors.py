@@ -31,6 +31,10 @@ class MissingDependencyError(MmedgeError, ImportError):
     """An optional library is needed; the message names the extra to install."""
 
 
+class UnbuiltPrecisionWarning(UserWarning):
+    """A quantized precision runs without its backend build (correct, but slower than it should be)."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise an error naming the extra that provides it."""
     import importlib

@@ -10,7 +10,7 @@ import pytest
 
 from mmedge import sdk
 from mmedge.data import generate_scenes
-from mmedge.errors import InvalidInputError
+from mmedge.errors import InvalidInputError, UnbuiltPrecisionWarning
 from mmedge.runtime.package import verify_package
 
 
@@ -54,7 +54,7 @@ def test_impossible_target_keeps_nodes_in_float(tiny_pkg: Path) -> None:
     from mmedge.calibration.package import calibrate_package
 
     report = calibrate_package(
-        tiny_pkg, "train-shapes:20", samples=12, target_cosine=0.999999, components=["vision"]
+        tiny_pkg, "train-shapes:20", samples=12, target_cosine=0.999999, components=["vision"], build=None
     )
     rec = report["components"]["vision"]
     assert rec["float_nodes"], "an unreachable target must keep some nodes in float"
@@ -144,12 +144,11 @@ def test_build_refuses_a_graph_that_disagrees_with_its_source(
 
     pkg = tmp_path / "pkg"
     shutil.copytree(calibrated[0], pkg)
-    before = {p.name: p.read_bytes() for p in (pkg / "onnx").iterdir()}
+    before = {p.relative_to(pkg): p.read_bytes() for p in pkg.rglob("*") if p.is_file()}
     monkeypatch.setattr(ort_build, "attention_to_qattention", wrong_heads)
     with pytest.raises(IntegrityError, match="disagrees with its source"):
         build_package(pkg, backend="ort", precision="int8")
-    assert not (pkg / "builds").exists()
-    assert {p.name: p.read_bytes() for p in (pkg / "onnx").iterdir()} == before
+    assert {p.relative_to(pkg): p.read_bytes() for p in pkg.rglob("*") if p.is_file()} == before
     verify_package(pkg)
 
 
@@ -175,7 +174,9 @@ def test_recalibration_drops_builds_of_the_old_weights(calibrated: tuple[Path, d
     pkg = tmp_path / "pkg"
     shutil.copytree(calibrated[0], pkg)
     build_package(pkg, backend="ort")
-    calibrate_package(pkg, "train-shapes:40", samples=16, target_cosine=0.99, components=["vision"])
+    calibrate_package(
+        pkg, "train-shapes:40", samples=16, target_cosine=0.99, components=["vision"], build=None
+    )
     files = verify_package(pkg).manifest.engines[ort_target()].files
     assert set(files) == {
         "vision.fp32",
@@ -183,5 +184,22 @@ def test_recalibration_drops_builds_of_the_old_weights(calibrated: tuple[Path, d
         "text.int8",
     }  # vision.int8 was built from the old weights
     assert not list(pkg.glob("builds/*/vision.int8.onnx"))
-    p = sdk.Pipeline(str(pkg), precision="int8")  # runs the new Q/DQ file until it is built again
-    assert p.embed_images([generate_scenes(1, seed=0)[0].image]).shape[0] == 1
+    with pytest.warns(UnbuiltPrecisionWarning, match="mmedge build"):
+        p = sdk.Pipeline(str(pkg), precision="int8")  # runs the new Q/DQ file until it is built again
+        assert p.embed_images([generate_scenes(1, seed=0)[0].image]).shape[0] == 1
+    build_package(pkg, backend="ort")
+    assert "vision.int8" in verify_package(pkg).manifest.engines[ort_target()].files
+
+
+def test_calibrate_builds_for_ort_by_default(calibrated: tuple[Path, dict]) -> None:
+    """The fast path is the default: calibrate builds, so int8 never runs unbuilt (slower than fp32)."""
+    import warnings
+
+    from mmedge.runtime.backends.ort import ort_target
+
+    pkg, report = calibrated
+    files = verify_package(pkg).manifest.engines[ort_target()].files
+    assert {"vision.int8", "text.int8"} <= set(files) and report["build"]["backend"] == "ort"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnbuiltPrecisionWarning)
+        sdk.Pipeline(str(pkg), precision="int8").embed_images([generate_scenes(1, seed=0)[0].image])

@@ -20,8 +20,8 @@ def test_manifest_records_parity_and_lint(tiny_pkg_session: Path) -> None:
         parity = m.components[name].precisions["fp32"].parity
         assert parity["passed"] and parity["max_abs_err"] < 1e-4 and parity["cosine"] > 0.99999
         assert parity["trt_lint_ok"] is True
-    assert m.provenance["opset"] >= 17 and m.provenance["source"]["kind"] == "mmedge"
-    assert m.tokenizer["file"] in m.files
+    assert m.provenance.opset >= 17 and m.provenance.source["kind"] == "mmedge"
+    assert m.tokenizer is not None and m.tokenizer.file in m.files
     for rel, entry in m.files.items():
         assert (tiny_pkg_session / rel).stat().st_size == entry.size
 

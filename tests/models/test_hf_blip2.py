@@ -68,6 +68,7 @@ def blip2(tmp_path_factory: pytest.TempPathFactory):
         hf.query_tokens.normal_(0, 1.0)
         hf.language_projection.weight.normal_(0, 0.5)
     hf.save_pretrained(root / "src")
+    transformers.BlipImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(root / "src")
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t3"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(root / "src" / "tokenizer.json"))
@@ -91,11 +92,21 @@ def test_components_and_manifest(blip2) -> None:
     m = pipe.runner.manifest
     assert m.family == "blip2" and m.task == "chat"
     assert sorted(m.components) == ["embed", "llm", "projector", "qformer", "vision"]
+    # this tokenizer adds no BOS when encoding, so the prompt has none either (as HF's processor)
     assert (
-        m.generation["prompt_template"] == "Question: {} Answer:"
-        and m.generation["num_query_tokens"] == QUERIES
+        m.prompt.first_turn == "{image}Question: {prompt} Answer:"
+        and m.prompt.turn == " Question: {prompt} Answer:"
     )
-    assert m.preprocess["resize"] == "exact"
+    assert m.pipeline.image_tokens.count == QUERIES
+    assert [s.component for s in m.pipeline.paths["image"].steps] == ["vision", "qformer", "projector"]
+    assert {c.role for c in m.components.values()} == {
+        "image_encoder",
+        "image_resampler",
+        "image_projector",
+        "token_embed",
+        "llm_step",
+    }
+    assert m.preprocess.resize == "exact"
     assert all(c.precisions["fp32"].parity["trt_lint_ok"] for c in m.components.values())
 
 
@@ -194,7 +205,7 @@ def test_caption_stream_and_bad_input(blip2) -> None:
 
 def test_import_refuses_unsupported_blip2() -> None:
     from mmedge.errors import UnsupportedError
-    from mmedge.models.hf_import import _blip2_config
+    from mmedge.models.blip2.hf import blip2_config as _blip2_config
 
     cfg = {
         "vision_config": {},

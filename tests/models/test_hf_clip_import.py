@@ -87,6 +87,7 @@ class Case:
     legacy_eos: bool = False  # config eos_token_id == 2: HF pools at argmax(input_ids)
     processor: dict[str, Any] = field(default_factory=dict)
     shards: bool = False  # save with a sharded safetensors index
+    whole_processor: bool = False  # save a whole CLIPProcessor (transformers 5: processor_config.json only)
 
 
 CASES = [
@@ -109,6 +110,14 @@ CASES = [
     ),
     Case("mixed-act", vision_act="gelu", text_act="quick_gelu", layers=1),
     Case("legacy-eos2", layers=1, legacy_eos=True),
+    Case(
+        "whole-processor-size40-mean",
+        image_size=40,
+        patch_size=8,
+        layers=1,
+        processor={"image_mean": [0.45, 0.5, 0.55], "image_std": [0.3, 0.2, 0.25]},
+        whole_processor=True,
+    ),
 ]
 
 
@@ -156,8 +165,11 @@ def _save(root: Path, case: Case, model, tok):
     s = case.image_size
     proc = ImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, **case.processor)
     model.save_pretrained(root, **({"max_shard_size": "40KB"} if case.shards else {}))
-    tok.save_pretrained(root)
-    proc.save_pretrained(root)
+    if case.whole_processor:
+        transformers.CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(root)
+    else:
+        tok.save_pretrained(root)
+        proc.save_pretrained(root)
     return proc
 
 
@@ -194,10 +206,12 @@ def test_embeddings_match_transformers(case: Case, tok, tmp_path: Path) -> None:
     model = _hf_model(case, tok)
     hf_dir = tmp_path / "hf"
     proc = _save(hf_dir, case, model, tok)
-    assert (hf_dir / "tokenizer.json").is_file() and (hf_dir / "preprocessor_config.json").is_file()
+    processor_file = "processor_config.json" if case.whole_processor else "preprocessor_config.json"
+    assert (hf_dir / "tokenizer.json").is_file() and (hf_dir / processor_file).is_file()
+    assert case.whole_processor != (hf_dir / "preprocessor_config.json").is_file()
     assert (hf_dir / "model.safetensors.index.json").is_file() == case.shards
     manifest = export_model(hf_dir, tmp_path / "pkg")
-    assert manifest.family == "clip" and manifest.provenance["source"]["kind"] == "hf"
+    assert manifest.family == "clip" and manifest.provenance.source["kind"] == "hf"
     p = sdk.Pipeline(tmp_path / "pkg", precision="fp32")
 
     images = _images(case.image_size)
@@ -239,6 +253,33 @@ def test_image_sources_match_arrays(base_dir: Path, tmp_path: Path) -> None:
     Image.fromarray(arr).save(png)
     got = p.embed_images([arr, str(png), png.read_bytes(), Image.open(png)])
     assert np.allclose(got, got[0], atol=1e-6)
+
+
+def test_zero_shot_probabilities_match_transformers(base_dir: Path, tmp_path: Path, tok) -> None:
+    """The learned temperature reaches classify(): probabilities == logits_per_image.softmax(-1)."""
+    model = transformers.CLIPModel.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.2)  # not the init value, so a default temperature would show
+    hf_dir = tmp_path / "hf"
+    _save(hf_dir, CASES[0], model, tok)
+    p = sdk.Pipeline(_export(hf_dir, tmp_path), precision="fp32")
+    labels = ["a red cat", "a photo", "cat to the photo of red"]
+    proc = transformers.CLIPProcessor.from_pretrained(hf_dir)
+    for image in _images(32)[:3]:
+        got = {r.label: r.score for r in p.classify(image, labels, templates=["{}"])}
+        enc = proc(text=labels, images=[image], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            ref = model(**enc).logits_per_image.softmax(-1)[0].numpy()
+        assert np.abs(np.array([got[lab] for lab in labels]) - ref).max() < 1e-4, (got, ref)
+        assert ref.max() - ref.min() > 0.05  # the labels really score apart
+
+
+def test_missing_image_processor_is_refused(base_dir: Path, tmp_path: Path) -> None:
+    """Neither preprocessor_config.json nor processor_config.json: refuse rather than guess."""
+    root = _broken(base_dir, tmp_path)
+    (root / "preprocessor_config.json").unlink()
+    with pytest.raises(ConfigError, match=r"preprocessor_config\.json nor processor_config\.json"):
+        _export(root, tmp_path)
 
 
 def _export(src: Path, tmp_path: Path, **kw: Any) -> Path:

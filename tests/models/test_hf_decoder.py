@@ -79,8 +79,8 @@ def _prompts(n: int = 3) -> list[list[int]]:
 
 def test_manifest_declares_a_fixed_cache(exported) -> None:
     _, _, manifest = exported
-    g = manifest.generation
-    assert g["max_context"] == 128 and g["layers"] == 2
+    g = manifest.llm
+    assert g.max_context == 128 and g.layers == 2
     llm = manifest.components["llm"]
     past = [s for s in llm.inputs if s.name.startswith("past_key_values.")]
     assert [s.name for s in past[:2]] == ["past_key_values.0.key", "past_key_values.0.value"]

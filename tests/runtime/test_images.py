@@ -151,17 +151,22 @@ def test_preprocess_rejects_bad_input(bad, match):
 
 
 def test_preprocess_config_round_trip_and_validation():
+    from mmedge.errors import IntegrityError
+    from mmedge.runtime.schema import from_json, to_json
+
     cfg = PreprocessConfig(224, CLIP_MEAN, CLIP_STD)
-    data = json.loads(json.dumps(cfg.to_dict()))
+    data = json.loads(json.dumps(to_json(cfg)))
     assert data["mean"] == list(CLIP_MEAN) and data["resize"] == "shortest" and data["crop"] == "center"
-    assert PreprocessConfig.from_dict(data) == cfg
-    # What the family and HF importer write today (no "resample" key) still parses.
-    legacy = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "shortest", "crop": "center"}
-    assert PreprocessConfig.from_dict(legacy).resample == "pil"
-    with pytest.raises(ConfigError, match="unknown preprocess keys"):
-        PreprocessConfig.from_dict({**data, "tiling": True})
-    with pytest.raises(ConfigError, match="missing"):
-        PreprocessConfig.from_dict({"image_size": 224})
+    assert from_json(PreprocessConfig, data, "preprocess") == cfg
+    # Keys with defaults may be left out ("resample" is "pil" then).
+    short = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "shortest", "crop": "center"}
+    assert from_json(PreprocessConfig, short, "preprocess").resample == "pil"
+    with pytest.raises(IntegrityError, match="unknown keys"):
+        from_json(PreprocessConfig, {**data, "tiling": True}, "preprocess")
+    with pytest.raises(IntegrityError, match="missing"):
+        from_json(PreprocessConfig, {"image_size": 224}, "preprocess")
+    with pytest.raises(IntegrityError, match=r"preprocess\.image_size: expected int"):
+        from_json(PreprocessConfig, {**data, "image_size": "224"}, "preprocess")
     for bad in (
         {"image_size": 0},
         {"image_size": 2.5},

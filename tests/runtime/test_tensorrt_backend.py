@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import mmedge.builds.tensorrt as trtbuild
 import mmedge.runtime.backends.tensorrt as trtb
 from mmedge.errors import IntegrityError, InvalidInputError, MissingDependencyError, UnsupportedError
+from mmedge.runtime.backends.base import SessionOptions
 
 DIMS = {"x": ((1, 4), (2, 4), (8, 4))}
 
@@ -329,4 +330,4 @@ def test_backend_refuses_engines_of_another_tensorrt_or_gpu(fake_trt):
     with pytest.raises(
         UnsupportedError, match=r"TensorRT 10\.3\.0\.26 for compute capability 8\.7.*10\.0\.1\.6"
     ):
-        trtb.TensorRTBackend().load(package, "vision", "fp16")
+        trtb.TensorRTBackend().load(package, "vision", "fp16", SessionOptions())

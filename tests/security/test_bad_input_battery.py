@@ -329,7 +329,7 @@ CASES = [
     case(
         "manifest-unknown-key",
         IntegrityError,
-        r"root: unknown keys \['surprise'\]",
+        r"manifest: unknown keys \['surprise'\]",
         lambda e: _open(_edit_manifest(e.pkg(), lambda r: r.update(surprise=1))),
     ),
     case(
@@ -372,8 +372,8 @@ CASES = [
     case(
         "manifest-unknown-schema",
         IntegrityError,
-        r"schema 'mmedge.package/2' is not supported",
-        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r.update(schema="mmedge.package/2"))),
+        r"schema 'mmedge.package/3' is not supported",
+        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r.update(schema="mmedge.package/3"))),
     ),
     case(
         "manifest-is-symlink",
@@ -963,13 +963,13 @@ CASES = [
     case(
         "array-token-id-above-vocab",
         InvalidInputError,
-        r"token ids must be in \[0, 115\), got values in \[1, 1000000\]",
+        r"text.input_ids: values must be in \[0, 115\), got values in \[1, 1000000\]",
         lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.array([[1, 10**6]], np.int64))),
     ),
     case(
         "array-token-id-negative",
         InvalidInputError,
-        r"token ids must be in \[0, 115\), got values in \[-5, 1\]",
+        r"text.input_ids: values must be in \[0, 115\), got values in \[-5, 1\]",
         lambda e: e.pipe.runner.run_batched("text", _text_feeds(np.array([[1, -5]], np.int64))),
     ),
     case(
@@ -1069,14 +1069,14 @@ CASES = [
     case(
         "param-unknown-backend",
         UnsupportedError,
-        r"backend 'tflite' is not supported; choose 'ort' or 'tensorrt'",
+        r"backend 'tflite' is not supported; choose from \['ort', 'tensorrt'\]",
         lambda e: _pipeline(e, backend="tflite"),
     ),
     case(
         "param-unknown-device",
         UnsupportedError,
-        r"device 'tpu' not supported; choose from",
-        lambda e: _pipeline(e, device="tpu").embed_texts(["a red circle"]),
+        r"device 'tpu' is not supported; choose from",
+        lambda e: _pipeline(e, device="tpu"),
     ),
     case(
         "param-threads-negative",

@@ -37,6 +37,7 @@ from mmedge.builds.ort_passes import (
     shapes_skip_qdq,
 )
 from mmedge.errors import InvalidInputError
+from mmedge.runtime.sections import LLMConfig
 from mmedge.runtime.staging import write_atomic
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,11 @@ def optimize_for_ort(
     hidden_size: int = 0,
     fuse_bias: bool = True,
     fuse_attention: bool = True,
-    decoder: dict[str, Any] | None = None,
+    decoder: LLMConfig | None = None,
 ) -> dict[str, int]:
     """Write ORT's offline-optimized graph of `in_path` to `out_path` atomically; return its op counts.
 
-    `decoder` (a manifest's generation section) marks an LLM step: its attention becomes
+    `decoder` (a manifest's `llm` section) marks an LLM step: its attention becomes
     GroupQueryAttention over an in-place cache (`ort_decoder`)."""
     import onnx
     import onnxruntime as ort

@@ -10,7 +10,7 @@ rewrite matches, per layer i,
     past_key_values.i.value -> MatMul -> Add -> Reshape -> Transpose -> Reshape -> attention output
 
 and writes GroupQueryAttention(X, past_key, past_value, seqlens_k, total_sequence_length, cos, sin)
-with the rotary tables of the manifest's rope_theta (Llama style) and scale 1 (the export already
+with the rotary tables of the manifest's `llm.rope_theta` (when set) and scale 1 (the export already
 folded 1/sqrt(D) into q). The step's contract changes: `present.i.*` are now the whole cache,
 (B, Hkv, max_context, D), and when a caller binds them to the same buffers as `past_key_values.i.*`
 GroupQueryAttention writes the new entries into the next free slots itself (slot = position, as
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.export.graph_simplify import graph_index, remove_dead_nodes
+from mmedge.runtime.sections import LLMConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +34,19 @@ IN_PLACE = "in-place"
 
 
 def rotary_tables(max_context: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin caches (max_context, D/2), computed as `DecoderLM._rope` does (float32)."""
+    """cos/sin caches (max_context, D/2), computed as `LlamaForCausalLM.positions` does (float32)."""
     inv = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
     angles = np.arange(max_context, dtype=np.float32)[:, None] * inv[None]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def decoder_attention_to_gqa(model: Any, generation: dict[str, Any]) -> int:
+def decoder_attention_to_gqa(model: Any, llm: LLMConfig) -> int:
     """Rewrite every layer's attention of an exported decoder step (see the module docstring) in
     place; return the number of layers rewritten: all of them, or 0 with the graph untouched."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    layers, hkv, d = int(generation["layers"]), int(generation["kv_heads"]), int(generation["head_dim"])
-    t = int(generation["max_context"])
-    style = generation.get("style")
-    if style not in ("opt", "llama") or (style == "llama" and "rope_theta" not in generation):
-        return 0  # a package exported before these fields were recorded: keep the portable graph
+    layers, hkv, d, t = llm.layers, llm.kv_heads, llm.head_dim, llm.max_context
     inits, producer, consumers = graph_index(graph)
 
     def chain(start: str, ops: tuple[str, ...]) -> Any:
@@ -107,9 +104,9 @@ def decoder_attention_to_gqa(model: Any, generation: dict[str, Any]) -> int:
             numpy_helper.from_array(np.array(1, np.int64), "gqa_one"),
         ]
     )
-    rotary = style == "llama"
-    if rotary:
-        cos, sin = rotary_tables(t, d, float(generation["rope_theta"]))
+    rotary = llm.rope_theta is not None
+    if llm.rope_theta is not None:
+        cos, sin = rotary_tables(t, d, llm.rope_theta)
         graph.initializer.extend(
             [numpy_helper.from_array(cos, "gqa_cos_cache"), numpy_helper.from_array(sin, "gqa_sin_cache")]
         )

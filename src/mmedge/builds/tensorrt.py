@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from mmedge.builds.base import BuildRequest, BuildResult, precisions_to_build, profile
 from mmedge.errors import InvalidInputError, UnsupportedError
 from mmedge.runtime.backends.tensorrt import _logger, _trt, compute_capability
 from mmedge.runtime.package import sha256_file
@@ -148,3 +149,40 @@ def build_engine(
         "sha256": hashlib.sha256(data).hexdigest(),
         "size": len(data),
     }
+
+
+class TensorRTBuilder:
+    """Engines for this GPU and TensorRT, one optimization profile from the manifest's dim ranges."""
+
+    name = "tensorrt"
+
+    def build(self, request: BuildRequest) -> BuildResult:
+        import shutil
+
+        pkg, tmp = request.package, request.staging
+        records, files = {}, {}
+        for name, entry in pkg.manifest.components.items():
+            for p in precisions_to_build(entry, request.precision):
+                trt_precision = "int8" if p == "int8" else ("fp16" if p == "fp16" else "fp32")
+                rel = f"engines/pending/{name}.{p}.plan"
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                records[f"{name}.{p}"] = build_engine(
+                    tmp / entry.precisions[p].file,
+                    tmp / rel,
+                    profile(entry),
+                    precision=trt_precision,
+                    timing_cache_path=tmp / "engines" / "timing.cache",
+                )
+                files[f"{name}.{p}"] = rel
+                request.say(f"built {name}.{p} engine ({trt_precision})")
+        if not records:
+            raise UnsupportedError(f"no component has a {request.precision!r} build to compile")
+        first = next(iter(records.values()))
+        settings = {"workspace_bytes": first.get("workspace_bytes")}
+        target = engine_target(settings)
+        final = tmp / "engines" / target
+        if final.exists():  # a rebuild for the same target replaces the old engines
+            shutil.rmtree(final)
+        (tmp / "engines" / "pending").rename(final)
+        files = {k: v.replace("engines/pending/", f"engines/{target}/") for k, v in files.items()}
+        return BuildResult(target, str(first["version"]), str(first["device"]), settings, files, records)

@@ -1,51 +1,80 @@
-"""`mmedge export`: checkpoint or HF directory -> a verified model package, written atomically."""
+"""`mmedge export`: checkpoint or HF directory -> a verified model package, written atomically.
+
+Every declared component is exported and measured against PyTorch; the manifest is assembled from
+the family's declarations: roles, the paths that chain components (built here from declaration
+order and tensor names), and the family's typed sections.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mmedge.errors import IntegrityError
+from mmedge.errors import ConfigError, IntegrityError
 from mmedge.export.onnx_export import DEFAULT_OPSET, example_inputs, export_component
 from mmedge.export.package_writer import write_manifest
 from mmedge.export.parity import measure_parity
-from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry
+from mmedge.models.component import ComponentDecl
+from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry, Provenance
 from mmedge.runtime.package import verify_package
+from mmedge.runtime.sections import PATH_SOURCES, ROLES, PipelineConfig, Step, TokenizerConfig
+from mmedge.runtime.sections import Path as WiredPath
 from mmedge.runtime.staging import staged_dir, write_atomic
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def _versions(opset: int) -> dict[str, str | int]:
+def _versions() -> dict[str, str]:
     import onnx
     import torch
 
     import mmedge
 
-    return {
-        "mmedge": mmedge.__version__,
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "opset": opset,
-    }
+    return {"mmedge": mmedge.__version__, "torch": torch.__version__, "onnx": onnx.__version__}
 
 
-def _parity_feeds(decl, tokenizer_json: str, context_length: int) -> list[dict[str, np.ndarray]]:
-    """Random feeds, plus real tokenised text with padding for text components."""
+def _parity_feeds(
+    decl: ComponentDecl, tokenizer_json: str, context_length: int
+) -> list[dict[str, np.ndarray]]:
+    """Random feeds, plus real tokenised text with padding for text encoders."""
     feeds = [example_inputs(decl, sizes={"batch": 2}, seed=i) for i in range(2)]
-    if {s.name for s in decl.inputs} == {"input_ids", "attention_mask"}:
+    if {s.name for s in decl.inputs} == set(PATH_SOURCES["text"]):
         from mmedge.runtime.texts import TextTokenizer
 
         tok = TextTokenizer.from_json(tokenizer_json, context_length=context_length)
         ids, mask = tok.encode_batch(["a red circle", "a large blue square at the top left and a small star"])
         feeds.append({"input_ids": ids, "attention_mask": mask})
     return feeds
+
+
+def wire_paths(decls: Sequence[ComponentDecl]) -> dict[str, WiredPath]:
+    """The pipeline's paths: components of each path in declaration order, every input bound to
+    the path source or earlier output of the same tensor name; the path yields the last output."""
+    paths: dict[str, WiredPath] = {}
+    for name, sources in PATH_SOURCES.items():
+        members = [d for d in decls if ROLES.get(d.role) == name]
+        if not members:
+            continue
+        values, steps = set(sources), []
+        for d in members:
+            missing = [s.name for s in d.inputs if s.name not in values]
+            if missing:
+                raise ConfigError(
+                    f"component {d.name!r} on the {name!r} path reads {missing}, which neither the path's "
+                    f"sources {list(sources)} nor an earlier component on it produce"
+                )
+            steps.append(
+                Step(d.name, {s.name: s.name for s in d.inputs}, {s.name: s.name for s in d.outputs})
+            )
+            values |= {s.name for s in d.outputs}
+        paths[name] = WiredPath(tuple(steps), members[-1].outputs[0].name)
+    return paths
 
 
 def export_model(
@@ -64,18 +93,21 @@ def export_model(
     say = progress or log.info
     lm = load_source(src, family, allow_pickle)
     out = Path(out)
-    tok_cfg = lm.family.tokenizer(lm.config)
+    decls = lm.family.components(lm.config)
+    for d in decls:
+        if d.role not in ROLES:
+            raise ConfigError(f"component {d.name!r} declares role {d.role!r}; known roles: {sorted(ROLES)}")
+    sections = lm.family.sections(lm.config, lm.model, lm.tokenizer_json)
     components, reports = {}, {"parity": {}, "trt_lint": {}}
     with staged_dir(out) as tmp:
         (tmp / "onnx").mkdir()
         (tmp / "reports").mkdir()
-        for decl in lm.family.components(lm.config):
-            say(f"export {decl.name}")
+        for decl in decls:
+            say(f"export {decl.name} ({decl.role})")
             path = tmp / "onnx" / f"{decl.name}.onnx"
             export_component(lm.model, decl, path, opset)
-            parity = measure_parity(
-                lm.model, decl, path, _parity_feeds(decl, lm.tokenizer_json, tok_cfg["context_length"])
-            )
+            feeds = _parity_feeds(decl, lm.tokenizer_json, sections.context_length)
+            parity = measure_parity(lm.model, decl, path, feeds)
             if not parity["passed"]:
                 raise IntegrityError(
                     f"{decl.name}: ONNX output differs from PyTorch beyond tolerance: {parity}"
@@ -85,14 +117,17 @@ def export_model(
             reports["parity"][decl.name] = parity
             reports["trt_lint"][decl.name] = lint.to_dict()
             say(
-                f"  parity max|err|={parity['max_abs_err']:.2e} cosine={parity['cosine']:.6f} trt-lint={'ok' if lint.ok else 'FAIL'}"
+                f"  parity max|err|={parity['max_abs_err']:.2e} cosine={parity['cosine']:.6f} "
+                f"trt-lint={'ok' if lint.ok else 'FAIL'}"
             )
             components[decl.name] = ComponentEntry(
+                role=decl.role,
                 inputs=decl.inputs,
                 outputs=decl.outputs,
                 dims=decl.dims,
                 precisions={"fp32": PrecisionEntry(file=f"onnx/{decl.name}.onnx", parity=parity)},
                 calibration_data=decl.calibration_data,
+                int_ranges=decl.int_ranges,
             )
         write_atomic(tmp / TOKENIZER_FILE, lm.tokenizer_json)
         for key, rep in reports.items():
@@ -100,18 +135,23 @@ def export_model(
         manifest = Manifest(
             name=name or out.name,
             family=lm.family.name,
-            task=lm.family.task,
-            provenance={
-                **_versions(opset),
-                "source": lm.source,
-                "config": lm.config.to_dict(),
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            },
-            preprocess=lm.preprocess,
-            tokenizer={"file": TOKENIZER_FILE, **tok_cfg},
-            generation=lm.family.generation(lm.config),
+            variant=lm.variant,
+            task=lm.family.task,  # type: ignore[arg-type]  # Family checks it is one of TASKS
+            provenance=Provenance(
+                **_versions(),
+                opset=opset,
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                source=lm.source,
+                config=lm.config.to_dict(),
+            ),
             files={},
             components=components,
+            pipeline=PipelineConfig(paths=wire_paths(decls), image_tokens=sections.image_tokens),
+            preprocess=lm.preprocess,
+            tokenizer=TokenizerConfig(TOKENIZER_FILE, sections.context_length, sections.pad_id),
+            llm=sections.llm,
+            prompt=sections.prompt,
+            retrieval=sections.retrieval,
         )
         manifest = write_manifest(tmp, manifest)
         verify_package(tmp)

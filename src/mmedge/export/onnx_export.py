@@ -10,30 +10,19 @@ import torch
 
 from mmedge.export.graph_simplify import simplify
 from mmedge.models.component import ComponentDecl
+from mmedge.runtime.feeds import sample_feeds
 from mmedge.runtime.manifest import TensorSpec
 
 DEFAULT_OPSET = 17
 # Protobuf cannot hold more than 2 GB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
-
 
 def example_inputs(
     decl: ComponentDecl, sizes: dict[str, int] | None = None, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Random inputs matching the declaration; symbolic dims take `sizes` or their 'opt' value."""
-    rng = np.random.default_rng(seed)
-    sizes = {**{k: r.opt for k, r in decl.dims.items()}, **(sizes or {})}
-    out = {}
-    for spec in decl.inputs:
-        shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
-        if spec.dtype.startswith("float"):
-            out[spec.name] = rng.standard_normal(shape).astype(_NP[spec.dtype])
-        else:
-            lo, hi = decl.int_ranges.get(spec.name, (0, 2))
-            out[spec.name] = rng.integers(lo, hi, size=shape).astype(_NP[spec.dtype])
-    return out
+    """Sample inputs matching the declaration (`runtime.feeds.sample_feeds`)."""
+    return sample_feeds(decl.inputs, decl.dims, decl.int_ranges, sizes=sizes, seed=seed)
 
 
 def _dynamic_axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:

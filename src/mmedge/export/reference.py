@@ -18,7 +18,7 @@ def torch_reference(
     """A callable running `component` in eager PyTorch on the same named inputs as the ONNX graph."""
     from mmedge.models.sources import load_source
 
-    src = manifest.provenance.get("source", {}).get("path")
+    src = manifest.provenance.source.get("path")
     if not src:
         raise ConfigError(
             f"package {manifest.name!r} records no source checkpoint to rebuild the reference from"

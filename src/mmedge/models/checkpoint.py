@@ -19,7 +19,8 @@ from mmedge.errors import ConfigError, IntegrityError, UnsupportedError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
-FORMAT = "mmedge.checkpoint/1"
+FORMAT = "mmedge.checkpoint/2"
+_V1 = "mmedge.checkpoint/1"  # read and migrated: its configs named decoder variants and vision towers "style"
 
 
 def save_checkpoint(
@@ -29,8 +30,12 @@ def save_checkpoint(
     model: nn.Module,
     tokenizer_json: str | None = None,
     extra: dict[str, Any] | None = None,
+    preprocess: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (staged next to it, then renamed into place)."""
+    """Write a checkpoint directory atomically (staged next to it, then renamed into place).
+
+    `preprocess` (a manifest preprocess section, JSON form) is kept when it is not the family's
+    default, e.g. for a model fine-tuned from an HF directory with its own image processor."""
     from safetensors.torch import save_file
 
     from mmedge.runtime.staging import staged_dir
@@ -44,6 +49,8 @@ def save_checkpoint(
             seen.add(t.data_ptr())
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "family": family})
         meta = {"format": FORMAT, "family": family, "config": config, **(extra or {})}
+        if preprocess is not None:
+            meta["preprocess"] = preprocess
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if tokenizer_json is not None:
             (tmp / TOKENIZER_NAME).write_text(tokenizer_json)
@@ -67,9 +74,23 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     """Read an mmedge checkpoint's config.json (family, config, extras)."""
     p = Path(path) / CONFIG_NAME
     meta = read_json_object(p)
+    if meta.get("format") == _V1 and isinstance(meta.get("config"), dict):
+        meta = {**meta, "format": FORMAT, "config": _migrate_v1(meta["config"])}
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{p} is not an mmedge checkpoint (format {FORMAT!r} expected)")
     return meta
+
+
+def _migrate_v1(config: dict[str, Any]) -> dict[str, Any]:
+    """A v1 config -> v2: a decoder's "style" is its "variant", a BLIP-2 vision "style" its "tower"."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "style" and value in ("opt", "llama"):
+            key = "variant"
+        elif key == "style" and value in ("blip2", "clip"):
+            key = "tower"
+        out[key] = _migrate_v1(value) if isinstance(value, dict) else value
+    return out
 
 
 def load_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

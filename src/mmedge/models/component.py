@@ -1,7 +1,9 @@
 """How a family declares its exportable components once, as data.
 
 Export, parity, calibration, engine build and runtime binding all read these declarations
-(through the manifest); none of them names a family.
+(through the manifest); none of them names a family or a component. A component's `role`
+(`runtime.sections.ROLES`) says what it does; components on a path (image, text) are chained in
+declaration order, each input bound to the earlier output or path source of the same name.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ class ComponentDecl:
     """One exportable graph of a family."""
 
     name: str
+    role: str  # runtime.sections.ROLES
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     dims: dict[str, DimRange]
     build: Callable[[nn.Module], nn.Module]  # model -> module whose forward(*inputs) returns outputs
-    calibration_data: str = "images"  # which --data modality calibrates it: "images" | "texts" | "none"
+    calibration_data: str = "images"  # "images" | "texts": fed through its path; "none": weight-only
     parity_atol: float = 1e-4
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs: [low, high)
 
@@ -41,3 +44,8 @@ class _Bound(nn.Module):
 def bound(attr: str) -> Callable[[nn.Module], nn.Module]:
     """A component builder whose module's forward is `model.<attr>(*inputs)` (a method or submodule)."""
     return lambda model: _Bound(model, attr)
+
+
+def within(attr: str, builder: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
+    """A builder applied to the submodule `model.<attr>` (a family reusing another's declarations)."""
+    return lambda model: builder(getattr(model, attr))

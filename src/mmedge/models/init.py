@@ -1,36 +1,54 @@
-"""Random-weight checkpoints of a preset, for benchmarks where speed does not depend on weights."""
+"""Random-weight checkpoints, for benchmarks and conformance tests where speed does not depend on weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mmedge.models.checkpoint import save_checkpoint
-from mmedge.models.families import load_preset
+from mmedge.models.registry import Family, load_preset
 
 
-def init_checkpoint(preset: str, out: str | Path, seed: int = 0) -> Path:
-    """Write an mmedge checkpoint with random weights and a small trained tokenizer."""
+def tiny_tokenizer_json(generative: bool, seed: int = 0) -> str:
+    """A small BPE tokenizer trained on synthetic scene texts: captions, and for a generating
+    model also the question/answer texts (an LM tokenizer that adds only BOS)."""
     import numpy as np
 
     from mmedge.data import TRAIN_SEED, caption_for, generate_scenes
     from mmedge.data.tokenizer_train import train_tokenizer
 
-    family, raw = load_preset(preset)
     rng = np.random.default_rng(seed)
     scenes = generate_scenes(500, TRAIN_SEED)
-    generative = family.task == "chat"
     texts = [caption_for(s.objects, rng) for s in scenes]
-    if generative:  # an LM tokenizer that also knows the question/answer texts
+    if generative:
         texts += [f"Question: {qa.question} Answer: {qa.answer}" for s in scenes for qa in s.qa]
     tok = train_tokenizer(texts, vocab_size=320 if generative else 256, generation=generative)
-    for part in ("text", "qformer"):  # presets sized by their tokenizer
-        if part in raw and raw[part].get("vocab_size") == 0:
-            raw = {**raw, part: {**raw[part], "vocab_size": tok.get_vocab_size()}}
-    cfg = family.parse_config(raw)
+    return str(tok.to_str())
+
+
+def _fill_vocab(raw: Any, size: int) -> Any:
+    """Every `"vocab_size": 0` in a config means "the tokenizer's size"."""
+    if isinstance(raw, dict):
+        return {k: size if k == "vocab_size" and v == 0 else _fill_vocab(v, size) for k, v in raw.items()}
+    return raw
+
+
+def init_model(
+    family: Family, raw: dict[str, Any], out: str | Path, seed: int = 0, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write an mmedge checkpoint of `family` with config `raw` (JSON form) and random weights."""
+    from tokenizers import Tokenizer
+
+    tokenizer_json = tiny_tokenizer_json(generative=family.task != "retrieval", seed=seed)
+    cfg = family.config_from_dict(_fill_vocab(raw, Tokenizer.from_str(tokenizer_json).get_vocab_size()))
     torch.manual_seed(seed)
     model = family.build(cfg).eval()
-    return save_checkpoint(
-        out, family.name, cfg.to_dict(), model, tok.to_str(), extra={"init": {"preset": preset, "seed": seed}}
-    )
+    return save_checkpoint(out, family.name, cfg.to_dict(), model, tokenizer_json, extra=extra)
+
+
+def init_checkpoint(preset: str, out: str | Path, seed: int = 0) -> Path:
+    """Write an mmedge checkpoint of a named preset with random weights and a small trained tokenizer."""
+    family, raw = load_preset(preset)
+    return init_model(family, raw, out, seed, extra={"init": {"preset": preset, "seed": seed}})

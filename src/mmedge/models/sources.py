@@ -9,7 +9,9 @@ from typing import Any
 from torch import nn
 
 from mmedge.errors import ConfigError
-from mmedge.models.families import Family, get_family
+from mmedge.models.registry import Family, get_family
+from mmedge.runtime.schema import from_json
+from mmedge.runtime.sections import PreprocessConfig
 
 
 @dataclass(frozen=True)
@@ -18,8 +20,12 @@ class LoadedModel:
     config: Any  # the family's frozen config dataclass
     model: nn.Module
     tokenizer_json: str
-    preprocess: dict[str, Any]  # manifest "preprocess" section
+    preprocess: PreprocessConfig | None  # the manifest's "preprocess" section
     source: dict[str, Any]  # provenance: kind, path, weight hashes
+
+    @property
+    def variant(self) -> str:
+        return self.family.variant_of(self.config)
 
 
 def load_source(path: str | Path, family: str | None = None, allow_pickle: bool = False) -> LoadedModel:
@@ -33,39 +39,31 @@ def load_source(path: str | Path, family: str | None = None, allow_pickle: bool 
             f"{root} is not a directory; expected an mmedge checkpoint or an HF model directory"
         )
     if hf_import.is_hf_dir(root):
-        src = hf_import.load_hf(root, allow_pickle=allow_pickle)
-        fam = get_family(family or src.family)
-        cfg = fam.parse_config(src.config)
-        model = fam.build(cfg)
+        src = hf_import.load_hf(root, allow_pickle=allow_pickle, family=family)
+        cfg = src.family.config_from_dict(src.config)
+        model = src.family.build(cfg)
         checkpoint.assign_weights(model, src.state, str(root))
         files = {f.name: sha256_file(f) for f in src.weight_files}
-        return LoadedModel(
-            fam,
-            cfg,
-            model.eval(),
-            src.tokenizer_json,
-            src.preprocess,
-            {"kind": "hf", "path": str(root.resolve()), "weights": files},
-        )
+        source = {"kind": "hf", "path": str(root.resolve()), "weights": files}
+        return LoadedModel(src.family, cfg, model.eval(), src.tokenizer_json, src.preprocess, source)
     meta = checkpoint.read_checkpoint_meta(root)
     fam = get_family(family or meta["family"])
-    cfg = fam.parse_config(meta["config"])
+    cfg = fam.config_from_dict(meta["config"])
     model = fam.build(cfg)
     weights = root / checkpoint.WEIGHTS_NAME
     checkpoint.assign_weights(model, checkpoint.load_weights(weights), str(root))
     tok = root / checkpoint.TOKENIZER_NAME
     if not tok.is_file():
         raise ConfigError(f"{root} has no {checkpoint.TOKENIZER_NAME}")
-    return LoadedModel(
-        fam,
-        cfg,
-        model.eval(),
-        tok.read_text(),
-        fam.preprocess(cfg),
-        {
-            "kind": "mmedge",
-            "path": str(root.resolve()),
-            "weights": {weights.name: sha256_file(weights)},
-            "train": meta.get("train", {}),
-        },
+    # A checkpoint fine-tuned from an HF directory keeps that directory's image preprocessing.
+    recorded = meta.get("preprocess")
+    preprocess = (
+        from_json(PreprocessConfig, recorded, "checkpoint preprocess") if recorded else fam.preprocess(cfg)
     )
+    source = {
+        "kind": "mmedge",
+        "path": str(root.resolve()),
+        "weights": {weights.name: sha256_file(weights)},
+        "train": meta.get("train", {}),
+    }
+    return LoadedModel(fam, cfg, model.eval(), tok.read_text(), preprocess, source)

@@ -46,10 +46,10 @@ from torch.nn import functional as F
 from mmedge.data.scenes import EMPTY_SLOT, TRAIN_SEED
 from mmedge.data.tokenizer_train import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 from mmedge.errors import ConfigError
-from mmedge.models.blip2 import Blip2, Blip2Config
+from mmedge.models.blip2.modeling import Blip2, Blip2Config
 from mmedge.models.blocks import MASK_VALUE
 from mmedge.models.checkpoint import save_checkpoint
-from mmedge.models.families import load_preset
+from mmedge.models.registry import load_preset
 from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast, train
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     """Train blip2-tiny (LM, stage 1, stage 2) on the frozen vision tower of `settings.clip_checkpoint`."""
     from mmedge.data import caption_for, render, sample_objects, scene_slots
     from mmedge.models.sources import load_source
-    from mmedge.runtime.images import PreprocessConfig, preprocess
+    from mmedge.runtime.images import preprocess
 
     t0 = time.perf_counter()
     clip = load_source(settings.clip_checkpoint, family="clip")
@@ -282,12 +282,12 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
         "qformer": {**raw["qformer"], "vocab_size": tok.get_vocab_size(), "encoder_hidden": v.width},
         "text": {**raw["text"], "vocab_size": tok.get_vocab_size()},
     }
-    cfg: Blip2Config = family.parse_config(raw)
+    cfg: Blip2Config = family.config_from_dict(raw)
     torch.manual_seed(settings.seed)
     model = Blip2(cfg)
     model.vision_model.load_state_dict(clip.model.vision_model.state_dict())
     model.vision_model.requires_grad_(False)
-    pre = PreprocessConfig.from_dict(family.preprocess(cfg))
+    pre = family.preprocess(cfg)
     context = cfg.text.max_context - cfg.qformer.num_query_tokens
     b = settings.batch_size
     info: dict[str, object] = {}

@@ -15,8 +15,8 @@ from mmedge.data.scenes import TRAIN_SEED
 from mmedge.data.tokenizer_train import EOS_ID, PAD_ID, train_tokenizer
 from mmedge.errors import ConfigError
 from mmedge.models.checkpoint import save_checkpoint
-from mmedge.models.clip import CLIP, CLIPConfig
-from mmedge.models.families import load_preset
+from mmedge.models.clip.modeling import CLIP, CLIPConfig
+from mmedge.models.registry import load_preset
 from mmedge.recipes.losses import itc_loss
 from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast, train
 
@@ -75,7 +75,6 @@ def train_clip(
 ) -> Path:
     """Train `settings.preset` on synthetic scenes and save a checkpoint directory at `out`."""
     from mmedge.data import caption_for, generate_scenes
-    from mmedge.runtime.images import PreprocessConfig
     from mmedge.runtime.texts import TextTokenizer
 
     if not 0 <= settings.hard_negatives < settings.batch_size:
@@ -95,9 +94,9 @@ def train_clip(
             "pad_token_id": PAD_ID,
         },
     }
-    cfg: CLIPConfig = family.parse_config(raw)
+    cfg: CLIPConfig = family.config_from_dict(raw)
     tokenizer = TextTokenizer.from_json(tok.to_str(), context_length=cfg.text.context_length, pad_id=PAD_ID)
-    pre = PreprocessConfig.from_dict(family.preprocess(cfg))
+    pre = family.preprocess(cfg)
     log.info("trained a %d-token tokenizer in %.1fs", tok.get_vocab_size(), time.perf_counter() - t0)
     torch.manual_seed(settings.seed)
     model = CLIP(cfg)

@@ -1,7 +1,8 @@
-"""Image chat and captioning (BLIP-2-style packages): vision -> qformer -> projector -> LLM.
+"""Image chat and captioning: the image path's embeddings placed where the prompt template puts them.
 
-- The image prefix (the LLM embeddings of an image) is cached per image, so several questions on
-  one image run the vision tower once.
+- The image's LLM embeddings come from the manifest's `image` path (BLIP-2: vision -> Q-Former ->
+  projector) and are cached per image, so several questions on one image run the encoders once.
+- The prompt template (`sections.PromptConfig`) says where the image goes, anywhere in the prompt.
 - Multi-turn chat keeps each conversation's KV cache: when the next call's `history` is the
   previous history plus the answer this pipeline returned, only the new question is run through
   the LLM. Any other history is rebuilt from scratch (same answer, more compute).
@@ -17,6 +18,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ import numpy as np
 from mmedge.errors import InvalidInputError
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.generation import GenerationConfig, KVCache, LanguageModel, TextStream, stream_text
+from mmedge.runtime.prompts import Item, PromptEncoder
 
 IMAGE_CACHE_SIZE = 16
 CONVERSATION_CACHE_SIZE = 8
@@ -33,7 +36,7 @@ History = Sequence[tuple[str, str]]
 
 class _LRU:
     def __init__(self, size: int):
-        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+        self.size, self.items, self.lock = size, OrderedDict[Any, Any](), threading.Lock()
 
     def get(self, key: Any, pop: bool = False) -> Any:
         with self.lock:
@@ -50,61 +53,62 @@ class _LRU:
                 self.items.popitem(last=False)
 
 
+@dataclass
+class _Conversation:
+    """A kept KV cache and the token ids it holds (image slots as None), for the repetition penalty."""
+
+    cache: KVCache
+    items: list[Item]
+
+
 class ChatPipeline:
     """`caption(image, **gen)` and `chat(image, prompt, history=None, stream=False, **gen)`.
 
     Generation parameters are HF `generate` names (see `GenerationConfig`); the prompt template
-    comes from the manifest (BLIP-2: "Question: {} Answer:").
+    comes from the manifest (BLIP-2: "Question: {prompt} Answer:" after the image).
     """
 
     def __init__(self, runner: ComponentRunner):
         self.runner = runner
         self.lm = LanguageModel(runner)
-        g = runner.manifest.generation
-        self.template = str(g.get("prompt_template", "{}"))
-        self.caption_prompt = str(g.get("caption_prompt", ""))
-        self.prefix_tokens = int(g["num_query_tokens"])  # LLM positions the image prefix takes
+        m = runner.manifest
+        if m.prompt is None or m.pipeline.image_tokens is None:
+            raise InvalidInputError(f"package {m.name!r} is not an image chat package")
+        self.prompts = PromptEncoder(m.prompt, self.lm.config, runner.tokenizer)
+        self.image_tokens = m.pipeline.image_tokens.count  # LLM positions one image takes
         self._images = _LRU(IMAGE_CACHE_SIZE)
         self._conversations = _LRU(CONVERSATION_CACHE_SIZE)
 
+    def __repr__(self) -> str:
+        m = self.runner.manifest
+        return f"ChatPipeline({m.name!r}, family={m.family!r}, backend={self.runner.backend.name!r})"
+
     # -- images ---------------------------------------------------------------------------
     def image_prefix(self, image: Any, channel_order: str = "RGB") -> tuple[str, np.ndarray]:
-        """(key, LLM embeddings (Q, E)) of one image; cached by the preprocessed pixels' hash."""
+        """(key, LLM embeddings (T, E)) of one image; cached by the preprocessed pixels' hash."""
         from mmedge.runtime.images import load_image, preprocess
 
-        if self.runner.preprocess is None:
-            raise InvalidInputError("this package has no image preprocessing; it is not an image chat model")
-        pixels = preprocess(
-            [load_image(image, channel_order=channel_order, limits=self.runner.image_limits)],
-            self.runner.preprocess,
-        )
+        assert self.runner.preprocess is not None  # a chat manifest always has one (checked on load)
+        image_array = load_image(image, channel_order=channel_order, limits=self.runner.image_limits)
+        pixels = preprocess([image_array], self.runner.preprocess)
         key = hashlib.sha256(pixels.tobytes()).hexdigest()
         cached = self._images.get(key)
         if cached is None:
-            feats = self.runner.run_batched("vision", {"pixel_values": pixels})["image_embeds"]
-            query = self.runner.run_batched("qformer", {"image_embeds": feats})["query_output"]
-            cached = self.runner.run_batched("projector", {"query_output": query})["image_prefix"][0]
+            cached = self.runner.run_path("image", {"pixel_values": pixels})[0]
+            if cached.shape[0] != self.image_tokens:
+                raise InvalidInputError(
+                    f"the image path yields {cached.shape[0]} embeddings; the package declares {self.image_tokens}"
+                )
             self._images.put(key, cached)
         return key, cached
 
-    # -- text -----------------------------------------------------------------------------
-    def _turn(self, question: str) -> str:
-        return self.template.replace("{}", question) if "{}" in self.template else question
-
-    def _ids(self, text: str, first: bool) -> list[int]:
-        """Token ids of a piece of the conversation; only the first piece gets the tokenizer's specials."""
-        ids = self.lm.tokenizer.encode(text, add_special_tokens=first, allow_empty=first)
-        if first and not ids:
-            ids = [self.lm.bos_token_id]
-        return ids
-
     # -- generation -----------------------------------------------------------------------
     def caption(self, image: Any, channel_order: str = "RGB", **gen: Any) -> str:
-        """A caption of `image` (the manifest's caption prompt, often empty)."""
+        """A caption of `image` (the manifest's captioning prompt, often just the image)."""
         config = GenerationConfig.from_kwargs(**gen)
         _, prefix = self.image_prefix(image, channel_order)
-        ids = self._ids(self.caption_prompt, first=True)
-        return "".join(self._generate(prefix, ids, self.lm.new_cache(), config, store=None))
+        items = self.prompts.encode(self.prompts.caption())
+        return "".join(self._generate(items, prefix, self.lm.new_cache(), config, store=None))
 
     def chat(
         self,
@@ -118,50 +122,62 @@ class ChatPipeline:
         """Answer `prompt` about `image` after the earlier (question, answer) turns in `history`."""
         config = GenerationConfig.from_kwargs(**gen)
         history = _checked_history(history)
-        if not isinstance(prompt, str):
-            raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInputError("prompt must be a non-empty string")
         key, prefix = self.image_prefix(image, channel_order)
-        state = self._conversations.get((key, history), pop=True)
+        state: _Conversation | None = self._conversations.get((key, history), pop=True)
         if state is not None:  # reuse the KV cache of the earlier turns; run only the new question
-            cache, ids = state
-            new = self._ids(" " + self._turn(prompt), first=False)
+            cache, before = state.cache, state.items
+            new = self.prompts.encode(self.prompts.next_turn(prompt))
         else:
-            cache, ids = self.lm.new_cache(), []
-            text = " ".join(f"{self._turn(q)} {a}" for q, a in history)
-            new = self._ids((text + " " if text else "") + self._turn(prompt), first=True)
-        pieces = self._generate(
-            prefix if state is None else None, new, cache, config, store=(key, history, prompt, ids)
-        )
+            cache, before = self.lm.new_cache(), []
+            new = self.prompts.encode(self.prompts.conversation(history, prompt))
+        pieces = self._generate(new, prefix, cache, config, store=(key, history, prompt, before))
         return pieces if stream else "".join(pieces)
+
+    def _embed(self, items: list[Item], prefix: np.ndarray) -> np.ndarray:
+        """(S, E) input embeddings: token embeddings with the image's embeddings at each image slot."""
+        parts, ids = [], []
+        for item in items:
+            if item is None:
+                if ids:
+                    parts.append(self.lm.embed(np.array([ids]))[0])
+                    ids = []
+                parts.append(prefix)
+            else:
+                ids.append(item)
+        if ids:
+            parts.append(self.lm.embed(np.array([ids]))[0])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _generate(
         self,
-        prefix: np.ndarray | None,
-        new_ids: list[int],
+        new: list[Item],
+        prefix: np.ndarray,
         cache: KVCache,
         config: GenerationConfig,
-        store: tuple | None,
+        store: tuple[Any, ...] | None,
     ) -> Iterator[str]:
         lm = self.lm
-        embeds = lm.embed(np.array([new_ids]))[0]
-        if prefix is not None:
-            embeds = np.concatenate([prefix, embeds])
+        embeds = self._embed(new, prefix)
         answer: list[int] = []
-        stream = TextStream(lm.tokenizer, config.stop_strings)
-        history_ids = (store[3] if store else []) + new_ids
-        yield from stream_text(lm, embeds, config, cache, history_ids, generated=answer, stream=stream)
+        stream = TextStream(lm.tokenizer, config.stop_strings + self.prompts.prompt.stop_strings)
+        before = store[3] if store else []
+        seen = [i for i in before + new if i is not None]
+        yield from stream_text(lm, embeds, config, cache, seen, generated=answer, stream=stream)
         if store is None or stream.stopped:
             return  # a stop string cut the answer: the cache no longer matches the text; do not keep it
-        key, history, prompt, ids = store
+        key, history, prompt, _ = store
         # Generation stops right after choosing its last token, so that token is not in the cache yet.
-        text_in_cache = cache.length - self.prefix_tokens
-        if text_in_cache < len(ids) + len(new_ids) + len(answer):
+        positions = (
+            len(before) + len(new) + (self.image_tokens - 1) * (before + new).count(None) + len(answer)
+        )
+        if cache.length < positions:
             if cache.length + 1 > lm.max_context:
                 return  # no room to continue this conversation anyway
             lm.forward(lm.embed(np.array([[answer[-1]]])), cache)
-        self._conversations.put(
-            (key, (*tuple(history), (prompt, stream.text))), (cache, ids + new_ids + answer)
-        )
+        items = before + new + answer
+        self._conversations.put((key, (*tuple(history), (prompt, stream.text))), _Conversation(cache, items))
 
 
 def _checked_history(history: History | None) -> tuple[tuple[str, str], ...]:

@@ -1,7 +1,8 @@
 """Bind a verified package's components to backend sessions; shared by every task pipeline.
 
 Sessions are created lazily, once per component, and shared between threads (ONNX Runtime's
-`run` is thread-safe). Inputs are checked against the manifest's dtypes and dim ranges.
+`run` is thread-safe). Components are found by role and paths are walked as the manifest's
+`pipeline` section declares them; inputs are checked against the declared dtypes and dim ranges.
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmedge.errors import InvalidInputError, UnsupportedError
-from mmedge.runtime.backends.base import Backend, Session, SessionOptions
-from mmedge.runtime.images import ImageLimits, PreprocessConfig
-from mmedge.runtime.manifest import ComponentEntry
+from mmedge.runtime.backends import DEFAULT_BACKEND, make_backend
+from mmedge.runtime.backends.base import Session, SessionOptions
+from mmedge.runtime.images import ImageLimits
+from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS, ComponentEntry
 from mmedge.runtime.package import Package, verify_package
 
 if TYPE_CHECKING:
     from mmedge.runtime.texts import TextTokenizer
 
-PRECISIONS = ("auto", "fp32", "fp16", "int8", "int4")
 MAX_THREADS = 1024  # ORT takes an int32; a huge count would try to start that many threads
-SAMPLE_TEXT = "a small red circle at the top left and a large blue square in the center"
+DEVICES = ("cpu", "cuda", "tensorrt")
 
 
 def package_tokenizer(package: Package) -> TextTokenizer:
@@ -32,57 +33,9 @@ def package_tokenizer(package: Package) -> TextTokenizer:
     from mmedge.runtime.texts import TextTokenizer
 
     t = package.manifest.tokenizer
-    return TextTokenizer.from_file(
-        package.path(t["file"]), context_length=int(t["context_length"]), pad_id=int(t["pad_id"])
-    )
-
-
-def sample_feeds(
-    entry: ComponentEntry, batch: int, tokenizer: TextTokenizer | None = None, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Deterministic inputs of a realistic kind for benchmarks and build checks.
-
-    `input_ids` is a tokenised sample caption (needs `tokenizer`), `attention_mask` all ones,
-    `position_ids` 0..n-1, other floats standard normal noise, other integers zeros; symbolic
-    dims take the manifest's `opt` values (or the tokenised length).
-    """
-    sizes = {d: r.opt for d, r in entry.dims.items()} | {"batch": batch}
-    feeds: dict[str, np.ndarray] = {}
-    for s in entry.inputs:
-        if s.name == "input_ids":
-            if tokenizer is None:
-                raise InvalidInputError("sample inputs for a text component need the package tokenizer")
-            ids, _ = tokenizer.encode_batch([SAMPLE_TEXT] * batch)
-            feeds[s.name] = ids
-            if isinstance(s.shape[1], str):
-                sizes[s.shape[1]] = ids.shape[1]
-    rng = np.random.default_rng(seed)
-    for s in entry.inputs:
-        shape = tuple(sizes[d] if isinstance(d, str) else d for d in s.shape)
-        if s.name in feeds:
-            continue
-        if s.name == "attention_mask" or s.name == "logits_to_keep":
-            feeds[s.name] = np.ones(shape, s.dtype)
-        elif s.name == "position_ids":
-            feeds[s.name] = np.broadcast_to(np.arange(shape[-1], dtype=s.dtype), shape).copy()
-        elif s.dtype.startswith("float"):
-            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
-        else:
-            feeds[s.name] = np.zeros(shape, s.dtype)
-    return feeds
-
-
-def make_backend(name: str) -> Backend:
-    """Backend by name: 'ort' (default, everywhere) or 'tensorrt' (native engines)."""
-    if name == "ort":
-        from mmedge.runtime.backends.ort import OrtBackend
-
-        return OrtBackend()
-    if name == "tensorrt":
-        from mmedge.runtime.backends.tensorrt import TensorRTBackend
-
-        return TensorRTBackend()
-    raise UnsupportedError(f"backend {name!r} is not supported; choose 'ort' or 'tensorrt'")
+    if t is None:
+        raise UnsupportedError(f"package {package.manifest.name!r} has no tokenizer")
+    return TextTokenizer.from_file(package.path(t.file), context_length=t.context_length, pad_id=t.pad_id)
 
 
 class ComponentRunner:
@@ -91,29 +44,32 @@ class ComponentRunner:
     def __init__(
         self,
         package: Package | str | Path,
-        backend: str = "ort",
+        backend: str = DEFAULT_BACKEND,
         precision: str = "auto",
         options: SessionOptions | None = None,
         image_limits: ImageLimits | None = None,
     ):
-        if precision not in PRECISIONS:
-            raise UnsupportedError(f"precision {precision!r} not in {PRECISIONS}")
-        self.package = package if isinstance(package, Package) else verify_package(package)
-        self.manifest = self.package.manifest
-        self.backend = make_backend(backend)
-        self.precision = precision
+        if precision not in REQUEST_PRECISIONS:
+            raise UnsupportedError(f"precision {precision!r} not in {REQUEST_PRECISIONS}")
         self.options = options or SessionOptions()
         threads = self.options.threads
         if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
             raise InvalidInputError(
                 f"threads must be an int in [0, {MAX_THREADS}] (0 = the backend's default), got {threads!r}"
             )
+        if self.options.device not in DEVICES:
+            raise UnsupportedError(
+                f"device {self.options.device!r} is not supported; choose from {list(DEVICES)}"
+            )
+        self.backend = make_backend(backend)
+        self.package = package if isinstance(package, Package) else verify_package(package)
+        self.manifest = self.package.manifest
+        self.precision = precision
         self.image_limits = image_limits or ImageLimits()
+        self.preprocess = self.manifest.preprocess
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
-        self._tokenizer = None
-        pre = self.manifest.preprocess
-        self.preprocess = PreprocessConfig.from_dict(pre) if pre else None
+        self._tokenizer: TextTokenizer | None = None
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -121,6 +77,10 @@ class ComponentRunner:
             if self._tokenizer is None:
                 self._tokenizer = package_tokenizer(self.package)
             return self._tokenizer
+
+    def role(self, role: str) -> str:
+        """The component that plays `role` (an IntegrityError when the package has none)."""
+        return self.manifest.by_role(role)
 
     def precision_of(self, component: str) -> str:
         """The precision used for a component: the requested one, or for 'auto' the best built."""
@@ -138,20 +98,18 @@ class ComponentRunner:
                     f"run `mmedge calibrate` first or choose another precision"
                 )
             return self.precision
-        for p in ("int4", "int8", "fp16", "fp32"):
-            if p in entry.precisions:
-                return p
-        return next(iter(entry.precisions))
+        return next(p for p in AUTO_ORDER if p in entry.precisions)
 
     def session_options(self, component: str) -> SessionOptions:
-        """The runner's options, adjusted to the component's role in a generation package: the
+        """The runner's options, adjusted to the component's role in a generating package: the
         token lookup runs on one thread; the image encoders, run once per request right before
         the LLM, do not keep their threads spinning; the LLM, run back to back while decoding, does."""
-        if self.manifest.task not in ("chat", "generation"):
+        if not self.manifest.has_role("llm_step"):
             return self.options
-        if component == "embed":
+        role = self.manifest.component(component).role
+        if role == "token_embed":
             return replace(self.options, threads=1, spin=False)
-        return replace(self.options, spin=component == "llm")
+        return replace(self.options, spin=role == "llm_step")
 
     def session(self, component: str) -> Session:
         with self._lock:
@@ -162,22 +120,17 @@ class ComponentRunner:
             return self._sessions[component]
 
     def variant_session(self, component: str, variant: str) -> Session | None:
-        """The ORT build `variant` of a component (the LLM's "prefill" build), or None where the
-        package has none for this backend, precision and ORT version."""
-        if self.backend.name != "ort":
-            return None
-        from mmedge.runtime.backends.ort import ort_target
-
+        """The build `variant` of a component (the LLM's "prefill" build), or None where the package
+        has none for this backend, precision and version."""
         precision = self.precision_of(component)
-        engines = self.manifest.engines.get(ort_target(self.options.device))
-        key = f"{component}.{precision}.{variant}"
-        if engines is None or key not in engines.files:
+        if not self.backend.has_build(self.package, component, precision, variant, self.options):
             return None
+        key = f"{component}.{precision}.{variant}"
         # A prompt runs once before decoding: threads left spinning would take the decode build's cores.
         options = replace(self.session_options(component), spin=False)
         with self._lock:
             if key not in self._sessions:
-                self._sessions[key] = self.backend.load(  # type: ignore[call-arg]  # ORT-only argument
+                self._sessions[key] = self.backend.load(
                     self.package, component, precision, options, variant=variant
                 )
             return self._sessions[key]
@@ -215,13 +168,14 @@ class ComponentRunner:
                         )
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise InvalidInputError(f"{component}.{spec.name}: contains NaN or infinity")
-            if spec.name == "input_ids" and a.size and self.manifest.tokenizer.get("file") is not None:
-                # An id outside the vocabulary is an ORT error (too large) or a silent wrap-around (negative).
-                vocab = self.tokenizer._tok.get_vocab_size(with_added_tokens=True)
+            if spec.name == "input_ids" and spec.name in entry.int_ranges and a.size:
+                # An id outside the table is an ORT error (too large) or a silent wrap-around (negative).
+                # (Other declared ranges are sampling hints: a padded attention_mask holds zeros.)
+                low, high = entry.int_ranges[spec.name]
                 lo, hi = int(a.min()), int(a.max())
-                if lo < 0 or hi >= vocab:
+                if lo < low or hi >= high:
                     raise InvalidInputError(
-                        f"{component}.input_ids: token ids must be in [0, {vocab}), got values in [{lo}, {hi}]"
+                        f"{component}.{spec.name}: values must be in [{low}, {high}), got values in [{lo}, {hi}]"
                     )
         return entry
 
@@ -235,3 +189,25 @@ class ComponentRunner:
             return sess.run(feeds)
         parts = [sess.run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def run_path(self, path: str, sources: dict[str, np.ndarray]) -> np.ndarray:
+        """Walk the declared path `path` ("image", "text") from its source arrays; return its output."""
+        declared = self.manifest.pipeline.paths.get(path)
+        if declared is None:
+            raise UnsupportedError(
+                f"package {self.manifest.name!r} has no {path!r} path (task {self.manifest.task})"
+            )
+        values = dict(sources)
+        for step in declared.steps:
+            outs = self.run_batched(step.component, {g: values[v] for g, v in step.inputs.items()})
+            values.update({v: outs[g] for g, v in step.outputs.items()})
+        return values[declared.output]
+
+    def path_output(self, path: str) -> tuple[str, str]:
+        """(component, graph output) that yields the path's result."""
+        declared = self.manifest.pipeline.paths[path]
+        for step in reversed(declared.steps):
+            for graph_out, value in step.outputs.items():
+                if value == declared.output:
+                    return step.component, graph_out
+        raise UnsupportedError(f"path {path!r} declares output {declared.output!r} that no step produces")

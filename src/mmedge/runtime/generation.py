@@ -1,11 +1,11 @@
-"""Token generation over a package's `embed` + `llm` components, torch-free.
+"""Token generation over a package's `token_embed` + `llm_step` components, torch-free.
 
 The KV cache is one preallocated buffer per layer and key/value, `max_context` slots long, bound
 to the session with IOBinding (read in place). Each step the graph returns only the new tokens'
 keys/values, which are written into the next free slots: a token costs O(new tokens) copying,
 never a copy of the cache. Decode-step outputs (logits, new keys/values) go into buffers that are
-allocated once per generation and reused. An ORT build with an in-place cache
-(`calibration.ort_decoder`) returns the whole cache as present.*: its buffers are bound once per
+allocated once per generation and reused. A build with an in-place cache
+(`builds.ort_decoder`) returns the whole cache as present.*: its buffers are bound once per
 cache as both past and present, and the attention kernel writes the new entries itself.
 
 Sampling parameters carry Hugging Face `generate` names; `temperature=0` means greedy.
@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.errors import InvalidInputError
+from mmedge.errors import InvalidInputError, UnsupportedError
+from mmedge.runtime.backends.base import Binding, Session
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.texts import TextTokenizer
 
-# Engine-file variant of an LLM build that serves steps of more than one token ("llm.int4.prefill";
-# `calibration.ort_prefill` writes it); decoding runs the plain build.
+# Engine-file variant of an LLM build that serves steps of more than one token ("<llm>.int4.prefill";
+# `builds.ort_prefill` writes it); decoding runs the plain build.
 PREFILL = "prefill"
 
 MAX_STOP_STRINGS = 16
@@ -110,7 +111,7 @@ class KVCache:
         self.max_context = max_context
         self.length = 0
         # (session, binding) per LLM session whose binding has these buffers bound (LanguageModel)
-        self.bindings: list[tuple[Any, Any]] = []
+        self.bindings: list[tuple[Session, Binding]] = []
 
     def attention_mask(self, new: int) -> np.ndarray:
         """(B, max_context + new) int64: filled slots and the new tokens are 1."""
@@ -140,25 +141,30 @@ class _StepBuffers:
 
 
 class LanguageModel:
-    """The `embed` + `llm` components of a package, with the manifest's generation settings."""
+    """A package's `token_embed` + `llm_step` components, with its `llm` section's contract."""
 
     def __init__(self, runner: ComponentRunner):
         self.runner = runner
-        g = runner.manifest.generation
-        self.max_context = int(g["max_context"])
-        self.layers, self.kv_heads, self.head_dim = int(g["layers"]), int(g["kv_heads"]), int(g["head_dim"])
-        self.vocab_size = int(g["vocab_size"])
-        self.eos_token_id = int(g["eos_token_id"])
-        self.bos_token_id = int(g["bos_token_id"])
-        llm = runner.manifest.component("llm")
+        m = runner.manifest
+        if m.llm is None:
+            raise UnsupportedError(f"package {m.name!r} has no language model (task {m.task})")
+        self.config = m.llm
+        self.max_context = m.llm.max_context
+        self.layers, self.kv_heads, self.head_dim = m.llm.layers, m.llm.kv_heads, m.llm.head_dim
+        self.vocab_size = m.llm.vocab_size
+        self.eos_token_id = m.llm.eos_token_id
+        self.bos_token_id = m.llm.bos_token_id
+        self.embed_component, self.llm_component = runner.role("token_embed"), runner.role("llm_step")
+        llm = m.component(self.llm_component)
         self._past = [s.name for s in llm.inputs if s.name.startswith("past_key_values.")]
         self._present = [s.name for s in llm.outputs if s.name.startswith("present.")]
-        # An ORT build with GroupQueryAttention (calibration.ort_decoder) returns the whole cache as
-        # present.*: bound to the past buffers, the kernel writes the new entries in place.
-        shapes = getattr(runner.session("llm"), "output_shapes", {})
-        self.in_place = (
-            bool(self._present) and shapes.get(self._present[0], (None,) * 3)[2] == self.max_context
-        )
+        self._embeds_out = m.component(self.embed_component).outputs[0].name
+        # A build with an in-place cache (`builds.ort_decoder`) returns the whole cache as present.*:
+        # bound to the past buffers, its attention kernel writes the new entries itself. That needs a
+        # session that keeps buffers bound between runs.
+        session = runner.session(self.llm_component)
+        shape = session.output_shapes.get(self._present[0], ()) if self._present else ()
+        self.in_place = len(shape) > 2 and shape[2] == self.max_context and session.binding() is not None
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -172,7 +178,7 @@ class LanguageModel:
         ids = np.asarray(ids, np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise InvalidInputError(f"token ids must lie in [0, {self.vocab_size})")
-        return self.runner.session("embed").run({"input_ids": ids})["inputs_embeds"]
+        return self.runner.session(self.embed_component).run({"input_ids": ids})[self._embeds_out]
 
     def forward(
         self,
@@ -206,27 +212,28 @@ class LanguageModel:
         if (
             self.in_place
         ):  # the cache is bound once per session; only this step's small tensors are bound here
-            prefill = self.runner.variant_session("llm", PREFILL) if s > 1 else None
-            binding = self._binding(cache, prefill or self.runner.session("llm"))
+            prefill = self.runner.variant_session(self.llm_component, PREFILL) if s > 1 else None
+            binding = self._binding(cache, prefill or self.runner.session(self.llm_component))
             binding.bind(feeds, {"logits": out.logits})
             binding.run()
             cache.length += s
         else:
             past = dict(zip(self._past, cache.buffers))
-            self.runner.session("llm").run_into(
+            self.runner.session(self.llm_component).run_into(
                 {**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, out.present))}
             )
             cache.append(out.present)
         return out.logits
 
-    def _binding(self, cache: KVCache, sess: Any) -> Any:
+    def _binding(self, cache: KVCache, sess: Session) -> Binding:
         """The cache's binding to an LLM session (the decode build, or the prefill build of
-        `calibration.ort_prefill` for prompts), its buffers bound as both past and present.
-        (An in-place build is an ORT build, so the session is an OrtSession.)"""
+        `builds.ort_prefill` for prompts), its buffers bound as both past and present."""
         for bound, binding in cache.bindings:
             if bound is sess:
                 return binding
         binding = sess.binding()
+        if binding is None:
+            raise UnsupportedError("this LLM session cannot keep the KV cache bound in place")
         binding.bind(dict(zip(self._past, cache.buffers)), dict(zip(self._present, cache.buffers)))
         cache.bindings.append((sess, binding))
         return binding

@@ -1,114 +1,48 @@
 """The model package manifest: schema, strict parsing and serialisation (torch-free).
 
-The manifest is the only contract between the host (export, calibration, build) and the
-device runtime. Parsing is strict: unknown keys, wrong types and unsafe paths are errors,
-so a hand-edited or hostile manifest never reaches a backend half-understood.
+The manifest is the only contract between the host (export, calibration, build) and the device
+runtime. Every part of it is a frozen dataclass (`sections` holds the task-level ones) parsed by
+`schema.from_json`: unknown keys, wrong types, unsafe paths and sections that do not fit the task
+are `IntegrityError`s, so a hand-edited or hostile manifest never reaches a backend half-understood.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
-from mmedge.errors import IntegrityError
+from mmedge.errors import ConfigError, IntegrityError
+from mmedge.runtime.backends import BACKENDS
+from mmedge.runtime.schema import from_json, to_json
+from mmedge.runtime.sections import (
+    BOS,
+    EOS,
+    IMAGE,
+    PATH_SOURCES,
+    ROLES,
+    LLMConfig,
+    PipelineConfig,
+    PreprocessConfig,
+    PromptConfig,
+    RetrievalConfig,
+    TokenizerConfig,
+    markers,
+)
 
-SCHEMA = "mmedge.package/1"
+SCHEMA = "mmedge.package/2"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-TASKS = ("retrieval", "chat", "generation", "embedding")
+TASKS = ("retrieval", "chat", "generation")
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+AUTO_ORDER = ("int4", "int8", "fp16", "fp32")  # precision="auto": the first a component has
+REQUEST_PRECISIONS = ("auto", *PRECISIONS)  # what a caller may ask a runner for
+CALIBRATION_DATA = ("images", "texts", "none")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One named graph input or output; a shape entry is an int or a symbolic dim name."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-
-@dataclass(frozen=True)
-class DimRange:
-    """Range of a symbolic dim; becomes a TensorRT optimization profile."""
-
-    min: int
-    opt: int
-    max: int
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class PrecisionEntry:
-    """One built precision of a component: its ONNX file and how good it measured."""
-
-    file: str
-    parity: dict[str, Any] = field(default_factory=dict)
-    calibration: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ComponentEntry:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    dims: dict[str, DimRange]
-    precisions: dict[str, PrecisionEntry]
-    calibration_data: str = "images"
-
-
-@dataclass(frozen=True)
-class EngineEntry:
-    """Backend-specific builds for one target, e.g. "sm87-trt10.3-<settings>" or "ort1.32-cpu".
-
-    For TensorRT, `device` is the GPU compute capability; for ORT it is the execution provider.
-    Builds are only valid for the exact backend `version` that produced them.
-    """
-
-    backend: str  # "tensorrt" | "ort"
-    version: str
-    device: str
-    settings: dict[str, Any]
-    files: dict[str, str]  # "<component>.<precision>" -> package-relative path
-
-
-@dataclass(frozen=True)
-class Manifest:
-    name: str
-    family: str
-    task: str
-    provenance: dict[str, Any]
-    preprocess: dict[str, Any]
-    tokenizer: dict[str, Any]
-    generation: dict[str, Any]
-    files: dict[str, FileEntry]
-    components: dict[str, ComponentEntry]
-    engines: dict[str, EngineEntry] = field(default_factory=dict)
-    schema: str = SCHEMA
-
-    def to_json(self) -> str:
-        """Serialise deterministically (sorted keys) so hashes of manifests are stable."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    def component(self, name: str) -> ComponentEntry:
-        """Return one component or raise an error listing the ones that exist."""
-        try:
-            return self.components[name]
-        except KeyError:
-            raise IntegrityError(
-                f"package {self.name!r} has no component {name!r}; it has {sorted(self.components)}"
-            ) from None
-
-
-# --- strict parsing -------------------------------------------------------------------
+_NAME = re.compile(r"[A-Za-z0-9_.:\-/]{1,200}")
 
 
 def check_relpath(path: str, what: str = "path") -> str:
@@ -121,101 +55,256 @@ def check_relpath(path: str, what: str = "path") -> str:
     return path
 
 
-def _obj(value: Any, where: str, required: set[str], optional: set[str] = frozenset()) -> dict:
-    if not isinstance(value, dict):
-        raise IntegrityError(f"manifest {where}: expected an object, got {type(value).__name__}")
-    unknown = set(value) - required - set(optional)
-    if unknown:
-        raise IntegrityError(f"manifest {where}: unknown keys {sorted(unknown)}")
-    missing = required - set(value)
-    if missing:
-        raise IntegrityError(f"manifest {where}: missing keys {sorted(missing)}")
+def check_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise IntegrityError(f"{what}: {value!r} is not a valid name")
     return value
 
 
-def _typed(value: Any, typ: type | tuple[type, ...], where: str) -> Any:
-    # bool is an int subclass; never accept it where a number is meant.
-    if isinstance(value, bool) and typ in (int, (int, float)):
-        raise IntegrityError(f"manifest {where}: expected {typ}, got bool")
-    if not isinstance(value, typ):
-        raise IntegrityError(f"manifest {where}: expected {typ}, got {type(value).__name__}")
-    return value
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named graph input or output; a shape entry is an int or a symbolic dim name."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "tensor name")
+        if self.dtype not in DTYPES:
+            raise IntegrityError(f"tensor {self.name!r}: dtype {self.dtype!r} not in {DTYPES}")
+        for d in self.shape:
+            if isinstance(d, str):
+                check_name(d, f"tensor {self.name!r} dim")
 
 
-def _name(value: Any, where: str) -> str:
-    _typed(value, str, where)
-    if not re.fullmatch(r"[A-Za-z0-9_.:\-/]{1,200}", value):
-        raise IntegrityError(f"manifest {where}: {value!r} is not a valid name")
-    return value
+@dataclass(frozen=True)
+class DimRange:
+    """Range of a symbolic dim; becomes a TensorRT optimization profile."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise IntegrityError(f"need 1 <= min <= opt <= max, got {self}")
 
 
-def _tensor(value: Any, where: str) -> TensorSpec:
-    v = _obj(value, where, {"name", "dtype", "shape"})
-    dtype = _typed(v["dtype"], str, f"{where}.dtype")
-    if dtype not in DTYPES:
-        raise IntegrityError(f"manifest {where}.dtype: {dtype!r} not in {DTYPES}")
-    shape = _typed(v["shape"], list, f"{where}.shape")
-    dims: list[int | str] = []
-    for i, d in enumerate(shape):
-        if isinstance(d, str):
-            dims.append(_name(d, f"{where}.shape[{i}]"))
-        else:
-            dims.append(_typed(d, int, f"{where}.shape[{i}]"))
-    return TensorSpec(_name(v["name"], f"{where}.name"), dtype, tuple(dims))
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+    def __post_init__(self) -> None:
+        if not _SHA256.match(self.sha256):
+            raise IntegrityError(f"sha256 {self.sha256!r} is not a lowercase hex sha256")
+        if self.size < 0:
+            raise IntegrityError(f"size {self.size} is negative")
 
 
-def _dim(value: Any, where: str) -> DimRange:
-    v = _obj(value, where, {"min", "opt", "max"})
-    r = DimRange(*(_typed(v[k], int, f"{where}.{k}") for k in ("min", "opt", "max")))
-    if not 1 <= r.min <= r.opt <= r.max:
-        raise IntegrityError(f"manifest {where}: need 1 <= min <= opt <= max, got {r}")
-    return r
+@dataclass(frozen=True)
+class PrecisionEntry:
+    """One precision of a component: its ONNX file and how good it measured (records)."""
+
+    file: str
+    parity: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_relpath(self.file, "precision file")
 
 
-def _component(value: Any, where: str) -> ComponentEntry:
-    v = _obj(value, where, {"inputs", "outputs", "dims", "precisions"}, {"calibration_data"})
-    precisions = {}
-    for p, e in _typed(v["precisions"], dict, f"{where}.precisions").items():
-        pe = _obj(e, f"{where}.precisions.{p}", {"file"}, {"parity", "calibration"})
-        precisions[_name(p, f"{where}.precisions")] = PrecisionEntry(
-            check_relpath(pe["file"], f"{where}.precisions.{p}.file"),
-            _typed(pe.get("parity", {}), dict, f"{where}.precisions.{p}.parity"),
-            _typed(pe.get("calibration", {}), dict, f"{where}.precisions.{p}.calibration"),
-        )
-    if not precisions:
-        raise IntegrityError(f"manifest {where}: no precisions")
-    return ComponentEntry(
-        inputs=tuple(
-            _tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(_typed(v["inputs"], list, where))
-        ),
-        outputs=tuple(
-            _tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(_typed(v["outputs"], list, where))
-        ),
-        dims={
-            _name(k, f"{where}.dims"): _dim(d, f"{where}.dims.{k}")
-            for k, d in _typed(v["dims"], dict, where).items()
-        },
-        precisions=precisions,
-        calibration_data=_typed(v.get("calibration_data", "images"), str, f"{where}.calibration_data"),
-    )
+@dataclass(frozen=True)
+class ComponentEntry:
+    """One exported graph: its I/O contract, role, calibration data kind and precisions."""
+
+    role: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict[str, DimRange]
+    precisions: dict[str, PrecisionEntry]
+    calibration_data: str = "images"  # "images" | "texts" (fed by their path) | "none" (weight-only)
+    int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs: [low, high)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise IntegrityError(f"role {self.role!r} is not one this runtime knows: {sorted(ROLES)}")
+        if self.calibration_data not in CALIBRATION_DATA:
+            raise IntegrityError(f"calibration_data {self.calibration_data!r} not in {CALIBRATION_DATA}")
+        if not self.precisions:
+            raise IntegrityError("no precisions")
+        unknown = sorted(set(self.precisions) - set(PRECISIONS))
+        if unknown:
+            raise IntegrityError(f"unknown precisions {unknown}; known: {list(PRECISIONS)}")
+        for d in self.dims:
+            check_name(d, "dim")
+        names = {s.name for s in self.inputs}
+        for name, (low, high) in self.int_ranges.items():
+            if name not in names or not low < high:
+                raise IntegrityError(f"int_ranges[{name!r}] = [{low}, {high}) does not fit an input")
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
 
 
-def _engine(value: Any, where: str) -> EngineEntry:
-    v = _obj(value, where, {"backend", "version", "device", "settings", "files"})
-    files = {
-        _name(k, f"{where}.files"): check_relpath(_typed(p, str, f"{where}.files.{k}"), f"{where}.files.{k}")
-        for k, p in _typed(v["files"], dict, f"{where}.files").items()
-    }
-    backend = _typed(v["backend"], str, f"{where}.backend")
-    if backend not in ("tensorrt", "ort"):
-        raise IntegrityError(f"manifest {where}.backend: {backend!r} is not 'tensorrt' or 'ort'")
-    return EngineEntry(
-        backend,
-        _typed(v["version"], str, f"{where}.version"),
-        _typed(v["device"], str, f"{where}.device"),
-        _typed(v["settings"], dict, f"{where}.settings"),
-        files,
-    )
+@dataclass(frozen=True)
+class EngineEntry:
+    """Backend-specific builds for one target, e.g. "sm87-trt10.3-<settings>" or "ort1.32-cpu".
+
+    For TensorRT, `device` is the GPU compute capability; for ORT it is the execution provider.
+    Builds are only valid for the exact backend `version` that produced them. `files` maps
+    "<component>.<precision>" (and variants such as "<component>.<precision>.prefill") to paths.
+    """
+
+    backend: str
+    version: str
+    device: str
+    settings: dict[str, Any]
+    files: dict[str, str]
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise IntegrityError(f"backend {self.backend!r} is not one of {sorted(BACKENDS)}")
+        for key, rel in self.files.items():
+            check_name(key, "engine file key")
+            check_relpath(rel, f"engine file {key}")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a package came from; `source` and `config` are records the runtime never interprets."""
+
+    mmedge: str
+    torch: str
+    onnx: str
+    opset: int
+    created: str
+    source: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A package's manifest. `family`/`variant` name the architecture, `task` the pipeline kind."""
+
+    name: str
+    family: str
+    variant: str
+    task: Literal["retrieval", "chat", "generation"]
+    provenance: Provenance
+    files: dict[str, FileEntry]
+    components: dict[str, ComponentEntry]
+    pipeline: PipelineConfig
+    preprocess: PreprocessConfig | None = None
+    tokenizer: TokenizerConfig | None = None
+    llm: LLMConfig | None = None
+    prompt: PromptConfig | None = None
+    retrieval: RetrievalConfig | None = None
+    engines: dict[str, EngineEntry] = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    def __post_init__(self) -> None:
+        for what, value in (("name", self.name), ("family", self.family), ("variant", self.variant)):
+            check_name(value, what)
+        for rel in self.files:
+            check_relpath(rel, "files key")
+        for name in (*self.components, *self.engines):
+            check_name(name, "component or engine target")
+        _check_wiring(self)
+
+    def to_json(self) -> str:
+        """Serialise deterministically (sorted keys) so hashes of manifests are stable."""
+        return json.dumps(to_json(self), indent=2, sort_keys=True) + "\n"
+
+    def component(self, name: str) -> ComponentEntry:
+        """Return one component or raise an error listing the ones that exist."""
+        try:
+            return self.components[name]
+        except KeyError:
+            raise IntegrityError(
+                f"package {self.name!r} has no component {name!r}; it has {sorted(self.components)}"
+            ) from None
+
+    def by_role(self, role: str) -> str:
+        """The name of the one component with `role`; an IntegrityError when there is none."""
+        found = [n for n, c in self.components.items() if c.role == role]
+        if len(found) != 1:
+            have = {n: c.role for n, c in self.components.items()}
+            raise IntegrityError(f"package {self.name!r} needs one {role!r} component; its roles are {have}")
+        return found[0]
+
+    def has_role(self, role: str) -> bool:
+        return any(c.role == role for c in self.components.values())
+
+
+# What each task needs. A package that lacks any of it is refused when opened, not on first use.
+_TASK_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    # task: (paths, roles, sections)
+    "retrieval": (("image", "text"), (), ("preprocess", "tokenizer", "retrieval")),
+    "chat": (("image",), ("token_embed", "llm_step"), ("preprocess", "tokenizer", "llm", "prompt")),
+    "generation": ((), ("token_embed", "llm_step"), ("tokenizer", "llm", "prompt")),
+}
+
+
+def _check_wiring(m: Manifest) -> None:
+    """Roles, paths and sections fit together and fit the task."""
+    paths, roles, sections = _TASK_NEEDS[m.task]
+    for section in sections:
+        if getattr(m, section) is None:
+            raise IntegrityError(f"a {m.task} package needs a {section!r} section")
+    for role in roles:
+        m.by_role(role)
+    for path in paths:
+        if path not in m.pipeline.paths:
+            raise IntegrityError(f"a {m.task} package needs a pipeline path {path!r}")
+    for path_name, path in m.pipeline.paths.items():
+        values = set(PATH_SOURCES[path_name])
+        for i, step in enumerate(path.steps):
+            where = f"pipeline.paths.{path_name}.steps[{i}]"
+            entry = m.components.get(step.component)
+            if entry is None:
+                raise IntegrityError(f"{where} names component {step.component!r}, which the package lacks")
+            if ROLES[entry.role] != path_name:
+                raise IntegrityError(
+                    f"{where}: a {entry.role!r} component does not run on the {path_name!r} path"
+                )
+            if set(step.inputs) != {s.name for s in entry.inputs}:
+                raise IntegrityError(
+                    f"{where} binds inputs {sorted(step.inputs)}; the graph has {[s.name for s in entry.inputs]}"
+                )
+            if not set(step.outputs) <= {s.name for s in entry.outputs}:
+                raise IntegrityError(f"{where} binds outputs the graph lacks: {sorted(step.outputs)}")
+            missing = sorted(set(step.inputs.values()) - values)
+            if missing:
+                raise IntegrityError(f"{where} reads values {missing} that no earlier step produces")
+            values |= set(step.outputs.values())
+        if path.output not in values:
+            raise IntegrityError(
+                f"pipeline.paths.{path_name}.output {path.output!r} is not produced by the path"
+            )
+    if m.task == "chat" and m.prompt is not None:
+        if m.pipeline.image_tokens is None:
+            raise IntegrityError("a chat package needs pipeline.image_tokens")
+        for name in ("first_turn", "caption"):
+            text = getattr(m.prompt, name)
+            if text is None or markers(text).count(IMAGE) != 1:
+                raise IntegrityError(f"a chat package's prompt.{name} must hold {IMAGE} exactly once")
+    elif m.prompt is not None and IMAGE in markers(m.prompt.first_turn + m.prompt.turn):
+        raise IntegrityError(f"a {m.task} package has no image path for the {IMAGE} in its prompt")
+    if m.prompt is not None and m.llm is None and {BOS, EOS} & set(markers(m.prompt.first_turn)):
+        raise IntegrityError("prompt markers {bos}/{eos} need an 'llm' section for their ids")
+
+
+def _check_references(m: Manifest) -> None:
+    """Every file a component, engine or the tokenizer names must be listed (hashed) in `files`."""
+    named = [p.file for c in m.components.values() for p in c.precisions.values()]
+    named += [f for e in m.engines.values() for f in e.files.values()]
+    if m.tokenizer is not None:
+        named.append(check_relpath(m.tokenizer.file, "tokenizer.file"))
+    for path in named:
+        if path not in m.files:
+            raise IntegrityError(f"manifest names {path!r} but does not list its hash in 'files'")
 
 
 def parse_manifest(text: str | bytes) -> Manifest:
@@ -226,63 +315,27 @@ def parse_manifest(text: str | bytes) -> Manifest:
         raw = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise IntegrityError(f"manifest is not valid JSON: {exc}") from None
-    keys = {
-        "schema",
-        "name",
-        "family",
-        "task",
-        "provenance",
-        "preprocess",
-        "tokenizer",
-        "generation",
-        "files",
-        "components",
-    }
-    v = _obj(raw, "root", keys, {"engines"})
-    if v["schema"] != SCHEMA:
-        raise IntegrityError(f"manifest schema {v['schema']!r} is not supported; expected {SCHEMA!r}")
-    task = _typed(v["task"], str, "task")
-    if task not in TASKS:
-        raise IntegrityError(f"manifest task {task!r} not in {TASKS}")
-    files = {}
-    for path, e in _typed(v["files"], dict, "files").items():
-        fe = _obj(e, f"files.{path}", {"sha256", "size"})
-        sha = _typed(fe["sha256"], str, f"files.{path}.sha256")
-        if not _SHA256.match(sha):
-            raise IntegrityError(f"manifest files.{path}.sha256 is not a lowercase hex sha256")
-        size = _typed(fe["size"], int, f"files.{path}.size")
-        if size < 0:
-            raise IntegrityError(f"manifest files.{path}.size is negative")
-        files[check_relpath(path, "files key")] = FileEntry(sha, size)
-    m = Manifest(
-        name=_name(v["name"], "name"),
-        family=_name(v["family"], "family"),
-        task=task,
-        provenance=_typed(v["provenance"], dict, "provenance"),
-        preprocess=_typed(v["preprocess"], dict, "preprocess"),
-        tokenizer=_typed(v["tokenizer"], dict, "tokenizer"),
-        generation=_typed(v["generation"], dict, "generation"),
-        files=files,
-        components={
-            _name(k, "components"): _component(c, f"components.{k}")
-            for k, c in _typed(v["components"], dict, "components").items()
-        },
-        engines={
-            _name(k, "engines"): _engine(e, f"engines.{k}")
-            for k, e in _typed(v.get("engines", {}), dict, "engines").items()
-        },
-    )
-    _check_references(m)
-    return m
-
-
-def _check_references(m: Manifest) -> None:
-    """Every file a component or engine names must be listed (hashed) in `files`."""
-    named = [p.file for c in m.components.values() for p in c.precisions.values()]
-    named += [f for e in m.engines.values() for f in e.files.values()]
-    tok = m.tokenizer.get("file")
-    if tok is not None:
-        named.append(check_relpath(tok, "tokenizer.file"))
-    for path in named:
-        if path not in m.files:
-            raise IntegrityError(f"manifest names {path!r} but does not list its hash in 'files'")
+    if not isinstance(raw, dict):
+        raise IntegrityError(f"manifest root: expected an object, got {type(raw).__name__}")
+    schema = raw.get("schema")
+    if schema != SCHEMA:
+        hint = ""
+        if schema == "mmedge.package/1":
+            src = (
+                (raw.get("provenance") or {}).get("source")
+                if isinstance(raw.get("provenance"), dict)
+                else None
+            )
+            where = f" from {src.get('path')!r}" if isinstance(src, dict) and src.get("path") else ""
+            hint = (
+                f"; re-export it{where} with `mmedge export SRC --out PKG` (then calibrate and build again)"
+            )
+        raise IntegrityError(f"manifest schema {schema!r} is not supported; expected {SCHEMA!r}{hint}")
+    try:
+        manifest = from_json(Manifest, raw, "manifest")
+    except ConfigError as exc:  # a section's own checks
+        raise IntegrityError(f"manifest: {exc}") from None
+    except RecursionError:
+        raise IntegrityError("manifest is nested too deeply") from None
+    _check_references(manifest)  # writers hash files last, so this holds only for a written manifest
+    return manifest

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmedge.errors import IntegrityError, UnsupportedError
-from mmedge.runtime.manifest import MANIFEST_NAME, Manifest, check_relpath, parse_manifest
+from mmedge.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, parse_manifest
 
 _CHUNK = 1 << 20
 _EXTERNAL_KEYS = {"location", "offset", "length", "checksum"}
@@ -88,12 +89,13 @@ def verify_package(root: str | os.PathLike, check_onnx: bool = True) -> Package:
     if check_onnx:
         for rel in manifest.files:
             if rel.endswith(".onnx"):
-                check_onnx_file(root, rel, manifest)
+                check_onnx_file(root, rel, manifest.files)
     return Package(root, manifest)
 
 
-def check_onnx_file(root: Path, rel: str, manifest: Manifest) -> None:
-    """Check opsets against the installed runtime and every external-data reference."""
+def check_onnx_file(root: Path, rel: str, files: Mapping[str, FileEntry]) -> None:
+    """Check opsets against the installed runtime and every external-data reference (which must
+    point inside a file listed in `files`, the manifest's hashed files)."""
     import onnx  # base dependency; parsing only, no execution
 
     from mmedge.runtime.opsets import max_supported_opset
@@ -123,7 +125,7 @@ def check_onnx_file(root: Path, rel: str, manifest: Manifest) -> None:
                 f"{rel}: external data of {tensor.name!r} has unknown keys {sorted(unknown)}"
             )
         loc = (base / check_relpath(info.get("location", ""), "external data location")).as_posix()
-        if loc not in manifest.files:
+        if loc not in files:
             raise IntegrityError(f"{rel}: external data file {loc!r} is not listed in the manifest")
         try:
             offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
@@ -131,7 +133,7 @@ def check_onnx_file(root: Path, rel: str, manifest: Manifest) -> None:
             raise IntegrityError(
                 f"{rel}: external data offset/length of {tensor.name!r} are not integers"
             ) from None
-        size = manifest.files[loc].size
+        size = files[loc].size
         if offset < 0 or length < -1 or offset + max(length, 0) > size:
             raise IntegrityError(f"{rel}: external data of {tensor.name!r} points outside {loc!r}")
 

@@ -1,4 +1,8 @@
-"""Retrieval pipeline (CLIP-style dual encoders): embeddings, vector search, zero-shot labels."""
+"""Retrieval pipeline (dual encoders such as CLIP): embeddings, vector search, zero-shot labels.
+
+Images and texts are embedded by walking the manifest's `image` and `text` paths; zero-shot
+probabilities use the package's learned temperature (`retrieval.logit_scale`).
+"""
 
 from __future__ import annotations
 
@@ -56,12 +60,21 @@ class RetrievalPipeline:
 
     def __init__(self, runner: ComponentRunner):
         self.runner = runner
-        m = runner.package.manifest
-        self.dim = int(m.component("vision").outputs[0].shape[-1])
-        self.templates: list[str] = list(m.generation.get("prompt_templates", ["{}"]))
-        self.logit_scale = float(m.generation.get("logit_scale", 100.0))
+        m = runner.manifest
+        if m.retrieval is None or m.preprocess is None:
+            raise InvalidInputError(f"package {m.name!r} is not a retrieval package (task {m.task})")
+        component, output = runner.path_output("image")
+        spec = next(s for s in m.component(component).outputs if s.name == output)
+        self.dim = int(spec.shape[-1])
+        self.preprocess = m.preprocess
+        self.templates: list[str] = list(m.retrieval.label_templates)
+        self.logit_scale = m.retrieval.logit_scale
         self._index: VectorIndex | None = None
         self._index_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        m = self.runner.manifest
+        return f"RetrievalPipeline({m.name!r}, family={m.family!r}, dim={self.dim}, backend={self.runner.backend.name!r})"
 
     # --- embeddings -------------------------------------------------------------------
 
@@ -69,16 +82,16 @@ class RetrievalPipeline:
         """(N, D) float32 L2-normalised embeddings of images (paths, bytes, arrays or PIL images)."""
         items = _as_list(images, "images")
         arrays = [load_image(x, channel_order=channel_order, limits=self.runner.image_limits) for x in items]
-        pixels = preprocess(arrays, self.runner.preprocess)  # (N, 3, S, S)
-        out = self.runner.run_batched("vision", {"pixel_values": pixels})
-        return l2_normalize(out["image_embeds"].astype(np.float32))
+        pixels = preprocess(arrays, self.preprocess)  # (N, 3, S, S)
+        return l2_normalize(self.runner.run_path("image", {"pixel_values": pixels}).astype(np.float32))
 
     def embed_texts(self, texts: object) -> np.ndarray:
         """(N, D) float32 L2-normalised embeddings of texts (truncated to the context length)."""
         items = _as_list(texts, "texts")
         ids, mask = self.runner.tokenizer.encode_batch(items)
-        out = self.runner.run_batched("text", {"input_ids": ids, "attention_mask": mask})
-        return l2_normalize(out["text_embeds"].astype(np.float32))
+        return l2_normalize(
+            self.runner.run_path("text", {"input_ids": ids, "attention_mask": mask}).astype(np.float32)
+        )
 
     # --- index --------------------------------------------------------------------------
 

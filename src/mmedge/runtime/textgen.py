@@ -1,4 +1,4 @@
-"""Text generation pipeline for `causal-lm` packages: prompt in, text (or a stream of pieces) out."""
+"""Text generation pipeline for decoder-only LM packages: prompt in, text (or a stream of pieces) out."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from mmedge.errors import InvalidInputError
 from mmedge.runtime.components import ComponentRunner
-from mmedge.runtime.generation import GenerationConfig, LanguageModel, stream_text
+from mmedge.runtime.generation import GenerationConfig, LanguageModel, TextStream, stream_text
+from mmedge.runtime.prompts import PromptEncoder
 
 
 class TextGenerationPipeline:
@@ -20,19 +22,28 @@ class TextGenerationPipeline:
     def __init__(self, runner: ComponentRunner):
         self.runner = runner
         self.lm = LanguageModel(runner)
-        self.template = str(runner.manifest.generation.get("prompt_template", "{}"))
+        if runner.manifest.prompt is None:
+            raise InvalidInputError(f"package {runner.manifest.name!r} declares no prompt")
+        self.prompts = PromptEncoder(runner.manifest.prompt, self.lm.config, runner.tokenizer)
+
+    def __repr__(self) -> str:
+        m = self.runner.manifest
+        return (
+            f"TextGenerationPipeline({m.name!r}, family={m.family!r}, backend={self.runner.backend.name!r})"
+        )
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Prompt token ids: the template filled with user text, which cannot inject special tokens."""
-        return self.lm.tokenizer.encode(
-            self.template.replace("{}", prompt) if "{}" in self.template else prompt
-        )
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInputError("prompt must be a non-empty string")
+        return [i for i in self.prompts.encode(self.prompts.conversation((), prompt)) if i is not None]
 
     def generate(self, prompt: str, stream: bool = False, **gen: Any) -> str | Iterator[str]:
         """Continue `prompt`; the text, or with `stream=True` an iterator of text pieces."""
         config = GenerationConfig.from_kwargs(**gen)
         ids = self.encode_prompt(prompt)
-        pieces = stream_text(self.lm, self.lm.embed(np.array([ids]))[0], config, history=ids)
+        text = TextStream(self.lm.tokenizer, config.stop_strings + self.prompts.prompt.stop_strings)
+        pieces = stream_text(self.lm, self.lm.embed(np.array([ids]))[0], config, history=ids, stream=text)
         return pieces if stream else "".join(pieces)
 
     def generate_ids(self, ids: list[int], **gen: Any) -> list[int]:

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from mmedge.runtime.backends import DEFAULT_BACKEND
 from mmedge.runtime.backends.base import SessionOptions
-from mmedge.runtime.components import SAMPLE_TEXT, ComponentRunner, sample_feeds
+from mmedge.runtime.components import ComponentRunner
+from mmedge.runtime.feeds import SAMPLE_TEXT, sample_feeds
 from mmedge.runtime.store import resolve
 
 WARMUP = 3
@@ -40,7 +42,7 @@ def bench(
     threads: int = 2,
     runs: int = 30,
     vs: str | None = None,
-    backend: str = "ort",
+    backend: str = DEFAULT_BACKEND,
     components: list[str] | None = None,
 ) -> dict[str, Any]:
     """Median latencies per component and batch; with vs='torch' also PyTorch eager and ORT fp32."""
@@ -66,8 +68,14 @@ def bench(
             engines["torch-eager"] = torch_reference(main.manifest, name, threads)
         res: dict[str, Any] = {}
         for b in batches or [1, 8]:
-            text = any(s.name == "input_ids" for s in entry.inputs)
-            feeds = sample_feeds(entry, b, main.tokenizer if text else None)
+            text = entry.input("input_ids") is not None and main.manifest.tokenizer is not None
+            feeds = sample_feeds(
+                entry.inputs,
+                entry.dims,
+                entry.int_ranges,
+                {"batch": b},
+                tokenizer=main.tokenizer if text else None,
+            )
             times: dict[str, list[float]] = {k: [] for k in engines}
             order = list(engines)
             for _ in range(WARMUP):
@@ -85,7 +93,8 @@ def bench(
             row["speedup_vs"] = {k: round(v["p50_ms"] / ref, 2) for k, v in row.items() if k != label}
             res[f"batch{b}"] = row
         out["components"][name] = res
-    if "llm" in main.manifest.components and (components is None or "llm" in components):
+    llm = main.manifest.by_role("llm_step") if main.manifest.has_role("llm_step") else None
+    if llm is not None and (components is None or llm in components):
         timer = generation_timer(main)
         timer()  # warm-up
         parts = [timer() for _ in range(max(1, runs // BLOCK))]
@@ -116,20 +125,18 @@ def generation_timer(runner: ComponentRunner) -> Callable[[], dict[str, float]]:
 
     lm = LanguageModel(runner)
     ids = generation_prompt(runner)
-    pixels = (
-        sample_feeds(runner.manifest.component("vision"), 1)["pixel_values"]
-        if runner.manifest.task == "chat"
-        else None
-    )
+    pixels = None
+    if "image" in runner.manifest.pipeline.paths:
+        first = runner.manifest.pipeline.paths["image"].steps[0].component
+        entry = runner.manifest.component(first)
+        pixels = sample_feeds(entry.inputs, entry.dims, sizes={"batch": 1})["pixel_values"]
     cfg = GenerationConfig(max_new_tokens=GEN_NEW_TOKENS, min_new_tokens=GEN_NEW_TOKENS)
 
     def run() -> dict[str, float]:
         t0 = time.perf_counter()
         embeds = lm.embed(np.array([ids]))[0]
-        if pixels is not None:
-            feats = runner.session("vision").run({"pixel_values": pixels})["image_embeds"]
-            query = runner.session("qformer").run({"image_embeds": feats})["query_output"]
-            prefix = runner.session("projector").run({"query_output": query})["image_prefix"][0]
+        if pixels is not None:  # the image's embeddings before the prompt (where a chat places them)
+            prefix = runner.run_path("image", {"pixel_values": pixels})[0]
             embeds = np.concatenate([prefix, embeds])
         t1 = time.perf_counter()
         lm.forward(embeds[None], lm.new_cache(), logits_to_keep=1)

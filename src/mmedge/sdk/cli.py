@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from mmedge.errors import MmedgeError
+from mmedge.runtime.backends import BACKENDS, DEFAULT_BACKEND
+from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS
 
 DATA_HELP = (
     "shapes:N (N synthetic scenes from the fixed held-out seed), an image folder, "
@@ -83,13 +85,20 @@ def cmd_calibrate(a: argparse.Namespace) -> object:
         weight_bits=tuple(a.weight_bits),
         block_size=a.block_size,
         progress=print if not a.json else None,
+        build=None if a.no_build else a.build,
     )
 
 
 def cmd_build(a: argparse.Namespace) -> object:
     from mmedge.builds.package import build_package
 
-    return build_package(a.package, backend=a.backend, precision=a.precision, prefill=not a.no_prefill_build)
+    return build_package(
+        a.package,
+        backend=a.backend,
+        precision=a.precision,
+        prefill=not a.no_prefill_build,
+        progress=print if not a.json else None,
+    )
 
 
 def cmd_verify(a: argparse.Namespace) -> object:
@@ -283,12 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def runtime_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("package", help="package directory or name in the model store ($MMEDGE_HOME)")
-        sp.add_argument("--backend", default="ort", choices=["ort", "tensorrt"])
+        sp.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(BACKENDS))
         sp.add_argument(
             "--precision",
             default="auto",
-            choices=["auto", "fp32", "fp16", "int8", "int4"],
-            help="auto = best build of each component (int4 > int8 > fp16 > fp32)",
+            choices=REQUEST_PRECISIONS,
+            help="auto = the best precision each component has (" + " > ".join(AUTO_ORDER) + ")",
         )
         sp.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = backend default)")
 
@@ -355,11 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight-only precisions built for an LLM component (default: 4)",
     )
     sp.add_argument("--block-size", type=int, default=32, help="weights per quantization block along K (LLM)")
+    sp.add_argument(
+        "--build",
+        default=DEFAULT_BACKEND,
+        choices=sorted(BACKENDS),
+        help="backend to build for once quantized (an unbuilt INT8 graph runs slower than fp32 on CPU)",
+    )
+    sp.add_argument("--no-build", action="store_true", help="quantize only; run `mmedge build` later")
 
     sp = add("build", cmd_build, "build backend-specific graphs: ORT-optimized ONNX or TensorRT engines")
     sp.add_argument("package")
-    sp.add_argument("--backend", default="ort", choices=["ort", "tensorrt"])
-    sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8", "int4"])
+    sp.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(BACKENDS))
+    sp.add_argument("--precision", default="auto", choices=REQUEST_PRECISIONS)
     sp.add_argument(
         "--no-prefill-build",
         action="store_true",

@@ -1,12 +1,19 @@
-"""The backend interface: a backend turns one component file of a package into a Session."""
+"""The backend interface: a backend turns one component file of a package into a Session.
+
+What a caller may rely on is stated here, so that the generation loop never duck-types one backend:
+every session runs named arrays (`run`, `run_into`) and reports its outputs' declared shapes; a
+session that can keep caller-owned buffers bound between calls returns a `Binding` from
+`binding()` (ONNX Runtime's IOBinding), one that cannot returns None.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from mmedge.errors import UnsupportedError
 from mmedge.runtime.manifest import ComponentEntry
 from mmedge.runtime.package import Package
 
@@ -21,7 +28,19 @@ class SessionOptions:
     # Off for a component that runs once per request before another one: its spinning threads
     # would take the cores from the next component (BLIP-2's LLM prefill ran 2x slower).
     spin: bool = True
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Binding(Protocol):
+    """Buffers bound to a session once and reused across runs (read and written in place)."""
+
+    def bind(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """(Re)bind these names to these C-contiguous arrays; other names keep their binding."""
+        ...
+
+    def run(self) -> None:
+        """Run the session on the bound buffers."""
+        ...
 
 
 class Session(Protocol):
@@ -29,6 +48,9 @@ class Session(Protocol):
 
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    # Each output's shape as the loaded graph declares it: ints for fixed dims, strings or None for
+    # symbolic ones. A build may change a contract (an in-place KV cache); this is how callers see it.
+    output_shapes: dict[str, tuple[int | str | None, ...]]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph on named inputs and return every output by name."""
@@ -36,25 +58,40 @@ class Session(Protocol):
 
     def run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Run with caller-owned buffers: read `feeds` and write each named output into its
-        preallocated, C-contiguous array in place (no copies where the backend allows)."""
+        preallocated, C-contiguous array (in place where the backend allows, else copied)."""
+        ...
+
+    def binding(self) -> Binding | None:
+        """A binding that keeps buffers bound across runs, or None where the backend cannot."""
         ...
 
 
 class Backend(Protocol):
     name: str
 
-    def load(self, package: Package, component: str, precision: str, options: SessionOptions) -> Session:
-        """Load one component at one precision from a verified package."""
+    def load(
+        self, package: Package, component: str, precision: str, options: SessionOptions, variant: str = ""
+    ) -> Session:
+        """Load one component at one precision (or a named variant build of it) from a verified package."""
+        ...
+
+    def has_build(
+        self, package: Package, component: str, precision: str, variant: str, options: SessionOptions
+    ) -> bool:
+        """Whether the package holds this backend's build of `<component>.<precision>[.<variant>]`."""
         ...
 
 
 def component_file(package: Package, component: str, precision: str) -> tuple[ComponentEntry, str]:
     """Return the component entry and the package-relative file of one precision, or raise."""
-    from mmedge.errors import UnsupportedError
-
     entry = package.manifest.component(component)
     if precision not in entry.precisions:
         raise UnsupportedError(
             f"component {component!r} has no {precision!r} build; available: {sorted(entry.precisions)}"
         )
     return entry, entry.precisions[precision].file
+
+
+def build_key(component: str, precision: str, variant: str = "") -> str:
+    """The engine-table key of a build: "<component>.<precision>[.<variant>]"."""
+    return f"{component}.{precision}" + (f".{variant}" if variant else "")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
-from mmedge.errors import IntegrityError, UnsupportedError
-from mmedge.runtime.backends.base import SessionOptions, component_file
+from mmedge.errors import IntegrityError, UnbuiltPrecisionWarning, UnsupportedError
+from mmedge.runtime.backends.base import SessionOptions, build_key, component_file
 from mmedge.runtime.package import Package
 
 _PROVIDERS = {
@@ -97,23 +98,36 @@ def ort_target(device: str = "cpu") -> str:
 class OrtBackend:
     name = "ort"
 
+    def has_build(
+        self, package: Package, component: str, precision: str, variant: str, options: SessionOptions
+    ) -> bool:
+        built = package.manifest.engines.get(ort_target(options.device))
+        return built is not None and build_key(component, precision, variant) in built.files
+
     def load(
         self, package: Package, component: str, precision: str, options: SessionOptions, variant: str = ""
     ) -> OrtSession:
         """Prefer an ORT-optimized build for this ORT version; load verified bytes when self-contained.
 
-        `variant` names an extra build of the component (e.g. the LLM's "prefill" build,
-        `calibration.ort_prefill`); it exists only as an ORT build."""
+        `variant` names an extra build of the component (the LLM's "prefill" build,
+        `builds.ort_prefill`); it exists only as an ORT build. A quantized precision without a build
+        still runs (its Q/DQ graph), but slower than fp32 on CPU: that is worth a warning."""
         import hashlib
 
         _, rel = component_file(package, component, precision)
-        built = package.manifest.engines.get(ort_target(options.device))
-        key = f"{component}.{precision}" + (f".{variant}" if variant else "")
-        if built is not None and key in built.files:
-            rel = built.files[key]
+        key = build_key(component, precision, variant)
+        if self.has_build(package, component, precision, variant, options):
+            rel = package.manifest.engines[ort_target(options.device)].files[key]
         elif variant:
             raise UnsupportedError(
                 f"package {package.manifest.name!r} has no {key!r} build for {ort_target(options.device)}"
+            )
+        elif precision in ("int8", "int4"):
+            warnings.warn(
+                f"{package.manifest.name}: {component} runs its {precision} graph without an ORT build for "
+                f"{ort_target(options.device)}, slower than fp32 on CPU; run `mmedge build {package.root}`",
+                UnbuiltPrecisionWarning,
+                stacklevel=4,
             )
         path = package.path(rel)
         if rel + ".data" in package.manifest.files:  # external data: ORT must read it from disk

@@ -19,6 +19,8 @@ import threading
 import numpy as np
 
 from mmedge.errors import IntegrityError, InvalidInputError, MmedgeError, UnsupportedError, require
+from mmedge.runtime.backends.base import SessionOptions, build_key
+from mmedge.runtime.package import Package
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,11 @@ class TensorRTSession:
         is_input = {n: self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = tuple(n for n in names if is_input[n])
         self.output_names = tuple(n for n in names if not is_input[n])
+        # -1 marks a dynamic dim in TensorRT; the protocol spells it None
+        self.output_shapes = {
+            n: tuple(None if d < 0 else int(d) for d in self._engine.get_tensor_shape(n))
+            for n in self.output_names
+        }
         self._dtypes = {}
         for n in names:
             try:
@@ -171,6 +178,10 @@ class TensorRTSession:
             if name in outputs:
                 np.copyto(outputs[name], out)
 
+    def binding(self) -> None:
+        """No persistent binding: inputs and outputs cross host <-> device on every run."""
+        return None
+
     def close(self) -> None:
         """Release the CUDA stream; the session is unusable afterwards."""
         if getattr(self, "_stream", None) is not None:
@@ -189,20 +200,38 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def load(self, package, component: str, precision: str, options=None) -> TensorRTSession:
-        """Find `<component>.<precision>` among the package's engines for this device and load it."""
-        key, version, cc = f"{component}.{precision}", _trt().__version__, compute_capability()
+    def _find(self, package: Package, key: str) -> str | None:
+        version, cc = _trt().__version__, compute_capability()
         for _target, entry in sorted(package.manifest.engines.items()):
-            usable = entry.backend == "tensorrt" and entry.version == version and entry.device == cc
-            if usable and key in entry.files:
-                rel = entry.files[key]
-                return TensorRTSession(package.path(rel).read_bytes(), package.manifest.files[rel].sha256)
+            if (
+                entry.backend == "tensorrt"
+                and entry.version == version
+                and entry.device == cc
+                and key in entry.files
+            ):
+                return entry.files[key]
+        return None
+
+    def has_build(
+        self, package: Package, component: str, precision: str, variant: str, options: SessionOptions
+    ) -> bool:
+        return self._find(package, build_key(component, precision, variant)) is not None
+
+    def load(
+        self, package: Package, component: str, precision: str, options: SessionOptions, variant: str = ""
+    ) -> TensorRTSession:
+        """Find `<component>.<precision>` among the package's engines for this device and load it."""
+        key = build_key(component, precision, variant)
+        rel = self._find(package, key)
+        if rel is not None:
+            return TensorRTSession(package.path(rel).read_bytes(), package.manifest.files[rel].sha256)
         have = {
             t: (e.version, e.device, sorted(e.files))
             for t, e in package.manifest.engines.items()
             if e.backend == "tensorrt"
         }
         raise UnsupportedError(
-            f"no TensorRT engine for {key} built with TensorRT {version} for compute capability {cc}; "
-            f"the package has {have or 'no TensorRT engines'}; build one with the TensorRT backend"
+            f"no TensorRT engine for {key} built with TensorRT {_trt().__version__} for compute capability "
+            f"{compute_capability()}; the package has {have or 'no TensorRT engines'}; build one with "
+            "`mmedge build PKG --backend tensorrt`"
         )

@@ -1,7 +1,7 @@
 """The CLIP family: ViT image tower, causal text transformer, linear projections (ITC).
 
 Module and parameter names equal Hugging Face's `CLIPModel`, so an HF state dict loads
-with `load_state_dict` as it is (see `hf_import`).
+with `load_state_dict` as it is (see `clip.hf`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,7 @@ from torch import nn
 
 from mmedge.errors import ConfigError
 from mmedge.models.blocks import MASK_VALUE, Encoder, activation, patchify_matmul
-from mmedge.models.component import ComponentDecl, bound
 from mmedge.models.configs import from_dict
-from mmedge.runtime.manifest import DimRange, TensorSpec
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -196,31 +191,3 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, std=0.02)
-
-
-def components(cfg: CLIPConfig) -> tuple[ComponentDecl, ...]:
-    """The two exportable towers of a CLIP model."""
-    s, d, ctx = cfg.vision.image_size, cfg.projection_dim, cfg.text.context_length
-    batch = DimRange(1, 1, 64)
-    return (
-        ComponentDecl(
-            name="vision",
-            inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),),
-            outputs=(TensorSpec("image_embeds", "float32", ("batch", d)),),
-            dims={"batch": batch},
-            build=bound("encode_image"),
-            calibration_data="images",
-        ),
-        ComponentDecl(
-            name="text",
-            inputs=(
-                TensorSpec("input_ids", "int64", ("batch", "sequence")),
-                TensorSpec("attention_mask", "int64", ("batch", "sequence")),
-            ),
-            outputs=(TensorSpec("text_embeds", "float32", ("batch", d)),),
-            dims={"batch": batch, "sequence": DimRange(1, min(16, ctx), ctx)},
-            build=bound("encode_text"),
-            calibration_data="texts",
-            int_ranges={"input_ids": (0, cfg.text.vocab_size), "attention_mask": (1, 2)},
-        ),
-    )

@@ -2,16 +2,14 @@
 
 Parameter names follow Hugging Face `Blip2ForConditionalGeneration` (`vision_model.*`,
 `qformer.*`, `query_tokens`, `language_projection.*`, `language_model.*`), so HF checkpoints load
-by name. The image encoder is either HF's BLIP-2 ViT (`vision.style = "blip2"`) or an mmedge CLIP
-vision tower (`"clip"`, used by `blip2-tiny` with the demo's trained `clip-tiny`).
-
-Exported components: `vision` (pixels -> image features), `qformer` (features -> query outputs),
-`projector` (-> LM embeddings), and the LM's `embed` + `llm` (see `models.decoder`).
+by name. The image encoder is either HF's BLIP-2 ViT (`vision.tower = "blip2"`) or an mmedge CLIP
+vision tower (`"clip"`, used by `blip2-tiny` with the demo's trained `clip-tiny`); the LM is any
+decoder variant (`models.decoder`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -19,19 +17,18 @@ from torch import nn
 
 from mmedge.errors import ConfigError
 from mmedge.models import decoder
+from mmedge.models.blip2.qformer import QFormer, QFormerConfig, QFormerTextEmbeddings
 from mmedge.models.blocks import Encoder, patchify_matmul
-from mmedge.models.clip import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransformer
-from mmedge.models.component import ComponentDecl, bound
+from mmedge.models.clip.modeling import VisionConfig, VisionTransformer
 from mmedge.models.configs import from_dict
-from mmedge.models.qformer import QFormer, QFormerConfig, QFormerTextEmbeddings
-from mmedge.runtime.manifest import DimRange, TensorSpec
+from mmedge.runtime.sections import CLIP_MEAN, CLIP_STD
 
-VISION_STYLES = ("blip2", "clip")
+VISION_TOWERS = ("blip2", "clip")
 
 
 @dataclass(frozen=True)
 class Blip2VisionConfig:
-    style: str = "blip2"
+    tower: str = "blip2"
     image_size: int = 224
     patch_size: int = 14
     width: int = 1408
@@ -43,9 +40,9 @@ class Blip2VisionConfig:
     qkv_bias: bool = True
 
     def __post_init__(self) -> None:
-        if self.style not in VISION_STYLES:
+        if self.tower not in VISION_TOWERS:
             raise ConfigError(
-                f"vision style {self.style!r} is not supported; choose from {list(VISION_STYLES)}"
+                f"vision tower {self.tower!r} is not supported; choose from {list(VISION_TOWERS)}"
             )
 
     @property
@@ -69,7 +66,7 @@ class Blip2Config:
             raise ConfigError(
                 f"qformer.encoder_hidden {self.qformer.encoder_hidden} != vision width {self.vision.width}"
             )
-        if self.vision.style == "clip" and self.vision.qkv_bias is not True:
+        if self.vision.tower == "clip" and self.vision.qkv_bias is not True:
             raise ConfigError("a clip-style vision tower always has q/k/v biases")
 
     @classmethod
@@ -125,7 +122,7 @@ class Blip2(nn.Module):
         super().__init__()
         self.cfg = cfg
         v = cfg.vision
-        if v.style == "blip2":
+        if v.tower == "blip2":
             self.vision_model: nn.Module = Blip2VisionModel(v)
         else:
             self.vision_model = VisionTransformer(
@@ -147,7 +144,7 @@ class Blip2(nn.Module):
         if cfg.qformer.text:
             self.qformer_text = QFormerTextEmbeddings(cfg.qformer)
         self.language_projection = nn.Linear(cfg.qformer.hidden, cfg.text.embed_dim)
-        self.language_model = decoder.DecoderLM(cfg.text)
+        self.language_model = decoder.build_decoder(cfg.text)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_model.hidden_states(pixel_values)
@@ -158,62 +155,3 @@ class Blip2(nn.Module):
     def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """LM input embeddings of an image, (B, Q, E)."""
         return self.language_projection(self.query_outputs(self.image_features(pixel_values)))
-
-
-def components(cfg: Blip2Config) -> tuple[ComponentDecl, ...]:
-    """vision, qformer, projector, then the LM's embed and llm."""
-    v, q, s = cfg.vision, cfg.qformer, cfg.vision.image_size
-    batch = DimRange(1, 1, 16)
-    image = TensorSpec("image_embeds", "float32", ("batch", v.tokens, v.width))
-    query = TensorSpec("query_output", "float32", ("batch", q.num_query_tokens, q.hidden))
-    # the LM's own builders, applied to the BLIP-2 model's language_model
-    lm = tuple(
-        replace(d, build=lambda model, b=d.build: b(model.language_model))
-        for d in decoder.components(cfg.text)
-    )
-    return (
-        ComponentDecl(
-            "vision",
-            (TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),),
-            (image,),
-            {"batch": batch},
-            bound("image_features"),
-            calibration_data="images",
-        ),
-        ComponentDecl(
-            "qformer",
-            (image,),
-            (query,),
-            {"batch": batch},
-            bound("query_outputs"),
-            calibration_data="images:vision",
-        ),
-        ComponentDecl(
-            "projector",
-            (query,),
-            (TensorSpec("image_prefix", "float32", ("batch", q.num_query_tokens, cfg.text.embed_dim)),),
-            {"batch": batch},
-            bound("language_projection"),
-            calibration_data="images:qformer",
-        ),
-        *lm,
-    )
-
-
-def generation_section(cfg: Blip2Config) -> dict[str, Any]:
-    return {
-        **decoder.generation_section(cfg.text, cfg.prompt_template),
-        "caption_prompt": cfg.caption_prompt,
-        "num_query_tokens": cfg.qformer.num_query_tokens,
-    }
-
-
-def preprocess_section(cfg: Blip2Config) -> dict[str, Any]:
-    return {
-        "image_size": cfg.vision.image_size,
-        "mean": list(cfg.mean),
-        "std": list(cfg.std),
-        "resize": cfg.resize,
-        "crop": "center",
-        "rescale": 1 / 255,
-    }

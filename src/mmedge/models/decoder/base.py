@@ -1,13 +1,14 @@
-"""Causal decoder LMs in two styles, with Hugging Face parameter names and an explicit KV cache.
+"""The cached-decoder base: one config, the attention over a fixed-size KV cache, and the step.
 
-- "opt":   LayerNorm, learned positions (offset 2), ReLU/GELU MLP; names as `OPTForCausalLM`.
-- "llama": RMSNorm, rotary positions, SwiGLU, grouped-query attention; names as `LlamaForCausalLM`.
+Variants (`opt.py`, `llama.py`, later GLM, visual-expert, T5) subclass `CachedDecoderLM` and say
+how positions enter (learned embeddings or rotary), which layer class they stack and how the final
+hidden state is normalised; `step` and the exported component contract are shared.
 
-The cached step (`DecoderLM.step`) is what gets exported: the cache is a fixed-size buffer of
-`max_context` slots per layer, passed in whole, and the graph returns only the keys/values of the
-new tokens. The runtime writes those into its preallocated buffers, so no token ever copies the
-whole cache. Attention scores against the cache and against the new tokens are computed apart and
-joined before the softmax, so the graph never concatenates (copies) the cache either.
+The cached step (`CachedDecoderLM.step`) is what gets exported: the cache is a fixed-size buffer
+of `max_context` slots per layer, passed in whole, and the graph returns only the keys/values of
+the new tokens. The runtime writes those into its preallocated buffers, so no token ever copies
+the whole cache. Attention scores against the cache and against the new tokens are computed apart
+and joined before the softmax, so the graph never concatenates (copies) the cache either.
 
 A one-token step is small matrices, so its cost is largely per-node overhead in the runtime: the
 forward is written for a short graph (q/k/v and gate/up as one matmul each, 1/sqrt(d) folded into
@@ -26,17 +27,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmedge.errors import ConfigError
-from mmedge.models.blocks import MASK_VALUE, activation
+from mmedge.models.blocks import MASK_VALUE
 from mmedge.models.component import ComponentDecl, bound
 from mmedge.models.configs import from_dict
 from mmedge.runtime.manifest import DimRange, TensorSpec
-
-STYLES = ("opt", "llama")
+from mmedge.runtime.sections import LLMConfig
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    style: str = "opt"
+    """A decoder LM's sizes and special tokens; `variant` picks the architecture (`decoder.VARIANTS`)."""
+
+    variant: str = "opt"
     vocab_size: int = 50272
     hidden: int = 768
     layers: int = 12
@@ -47,7 +49,7 @@ class DecoderConfig:
     max_context: int = 256  # KV cache slots in an exported package
     act: str = "relu"
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # rotary variants only
     word_embed_proj_dim: int = 0  # opt-350m style project_in/out; 0: same as hidden
     do_layer_norm_before: bool = True
     bias: bool = True
@@ -57,8 +59,12 @@ class DecoderConfig:
     pad_token_id: int = 1
 
     def __post_init__(self) -> None:
-        if self.style not in STYLES:
-            raise ConfigError(f"decoder style {self.style!r} is not supported; choose from {list(STYLES)}")
+        from mmedge.models.decoder import VARIANTS
+
+        if self.variant not in VARIANTS:
+            raise ConfigError(
+                f"decoder variant {self.variant!r} is not supported; choose from {sorted(VARIANTS)}"
+            )
         if self.hidden % self.heads or self.heads % self.n_kv_heads:
             raise ConfigError(
                 f"hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} do not divide"
@@ -88,16 +94,6 @@ class DecoderConfig:
         return asdict(self)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
-
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
     """Rotate halves (HF Llama convention); x (B, H, S, D), cos/sin (B, 1, S, D), `half` = D / 2.
 
@@ -107,15 +103,20 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> 
     return x * cos + rotated * sin
 
 
+Rope = tuple[torch.Tensor, torch.Tensor] | None
+Past = tuple[torch.Tensor, torch.Tensor] | None
+
+
 class CachedAttention(nn.Module):
-    """Self-attention over a fixed-size cache plus the new tokens; q/k/v/o names per style.
+    """Self-attention over a fixed-size cache plus the new tokens; `out_name` is the variant's
+    name for the output projection (HF: OPT `out_proj`, Llama `o_proj`).
 
     The checkpoint keeps HF's separate q/k/v projections; the forward joins them into one matmul
     (q's rows pre-scaled by 1/sqrt(d)), which the export folds into a single weight: one GEMV per
     layer and token instead of three, and no scale multiply.
     """
 
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, out_name: str):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
@@ -123,11 +124,8 @@ class CachedAttention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
         self.k_proj = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
-        out = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
-        if cfg.style == "opt":
-            self.out_proj = out
-        else:
-            self.o_proj = out
+        self.out_name = out_name
+        setattr(self, out_name, nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias))
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         weight = torch.cat([self.q_proj.weight * self.scale, self.k_proj.weight, self.v_proj.weight])
@@ -139,11 +137,7 @@ class CachedAttention(nn.Module):
         return F.linear(x, weight, bias)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        past: tuple[torch.Tensor, torch.Tensor] | None,
-        bias: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        self, x: torch.Tensor, past: Past, bias: torch.Tensor, rope: Rope
     ) -> tuple[torch.Tensor, ...]:
         """`bias` (B, 1, g*S, T+S): additive mask over [cache | new] for each grouped query row."""
         b, s, _ = x.shape
@@ -165,119 +159,47 @@ class CachedAttention(nn.Module):
             t = past[0].shape[2]
             out = probs[..., t:] @ v + probs[..., :t] @ past[1]
         out = out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
-        proj = self.out_proj if hasattr(self, "out_proj") else self.o_proj
-        return proj(out), k, v
+        return getattr(self, self.out_name)(out), k, v
 
 
-class OPTLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.pre_norm = cfg.do_layer_norm_before
-        self.self_attn = CachedAttention(cfg)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.fc1 = nn.Linear(cfg.hidden, cfg.ffn_dim, bias=cfg.bias)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.hidden, bias=cfg.bias)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.act = activation(cfg.act)
+class CachedDecoderLM(nn.Module):
+    """A causal LM with an explicit cache; subclasses keep HF's parameter names for their variant."""
 
-    def forward(self, x: torch.Tensor, past, bias, rope) -> tuple[torch.Tensor, ...]:
-        h = self.self_attn_layer_norm(x) if self.pre_norm else x
-        h, k, v = self.self_attn(h, past, bias, rope)
-        x = x + h
-        if not self.pre_norm:
-            x = self.self_attn_layer_norm(x)
-        h = self.final_layer_norm(x) if self.pre_norm else x
-        x = x + self.fc2(self.act(self.fc1(h)))
-        if not self.pre_norm:
-            x = self.final_layer_norm(x)
-        return x, k, v
-
-
-class LlamaMLP(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.hidden, bias=False)
-        self.act = activation(cfg.act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # gate and up joined into one matmul (one weight in the export), as q/k/v above
-        ffn = self.up_proj.out_features  # a Python int: constant split sizes in the export
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).split(
-            [ffn, ffn], dim=-1
-        )
-        return self.down_proj(self.act(gate) * up)
-
-
-class LlamaLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.self_attn = CachedAttention(cfg)
-        self.mlp = LlamaMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
-
-    def forward(self, x: torch.Tensor, past, bias, rope) -> tuple[torch.Tensor, ...]:
-        h, k, v = self.self_attn(self.input_layernorm(x), past, bias, rope)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
-
-
-class _OPTDecoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
-        self.embed_positions = nn.Embedding(cfg.max_positions + 2, cfg.hidden)  # HF OPT's offset of 2
-        if cfg.embed_dim != cfg.hidden:
-            self.project_in = nn.Linear(cfg.embed_dim, cfg.hidden, bias=False)
-            self.project_out = nn.Linear(cfg.hidden, cfg.embed_dim, bias=False)
-        self.final_layer_norm = (
-            nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps) if cfg.do_layer_norm_before else None
-        )
-        self.layers = nn.ModuleList(OPTLayer(cfg) for _ in range(cfg.layers))
-
-
-class _LlamaModel(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.layers))
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-
-
-class _OPTModel(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.decoder = _OPTDecoder(cfg)
-
-
-class DecoderLM(nn.Module):
-    """A causal LM; `state_dict()` keys match HF `OPTForCausalLM` / `LlamaForCausalLM`."""
+    rotary: bool = False  # whether the step applies rotary positions (the LLM section's rope_theta)
+    hf_model_types: tuple[str, ...] = ()
+    hf_embed_weight = ""  # HF name of the token embeddings, for tied LM heads saved once
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = _OPTModel(cfg) if cfg.style == "opt" else _LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+
+    def _finish_init(self) -> None:
+        """Called by subclasses once their modules exist: the LM head, init, tying."""
+        self.lm_head = nn.Linear(self.cfg.embed_dim, self.cfg.vocab_size, bias=False)
         self.apply(_init)
-        if cfg.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     @property
     def embed_tokens(self) -> nn.Embedding:
-        return self.model.decoder.embed_tokens if self.cfg.style == "opt" else self.model.embed_tokens
+        raise NotImplementedError
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.model.decoder.layers if self.cfg.style == "opt" else self.model.layers
+        raise NotImplementedError
 
-    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.cfg.head_dim
-        inv = 1.0 / self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-        angles = position_ids.to(torch.float32)[..., None] * inv  # (B, S, D/2)
-        emb = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, S, D)
-        return emb.cos(), emb.sin()
+    def positions(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, Rope]:
+        """Hidden states entering the first layer, and the rotary tables (or None)."""
+        raise NotImplementedError
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden states before the LM head (final norm, projections)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+        """HF config.json of this variant -> DecoderConfig fields (`common` holds the shared ones)."""
+        raise NotImplementedError
 
     def step(
         self,
@@ -286,7 +208,7 @@ class DecoderLM(nn.Module):
         position_ids: torch.Tensor,
         past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         logits_to_keep: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Logits (B, K, V) of the last K positions and each layer's new (key, value), (B, Hkv, S, D).
 
         `attention_mask` (B, T + S) covers the T cache slots then the S new tokens (1 = attend);
@@ -304,28 +226,14 @@ class DecoderLM(nn.Module):
             past_bias = (1.0 - mask[:, None, None, :t]) * MASK_VALUE  # (B, 1, 1, T)
             bias = torch.cat([past_bias.expand(-1, -1, s, -1), bias], dim=-1)
         bias = bias.repeat(1, 1, cfg.heads // cfg.n_kv_heads, 1)  # rows of the grouped queries
-        x, rope = inputs_embeds, None
-        if cfg.style == "opt":
-            dec = self.model.decoder
-            if hasattr(dec, "project_in"):
-                x = dec.project_in(x)
-            x = x + dec.embed_positions(position_ids + 2)
-        else:
-            rope = self._rope(position_ids)
+        x, rope = self.positions(inputs_embeds, position_ids)
         new_kv = []
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, past[i] if past is not None else None, bias, rope)
             new_kv.append((k, v))
         if logits_to_keep is not None:
             x = x[:, s - logits_to_keep[0] :]
-        if cfg.style == "opt":
-            if dec.final_layer_norm is not None:
-                x = dec.final_layer_norm(x)
-            if hasattr(dec, "project_out"):
-                x = dec.project_out(x)
-        else:
-            x = self.model.norm(x)
-        return self.lm_head(x), new_kv
+        return self.lm_head(self.final(x)), new_kv
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for whole sequences without a cache (training, reference)."""
@@ -345,7 +253,7 @@ def _init(m: nn.Module) -> None:
 class _Step(nn.Module):
     """The exported LLM step: flat cache inputs/outputs in HF's per-layer naming order."""
 
-    def __init__(self, model: DecoderLM):
+    def __init__(self, model: CachedDecoderLM):
         super().__init__()
         self.model = model
 
@@ -377,6 +285,7 @@ def components(cfg: DecoderConfig) -> tuple[ComponentDecl, ...]:
     return (
         ComponentDecl(
             name="embed",
+            role="token_embed",
             inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
             outputs=(TensorSpec("inputs_embeds", "float32", ("batch", "sequence", cfg.embed_dim)),),
             dims={"batch": batch, "sequence": seq},
@@ -386,6 +295,7 @@ def components(cfg: DecoderConfig) -> tuple[ComponentDecl, ...]:
         ),
         ComponentDecl(
             name="llm",
+            role="llm_step",
             inputs=(
                 TensorSpec("inputs_embeds", "float32", ("batch", "sequence", cfg.embed_dim)),
                 TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
@@ -406,20 +316,29 @@ def components(cfg: DecoderConfig) -> tuple[ComponentDecl, ...]:
     )
 
 
-def generation_section(cfg: DecoderConfig, prompt_template: str = "{}") -> dict[str, Any]:
-    """The manifest's `generation` section: what the runtime's generation loop needs."""
-    return {
-        "max_context": cfg.max_context,
-        "layers": cfg.layers,
-        "kv_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
-        "prompt_template": prompt_template,
-        "kv_cache": "fixed buffers of max_context slots; present.* hold only the new tokens' entries",
-        # what a backend build needs to replace the attention by a fused kernel (calibration.ort_decoder)
-        "style": cfg.style,
-        "rope_theta": cfg.rope_theta,
-    }
+def llm_section(cfg: DecoderConfig) -> LLMConfig:
+    """The manifest's `llm` section: what the runtime's generation loop and fused builds need."""
+    from mmedge.models.decoder import VARIANTS
+
+    return LLMConfig(
+        max_context=cfg.max_context,
+        layers=cfg.layers,
+        kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        rope_theta=float(cfg.rope_theta) if VARIANTS[cfg.variant].rotary else None,
+    )
+
+
+def bos_marker(tokenizer_json: str, bos_token_id: int) -> str:
+    """ "{bos}" when the tokenizer starts an encoded text with the LM's BOS (as HF processors encode
+    prompts), else "": prompt templates insert BOS by id, never by tokenising it."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    with_specials = tok.encode("a", add_special_tokens=True).ids
+    plain = tok.encode("a", add_special_tokens=False).ids
+    return "{bos}" if with_specials[:1] == [bos_token_id] and with_specials[1:] == plain else ""

@@ -1,0 +1,56 @@
+"""HF `Blip2ForConditionalGeneration` directories -> the blip2 family's config and weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmedge.errors import UnsupportedError
+from mmedge.models import decoder
+
+
+def blip2_config(cfg: dict[str, Any], max_context: int | None = None) -> dict[str, Any]:
+    """HF Blip2Config -> Blip2Config JSON; refuses what the modules do not model."""
+    v, q, t = cfg.get("vision_config") or {}, cfg.get("qformer_config") or {}, cfg.get("text_config") or {}
+    if t.get("model_type", "opt") != "opt":
+        raise UnsupportedError(
+            f"BLIP-2 with a {t.get('model_type')!r} language model is not supported; OPT is"
+        )
+    if q.get("use_qformer_text_input"):
+        raise UnsupportedError(
+            "a Q-Former with text input (InstructBLIP-style) is not supported by the blip2 family"
+        )
+    width = v.get("hidden_size", 1408)
+    return {
+        "vision": {
+            "tower": "blip2",
+            "image_size": v.get("image_size", 224),
+            "patch_size": v.get("patch_size", 14),
+            "width": width,
+            "layers": v.get("num_hidden_layers", 39),
+            "heads": v.get("num_attention_heads", 16),
+            "mlp_dim": v.get("intermediate_size", 6144),
+            "act": v.get("hidden_act", "gelu"),
+            "eps": v.get("layer_norm_eps", 1e-6),
+            "qkv_bias": v.get("qkv_bias", True),
+        },
+        "qformer": {
+            "hidden": q.get("hidden_size", 768),
+            "layers": q.get("num_hidden_layers", 12),
+            "heads": q.get("num_attention_heads", 12),
+            "intermediate": q.get("intermediate_size", 3072),
+            "cross_attention_frequency": q.get("cross_attention_frequency", 2),
+            "encoder_hidden": width,
+            "num_query_tokens": cfg.get("num_query_tokens", 32),
+            "act": q.get("hidden_act", "gelu"),
+            "eps": q.get("layer_norm_eps", 1e-12),
+        },
+        "text": decoder.hf_decoder_config({"model_type": "opt", **t}, max_context),
+    }
+
+
+def blip2_weights(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+    """HF saves a tied LM head once; give the model its copy."""
+    decoder.tie_lm_head(state, cfg.text, "language_model.")
+    return state

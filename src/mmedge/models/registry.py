@@ -1,0 +1,153 @@
+"""The family registry: each family package registers itself; nothing outside it names the family.
+
+A family (architecture group, e.g. "blip2") has variants (sub-architectures, e.g. its LM kind) and
+one task (pipeline kind: retrieval, chat, generation). It declares, as data and small functions,
+everything the host side needs: how to parse and build its config and model, its exportable
+components, its manifest sections, how Hugging Face directories map onto it, and its training
+recipe. `docs/adding-a-family.md` walks through a new one.
+
+Families are found by importing every subpackage of `mmedge.models` (a family package calls
+`register` when imported) and every module named by an `mmedge.families` entry point, so a
+third-party family installs as its own distribution.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata, resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmedge.errors import ConfigError, ModelNotFoundError, UnsupportedError
+from mmedge.models.component import ComponentDecl
+from mmedge.runtime.manifest import TASKS
+from mmedge.runtime.sections import ImageTokens, LLMConfig, PreprocessConfig, PromptConfig, RetrievalConfig
+
+ENTRY_POINT_GROUP = "mmedge.families"
+
+
+@dataclass(frozen=True)
+class Sections:
+    """A family's manifest sections for one model (export adds files, tokenizer file, engines)."""
+
+    context_length: int  # the tokenizer's longest text
+    pad_id: int
+    llm: LLMConfig | None = None
+    prompt: PromptConfig | None = None
+    retrieval: RetrievalConfig | None = None
+    image_tokens: ImageTokens | None = None
+
+
+@dataclass(frozen=True)
+class HFSupport:
+    """How Hugging Face directories of this family map onto it (read without transformers)."""
+
+    model_types: tuple[str, ...]  # config.json `model_type`s this family reads
+    architectures: tuple[str, ...]  # HF classes, for the docs table
+    config: Callable[[dict[str, Any], int | None], dict[str, Any]]  # (HF config, max_context) -> config JSON
+    # HF state dict -> the family's state dict (renames, tied weights saved once); default: as saved
+    weights: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]] | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything the host side needs to know about one family."""
+
+    name: str
+    task: str
+    variants: tuple[str, ...]
+    summary: str  # one line for the families table
+    config_from_dict: Callable[[dict[str, Any]], Any]  # strict: unknown keys are ConfigErrors
+    variant_of: Callable[[Any], str]
+    build: Callable[[Any], nn.Module]
+    components: Callable[[Any], tuple[ComponentDecl, ...]]
+    preprocess: Callable[[Any], PreprocessConfig | None]  # default image preprocessing (None: no images)
+    sections: Callable[[Any, nn.Module, str], Sections]  # (config, model, tokenizer JSON)
+    hf: HFSupport | None = None
+    recipe: str | None = None  # module with `train(out, request)`, e.g. "mmedge.recipes.clip"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"family {self.name!r}: task {self.task!r} is not one of {TASKS}")
+        if not self.variants:
+            raise ConfigError(f"family {self.name!r} declares no variants")
+
+
+_REGISTRY: dict[str, Family] = {}
+_LOADED = False
+_LOCK = threading.RLock()
+
+
+def register(family: Family) -> Family:
+    """Add a family (its package calls this on import); a second family of the same name is an error."""
+    with _LOCK:
+        old = _REGISTRY.get(family.name)
+        if old is not None and old is not family:
+            raise ConfigError(f"family {family.name!r} is registered twice")
+        _REGISTRY[family.name] = family
+    return family
+
+
+def unregister(name: str) -> None:
+    """Remove a family (tests that register toy families clean up with this)."""
+    with _LOCK:
+        _REGISTRY.pop(name, None)
+
+
+def _load() -> None:
+    global _LOADED
+    with _LOCK:
+        if _LOADED:
+            return
+        _LOADED = True
+        import mmedge.models as pkg
+
+        for info in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+            if info.ispkg:
+                importlib.import_module(info.name)
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            importlib.import_module(ep.value.split(":")[0])
+
+
+def families() -> dict[str, Family]:
+    """Every registered family, by name."""
+    _load()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_family(name: str) -> Family:
+    """Return a family by name, or raise listing the known ones."""
+    known = families()
+    if name not in known:
+        raise ConfigError(f"unknown family {name!r}; known: {sorted(known)}")
+    return known[name]
+
+
+def family_for_model_type(model_type: Any) -> Family:
+    """The family that reads HF directories of `model_type`."""
+    found = [f for f in families().values() if f.hf is not None and model_type in f.hf.model_types]
+    if not found:
+        accepted = sorted(t for f in families().values() if f.hf for t in f.hf.model_types)
+        raise UnsupportedError(f"HF model_type {model_type!r} is not supported; supported: {accepted}")
+    return found[0]
+
+
+def list_presets() -> list[str]:
+    return sorted(
+        p.name[:-5] for p in resources.files("mmedge.models.presets").iterdir() if p.name.endswith(".json")
+    )
+
+
+def load_preset(name: str) -> tuple[Family, dict[str, Any]]:
+    """Return (family, config dict) of a named preset."""
+    if name not in list_presets():
+        raise ModelNotFoundError(f"no preset {name!r}; presets: {list_presets()}")
+    raw = json.loads(resources.files("mmedge.models.presets").joinpath(f"{name}.json").read_text())
+    return get_family(raw["family"]), raw["config"]

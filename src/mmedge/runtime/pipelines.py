@@ -1,0 +1,30 @@
+"""The task pipeline of a package: which class serves each `task` of the manifest."""
+
+from __future__ import annotations
+
+from mmedge.errors import UnsupportedError
+from mmedge.runtime.chat import ChatPipeline
+from mmedge.runtime.components import ComponentRunner
+from mmedge.runtime.retrieval import RetrievalPipeline
+from mmedge.runtime.textgen import TextGenerationPipeline
+
+AnyPipeline = RetrievalPipeline | ChatPipeline | TextGenerationPipeline
+PIPELINES: dict[str, type[AnyPipeline]] = {
+    "retrieval": RetrievalPipeline,
+    "chat": ChatPipeline,
+    "generation": TextGenerationPipeline,
+}
+# What each task's pipeline offers, for messages that tell a user which verbs fit a package.
+TASK_VERBS = {
+    "retrieval": ("embed", "search", "classify", "eval"),
+    "chat": ("caption", "chat", "eval"),
+    "generation": ("generate",),
+}
+
+
+def open_pipeline(runner: ComponentRunner) -> AnyPipeline:
+    """The pipeline for the runner's package task."""
+    cls = PIPELINES.get(runner.manifest.task)
+    if cls is None:
+        raise UnsupportedError(f"task {runner.manifest.task!r} has no pipeline in this version of mmedge")
+    return cls(runner)
