@@ -1,0 +1,41 @@
+"""The supported-families table (README, `mmedge families`), generated from the registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from mmedge.models.registry import Family, families
+
+
+def _precisions(family: Family) -> str:
+    decls = family.components(family.config_from_dict({}))
+    out = ["fp32"]
+    if any(d.calibration_data in ("images", "texts") for d in decls):
+        out.append("int8 (encoders)")
+    if any(d.role == "llm_step" for d in decls):
+        out.append("int4 / int8 weight-only (LLM)")
+    return ", ".join(out)
+
+
+def family_row(family: Family) -> tuple[str, ...]:
+    """(family, variants, HF model_type, components, task, precisions) of one family; components are
+    those of the family's default config, each with its role."""
+    decls = family.components(family.config_from_dict({}))
+    hf = ", ".join(f"`{t}`" for t in family.hf.model_types) if family.hf else "—"
+    return (
+        f"`{family.name}`",
+        ", ".join(family.variants),
+        hf,
+        ", ".join(f"{d.name} ({d.role})" for d in decls),
+        family.task,
+        _precisions(family),
+    )
+
+
+def families_table(selected: Iterable[Family] | None = None) -> str:
+    """A Markdown table of the registered families (or of `selected`)."""
+    rows = [family_row(f) for f in (selected if selected is not None else families().values())]
+    head = ("family", "variants", "HF `model_type`", "components (role)", "task", "precisions")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,138 @@
+"""The conformance path every registered family and variant must pass, and a tiny config per case.
+
+init (random weights) -> export (parity recorded) -> calibrate -> build -> verify -> sdk.Pipeline
+-> one task call. Used by test_conformance.py (the registry), test_renaming.py and test_toy_family.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmedge import sdk
+from mmedge.builds.package import build_package
+from mmedge.calibration.package import calibrate_package
+from mmedge.data import generate_scenes
+from mmedge.export.exporter import export_model
+from mmedge.models.init import init_model
+from mmedge.models.registry import Family
+from mmedge.runtime.backends.ort import ort_target
+from mmedge.runtime.package import verify_package
+
+_VISION = {
+    "image_size": 32,
+    "patch_size": 16,
+    "width": 32,
+    "layers": 1,
+    "heads": 2,
+    "mlp_dim": 64,
+    "act": "gelu",
+}
+# Special ids of the tiny tokenizer (data.tokenizer_train): pad 0, bos 1, unk 2, eos 3.
+_SPECIALS = {"bos_token_id": 1, "eos_token_id": 3, "pad_token_id": 0}
+_DECODERS = {
+    "opt": {
+        "variant": "opt",
+        "vocab_size": 0,
+        "hidden": 32,
+        "layers": 2,
+        "heads": 2,
+        "ffn_dim": 64,
+        "max_positions": 64,
+        "max_context": 48,
+        **_SPECIALS,
+    },
+    "llama": {
+        "variant": "llama",
+        "vocab_size": 0,
+        "hidden": 32,
+        "layers": 2,
+        "heads": 2,
+        "kv_heads": 1,
+        "ffn_dim": 64,
+        "max_positions": 64,
+        "max_context": 48,
+        "act": "silu",
+        "tie_word_embeddings": False,
+        **_SPECIALS,
+    },
+}
+
+# (family, variant) -> tiny config in the family's JSON form ("vocab_size": 0 = the tokenizer's size)
+CASES: dict[tuple[str, str], dict[str, Any]] = {
+    ("clip", "vit"): {
+        "vision": _VISION,
+        "text": {
+            "vocab_size": 0,
+            "context_length": 16,
+            "width": 32,
+            "layers": 1,
+            "heads": 2,
+            "mlp_dim": 64,
+            "act": "gelu",
+            "eos_token_id": 3,
+            "pad_token_id": 0,
+        },
+        "projection_dim": 32,
+    },
+    **{
+        ("blip2", v): {
+            "vision": {"tower": "clip", **_VISION, "eps": 1e-5},
+            "qformer": {
+                "hidden": 32,
+                "layers": 1,
+                "heads": 2,
+                "intermediate": 64,
+                "cross_attention_frequency": 1,
+                "encoder_hidden": 32,
+                "num_query_tokens": 4,
+            },
+            "text": _DECODERS[v],
+            "resize": "shortest",
+        }
+        for v in _DECODERS
+    },
+    **{("causal-lm", v): cfg for v, cfg in _DECODERS.items()},
+}
+
+
+def task_call(pipe: Any, task: str) -> None:
+    """One call of the package's task, with a sanity check on what it returns."""
+    image = generate_scenes(1, seed=3, image_size=48)[0].image
+    if task == "retrieval":
+        emb = pipe.embed_images([image, image])
+        assert emb.shape[0] == 2 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+        labels = pipe.classify(image, ["circle", "square"])
+        assert abs(sum(label.score for label in labels) - 1) < 1e-5
+    elif task == "chat":
+        answer = pipe.chat(image, "what colour is the circle?", max_new_tokens=3, min_new_tokens=3)
+        assert isinstance(answer, str) and answer
+        assert isinstance(pipe.caption(image, max_new_tokens=2), str)
+    elif task == "generation":
+        text = pipe.generate("a small red circle", max_new_tokens=3, min_new_tokens=3)
+        assert isinstance(text, str) and text
+    else:
+        raise AssertionError(f"no task call for {task!r}: add one here")
+
+
+def run_conformance(family: Family, raw: dict[str, Any], root: Path) -> Path:
+    """The whole path for one family config; returns the package. Asserts every stage's record."""
+    ckpt = init_model(family, raw, root / "ckpt")
+    pkg = root / "pkg"
+    manifest = export_model(ckpt, pkg)
+    assert manifest.family == family.name and manifest.variant in family.variants
+    assert all(c.precisions["fp32"].parity["passed"] for c in manifest.components.values())
+    report = calibrate_package(pkg, "train-shapes:16", samples=8, build=None)
+    quantized = {
+        name: sorted(set(c.precisions) - {"fp32"})
+        for name, c in verify_package(pkg).manifest.components.items()
+    }
+    assert any(quantized.values()), report  # at least one component was quantized
+    built = build_package(pkg, backend="ort")
+    m = verify_package(pkg).manifest
+    assert set(m.engines[ort_target()].files) >= set(built["builds"]) >= {f"{n}.fp32" for n in m.components}
+    task_call(sdk.Pipeline(str(pkg)), family.task)  # "auto": the quantized builds
+    task_call(sdk.Pipeline(str(pkg), precision="fp32"), family.task)
+    return pkg
