@@ -22,7 +22,7 @@ from mmedge.data.scenes import (
     sample_objects,
     scene_slots,
 )
-from mmedge.data.sources import IMAGE_EXTENSIONS, DataItem, load_data
+from mmedge.data.sources import IMAGE_EXTENSIONS, Conversation, DataItem, load_conversations, load_data
 
 __all__ = [
     "COLOURS",
@@ -34,12 +34,14 @@ __all__ = [
     "SIZES",
     "TRAIN_SEED",
     "VOCABULARY",
+    "Conversation",
     "DataItem",
     "Scene",
     "SceneObject",
     "caption_for",
     "generate_scenes",
     "iter_scenes",
+    "load_conversations",
     "load_data",
     "make_scene",
     "parse_caption",

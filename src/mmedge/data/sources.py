@@ -109,3 +109,62 @@ def _load_jsonl(file: Path) -> list[DataItem]:
     if not items:
         raise InvalidInputError(f"{str(file)!r} holds no records; {_SPEC_HELP}")
     return items
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One image and its (question, answer) turns, from a LLaVA-style conversations record."""
+
+    image: str
+    turns: tuple[tuple[str, str], ...]
+
+
+_IMAGE_TAG = re.compile(r"\s*<image>\s*")
+_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+def load_conversations(spec: str) -> list[Conversation]:
+    """A JSONL file of LLaVA-style records: {"image": path, "conversations": [{"from": "human",
+    "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}. Turns alternate human / gpt,
+    starting with human; the `<image>` tag is dropped (the model's prompt template places the image);
+    relative image paths are taken from the file's folder."""
+    path = Path(spec).expanduser()
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        raise InvalidInputError(f"conversation data {spec!r} must be an existing .jsonl file")
+    out: list[Conversation] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{spec!r} is not UTF-8 text: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{spec!r} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"{where} is not valid JSON: {exc.msg}") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"]:
+            raise InvalidInputError(f"{where} must be an object with an 'image' path and 'conversations'")
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns or len(turns) % 2:
+            raise InvalidInputError(f"{where}: 'conversations' must be a non-empty list of human/gpt pairs")
+        pairs = []
+        for i in range(0, len(turns), 2):
+            q, a = turns[i], turns[i + 1]
+            ok = all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in (q, a))
+            if not ok or _ROLES.get(q.get("from")) != "human" or _ROLES.get(a.get("from")) != "gpt":
+                raise InvalidInputError(
+                    f"{where}: turn {i} must be human then gpt, each with a string 'value'"
+                )
+            question, answer = _IMAGE_TAG.sub(" ", q["value"]).strip(), a["value"].strip()
+            if not question or not answer:
+                raise InvalidInputError(f"{where}: turn {i} has an empty question or answer")
+            pairs.append((question, answer))
+        image = os.path.abspath(path.parent / Path(record["image"]).expanduser())
+        if not os.path.isfile(image):
+            raise InvalidInputError(f"{where}: image file {image!r} does not exist")
+        out.append(Conversation(image, tuple(pairs)))
+    if not out:
+        raise InvalidInputError(f"{spec!r} holds no conversations")
+    return out

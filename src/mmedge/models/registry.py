@@ -14,19 +14,19 @@ third-party family installs as its own distribution.
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata, resources
+from importlib import metadata
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmedge.errors import ConfigError, ModelNotFoundError, UnsupportedError
+from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models.component import ComponentDecl
+from mmedge.presets import read_preset
 from mmedge.runtime.manifest import TASKS
 from mmedge.runtime.sections import ImageTokens, LLMConfig, PreprocessConfig, PromptConfig, RetrievalConfig
 
@@ -139,15 +139,7 @@ def family_for_model_type(model_type: Any) -> Family:
     return found[0]
 
 
-def list_presets() -> list[str]:
-    return sorted(
-        p.name[:-5] for p in resources.files("mmedge.models.presets").iterdir() if p.name.endswith(".json")
-    )
-
-
 def load_preset(name: str) -> tuple[Family, dict[str, Any]]:
     """Return (family, config dict) of a named preset."""
-    if name not in list_presets():
-        raise ModelNotFoundError(f"no preset {name!r}; presets: {list_presets()}")
-    raw = json.loads(resources.files("mmedge.models.presets").joinpath(f"{name}.json").read_text())
+    raw = read_preset(name)
     return get_family(raw["family"]), raw["config"]

@@ -50,7 +50,9 @@ from mmedge.models.blip2.modeling import Blip2, Blip2Config
 from mmedge.models.blocks import MASK_VALUE
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.registry import load_preset
-from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast, train
+from mmedge.recipes.base import TrainRequest
+from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast
+from mmedge.recipes.trainer import train as run_training
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -114,30 +116,37 @@ def _encode(
     samples: list[list[tuple[str, str]]],
     context: int,
     scene_texts: list[str] | None = None,
+    specials: tuple[int | None, int, int] = (BOS_ID, EOS_ID, PAD_ID),
 ) -> tuple[torch.Tensor, ...]:
     """ids (B, L), attention mask, labels (each target and its EOS only); right-padded.
 
     Rows are `[scene text] BOS (prompt target EOS)+`. The LM learns with a caption as the scene
     text; in stage 2 the image prefix takes its place, before BOS, as in HF's BLIP-2 inputs.
+    `specials` = (BOS or None for a model whose prompts start without one, EOS, pad) ids.
     """
+    bos, eos, pad = specials
     rows, labels = [], []
     for i, segments in enumerate(samples):
         scene = tok.encode(scene_texts[i], add_special_tokens=False).ids if scene_texts else []
-        ids, lab = [*scene, BOS_ID], [IGNORE] * (len(scene) + 1)
+        start = [] if bos is None else [bos]
+        ids, lab = [*scene, *start], [IGNORE] * (len(scene) + len(start))
         for prompt, target in segments:
             head = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
-            tail = [*tok.encode(target if prompt else target.strip(), add_special_tokens=False).ids, EOS_ID]
+            tail = [*tok.encode(target if prompt else target.strip(), add_special_tokens=False).ids, eos]
             ids += head + tail
             lab += [IGNORE] * len(head) + tail
         rows.append(ids[:context])
         labels.append(lab[:context])
     width = max(map(len, rows))
-    ids_t = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
     lab_t = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     for i, (r, lb) in enumerate(zip(rows, labels)):
         ids_t[i, : len(r)] = torch.tensor(r)
         lab_t[i, : len(lb)] = torch.tensor(lb)
-    return ids_t, (ids_t != PAD_ID).long(), lab_t
+    mask = torch.zeros_like(ids_t)
+    for i, r in enumerate(rows):
+        mask[i, : len(r)] = 1
+    return ids_t, mask, lab_t
 
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -310,7 +319,9 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
             time_budget_s=budget,
             bf16=settings.bf16,
         )
-        losses = train(module, batches, loss_fn, tc, progress=progress, desc=f"{settings.preset} {name}")
+        losses = run_training(
+            module, batches, loss_fn, tc, progress=progress, desc=f"{settings.preset} {name}"
+        )
         info[name] = {"steps": len(losses), "final_loss": round(float(np.mean(losses[-20:])), 4)}
         log.info("%s: %d steps, final loss %.3f", name, len(losses), info[name]["final_loss"])
 
@@ -402,4 +413,50 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     return save_checkpoint(out, family.name, cfg.to_dict(), model.eval(), tok.to_str(), extra={"train": info})
 
 
-__all__ = ["Blip2TrainSettings", "train_blip2"]
+__all__ = ["Blip2TrainSettings", "train", "train_blip2"]
+
+
+def train(out: str | Path, request: TrainRequest, progress: bool | None = None) -> Path:
+    """`mmedge train` for BLIP-2 presets. From a CLIP checkpoint (`--init`): the staged recipe on
+    synthetic scenes, on its frozen vision tower. From a BLIP-2 checkpoint or HF directory:
+    fine-tuning on `--data`, a JSONL of LLaVA-style conversations (`blip2_finetune`)."""
+    from mmedge.models.checkpoint import read_checkpoint_meta
+    from mmedge.models.hf_import import hf_family, is_hf_dir
+
+    if not request.init:
+        raise ConfigError(
+            "BLIP-2 trains on a CLIP vision tower: pass --init CLIP_CHECKPOINT (e.g. the demo's "
+            "$MMEDGE_HOME/checkpoints/clip-tiny) to train on synthetic scenes, or --init BLIP2_CHECKPOINT "
+            "with --data CONVERSATIONS.jsonl to fine-tune"
+        )
+    root = Path(request.init)
+    family = hf_family(root).name if is_hf_dir(root) else read_checkpoint_meta(root).get("family")
+    if family == "blip2":
+        from mmedge.recipes.blip2_finetune import finetune
+
+        return finetune(out, request, progress)
+    if family != "clip":
+        raise ConfigError(
+            f"--init {request.init!r} is a {family!r} model; BLIP-2 starts from a clip or blip2 one"
+        )
+    if request.data is not None:
+        raise ConfigError(
+            "the staged BLIP-2 recipe trains on synthetic scenes; to train on your data, fine-tune a "
+            "BLIP-2 checkpoint: --init BLIP2_CHECKPOINT --data CONVERSATIONS.jsonl"
+        )
+    steps = (
+        {}
+        if request.steps is None
+        else dict.fromkeys(("lm_steps", "stage1_steps", "stage2_steps"), request.steps)
+    )
+    settings = Blip2TrainSettings(
+        clip_checkpoint=str(root),
+        preset=request.preset,
+        seed=request.seed,
+        threads=request.threads,
+        bf16=request.bf16,
+        **({"batch_size": request.batch_size} if request.batch_size else {}),
+        **({"lr": request.lr} if request.lr else {}),
+        **steps,
+    )
+    return train_blip2(out, settings, progress=progress)

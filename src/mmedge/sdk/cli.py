@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mmedge.errors import MmedgeError
+from mmedge.presets import list_presets
 from mmedge.runtime.backends import BACKENDS, DEFAULT_BACKEND
 from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS
 
@@ -35,20 +36,39 @@ def _pipeline(args: argparse.Namespace):
 
 
 def cmd_train(a: argparse.Namespace) -> object:
-    from mmedge.recipes.clip import CLIPTrainSettings, train_clip
+    from mmedge.recipes.base import TrainRequest, train_model
 
-    s = CLIPTrainSettings(
+    request = TrainRequest(
         preset=a.preset,
+        data=a.data,
+        init=a.init,
         steps=a.steps,
         batch_size=a.batch_size,
-        hard_negatives=a.hard_negatives,
         lr=a.lr,
         seed=a.seed,
         threads=a.threads,
         time_budget_s=a.time_budget,
         bf16=not a.fp32,
+        hard_negatives=a.hard_negatives,
     )
-    return {"checkpoint": str(train_clip(a.out, s, progress=None))}
+    return {"checkpoint": str(train_model(a.out, request))}
+
+
+def cmd_families(a: argparse.Namespace) -> object:
+    from mmedge.models.registry import families
+    from mmedge.models.table import families_table
+
+    if a.json:
+        return {
+            f.name: {
+                "task": f.task,
+                "variants": list(f.variants),
+                "hf_model_types": list(f.hf.model_types if f.hf else ()),
+            }
+            for f in families().values()
+        }
+    print(families_table(), end="")
+    return None
 
 
 def cmd_init(a: argparse.Namespace) -> object:
@@ -301,15 +321,38 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = backend default)")
 
-    sp = add("train", cmd_train, "train a preset on synthetic scenes and write an mmedge checkpoint")
-    sp.add_argument("--preset", default="clip-tiny")
-    sp.add_argument("--out", required=True, help="checkpoint directory to write")
-    sp.add_argument("--steps", type=int, default=1400)
-    sp.add_argument("--batch-size", type=int, default=128)
-    sp.add_argument(
-        "--hard-negatives", type=int, default=32, help="batch rows that edit one attribute of another row"
+    sp = add(
+        "train",
+        cmd_train,
+        "train a preset (synthetic scenes by default, or --data) or fine-tune a model (--init); "
+        "writes an mmedge checkpoint",
     )
-    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--preset", default="clip-tiny", help="one of: " + ", ".join(list_presets()))
+    sp.add_argument("--out", required=True, help="checkpoint directory to write")
+    sp.add_argument(
+        "--data",
+        default=None,
+        help=DATA_HELP + "; for chat presets, a JSONL of LLaVA-style conversations "
+        '({"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."}, '
+        '{"from": "gpt", "value": "..."}]}). Default: synthetic scenes',
+    )
+    sp.add_argument(
+        "--init",
+        default=None,
+        help="start from this mmedge checkpoint or HF directory (blip2 presets: a clip checkpoint trains "
+        "the staged recipe on its vision tower, a blip2 one is fine-tuned on --data)",
+    )
+    sp.add_argument(
+        "--steps", type=int, default=None, help="training steps (each stage's, for staged recipes)"
+    )
+    sp.add_argument("--batch-size", type=int, default=None)
+    sp.add_argument("--lr", type=float, default=None)
+    sp.add_argument(
+        "--hard-negatives",
+        type=int,
+        default=None,
+        help="clip on synthetic scenes: batch rows that edit one attribute of another row (default 32)",
+    )
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--threads", type=int, default=0)
     sp.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
@@ -318,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no bf16 autocast (used by default only where the CPU has AMX tiles, ~1.3x faster steps)",
     )
+
+    sp = add("families", cmd_families, "list the supported model families, their variants and HF model types")
 
     sp = add("init", cmd_init, "write a random-weight checkpoint of a preset (for benchmarks)")
     sp.add_argument("preset")

@@ -1,0 +1,66 @@
+"""What `mmedge train` asks of a recipe, and how a preset finds its family's recipe.
+
+A recipe module (named by its family's `Family.recipe`) exposes `train(out, request, progress)`.
+`--data` means what it means everywhere (`shapes:N`, `train-shapes:N`, an image folder, a JSONL of
+{"image", "text"}; chat recipes also take a JSONL of LLaVA-style conversations); `--init` starts
+from an mmedge checkpoint or an HF directory instead of random weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmedge.errors import ConfigError, UnsupportedError
+from mmedge.models.registry import Family, load_preset
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One training run. None means the recipe's default (its demo setting)."""
+
+    preset: str
+    data: str | None = None  # None: the recipe's synthetic scenes
+    init: str | None = None  # an mmedge checkpoint or HF directory to start from
+    steps: int | None = None  # a multi-stage recipe takes this many steps in each stage
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    threads: int = 0
+    time_budget_s: float | None = None
+    bf16: bool = True  # bf16 autocast where the CPU has AMX tiles (`trainer.amx_bf16_fast`)
+    hard_negatives: int | None = None  # clip on synthetic scenes: rows that edit one attribute of another
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(f"time budget must be positive, got {self.time_budget_s!r}")
+
+
+def recipe_for(preset: str) -> tuple[Family, Any]:
+    """(family, recipe module) of a preset; families without a recipe are refused by name."""
+    family, _ = load_preset(preset)
+    if family.recipe is None:
+        raise UnsupportedError(f"family {family.name!r} (preset {preset!r}) has no training recipe")
+    return family, importlib.import_module(family.recipe)
+
+
+def train_model(out: str | Path, request: TrainRequest, progress: bool | None = None) -> Path:
+    """Run the preset's recipe; returns the checkpoint directory written at `out`."""
+    _, recipe = recipe_for(request.preset)
+    path: Path = recipe.train(out, request, progress=progress)
+    return path
+
+
+def check_init_family(family: Family, loaded_family: Family, init: str) -> None:
+    if loaded_family.name != family.name:
+        raise ConfigError(
+            f"--init {init!r} is a {loaded_family.name!r} model; this recipe trains {family.name!r}"
+        )
