@@ -32,7 +32,6 @@ def setup(work: Path) -> None:
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from mmedge.builds.package import build_package
     from mmedge.calibration.package import calibrate_package
     from mmedge.export.exporter import export_model
 
@@ -58,8 +57,8 @@ def setup(work: Path) -> None:
         tokenizer_object=tok, bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t3"
     ).save_pretrained(work / "hf")
     export_model(work / "hf", work / "pkg", progress=print)
-    calibrate_package(work / "pkg", "shapes:16", samples=16, weight_bits=(4,), progress=print)
-    build_package(work / "pkg", backend="ort", progress=print)
+    # calibrate builds for ORT too (the in-place cache and prefill builds)
+    calibrate_package(work / "pkg", "train-shapes:16", samples=16, weight_bits=(4,), progress=print)
     subprocess.run(
         [
             sys.executable,

@@ -333,6 +333,76 @@ CASES = [
         lambda e: _open(_edit_manifest(e.pkg(), lambda r: r.update(surprise=1))),
     ),
     case(
+        "manifest-schema-1-says-re-export",
+        IntegrityError,
+        r"schema 'mmedge.package/1' is not supported.*re-export",
+        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r.update(schema="mmedge.package/1"))),
+    ),
+    case(
+        "manifest-unknown-role",
+        IntegrityError,
+        r"role 'denoiser' is not one this runtime knows",
+        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["components"]["vision"].update(role="denoiser"))),
+    ),
+    case(
+        "manifest-path-names-a-missing-component",
+        IntegrityError,
+        r"pipeline.paths.image.steps\[0\] names component 'ghost'",
+        lambda e: _open(
+            _edit_manifest(
+                e.pkg(), lambda r: r["pipeline"]["paths"]["image"]["steps"][0].update(component="ghost")
+            )
+        ),
+    ),
+    case(
+        "manifest-path-reads-an-unproduced-value",
+        IntegrityError,
+        r"reads values \['elsewhere'\] that no earlier step produces",
+        lambda e: _open(
+            _edit_manifest(
+                e.pkg(),
+                lambda r: r["pipeline"]["paths"]["image"]["steps"][0].update(
+                    inputs={"pixel_values": "elsewhere"}
+                ),
+            )
+        ),
+    ),
+    case(
+        "manifest-path-runs-a-component-of-another-role",
+        IntegrityError,
+        r"a 'text_encoder' component does not run on the 'image' path",
+        lambda e: _open(
+            _edit_manifest(
+                e.pkg(),
+                lambda r: r["pipeline"]["paths"]["image"]["steps"][0].update(
+                    component="text",
+                    inputs={"input_ids": "pixel_values", "attention_mask": "pixel_values"},
+                    outputs={"text_embeds": "image_embeds"},
+                ),
+            )
+        ),
+    ),
+    case(
+        "manifest-task-section-missing",
+        IntegrityError,
+        r"a retrieval package needs a 'retrieval' section",
+        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r.update(retrieval=None))),
+    ),
+    case(
+        "manifest-section-wrong-type",
+        IntegrityError,
+        r"manifest.retrieval.logit_scale: expected a finite number",
+        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["retrieval"].update(logit_scale="100"))),
+    ),
+    case(
+        "manifest-unknown-image-token-rule",
+        IntegrityError,
+        r"image_tokens.rule: 'grid' is not one of \['fixed'\]",
+        lambda e: _open(
+            _edit_manifest(e.pkg(), lambda r: r["pipeline"].update(image_tokens={"rule": "grid", "count": 4}))
+        ),
+    ),
+    case(
         "manifest-unknown-nested-key",
         IntegrityError,
         r"inputs\[0\]: unknown keys \['layout'\]",

@@ -8,8 +8,9 @@ Passes (`ort_passes`), all exact rewrites:
 - int8 -> uint8 activations (x86): ORT's integer GEMMs on x86 are U8S8, and ORT's own S8->U8 converter
   only fires when a QuantizeLinear feeds exactly one DequantizeLinear. Wherever one activation feeds
   several MatMuls (attention's q/k/v) the MatMuls then ran in float with weights dequantized on every
-  call: the Q/DQ file run as-is took 148 ms against 75 ms for fp32 on ViT-B/32. Converted up front,
-  all 73 weighted MatMuls become MatMulIntegerToFloat (26 ms).
+  call, and the Q/DQ file run as-is was slower than fp32. Converted up front, every weighted MatMul
+  becomes MatMulIntegerToFloat: about 3x faster than fp32 on ViT-B/32 (measurements:
+  benchmarks/RESULTS.md).
 - Shape(DQ(Q(x))) -> Shape(x); quantized Gemm -> MatMul + Add (ORT has no float-output integer Gemm);
 - after ORT's optimizer: weight DequantizeLinears left unfused (e.g. a Conv) are folded to float
   constants, bias Adds move into MatMulIntegerToFloat's epilogue, and unmasked self-attention over

@@ -14,8 +14,11 @@ with the rotary tables of the manifest's `llm.rope_theta` (when set) and scale 1
 folded 1/sqrt(D) into q). The step's contract changes: `present.i.*` are now the whole cache,
 (B, Hkv, max_context, D), and when a caller binds them to the same buffers as `past_key_values.i.*`
 GroupQueryAttention writes the new entries into the next free slots itself (slot = position, as
-the runtime fills its cache; B = 1 or left-aligned rows). The build records this as the engine
-setting `kv_cache: "in-place"`; the runtime reads it.
+the runtime fills its cache; B = 1 or left-aligned rows). The engine table's settings record
+`kv_cache` for readers, but the runtime does not read them: `runtime.generation.LanguageModel` takes
+the in-place path when the loaded step's `output_shapes` give `present.*` all `max_context` slots
+and its `binding()` returns a persistent binding (buffers bound once, reused across runs); otherwise
+the portable contract applies (design: docs/generation.md).
 """
 
 from __future__ import annotations

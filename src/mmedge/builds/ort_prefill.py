@@ -1,13 +1,10 @@
 """ORT prefill build of a weight-only LLM step: MatMulNBits -> DynamicQuantizeMatMul with int8 weights.
 
-ORT's MatMulNBits suits decoding and not prompts. Measured with 2 threads on a 768x3072 weight:
-
-- M = 1 (decoding): it reads the packed 4-bit weights in 0.12-0.16 ms, against 0.23-0.25 ms for an
-  int8 GEMM.
-- M = 40 (a prompt): it takes 3.0-3.7 ms at any accuracy level, against 0.5-0.6 ms for
-  DynamicQuantizeMatMul on int8 weights, which ORT runs on its integer GEMM (AMX / VNNI).
-
-On BLIP-2-base's OPT-125M, a 40-token prefill spent 45 of 48 ms in MatMulNBits.
+ORT's MatMulNBits suits decoding and not prompts: for one row (decoding) it reads the packed 4-bit
+weights faster than an int8 GEMM, but for a prompt's rows, at any accuracy level, it is several
+times slower than DynamicQuantizeMatMul on int8 weights, which ORT runs on its integer GEMM
+(AMX / VNNI). On BLIP-2-base's OPT-125M a prompt's prefill spent 45 of 48 ms in MatMulNBits
+(measurements: docs/generation.md, benchmarks/RESULTS.md).
 
 The prefill build is the decode build's graph with every MatMulNBits replaced by DynamicQuantizeMatMul
 over the same weights, re-quantized per output column to int8. Dequantized int4 values are not all

@@ -5,13 +5,13 @@ file serves ONNX Runtime and TensorRT: per-channel symmetric int8 weights, per-t
 activations, every zero point 0 (TensorRT rejects non-zero `x_zero_point`), float bias (TensorRT has
 no int32 DequantizeLinear).
 
-Recipe, from the CLIP ViT-B/32 speed study (batch 1, 2 threads, x86 AVX-512 VNNI, ORT 1.32):
-QDQ format, S8S8, only MatMul/Gemm/Conv nodes with a constant weight, outputs left in float, then
-`ort_build.optimize_for_ort`. Measured medians: torch eager 99 ms, ORT fp32 75 ms, this recipe 26 ms
-(cosine 0.9998 vs fp32 after 64-image MinMax). The alternatives were slower or worse: the same Q/DQ
-file run as-is in ORT 148 ms (see ort_build: q/k/v MatMuls miss the integer path), asymmetric U8S8
-QDQ 32 ms, QOperator U8S8 32 ms, also quantizing attention's activation MatMuls 29 ms, quantizing
-Add/Mul/Softmax too 32 ms at cosine 0.86, ORT transformer fusions (SkipLayerNorm) 29 ms.
+Recipe, chosen on the CLIP ViT-B/32 vision tower at batch 1 on x86: QDQ format, S8S8, only
+MatMul/Gemm/Conv nodes with a constant weight, outputs left in float, then
+`builds.ort.optimize_for_ort` (the Q/DQ file run as-is misses ORT's integer path and is slower than
+fp32). Built, it ran about 3x faster than ORT fp32 at an output cosine near 1 after MinMax
+calibration. The alternatives were slower or worse: asymmetric U8S8 QDQ, the QOperator format,
+quantizing attention's activation MatMuls too, quantizing Add/Mul/Softmax too (which also cost
+accuracy), and ORT's transformer fusions (measurements: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

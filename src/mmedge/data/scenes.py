@@ -144,10 +144,10 @@ def scene_slots(objects: Sequence[SceneObject]) -> str:
     then, for each of SHAPES, its colour when exactly one object has that shape, else `none`.
 
     `blip2-tiny`'s LM learns to read this text where the image prefix will go, and stage 2 trains
-    query i to stand for slot i (see `models.blip2_train`). The colour-by-shape block gives
-    "what colour is the star?" a fixed place to look. The LM does not learn to use it for colour in
-    the demo's budget, but learned the position questions faster with it (LM alone on slot text,
-    35-90 s: shape 0.94-1.0 in four runs, against 0.80-0.86 in four runs without).
+    query i to stand for slot i (see `recipes.blip2`). The colour-by-shape block gives
+    "what colour is the star?" a fixed place to look. The LM does not learn to use it for colour,
+    but learned the "what shape is at ...?" questions faster with it (measurements:
+    benchmarks/RESULTS.md; design: docs/demo.md).
     """
     ordered = _check_objects(objects)
     at = {o.position: o for o in ordered}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -76,10 +78,8 @@ def _load_folder(folder: Path) -> list[DataItem]:
     return [DataItem(path, None, path) for path in (os.path.abspath(p) for p in files)]
 
 
-def _load_jsonl(file: Path) -> list[DataItem]:
-    """Lines of {"image": path, "text": caption}; relative paths are taken from the file's folder."""
-    base = file.parent
-    items: list[DataItem] = []
+def _records(file: Path) -> Iterator[tuple[str, Any]]:
+    """(where, parsed JSON) of each non-blank line of a JSONL file; `where` names file and line."""
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -89,9 +89,16 @@ def _load_jsonl(file: Path) -> list[DataItem]:
             continue  # blank lines (e.g. a trailing newline) carry no record
         where = f"{str(file)!r} line {number}"
         try:
-            record = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as exc:
             raise InvalidInputError(f"{where} is not valid JSON: {exc.msg}") from exc
+
+
+def _load_jsonl(file: Path) -> list[DataItem]:
+    """Lines of {"image": path, "text": caption}; relative paths are taken from the file's folder."""
+    base = file.parent
+    items: list[DataItem] = []
+    for where, record in _records(file):
         if not isinstance(record, dict):
             raise InvalidInputError(f"{where} must be a JSON object with 'image' and 'text'")
         missing = [k for k in ("image", "text") if k not in record]
@@ -132,18 +139,7 @@ def load_conversations(spec: str) -> list[Conversation]:
     if path.suffix.lower() != ".jsonl" or not path.is_file():
         raise InvalidInputError(f"conversation data {spec!r} must be an existing .jsonl file")
     out: list[Conversation] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"{spec!r} is not UTF-8 text: {exc}") from exc
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{spec!r} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"{where} is not valid JSON: {exc.msg}") from exc
+    for where, record in _records(path):
         if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"]:
             raise InvalidInputError(f"{where} must be an object with an 'image' path and 'conversations'")
         turns = record.get("conversations")

@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from mmedge.errors import InvalidInputError
+from mmedge.errors import InvalidInputError, UnsupportedError
 from mmedge.runtime.metrics import retrieval_metrics
 from mmedge.runtime.retrieval import RetrievalPipeline
 
 CHUNK = 256
 
 
-def _chunked(fn, items: list) -> np.ndarray:
+def _chunked(fn: Callable[[list[Any]], np.ndarray], items: list[Any]) -> np.ndarray:
     return np.concatenate([fn(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)])
 
 
-def evaluate(pipeline: RetrievalPipeline, data: str, limit: int | None = None) -> dict[str, Any]:
+def evaluate(pipeline: object, data: str, limit: int | None = None) -> dict[str, Any]:
     """Text->image and image->text recall@1/@5 on `--data`; an identical scene counts as a hit."""
     from mmedge.data import load_data
 
+    if not isinstance(pipeline, RetrievalPipeline):
+        raise UnsupportedError(f"retrieval metrics need a retrieval package; got {pipeline!r}")
     runner = pipeline.runner
-    items = load_data(data, image_size=runner.preprocess.image_size, limit=limit)
+    items = load_data(data, image_size=pipeline.preprocess.image_size, limit=limit)
     return {"package": runner.manifest.name, "data": data, **evaluate_items(pipeline, items)}
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models.registry import Family, load_preset
+from mmedge.recipes.trainer import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,20 @@ class TrainRequest:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ConfigError(f"time budget must be positive, got {self.time_budget_s!r}")
+
+
+def train_config(request: TrainRequest, default_steps: int, default_lr: float) -> TrainConfig:
+    """The trainer's settings for a request: its steps and learning rate, or the recipe's defaults."""
+    steps = request.steps or default_steps
+    return TrainConfig(
+        steps=steps,
+        lr=request.lr or default_lr,
+        warmup=min(50, steps // 10),
+        seed=request.seed,
+        threads=request.threads,
+        time_budget_s=request.time_budget_s,
+        bf16=request.bf16,
+    )
 
 
 def recipe_for(preset: str) -> tuple[Family, Any]:

@@ -1,33 +1,31 @@
 """Train `blip2-tiny` on synthetic scenes, in BLIP-2's two stages, on a frozen mmedge CLIP vision tower.
 
 0. The LM (OPT-style decoder) learns the synthetic captions and "Question: q Answer: a" texts,
-   each after the scene's slot text (`data.scene_slots`: the count; size / colour / shape for
-   each of the 5 positions; the colour of each of the 4 shapes: 20 words) placed before BOS, then
-   is frozen. Stage 2 puts the image prefix, 20 queries, in that place. A fixed slot per fact is
-   what a 2-layer LM can read from a soft prefix: with free-form captions there, it mixed up which
-   shape sat where (shape questions 0.58).
-   What the LM does not learn in the demo's budget is binding: given the slot text it answers
-   count questions, and shape questions 0.82-1.0, but colour questions ("what colour is the
-   circle?") only 0.63-0.73, naming another object's colour, with or without the colour-by-shape
-   block, 2 or 3 layers, OPT or Llama style, trained on colour questions alone. Alone, the
-   colour-by-shape block is learned (0.92); among the other slots it is not.
+   each after the scene's slot text (`data.scene_slots`: one fixed slot per fact, 20 words) placed
+   before BOS, then is frozen. Stage 2 puts the image prefix, 20 queries, in that place. A fixed
+   slot per fact is what a 2-layer LM can read from a soft prefix; with free-form captions there it
+   mixed up which shape sat where. What the LM does not learn is binding: given the slot text it
+   answers count and shape questions, but colour questions ("what colour is the circle?") name
+   another object's colour, whatever the slot layout, depth or LM style.
 1. Stage 1 (Q-Former, frozen image encoder), three losses as in the BLIP-2 paper, each with its
    own attention mask over [queries | text]:
    - ITC: queries and text attend only to themselves; the best-matching query's similarity to
      the text's first token, contrasted over the batch.
    - ITM: all attend to all; a linear head on the query outputs tells matched pairs from hard
      negatives mined from the ITC similarities. It runs on `itm_pairs` of each batch's pairs (three
-     Q-Former passes per pair): the full batch made a step 4x as costly as ITG alone, and ITG is
-     what teaches the queries to hold every object's attributes.
+     Q-Former passes per pair): on the full batch it made a step 4x as costly as ITG alone, and ITG
+     is what teaches the queries to hold every object's attributes.
    - ITG: queries attend to queries; text attends to all queries and earlier text; the text is
      generated (next-token loss through a head tied to the Q-Former's word embeddings).
 2. Stage 2: the query outputs, projected, are the LM's input prefix; the Q-Former and projector
    learn with the frozen LM's loss on captions (no prompt) and answers (after the template), plus
    (our addition, `slot_weight`) a slot loss that makes projected query i look like the LM's
    input embedding of slot i's token (`_stage2_loss`): the slots are ground truth the synthetic
-   data has. With the LM loss alone, 20% of queries were nearest to their slot's token on held-out
-   scenes; with a slot loss, 85-99%. On one frozen LM: VQA 0.733 without, 0.773 with a plain
-   cross-entropy (16 slots); on another, 0.740 with the plain cross-entropy, 0.763 with this one.
+   data has, and with the slot loss far more queries land nearest to their slot's token on
+   held-out scenes than with the LM loss alone.
+
+Steps are fixed counts by default; the `*_budget_s` settings cap a stage by time instead (design
+and recipe history: docs/demo.md; measurements: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -82,9 +80,7 @@ class Blip2TrainSettings:
     pool: int = 8192  # scenes rendered and encoded once for stages 1 and 2
     seed: int = 0
     threads: int = 0
-    bf16: bool = (
-        True  # autocast where the CPU has AMX (`trainer.amx_bf16_fast`): ~1.25-1.5x more steps per budget
-    )
+    bf16: bool = True  # autocast where the CPU has AMX (`trainer.amx_bf16_fast`): faster steps
 
 
 QUESTIONS_PER_SAMPLE = 3  # answers supervised per image: more signal per (costly) image
@@ -319,10 +315,15 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
             time_budget_s=budget,
             bf16=settings.bf16,
         )
+        started = time.perf_counter()
         losses = run_training(
             module, batches, loss_fn, tc, progress=progress, desc=f"{settings.preset} {name}"
         )
-        info[name] = {"steps": len(losses), "final_loss": round(float(np.mean(losses[-20:])), 4)}
+        info[name] = {
+            "steps": len(losses),
+            "final_loss": round(float(np.mean(losses[-20:])), 4),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         log.info("%s: %d steps, final loss %.3f", name, len(losses), info[name]["final_loss"])
 
     # 0. the language model alone, then frozen. Its texts are a scene's slot text, then a caption

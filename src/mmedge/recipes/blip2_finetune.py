@@ -18,9 +18,9 @@ import torch
 from mmedge.errors import InvalidInputError
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.registry import load_preset
-from mmedge.recipes.base import TrainRequest, check_init_family
+from mmedge.recipes.base import TrainRequest, check_init_family, train_config
 from mmedge.recipes.blip2 import _encode, _stage2_loss
-from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast
+from mmedge.recipes.trainer import amx_bf16_fast
 from mmedge.recipes.trainer import train as run_training
 from mmedge.runtime.schema import to_json
 
@@ -82,16 +82,7 @@ def finetune(out: str | Path, request: TrainRequest, progress: bool | None = Non
             slots = torch.zeros((batch, cfg.qformer.num_query_tokens), dtype=torch.long)  # no slot loss
             yield feats[idx], ids, mask, labels, slots
 
-    steps = request.steps or DEFAULT_STEPS
-    tc = TrainConfig(
-        steps=steps,
-        lr=request.lr or DEFAULT_LR,
-        warmup=min(50, steps // 10),
-        seed=request.seed,
-        threads=request.threads,
-        time_budget_s=request.time_budget_s,
-        bf16=request.bf16,
-    )
+    tc = train_config(request, DEFAULT_STEPS, DEFAULT_LR)
     losses = run_training(
         model,
         batches(),

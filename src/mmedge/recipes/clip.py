@@ -26,9 +26,9 @@ from mmedge.errors import ConfigError, InvalidInputError
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.clip.modeling import CLIP, CLIPConfig
 from mmedge.models.registry import load_preset
-from mmedge.recipes.base import TrainRequest, check_init_family
+from mmedge.recipes.base import TrainRequest, check_init_family, train_config
 from mmedge.recipes.losses import itc_loss
-from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast
+from mmedge.recipes.trainer import amx_bf16_fast
 from mmedge.recipes.trainer import train as run_training
 from mmedge.runtime.schema import to_json
 from mmedge.runtime.sections import PreprocessConfig
@@ -162,16 +162,7 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
         batches = _synthetic_batches(tokenizer, setup.preprocess, batch, hard, request.seed)
     else:
         batches = _data_batches(items, tokenizer, setup.preprocess, batch, request.seed)
-    steps = request.steps or DEFAULT_STEPS
-    tc = TrainConfig(
-        steps=steps,
-        lr=request.lr or DEFAULT_LR,
-        warmup=min(50, steps // 10),
-        seed=request.seed,
-        threads=request.threads,
-        time_budget_s=request.time_budget_s,
-        bf16=request.bf16,
-    )
+    tc = train_config(request, DEFAULT_STEPS, DEFAULT_LR)
     losses = run_training(setup.model, batches, _loss, tc, progress=progress, desc=f"train {request.preset}")
     info = {
         "train": {

@@ -45,13 +45,12 @@ def amx_bf16_fast() -> bool:
 class ThreadTuner:
     """Re-picks the torch thread count while training, from measured step times.
 
-    When another process holds a core, OpenMP's spinning threads stall each other: a clip-tiny step
-    took 623 ms on 2 threads with one of 2 cores busy, against 160 ms on 1 thread (123 ms on 2
-    threads with the machine idle). After `settle` warm-up steps, every cycle times `probe` steps
-    on each candidate count, then runs `period` steps on the fastest, so a run adapts when load
-    comes or goes. Fewer threads must win by `margin` (step noise is ~10%), so an idle machine keeps
-    all its threads; there the probes cost no measurable speed (150-step runs with and without the
-    tuner: 160 vs 158 and 168 vs 171 ms per step).
+    When another process holds a core, OpenMP's spinning threads stall each other: with one of 2
+    cores busy, a clip-tiny step took about 4x as long on 2 threads as on 1. After `settle` warm-up
+    steps, every cycle times `probe` steps on each candidate count (the requested count and 1), then
+    runs `period` steps on the fastest, so a run adapts when load comes or goes. Fewer threads must
+    win by `margin`, more than the step-to-step noise, so an idle machine keeps all its threads; there
+    the probes cost no measurable speed (measurements: benchmarks/RESULTS.md; design: docs/demo.md).
     """
 
     def __init__(
@@ -103,7 +102,8 @@ class ThreadTuner:
 
 
 def fused_adamw_on_cpu() -> bool:
-    """torch >= 2.4 has a fused CPU AdamW: one kernel for all parameters (measured 10 -> 3 ms per clip-tiny step)."""
+    """torch >= 2.4 has a fused CPU AdamW: one kernel for all parameters, which makes clip-tiny's
+    optimizer update about 3x cheaper than the per-parameter loop (measurements: benchmarks/RESULTS.md)."""
     major, minor = (int(p) for p in torch.__version__.split(".")[:2])
     return (major, minor) >= (2, 4)
 

@@ -137,7 +137,8 @@ class ChatPipeline:
 
     def _embed(self, items: list[Item], prefix: np.ndarray) -> np.ndarray:
         """(S, E) input embeddings: token embeddings with the image's embeddings at each image slot."""
-        parts, ids = [], []
+        parts: list[np.ndarray] = []
+        ids: list[int] = []
         for item in items:
             if item is None:
                 if ids:

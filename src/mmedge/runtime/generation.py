@@ -231,12 +231,12 @@ class LanguageModel:
         for bound, binding in cache.bindings:
             if bound is sess:
                 return binding
-        binding = sess.binding()
-        if binding is None:
+        new = sess.binding()
+        if new is None:
             raise UnsupportedError("this LLM session cannot keep the KV cache bound in place")
-        binding.bind(dict(zip(self._past, cache.buffers)), dict(zip(self._present, cache.buffers)))
-        cache.bindings.append((sess, binding))
-        return binding
+        new.bind(dict(zip(self._past, cache.buffers)), dict(zip(self._present, cache.buffers)))
+        cache.bindings.append((sess, new))
+        return new
 
     def generate_ids(
         self,

@@ -103,7 +103,7 @@ def _decode(data: bytes, limits: ImageLimits) -> np.ndarray:
         raise InvalidInputError(f"corrupt or truncated {fmt} image: the decoder rejected it")
     _check_pixels(raw.shape[1], raw.shape[0], limits)  # in case the decoder disagrees with the header
     if raw.dtype == np.uint16:  # 16-bit PNG, the only deeper case in FORMATS: keep the high byte
-        raw = (raw >> 8).astype(np.uint8)  # as OpenCV's own 8-bit decode does
+        raw = np.right_shift(raw, 8).astype(np.uint8)  # as OpenCV's own 8-bit decode does
     return np.ascontiguousarray(apply_orientation(_to_rgb(raw, "BGR"), header.orientation))
 
 
@@ -174,7 +174,9 @@ def preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarra
         batch[i] = _resize_crop(img, cfg.image_size, cfg.resample, exact=cfg.resize == "exact")
     # transformers: rescale in float64, cast to float32, normalise in float32. A LUT per level is exact.
     levels = (np.arange(256, dtype=np.float64) * cfg.rescale).astype(np.float32)[:, None]  # (256, 1)
-    lut = (levels - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)  # (256, 3)
+    lut: np.ndarray = (levels - np.asarray(cfg.mean, np.float32)) / np.asarray(
+        cfg.std, np.float32
+    )  # (256, 3)
     # cv2.LUT maps all three channels in one vectorised pass (~2x np.take per channel), then one transpose.
     n, size = len(images), cfg.image_size
     hwc = cv2.LUT(batch.reshape(n * size, size, 3), lut.reshape(1, 256, 3))  # (N*S, S, 3) float32

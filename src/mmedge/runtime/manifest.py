@@ -255,9 +255,9 @@ def _check_wiring(m: Manifest) -> None:
             raise IntegrityError(f"a {m.task} package needs a {section!r} section")
     for role in roles:
         m.by_role(role)
-    for path in paths:
-        if path not in m.pipeline.paths:
-            raise IntegrityError(f"a {m.task} package needs a pipeline path {path!r}")
+    for needed in paths:
+        if needed not in m.pipeline.paths:
+            raise IntegrityError(f"a {m.task} package needs a pipeline path {needed!r}")
     for path_name, path in m.pipeline.paths.items():
         values = set(PATH_SOURCES[path_name])
         for i, step in enumerate(path.steps):

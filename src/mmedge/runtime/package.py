@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mmedge.errors import IntegrityError, UnsupportedError
 from mmedge.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, parse_manifest
@@ -138,7 +139,7 @@ def check_onnx_file(root: Path, rel: str, files: Mapping[str, FileEntry]) -> Non
             raise IntegrityError(f"{rel}: external data of {tensor.name!r} points outside {loc!r}")
 
 
-def _all_tensors(graph):
+def _all_tensors(graph: Any) -> Iterator[Any]:  # onnx protobuf types
     """Initializers and tensor attributes of this graph and every subgraph."""
     import onnx
 

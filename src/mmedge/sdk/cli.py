@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from mmedge.errors import MmedgeError
 from mmedge.presets import list_presets
@@ -29,7 +31,7 @@ def _print(obj: object, as_json: bool) -> None:
         print(obj)
 
 
-def _pipeline(args: argparse.Namespace):
+def _pipeline(args: argparse.Namespace) -> Any:  # the task's pipeline; each verb calls what it serves
     from mmedge import sdk
 
     return sdk.Pipeline(args.package, backend=args.backend, precision=args.precision, threads=args.threads)
@@ -175,7 +177,7 @@ def _gen_kwargs(a: argparse.Namespace) -> dict[str, object]:
     return kw
 
 
-def _stream(pieces) -> str:
+def _stream(pieces: Iterable[str]) -> str:
     out = []
     for piece in pieces:
         print(piece, end="", flush=True)
@@ -303,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def add(name: str, fn, help_: str, json_flag: bool = True) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], object], help_: str, json_flag: bool = True
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(fn=fn)
         if json_flag:

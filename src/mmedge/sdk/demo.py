@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from mmedge.runtime.store import model_home
@@ -23,7 +24,7 @@ BLIP2_STEPS = {"lm_steps": 1800, "stage1_steps": 450, "stage2_steps": 1800}
 VQA_QUESTIONS, VQA_SCENES, CAPTIONS = 300, 100, 50
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -142,15 +143,23 @@ def _blip2_part(
     say(
         f"[5/{n}] training blip2-tiny on clip-tiny's frozen vision tower: LM, stage 1 (ITC+ITM+ITG), stage 2 (LM loss + slot loss)"
     )
-    stage_steps = dict.fromkeys(BLIP2_STEPS, steps) if steps else BLIP2_STEPS
+    stage = {k: steps or v for k, v in BLIP2_STEPS.items()}
     settings = Blip2TrainSettings(
-        clip_checkpoint=str(clip_ckpt), threads=threads, **stage_steps, **({"pool": 256} if steps else {})
+        clip_checkpoint=str(clip_ckpt),
+        threads=threads,
+        lm_steps=stage["lm_steps"],
+        stage1_steps=stage["stage1_steps"],
+        stage2_steps=stage["stage2_steps"],
+        pool=256 if steps else Blip2TrainSettings.pool,
     )
     train_blip2(ckpt, settings)
     timings["blip2_train_s"] = time.perf_counter() - t0
     info = read_checkpoint_meta(ckpt).get("train", {})
     for part in ("lm", "stage1", "stage2"):
-        say(f"      {part}: {info[part]['steps']} steps, final loss {info[part]['final_loss']:.3f}")
+        say(
+            f"      {part}: {info[part]['steps']} steps in {info[part]['seconds']:.0f} s, "
+            f"final loss {info[part]['final_loss']:.3f}"
+        )
     say(
         f"[6/{n}] exporting vision, qformer, projector, embed, llm; quantizing (INT8 encoders, INT4 LLM); building"
     )

@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import logging
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +26,11 @@ from mmedge.runtime.package import Package
 log = logging.getLogger(__name__)
 
 
-def _trt():
+def _trt() -> Any:  # the tensorrt module
     return require("tensorrt", "trt")
 
 
-def _cudart():
+def _cudart() -> Any:  # cuda-python's runtime bindings
     require("cuda", "trt")
     try:  # cuda-python >= 12.6 moved the bindings; `cuda.cudart` is the older spelling
         return importlib.import_module("cuda.bindings.runtime")
@@ -37,7 +38,7 @@ def _cudart():
         return require("cuda.cudart", "trt")
 
 
-def _cuda(result, what: str):
+def _cuda(result: Any, what: str) -> Any:
     """cuda-python calls return (error, *values): raise on error, return the value(s)."""
     err, *values = result
     if err != type(err).cudaSuccess:
@@ -46,7 +47,7 @@ def _cuda(result, what: str):
 
 
 @functools.lru_cache(maxsize=1)
-def _logger():
+def _logger() -> Any:  # a trt.ILogger
     trt = _trt()
     sev = trt.ILogger.Severity
     levels = {
@@ -57,11 +58,11 @@ def _logger():
         sev.VERBOSE: logging.DEBUG,
     }
 
-    class _Logger(trt.ILogger):
+    class _Logger(trt.ILogger):  # type: ignore[name-defined]  # trt is imported at run time
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
 
-        def log(self, severity, msg) -> None:
+        def log(self, severity: Any, msg: str) -> None:
             log.log(levels.get(severity, logging.INFO), "TensorRT: %s", msg)
 
     return _Logger()
