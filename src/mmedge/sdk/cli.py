@@ -515,10 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         cmd_demo,
         "the whole path: clip-tiny retrieval and blip2-tiny VQA/captions — train, export, "
-        "quantize, build, evaluate, benchmark; prints tables (under 10 minutes on 2 cores)",
+        "quantize, build, evaluate, benchmark; prints tables (10-13 minutes on 2 idle cores without AMX)",
     )
     sp.add_argument(
-        "--clip-only", action="store_true", help="stop after the clip-tiny part (about 5 minutes)"
+        "--clip-only", action="store_true", help="stop after the clip-tiny part (about 6 minutes)"
     )
     sp.add_argument("--steps", type=int, default=None, help="training steps (default: preset's demo setting)")
     sp.add_argument("--eval-n", type=int, default=500)

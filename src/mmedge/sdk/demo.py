@@ -5,7 +5,7 @@ blip2-tiny: train (LM, stage 1, stage 2) on clip-tiny's frozen vision tower, exp
 (INT8 encoders + INT4 LLM), build, then VQA accuracy and captions fp32 vs quantized.
 Artifacts go to the model store, so `sdk.Pipeline("clip-tiny")` / `sdk.Pipeline("blip2-tiny")`
 work afterwards. Training runs to fixed step counts, so a busy machine takes longer but reaches
-the same figures; on an idle 2-core machine the demo takes about 10 minutes.
+the same figures; on 2 idle cores without AMX (fp32 training) the demo takes 10-13 minutes.
 """
 
 from __future__ import annotations
