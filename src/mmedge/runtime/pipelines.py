@@ -14,12 +14,6 @@ PIPELINES: dict[str, type[AnyPipeline]] = {
     "chat": ChatPipeline,
     "generation": TextGenerationPipeline,
 }
-# What each task's pipeline offers, for messages that tell a user which verbs fit a package.
-TASK_VERBS = {
-    "retrieval": ("embed", "search", "classify", "eval"),
-    "chat": ("caption", "chat", "eval"),
-    "generation": ("generate",),
-}
 
 
 def open_pipeline(runner: ComponentRunner) -> AnyPipeline:
