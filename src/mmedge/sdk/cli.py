@@ -139,8 +139,10 @@ def cmd_inspect(a: argparse.Namespace) -> object:
     return {
         "name": m.name,
         "family": m.family,
+        "variant": m.variant,
         "task": m.task,
-        "components": {c: sorted(e.precisions) for c, e in m.components.items()},
+        "components": {c: f"{e.role}: {', '.join(sorted(e.precisions))}" for c, e in m.components.items()},
+        "paths": {p: " -> ".join(s.component for s in path.steps) for p, path in m.pipeline.paths.items()},
         "engines": sorted(m.engines),
         "files": len(m.files),
     }
