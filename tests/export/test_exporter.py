@@ -47,7 +47,7 @@ def test_altered_onnx_fails_verify_and_load(tiny_pkg: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    assert main(["verify", str(tiny_pkg)]) == 2
+    assert main(["verify", str(tiny_pkg)]) == 1  # a refused package: exit 1 (2 is bad usage)
     with pytest.raises(IntegrityError, match="altered"):
         sdk.Pipeline(str(tiny_pkg))
 

@@ -75,13 +75,23 @@ def test_embed_search_classify(tiny_pkg: Path, tmp_path: Path, capsys: pytest.Ca
     assert len(e["embeddings"]) == 2
     idx = tmp_path / "index"
     r = _json(capsys, ["search", str(tiny_pkg), "--add", str(folder), "--index", str(idx), "--json"])
-    assert r["indexed"] == 6 and (idx / "index.usearch").is_file()
+    assert r["indexed"] == 6 and r["added"] == 6 and (idx / "index.usearch").is_file()
+    # the same folder again: nothing is stored twice
+    r = _json(capsys, ["search", str(tiny_pkg), "--add", str(folder), "--index", str(idx), "--json"])
+    assert r["indexed"] == 6 and r["added"] == 0 and r["already_indexed"] == 6
     r = _json(
-        capsys, ["search", str(tiny_pkg), str(folder / "3.png"), "--index", str(idx), "-k", "2", "--json"]
+        capsys,
+        ["search", str(tiny_pkg), "--image", str(folder / "3.png"), "--index", str(idx), "-k", "2", "--json"],
     )
     assert r["hits"][0]["label"].endswith("3.png")
-    r = _json(capsys, ["search", str(tiny_pkg), "a red circle", "--index", str(idx), "--json"])
+    # the query after the options, as the README writes it; a string is text even if it names a file
+    r = _json(capsys, ["search", str(tiny_pkg), "--index", str(idx), "--json", "a red circle"])
     assert len(r["hits"]) == 5
+    r = _json(capsys, ["search", str(tiny_pkg), "--index", str(idx), "--json", str(folder / "3.png")])
+    assert len(r["hits"]) == 5
+    # a missing index is refused, not an empty answer
+    assert main(["search", str(tiny_pkg), "a red circle", "--index", str(tmp_path / "none")]) == 1
+    assert "does not exist" in capsys.readouterr().err
     c = _json(
         capsys, ["classify", str(tiny_pkg), str(folder / "0.png"), "--labels", "circle,square", "--json"]
     )
@@ -89,10 +99,16 @@ def test_embed_search_classify(tiny_pkg: Path, tmp_path: Path, capsys: pytest.Ca
 
 
 def test_errors_are_reported_not_raised(tmp_path: Path, store: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["verify", str(tmp_path)]) == 2
+    assert main(["verify", str(tmp_path)]) == 1
     assert "manifest.json" in capsys.readouterr().err
-    assert main(["eval", "nothing-here"]) == 2
+    assert main(["eval", "nothing-here"]) == 1
     assert "empty" in capsys.readouterr().err
+    assert main(["eval", "nothing-here", "--json"]) == 1  # --json errors are JSON on stdout too
+    err = json.loads(capsys.readouterr().out)
+    assert err["type"] == "ModelNotFoundError" and err["command"] == "eval"
+    with pytest.raises(SystemExit) as usage:  # usage errors keep argparse's exit code 2
+        main(["eval"])
+    assert usage.value.code == 2
 
 
 def test_bench_reports_generation_for_chat_packages(

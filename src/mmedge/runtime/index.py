@@ -1,7 +1,9 @@
 """An embedded vector index on usearch (HNSW, cosine) with integer ids and optional labels.
 
 Saved as a directory: `index.usearch` (usearch's own format) and `index.json` (dimension,
-labels and the sha256 of the binary, checked before usearch parses it).
+labels, the identity of the model that made the vectors, and the sha256 of the binary, checked
+before usearch parses it). Vectors of another model are meaningless here, so the retrieval
+pipeline refuses an index whose model is not its own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ _BIN, _META = "index.usearch", "index.json"
 _FORMAT = "mmedge.index/1"
 
 
+def check_k(k: object) -> int:
+    """The number of hits asked for, checked: a positive int."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise InvalidInputError(f"k must be a positive int, got {k!r}")
+    return int(k)
+
+
 @dataclass(frozen=True)
 class Hit:
     id: int
@@ -30,12 +39,13 @@ class Hit:
 class VectorIndex:
     """Cosine-similarity index; ids are non-negative integers chosen by the caller."""
 
-    def __init__(self, dim: int, exact: bool = False):
+    def __init__(self, dim: int, exact: bool = False, model: str | None = None):
         from usearch.index import Index
 
         if dim <= 0:
             raise InvalidInputError(f"index dimension must be positive, got {dim}")
         self.dim, self.exact = dim, exact
+        self.model = model  # who embedded the vectors (RetrievalPipeline.model_id); None: not recorded
         self._index = Index(ndim=dim, metric="cos", dtype="f32")
         self._labels: dict[int, str] = {}
         self._lock = threading.RLock()  # usearch is safe for concurrent search, not for add/remove during it
@@ -71,6 +81,11 @@ class VectorIndex:
             raise InvalidInputError("vectors contain NaN or infinity")
         return np.ascontiguousarray(v)
 
+    def label_ids(self) -> dict[str, int]:
+        """label -> id of every labelled entry (e.g. an image path, to add a folder twice without duplicates)."""
+        with self._lock:
+            return {lab: i for i, lab in self._labels.items()}
+
     def add(self, ids: object, vectors: np.ndarray, labels: list[str] | None = None) -> None:
         """Add vectors under new ids (an id already present is an error, not an overwrite)."""
         v = self._vectors(vectors)
@@ -99,8 +114,7 @@ class VectorIndex:
 
     def search(self, query: np.ndarray, k: int = 5) -> list[list[Hit]]:
         """Top-k hits per query row, best first."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise InvalidInputError(f"k must be a positive int, got {k!r}")
+        check_k(k)
         q = self._vectors(query)
         with self._lock:
             if len(self._index) == 0:
@@ -127,6 +141,7 @@ class VectorIndex:
             meta = {
                 "format": _FORMAT,
                 "dim": self.dim,
+                "model": self.model,
                 "sha256": sha256_file(tmp / _BIN),
                 "labels": {str(k): v for k, v in self._labels.items()},
             }
@@ -154,7 +169,10 @@ class VectorIndex:
             or sha256_file(root / _BIN) != meta.get("sha256")
         ):
             raise IntegrityError(f"{root}: {_BIN} is missing or its sha256 differs from {_META}")
-        idx = cls(meta["dim"], exact=exact)
+        model = meta.get("model")
+        if model is not None and not isinstance(model, str):
+            raise IntegrityError(f"{root}: {_META} names its model as {type(model).__name__}, not a string")
+        idx = cls(meta["dim"], exact=exact, model=model)
         idx._index.load(str(root / _BIN))
         if idx._index.ndim != idx.dim:
             raise IntegrityError(

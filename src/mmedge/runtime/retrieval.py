@@ -15,7 +15,7 @@ import numpy as np
 from mmedge.errors import InvalidInputError
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.images import load_image, preprocess
-from mmedge.runtime.index import Hit, VectorIndex
+from mmedge.runtime.index import Hit, VectorIndex, check_k
 
 # Upper bound on images / texts per call so one request cannot exhaust memory.
 MAX_BATCH_ITEMS = 4096
@@ -66,6 +66,9 @@ class RetrievalPipeline:
         component, output = runner.path_output("image")
         spec = next(s for s in m.component(component).outputs if s.name == output)
         self.dim = int(spec.shape[-1])
+        # Who made the vectors: the package name and the hash of the image path's last graph (fp32).
+        fp32 = m.component(component).precisions["fp32"].file
+        self.model_id = f"{m.name}:{m.files[fp32].sha256[:16]}"
         self.preprocess = m.preprocess
         self.templates: list[str] = list(m.retrieval.label_templates)
         self.logit_scale = m.retrieval.logit_scale
@@ -99,13 +102,18 @@ class RetrievalPipeline:
     def index(self) -> VectorIndex:
         with self._index_lock:
             if self._index is None:
-                self._index = VectorIndex(self.dim)
+                self._index = VectorIndex(self.dim, model=self.model_id)
             return self._index
 
     @index.setter
     def index(self, value: VectorIndex) -> None:
         if value.dim != self.dim:
             raise InvalidInputError(f"index has dimension {value.dim}; this model embeds to {self.dim}")
+        if value.model is not None and value.model != self.model_id:
+            raise InvalidInputError(
+                f"the index holds vectors of model {value.model}; this package embeds with {self.model_id}: "
+                "rebuild the index with this package"
+            )
         with self._index_lock:
             self._index = value
 
@@ -132,11 +140,16 @@ class RetrievalPipeline:
         self.index.add(ids, self.embed_texts(texts), labels=_label_list(labels))
         return [int(i) for i in ids]
 
-    def search(self, query: object, k: int = 5, channel_order: str = "RGB") -> list[Hit]:
-        """Top-k index entries for one query: a str is a text query, anything else an image."""
-        vec = (
-            self.embed_texts([query]) if isinstance(query, str) else self.embed_images([query], channel_order)
-        )
+    def search(
+        self, query: object, k: int = 5, channel_order: str = "RGB", image: bool | None = None
+    ) -> list[Hit]:
+        """Top-k index entries for one query. A str is a text query (also one that names a file) unless
+        `image=True`; a path object, bytes, an array or a PIL image is an image."""
+        check_k(k)
+        if len(self.index) == 0:
+            raise InvalidInputError("the index is empty: add images (add_images) or load an index first")
+        as_image = not isinstance(query, str) if image is None else image
+        vec = self.embed_images([query], channel_order) if as_image else self.embed_texts([query])
         return self.index.search(vec, k)[0]
 
     # --- zero-shot classification -------------------------------------------------------

@@ -29,6 +29,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path).expanduser()
     if (p / MANIFEST_NAME).is_file():
         return p
+    if p.is_dir() and (isinstance(name_or_path, os.PathLike) or "/" in str(name_or_path) or p.is_absolute()):
+        raise ModelNotFoundError(f"{str(p)!r} has no {MANIFEST_NAME}: it is not a model package")
     if isinstance(name_or_path, str) and "/" not in name_or_path and name_or_path not in ("", ".", ".."):
         q = model_home() / name_or_path
         if (q / MANIFEST_NAME).is_file():

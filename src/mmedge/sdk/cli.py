@@ -16,9 +16,37 @@ from mmedge.runtime.backends import BACKENDS, DEFAULT_BACKEND
 from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS
 
 DATA_HELP = (
-    "shapes:N (N synthetic scenes from the fixed held-out seed), an image folder, "
-    'or a JSONL file of {"image": path, "text": caption} lines'
+    "shapes:N (N synthetic scenes from the fixed held-out seed), train-shapes:N (from the training "
+    'seed), an image folder, or a JSONL file of {"image": path, "text": caption} lines'
 )
+PACKAGE_HELP = "package directory, or the name of a package in the model store ($MMEDGE_HOME)"
+
+
+class _VerbParser(argparse.ArgumentParser):
+    """A verb's parser: options and positionals may come in any order (`search PKG --add DIR "query"`)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._intermixing:  # parse_known_intermixed_args calls back into here
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """An option value that is a comma-separated list: `--components vision,text`, `--weight-bits 4,8`."""
+
+    def parse(value: str) -> list[Any]:
+        try:
+            return [kind(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}") from None
+
+    return parse
 
 
 def _print(obj: object, as_json: bool) -> None:
@@ -31,10 +59,32 @@ def _print(obj: object, as_json: bool) -> None:
         print(obj)
 
 
+# The package tasks each verb serves (a verb on another kind of package is refused by name).
+VERB_TASKS = {
+    "embed": ("retrieval",),
+    "search": ("retrieval",),
+    "classify": ("retrieval",),
+    "caption": ("chat",),
+    "chat": ("chat",),
+    "generate": ("generation",),
+    "eval": ("retrieval", "chat"),
+}
+
+
 def _pipeline(args: argparse.Namespace) -> Any:  # the task's pipeline; each verb calls what it serves
     from mmedge import sdk
+    from mmedge.errors import UnsupportedError
 
-    return sdk.Pipeline(args.package, backend=args.backend, precision=args.precision, threads=args.threads)
+    p = sdk.Pipeline(args.package, backend=args.backend, precision=args.precision, threads=args.threads)
+    m = p.runner.manifest
+    wanted = VERB_TASKS.get(args.cmd)
+    if wanted is not None and m.task not in wanted:
+        verbs = sorted(v for v, tasks in VERB_TASKS.items() if m.task in tasks)
+        raise UnsupportedError(
+            f"{args.package} is a {m.task} package ({m.family}); `mmedge {args.cmd}` needs a "
+            f"{' or '.join(wanted)} package. Verbs for {m.task} packages: {', '.join(verbs)}"
+        )
+    return p
 
 
 def cmd_train(a: argparse.Namespace) -> object:
@@ -125,15 +175,17 @@ def cmd_build(a: argparse.Namespace) -> object:
 
 def cmd_verify(a: argparse.Namespace) -> object:
     from mmedge.runtime.package import verify_package
+    from mmedge.runtime.store import resolve
 
-    pkg = verify_package(a.package)
+    pkg = verify_package(resolve(a.package))
     return {"package": str(pkg.root), "ok": True, "files": len(pkg.manifest.files)}
 
 
 def cmd_inspect(a: argparse.Namespace) -> object:
     from mmedge.runtime.package import read_manifest
+    from mmedge.runtime.store import resolve
 
-    m = read_manifest(a.package)
+    m = read_manifest(resolve(a.package))
     if a.json:
         return json.loads(m.to_json())
     return {
@@ -152,15 +204,34 @@ def cmd_eval(a: argparse.Namespace) -> object:
     from mmedge.evaluation.tasks import evaluate, evaluate_chat
 
     p = _pipeline(a)
-    if p.runner.manifest.task == "chat":
+    chat = p.runner.manifest.task == "chat"
+    data = a.data or ("shapes:100" if chat else "shapes:500")
+    ignored = ["--limit"] if chat and a.limit is not None else []
+    ignored += (
+        []
+        if chat
+        else [f for f, v in (("--questions", a.questions), ("--captions", a.captions)) if v is not None]
+    )
+    if ignored:
+        _note(f"{', '.join(ignored)} do not apply to a {p.runner.manifest.task} package; ignored")
+    if data.startswith("train-shapes:"):
+        _note(
+            "train-shapes:N are training-seed scenes: the figures overstate held-out accuracy (use shapes:N)"
+        )
+    if chat:
         return evaluate_chat(
             p,
-            a.data if a.data != "shapes:500" else "shapes:100",
-            questions=a.questions,
-            captions=a.captions,
+            data,
+            questions=300 if a.questions is None else a.questions,
+            captions=100 if a.captions is None else a.captions,
             progress=None if a.json else print,
         )
-    return evaluate(p, a.data, limit=a.limit)
+    return evaluate(p, data, limit=a.limit)
+
+
+def _note(message: str) -> None:
+    """A remark for the user that is not the command's output: stderr, so --json stays parseable."""
+    print(f"mmedge: note: {message}", file=sys.stderr)
 
 
 def _gen_kwargs(a: argparse.Namespace) -> dict[str, object]:
@@ -247,42 +318,53 @@ def cmd_bench(a: argparse.Namespace) -> object:
 def cmd_embed(a: argparse.Namespace) -> object:
     import numpy as np
 
+    from mmedge.errors import InvalidInputError
+
+    if bool(a.text) == bool(a.images):
+        raise InvalidInputError("give image files or --text (repeatable), not both and not neither")
     p = _pipeline(a)
     emb = p.embed_texts(a.text) if a.text else p.embed_images(a.images)
     if a.out:
+        Path(a.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
         np.save(a.out, emb)
         return {"shape": list(emb.shape), "out": a.out}
     return {"embeddings": emb.tolist()} if a.json else {"shape": list(emb.shape)}
 
 
 def cmd_search(a: argparse.Namespace) -> object:
+    from mmedge.errors import InvalidInputError
     from mmedge.runtime.index import VectorIndex
 
+    if a.query is not None and a.image is not None:
+        raise InvalidInputError("give a text query or --image, not both")
     p = _pipeline(a)
     if a.index and Path(a.index).exists():
         p.index = VectorIndex.load(a.index)
+    elif a.index and not a.add:
+        raise InvalidInputError(
+            f"index {a.index!r} does not exist; build it with --add DATA --index {a.index}"
+        )
+    out: dict[str, object] = {}
     if a.add:
         from mmedge.data import load_data
 
         items = load_data(a.add)
-        p.add_images(
-            [it.image for it in items],
-            labels=[str(it.image) if isinstance(it.image, str) else (it.text or "") for it in items],
-        )
+        have = p.index.label_ids()
+        labels = [str(it.image) if isinstance(it.image, str) else (it.text or "") for it in items]
+        new = [(it, lab) for it, lab in zip(items, labels) if not (isinstance(it.image, str) and lab in have)]
+        if new:
+            p.add_images([it.image for it, _ in new], labels=[lab for _, lab in new])
+        out.update(added=len(new), already_indexed=len(items) - len(new))
         if a.index:
             p.index.save(a.index)
-    if not a.query:
-        return {"indexed": len(p.index)}
-    hits = p.search(_query(a.query), k=a.k)
+    if a.query is None and a.image is None:
+        return {**out, "indexed": len(p.index)}
+    hits = p.search(a.image if a.image is not None else a.query, k=a.k, image=a.image is not None)
     return {
-        "query": a.query,
+        **out,
+        "query": a.query if a.image is None else a.image,
         "hits": [{"id": h.id, "score": round(h.score, 4), "label": h.label} for h in hits],
     }
-
-
-def _query(q: str) -> object:
-    """A query naming an existing file is an image; anything else is text."""
-    return Path(q) if Path(q).is_file() else q
 
 
 def cmd_classify(a: argparse.Namespace) -> object:
@@ -294,6 +376,27 @@ def cmd_classify(a: argparse.Namespace) -> object:
     }
 
 
+def cmd_data(a: argparse.Namespace) -> object:
+    from mmedge.data.export import write_scenes
+
+    jsonl = write_scenes(a.count, a.out, image_size=a.size, seed=a.seed, held_out=not a.train)
+    return {"images": a.count, "folder": str(Path(a.out)), "captions": str(jsonl)}
+
+
+def cmd_list(a: argparse.Namespace) -> object:
+    from mmedge.runtime.package import read_manifest
+    from mmedge.runtime.store import list_packages, model_home
+
+    rows = {}
+    for name in list_packages():
+        try:
+            m = read_manifest(model_home() / name)
+            rows[name] = f"{m.task} ({m.family}/{m.variant})"
+        except MmedgeError as exc:
+            rows[name] = f"unreadable: {exc}"
+    return {"store": str(model_home()), "packages": rows}
+
+
 def cmd_demo(a: argparse.Namespace) -> object:
     from mmedge.sdk.demo import run_demo
 
@@ -301,23 +404,39 @@ def cmd_demo(a: argparse.Namespace) -> object:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import mmedge
+
     p = argparse.ArgumentParser(
-        prog="mmedge", description="Export, quantize and run multimodal models on edge devices."
+        prog="mmedge",
+        description="Export, quantize and run multimodal models on edge devices. Every verb that takes a "
+        "PACKAGE accepts a package directory or the name of a package in the model store ($MMEDGE_HOME); "
+        "calibrate and build update the package in place (atomically).",
+    )
+    p.add_argument("--version", action="version", version=f"mmedge {mmedge.__version__}")
+    verbose = _VerbParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details"
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_VerbParser)
 
     def add(
         name: str, fn: Callable[[argparse.Namespace], object], help_: str, json_flag: bool = True
     ) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
+        sp = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            parents=[verbose],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         sp.set_defaults(fn=fn)
         if json_flag:
-            sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+            sp.add_argument("--json", action="store_true", help="print machine-readable JSON (errors too)")
         return sp
 
     def runtime_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("package", help="package directory or name in the model store ($MMEDGE_HOME)")
+        sp.add_argument("package", help=PACKAGE_HELP)
         sp.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(BACKENDS))
         sp.add_argument(
             "--precision",
@@ -396,7 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
         "an LLM to weight-only INT4/INT8",
     )
     sp.add_argument("package")
-    sp.add_argument("--data", default="shapes:64", help=DATA_HELP)
+    sp.add_argument(
+        "--data",
+        default="train-shapes:64",
+        help=DATA_HELP + "; calibrate on data that evaluation does not use (train-shapes:N, not shapes:N)",
+    )
     sp.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
     sp.add_argument("--samples", type=int, default=64, help="calibration samples drawn from --data")
     sp.add_argument(
@@ -405,14 +528,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.99,
         help="minimum cosine of each output vs fp32; nodes are kept in float until it is met",
     )
-    sp.add_argument("--components", nargs="*", default=None, help="components to quantize (default: all)")
+    sp.add_argument(
+        "--components",
+        type=_csv(str),
+        default=None,
+        help="comma-separated components to quantize (default: all)",
+    )
     sp.add_argument(
         "--weight-bits",
-        type=int,
-        nargs="+",
+        type=_csv(int),
         default=[4],
-        choices=[4, 8],
-        help="weight-only precisions built for an LLM component (default: 4)",
+        help="comma-separated weight-only precisions (4, 8) built for an LLM component",
     )
     sp.add_argument("--block-size", type=int, default=32, help="weights per quantization block along K (LLM)")
     sp.add_argument(
@@ -447,11 +573,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runtime_opts(sp)
     sp.add_argument(
-        "--data", default="shapes:500", help=DATA_HELP + " (chat packages: shapes:N, default shapes:100)"
+        "--data",
+        default=None,
+        help=DATA_HELP
+        + " (default: shapes:500 for retrieval, shapes:100 for chat packages, which need shapes:N)",
     )
-    sp.add_argument("--limit", type=int, default=None)
-    sp.add_argument("--questions", type=int, default=300, help="chat: colour/shape/count questions asked")
-    sp.add_argument("--captions", type=int, default=100, help="chat: scenes captioned")
+    sp.add_argument("--limit", type=int, default=None, help="retrieval: evaluate on the first N items")
+    sp.add_argument(
+        "--questions", type=int, default=None, help="chat: colour/shape/count questions asked (300)"
+    )
+    sp.add_argument("--captions", type=int, default=None, help="chat: scenes captioned (100)")
 
     sp = add(
         "bench", cmd_bench, "per-component latency (p50/p90) and throughput; --vs torch compares to PyTorch"
@@ -465,17 +596,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also time PyTorch eager (and ORT fp32 when --precision is not fp32) on the same inputs",
     )
-    sp.add_argument("--components", nargs="*", default=None, help="components to time (default: all)")
+    sp.add_argument(
+        "--components", type=_csv(str), default=None, help="comma-separated components to time (default: all)"
+    )
 
     sp = add("embed", cmd_embed, "embed images or texts")
     runtime_opts(sp)
     sp.add_argument("images", nargs="*", help="image files")
-    sp.add_argument("--text", nargs="*", help="texts to embed instead of images")
+    sp.add_argument(
+        "--text", action="append", default=None, help="a text to embed instead of images (repeatable)"
+    )
     sp.add_argument("--out", default=None, help="write embeddings to this .npy file")
 
     sp = add("search", cmd_search, "build or load an index and search it with a text or an image")
     runtime_opts(sp)
-    sp.add_argument("query", nargs="?", help="text, or a path to an image file")
+    sp.add_argument(
+        "query", nargs="?", help="a text query (a string is always text; use --image for an image)"
+    )
+    sp.add_argument("--image", default=None, help="search with this image file instead of a text")
     sp.add_argument("--add", default=None, help=f"data to index first: {DATA_HELP}")
     sp.add_argument("--index", default=None, help="index directory to load / save")
     sp.add_argument("-k", type=int, default=5)
@@ -495,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--top-p", type=float, default=1.0)
         g.add_argument("--repetition-penalty", type=float, default=1.0)
         g.add_argument("--seed", type=int, default=None)
-        g.add_argument("--stop", nargs="*", default=None, help="stop strings")
+        g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
 
     sp = add("caption", cmd_caption, "caption an image with a chat package (e.g. BLIP-2)")
     runtime_opts(sp)
@@ -514,6 +652,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen_opts(sp)
 
     sp = add(
+        "data", cmd_data, "write sample inputs: N synthetic scene images and a captions JSONL beside them"
+    )
+    sp.add_argument("kind", choices=["scenes"], help="what to write")
+    sp.add_argument("count", type=int, help="how many images")
+    sp.add_argument("--out", required=True, help="folder to write (created; existing files are kept)")
+    sp.add_argument("--size", type=int, default=224, help="image side in pixels")
+    sp.add_argument("--seed", type=int, default=None, help="scene seed (default: the held-out seed)")
+    sp.add_argument(
+        "--train", action="store_true", help="draw from the training seed instead of the held-out one"
+    )
+
+    add("list", cmd_list, "list the packages in the model store ($MMEDGE_HOME)")
+
+    sp = add(
         "demo",
         cmd_demo,
         "the whole path: clip-tiny retrieval and blip2-tiny VQA/captions — train, export, "
@@ -529,19 +681,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb. Exit codes: 0 done, 1 refused or failed (a typed error), 2 bad usage, 130 interrupted."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    as_json = getattr(args, "json", False)
     try:
         out = args.fn(args)
+        if out is not None:
+            _print(out, as_json)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
     except MmedgeError as exc:
+        if as_json:
+            print(json.dumps({"error": str(exc), "type": type(exc).__name__, "command": args.cmd}))
         print(f"mmedge {args.cmd}: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         return 130
-    if out is not None:
-        _print(out, getattr(args, "json", False))
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -1,0 +1,155 @@
+"""What a new user meets first: verbs that fit the package or say which do, options in any order,
+sample inputs, readable errors and exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmedge.sdk.cli import build_parser, main
+
+
+def _out(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
+    assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_verb_on_the_wrong_kind_of_package_names_the_verbs_that_fit(
+    chat_pkg_session: Path, tiny_pkg: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    img = tmp_path / "a.png"
+    import cv2
+
+    cv2.imwrite(str(img), np.zeros((32, 32, 3), np.uint8))
+    assert main(["classify", str(chat_pkg_session), str(img), "--labels", "a,b"]) == 1
+    err = capsys.readouterr().err
+    assert "is a chat package" in err and "Verbs for chat packages: caption, chat, eval" in err
+    assert "Traceback" not in err
+    for argv in (["caption", str(tiny_pkg), str(img)], ["generate", str(tiny_pkg), "hello"]):
+        assert main(argv) == 1
+        assert "is a retrieval package" in capsys.readouterr().err
+
+
+def test_options_and_positionals_in_any_order(
+    tiny_pkg: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "new" / "dir" / "e.npy"  # a missing folder is created
+    r = _out(
+        capsys,
+        [
+            "embed",
+            "--text",
+            "a red circle",
+            "--text",
+            "a blue star",
+            str(tiny_pkg),
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
+    assert r["shape"][0] == 2 and np.load(out).shape[0] == 2
+    assert (
+        main(["embed", str(tiny_pkg), "--text", "a red circle", str(out)]) == 1
+    )  # texts or images, not both
+    assert "not both" in capsys.readouterr().err
+
+
+def test_sample_scenes_for_the_quick_start(
+    tiny_pkg: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    r = _out(capsys, ["data", "scenes", "5", "--out", str(tmp_path / "samples"), "--size", "64", "--json"])
+    lines = (tmp_path / "samples" / "captions.jsonl").read_text().splitlines()
+    assert (
+        r["images"] == 5
+        and len(lines) == 5
+        and (tmp_path / "samples" / json.loads(lines[0])["image"]).is_file()
+    )
+    # the folder and the JSONL both work as --data
+    r = _out(
+        capsys, ["eval", str(tiny_pkg), "--data", str(tmp_path / "samples" / "captions.jsonl"), "--json"]
+    )
+    assert r["n"] == 5
+
+
+def test_eval_says_what_it_ignores_and_warns_on_training_scenes(
+    tiny_pkg: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["eval", str(tiny_pkg), "--data", "train-shapes:8", "--questions", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "--questions do not apply to a retrieval package" in captured.err
+    assert "training-seed scenes" in captured.err
+    assert json.loads(captured.out)["n"] == 8
+
+
+def test_calibrate_defaults_to_training_seed_scenes_and_help_shows_defaults(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    args = build_parser().parse_args(["calibrate", "pkg"])
+    assert args.data == "train-shapes:64" and args.weight_bits == [4]
+    assert build_parser().parse_args(["calibrate", "pkg", "--weight-bits", "4,8"]).weight_bits == [4, 8]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "clip-tiny" in text and "blip2-tiny" in text and "(default:" in text
+
+
+def test_version_list_and_verbose_after_the_verb(store: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("mmedge ")
+    r = _out(capsys, ["list", "--json", "-v"])
+    assert r["packages"] == {} and r["store"] == str(store)
+
+
+def test_verify_and_inspect_take_store_names(
+    store: Path, tiny_pkg: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    shutil.copytree(tiny_pkg, store / "mine")
+    assert _out(capsys, ["verify", "mine", "--json"])["ok"] is True
+    assert _out(capsys, ["inspect", "mine", "--json"])["family"] == "clip"
+
+
+def test_output_piped_into_head_ends_quietly(tiny_pkg: Path) -> None:
+    script = (
+        f"from mmedge.sdk.cli import main; raise SystemExit(main(['inspect', {str(tiny_pkg)!r}, '--json']))"
+    )
+    proc = subprocess.run(
+        f'{sys.executable} -c "{script}" | head -c 10',
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+
+
+def test_an_index_of_another_model_is_refused(tiny_pkg: Path, tmp_path: Path) -> None:
+    import json as _json
+    import shutil
+
+    from mmedge import sdk
+    from mmedge.errors import InvalidInputError
+    from mmedge.runtime.index import VectorIndex
+
+    p = sdk.Pipeline(str(tiny_pkg), precision="fp32")
+    p.add_images([np.zeros((32, 32, 3), np.uint8)])
+    p.index.save(tmp_path / "idx")
+    assert VectorIndex.load(tmp_path / "idx").model == p.model_id
+    other = tmp_path / "other"
+    shutil.copytree(tiny_pkg, other)
+    manifest = _json.loads((other / "manifest.json").read_text())
+    manifest["name"] = "another-model"
+    (other / "manifest.json").write_text(_json.dumps(manifest))
+    q = sdk.Pipeline(str(other), precision="fp32")
+    with pytest.raises(InvalidInputError, match="rebuild the index with this package"):
+        q.index = VectorIndex.load(tmp_path / "idx")
+    with pytest.raises(InvalidInputError, match="the index is empty"):
+        q.search("a red circle")
