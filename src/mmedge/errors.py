@@ -35,6 +35,10 @@ class UnbuiltPrecisionWarning(UserWarning):
     """A quantized precision runs without its backend build (correct, but slower than it should be)."""
 
 
+class ContextFullWarning(UserWarning):
+    """Generation stopped before max_new_tokens because the model's context was full."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise an error naming the extra that provides it."""
     import importlib

@@ -37,8 +37,8 @@ def test_calibration_record_and_report(calibrated: tuple[Path, dict]) -> None:
         assert min(rec["cosine"].values()) >= 0.99 and rec["met"] is True
         assert int8.parity["trt_lint_ok"] is True
     saved = json.loads((pkg / "reports" / "calibration.json").read_text())
-    assert set(saved["task_metric"]) == {"fp32", "int8"}
-    assert saved["task_metric"]["int8"]["precisions"] == {"vision": "int8", "text": "int8"}
+    assert set(saved["task_metric"]) == {"fp32", "quantized"}
+    assert saved["task_metric"]["quantized"]["precisions"] == {"vision": "int8", "text": "int8"}
     assert report["components"]["vision"]["cosine"] == saved["components"]["vision"]["cosine"]
 
 
@@ -203,3 +203,43 @@ def test_calibrate_builds_for_ort_by_default(calibrated: tuple[Path, dict]) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnbuiltPrecisionWarning)
         sdk.Pipeline(str(pkg), precision="int8").embed_images([generate_scenes(1, seed=0)[0].image])
+
+
+def test_chat_packages_get_a_vqa_task_metric(chat_pkg_session: Path) -> None:
+    saved = json.loads((chat_pkg_session / "reports" / "calibration.json").read_text())
+    metric = saved["task_metric"]
+    assert set(metric) == {"fp32", "quantized"}
+    assert metric["quantized"]["precisions"]["llm"] == "int4" and metric["fp32"]["questions"] > 0
+    assert 0.0 <= metric["quantized"]["vqa_accuracy"] <= 1.0
+
+
+def test_an_llm_below_the_target_is_reported_and_hints_follow_the_state(tmp_path: Path) -> None:
+    import shutil
+
+    from mmedge.builds.package import build_package
+    from mmedge.calibration.package import calibrate_package
+    from mmedge.errors import UnsupportedError
+    from mmedge.export.exporter import export_model
+    from mmedge.models.init import init_checkpoint
+
+    ckpt = init_checkpoint("blip2-tiny", tmp_path / "ckpt")
+    export_model(ckpt, tmp_path / "pkg")
+    said: list[str] = []
+    build_package(tmp_path / "pkg", progress=said.append)
+    assert any("only fp32 graphs; `mmedge calibrate`" in m for m in said)
+    with pytest.raises(UnsupportedError, match="run `mmedge calibrate`"):
+        sdk.Pipeline(str(tmp_path / "pkg"), precision="int4")
+    with pytest.raises(UnsupportedError, match="does not produce fp16"):
+        sdk.Pipeline(str(tmp_path / "pkg"), precision="fp16")
+    said.clear()
+    report = calibrate_package(
+        tmp_path / "pkg",
+        "train-shapes:12",
+        samples=8,
+        target_cosine=0.999999,
+        build=None,
+        progress=said.append,
+    )
+    assert report["components"]["llm"]["int4"]["met"] is False
+    assert any(m.startswith("warning: llm int4 logits cosine") for m in said)
+    shutil.rmtree(tmp_path / "ckpt")

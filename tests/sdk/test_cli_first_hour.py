@@ -153,3 +153,78 @@ def test_an_index_of_another_model_is_refused(tiny_pkg: Path, tmp_path: Path) ->
         q.index = VectorIndex.load(tmp_path / "idx")
     with pytest.raises(InvalidInputError, match="the index is empty"):
         q.search("a red circle")
+
+
+def test_out_folders_holding_other_files_are_refused_before_the_work(
+    tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    for argv in (
+        ["export", str(tiny_ckpt), "--out", str(mine)],
+        ["train", "--preset", "clip-tiny", "--out", str(mine), "--steps", "1"],
+        ["init", "clip-tiny", "--out", str(mine)],
+    ):
+        t0 = time.perf_counter()
+        assert main(argv) == 1
+        assert "--force" in capsys.readouterr().err and time.perf_counter() - t0 < 5  # refused up front
+        assert (mine / "keep.txt").read_text() == "precious"
+    # an older package is replaced, as before; --force replaces anything
+    assert main(["export", str(tiny_ckpt), "--out", str(tmp_path / "pkg")]) == 0
+    assert main(["export", str(tiny_ckpt), "--out", str(tmp_path / "pkg")]) == 0
+    assert main(["export", str(tiny_ckpt), "--out", str(mine), "--force"]) == 0
+    assert not (mine / "keep.txt").exists() and (mine / "manifest.json").is_file()
+    capsys.readouterr()
+    # `--out .` in a folder of other files, and a name the manifest cannot hold: refused before exporting
+    work = tmp_path / "work dir"
+    work.mkdir()
+    (work / "notes.md").write_text("x")
+    monkeypatch.chdir(work)
+    assert main(["export", str(tiny_ckpt), "--out", "."]) == 1
+    assert main(["export", str(tiny_ckpt), "--out", str(tmp_path / "empty"), "--name", "bad name!"]) == 1
+    assert "not a valid name" in capsys.readouterr().err and not (tmp_path / "empty").exists()
+
+
+def test_limits_that_do_not_fit_the_context_are_said(chat_pkg_session: Path) -> None:
+    from mmedge import sdk
+    from mmedge.errors import ContextFullWarning, InvalidInputError
+
+    chat = sdk.Pipeline(str(chat_pkg_session))
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(InvalidInputError, match="min_new_tokens=300 does not fit"):
+        chat.chat(image, "how many shapes are there?", min_new_tokens=300, max_new_tokens=300)
+    with pytest.warns(ContextFullWarning, match="the model's context of 64 tokens is full"):
+        text = chat.chat(image, "how many shapes are there?", max_new_tokens=300, min_new_tokens=20)
+    assert text
+
+
+def test_interactive_chat_drops_old_turns_when_the_context_is_full(
+    chat_pkg_session: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    import cv2
+
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.zeros((64, 64, 3), np.uint8))
+    questions = ["how many shapes are there?", "what colour is the circle?"] * 5
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(questions) + "\n\n"))
+    assert (
+        main(["chat", str(chat_pkg_session), str(img), "--max-new-tokens", "4", "--min-new-tokens", "4"]) == 0
+    )
+    captured = capsys.readouterr()
+    assert "dropped the oldest turn" in captured.err
+    assert captured.out.count("model> ") == len(questions) and "error:" not in captured.out
+
+
+def test_bench_runs_on_built_llm_packages_at_any_batch(
+    chat_pkg_session: Path, capsys: pytest.CaptureFixture
+) -> None:
+    r = _out(capsys, ["bench", str(chat_pkg_session), "--batch", "1,8", "--runs", "2", "--json"])
+    assert "llm" not in r["components"] and {"vision", "qformer", "projector", "embed"} <= set(
+        r["components"]
+    )
+    assert r["generation"]["decode_tokens_per_s"] > 0

@@ -1133,7 +1133,7 @@ CASES = [
     case(
         "param-precision-not-built",
         UnsupportedError,
-        r"component 'text' has no int8 build \(has \['fp32'\]\)",
+        r"component 'text' has no int8 precision \(has \['fp32'\]\); run `mmedge calibrate`",
         lambda e: _pipeline(e, precision="int8").embed_texts(["a red circle"]),
     ),
     case(

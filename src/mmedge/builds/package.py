@@ -42,6 +42,8 @@ def build_package(
     say = progress or log.info
     builder = make_builder(backend)
     pkg = verify_package(resolve(package))
+    if all(set(c.precisions) == {"fp32"} for c in pkg.manifest.components.values()):
+        say(f"note: {pkg.manifest.name} has only fp32 graphs; `mmedge calibrate` quantizes (and builds) them")
     with staged_update(pkg.root) as tmp:
         result = builder.build(BuildRequest(pkg, tmp, precision, threads, say, {"prefill": prefill}))
         files = dict(result.files)

@@ -27,6 +27,7 @@ from mmedge.runtime.staging import staged_update, write_atomic
 log = logging.getLogger(__name__)
 FEED_BATCH = 8  # samples per calibration feed
 EVAL_SAMPLES = 32  # extra samples, never used for ranges, that measure the cosine
+CHAT_METRIC_SCENES, CHAT_METRIC_QUESTIONS = 20, 40  # a chat package's quick VQA check after calibration
 
 
 def _sources(pkg: Package, path: str, items: list[Any]) -> dict[str, np.ndarray]:
@@ -160,17 +161,21 @@ def calibrate_package(
         manifest = write_manifest(tmp, manifest)
         staged = verify_package(tmp)
         manifest = _measure_weight_only(
-            staged, manifest, [it.text for it in eval_items if it.text], report, say
+            staged, manifest, [it.text for it in eval_items if it.text], report, say, target_cosine
         )
         write_manifest(tmp, manifest)
         staged = verify_package(tmp)
-        report["task_metric"] = _task_metric(staged, eval_items)
+        report["task_metric"] = _task_metric(staged, eval_items, data)
         write_atomic(tmp / "reports" / "calibration.json", json.dumps(report, indent=2, sort_keys=True))
         write_manifest(tmp, manifest)
         verify_package(tmp)
     if build is not None:
         say(f"building for {build}")
         report["build"] = build_package(pkg.root, backend=build, threads=threads, progress=say)
+    elif requantized:
+        say(
+            f"note: the builds of {sorted(requantized)} were dropped with the old weights; run `mmedge build {pkg.root}`"
+        )
     return report
 
 
@@ -211,7 +216,12 @@ def _weight_only(
 
 
 def _measure_weight_only(
-    pkg: Package, manifest: Manifest, texts: list[str], report: dict[str, Any], say: Callable[[str], None]
+    pkg: Package,
+    manifest: Manifest,
+    texts: list[str],
+    report: dict[str, Any],
+    say: Callable[[str], None],
+    target_cosine: float = 0.0,
 ) -> Manifest:
     """Logits cosine and next-token agreement of each weight-only LLM precision against fp32."""
     from mmedge.runtime.components import ComponentRunner
@@ -242,10 +252,12 @@ def _measure_weight_only(
     precisions = dict(llm.precisions)
     for p in weight_only:
         out = logits(p)
+        cosine = row_cosine(ref, out)
         acc = {
-            "logits_cosine": round(row_cosine(ref, out), 6),
+            "logits_cosine": round(cosine, 6),
             "top1_agreement": round(float((ref.argmax(1) == out.argmax(1)).mean()), 4),
             "eval_tokens": len(ref),
+            "met": cosine >= target_cosine,
         }
         precisions[p] = replace(precisions[p], parity={**precisions[p].parity, **acc})
         report["components"][name][p].update(acc)
@@ -253,22 +265,40 @@ def _measure_weight_only(
             f"{name} {p}: logits cosine {acc['logits_cosine']:.4f}, next-token agreement {acc['top1_agreement']:.3f} "
             f"on {acc['eval_tokens']} tokens"
         )
+        if not acc["met"]:
+            say(
+                f"warning: {name} {p} logits cosine {cosine:.4f} is below the target {target_cosine}; "
+                "weight-only quantization keeps no layer in float: try --weight-bits 8 or --block-size 16"
+            )
     return replace(manifest, components={**manifest.components, name: replace(llm, precisions=precisions)})
 
 
-def _task_metric(pkg: Package, items: list) -> dict[str, Any]:
-    """The task metric fp32 vs int8 on the held-back samples (retrieval recall when texts exist)."""
-    from mmedge.evaluation.tasks import evaluate_items
+def _task_metric(pkg: Package, items: list[Any], data: str) -> dict[str, Any]:
+    """The task metric, fp32 against quantized: retrieval recall on the held-back captioned samples,
+    or for a chat package VQA accuracy on synthetic scenes (which carry questions)."""
+    from mmedge.evaluation.tasks import evaluate_chat, evaluate_items
     from mmedge.runtime.components import ComponentRunner
-    from mmedge.runtime.retrieval import RetrievalPipeline
+    from mmedge.runtime.pipelines import open_pipeline
 
-    if pkg.manifest.task != "retrieval" or any(it.text is None for it in items):
-        return {"skipped": "needs captions for a retrieval metric"}
-    # "auto" takes int8 where it was built and fp32 where calibration skipped a component. The
-    # staged package is not built yet: its int8 graphs run unbuilt here, which is expected.
+    task = pkg.manifest.task
+    if task == "retrieval" and any(it.text is None for it in items):
+        return {"skipped": "retrieval recall needs a caption per image; the data has images without text"}
+    if task == "chat" and not data.startswith(("shapes:", "train-shapes:")):
+        return {
+            "skipped": "chat metrics (VQA) need synthetic scenes with questions: --data shapes:N or train-shapes:N"
+        }
+    if task not in ("retrieval", "chat"):
+        return {"skipped": f"no task metric for {task} packages; see the weight-only logits records"}
+    out = {}
+    # "auto" takes the quantized precisions where calibration made them. The staged package is not
+    # built yet: its quantized graphs run unbuilt here, which is expected.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnbuiltPrecisionWarning)
-        return {
-            label: evaluate_items(RetrievalPipeline(ComponentRunner(pkg, precision=p)), items)
-            for label, p in (("fp32", "fp32"), ("int8", "auto"))
-        }
+        for label, precision in (("fp32", "fp32"), ("quantized", "auto")):
+            pipe = open_pipeline(ComponentRunner(pkg, precision=precision))
+            if task == "retrieval":
+                out[label] = evaluate_items(pipe, items)
+            else:
+                spec = f"{data.split(':', 1)[0]}:{CHAT_METRIC_SCENES}"
+                out[label] = evaluate_chat(pipe, spec, questions=CHAT_METRIC_QUESTIONS, captions=0)
+    return out

@@ -15,16 +15,23 @@ from pathlib import Path
 
 import numpy as np
 
-from mmedge.errors import ConfigError, IntegrityError
+from mmedge.errors import ConfigError, IntegrityError, InvalidInputError
 from mmedge.export.onnx_export import DEFAULT_OPSET, example_inputs, export_component
 from mmedge.export.package_writer import write_manifest
 from mmedge.export.parity import measure_parity
 from mmedge.models.component import ComponentDecl
-from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry, Provenance
+from mmedge.runtime.manifest import (
+    MANIFEST_NAME,
+    ComponentEntry,
+    Manifest,
+    PrecisionEntry,
+    Provenance,
+    check_name,
+)
 from mmedge.runtime.package import verify_package
 from mmedge.runtime.sections import PATH_SOURCES, ROLES, PipelineConfig, Step, TokenizerConfig
 from mmedge.runtime.sections import Path as WiredPath
-from mmedge.runtime.staging import staged_dir, write_atomic
+from mmedge.runtime.staging import check_replaceable, staged_dir, write_atomic
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"
@@ -85,14 +92,20 @@ def export_model(
     allow_pickle: bool = False,
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> Manifest:
-    """Export every component of a model into a package at `out` (replacing it atomically)."""
+    """Export every component of a model into a package at `out` (replacing an older package there
+    atomically; a folder holding anything else is refused unless `force`)."""
     from mmedge.export.trt_lint import lint_model
     from mmedge.models.sources import load_source
 
     say = progress or log.info
+    out = check_replaceable(out, lambda p: (p / MANIFEST_NAME).is_file(), "package", force)
+    try:
+        name = check_name(name or out.resolve().name, "package name (--name, or the --out folder's name)")
+    except IntegrityError as exc:
+        raise InvalidInputError(f"{exc}; names use letters, digits and _ . : - /") from None
     lm = load_source(src, family, allow_pickle)
-    out = Path(out)
     decls = lm.family.components(lm.config)
     for d in decls:
         if d.role not in ROLES:
@@ -133,7 +146,7 @@ def export_model(
         for key, rep in reports.items():
             write_atomic(tmp / "reports" / f"{key}.json", json.dumps(rep, indent=2, sort_keys=True))
         manifest = Manifest(
-            name=name or out.name,
+            name=name,
             family=lm.family.name,
             variant=lm.variant,
             task=lm.family.task,  # type: ignore[arg-type]  # Family checks it is one of TASKS

@@ -57,6 +57,16 @@ def save_checkpoint(
     return out
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` holds an mmedge checkpoint (which a new one may replace)."""
+    try:
+        return str(json.loads((path / CONFIG_NAME).read_text()).get("format", "")).startswith(
+            "mmedge.checkpoint/"
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """Read a JSON file that must hold an object; missing or malformed files are ConfigErrors."""
     try:

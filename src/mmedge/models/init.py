@@ -48,7 +48,12 @@ def init_model(
     return save_checkpoint(out, family.name, cfg.to_dict(), model, tokenizer_json, extra=extra)
 
 
-def init_checkpoint(preset: str, out: str | Path, seed: int = 0) -> Path:
-    """Write an mmedge checkpoint of a named preset with random weights and a small trained tokenizer."""
+def init_checkpoint(preset: str, out: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """Write an mmedge checkpoint of a named preset with random weights and a small trained tokenizer
+    (a folder holding anything but an older checkpoint is refused unless `force`)."""
+    from mmedge.models.checkpoint import is_checkpoint
+    from mmedge.runtime.staging import check_replaceable
+
+    check_replaceable(out, is_checkpoint, "checkpoint", force)
     family, raw = load_preset(preset)
     return init_model(family, raw, out, seed, extra={"init": {"preset": preset, "seed": seed}})

@@ -67,8 +67,15 @@ def recipe_for(preset: str) -> tuple[Family, Any]:
     return family, importlib.import_module(family.recipe)
 
 
-def train_model(out: str | Path, request: TrainRequest, progress: bool | None = None) -> Path:
-    """Run the preset's recipe; returns the checkpoint directory written at `out`."""
+def train_model(
+    out: str | Path, request: TrainRequest, progress: bool | None = None, force: bool = False
+) -> Path:
+    """Run the preset's recipe; returns the checkpoint directory written at `out` (an older
+    checkpoint there is replaced; a folder holding anything else is refused unless `force`)."""
+    from mmedge.models.checkpoint import is_checkpoint
+    from mmedge.runtime.staging import check_replaceable
+
+    check_replaceable(out, is_checkpoint, "checkpoint", force)
     _, recipe = recipe_for(request.preset)
     path: Path = recipe.train(out, request, progress=progress)
     return path

@@ -103,12 +103,16 @@ class ChatPipeline:
         return key, cached
 
     # -- generation -----------------------------------------------------------------------
-    def caption(self, image: Any, channel_order: str = "RGB", **gen: Any) -> str:
-        """A caption of `image` (the manifest's captioning prompt, often just the image)."""
+    def caption(
+        self, image: Any, channel_order: str = "RGB", stream: bool = False, **gen: Any
+    ) -> str | Iterator[str]:
+        """A caption of `image` (the manifest's captioning prompt, often just the image); with
+        `stream=True` an iterator of text pieces, as `chat`."""
         config = GenerationConfig.from_kwargs(**gen)
         _, prefix = self.image_prefix(image, channel_order)
         items = self.prompts.encode(self.prompts.caption())
-        return "".join(self._generate(items, prefix, self.lm.new_cache(), config, store=None))
+        pieces = self._generate(items, prefix, self.lm.new_cache(), config, store=None)
+        return pieces if stream else "".join(pieces)
 
     def chat(
         self,

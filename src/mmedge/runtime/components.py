@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 MAX_THREADS = 1024  # ORT takes an int32; a huge count would try to start that many threads
 DEVICES = ("cpu", "cuda", "tensorrt")
+# Roles whose graphs are never quantized (no weights to multiply): any requested precision runs them as they are.
+ROLES_KEPT_IN_FP32 = ("token_embed",)
 
 
 def package_tokenizer(package: Package) -> TextTokenizer:
@@ -86,16 +88,17 @@ class ComponentRunner:
         """The precision used for a component: the requested one, or for 'auto' the best built."""
         entry = self.manifest.component(component)
         if self.precision != "auto":
-            if (
-                self.precision not in entry.precisions
-                and entry.calibration_data == "none"
-                and len(entry.precisions) == 1
-            ):
-                return next(iter(entry.precisions))  # never quantized (e.g. a token-embedding lookup)
+            if self.precision not in entry.precisions and entry.role in ROLES_KEPT_IN_FP32:
+                return next(iter(entry.precisions))  # a table lookup: nothing to quantize
             if self.precision not in entry.precisions:
+                how = (
+                    "run `mmedge calibrate` (int8 encoders, --weight-bits for an LLM)"
+                    if self.precision in ("int8", "int4")
+                    else "mmedge does not produce fp16 graphs yet"
+                )
                 raise UnsupportedError(
-                    f"component {component!r} has no {self.precision} build (has {sorted(entry.precisions)}); "
-                    f"run `mmedge calibrate` first or choose another precision"
+                    f"component {component!r} has no {self.precision} precision (has {sorted(entry.precisions)}); "
+                    f"{how}, or choose another precision"
                 )
             return self.precision
         return next(p for p in AUTO_ORDER if p in entry.precisions)

@@ -13,13 +13,14 @@ Sampling parameters carry Hugging Face `generate` names; `temperature=0` means g
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from mmedge.errors import InvalidInputError, UnsupportedError
+from mmedge.errors import ContextFullWarning, InvalidInputError, UnsupportedError
 from mmedge.runtime.backends.base import Binding, Session
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.texts import TextTokenizer
@@ -247,14 +248,21 @@ class LanguageModel:
     ) -> Iterator[int]:
         """Yield new token ids for one sequence; `prompt` is (S, E) embeddings appended to `cache`.
 
-        `history` (earlier token ids) only feeds the repetition penalty. Stops at EOS (not yielded)
-        or after `max_new_tokens`.
+        `history` (earlier token ids) only feeds the repetition penalty. Stops at EOS (not yielded),
+        after `max_new_tokens`, or when the context is full (a `ContextFullWarning` says so);
+        `min_new_tokens` that cannot fit is an error.
         """
         cache = cache if cache is not None else self.new_cache()
         if cache.length + len(prompt) + 1 > self.max_context:
             raise InvalidInputError(
                 f"the prompt ({len(prompt)} tokens, {cache.length} already cached) leaves no room to generate "
                 f"within the model's context of {self.max_context} tokens"
+            )
+        room = self.max_context - cache.length - len(prompt) + 1  # tokens that can still be generated
+        if config.min_new_tokens > room:
+            raise InvalidInputError(
+                f"min_new_tokens={config.min_new_tokens} does not fit: the prompt leaves room for {room} new tokens "
+                f"within the model's context of {self.max_context}"
             )
         rng = np.random.default_rng(config.seed)
         seen = np.zeros(self.vocab_size, bool)
@@ -274,8 +282,16 @@ class LanguageModel:
                 return
             yield token
             seen[token] = True
-            if n + 1 == config.max_new_tokens or cache.length + 1 > self.max_context:
-                return  # the context is full: stop rather than overflow
+            if n + 1 == config.max_new_tokens:
+                return
+            if cache.length + 1 > self.max_context:  # the context is full: stop rather than overflow
+                warnings.warn(
+                    f"generation stopped after {n + 1} of max_new_tokens={config.max_new_tokens} tokens: "
+                    f"the model's context of {self.max_context} tokens is full",
+                    ContextFullWarning,
+                    stacklevel=2,
+                )
+                return
             logits = self.forward(self.embed(np.array([[token]])), cache, step)[0, -1]
 
 

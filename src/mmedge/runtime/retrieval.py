@@ -162,6 +162,10 @@ class RetrievalPipeline:
         channel_order: str = "RGB",
     ) -> list[Label]:
         """Zero-shot labels for one image, best first; each label embedded with every template, averaged."""
+        if isinstance(labels, str):
+            raise InvalidInputError(
+                f"labels must be a list of strings, got the single string {labels!r} (split it yourself if it lists several)"
+            )
         labels = _as_list(labels, "labels")
         if not all(isinstance(lab, str) and lab.strip() for lab in labels):
             raise InvalidInputError("labels must be non-empty strings")

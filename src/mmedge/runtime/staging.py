@@ -15,8 +15,10 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from mmedge.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,28 @@ def staged_update(target: str | os.PathLike) -> Iterator[Path]:
             ignore=lambda d, names: [n for n in names if stat.S_ISLNK(os.lstat(os.path.join(d, n)).st_mode)],
         )
         yield tmp
+
+
+def check_replaceable(
+    target: str | os.PathLike, is_ours: Callable[[Path], bool], what: str, force: bool = False
+) -> Path:
+    """Refuse, before any work, to replace a folder that holds something other than what we write.
+
+    A staged write replaces the whole target: right for an older package or checkpoint (`is_ours`),
+    data loss for anything else. An empty or missing folder is fine; `force` accepts the loss."""
+    path = Path(target).expanduser()
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise InvalidInputError(
+            f"{str(path)!r} exists and is not a directory; choose a folder for the {what}"
+        )
+    if force or is_ours(path) or not any(path.iterdir()):
+        return path
+    raise InvalidInputError(
+        f"{str(path)!r} holds files that are not an mmedge {what}; writing the {what} there would replace "
+        "them. Choose a new or empty folder, or pass --force to replace its contents"
+    )
 
 
 def remove_stale_staging(parent: str | os.PathLike) -> list[Path]:

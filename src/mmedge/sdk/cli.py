@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ def cmd_train(a: argparse.Namespace) -> object:
         bf16=not a.fp32,
         hard_negatives=a.hard_negatives,
     )
-    return {"checkpoint": str(train_model(a.out, request))}
+    return {"checkpoint": str(train_model(a.out, request, force=a.force))}
 
 
 def cmd_families(a: argparse.Namespace) -> object:
@@ -126,7 +127,7 @@ def cmd_families(a: argparse.Namespace) -> object:
 def cmd_init(a: argparse.Namespace) -> object:
     from mmedge.models.init import init_checkpoint
 
-    return {"checkpoint": str(init_checkpoint(a.preset, a.out, seed=a.seed))}
+    return {"checkpoint": str(init_checkpoint(a.preset, a.out, seed=a.seed, force=a.force))}
 
 
 def cmd_export(a: argparse.Namespace) -> object:
@@ -140,6 +141,7 @@ def cmd_export(a: argparse.Namespace) -> object:
         allow_pickle=a.allow_pickle,
         name=a.name,
         progress=print if not a.json else None,
+        force=a.force,
     )
     return {"package": str(a.out), "components": sorted(m.components)}
 
@@ -283,12 +285,20 @@ def cmd_chat(a: argparse.Namespace) -> object:
         if not question:
             break
         print("model> ", end="", flush=True)
-        try:
-            answer = _stream(p.chat(a.image, question, history=history, stream=True, **gen))
-        except MmedgeError as exc:  # e.g. the conversation outgrew the context: say so and go on
-            print(f"\nerror: {exc}")
-            continue
-        history.append((question, answer))
+        while True:
+            try:
+                answer = _stream(p.chat(a.image, question, history=history, stream=True, **gen))
+                break
+            except MmedgeError as exc:
+                if history and "context" in str(exc):  # the conversation outgrew the context
+                    history.pop(0)
+                    _note("dropped the oldest turn to fit the model's context")
+                    continue
+                print(f"\nerror: {exc}")
+                answer = None
+                break
+        if answer is not None:
+            history.append((question, answer))
     return None
 
 
@@ -455,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", default="clip-tiny", help="one of: " + ", ".join(list_presets()))
     sp.add_argument("--out", required=True, help="checkpoint directory to write")
     sp.add_argument(
+        "--force", action="store_true", help="replace --out even if it holds other files (they are deleted)"
+    )
+    sp.add_argument(
         "--data",
         default=None,
         help=DATA_HELP + "; for chat presets, a JSONL of LLaVA-style conversations "
@@ -492,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("init", cmd_init, "write a random-weight checkpoint of a preset (for benchmarks)")
     sp.add_argument("preset")
     sp.add_argument("--out", required=True)
+    sp.add_argument("--force", action="store_true", help="replace --out even if it holds other files")
     sp.add_argument("--seed", type=int, default=0)
 
     sp = add("export", cmd_export, "export an mmedge checkpoint or HF model directory to a model package")
@@ -499,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
         "src", help="mmedge checkpoint directory or HF model directory (config.json + safetensors)"
     )
     sp.add_argument("--out", required=True, help="package directory to write (replaced atomically)")
+    sp.add_argument(
+        "--force", action="store_true", help="replace --out even if it holds other files (they are deleted)"
+    )
     sp.add_argument("--family", default=None, help="override the family detected from the config")
     sp.add_argument("--name", default=None, help="package name (default: the directory name)")
     sp.add_argument("--opset", type=int, default=17)
@@ -688,7 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     as_json = getattr(args, "json", False)
     try:
-        out = args.fn(args)
+        with warnings.catch_warnings():  # mmedge's warnings (e.g. a cut generation) read as notes
+            warnings.showwarning = lambda message, *_args, **_kw: _note(str(message))
+            out = args.fn(args)
         if out is not None:
             _print(out, as_json)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below
