@@ -228,3 +228,25 @@ def test_bench_runs_on_built_llm_packages_at_any_batch(
         r["components"]
     )
     assert r["generation"]["decode_tokens_per_s"] > 0
+
+
+def test_a_corrupt_image_in_a_folder_is_named_and_can_be_skipped(
+    tiny_pkg: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from PIL import Image
+
+    from mmedge.data import generate_scenes
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, s in enumerate(generate_scenes(3, seed=4)):
+        Image.fromarray(s.image).save(folder / f"{i}.png")
+    Image.fromarray(generate_scenes(1, seed=5)[0].image).save(folder / "anim.gif")  # GIFs count in folders
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    idx = str(tmp_path / "idx")
+    assert main(["search", str(tiny_pkg), "--add", str(folder), "--index", idx]) == 1
+    assert "broken.png" in capsys.readouterr().err
+    r = _out(capsys, ["search", str(tiny_pkg), "--add", str(folder), "--index", idx, "--skip-bad", "--json"])
+    assert (
+        r["added"] == 4 and len(r["skipped_unreadable"]) == 1 and "broken.png" in r["skipped_unreadable"][0]
+    )

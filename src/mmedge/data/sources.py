@@ -15,7 +15,7 @@ import numpy as np
 from mmedge.data.scenes import HELD_OUT_SEED, TRAIN_SEED, generate_scenes
 from mmedge.errors import InvalidInputError
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")  # the loader's formats
 MAX_SYNTHETIC = 1_000_000
 _SPEC_HELP = "expected 'shapes:N', 'train-shapes:N', a directory of images or a .jsonl file of {\"image\", \"text\"} lines"
 _SHAPES_SPEC = re.compile(r"(train-)?shapes:(.*)", re.DOTALL)

@@ -6,6 +6,7 @@ probabilities use the package's learned temperature (`retrieval.logit_scale`).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,9 +85,17 @@ class RetrievalPipeline:
     def embed_images(self, images: object, channel_order: str = "RGB") -> np.ndarray:
         """(N, D) float32 L2-normalised embeddings of images (paths, bytes, arrays or PIL images)."""
         items = _as_list(images, "images")
-        arrays = [load_image(x, channel_order=channel_order, limits=self.runner.image_limits) for x in items]
+        arrays = [self._load(i, x, channel_order) for i, x in enumerate(items)]
         pixels = preprocess(arrays, self.preprocess)  # (N, 3, S, S)
         return l2_normalize(self.runner.run_path("image", {"pixel_values": pixels}).astype(np.float32))
+
+    def _load(self, i: int, image: object, channel_order: str) -> np.ndarray:
+        """One image of a batch; an error names which (its path, or its index)."""
+        try:
+            return load_image(image, channel_order=channel_order, limits=self.runner.image_limits)
+        except InvalidInputError as exc:
+            which = repr(str(image)) if isinstance(image, (str, os.PathLike)) else f"#{i}"
+            raise InvalidInputError(f"image {which}: {exc}") from exc
 
     def embed_texts(self, texts: object) -> np.ndarray:
         """(N, D) float32 L2-normalised embeddings of texts (truncated to the context length)."""

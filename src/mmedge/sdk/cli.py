@@ -359,6 +359,9 @@ def cmd_search(a: argparse.Namespace) -> object:
         from mmedge.data import load_data
 
         items = load_data(a.add)
+        if a.skip_bad:
+            items, bad = _readable(items)
+            out["skipped_unreadable"] = bad
         have = p.index.label_ids()
         labels = [str(it.image) if isinstance(it.image, str) else (it.text or "") for it in items]
         new = [(it, lab) for it, lab in zip(items, labels) if not (isinstance(it.image, str) and lab in have)]
@@ -375,6 +378,22 @@ def cmd_search(a: argparse.Namespace) -> object:
         "query": a.query if a.image is None else a.image,
         "hits": [{"id": h.id, "score": round(h.score, 4), "label": h.label} for h in hits],
     }
+
+
+def _readable(items: list[Any]) -> tuple[list[Any], list[str]]:
+    """The items whose image loads, and `path: reason` of those that do not."""
+    from mmedge.runtime.images import load_image
+
+    good, bad = [], []
+    for it in items:
+        try:
+            load_image(it.image)
+            good.append(it)
+        except MmedgeError as exc:
+            bad.append(f"{it.image}: {exc}")
+    for line in bad:
+        _note(f"skipped {line}")
+    return good, bad
 
 
 def cmd_classify(a: argparse.Namespace) -> object:
@@ -632,6 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--image", default=None, help="search with this image file instead of a text")
     sp.add_argument("--add", default=None, help=f"data to index first: {DATA_HELP}")
+    sp.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip images that cannot be read (listed in the output) instead of stopping",
+    )
     sp.add_argument("--index", default=None, help="index directory to load / save")
     sp.add_argument("-k", type=int, default=5)
 
