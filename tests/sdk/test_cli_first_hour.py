@@ -250,3 +250,21 @@ def test_a_corrupt_image_in_a_folder_is_named_and_can_be_skipped(
     assert (
         r["added"] == 4 and len(r["skipped_unreadable"]) == 1 and "broken.png" in r["skipped_unreadable"][0]
     )
+
+
+def test_people_get_tables_and_machines_get_json(
+    tiny_pkg: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import cv2
+
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.zeros((32, 32, 3), np.uint8))
+    assert main(["classify", str(tiny_pkg), str(img), "--labels", "circle,square"]) == 0
+    text = capsys.readouterr().out
+    assert "label" in text and "probability" in text and "{" not in text
+    assert main(["bench", str(tiny_pkg), "--batch", "1", "--runs", "2", "--components", "vision"]) == 0
+    text = capsys.readouterr().out
+    assert "p50 ms" in text and "vision" in text and "{" not in text
+    assert main(["calibrate", str(tiny_pkg), "--samples", "4", "--data", "train-shapes:6"]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy vs fp32" in text and "rel. error vs source" in text

@@ -50,14 +50,10 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     return parse
 
 
-def _print(obj: object, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            print(f"{k}: {json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v}")
-    else:
-        print(obj)
+def _print(obj: object, as_json: bool, verb: str = "") -> None:
+    from mmedge.sdk.tables import render
+
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str) if as_json else render(verb, obj))
 
 
 # The package tasks each verb serves (a verb on another kind of package is refused by name).
@@ -733,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = lambda message, *_args, **_kw: _note(str(message))
             out = args.fn(args)
         if out is not None:
-            _print(out, as_json)
+            _print(out, as_json, args.cmd)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below
     except MmedgeError as exc:
         if as_json:

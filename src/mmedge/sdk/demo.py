@@ -12,23 +12,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from mmedge.runtime.store import model_home
+from mmedge.sdk.tables import table
 
 # clip-tiny's R@1 follows its step count (runs with a time budget: 0.69 at 1199 steps, 0.896 at
 # 1461, 0.91-0.98 at 1568-1967), so the demo trains to step counts, not to a clock.
 CLIP_STEPS = 2000
 BLIP2_STEPS = {"lm_steps": 1800, "stage1_steps": 450, "stage2_steps": 1800}
 VQA_QUESTIONS, VQA_SCENES, CAPTIONS = 300, 100, 50
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def run_demo(
@@ -110,13 +103,13 @@ def run_demo(
     ):
         rows.append((name, f"{ev['fp32'][key]:.3f}", f"{ev['int8'][key]:.3f}"))
     print()
-    print(_table(rows))
+    print(table(rows))
     print()
     rows = [("vision tower, batch 1", "p50 ms", "vs torch eager")]
     torch_ms = lat["torch-eager"]["p50_ms"]
     for k in ("torch-eager", "ort-fp32", "ort-int8"):
         rows.append((k, f"{lat[k]['p50_ms']:.2f}", f"{torch_ms / lat[k]['p50_ms']:.1f}x"))
-    print(_table(rows))
+    print(table(rows))
     if blip2:
         _print_blip2(result["blip2"])
     print(
@@ -209,11 +202,11 @@ def _print_blip2(r: dict[str, Any]) -> None:
             f"{ev['quantized']['caption_exact_match']:.3f}",
         )
     )
-    print(_table(rows))
+    print(table(rows))
     print()
     rows = [("question (quantized model)", "answer", "truth")]
     for e in ev["quantized"]["examples"]:
         rows.append((e["question"], e["answer"], e["expected"]))
-    print(_table(rows))
+    print(table(rows))
     for c in ev["quantized"]["caption_examples"][:2]:
         print(f"\ncaption: {c['caption']}\ntruth:   {c['truth']}")
