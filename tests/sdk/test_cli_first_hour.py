@@ -268,3 +268,31 @@ def test_people_get_tables_and_machines_get_json(
     assert main(["calibrate", str(tiny_pkg), "--samples", "4", "--data", "train-shapes:6"]) == 0
     text = capsys.readouterr().out
     assert "accuracy vs fp32" in text and "rel. error vs source" in text
+
+
+def test_python_api_checks_up_front_and_describes_itself(tiny_pkg: Path, chat_pkg_session: Path) -> None:
+    from mmedge import sdk
+    from mmedge.errors import InvalidInputError, UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="device 'banana' is not supported"):
+        sdk.Pipeline(str(tiny_pkg), device="banana")
+    p = sdk.Pipeline(str(tiny_pkg))
+    assert "RetrievalPipeline('clip-tiny', family='clip'" in repr(p)
+    with pytest.raises(InvalidInputError, match="single string"):
+        p.classify(np.zeros((32, 32, 3), np.uint8), "circle,square")
+    chat = sdk.Pipeline(str(chat_pkg_session))
+    assert repr(chat).startswith("ChatPipeline('blip2-tiny'")
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(InvalidInputError, match="non-empty"):
+        chat.chat(image, "  ")
+    pieces = list(chat.caption(image, stream=True, max_new_tokens=3, min_new_tokens=3))
+    assert "".join(pieces) == chat.caption(image, max_new_tokens=3, min_new_tokens=3)
+
+
+def test_zero_shot_checks_report_how_short_texts_are_read(tiny_pkg: Path) -> None:
+    from mmedge import sdk
+    from mmedge.evaluation import evaluate_zero_shot
+
+    r = evaluate_zero_shot(sdk.Pipeline(str(tiny_pkg), precision="fp32"), n=20)
+    assert r["shape_scenes"] == 20 and 0.0 <= r["shape_accuracy"] <= 1.0
+    assert 0 < r["short_queries"] <= 24 and 0.0 <= r["short_query_r1"] <= 1.0

@@ -42,6 +42,7 @@ def build_package(
     say = progress or log.info
     builder = make_builder(backend)
     pkg = verify_package(resolve(package))
+    say(f"updating {pkg.root} in place (atomically)")
     if all(set(c.precisions) == {"fp32"} for c in pkg.manifest.components.values()):
         say(f"note: {pkg.manifest.name} has only fp32 graphs; `mmedge calibrate` quantizes (and builds) them")
     with staged_update(pkg.root) as tmp:

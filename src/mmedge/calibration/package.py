@@ -105,6 +105,7 @@ def calibrate_package(
     if samples < 1:
         raise InvalidInputError(f"--samples must be positive, got {samples}")
     pkg = verify_package(resolve(package))
+    say(f"updating {pkg.root} in place (atomically)")
     size = pkg.manifest.preprocess.image_size if pkg.manifest.preprocess else 64
     items = load_data(data, image_size=size, limit=samples + EVAL_SAMPLES)
     # Samples past the first `samples` measure the cosine; with none left, the calibration set does.

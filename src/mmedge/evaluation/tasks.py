@@ -41,6 +41,46 @@ def evaluate_items(pipeline: RetrievalPipeline, items: list) -> dict[str, Any]:
     return {"task": "retrieval", "precisions": precisions, **metrics}
 
 
+def evaluate_zero_shot(pipeline: object, n: int = 200) -> dict[str, Any]:
+    """Synthetic-scene checks of how a retrieval model reads short texts, as users query it:
+
+    - `shape_accuracy`: zero-shot `classify` with the labels circle / square / triangle / star on
+      the first `n` single-object held-out scenes (the package's label templates);
+    - `short_query_r1`: text->image R@1 over 500 held-out scenes for every "a <colour> <shape>"
+      query that some scene answers; a scene containing such an object counts as a hit.
+    """
+    from mmedge.data import HELD_OUT_SEED, generate_scenes, iter_scenes
+    from mmedge.data.scenes import COLOURS, SHAPES
+
+    if not isinstance(pipeline, RetrievalPipeline):
+        raise UnsupportedError(f"zero-shot checks need a retrieval package; got {pipeline!r}")
+    size = pipeline.preprocess.image_size
+    singles = []
+    for scene in iter_scenes(HELD_OUT_SEED, image_size=size):
+        if len(scene.objects) == 1:
+            singles.append(scene)
+        if len(singles) == n:
+            break
+    labels = list(SHAPES)
+    hits = [pipeline.classify(s.image, labels)[0].label == s.objects[0].shape for s in singles]
+    scenes = generate_scenes(500, HELD_OUT_SEED, size)
+    images = _chunked(pipeline.embed_images, [s.image for s in scenes])
+    pairs = [(c, sh) for c in COLOURS for sh in SHAPES]
+    texts = pipeline.embed_texts([f"a {c} {sh}" for c, sh in pairs])
+    best = np.argmax(texts @ images.T, axis=1)  # (queries,)
+    answered = [
+        any(o.colour == c and o.shape == sh for o in scenes[int(b)].objects)
+        for (c, sh), b in zip(pairs, best)
+        if any(o.colour == c and o.shape == sh for s in scenes for o in s.objects)
+    ]
+    return {
+        "shape_accuracy": round(float(np.mean(hits)), 4),
+        "shape_scenes": len(hits),
+        "short_query_r1": round(float(np.mean(answered)), 4),
+        "short_queries": len(answered),
+    }
+
+
 VQA_KINDS = ("colour", "shape", "count")
 
 

@@ -100,7 +100,15 @@ def cmd_train(a: argparse.Namespace) -> object:
         bf16=not a.fp32,
         hard_negatives=a.hard_negatives,
     )
-    return {"checkpoint": str(train_model(a.out, request, force=a.force))}
+    from mmedge.models.checkpoint import read_checkpoint_meta
+
+    path = train_model(a.out, request, force=a.force)
+    info = read_checkpoint_meta(path).get("train", {})
+    summary = {k: info[k] for k in ("steps", "first_loss", "final_loss", "seconds") if k in info}
+    for stage in ("lm", "stage1", "stage2"):  # a staged recipe reports each stage
+        if stage in info:
+            summary[stage] = info[stage]
+    return {"checkpoint": str(path), **summary}
 
 
 def cmd_families(a: argparse.Namespace) -> object:
