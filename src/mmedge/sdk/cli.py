@@ -552,9 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         cmd_calibrate,
         "quantize a package: encoders to INT8 Q/DQ against an accuracy target, "
-        "an LLM to weight-only INT4/INT8",
+        "an LLM to weight-only INT4/INT8; then build for the backend (the package is updated in place)",
     )
-    sp.add_argument("package")
+    sp.add_argument("package", help=PACKAGE_HELP)
     sp.add_argument(
         "--data",
         default="train-shapes:64",
@@ -589,8 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--no-build", action="store_true", help="quantize only; run `mmedge build` later")
 
-    sp = add("build", cmd_build, "build backend-specific graphs: ORT-optimized ONNX or TensorRT engines")
-    sp.add_argument("package")
+    sp = add(
+        "build",
+        cmd_build,
+        "build backend-specific graphs: ORT-optimized ONNX or TensorRT engines (the package is updated in place)",
+    )
+    sp.add_argument("package", help=PACKAGE_HELP)
     sp.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(BACKENDS))
     sp.add_argument("--precision", default="auto", choices=REQUEST_PRECISIONS)
     sp.add_argument(
@@ -600,10 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
         "than the 4-bit kernel at 40 tokens; costs an int8 copy of the LLM weights)",
     )
 
-    sp = add("verify", cmd_verify, "verify a package: schema, sizes, sha256, paths, ONNX external data")
-    sp.add_argument("package")
-    sp = add("inspect", cmd_inspect, "show a package's manifest")
-    sp.add_argument("package")
+    sp = add(
+        "verify", cmd_verify, "verify a package: schema, wiring, sizes, sha256, paths, ONNX external data"
+    )
+    sp.add_argument("package", help=PACKAGE_HELP)
+    sp = add("inspect", cmd_inspect, "show a package's manifest: family, roles, paths, precisions, builds")
+    sp.add_argument("package", help=PACKAGE_HELP)
 
     sp = add(
         "eval",
