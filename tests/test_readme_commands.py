@@ -36,41 +36,6 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
-def _hf_clip(root: Path) -> None:
-    from tokenizers import Tokenizer
-
-    from mmedge.models.init import tiny_tokenizer_json
-
-    tok = tiny_tokenizer_json(generative=False)
-    cfg = transformers.CLIPConfig(
-        text_config={
-            "vocab_size": Tokenizer.from_str(tok).get_vocab_size(),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 32,
-            "eos_token_id": 3,
-            "pad_token_id": 0,
-            "bos_token_id": 1,
-        },
-        vision_config={
-            "image_size": 32,
-            "patch_size": 8,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-        },
-        projection_dim=16,
-    )
-    transformers.CLIPModel(cfg).save_pretrained(root)
-    (root / "tokenizer.json").write_text(tok)
-    transformers.CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(root)
-
-
 def _word_tokenizer(vocab: int) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -136,12 +101,13 @@ def _hf_llama(root: Path) -> None:
 @pytest.fixture()
 def workspace(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     import cv2
+    from hf_tiny import write_tiny_hf_clip
 
     from mmedge.data import generate_scenes
     from mmedge.models.init import init_checkpoint
 
     torch.manual_seed(0)
-    _hf_clip(tmp_path / "hf" / "clip")
+    write_tiny_hf_clip(tmp_path / "hf" / "clip")
     _hf_blip2(tmp_path / "hf" / "blip2-opt")
     _hf_llama(tmp_path / "hf" / "llama")
     init_checkpoint("blip2-tiny", tmp_path / "ckpt" / "blip2")

@@ -76,43 +76,15 @@ def test_clip_trains_on_a_captions_jsonl(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_clip_fine_tunes_an_hf_directory_and_keeps_its_preprocessing(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer
+    pytest.importorskip("transformers")
+
+    from hf_tiny import write_tiny_hf_clip
 
     from mmedge.export.exporter import export_model
-    from mmedge.models.init import tiny_tokenizer_json
 
     hf = tmp_path / "hf"
-    tok_json = tiny_tokenizer_json(generative=False)
-    vocab = Tokenizer.from_str(tok_json).get_vocab_size()
-    cfg = transformers.CLIPConfig(
-        text_config={
-            "vocab_size": vocab,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 32,
-            "eos_token_id": 3,
-            "pad_token_id": 0,
-            "bos_token_id": 1,
-        },
-        vision_config={
-            "image_size": 32,
-            "patch_size": 8,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-        },
-        projection_dim=16,
-    )
-    transformers.CLIPModel(cfg).save_pretrained(hf)
-    (hf / "tokenizer.json").write_text(tok_json)
     mean, std = [0.4, 0.45, 0.5], [0.3, 0.28, 0.26]
-    transformers.CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=mean, image_std=std
-    ).save_pretrained(hf)
+    write_tiny_hf_clip(hf, mean, std)
     data, ckpt = _captions(tmp_path), tmp_path / "ckpt"
     args = [
         "--preset",
