@@ -88,7 +88,8 @@ class ChatPipeline:
         """(key, LLM embeddings (T, E)) of one image; cached by the preprocessed pixels' hash."""
         from mmedge.runtime.images import load_image, preprocess
 
-        assert self.runner.preprocess is not None  # a chat manifest always has one (checked on load)
+        if self.runner.preprocess is None:  # a chat manifest always has one; this guards hand-made runners
+            raise InvalidInputError("this package has no image preprocessing; it is not an image chat model")
         image_array = load_image(image, channel_order=channel_order, limits=self.runner.image_limits)
         pixels = preprocess([image_array], self.runner.preprocess)
         key = hashlib.sha256(pixels.tobytes()).hexdigest()
