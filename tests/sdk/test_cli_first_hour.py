@@ -296,3 +296,14 @@ def test_zero_shot_checks_report_how_short_texts_are_read(tiny_pkg: Path) -> Non
     r = evaluate_zero_shot(sdk.Pipeline(str(tiny_pkg), precision="fp32"), n=20)
     assert r["shape_scenes"] == 20 and 0.0 <= r["shape_accuracy"] <= 1.0
     assert 0 < r["short_queries"] <= 24 and 0.0 <= r["short_query_r1"] <= 1.0
+
+
+def test_verbose_calibrate_says_each_step_once(
+    tiny_pkg: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    argv = ["calibrate", str(tiny_pkg), "--data", "train-shapes:8", "--samples", "8", "--no-build", "-v"]
+    assert main(argv) == 0
+    printed = {line.strip() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert any(line.startswith("done:") for line in printed)
+    assert not printed & {r.getMessage().strip() for r in caplog.records}

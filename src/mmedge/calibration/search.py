@@ -84,10 +84,8 @@ def calibrate_to_target(
     candidates = quantizable_nodes(fp32_path, op_types)
     limit = len(candidates) if max_float_nodes is None else max(0, min(int(max_float_nodes), len(candidates)))
 
-    def say(msg: str) -> None:
-        log.info(msg)
-        if progress is not None:
-            progress(msg)
+    def say(msg: str) -> None:  # to the caller's progress, else to the log: never both
+        (progress or log.info)(msg)
 
     with tempfile.TemporaryDirectory(prefix="mmedge-calib-") as tmp:
         cache = Path(tmp) / "ranges.json"
