@@ -199,3 +199,31 @@ def test_scene_slots_give_each_fact_a_fixed_place() -> None:
             having = [o for o in s.objects if o.shape == shape]
             assert word == (having[0].colour if len(having) == 1 else EMPTY_SLOT)
         assert set(words) <= set(VOCABULARY)
+
+
+def test_short_texts_are_true_of_their_scene_and_judged_exactly() -> None:
+    from mmedge.data.scenes import (
+        Mention,
+        SceneObject,
+        mention_text,
+        mentions_hold,
+        partial_mentions,
+        sample_objects,
+    )
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        objects = sample_objects(rng)
+        mentions = partial_mentions(objects, rng)
+        assert 1 <= len(mentions) <= min(2, len(objects))
+        assert mentions_hold(mentions, objects)
+        text = mention_text(mentions, rng)
+        assert all(m.shape in text and (m.colour is None or m.colour in text) for m in mentions)
+    red_circle = SceneObject("circle", "red", "small", "center")
+    blue_circle = SceneObject("circle", "blue", "large", "top left")
+    assert mentions_hold([Mention("circle", "red")], [blue_circle, red_circle])
+    assert not mentions_hold([Mention("circle", "green")], [blue_circle, red_circle])
+    # two mentions need two distinct objects: one red circle does not make "a circle and a red circle"
+    assert not mentions_hold([Mention("circle"), Mention("circle", "red")], [red_circle])
+    assert mentions_hold([Mention("circle"), Mention("circle", "red")], [blue_circle, red_circle])
+    assert not mentions_hold([Mention("circle", position="center")], [blue_circle])

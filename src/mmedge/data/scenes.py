@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -125,6 +126,62 @@ def caption_for(objects: Sequence[SceneObject], rng: np.random.Generator) -> str
     prefix = _PREFIXES[int(rng.integers(len(_PREFIXES)))]
     suffix = "." if rng.random() < 0.5 else ""
     return prefix + body + suffix
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One object as a short text names it: the shape, and only some of its other attributes."""
+
+    shape: str
+    colour: str | None = None
+    size: str | None = None
+    position: str | None = None
+
+    def holds_for(self, o: SceneObject) -> bool:
+        """Whether object `o` is what this mention describes."""
+        return (
+            o.shape == self.shape
+            and self.colour in (None, o.colour)
+            and self.size in (None, o.size)
+            and self.position in (None, o.position)
+        )
+
+
+def mentions_hold(mentions: Sequence[Mention], objects: Sequence[SceneObject]) -> bool:
+    """Whether a scene has a distinct object for each mention (a short text is true of it)."""
+    return any(
+        all(m.holds_for(o) for m, o in zip(mentions, chosen))
+        for chosen in itertools.permutations(objects, len(mentions))
+    )
+
+
+def partial_mentions(objects: Sequence[SceneObject], rng: np.random.Generator) -> tuple[Mention, ...]:
+    """Draw a short description of a scene, as web captions are: one object (or two), named by its
+    shape with its colour about half the time and its size or position now and then."""
+    ordered = _check_objects(objects)
+    count = 2 if len(ordered) > 1 and rng.random() < 0.25 else 1
+    chosen = sorted(rng.choice(len(ordered), size=count, replace=False))
+    return tuple(
+        Mention(
+            o.shape,
+            o.colour if rng.random() < 0.5 else None,
+            o.size if rng.random() < 0.2 else None,
+            o.position if rng.random() < 0.2 else None,
+        )
+        for o in (ordered[int(i)] for i in chosen)
+    )
+
+
+def mention_text(mentions: Sequence[Mention], rng: np.random.Generator) -> str:
+    """Phrase mentions as a caption ("a red circle", "a photo of a small star in the middle")."""
+    parts = []
+    for m in mentions:
+        words = " ".join(w for w in (m.size, m.colour, m.shape) if w)
+        where = f" {_position_phrase(m.position, rng)}" if m.position else ""
+        parts.append(f"a {words}{where}")
+    prefix = _PREFIXES[int(rng.integers(len(_PREFIXES)))]
+    suffix = "." if rng.random() < 0.5 else ""
+    return prefix + " and ".join(parts) + suffix
 
 
 EMPTY_SLOT = "none"
