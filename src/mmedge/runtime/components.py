@@ -37,7 +37,8 @@ def package_tokenizer(package: Package) -> TextTokenizer:
     t = package.manifest.tokenizer
     if t is None:
         raise UnsupportedError(f"package {package.manifest.name!r} has no tokenizer")
-    return TextTokenizer.from_file(package.path(t.file), context_length=t.context_length, pad_id=t.pad_id)
+    # The bytes are hashed as they are read: a tokenizer.json swapped after verification is refused.
+    return TextTokenizer.from_bytes(package.read_verified(t.file), t.context_length, t.pad_id)
 
 
 class ComponentRunner:

@@ -1,8 +1,9 @@
 """Open and verify a model package directory before any runtime sees its files (torch-free).
 
 Verification covers: the manifest schema, every listed file's size and sha256, that files
-are regular files inside the package (no symlinks, no hard links), and every ONNX
-external-data reference (relative, listed, offset/length inside the file, known keys).
+are regular files inside the package (no symlinks, no hard links), the tokenizer's components
+(`tokenizer_policy`), and every ONNX external-data reference (relative, listed, offset/length
+inside the file, known keys).
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ class Package:
         if rel not in self.manifest.files:
             raise IntegrityError(f"{rel!r} is not listed in the manifest of {self.root}")
         return self.root / check_relpath(rel)
+
+    def read_verified(self, rel: str) -> bytes:
+        """A listed file's bytes, read once and checked against the manifest's size and sha256 as
+        they are read: a caller that parses them parses exactly what was hashed, so a file swapped
+        after `verify_package` is refused instead of used."""
+        path = self.path(rel)
+        entry = self.manifest.files[rel]
+        _regular_file_inside(self.root, rel)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(entry.size + 1)  # one byte more shows a file that grew
+        except OSError as exc:
+            raise IntegrityError(f"cannot read package file {rel!r}: {exc.strerror or exc}") from None
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise IntegrityError(f"{rel}: sha256 differs from the manifest; the file was altered")
+        return data
 
 
 def _regular_file_inside(root: Path, rel: str) -> os.stat_result:
@@ -87,11 +104,16 @@ def verify_package(root: str | os.PathLike, check_onnx: bool = True) -> Package:
             raise IntegrityError(f"{rel}: size {st.st_size} differs from the manifest's {entry.size}")
         if sha256_file(root / rel) != entry.sha256:
             raise IntegrityError(f"{rel}: sha256 differs from the manifest; the file was altered")
+    package = Package(root, manifest)
+    if manifest.tokenizer is not None:  # refuse a hostile tokenizer.json before anything parses it
+        from mmedge.runtime.tokenizer_policy import check_tokenizer_json
+
+        check_tokenizer_json(package.read_verified(manifest.tokenizer.file), manifest.tokenizer.file)
     if check_onnx:
         for rel in manifest.files:
             if rel.endswith(".onnx"):
                 check_onnx_file(root, rel, manifest.files)
-    return Package(root, manifest)
+    return package
 
 
 def check_onnx_file(root: Path, rel: str, files: Mapping[str, FileEntry]) -> None:
