@@ -339,10 +339,10 @@ class ExternalDataTarget:
         """Accepted: then every external entry points into a listed file, within its size."""
         import onnx
 
-        from mmedge.runtime.package import _all_tensors
+        from mmedge.runtime.onnx_files import iter_tensors
 
         model = onnx.load(str(self.root / "m.onnx"), load_external_data=False)
-        for t in _all_tensors(model.graph):
+        for t in iter_tensors(model):
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = {e.key: e.value for e in t.external_data}
