@@ -141,6 +141,9 @@ def test_environment_sets_the_policy(
     with pytest.raises(IntegrityError, match="not a trusted key"):
         _open(tiny_pkg)
     _open(tiny_pkg, trust="hashes")  # the caller's explicit choice wins over the environment
+    monkeypatch.setenv("MMEDGE_TRUST", "hashes")
+    with pytest.raises(IntegrityError, match="not a trusted key"):  # keys passed in mean "signed"
+        _open(tiny_pkg, trusted_keys=keys["theirs_pub"])
 
 
 # --- hostile packages under trust="signed" -----------------------------------------------------
@@ -330,6 +333,13 @@ BAD_SETTINGS: list[tuple[str, dict[str, str], Callable[[Path], dict], type[Mmedg
         "not an Ed25519 key",
     ),
     (
+        "keys-writable",
+        {},
+        lambda k: {"trusted_keys": _w(k / "w", b"", 0o666)},
+        ConfigError,
+        "writable by group",
+    ),
+    (
         "keys-open-pem",
         {},
         lambda k: {"trusted_keys": _w(k / "o", b"-----BEGIN PUBLIC KEY-----\nAAAA\n")},
@@ -339,8 +349,9 @@ BAD_SETTINGS: list[tuple[str, dict[str, str], Callable[[Path], dict], type[Mmedg
 ]
 
 
-def _w(path: Path, data: bytes) -> Path:
+def _w(path: Path, data: bytes, mode: int = 0o644) -> Path:
     path.write_bytes(data)
+    path.chmod(mode)
     return path
 
 

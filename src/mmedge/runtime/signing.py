@@ -97,15 +97,16 @@ class TrustPolicy:
 
 
 def trust_policy(trust: str | None = None, trusted_keys: str | os.PathLike[str] | None = None) -> TrustPolicy:
-    """The policy for `trust` and `trusted_keys`; each one left None comes from MMEDGE_TRUST /
-    MMEDGE_TRUSTED_KEYS. With no mode set anywhere, it is "signed" when `trusted_keys` is given and
-    "hashes" otherwise."""
+    """The policy for `trust` and `trusted_keys`. Arguments win: `trusted_keys` without `trust`
+    means "signed". What is left None comes from MMEDGE_TRUST / MMEDGE_TRUSTED_KEYS; with no mode
+    set anywhere, the policy is "hashes"."""
+    if trust is None and trusted_keys is not None:
+        trust = "signed"  # keys given without a mode: the caller wants them checked
     if trust is None:
         env = os.environ.get(TRUST_ENV, "")
         if env and env not in TRUST_MODES:
             raise ConfigError(f"{TRUST_ENV}={env!r} is not one of {list(TRUST_MODES)}")
-        # keys given without a mode mean the caller wants them checked
-        trust = env or ("signed" if trusted_keys is not None else "hashes")
+        trust = env or "hashes"
     if trust not in TRUST_MODES:
         raise InvalidInputError(f"trust must be one of {list(TRUST_MODES)}, got {trust!r}")
     if trust == "hashes":
@@ -119,8 +120,9 @@ def trust_policy(trust: str | None = None, trusted_keys: str | os.PathLike[str] 
     return TrustPolicy("signed", load_trusted_keys(path))
 
 
-def _read_small(path: Path, limit: int, what: str) -> bytes:
-    """A regular file (not a symlink) of at most `limit` bytes, or ConfigError."""
+def _read_small(path: Path, limit: int, what: str, private: bool = False) -> bytes:
+    """A regular file (not a symlink) of at most `limit` bytes, or ConfigError. A key file must not
+    be writable by group or others (they could add their key), a private one not even readable."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
@@ -129,6 +131,13 @@ def _read_small(path: Path, limit: int, what: str) -> bytes:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
             raise ConfigError(f"the {what} {str(path)!r} is not a regular file of at most {limit} bytes")
+        loose = st.st_mode & (0o077 if private else 0o022)
+        if os.name == "posix" and loose:
+            who = "accessible to" if private else "writable by"
+            raise ConfigError(
+                f"the {what} {str(path)!r} is {who} group or others (mode {stat.filemode(st.st_mode)}); "
+                f"restrict it with `chmod {'600' if private else '644'} {path}`"
+            )
         return f.read(limit + 1)[:limit]
 
 
@@ -179,18 +188,12 @@ def load_trusted_keys(path: str | os.PathLike[str]) -> dict[str, bytes]:
 
 
 def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    """An unencrypted PEM Ed25519 private key; refused when group or others may read the file."""
+    """An unencrypted PEM Ed25519 private key; refused when group or others may access the file."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     p = Path(path).expanduser()
-    data = _read_small(p, MAX_KEY_FILE_BYTES, "private key file")
-    mode = os.stat(p).st_mode
-    if os.name == "posix" and mode & 0o077:
-        raise ConfigError(
-            f"the private key {str(p)!r} is accessible to group or others (mode {stat.filemode(mode)}); "
-            f"restrict it with `chmod 600 {p}`"
-        )
+    data = _read_small(p, MAX_KEY_FILE_BYTES, "private key file", private=True)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:

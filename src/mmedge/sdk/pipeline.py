@@ -25,8 +25,9 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
 
     `precision="auto"` takes the best precision each component has (int4, then int8, fp16, fp32).
     `trust="signed"` refuses (IntegrityError) a package whose manifest is not signed by one of the
-    public keys in the file `trusted_keys`; `trust="hashes"` checks the files' hashes only. Left
-    None, they come from MMEDGE_TRUST and MMEDGE_TRUSTED_KEYS (default: "hashes").
+    public keys in the file `trusted_keys`; `trust="hashes"` checks the files' hashes only.
+    `trusted_keys` alone means "signed"; what is left None comes from MMEDGE_TRUST and
+    MMEDGE_TRUSTED_KEYS (default: "hashes").
     """
     runner = ComponentRunner(
         resolve(name_or_path),
