@@ -386,9 +386,14 @@ def test_cli_keygen_sign_verify_round_trip(
 ) -> None:
     from mmedge.sdk.cli import main
 
-    assert main(["keygen", "--out", str(tmp_path / "k"), "--json"]) == 0
+    umask = os.umask(0o002)  # a group-writable default must not leak into the key files
+    try:
+        assert main(["keygen", "--out", str(tmp_path / "k"), "--json"]) == 0
+    finally:
+        os.umask(umask)
     made = json.loads(capsys.readouterr().out)
     assert (os.stat(made["private_key"]).st_mode & 0o777) == 0o600
+    assert (os.stat(made["public_key"]).st_mode & 0o777) == 0o644
     assert main(["keygen", "--out", str(tmp_path / "k")]) == 1  # never overwrites a key silently
     assert "already holds a key pair" in capsys.readouterr().err
 

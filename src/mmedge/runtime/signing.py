@@ -225,11 +225,13 @@ def generate_keypair(out: str | os.PathLike[str], force: bool = False) -> dict[s
     )
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     priv_path.unlink(missing_ok=True)
+    pub_path.unlink(missing_ok=True)
     # Created 0600 from the start, so the key is never readable by others, even briefly.
     fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(private_pem)
     pub_path.write_bytes(public_pem)
+    pub_path.chmod(0o644)  # whatever the umask: a trusted-keys file others can write is refused
     return {"private_key": str(priv_path), "public_key": str(pub_path), "key_id": key_id(raw)}
 
 
