@@ -22,6 +22,7 @@ from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS, ComponentEnt
 from mmedge.runtime.package import Package, verify_package
 
 if TYPE_CHECKING:
+    from mmedge.runtime.signing import TrustPolicy
     from mmedge.runtime.texts import TextTokenizer
 
 MAX_THREADS = 1024  # ORT takes an int32; a huge count would try to start that many threads
@@ -52,7 +53,9 @@ class ComponentRunner:
         precision: str = "auto",
         options: SessionOptions | None = None,
         image_limits: ImageLimits | None = None,
+        trust: TrustPolicy | None = None,
     ):
+        """`trust` applies when `package` is a path (default: MMEDGE_TRUST, else hashes only)."""
         if precision not in REQUEST_PRECISIONS:
             raise UnsupportedError(f"precision {precision!r} not in {REQUEST_PRECISIONS}")
         self.options = options or SessionOptions()
@@ -75,7 +78,12 @@ class ComponentRunner:
                 f"device {self.options.device!r} is not supported; choose from {list(DEVICES)}"
             )
         self.backend = make_backend(backend)
-        self.package = package if isinstance(package, Package) else verify_package(package)
+        if isinstance(package, Package):
+            self.package = package
+        else:
+            from mmedge.runtime.signing import trust_policy
+
+            self.package = verify_package(package, trust=trust or trust_policy())
         self.manifest = self.package.manifest
         self.precision = precision
         self.image_limits = image_limits or ImageLimits()

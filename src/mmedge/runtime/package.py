@@ -14,10 +14,13 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmedge.errors import IntegrityError
 from mmedge.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, parse_manifest
+
+if TYPE_CHECKING:
+    from mmedge.runtime.signing import TrustPolicy
 
 _CHUNK = 1 << 20
 
@@ -82,23 +85,34 @@ def _regular_file_inside(root: Path, rel: str) -> os.stat_result:
     return st
 
 
-def read_manifest(root: str | os.PathLike) -> Manifest:
-    """Read and strictly parse a package's manifest without hashing its files."""
-    root = Path(root)
+def _manifest_bytes(root: Path) -> bytes:
     mpath = root / MANIFEST_NAME
     if not root.is_dir():
         raise IntegrityError(f"{root} is not a package directory")
     if mpath.is_symlink() or not mpath.is_file():
         raise IntegrityError(f"{root} has no {MANIFEST_NAME} (or it is not a regular file)")
-    return parse_manifest(mpath.read_bytes())
+    return mpath.read_bytes()
 
 
-def verify_package(root: str | os.PathLike, check_onnx: bool = True) -> Package:
-    """Verify a package completely and return it; raise IntegrityError on the first problem."""
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """Read and strictly parse a package's manifest without hashing its files."""
+    return parse_manifest(_manifest_bytes(Path(root)))
+
+
+def verify_package(
+    root: str | os.PathLike, check_onnx: bool = True, trust: TrustPolicy | None = None
+) -> Package:
+    """Verify a package completely and return it; raise IntegrityError on the first problem.
+
+    `trust` (default: hashes only) may also require a signature; it is checked on the same manifest
+    bytes that are then parsed, so the manifest cannot change between the two."""
     from mmedge.runtime.onnx_files import onnx_files, parse_model, read_listed
 
     root = Path(root).resolve()
-    manifest = read_manifest(root)
+    raw = _manifest_bytes(root)
+    if trust is not None:
+        trust.check(root, raw)
+    manifest = parse_manifest(raw)
     models = set(onnx_files(manifest)) if check_onnx else set()
     for rel, entry in manifest.files.items():
         st = _regular_file_inside(root, rel)
