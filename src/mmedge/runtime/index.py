@@ -232,8 +232,6 @@ class VectorIndex:
                 keys, vectors = read_usearch((root / _BIN).read_bytes(), idx.dim)
             except IntegrityError as exc:
                 raise IntegrityError(f"{root}: {exc}") from None
-            if len(keys) and int(keys.max()) >= FREE_KEY:
-                raise IntegrityError(f"{root}: {_BIN} holds the reserved id 2**64-1")
             if len(keys):
                 idx._index.add(keys, vectors)
             log.info("%s was not written by this installation: rebuilt from its %d vectors", root, len(keys))
