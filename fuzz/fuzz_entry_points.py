@@ -2,7 +2,8 @@
 
 Targets: manifest (the package manifest parser), external_data (the ONNX external-data validator),
 image (the image loader and preprocessing), tokenizer (the text/tokenizer wrapper and tokenizer.json
-loading) and params (request parameters of a retrieval pipeline). A finding is any exception that is
+loading), params (request parameters of a retrieval pipeline) and index (a vector index directory
+from elsewhere: mutated index.usearch / index.json with the sha256 recomputed). A finding is any exception that is
 not a `mmedge.errors.MmedgeError` (including a failed invariant on an accepted input), a crash or a hang.
 
     pip install atheris                          # on demand; not a project dependency
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TARGETS = ("manifest", "external_data", "image", "tokenizer", "params")
+TARGETS = ("manifest", "external_data", "image", "tokenizer", "params", "index")
 # Imported inside atheris.instrument_imports() when fuzzing, so coverage guides the mutations.
 MMEDGE_MODULES = (
     "mmedge.errors",
@@ -504,6 +505,68 @@ class ParamsTarget:
             assert vecs.shape == (len(items), p.dim) and np.isfinite(vecs).all()
 
 
+# --- vector index directories ---------------------------------------------------------------------
+
+
+class IndexTarget:
+    """A saved vector index with fuzzed bytes in index.usearch or index.json, re-hashed as an attacker would.
+
+    First byte: mode (0 patch the binary, 1 patch the JSON, 2 the rest is the binary, 3 the rest is the
+    JSON); then (u16 offset, u8 value) patches. An accepted index must answer a search consistently.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        import numpy as np
+
+        from mmedge.runtime.index import VectorIndex
+
+        self.root, self.dir = workdir / "index", workdir / "index" / "idx"
+        self.vectors = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+        idx = VectorIndex(8, model="fuzz")
+        idx.add(np.arange(100, 140), self.vectors, labels=[f"item{i}" for i in range(40)])
+        idx.remove([105])
+        idx.save(self.root / "clean")
+        self.binary = (self.root / "clean" / "index.usearch").read_bytes()
+        self.meta = (self.root / "clean" / "index.json").read_bytes()
+
+    def write(self, data: bytes) -> Path:
+        """The index directory that these fuzzer bytes describe."""
+        import hashlib
+
+        inp = Input(data)
+        mode = inp.byte() % 4
+        binary, meta = bytearray(self.binary), bytearray(self.meta)
+        if mode >= 2:
+            binary, meta = (bytearray(inp.rest()), meta) if mode == 2 else (binary, bytearray(inp.rest()))
+        else:
+            target = binary if mode == 0 else meta
+            while inp.pos + 3 <= len(inp.data):
+                pos = int.from_bytes(inp.take(2), "little") % len(target)
+                target[pos] = inp.byte()
+        digest = hashlib.sha256(binary).hexdigest().encode()
+        old = json.loads(self.meta)["sha256"].encode()
+        meta = meta.replace(old, digest)  # the attacker's re-hash (a mangled JSON keeps its old one)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "index.usearch").write_bytes(bytes(binary))
+        (self.dir / "index.json").write_bytes(bytes(meta))
+        return self.dir
+
+    def __call__(self, data: bytes) -> None:
+        from mmedge.errors import MmedgeError
+        from mmedge.runtime.index import VectorIndex
+
+        path = self.write(data)
+        try:
+            idx = VectorIndex.load(path)
+        except MmedgeError:
+            return
+        for exact in (False, True):
+            idx.exact = exact
+            hits = idx.search(self.vectors[:2], k=5)[0]
+            assert len(hits) <= min(5, len(idx)), (len(hits), len(idx))
+            assert all(h.id in idx and (h.label is None or isinstance(h.label, str)) for h in hits), hits
+
+
 # --- wiring ---------------------------------------------------------------------------------------
 
 
@@ -530,6 +593,8 @@ def make_target(
         return ExternalDataTarget(workdir)
     if name == "image":
         return check_image
+    if name == "index":
+        return IndexTarget(workdir)
     package = package or build_package(workdir)
     if name == "tokenizer":
         from mmedge.runtime.manifest import MANIFEST_NAME, parse_manifest
@@ -583,6 +648,22 @@ def seeds(name: str, package: Path | None = None) -> list[bytes]:
             + [f[: len(f) // 2] for f in files]
             + [bomb, gif, b"ARR\x00\x03\x04\x04\x03" + bytes(48), b"ARR\x01\x02\x04\x04" + bytes(64)]
         )
+    if name == "index":
+        graph = 8 + 40 * 32 + 64 + 40 + 2 * 40  # where IndexTarget's nodes start (40 vectors of 8 floats)
+        slot = (graph + 14).to_bytes(2, "little")  # node 0's first neighbour slot
+        return [
+            b"",
+            b"\x00",
+            b"\x00" + slot + b"\xff" + (graph + 15).to_bytes(2, "little") + b"\xff",
+            b"\x00" + (graph - 2).to_bytes(2, "little") + b"\x07",  # a level past the graph's
+            b"\x00\x00\x00\x00",  # the row count
+            b"\x01\x05\x00\x41",
+            b"\x01\x30\x00\x7b",
+            b"\x02usearch",
+            b"\x03{}",
+            b"\x03" + b"[" * 5000,
+            b'\x03{"format": "mmedge.index/1", "dim": true, "sha256": ""}',
+        ] + [b"\x00" + i.to_bytes(2, "little") + b"\xff" for i in range(0, 3000, 150)]
     if name == "tokenizer":
         out = [
             "a red circle",
