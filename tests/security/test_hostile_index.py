@@ -13,7 +13,6 @@ The random-mutation run also works on its own:
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import hashlib
 import importlib.util
@@ -39,14 +38,6 @@ DIM, N = 8, 50
 CASE_TIMEOUT_S = 60
 MUTATIONS, BATCHES = 200, 4
 GRAPH = 8 + N * DIM * 4 + 64 + 40 + 2 * N  # offset of the first HNSW node in `_saved`'s binary
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_before_usearch() -> None:
-    """usearch's extension, loaded before torch, makes torch.jit hang later in the same process (the
-    ONNX export behind the package fixtures of other test files): load torch first where installed."""
-    with contextlib.suppress(ImportError):
-        import torch  # noqa: F401
 
 
 @contextmanager
