@@ -2,9 +2,11 @@
 
 Targets: manifest (the package manifest parser), external_data (the ONNX external-data validator),
 image (the image loader and preprocessing), tokenizer (the text/tokenizer wrapper and tokenizer.json
-loading), params (request parameters of a retrieval pipeline) and index (a vector index directory
-from elsewhere: mutated index.usearch / index.json with the sha256 recomputed). A finding is any exception that is
-not a `mmedge.errors.MmedgeError` (including a failed invariant on an accepted input), a crash or a hang.
+loading), params (request parameters of a retrieval pipeline), index (a vector index directory
+from elsewhere: mutated index.usearch / index.json with the sha256 recomputed), tokenizer_json (the
+tokenizer rules and loader on raw tokenizer.json bytes) and image_header (the PNG and JPEG header
+readers). A finding is any exception that is not a `mmedge.errors.MmedgeError` (including a failed
+invariant on an accepted input), a crash or a hang.
 
     pip install atheris                          # on demand; not a project dependency
     python fuzz/fuzz_entry_points.py --target image -max_total_time=60
@@ -31,7 +33,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TARGETS = ("manifest", "external_data", "image", "tokenizer", "params", "index")
+TARGETS = (
+    "manifest",
+    "external_data",
+    "image",
+    "tokenizer",
+    "params",
+    "index",
+    "tokenizer_json",
+    "image_header",
+)
 # Imported inside atheris.instrument_imports() when fuzzing, so coverage guides the mutations.
 MMEDGE_MODULES = (
     "mmedge.errors",
@@ -41,6 +52,8 @@ MMEDGE_MODULES = (
     "mmedge.runtime.images",
     "mmedge.runtime.texts",
     "mmedge.runtime.index",
+    "mmedge.runtime.usearch_file",
+    "mmedge.runtime.tokenizer_policy",
     "mmedge.runtime.components",
     "mmedge.runtime.retrieval",
     "mmedge.runtime.store",
@@ -595,6 +608,10 @@ def make_target(
         return check_image
     if name == "index":
         return IndexTarget(workdir)
+    if name == "tokenizer_json":
+        return check_tokenizer_json
+    if name == "image_header":
+        return check_image_header
     package = package or build_package(workdir)
     if name == "tokenizer":
         from mmedge.runtime.manifest import MANIFEST_NAME, parse_manifest
@@ -611,6 +628,10 @@ def seeds(name: str, package: Path | None = None) -> list[bytes]:
     import struct
     import zlib
 
+    if name == "tokenizer_json":
+        return _hostile_tokenizer_seeds(package)
+    if name == "image_header":
+        return _image_header_seeds()
     if name == "manifest":
         valid = valid_manifest().encode()
         out = [valid, valid[:200], b"{}", b"[]", b'{"a": ' * 50] + [
@@ -825,31 +846,6 @@ def _image_header_seeds() -> list[bytes]:
     scans = jpg[:first] + jpg[first:end] * 8 + jpg[end:]  # 80 scans
     return [b"P" + png, b"P" + png16, b"J" + jpg, b"J" + scans, b"J" + jpg[: first + 4], b"P" + png[:40]]
 
-
-_MORE_TARGETS: dict[str, Callable[[bytes], None]] = {
-    "tokenizer_json": check_tokenizer_json,
-    "image_header": check_image_header,
-}
-TARGETS = (*TARGETS, *_MORE_TARGETS)
-MMEDGE_MODULES = (*MMEDGE_MODULES, "mmedge.runtime.tokenizer_policy")
-_make_target_before, _seeds_before = make_target, seeds
-
-
-def _make_target_with_more(
-    name: str, package: Path | None = None, workdir: Path | None = None
-) -> Callable[[bytes], None]:
-    return _MORE_TARGETS[name] if name in _MORE_TARGETS else _make_target_before(name, package, workdir)
-
-
-def _seeds_with_more(name: str, package: Path | None = None) -> list[bytes]:
-    if name == "tokenizer_json":
-        return _hostile_tokenizer_seeds(package)
-    if name == "image_header":
-        return _image_header_seeds()
-    return _seeds_before(name, package)
-
-
-make_target, seeds = _make_target_with_more, _seeds_with_more
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
