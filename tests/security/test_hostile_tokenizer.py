@@ -164,6 +164,9 @@ HOSTILE = [
         r"Prepend normalizer must insert",
     ),
     ("model-missing", lambda r: r.pop("model"), r"it has no model object"),
+    # found by the tokenizer_json fuzz target: a "type" that is an object, not a name
+    ("model-type-object", lambda r: r["model"].update(type={"": 4}), r"model type \{'': 4\} is not accepted"),
+    ("normalizer-type-list", _set("normalizer", {"type": ["Lowercase"]}), r"normalizer type \['Lowercase'\]"),
 ]
 
 

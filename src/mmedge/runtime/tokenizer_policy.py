@@ -93,7 +93,7 @@ def check_tokenizer_json(data: bytes | str, name: str = "tokenizer.json") -> Tok
 
 def _one(name: str, kind: str, node: Any, accepted: frozenset[str] | dict[str, int]) -> str:
     kind_of = node.get("type") if isinstance(node, dict) else None
-    if kind_of not in accepted:
+    if not isinstance(kind_of, str) or kind_of not in accepted:  # a dict "type" is unhashable
         raise IntegrityError(
             f"{name}: {kind} type {kind_of!r} is not accepted; accepted: {', '.join(sorted(accepted))}"
         )
