@@ -2,8 +2,11 @@
 
 Targets: manifest (the package manifest parser), external_data (the ONNX external-data validator),
 image (the image loader and preprocessing), tokenizer (the text/tokenizer wrapper and tokenizer.json
-loading) and params (request parameters of a retrieval pipeline). A finding is any exception that is
-not a `mmedge.errors.MmedgeError` (including a failed invariant on an accepted input), a crash or a hang.
+loading), params (request parameters of a retrieval pipeline), index (a vector index directory
+from elsewhere: mutated index.usearch / index.json with the sha256 recomputed), tokenizer_json (the
+tokenizer rules and loader on raw tokenizer.json bytes) and image_header (the PNG and JPEG header
+readers). A finding is any exception that is not a `mmedge.errors.MmedgeError` (including a failed
+invariant on an accepted input), a crash or a hang.
 
     pip install atheris                          # on demand; not a project dependency
     python fuzz/fuzz_entry_points.py --target image -max_total_time=60
@@ -30,7 +33,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TARGETS = ("manifest", "external_data", "image", "tokenizer", "params")
+TARGETS = (
+    "manifest",
+    "external_data",
+    "image",
+    "tokenizer",
+    "params",
+    "index",
+    "tokenizer_json",
+    "image_header",
+)
 # Imported inside atheris.instrument_imports() when fuzzing, so coverage guides the mutations.
 MMEDGE_MODULES = (
     "mmedge.errors",
@@ -40,6 +52,8 @@ MMEDGE_MODULES = (
     "mmedge.runtime.images",
     "mmedge.runtime.texts",
     "mmedge.runtime.index",
+    "mmedge.runtime.usearch_file",
+    "mmedge.runtime.tokenizer_policy",
     "mmedge.runtime.components",
     "mmedge.runtime.retrieval",
     "mmedge.runtime.store",
@@ -339,10 +353,10 @@ class ExternalDataTarget:
         """Accepted: then every external entry points into a listed file, within its size."""
         import onnx
 
-        from mmedge.runtime.package import _all_tensors
+        from mmedge.runtime.onnx_files import iter_tensors
 
         model = onnx.load(str(self.root / "m.onnx"), load_external_data=False)
-        for t in _all_tensors(model.graph):
+        for t in iter_tensors(model):
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = {e.key: e.value for e in t.external_data}
@@ -504,6 +518,68 @@ class ParamsTarget:
             assert vecs.shape == (len(items), p.dim) and np.isfinite(vecs).all()
 
 
+# --- vector index directories ---------------------------------------------------------------------
+
+
+class IndexTarget:
+    """A saved vector index with fuzzed bytes in index.usearch or index.json, re-hashed as an attacker would.
+
+    First byte: mode (0 patch the binary, 1 patch the JSON, 2 the rest is the binary, 3 the rest is the
+    JSON); then (u16 offset, u8 value) patches. An accepted index must answer a search consistently.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        import numpy as np
+
+        from mmedge.runtime.index import VectorIndex
+
+        self.root, self.dir = workdir / "index", workdir / "index" / "idx"
+        self.vectors = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+        idx = VectorIndex(8, model="fuzz")
+        idx.add(np.arange(100, 140), self.vectors, labels=[f"item{i}" for i in range(40)])
+        idx.remove([105])
+        idx.save(self.root / "clean")
+        self.binary = (self.root / "clean" / "index.usearch").read_bytes()
+        self.meta = (self.root / "clean" / "index.json").read_bytes()
+
+    def write(self, data: bytes) -> Path:
+        """The index directory that these fuzzer bytes describe."""
+        import hashlib
+
+        inp = Input(data)
+        mode = inp.byte() % 4
+        binary, meta = bytearray(self.binary), bytearray(self.meta)
+        if mode >= 2:
+            binary, meta = (bytearray(inp.rest()), meta) if mode == 2 else (binary, bytearray(inp.rest()))
+        else:
+            target = binary if mode == 0 else meta
+            while inp.pos + 3 <= len(inp.data):
+                pos = int.from_bytes(inp.take(2), "little") % len(target)
+                target[pos] = inp.byte()
+        digest = hashlib.sha256(binary).hexdigest().encode()
+        old = json.loads(self.meta)["sha256"].encode()
+        meta = meta.replace(old, digest)  # the attacker's re-hash (a mangled JSON keeps its old one)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "index.usearch").write_bytes(bytes(binary))
+        (self.dir / "index.json").write_bytes(bytes(meta))
+        return self.dir
+
+    def __call__(self, data: bytes) -> None:
+        from mmedge.errors import MmedgeError
+        from mmedge.runtime.index import VectorIndex
+
+        path = self.write(data)
+        try:
+            idx = VectorIndex.load(path)
+        except MmedgeError:
+            return
+        for exact in (False, True):
+            idx.exact = exact
+            hits = idx.search(self.vectors[:2], k=5)[0]
+            assert len(hits) <= min(5, len(idx)), (len(hits), len(idx))
+            assert all(h.id in idx and (h.label is None or isinstance(h.label, str)) for h in hits), hits
+
+
 # --- wiring ---------------------------------------------------------------------------------------
 
 
@@ -530,6 +606,12 @@ def make_target(
         return ExternalDataTarget(workdir)
     if name == "image":
         return check_image
+    if name == "index":
+        return IndexTarget(workdir)
+    if name == "tokenizer_json":
+        return check_tokenizer_json
+    if name == "image_header":
+        return check_image_header
     package = package or build_package(workdir)
     if name == "tokenizer":
         from mmedge.runtime.manifest import MANIFEST_NAME, parse_manifest
@@ -546,6 +628,10 @@ def seeds(name: str, package: Path | None = None) -> list[bytes]:
     import struct
     import zlib
 
+    if name == "tokenizer_json":
+        return _hostile_tokenizer_seeds(package)
+    if name == "image_header":
+        return _image_header_seeds()
     if name == "manifest":
         valid = valid_manifest().encode()
         out = [valid, valid[:200], b"{}", b"[]", b'{"a": ' * 50] + [
@@ -583,6 +669,22 @@ def seeds(name: str, package: Path | None = None) -> list[bytes]:
             + [f[: len(f) // 2] for f in files]
             + [bomb, gif, b"ARR\x00\x03\x04\x04\x03" + bytes(48), b"ARR\x01\x02\x04\x04" + bytes(64)]
         )
+    if name == "index":
+        graph = 8 + 40 * 32 + 64 + 40 + 2 * 40  # where IndexTarget's nodes start (40 vectors of 8 floats)
+        slot = (graph + 14).to_bytes(2, "little")  # node 0's first neighbour slot
+        return [
+            b"",
+            b"\x00",
+            b"\x00" + slot + b"\xff" + (graph + 15).to_bytes(2, "little") + b"\xff",
+            b"\x00" + (graph - 2).to_bytes(2, "little") + b"\x07",  # a level past the graph's
+            b"\x00\x00\x00\x00",  # the row count
+            b"\x01\x05\x00\x41",
+            b"\x01\x30\x00\x7b",
+            b"\x02usearch",
+            b"\x03{}",
+            b"\x03" + b"[" * 5000,
+            b'\x03{"format": "mmedge.index/1", "dim": true, "sha256": ""}',
+        ] + [b"\x00" + i.to_bytes(2, "little") + b"\xff" for i in range(0, 3000, 150)]
     if name == "tokenizer":
         out = [
             "a red circle",
@@ -660,6 +762,89 @@ def main(argv: list[str]) -> None:
         libfuzzer_args.append(str(corpus))
     atheris.Setup([argv[0], *libfuzzer_args], one_input)
     atheris.Fuzz()
+
+
+# --- tokenizer.json policy and image headers (issue 15) --------------------------------------------
+# Appended as one block: these targets register themselves below without editing the code above.
+
+
+def check_tokenizer_json(data: bytes) -> None:
+    """Fuzzer bytes as a tokenizer.json: refused with an MmedgeError, or loaded and usable."""
+    from mmedge.errors import MmedgeError
+    from mmedge.runtime.texts import TextTokenizer
+
+    try:
+        tok = TextTokenizer.from_bytes(data, context_length=16, pad_id=0)
+        ids, mask = tok.encode_batch(["a red circle", "x" * 200])
+    except MmedgeError:
+        return
+    assert ids.shape == mask.shape and ids.shape[0] == 2 and ids.shape[1] <= 16, ids.shape
+
+
+def check_image_header(data: bytes) -> None:
+    """Fuzzer bytes through the PNG/JPEG header readers (after a b"P"/b"J" selector): a HeaderError,
+    or a header whose numbers are sane (the caps in images.py rely on them)."""
+    from mmedge.runtime.image_headers import HeaderError, read_header
+
+    fmt = {b"P": "png", b"J": "jpeg"}.get(data[:1], "png" if data[1:2] == b"\x89" else "jpeg")
+    body = data[1:] if data[:1] in (b"P", b"J") else data
+    try:
+        header = read_header(body, fmt)
+    except HeaderError:
+        return
+    assert header.format == fmt and header.width >= 0 and header.height >= 0, header
+    assert 1 <= header.bytes_per_pixel <= 1020 and header.scans >= 1 and 1 <= header.orientation <= 8, header
+    assert header.decoded_bytes == header.width * header.height * header.bytes_per_pixel, header
+
+
+def _hostile_tokenizer_seeds(package: Path | None) -> list[bytes]:
+    import base64
+
+    base: dict[str, Any] = {
+        "version": "1.0",
+        "added_tokens": [],
+        "model": {"type": "WordLevel", "vocab": {"<pad>": 0, "a": 1, "[UNK]": 2}, "unk_token": "[UNK]"},
+        "pre_tokenizer": {"type": "Whitespace"},
+    }
+    charsmap = base64.b64encode(b"\xff\xff\xff\x00" + b"\x01" * 64).decode()
+    variants = [
+        {},
+        {"normalizer": {"type": "Precompiled", "precompiled_charsmap": charsmap}},
+        {"normalizer": {"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 16}},
+        {
+            "pre_tokenizer": {
+                "type": "Split",
+                "pattern": {"Regex": "(a+)+$"},
+                "behavior": "Isolated",
+                "invert": False,
+            }
+        },
+        {
+            "pre_tokenizer": {
+                "type": "Split",
+                "pattern": {"Regex": "\\s+"},
+                "behavior": "Removed",
+                "invert": False,
+            }
+        },
+    ]
+    out = [json.dumps({**base, **v}).encode() for v in variants] + [b"{", b"[]", b'{"model": 1}']
+    if package is not None:
+        out.append((package / "tokenizer.json").read_bytes())
+    return out
+
+
+def _image_header_seeds() -> list[bytes]:
+    import cv2
+    import numpy as np
+
+    img = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", img)[1].tobytes()
+    png16 = cv2.imencode(".png", np.zeros((6, 5, 4), np.uint16))[1].tobytes()
+    jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    first, end = jpg.index(b"\xff\xda"), jpg.rindex(b"\xff\xd9")
+    scans = jpg[:first] + jpg[first:end] * 8 + jpg[end:]  # 80 scans
+    return [b"P" + png, b"P" + png16, b"J" + jpg, b"J" + scans, b"J" + jpg[: first + 4], b"P" + png[:40]]
 
 
 if __name__ == "__main__":

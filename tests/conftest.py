@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Load torch (where installed) before any test can load usearch: usearch's extension, loaded
+    first, makes torch.jit hang later in the same process (the ONNX export behind the fixtures)."""
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -49,3 +49,11 @@ def require(module: str, extra: str):
         raise MissingDependencyError(
             f"{module!r} is not installed; install it with: pip install 'mmedge[{extra}]'"
         ) from exc
+
+
+class BackendError(MmedgeError, RuntimeError):
+    """A backend failed to load or run a component; the message names the component and the reason."""
+
+
+class DeadlineExceededError(BackendError, TimeoutError):
+    """A component's run took longer than its deadline and was cancelled."""

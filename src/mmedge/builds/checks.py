@@ -73,7 +73,10 @@ def check_decoder_build(
         if s.name.startswith("past_key_values.")
     }
     embed_dim = next(s.shape[2] for s in entry.inputs if s.name == "inputs_embeds")
-    ref_sess, sess = ort_session(source, threads), OrtSession(str(built), SessionOptions(threads=threads))
+    ref_sess, sess = (
+        ort_session(source, threads),
+        OrtSession(Path(built).read_bytes(), SessionOptions(threads=threads), name=str(built)),
+    )
     err = 0.0
     for new in (2, 1):  # a prompt after earlier turns, then one decoded token
         mask = np.zeros((1, t + new), np.int64)

@@ -19,6 +19,7 @@ from mmedge.errors import UnsupportedError
 from mmedge.runtime.backends import DEFAULT_BACKEND
 from mmedge.runtime.manifest import EngineEntry
 from mmedge.runtime.package import verify_package
+from mmedge.runtime.signing import drop_signature, unsigned_note
 from mmedge.runtime.staging import staged_update
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ def build_package(
     if all(set(c.precisions) == {"fp32"} for c in pkg.manifest.components.values()):
         say(f"note: {pkg.manifest.name} has only fp32 graphs; `mmedge calibrate` quantizes (and builds) them")
     with staged_update(pkg.root) as tmp:
+        unsigned = drop_signature(tmp)
+        if unsigned:
+            say(unsigned_note(pkg.root))
         result = builder.build(BuildRequest(pkg, tmp, precision, threads, say, {"prefill": prefill}))
         files = dict(result.files)
         if not files:
@@ -70,4 +74,5 @@ def build_package(
         engines = {**pkg.manifest.engines, result.target: entry}
         write_manifest(tmp, replace(pkg.manifest, engines=engines))
         verify_package(tmp)
-    return {"backend": backend, "target": result.target, "builds": result.report}
+    out = {"backend": backend, "target": result.target, "builds": result.report}
+    return {**out, "signature_removed": True} if unsigned else out

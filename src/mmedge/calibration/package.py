@@ -22,6 +22,7 @@ from mmedge.runtime.backends import DEFAULT_BACKEND
 from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry
 from mmedge.runtime.package import Package, verify_package
 from mmedge.runtime.sections import ROLES
+from mmedge.runtime.signing import drop_signature, unsigned_note
 from mmedge.runtime.staging import staged_update, write_atomic
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,9 @@ def calibrate_package(
         "components": {},
     }
     with staged_update(pkg.root) as tmp:
+        unsigned = drop_signature(tmp)
+        if unsigned:
+            say(unsigned_note(pkg.root))
         comps = dict(pkg.manifest.components)
         for name in wanted:
             entry = pkg.manifest.component(name)
@@ -170,6 +174,8 @@ def calibrate_package(
         write_atomic(tmp / "reports" / "calibration.json", json.dumps(report, indent=2, sort_keys=True))
         write_manifest(tmp, manifest)
         verify_package(tmp)
+    if unsigned:
+        report["signature_removed"] = True
     if build is not None:
         say(f"building for {build}")
         report["build"] = build_package(pkg.root, backend=build, threads=threads, progress=say)

@@ -7,17 +7,18 @@ from pathlib import Path
 
 from mmedge.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest
 from mmedge.runtime.package import sha256_file
+from mmedge.runtime.signing import SIGNATURE_NAME
 from mmedge.runtime.staging import write_atomic
 
 
 def hash_tree(root: Path) -> dict[str, FileEntry]:
-    """FileEntry for every regular file under root except the manifest, keyed by relative POSIX path."""
+    """FileEntry for every regular file under root except the manifest and its signature, keyed by relative POSIX path."""
     entries = {}
     for dirpath, _, names in os.walk(root):
         for name in names:
             p = Path(dirpath) / name
             rel = p.relative_to(root).as_posix()
-            if rel == MANIFEST_NAME or p.is_symlink():
+            if rel in (MANIFEST_NAME, SIGNATURE_NAME) or p.is_symlink():  # the signature signs the manifest
                 continue
             entries[rel] = FileEntry(sha256_file(p), p.stat().st_size)
     return dict(sorted(entries.items()))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mmedge.errors import InvalidInputError, UnsupportedError
+from mmedge.errors import IntegrityError, InvalidInputError, UnsupportedError
 from mmedge.runtime.backends import DEFAULT_BACKEND, make_backend
 from mmedge.runtime.backends.base import Session, SessionOptions
 from mmedge.runtime.images import ImageLimits
@@ -22,10 +22,12 @@ from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS, ComponentEnt
 from mmedge.runtime.package import Package, verify_package
 
 if TYPE_CHECKING:
+    from mmedge.runtime.signing import TrustPolicy
     from mmedge.runtime.texts import TextTokenizer
 
 MAX_THREADS = 1024  # ORT takes an int32; a huge count would try to start that many threads
 DEVICES = ("cpu", "cuda", "tensorrt")
+MAX_RUN_DEADLINE_S = 86400.0  # a day; None turns the deadline off
 # Roles whose graphs are never quantized (no weights to multiply): any requested precision runs them as they are.
 ROLES_KEPT_IN_FP32 = ("token_embed",)
 
@@ -37,7 +39,8 @@ def package_tokenizer(package: Package) -> TextTokenizer:
     t = package.manifest.tokenizer
     if t is None:
         raise UnsupportedError(f"package {package.manifest.name!r} has no tokenizer")
-    return TextTokenizer.from_file(package.path(t.file), context_length=t.context_length, pad_id=t.pad_id)
+    # The bytes are hashed as they are read: a tokenizer.json swapped after verification is refused.
+    return TextTokenizer.from_bytes(package.read_verified(t.file), t.context_length, t.pad_id)
 
 
 class ComponentRunner:
@@ -50,7 +53,9 @@ class ComponentRunner:
         precision: str = "auto",
         options: SessionOptions | None = None,
         image_limits: ImageLimits | None = None,
+        trust: TrustPolicy | None = None,
     ):
+        """`trust` applies when `package` is a path (default: MMEDGE_TRUST, else hashes only)."""
         if precision not in REQUEST_PRECISIONS:
             raise UnsupportedError(f"precision {precision!r} not in {REQUEST_PRECISIONS}")
         self.options = options or SessionOptions()
@@ -59,12 +64,26 @@ class ComponentRunner:
             raise InvalidInputError(
                 f"threads must be an int in [0, {MAX_THREADS}] (0 = the backend's default), got {threads!r}"
             )
+        deadline = self.options.run_deadline_s
+        if deadline is not None and (
+            isinstance(deadline, bool)
+            or not isinstance(deadline, (int, float))
+            or not 0 < deadline <= MAX_RUN_DEADLINE_S
+        ):
+            raise InvalidInputError(
+                f"run_deadline_s must be a number in (0, {MAX_RUN_DEADLINE_S:g}] seconds or None, got {deadline!r}"
+            )
         if self.options.device not in DEVICES:
             raise UnsupportedError(
                 f"device {self.options.device!r} is not supported; choose from {list(DEVICES)}"
             )
         self.backend = make_backend(backend)
-        self.package = package if isinstance(package, Package) else verify_package(package)
+        if isinstance(package, Package):
+            self.package = package
+        else:
+            from mmedge.runtime.signing import trust_policy
+
+            self.package = verify_package(package, trust=trust or trust_policy())
         self.manifest = self.package.manifest
         self.precision = precision
         self.image_limits = image_limits or ImageLimits()
@@ -140,6 +159,11 @@ class ComponentRunner:
 
     def check_inputs(self, component: str, feeds: dict[str, np.ndarray]) -> ComponentEntry:
         """Dtype, rank, fixed dims and dim ranges of every input, as the manifest declares them."""
+        return self._check_inputs(component, feeds)[0]
+
+    def _check_inputs(
+        self, component: str, feeds: dict[str, np.ndarray]
+    ) -> tuple[ComponentEntry, dict[str, int]]:
         entry = self.manifest.component(component)
         sizes: dict[str, int] = {}
         for spec in entry.inputs:
@@ -180,18 +204,49 @@ class ComponentRunner:
                     raise InvalidInputError(
                         f"{component}.{spec.name}: values must be in [{low}, {high}), got values in [{lo}, {hi}]"
                     )
-        return entry
+        return entry, sizes
+
+    def check_outputs(
+        self, component: str, outs: dict[str, np.ndarray], sizes: dict[str, int] | None = None
+    ) -> None:
+        """Every declared output is there, with its dtype, rank, fixed dims and the sizes its
+        symbolic dims took in the inputs (`sizes`), and holds finite numbers. A graph that breaks
+        its manifest's contract is the package's fault: it must not reach the caller as a result
+        (nor be blamed on the input later). One pass per output, no copies."""
+        sizes = sizes or {}
+        entry = self.manifest.component(component)
+        for spec in entry.outputs:
+            a = outs.get(spec.name)
+            where = f"component {component!r} produced output {spec.name!r}"
+            if not isinstance(a, np.ndarray):
+                raise IntegrityError(f"component {component!r} did not produce its output {spec.name!r}")
+            if a.dtype != np.dtype(spec.dtype) or a.ndim != len(spec.shape):
+                raise IntegrityError(
+                    f"{where} as {a.dtype} {a.shape}; its manifest declares {spec.dtype} {spec.shape}"
+                )
+            for dim, n in zip(spec.shape, a.shape):
+                want = dim if isinstance(dim, int) else sizes.get(dim, n)
+                if want != n:
+                    raise IntegrityError(
+                        f"{where} with shape {a.shape}; its manifest declares {spec.shape} "
+                        f"({dim}={want} for these inputs)"
+                    )
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise IntegrityError(f"{where} holding NaN or infinity; the package's graph is faulty")
 
     def run_batched(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a component, splitting the batch into chunks no larger than the manifest's max batch."""
-        entry = self.check_inputs(component, feeds)
+        entry, sizes = self._check_inputs(component, feeds)
         sess = self.session(component)
         n = next(iter(feeds.values())).shape[0]
         step = entry.dims["batch"].max if "batch" in entry.dims else n
         if n <= step:
-            return sess.run(feeds)
-        parts = [sess.run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            outs = sess.run(feeds)
+        else:
+            parts = [sess.run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+            outs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        self.check_outputs(component, outs, sizes)
+        return outs
 
     def run_path(self, path: str, sources: dict[str, np.ndarray]) -> np.ndarray:
         """Walk the declared path `path` ("image", "text") from its source arrays; return its output."""

@@ -30,6 +30,7 @@ from mmedge.runtime.texts import TextTokenizer
 PREFILL = "prefill"
 
 MAX_STOP_STRINGS = 16
+_TINY = float(np.finfo(np.float32).tiny)  # a smaller temperature would round to 0 in float32
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,18 @@ class GenerationConfig:
             raise InvalidInputError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         stops = self.stop_strings
         if (
-            isinstance(stops, str)
+            not isinstance(
+                stops, tuple
+            )  # from_kwargs turns a list into one; None, 5 or an iterator are refused
             or not all(isinstance(s, str) and s for s in stops)
             or len(stops) > MAX_STOP_STRINGS
         ):
             raise InvalidInputError(
-                f"stop_strings must be a list of at most {MAX_STOP_STRINGS} non-empty strings"
+                f"stop_strings must be a list of at most {MAX_STOP_STRINGS} non-empty strings, got {_short(stops)}"
             )
-        if self.seed is not None and not is_int(self.seed):
-            raise InvalidInputError(f"seed must be an int or None, got {self.seed!r}")
+        # numpy's generator takes seeds in [0, 2**128): anything else was a bare ValueError at the first token
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**128):
+            raise InvalidInputError(f"seed must be an int in [0, 2**128) or None, got {_short(self.seed)}")
 
     @property
     def greedy(self) -> bool:
@@ -101,6 +105,12 @@ class GenerationConfig:
         if "stop_strings" in kwargs and isinstance(kwargs["stop_strings"], list):
             kwargs["stop_strings"] = tuple(kwargs["stop_strings"])
         return cls(**kwargs)
+
+
+def _short(value: Any) -> str:
+    """A parameter value for an error message, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class KVCache:
@@ -306,11 +316,14 @@ def _choose(
         logits[ban] = -np.inf  # min_new_tokens not reached yet
     if cfg.greedy:
         return int(np.argmax(logits))
-    logits = logits / cfg.temperature
+    # Shift before dividing: a tiny temperature then sends every other logit to -inf (probability 0)
+    # instead of the top one to inf (inf - inf = NaN), so temperature -> 0 tends to greedy.
+    with np.errstate(over="ignore"):  # overflow to -inf is the intended result
+        logits = (logits - logits.max()) / max(cfg.temperature, _TINY)
     if 0 < cfg.top_k < logits.size:
         kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
         logits[logits < kth] = -np.inf
-    probs = np.exp(logits - logits.max())
+    probs = np.exp(logits)
     probs /= probs.sum()
     if cfg.top_p < 1.0:
         order = np.argsort(probs)  # ascending, as HF's TopPLogitsWarper

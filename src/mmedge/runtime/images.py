@@ -26,11 +26,17 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "ImageLimits", "PreprocessConfig", "load_ima
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Caps applied to every image before it is decoded."""
+    """Caps applied to every image before it is decoded.
+
+    `max_decoded_bytes` bounds what the decoder allocates (pixels x channels x sample size, so a
+    16-bit RGBA PNG counts 8 bytes a pixel); `max_jpeg_scans` bounds a progressive JPEG's passes.
+    """
 
     max_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 50_000_000
     formats: tuple[str, ...] = FORMATS
+    max_decoded_bytes: int = 256 * 1024 * 1024  # a 50-megapixel RGBA image fits
+    max_jpeg_scans: int = 64  # libjpeg's progressive script has 10; a bomb has thousands
 
     def __post_init__(self) -> None:
         if not set(self.formats) <= set(FORMATS):
@@ -58,6 +64,10 @@ def load_image(src: Any, *, channel_order: str = "RGB", limits: ImageLimits = Im
 def _read_file(path: str, limits: ImageLimits) -> bytes:
     if "\x00" in path:  # os.stat would raise a bare ValueError
         raise InvalidInputError("image path contains a NUL character")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as exc:  # a lone surrogate has no file-system spelling
+        raise InvalidInputError(f"image path {path[:200]!r} is not valid Unicode: {exc.reason}") from None
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
@@ -95,6 +105,16 @@ def _decode(data: bytes, limits: ImageLimits) -> np.ndarray:
     except HeaderError as exc:
         raise InvalidInputError(f"corrupt or truncated {fmt} image: {exc}") from exc
     _check_pixels(header.width, header.height, limits)
+    if header.decoded_bytes > limits.max_decoded_bytes:
+        raise InvalidInputError(
+            f"{fmt} image of {header.width}x{header.height} decodes to {header.decoded_bytes} bytes "
+            f"({header.bytes_per_pixel} a pixel); the limit is {limits.max_decoded_bytes} bytes"
+        )
+    if header.scans > limits.max_jpeg_scans:
+        raise InvalidInputError(
+            f"JPEG has {header.scans} scans; the limit is {limits.max_jpeg_scans} "
+            "(each scan is one more decoding pass over the whole image)"
+        )
     try:  # IMREAD_UNCHANGED keeps alpha and skips OpenCV's own EXIF handling: we rotate below
         raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
@@ -102,22 +122,37 @@ def _decode(data: bytes, limits: ImageLimits) -> np.ndarray:
     if raw is None or raw.size == 0:
         raise InvalidInputError(f"corrupt or truncated {fmt} image: the decoder rejected it")
     _check_pixels(raw.shape[1], raw.shape[0], limits)  # in case the decoder disagrees with the header
-    if raw.dtype == np.uint16:  # 16-bit PNG, the only deeper case in FORMATS: keep the high byte
-        raw = np.right_shift(raw, 8).astype(np.uint8)  # as OpenCV's own 8-bit decode does
+    # 16-bit PNG (the only deeper case in FORMATS) keeps the high byte, as OpenCV's own 8-bit decode
     return np.ascontiguousarray(apply_orientation(_to_rgb(raw, "BGR"), header.orientation))
 
 
 def _to_rgb(arr: np.ndarray, order: str) -> np.ndarray:
-    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 in `order` -> new (H, W, 3) RGB array."""
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 (or uint16: high byte) in `order` -> new
+    (H, W, 3) uint8 RGB array, converted in bands of rows so temporaries stay small next to the image."""
+    out = np.empty((arr.shape[0], arr.shape[1], 3), np.uint8)
+    step = max(1, _BAND_PIXELS // max(arr.shape[1], 1))
+    for top in range(0, arr.shape[0], step):
+        out[top : top + step] = _rgb_band(arr[top : top + step], order)
+    return out
+
+
+def _rgb_band(arr: np.ndarray, order: str) -> np.ndarray:
+    if arr.dtype == np.uint16:
+        arr = np.right_shift(arr, 8).astype(np.uint8)
     if arr.ndim == 2 or arr.shape[2] == 1:
-        return np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=2)
+        return arr.reshape(arr.shape[0], arr.shape[1], 1)  # broadcast to 3 channels by the caller
     rgb = arr[..., 2::-1] if order == "BGR" else arr[..., :3]
     if arr.shape[2] == 3:
-        return np.ascontiguousarray(rgb)
+        return rgb
     # Blend onto white in integers: (c*a + 255*(255-a) + 127) // 255 == round(c*a/255 + 255*(1-a/255)).
     alpha = arr[..., 3:4].astype(np.uint16)
-    blended = rgb.astype(np.uint16) * alpha + 255 * (255 - alpha) + 127
-    return (blended // 255).astype(np.uint8)
+    blended = rgb.astype(np.uint16) * alpha
+    blended += 255 * (255 - alpha) + 127
+    blended //= 255
+    return blended
+
+
+_BAND_PIXELS = 1 << 20  # pixels per band of a conversion to RGB
 
 
 def _from_array(arr: np.ndarray, order: str, limits: ImageLimits) -> np.ndarray:
@@ -135,7 +170,7 @@ def _from_array(arr: np.ndarray, order: str, limits: ImageLimits) -> np.ndarray:
         arr = np.rint(arr * 255.0).astype(np.uint8)  # nearest level (transformers truncates)
     elif arr.dtype != np.uint8:
         raise InvalidInputError(f"image array dtype {arr.dtype}; accepted: uint8, float32/64 in [0, 1]")
-    return np.array(_to_rgb(arr, order), order="C")  # always a new array, never a view of the caller's
+    return _to_rgb(arr, order)  # always a new array, never a view of the caller's
 
 
 def _from_pil(img: Any, limits: ImageLimits) -> np.ndarray:

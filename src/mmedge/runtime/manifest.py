@@ -43,6 +43,7 @@ REQUEST_PRECISIONS = ("auto", *PRECISIONS)  # what a caller may ask a runner for
 CALIBRATION_DATA = ("images", "texts", "none")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"[A-Za-z0-9_.:\-/]{1,200}")
+MAX_DIM = 1 << 20  # a fixed dim or a dim range's max: every one sizes a buffer somewhere
 
 
 def check_relpath(path: str, what: str = "path") -> str:
@@ -76,6 +77,8 @@ class TensorSpec:
         for d in self.shape:
             if isinstance(d, str):
                 check_name(d, f"tensor {self.name!r} dim")
+            elif not 0 <= d <= MAX_DIM:
+                raise IntegrityError(f"tensor {self.name!r}: dim {d} is outside [0, {MAX_DIM}]")
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,8 @@ class DimRange:
     max: int
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise IntegrityError(f"need 1 <= min <= opt <= max, got {self}")
+        if not 1 <= self.min <= self.opt <= self.max <= MAX_DIM:
+            raise IntegrityError(f"need 1 <= min <= opt <= max <= {MAX_DIM}, got {self}")
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,11 @@ _TASK_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]
 def _check_wiring(m: Manifest) -> None:
     """Roles, paths and sections fit together and fit the task."""
     paths, roles, sections = _TASK_NEEDS[m.task]
+    for name, component in m.components.items():
+        if ROLES[component.role] not in paths and component.role not in roles:
+            raise IntegrityError(
+                f"component {name!r}: a {m.task} package has no use for a {component.role!r} component"
+            )
     for section in sections:
         if getattr(m, section) is None:
             raise IntegrityError(f"a {m.task} package needs a {section!r} section")
@@ -292,8 +300,30 @@ def _check_wiring(m: Manifest) -> None:
                 raise IntegrityError(f"a chat package's prompt.{name} must hold {IMAGE} exactly once")
     elif m.prompt is not None and IMAGE in markers(m.prompt.first_turn + m.prompt.turn):
         raise IntegrityError(f"a {m.task} package has no image path for the {IMAGE} in its prompt")
+    if m.llm is not None and m.has_role("llm_step"):
+        _check_llm_step(m, m.llm, m.component(m.by_role("llm_step")))
     if m.prompt is not None and m.llm is None and {BOS, EOS} & set(markers(m.prompt.first_turn)):
         raise IntegrityError("prompt markers {bos}/{eos} need an 'llm' section for their ids")
+
+
+def _check_llm_step(m: Manifest, llm: LLMConfig, step: ComponentEntry) -> None:
+    """The `llm` section's cache geometry is the llm_step graph's: one past key and value per
+    layer, each (batch, kv_heads, slots, head_dim), and logits over the vocabulary. The runtime
+    allocates the cache from the section, so a section that disagrees would size it freely."""
+    past = [s for s in step.inputs if s.name.startswith("past_key_values.")]
+    if len(past) != 2 * llm.layers:
+        raise IntegrityError(
+            f"llm.layers is {llm.layers} but the llm_step graph takes {len(past)} past key/value inputs"
+        )
+    for spec in past:
+        if len(spec.shape) != 4 or spec.shape[1:] != (llm.kv_heads, llm.max_context, llm.head_dim):
+            raise IntegrityError(
+                f"llm_step input {spec.name!r} {spec.shape} does not fit llm kv_heads={llm.kv_heads}, "
+                f"max_context={llm.max_context}, head_dim={llm.head_dim}"
+            )
+    logits = next((s for s in step.outputs if s.name == "logits"), None)
+    if logits is None or logits.shape[-1:] != (llm.vocab_size,):
+        raise IntegrityError(f"the llm_step graph's logits must end in llm.vocab_size={llm.vocab_size}")
 
 
 def _check_references(m: Manifest) -> None:
@@ -307,12 +337,17 @@ def _check_references(m: Manifest) -> None:
             raise IntegrityError(f"manifest names {path!r} but does not list its hash in 'files'")
 
 
+def _no_constant(name: str) -> Any:
+    """JSON's NaN / Infinity extensions: no manifest number may be non-finite, records included."""
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
 def parse_manifest(text: str | bytes) -> Manifest:
     """Parse and validate manifest JSON; any deviation from the schema is an IntegrityError."""
     if len(text) > MAX_MANIFEST_BYTES:
         raise IntegrityError(f"manifest is {len(text)} bytes; the limit is {MAX_MANIFEST_BYTES}")
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise IntegrityError(f"manifest is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):

@@ -1,8 +1,9 @@
 """Open and verify a model package directory before any runtime sees its files (torch-free).
 
 Verification covers: the manifest schema, every listed file's size and sha256, that files
-are regular files inside the package (no symlinks, no hard links), and every ONNX
-external-data reference (relative, listed, offset/length inside the file, known keys).
+are regular files inside the package (no symlinks, no hard links), the tokenizer's components
+(`tokenizer_policy`), and every ONNX model (`runtime/onnx_files.py`: operators, constant sizes,
+external-data references).
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mmedge.errors import IntegrityError, UnsupportedError
+from mmedge.errors import IntegrityError
 from mmedge.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, parse_manifest
 
+if TYPE_CHECKING:
+    from mmedge.runtime.signing import TrustPolicy
+
 _CHUNK = 1 << 20
-_EXTERNAL_KEYS = {"location", "offset", "length", "checksum"}
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -44,6 +47,22 @@ class Package:
             raise IntegrityError(f"{rel!r} is not listed in the manifest of {self.root}")
         return self.root / check_relpath(rel)
 
+    def read_verified(self, rel: str) -> bytes:
+        """A listed file's bytes, read once and checked against the manifest's size and sha256 as
+        they are read: a caller that parses them parses exactly what was hashed, so a file swapped
+        after `verify_package` is refused instead of used."""
+        path = self.path(rel)
+        entry = self.manifest.files[rel]
+        _regular_file_inside(self.root, rel)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(entry.size + 1)  # one byte more shows a file that grew
+        except OSError as exc:
+            raise IntegrityError(f"cannot read package file {rel!r}: {exc.strerror or exc}") from None
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise IntegrityError(f"{rel}: sha256 differs from the manifest; the file was altered")
+        return data
+
 
 def _regular_file_inside(root: Path, rel: str) -> os.stat_result:
     check_relpath(rel)
@@ -66,92 +85,63 @@ def _regular_file_inside(root: Path, rel: str) -> os.stat_result:
     return st
 
 
-def read_manifest(root: str | os.PathLike) -> Manifest:
-    """Read and strictly parse a package's manifest without hashing its files."""
-    root = Path(root)
+def _manifest_bytes(root: Path) -> bytes:
     mpath = root / MANIFEST_NAME
     if not root.is_dir():
         raise IntegrityError(f"{root} is not a package directory")
     if mpath.is_symlink() or not mpath.is_file():
         raise IntegrityError(f"{root} has no {MANIFEST_NAME} (or it is not a regular file)")
-    return parse_manifest(mpath.read_bytes())
+    return mpath.read_bytes()
 
 
-def verify_package(root: str | os.PathLike, check_onnx: bool = True) -> Package:
-    """Verify a package completely and return it; raise IntegrityError on the first problem."""
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """Read and strictly parse a package's manifest without hashing its files."""
+    return parse_manifest(_manifest_bytes(Path(root)))
+
+
+def verify_package(
+    root: str | os.PathLike, check_onnx: bool = True, trust: TrustPolicy | None = None
+) -> Package:
+    """Verify a package completely and return it; raise IntegrityError on the first problem.
+
+    `trust` (default: hashes only) may also require a signature; it is checked on the same manifest
+    bytes that are then parsed, so the manifest cannot change between the two."""
+    from mmedge.runtime.onnx_files import onnx_files, parse_model, read_listed
+
     root = Path(root).resolve()
-    manifest = read_manifest(root)
+    raw = _manifest_bytes(root)
+    if trust is not None:
+        trust.check(root, raw)
+    manifest = parse_manifest(raw)
+    models = set(onnx_files(manifest)) if check_onnx else set()
     for rel, entry in manifest.files.items():
         st = _regular_file_inside(root, rel)
         if st.st_size != entry.size:
             raise IntegrityError(f"{rel}: size {st.st_size} differs from the manifest's {entry.size}")
-        if sha256_file(root / rel) != entry.sha256:
+        if rel in models:  # checked as parsed: the bytes hashed are the bytes checked
+            check_onnx_model(
+                parse_model(read_listed(root, rel, entry, verifying=True), rel), rel, manifest.files
+            )
+        elif sha256_file(root / rel) != entry.sha256:
             raise IntegrityError(f"{rel}: sha256 differs from the manifest; the file was altered")
-    if check_onnx:
-        for rel in manifest.files:
-            if rel.endswith(".onnx"):
-                check_onnx_file(root, rel, manifest.files)
-    return Package(root, manifest)
+    package = Package(root, manifest)
+    if manifest.tokenizer is not None:  # refuse a hostile tokenizer.json before anything parses it
+        from mmedge.runtime.tokenizer_policy import check_tokenizer_json
+
+        check_tokenizer_json(package.read_verified(manifest.tokenizer.file), manifest.tokenizer.file)
+    return package
 
 
 def check_onnx_file(root: Path, rel: str, files: Mapping[str, FileEntry]) -> None:
-    """Check opsets against the installed runtime and every external-data reference (which must
+    """Check one ONNX file of a package (read without its external data): see `check_onnx_model`."""
+    from mmedge.runtime.onnx_files import parse_model
+
+    check_onnx_model(parse_model((root / rel).read_bytes(), rel), rel, files)
+
+
+def check_onnx_model(model: Any, rel: str, files: Mapping[str, FileEntry]) -> None:
+    """Opsets, IR version, operators, constant sizes and every external-data reference (which must
     point inside a file listed in `files`, the manifest's hashed files)."""
-    import onnx  # base dependency; parsing only, no execution
+    from mmedge.runtime.onnx_files import check_model
 
-    from mmedge.runtime.opsets import max_supported_opset
-
-    try:
-        model = onnx.load(str(root / rel), load_external_data=False)
-    except Exception as exc:  # protobuf raises several types on corrupt bytes
-        raise IntegrityError(f"{rel}: not a readable ONNX model ({type(exc).__name__})") from None
-    limit = max_supported_opset()
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx") and imp.version > limit:
-            raise UnsupportedError(
-                f"{rel}: opset {imp.version} is newer than this runtime supports ({limit})"
-            )
-    if model.ir_version > onnx.IR_VERSION:
-        raise UnsupportedError(
-            f"{rel}: IR version {model.ir_version} is newer than supported ({onnx.IR_VERSION})"
-        )
-    base = Path(rel).parent
-    for tensor in _all_tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        unknown = set(info) - _EXTERNAL_KEYS
-        if unknown:
-            raise IntegrityError(
-                f"{rel}: external data of {tensor.name!r} has unknown keys {sorted(unknown)}"
-            )
-        loc = (base / check_relpath(info.get("location", ""), "external data location")).as_posix()
-        if loc not in files:
-            raise IntegrityError(f"{rel}: external data file {loc!r} is not listed in the manifest")
-        try:
-            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
-        except ValueError:
-            raise IntegrityError(
-                f"{rel}: external data offset/length of {tensor.name!r} are not integers"
-            ) from None
-        size = files[loc].size
-        if offset < 0 or length < -1 or offset + max(length, 0) > size:
-            raise IntegrityError(f"{rel}: external data of {tensor.name!r} points outside {loc!r}")
-
-
-def _all_tensors(graph: Any) -> Iterator[Any]:  # onnx protobuf types
-    """Initializers and tensor attributes of this graph and every subgraph."""
-    import onnx
-
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_tensors(g)
+    check_model(model, rel, files)

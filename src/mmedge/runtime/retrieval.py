@@ -85,8 +85,10 @@ class RetrievalPipeline:
     def embed_images(self, images: object, channel_order: str = "RGB") -> np.ndarray:
         """(N, D) float32 L2-normalised embeddings of images (paths, bytes, arrays or PIL images)."""
         items = _as_list(images, "images")
-        arrays = [self._load(i, x, channel_order) for i, x in enumerate(items)]
-        pixels = preprocess(arrays, self.preprocess)  # (N, 3, S, S)
+        size = self.preprocess.image_size
+        pixels = np.empty((len(items), 3, size, size), np.float32)  # (N, 3, S, S)
+        for i, x in enumerate(items):  # one decoded image at a time: only the small tensors add up
+            pixels[i] = preprocess([self._load(i, x, channel_order)], self.preprocess)[0]
         return l2_normalize(self.runner.run_path("image", {"pixel_values": pixels}).astype(np.float32))
 
     def _load(self, i: int, image: object, channel_order: str) -> np.ndarray:

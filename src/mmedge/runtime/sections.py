@@ -17,6 +17,17 @@ from mmedge.errors import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Upper bounds of the sizes a manifest sets: each becomes an allocation (an image buffer, a KV
+# cache, a batch of token ids), so a hostile manifest must not be able to ask for gigabytes.
+MAX_IMAGE_SIZE = 4096  # pixels per side (4096^2 x 3 float32 = 192 MiB)
+MAX_CONTEXT = 1 << 17  # tokens: a text encoder's or an LLM's context
+MAX_LAYERS = 512
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_VOCAB = 1 << 22
+MAX_KV_CACHE_BYTES = 16 << 30  # one sequence's float32 KV cache (a 7B model at 4k tokens: 4 GiB)
+MAX_IMAGE_TOKENS = 4096
+MAX_LOGIT_SCALE = 1000.0  # CLIP clamps its learned scale at 100; far larger ones overflow softmax
 _MODES = {"resize": ("shortest", "exact"), "crop": ("center",), "resample": ("pil", "cv2")}
 
 
@@ -37,8 +48,12 @@ class PreprocessConfig:
     resample: str = "pil"
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
-            raise ConfigError(f"image_size must be a positive int, got {self.image_size!r}")
+        if (
+            isinstance(self.image_size, bool)
+            or not isinstance(self.image_size, int)
+            or not 1 <= self.image_size <= MAX_IMAGE_SIZE
+        ):
+            raise ConfigError(f"image_size must be an int in [1, {MAX_IMAGE_SIZE}], got {self.image_size!r}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             ok = isinstance(value, (list, tuple)) and len(value) == 3
@@ -65,8 +80,10 @@ class TokenizerConfig:
     pad_id: int
 
     def __post_init__(self) -> None:
-        if self.context_length < 1 or self.pad_id < 0:
-            raise ConfigError(f"tokenizer context_length must be >= 1 and pad_id >= 0, got {self}")
+        if not 1 <= self.context_length <= MAX_CONTEXT or not 0 <= self.pad_id < MAX_VOCAB:
+            raise ConfigError(
+                f"tokenizer context_length must be in [1, {MAX_CONTEXT}] and pad_id in [0, {MAX_VOCAB}), got {self}"
+            )
 
 
 @dataclass(frozen=True)
@@ -88,15 +105,27 @@ class LLMConfig:
     rope_theta: float | None = None
 
     def __post_init__(self) -> None:
-        sizes = (self.max_context, self.layers, self.kv_heads, self.head_dim, self.vocab_size)
-        if min(sizes) < 1:
-            raise ConfigError(f"llm sizes must be >= 1, got {self}")
+        bounds = {
+            "max_context": MAX_CONTEXT,
+            "layers": MAX_LAYERS,
+            "kv_heads": MAX_HEADS,
+            "head_dim": MAX_HEAD_DIM,
+            "vocab_size": MAX_VOCAB,
+        }
+        for name, most in bounds.items():
+            if not 1 <= getattr(self, name) <= most:
+                raise ConfigError(f"llm {name} must be in [1, {most}], got {getattr(self, name)}")
+        cache = 2 * self.layers * self.kv_heads * self.max_context * self.head_dim * 4
+        if cache > MAX_KV_CACHE_BYTES:
+            raise ConfigError(
+                f"llm KV cache of {cache / 2**30:.1f} GiB per sequence exceeds {MAX_KV_CACHE_BYTES >> 30} GiB"
+            )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ConfigError(
                     f"llm {name} {getattr(self, name)} is outside the vocabulary of {self.vocab_size}"
                 )
-        if self.rope_theta is not None and not self.rope_theta > 0:
+        if self.rope_theta is not None and not 0 < self.rope_theta < float("inf"):
             raise ConfigError(f"llm rope_theta must be positive, got {self.rope_theta}")
 
 
@@ -154,8 +183,10 @@ class RetrievalConfig:
     label_templates: tuple[str, ...] = ("{}",)  # each label is embedded in every template ("{}" = label)
 
     def __post_init__(self) -> None:
-        if not self.logit_scale > 0:
-            raise ConfigError(f"retrieval logit_scale must be positive, got {self.logit_scale}")
+        if not 0 < self.logit_scale <= MAX_LOGIT_SCALE:
+            raise ConfigError(
+                f"retrieval logit_scale must be in (0, {MAX_LOGIT_SCALE:g}], got {self.logit_scale}"
+            )
         if not self.label_templates or not all("{}" in t for t in self.label_templates):
             raise ConfigError("retrieval label_templates must be non-empty strings holding '{}'")
 
@@ -206,8 +237,8 @@ class ImageTokens:
     count: int
 
     def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ConfigError(f"image_tokens.count must be >= 1, got {self.count}")
+        if not 1 <= self.count <= MAX_IMAGE_TOKENS:
+            raise ConfigError(f"image_tokens.count must be in [1, {MAX_IMAGE_TOKENS}], got {self.count}")
 
 
 @dataclass(frozen=True)

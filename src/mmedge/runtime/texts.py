@@ -22,9 +22,17 @@ _PAD_TOKENS = ("<pad>", "<|endoftext|>")
 
 @dataclass(frozen=True)
 class TextLimits:
-    """Caps checked on every text before it reaches the tokenizer."""
+    """Caps checked on every text before it reaches the tokenizer.
+
+    `max_chars` bounds one text and `max_total_chars` one call. A batch is tokenised in chunks of
+    about `chunk_chars` characters, each text first cut to `chars_per_token` characters per context
+    token, so a call's memory does not grow with its texts' lengths (see `encode_batch`).
+    """
 
     max_chars: int = 10_000
+    max_total_chars: int = 1_000_000
+    chars_per_token: int = 16
+    chunk_chars: int = 1 << 18
 
 
 class TextTokenizer:
@@ -41,6 +49,7 @@ class TextTokenizer:
         pad_id: int | None = None,
         lowercase: bool = False,
         limits: TextLimits = TextLimits(),
+        expansion: int = 1,
     ) -> None:
         if isinstance(context_length, bool) or not isinstance(context_length, int):
             raise ConfigError(f"context_length must be an int, got {context_length!r}")
@@ -56,10 +65,11 @@ class TextTokenizer:
         self.context_length = context_length
         self.lowercase = lowercase
         self.limits = limits
+        self.expansion = max(1, int(expansion))  # normalized characters per input character, worst case
         # The post-processor adds specials inside the max_length budget, so EOS survives truncation.
         tokenizer.enable_truncation(max_length=context_length)
-        # The library pads (right) to the longest in the batch, so a batch is one rectangular array.
-        tokenizer.enable_padding(pad_id=self.pad_id, pad_token=tokenizer.id_to_token(self.pad_id) or "<pad>")
+        # Chunks are padded here (right, to the longest of the call): the library pads per chunk.
+        tokenizer.no_padding()
         tokenizer.encode_special_tokens = True  # specials typed by a user are plain text
         self._tok = tokenizer
 
@@ -74,9 +84,25 @@ class TextTokenizer:
     ) -> TextTokenizer:
         """Load a `tokenizer.json` (HF tokenizers format)."""
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            data = Path(path).read_bytes()
+        except OSError as exc:
             raise IntegrityError(f"cannot load tokenizer {os.fspath(path)!r}: {exc}") from exc
+        return cls.from_bytes(data, context_length, pad_id, lowercase, limits)
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        context_length: int,
+        pad_id: int | None = None,
+        lowercase: bool = False,
+        limits: TextLimits = TextLimits(),
+    ) -> TextTokenizer:
+        """Build from the bytes of a `tokenizer.json` (e.g. `Package.read_verified`'s, hashed as read)."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise IntegrityError(f"cannot load tokenizer: it is not UTF-8 ({exc.reason})") from None
         return cls.from_json(text, context_length, pad_id, lowercase, limits)
 
     @classmethod
@@ -88,14 +114,19 @@ class TextTokenizer:
         lowercase: bool = False,
         limits: TextLimits = TextLimits(),
     ) -> TextTokenizer:
-        """Build from the JSON text of a `tokenizer.json`."""
+        """Build from the JSON text of a `tokenizer.json`; its components must pass `tokenizer_policy`."""
         from tokenizers import Tokenizer
 
+        from mmedge.runtime.tokenizer_policy import check_tokenizer_json
+
+        profile = check_tokenizer_json(text)  # before Rust parses it: a bad charsmap panics or aborts
         try:
             tok = Tokenizer.from_str(text)
-        except Exception as exc:  # tokenizers raises bare Exception for malformed files
-            raise IntegrityError(f"cannot parse tokenizer JSON: {exc}") from exc
-        return cls(tok, context_length, pad_id, lowercase, limits)
+        except BaseException as exc:  # bare Exception for malformed files; pyo3 PanicException(BaseException)
+            if not _is_error(exc):
+                raise
+            raise IntegrityError(f"cannot parse tokenizer JSON: {exc}") from None
+        return cls(tok, context_length, pad_id, lowercase, limits, expansion=profile.expansion)
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Encode texts -> (input_ids, attention_mask), both int64 (N, L), L = longest <= context_length."""
@@ -103,10 +134,46 @@ class TextTokenizer:
             raise InvalidInputError(f"encode_batch takes a list of strings, got {type(texts).__name__}")
         if len(texts) == 0:
             raise InvalidInputError("encode_batch got no texts")
-        encodings = self._encode([self._checked(i, t) for i, t in enumerate(texts)], add_special_tokens=True)
-        ids = np.array([e.ids for e in encodings], np.int64)  # (N, L)
-        mask = np.array([e.attention_mask for e in encodings], np.int64)  # (N, L)
+        checked = [self._checked(i, t) for i, t in enumerate(texts)]
+        total = sum(len(t) for t in checked)
+        if total > self.limits.max_total_chars:
+            raise InvalidInputError(
+                f"the texts of one call have {total} characters; the limit is {self.limits.max_total_chars}"
+            )
+        # Truncation happens after tokenising, so a whole 10,000-character text would become
+        # thousands of tokens (and overflow encodings) to keep 77. Tokenise a cut prefix first; keep
+        # its tokens when they fill the context and end before the cut word; else the whole text.
+        cut = self.context_length * self.limits.chars_per_token
+        rows: list[list[int] | None] = [None] * len(checked)
+        for chunk in self._chunks(range(len(checked)), [min(len(t), cut) for t in checked]):
+            prefixes = [checked[i][:cut] for i in chunk]
+            for i, prefix, enc in zip(chunk, prefixes, self._encode(prefixes, add_special_tokens=True)):
+                if len(checked[i]) <= cut or _fills_before_cut(prefix, enc):
+                    rows[i] = enc.ids
+        rest = [i for i, row in enumerate(rows) if row is None]
+        for chunk in self._chunks(rest, [len(checked[i]) for i in rest]):
+            for i, enc in zip(chunk, self._encode([checked[i] for i in chunk], add_special_tokens=True)):
+                rows[i] = enc.ids
+        width = max(len(row or ()) for row in rows)
+        ids = np.full((len(rows), width), self.pad_id, np.int64)  # (N, L), padded right
+        mask = np.zeros((len(rows), width), np.int64)  # (N, L)
+        for i, row in enumerate(rows):
+            ids[i, : len(row or ())] = row or ()
+            mask[i, : len(row or ())] = 1
         return ids, mask
+
+    def _chunks(self, items: Sequence[int], lengths: Sequence[int]) -> list[list[int]]:
+        """Consecutive groups of `items` whose normalized text fits the chunk budget (at least one each)."""
+        budget = max(1, self.limits.chunk_chars // self.expansion)
+        out: list[list[int]] = []
+        used = budget
+        for item, n in zip(items, lengths):
+            if used + n > budget:
+                out.append([])
+                used = 0
+            out[-1].append(item)
+            used += n
+        return out
 
     def encode(self, text: str, add_special_tokens: bool = True, allow_empty: bool = False) -> list[int]:
         """Token ids of one text, unpadded; a text longer than `context_length` tokens is an error."""
@@ -146,9 +213,25 @@ class TextTokenizer:
         try:
             return self._tok.encode_batch(batch, add_special_tokens=add_special_tokens)
         except BaseException as exc:  # Rust panics surface as pyo3 PanicException(BaseException)
-            if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
-                raise  # KeyboardInterrupt, SystemExit and friends are not input errors
+            if not _is_error(exc):
+                raise
             raise InvalidInputError(f"tokenizer rejected the text: {exc}") from exc
+
+
+def _is_error(exc: BaseException) -> bool:
+    """An Exception or a Rust panic; KeyboardInterrupt, SystemExit and friends are not errors here."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
+def _fills_before_cut(prefix: str, enc: Any) -> bool:
+    """True when a cut prefix's encoding overflowed the context and its kept tokens end before the
+    last space of the prefix: the cut word cannot change them, so the whole text encodes the same."""
+    if not enc.overflowing:
+        return False
+    end = max(
+        (stop for (_, stop), special in zip(enc.offsets, enc.special_tokens_mask) if not special), default=0
+    )
+    return prefix.rfind(" ") >= end
 
 
 def _pad_id(tok: Any) -> int:

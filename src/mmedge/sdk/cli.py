@@ -181,10 +181,34 @@ def cmd_build(a: argparse.Namespace) -> object:
 
 def cmd_verify(a: argparse.Namespace) -> object:
     from mmedge.runtime.package import verify_package
+    from mmedge.runtime.signing import SIGNATURE_NAME, read_signature, trust_policy
     from mmedge.runtime.store import resolve
 
-    pkg = verify_package(resolve(a.package))
-    return {"package": str(pkg.root), "ok": True, "files": len(pkg.manifest.files)}
+    policy = trust_policy(None, a.trusted_keys)
+    pkg = verify_package(resolve(a.package), trust=policy)
+    out: dict[str, object] = {"package": str(pkg.root), "ok": True, "files": len(pkg.manifest.files)}
+    out["trust"] = policy.mode
+    if policy.mode == "signed":
+        sig = read_signature(pkg.root)
+        out["signed_by"] = sig[0] if sig else None
+    else:
+        out["signature"] = (
+            f"{SIGNATURE_NAME} present, not checked" if (pkg.root / SIGNATURE_NAME).exists() else "none"
+        )
+    return out
+
+
+def cmd_sign(a: argparse.Namespace) -> object:
+    from mmedge.runtime.signing import sign_package
+    from mmedge.runtime.store import resolve
+
+    return sign_package(resolve(a.package), a.key)
+
+
+def cmd_keygen(a: argparse.Namespace) -> object:
+    from mmedge.runtime.signing import generate_keypair
+
+    return generate_keypair(a.out, force=a.force)
 
 
 def cmd_inspect(a: argparse.Namespace) -> object:
@@ -605,9 +629,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sp = add(
-        "verify", cmd_verify, "verify a package: schema, wiring, sizes, sha256, paths, ONNX external data"
+        "verify",
+        cmd_verify,
+        "verify a package: schema, wiring, sizes, sha256, paths, ONNX external data; "
+        "with --trusted-keys (or MMEDGE_TRUST=signed), its signature too",
     )
     sp.add_argument("package", help=PACKAGE_HELP)
+    sp.add_argument(
+        "--trusted-keys",
+        default=None,
+        help="file of trusted Ed25519 public keys (PEM or base64 raw): the package must be signed by one "
+        "(default: $MMEDGE_TRUSTED_KEYS when MMEDGE_TRUST=signed)",
+    )
+    sp = add(
+        "sign",
+        cmd_sign,
+        "verify a package, then sign its manifest (Ed25519) into manifest.sig; "
+        "calibrate and build remove the signature, so sign last",
+    )
+    sp.add_argument("package", help=PACKAGE_HELP)
+    sp.add_argument(
+        "--key",
+        required=True,
+        help="unencrypted PEM Ed25519 private key, readable by its owner only (mmedge keygen)",
+    )
+    sp = add("keygen", cmd_keygen, "write a new Ed25519 signing key pair: mmedge-signing.key (0600) and .pub")
+    sp.add_argument("--out", required=True, help="folder for the key pair (created with mode 0700)")
+    sp.add_argument("--force", action="store_true", help="replace a key pair already in --out")
     sp = add("inspect", cmd_inspect, "show a package's manifest: family, roles, paths, precisions, builds")
     sp.add_argument("package", help=PACKAGE_HELP)
 

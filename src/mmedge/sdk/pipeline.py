@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+from mmedge.errors import InvalidInputError
 from mmedge.runtime.backends import DEFAULT_BACKEND
 from mmedge.runtime.backends.base import SessionOptions
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.pipelines import AnyPipeline, open_pipeline
+from mmedge.runtime.signing import trust_policy
 from mmedge.runtime.store import resolve
 
 
@@ -17,15 +19,55 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
     precision: str = "auto",
     threads: int = 0,
     device: str = "cpu",
+    trust: str | None = None,
+    trusted_keys: str | os.PathLike[str] | None = None,
 ) -> AnyPipeline:
     """Verify a package and return its task pipeline: retrieval, image chat or text generation.
 
     `precision="auto"` takes the best precision each component has (int4, then int8, fp16, fp32).
+    `trust="signed"` refuses (IntegrityError) a package whose manifest is not signed by one of the
+    public keys in the file `trusted_keys`; `trust="hashes"` checks the files' hashes only.
+    `trusted_keys` alone means "signed"; what is left None comes from MMEDGE_TRUST and
+    MMEDGE_TRUSTED_KEYS (default: "hashes").
     """
     runner = ComponentRunner(
-        resolve(name_or_path),
+        resolve(_checked_location(name_or_path)),
         backend=backend,
         precision=precision,
         options=SessionOptions(threads=threads, device=device),
+        trust=trust_policy(trust, trusted_keys),
     )
     return open_pipeline(runner)
+
+
+MAX_PATH_BYTES = 4096  # Linux PATH_MAX
+MAX_NAME_BYTES = 255  # one path component (NAME_MAX)
+
+
+def _checked_location(name_or_path: object) -> str | os.PathLike[str]:
+    """A package name or path the file system can be asked about; else an error naming the problem."""
+    if isinstance(name_or_path, os.PathLike):
+        location = os.fspath(name_or_path)
+    elif isinstance(name_or_path, str):
+        location = name_or_path
+    else:
+        raise InvalidInputError(
+            f"sdk.Pipeline takes a package name or path (str or os.PathLike), got {type(name_or_path).__name__}"
+        )
+    if not isinstance(location, str):
+        raise InvalidInputError(f"package path must be text, got {type(location).__name__}")
+    shown = repr(location[:80]) + ("..." if len(location) > 80 else "")
+    if "\x00" in location:
+        raise InvalidInputError(f"package path {shown} contains a NUL character")
+    try:
+        encoded = os.fsencode(location)
+    except UnicodeEncodeError as exc:  # a lone surrogate has no file-system spelling
+        raise InvalidInputError(f"package path {shown} is not valid Unicode: {exc.reason}") from None
+    if len(encoded) > MAX_PATH_BYTES:
+        raise InvalidInputError(f"package path is {len(encoded)} bytes long; the limit is {MAX_PATH_BYTES}")
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if longest > MAX_NAME_BYTES:
+        raise InvalidInputError(
+            f"package path {shown} has a {longest}-byte name; the limit is {MAX_NAME_BYTES} bytes per name"
+        )
+    return name_or_path if isinstance(name_or_path, os.PathLike) else location

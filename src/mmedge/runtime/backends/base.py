@@ -17,6 +17,8 @@ from mmedge.errors import UnsupportedError
 from mmedge.runtime.manifest import ComponentEntry
 from mmedge.runtime.package import Package
 
+DEFAULT_RUN_DEADLINE_S = 300.0
+
 
 @dataclass(frozen=True)
 class SessionOptions:
@@ -28,6 +30,9 @@ class SessionOptions:
     # Off for a component that runs once per request before another one: its spinning threads
     # would take the cores from the next component (BLIP-2's LLM prefill ran 2x slower).
     spin: bool = True
+    # Longest one run of a component may take before it is cancelled (DeadlineExceededError);
+    # None: no deadline. A hostile graph can loop or compute for ever; no mmedge model needs minutes.
+    run_deadline_s: float | None = DEFAULT_RUN_DEADLINE_S
     extra: dict[str, Any] = field(default_factory=dict)
 
 

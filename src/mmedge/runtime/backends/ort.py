@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import threading
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from mmedge.errors import IntegrityError, UnbuiltPrecisionWarning, UnsupportedError
+from mmedge.errors import BackendError, DeadlineExceededError, UnbuiltPrecisionWarning, UnsupportedError
 from mmedge.runtime.backends.base import SessionOptions, build_key, component_file
+from mmedge.runtime.onnx_files import read_model
 from mmedge.runtime.package import Package
 
 _PROVIDERS = {
@@ -18,12 +24,81 @@ _PROVIDERS = {
 }
 
 
-class OrtSession:
-    """One ORT InferenceSession. ORT's `run` is thread-safe, so one session is shared."""
+class _Deadlines:
+    """One watchdog thread that sets `terminate` on the RunOptions of runs past their deadline.
 
-    def __init__(self, model: bytes | str, options: SessionOptions):
+    ORT checks the flag between kernels, so a run stops at the next node (a Loop's next
+    iteration included). One thread for every session: a thread per run would cost more than a
+    decode step."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, list[Any]]] = []  # (deadline, seq, [run_options, live, fired])
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def start(self, run_options: Any, seconds: float) -> list[Any]:
+        entry = [run_options, True, False]
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._seq), entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="mmedge-run-deadlines", daemon=True)
+                self._thread.start()
+            if self._heap[0][2] is entry:
+                self._cond.notify()
+        return entry
+
+    def finish(self, entry: list[Any]) -> bool:
+        """End a run's watch; True when its deadline had passed and it was told to stop."""
+        with self._cond:
+            entry[1] = False
+            while self._heap and not self._heap[0][2][1]:  # runs end mostly in start order
+                heapq.heappop(self._heap)
+            return bool(entry[2])
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and not self._heap[0][2][1]:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, _, entry = self._heap[0]
+                now = time.monotonic()
+                if now < deadline:
+                    self._cond.wait(deadline - now)
+                    continue
+                heapq.heappop(self._heap)
+                entry[0].terminate, entry[2] = True, True
+
+
+_DEADLINES = _Deadlines()
+
+
+def _reason(exc: BaseException) -> str:
+    """ORT's message, shortened: it can quote a whole node."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+class OrtSession:
+    """One ORT InferenceSession over a verified, self-contained model (bytes, never a path).
+
+    ORT's `run` is thread-safe, so one session is shared. Every run has a deadline
+    (`SessionOptions.run_deadline_s`); every ORT failure becomes a `BackendError` naming `name`."""
+
+    def __init__(
+        self,
+        model: bytes,
+        options: SessionOptions,
+        name: str = "model",
+        initializers: dict[str, np.ndarray] | None = None,
+    ):
         import onnxruntime as ort
 
+        if not isinstance(model, bytes):  # a path would let ORT open files by name
+            raise TypeError("OrtSession takes the model's verified bytes, not a path")
         if options.device not in _PROVIDERS:
             raise UnsupportedError(
                 f"device {options.device!r} not supported; choose from {sorted(_PROVIDERS)}"
@@ -35,6 +110,8 @@ class OrtSession:
                 f"{wanted[0]} is not available in this onnxruntime build (have {available}); "
                 "install 'mmedge[gpu]' for CUDA / TensorRT execution providers"
             )
+        self.name = name
+        self._deadline = options.run_deadline_s
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if options.threads:
@@ -43,16 +120,44 @@ class OrtSession:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not options.spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._sess = ort.InferenceSession(
-            model, sess_options=so, providers=[p for p in wanted if p in available]
-        )
+        self._initializers = dict(initializers or {})  # ORT reads these arrays in place: keep them
+        if self._initializers:
+            so.add_external_initializers(
+                list(self._initializers),
+                [ort.OrtValue.ortvalue_from_numpy(a) for a in self._initializers.values()],
+            )
+        try:
+            self._sess = ort.InferenceSession(
+                model, sess_options=so, providers=[p for p in wanted if p in available]
+            )
+        except Exception as exc:  # ORT raises its own types (Fail, InvalidGraph, ...)
+            raise BackendError(f"{name}: ONNX Runtime cannot load the graph: {_reason(exc)}") from None
         self.input_names = tuple(i.name for i in self._sess.get_inputs())
         self.output_names = tuple(o.name for o in self._sess.get_outputs())
         # fixed dims are ints, symbolic ones strings: how a caller tells a build's I/O contract apart
         self.output_shapes = {o.name: tuple(o.shape) for o in self._sess.get_outputs()}
 
+    def call(self, run: Callable[[Any], Any]) -> Any:
+        """Call `run(run_options)` under this session's deadline; ORT errors become typed ones."""
+        import onnxruntime as ort
+
+        run_options = ort.RunOptions()
+        entry = _DEADLINES.start(run_options, self._deadline) if self._deadline is not None else None
+        try:
+            result = run(run_options)
+        except Exception as exc:
+            if entry is not None and _DEADLINES.finish(entry):
+                raise DeadlineExceededError(
+                    f"{self.name}: the run took longer than its {self._deadline:g} s deadline and was "
+                    "cancelled (SessionOptions.run_deadline_s)"
+                ) from None
+            raise BackendError(f"{self.name}: ONNX Runtime failed to run the graph: {_reason(exc)}") from None
+        if entry is not None:
+            _DEADLINES.finish(entry)
+        return result
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self._sess.run(list(self.output_names), feeds)
+        outs = self.call(lambda ro: self._sess.run(list(self.output_names), feeds, ro))
         return dict(zip(self.output_names, outs))
 
     def run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
@@ -64,7 +169,7 @@ class OrtSession:
 
     def binding(self) -> OrtBinding:
         """A reusable binding over host memory: what stays bound between calls (a KV cache) is bound once."""
-        return OrtBinding(self._sess)
+        return OrtBinding(self)
 
 
 class OrtBinding:
@@ -72,8 +177,8 @@ class OrtBinding:
     rather than every token: rebinding a 30-layer cache every token cost about 10% of a decode step
     (measurements: docs/generation.md)."""
 
-    def __init__(self, sess: Any):
-        self._sess, self._io = sess, sess.io_binding()
+    def __init__(self, session: OrtSession):
+        self._session, self._io = session, session._sess.io_binding()
         self._keep: dict[str, np.ndarray] = {}  # the bound arrays must outlive the binding
 
     def bind(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
@@ -86,7 +191,8 @@ class OrtBinding:
                 self._keep[name] = arr
 
     def run(self) -> None:
-        self._sess.run_with_iobinding(self._io)
+        sess = self._session._sess
+        self._session.call(lambda ro: sess.run_with_iobinding(self._io, ro))
 
 
 def ort_target(device: str = "cpu") -> str:
@@ -108,13 +214,11 @@ class OrtBackend:
     def load(
         self, package: Package, component: str, precision: str, options: SessionOptions, variant: str = ""
     ) -> OrtSession:
-        """Prefer an ORT-optimized build for this ORT version; load verified bytes when self-contained.
+        """Prefer an ORT-optimized build for this ORT version; ORT only ever gets verified bytes.
 
         `variant` names an extra build of the component (the LLM's "prefill" build,
         `builds.ort_prefill`); it exists only as an ORT build. A quantized precision without a build
         still runs (its Q/DQ graph), but slower than fp32 on CPU: that is worth a warning."""
-        import hashlib
-
         _, rel = component_file(package, component, precision)
         key = build_key(component, precision, variant)
         if self.has_build(package, component, precision, variant, options):
@@ -130,11 +234,10 @@ class OrtBackend:
                 UnbuiltPrecisionWarning,
                 stacklevel=4,
             )
-        path = package.path(rel)
-        if rel + ".data" in package.manifest.files:  # external data: ORT must read it from disk
-            return OrtSession(str(path), options)
-        data = path.read_bytes()
-        # Hash again what ORT will run, so a file swapped after verification is never executed.
-        if hashlib.sha256(data).hexdigest() != package.manifest.files[rel].sha256:
-            raise IntegrityError(f"{rel} changed after the package was verified")
-        return OrtSession(data, options)
+        package.path(rel)  # listed, or an IntegrityError
+        # The model and its external data are read here and hashed as they are read, so a file
+        # swapped after verification is never run, and ORT gets bytes: given a path (or bytes
+        # that still name external files) it would open files by name, relative to the current
+        # directory, outside what was verified.
+        verified = read_model(package.root, package.manifest, rel)
+        return OrtSession(verified.model, options, name=key, initializers=verified.initializers)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.errors import IntegrityError, InvalidInputError, MmedgeError, UnsupportedError, require
+from mmedge.errors import BackendError, IntegrityError, InvalidInputError, UnsupportedError, require
 from mmedge.runtime.backends.base import SessionOptions, build_key
 from mmedge.runtime.package import Package
 
@@ -42,7 +42,7 @@ def _cuda(result: Any, what: str) -> Any:
     """cuda-python calls return (error, *values): raise on error, return the value(s)."""
     err, *values = result
     if err != type(err).cudaSuccess:
-        raise MmedgeError(f"CUDA {what} failed: {getattr(err, 'name', err)}")
+        raise BackendError(f"CUDA {what} failed: {getattr(err, 'name', err)}")
     return values[0] if len(values) == 1 else tuple(values)
 
 
@@ -161,7 +161,7 @@ class TensorRTSession:
                     ptrs.append(_cuda(cudart.cudaMalloc(max(outputs[name].nbytes, 1)), "cudaMalloc"))
                     ctx.set_tensor_address(name, ptrs[-1])
                 if not ctx.execute_async_v3(int(stream)):
-                    raise MmedgeError("TensorRT execute_async_v3 failed; the log says why")
+                    raise BackendError("TensorRT execute_async_v3 failed; the log says why")
                 for out, ptr in zip(outputs.values(), ptrs[len(arrays) :]):
                     _cuda(
                         cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, stream), "copy from GPU"
