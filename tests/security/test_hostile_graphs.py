@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -649,6 +650,58 @@ def test_no_backend_opens_a_package_file_by_name_chat(
     assert got == ref
     inside_tmp = [p for p in opens.paths if p.startswith(str(tmp_path))]
     assert inside_tmp and all(p.startswith(str(pkg)) for p in inside_tmp), inside_tmp
+
+
+# a file opened by path: relative paths resolve against the current directory (AT_FDCWD); listing a
+# directory (O_DIRECTORY, as Python's import system does for sys.path's "") reads no file's bytes
+_OPENED = re.compile(r'^\d+\s+open(?:at2?\(AT_FDCWD, |\()"([^"]*)"(?!.*O_DIRECTORY)')
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not shutil.which("strace"), reason="needs strace")
+def test_no_file_in_the_current_directory_is_opened_natively(tiny_pkg: Path, tmp_path: Path) -> None:
+    """What the audit hook cannot see: ORT's own (native) opens. The clip path runs in a child under
+    strace from a directory of decoys; no file under that directory, and no file outside the package
+    under the test's folder, may be opened by any thread."""
+    _to_external(tiny_pkg, "onnx/text.onnx", "text.onnx.data")
+    _to_external(tiny_pkg, "onnx/vision.onnx", "leak.bin")
+    cwd = tmp_path / "cwd"
+    _decoys(cwd, tiny_pkg, extra=("leak.bin", "text.onnx.data", "vision.onnx.data"))
+    script = (
+        "import numpy as np; from mmedge import sdk; "
+        f"p = sdk.Pipeline({str(tiny_pkg)!r}); "
+        "p.embed_images([np.full((64, 64, 3), 128, np.uint8)]); p.embed_texts(['a red circle'])"
+    )
+    trace = tmp_path / "opens.txt"
+    cmd = [
+        "strace",
+        "-f",
+        "-qq",
+        "-e",
+        "trace=open,openat,openat2",
+        "-o",
+        str(trace),
+        sys.executable,
+        "-c",
+        script,
+    ]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "ptrace" in done.stderr:
+        pytest.skip(f"strace cannot trace here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    opened = [
+        os.path.normpath(os.path.join(cwd, m[1]))
+        for line in trace.read_text().splitlines()
+        if (m := _OPENED.match(line))
+    ]
+    assert any(o.startswith(str(tiny_pkg)) for o in opened)  # the trace saw the package being read
+    in_cwd = [o for o in opened if o == str(cwd) or o.startswith(str(cwd) + os.sep)]
+    assert not in_cwd, in_cwd
+    outside_pkg = [
+        o
+        for o in opened
+        if o.startswith(str(tmp_path)) and not o.startswith(str(tiny_pkg)) and o != str(trace)
+    ]
+    assert not outside_pkg, outside_pkg
 
 
 def test_ort_session_refuses_a_path() -> None:
