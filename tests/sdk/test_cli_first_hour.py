@@ -3,6 +3,7 @@ sample inputs, readable errors and exit codes, no tracebacks."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -307,3 +308,14 @@ def test_verbose_calibrate_says_each_step_once(
     printed = {line.strip() for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert any(line.startswith("done:") for line in printed)
     assert not printed & {r.getMessage().strip() for r in caplog.records}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_a_missing_backend_library_is_named_before_the_package_is_touched(
+    tiny_pkg: Path, capsys: pytest.CaptureFixture
+) -> None:
+    before = (tiny_pkg / "manifest.json").read_bytes()
+    assert main(["build", str(tiny_pkg), "--backend", "tensorrt"]) == 1
+    captured = capsys.readouterr()
+    assert "pip install 'mmedge[trt]'" in captured.err and "in place" not in captured.out
+    assert (tiny_pkg / "manifest.json").read_bytes() == before

@@ -156,6 +156,11 @@ class TensorRTBuilder:
 
     name = "tensorrt"
 
+    def __init__(self) -> None:
+        from mmedge.errors import require
+
+        require("tensorrt", "trt")  # refuse up front, before the package is staged, where TensorRT is missing
+
     def build(self, request: BuildRequest) -> BuildResult:
         import shutil
 
