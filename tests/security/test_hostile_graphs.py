@@ -711,3 +711,33 @@ def test_ort_session_refuses_a_path() -> None:
 
     with pytest.raises(TypeError, match="verified bytes"):
         OrtSession("onnx/vision.onnx", SessionOptions())  # type: ignore[arg-type]
+
+
+def test_nan_logits_of_the_llm_step_are_refused(chat_pkg_session: Path, tmp_path: Path) -> None:
+    """The decode loop binds the LLM's outputs directly (no component runner), so it checks the
+    logits itself: a graph that turns them into NaN is refused, never sampled from."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    pkg = tmp_path / "blip2-tiny"
+    shutil.copytree(chat_pkg_session, pkg)
+    edited = []
+    for path in sorted(pkg.rglob("*.onnx")):
+        model = onnx.load(str(path))
+        if "logits" not in {o.name for o in model.graph.output}:
+            continue
+        for node in model.graph.node:
+            node.output[:] = ["logits_clean" if o == "logits" else o for o in node.output]
+        model.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
+        model.graph.node.append(helper.make_node("Mul", ["logits_clean", "nan"], ["logits"]))
+        onnx.save(model, str(path))
+        edited.append(path.relative_to(pkg).as_posix())
+    assert len(edited) >= 2  # the exported step and its ORT builds
+    _relist(pkg, *edited)
+    from mmedge import sdk
+
+    _raises(
+        IntegrityError,
+        "component 'llm' produced non-finite logits",
+        lambda: sdk.Pipeline(str(pkg)).caption(IMG, max_new_tokens=4),
+    )

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.errors import ContextFullWarning, InvalidInputError, UnsupportedError
+from mmedge.errors import ContextFullWarning, IntegrityError, InvalidInputError, UnsupportedError
 from mmedge.runtime.backends.base import Binding, Session
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.texts import TextTokenizer
@@ -234,6 +234,8 @@ class LanguageModel:
                 {**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, out.present))}
             )
             cache.append(out.present)
+        if not np.isfinite(out.logits).all():  # bound outputs skip the runner's checks; never sample NaN
+            raise IntegrityError(f"component {self.llm_component!r} produced non-finite logits")
         return out.logits
 
     def _binding(self, cache: KVCache, sess: Session) -> Binding:
