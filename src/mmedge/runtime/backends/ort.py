@@ -138,7 +138,7 @@ class OrtSession:
         self.output_shapes = {o.name: tuple(o.shape) for o in self._sess.get_outputs()}
 
     def call(self, run: Callable[[Any], Any]) -> Any:
-        """Call `run(run_options)` under this session's deadline; ORT errors become typed ones."""
+        """Call `run(run_options)` under the run deadline (`SessionOptions.run_deadline_s`); ORT errors become typed ones."""
         import onnxruntime as ort
 
         run_options = ort.RunOptions()
