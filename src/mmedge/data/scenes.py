@@ -114,6 +114,13 @@ def _position_phrase(position: str, rng: np.random.Generator) -> str:
     return _CORNER_PHRASES[int(rng.integers(len(_CORNER_PHRASES)))].format(p=position)
 
 
+def _framed(body: str, rng: np.random.Generator) -> str:
+    """A caption's body with a drawn lead-in ("a photo of ", ...) and, half the time, a full stop."""
+    prefix = _PREFIXES[int(rng.integers(len(_PREFIXES)))]
+    suffix = "." if rng.random() < 0.5 else ""
+    return prefix + body + suffix
+
+
 def caption_for(objects: Sequence[SceneObject], rng: np.random.Generator) -> str:
     """Draw a fresh lowercase caption naming every object's size, colour, shape and position."""
     ordered = _check_objects(objects)
@@ -123,9 +130,7 @@ def caption_for(objects: Sequence[SceneObject], rng: np.random.Generator) -> str
     else:
         comma = "," if len(parts) > 2 and rng.random() < 0.5 else ""
         body = ", ".join(parts[:-1]) + f"{comma} and " + parts[-1]
-    prefix = _PREFIXES[int(rng.integers(len(_PREFIXES)))]
-    suffix = "." if rng.random() < 0.5 else ""
-    return prefix + body + suffix
+    return _framed(body, rng)
 
 
 @dataclass(frozen=True)
@@ -179,9 +184,7 @@ def mention_text(mentions: Sequence[Mention], rng: np.random.Generator) -> str:
         words = " ".join(w for w in (m.size, m.colour, m.shape) if w)
         where = f" {_position_phrase(m.position, rng)}" if m.position else ""
         parts.append(f"a {words}{where}")
-    prefix = _PREFIXES[int(rng.integers(len(_PREFIXES)))]
-    suffix = "." if rng.random() < 0.5 else ""
-    return prefix + " and ".join(parts) + suffix
+    return _framed(" and ".join(parts), rng)
 
 
 EMPTY_SLOT = "none"
