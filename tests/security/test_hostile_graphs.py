@@ -131,6 +131,17 @@ def _expect_in_child(pkg: Path, tmp: Path, expected: type[MmedgeError], match: s
     assert match in outcome, outcome
 
 
+def _install_with_function(pkg: Path, op: str, body: list) -> None:
+    """The vision graph with its output computed by model-local function `evil.<op>` (x -> y)."""
+    from onnx import helper
+
+    fn = helper.make_function("evil", op, ["x"], ["y"], body, [helper.make_opsetid("", 17)])
+    model = _vision_model([helper.make_node(op, ["embeds"], ["image_embeds"], domain="evil")])
+    model.opset_import.append(helper.make_opsetid("evil", 1))
+    model.functions.append(fn)
+    _install(pkg, model)
+
+
 def _raises(expected: type[MmedgeError], match: str, run: Callable[[], object]) -> MmedgeError:
     with _watchdog(seconds=60), pytest.raises(MmedgeError) as info:
         run()
@@ -226,18 +237,8 @@ def test_constant_in_model_local_function_is_refused(tiny_pkg: Path) -> None:
     value.dims.extend([EMBED])
     entry = value.external_data.add()
     entry.key, entry.value = "location", "unlisted.bin"
-    fn = helper.make_function(
-        "evil",
-        "AddConst",
-        ["x"],
-        ["y"],
-        [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Add", ["x", "c"], ["y"])],
-        [helper.make_opsetid("", 17)],
-    )
-    model = _vision_model([helper.make_node("AddConst", ["embeds"], ["image_embeds"], domain="evil")])
-    model.opset_import.append(helper.make_opsetid("evil", 1))
-    model.functions.append(fn)
-    _install(tiny_pkg, model)
+    body = [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Add", ["x", "c"], ["y"])]
+    _install_with_function(tiny_pkg, "AddConst", body)
     _raises(UnsupportedError, "model-local functions", lambda: _embed(tiny_pkg))
 
 
@@ -485,18 +486,7 @@ def test_custom_domain_op_is_refused(tiny_pkg: Path) -> None:
 def test_recursive_function_is_refused(tiny_pkg: Path) -> None:
     from onnx import helper
 
-    fn = helper.make_function(
-        "evil",
-        "Rec",
-        ["x"],
-        ["y"],
-        [helper.make_node("Rec", ["x"], ["y"], domain="evil")],
-        [helper.make_opsetid("", 17)],
-    )
-    model = _vision_model([helper.make_node("Rec", ["embeds"], ["image_embeds"], domain="evil")])
-    model.opset_import.append(helper.make_opsetid("evil", 1))
-    model.functions.append(fn)
-    _install(tiny_pkg, model)
+    _install_with_function(tiny_pkg, "Rec", [helper.make_node("Rec", ["x"], ["y"], domain="evil")])
     _raises(UnsupportedError, "model-local functions", lambda: _embed(tiny_pkg))
 
 
