@@ -165,6 +165,7 @@ def export_model(
             llm=sections.llm,
             prompt=sections.prompt,
             retrieval=sections.retrieval,
+            chat_template=sections.chat_template,
         )
         manifest = write_manifest(tmp, manifest)
         verify_package(tmp)

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,14 @@ from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models.component import ComponentDecl
 from mmedge.presets import read_preset
 from mmedge.runtime.manifest import TASKS
-from mmedge.runtime.sections import ImageTokens, LLMConfig, PreprocessConfig, PromptConfig, RetrievalConfig
+from mmedge.runtime.sections import (
+    ChatTemplate,
+    ImageTokens,
+    LLMConfig,
+    PreprocessConfig,
+    PromptConfig,
+    RetrievalConfig,
+)
 
 ENTRY_POINT_GROUP = "mmedge.families"
 
@@ -43,6 +51,7 @@ class Sections:
     prompt: PromptConfig | None = None
     retrieval: RetrievalConfig | None = None
     image_tokens: ImageTokens | None = None
+    chat_template: ChatTemplate | None = None  # a Jinja-templated chat, instead of `prompt`
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class HFSupport:
     config: Callable[[dict[str, Any], int | None], dict[str, Any]]  # (HF config, max_context) -> config JSON
     # HF state dict -> the family's state dict (renames, tied weights saved once); default: as saved
     weights: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]] | None = None
+    # (directory, config JSON) -> config JSON with settings kept beside config.json (chat template, processor)
+    directory: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,8 @@ def preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarra
             raise InvalidInputError(f"image {i} is {what}; expected (H, W, 3) uint8 RGB (see load_image)")
         if img.shape[0] == 0 or img.shape[1] == 0:
             raise InvalidInputError(f"image {i} has zero size {img.shape[:2]}")
+        if cfg.pad_square:
+            img = pad_square(img, tuple(int(m * 255) for m in cfg.mean))
         batch[i] = _resize_crop(img, cfg.image_size, cfg.resample, exact=cfg.resize == "exact")
     # transformers: rescale in float64, cast to float32, normalise in float32. A LUT per level is exact.
     levels = (np.arange(256, dtype=np.float64) * cfg.rescale).astype(np.float32)[:, None]  # (256, 1)
@@ -216,6 +218,20 @@ def preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarra
     n, size = len(images), cfg.image_size
     hwc = cv2.LUT(batch.reshape(n * size, size, 3), lut.reshape(1, 256, 3))  # (N*S, S, 3) float32
     return np.ascontiguousarray(hwc.reshape(n, size, size, 3).transpose(0, 3, 1, 2))  # (N, 3, S, S)
+
+
+def pad_square(img: np.ndarray, fill: tuple[int, ...]) -> np.ndarray:
+    """The image centred on a square of its longer side, the rest `fill` (LLaVA-1.5's expand2square;
+    the left/top margin is the smaller one when the difference is odd, as transformers pads)."""
+    height, width = img.shape[:2]
+    if height == width:
+        return img
+    side = max(height, width)
+    out = np.empty((side, side, 3), np.uint8)
+    out[:] = np.asarray(fill, np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    out[top : top + height, left : left + width] = img
+    return out
 
 
 def _resize_crop(img: np.ndarray, size: int, resample: str, exact: bool = False) -> np.ndarray:
