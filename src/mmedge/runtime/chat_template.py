@@ -48,7 +48,7 @@ class TemplateChat:
         class _Generation(Extension):
             """`{% generation %}...{% endgeneration %}` (HF's assistant-mask tag): renders its body."""
 
-            tags = frozenset({"generation"})
+            tags = {"generation"}  # noqa: RUF012  (Extension declares it a set)
 
             def parse(self, parser: Any) -> Any:
                 lineno = next(parser.stream).lineno
