@@ -260,3 +260,20 @@ def test_multi_turn_reuses_the_kv_cache_and_images(llava, monkeypatch: pytest.Mo
         sdk.Pipeline(str(pipe.runner.package.root)).chat_messages(second, max_new_tokens=6, min_new_tokens=6)
         == reply
     )
+
+
+def test_bad_conversations_are_typed_errors(llava) -> None:
+    from mmedge.errors import InvalidInputError
+
+    _, _, pipe, images = llava
+    many = [
+        {"type": "image", "image": str(images[0])}
+    ] * 16  # 16 x 16 image tokens fill the 256-token context
+    with pytest.raises(InvalidInputError, match="positions.*16 image.*context of 256"):
+        pipe.chat_messages([{"role": "user", "content": [*many, {"type": "text", "text": "what"}]}])
+    with pytest.raises(InvalidInputError, match="limit is 16"):
+        pipe.chat_messages([{"role": "user", "content": [*many, *many[:1]]}])
+    with pytest.raises(InvalidInputError, match="role 'robot'"):
+        pipe.chat_messages([{"role": "robot", "content": "what"}])
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        pipe.chat(str(images[0]), "what", max_new_tokens=0)
