@@ -269,7 +269,7 @@ def test_bad_conversations_are_typed_errors(llava) -> None:
     many = [
         {"type": "image", "image": str(images[0])}
     ] * 16  # 16 x 16 image tokens fill the 256-token context
-    with pytest.raises(InvalidInputError, match="positions.*16 image.*context of 256"):
+    with pytest.raises(InvalidInputError, match=r"positions.*16 image.*context of 256"):
         pipe.chat_messages([{"role": "user", "content": [*many, {"type": "text", "text": "what"}]}])
     with pytest.raises(InvalidInputError, match="limit is 16"):
         pipe.chat_messages([{"role": "user", "content": [*many, *many[:1]]}])

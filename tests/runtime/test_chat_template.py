@@ -65,9 +65,9 @@ def test_images_become_slots_and_specials_come_from_the_template_only() -> None:
 
 
 def test_the_count_of_images_must_match_the_placeholders() -> None:
-    with pytest.raises(InvalidInputError, match="carries 1 image.*places 2"):
+    with pytest.raises(InvalidInputError, match=r"carries 1 image.*places 2"):
         _chat(LLAVA.replace("'<image>\n'", "'<image><image>'")).encode(_user("what"), images=1)
-    with pytest.raises(InvalidInputError, match="carries 2 image.*places 1"):
+    with pytest.raises(InvalidInputError, match=r"carries 2 image.*places 1"):
         _chat().encode(_user("what"), images=2)  # two images given, one image part
 
 
