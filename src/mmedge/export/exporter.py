@@ -93,9 +93,11 @@ def export_model(
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
     force: bool = False,
+    max_context: int | None = None,
 ) -> Manifest:
     """Export every component of a model into a package at `out` (replacing an older package there
-    atomically; a folder holding anything else is refused unless `force`)."""
+    atomically; a folder holding anything else is refused unless `force`). `max_context`: the KV
+    cache slots of an LM imported from an HF directory (default: the family's choice)."""
     from mmedge.export.trt_lint import lint_model
     from mmedge.models.sources import load_source
 
@@ -105,7 +107,7 @@ def export_model(
         name = check_name(name or out.resolve().name, "package name (--name, or the --out folder's name)")
     except IntegrityError as exc:
         raise InvalidInputError(f"{exc}; names use letters, digits and _ . : - /") from None
-    lm = load_source(src, family, allow_pickle)
+    lm = load_source(src, family, allow_pickle, max_context)
     decls = lm.family.components(lm.config)
     for d in decls:
         if d.role not in ROLES:

@@ -30,6 +30,11 @@ def llava_config(cfg: dict[str, Any], max_context: int | None = None) -> dict[st
         raise UnsupportedError(f"a {v.get('model_type')!r} vision tower is not supported; CLIP's is")
     next_ = cfg.get("model_type") == "llava_next"
     layers = cfg.get("vision_feature_layer", -2)
+    pinpoints = cfg.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672]]
+    if max_context is None:  # room for one image's tokens and a conversation about it
+        max_context = min(
+            t.get("max_position_embeddings", 2048), _image_tokens_bound(v, next_, pinpoints) + 1024
+        )
     out: dict[str, Any] = {
         "vision": {
             "image_size": v.get("image_size", 224),
@@ -49,10 +54,21 @@ def llava_config(cfg: dict[str, Any], max_context: int | None = None) -> dict[st
         "projector_bias": cfg.get("multimodal_projector_bias", True),
     }
     if next_:
-        out["grid_pinpoints"] = cfg.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672]]
+        out["grid_pinpoints"] = pinpoints
         if cfg.get("vision_aspect_ratio", "anyres") not in ("anyres",):
             raise UnsupportedError(f"vision_aspect_ratio {cfg.get('vision_aspect_ratio')!r} is not supported")
     return out
+
+
+def _image_tokens_bound(vision: dict[str, Any], next_: bool, pinpoints: list[list[int]]) -> int:
+    """The most LM positions one image can take (NeXT: base image, largest grid, a newline per row)."""
+    size, patch = vision.get("image_size", 224), vision.get("patch_size", 32)
+    side = size // patch
+    if not next_:
+        return side * side + 1
+    rows = max(h for h, _ in pinpoints) // size * side
+    cols = max(w for _, w in pinpoints) // size * side
+    return side * side + 1 + rows * (cols + 1)
 
 
 def llava_directory(root: Path, config: dict[str, Any]) -> dict[str, Any]:
