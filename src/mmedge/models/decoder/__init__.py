@@ -1,7 +1,8 @@
 """Decoder LMs with an explicit KV cache: one base (`base.CachedDecoderLM`), one class per variant.
 
 Shared by every family with a language model (causal-lm, blip2, and the LLaVA line to come). A new
-variant subclasses the base in its own module and is added to `VARIANTS`.
+variant subclasses the base (or a variant it extends, as Mistral and Qwen2 extend Llama) in its own
+module and is added to `VARIANTS`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ from mmedge.models.decoder.base import (
     llm_section,
 )
 from mmedge.models.decoder.llama import LlamaForCausalLM
+from mmedge.models.decoder.mistral import MistralForCausalLM
 from mmedge.models.decoder.opt import OPTForCausalLM
+from mmedge.models.decoder.qwen2 import Qwen2ForCausalLM
 
-VARIANTS: dict[str, type[CachedDecoderLM]] = {v.variant: v for v in (OPTForCausalLM, LlamaForCausalLM)}
+VARIANTS: dict[str, type[CachedDecoderLM]] = {
+    v.variant: v for v in (OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+}
 DEFAULT_MAX_CONTEXT = 256  # KV cache slots of an imported LM (capped by max_position_embeddings)
 
 __all__ = [
