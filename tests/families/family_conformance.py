@@ -98,6 +98,15 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
         for v in _DECODERS
     },
     **{("causal-lm", v): cfg for v, cfg in _DECODERS.items()},
+    **{
+        ("llava", v): {
+            "vision": {**_VISION, "layers": 2, "eps": 1e-5},
+            "text": _DECODERS["llama"],
+            "variant": v,
+            "pad_square": v == "1.5",
+        }
+        for v in ("v1", "1.5")
+    },
 }
 
 

@@ -83,6 +83,9 @@ class Family:
     sections: Callable[[Any, nn.Module, str], Sections]  # (config, model, tokenizer JSON)
     hf: HFSupport | None = None
     recipe: str | None = None  # module with `train(out, request)`, e.g. "mmedge.recipes.clip"
+    # Tokens the family's prompts need in its tokenizer (e.g. llava's "<image>"), added as special
+    # tokens to the tokenizers it trains or makes for random-weight checkpoints.
+    special_tokens: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

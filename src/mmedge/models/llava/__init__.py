@@ -92,5 +92,6 @@ FAMILY = register(
             weights=llava_weights,
             directory=llava_directory,
         ),
+        special_tokens=lambda cfg: (cfg.image_token,),
     )
 )
