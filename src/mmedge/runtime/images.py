@@ -249,24 +249,33 @@ def _resize_crop(img: np.ndarray, size: int, resample: str, exact: bool = False)
 def resize_bicubic(
     img: np.ndarray, new_hw: tuple[int, int], window: tuple[int, int, int, int] | None = None
 ) -> np.ndarray:
-    """(H, W, C) uint8 resized to `new_hw` with PIL's bicubic, bit for bit; with `window`
-    (top, left, height, width), only that part of the resized image."""
+    """(H, W, C) uint8 resized to `new_hw` with PIL's bicubic, bit for bit (Pillow >= 13); with
+    `window` (top, left, height, width), only that part of the resized image."""
     height, width = img.shape[:2]
     new_h, new_w = new_hw
     top, left, out_h, out_w = window if window is not None else (0, 0, new_h, new_w)
-    # PIL order: horizontal pass first (rounded to uint8), then vertical; only the rows and columns
-    # that reach the window are computed, so a 1x50000 strip never becomes a 224x11M intermediate.
-    x, r0, rows = img[top : top + out_h], top, None
-    if new_h != height:
-        rows = _pil_coeffs(height, new_h, top, out_h)
-        r0 = int(rows[0][0])
-        x = img[r0 : min(int(rows[0][-1]) + rows[1].shape[1], height)]
-    if new_w != width:
-        start, weights = _pil_coeffs(width, new_w, left, out_w)
-        x = _resample_axis0(x.transpose(1, 0, 2), start, weights).transpose(1, 0, 2)
-    else:
-        x = x[:, left : left + out_w]
-    return x if rows is None else _resample_axis0(x, rows[0] - r0, rows[1])
+    # Only the source rows and columns that reach the window are read and resampled, so a
+    # 1x50000 strip never becomes a 224x11M intermediate.
+    rows = _pil_coeffs(height, new_h, top, out_h) if new_h != height else None
+    cols = _pil_coeffs(width, new_w, left, out_w) if new_w != width else None
+    x = img[top : top + out_h] if rows is None else img[_span(rows)]
+    x = x[:, left : left + out_w] if cols is None else x[:, _span(cols)]
+    # Each pass rounds to uint8, so their order shows. Pillow 13 runs the vertical one first when
+    # the height loses more than twice as many pixels as the width (older Pillow: always horizontal).
+    vertical_first = new_h < height and height - new_h > 2 * (width - new_w)
+    if rows is not None and vertical_first:
+        x = _resample_axis0(x, rows[0] - rows[0][0], rows[1])
+    if cols is not None:
+        x = _resample_axis0(x.transpose(1, 0, 2), cols[0] - cols[0][0], cols[1]).transpose(1, 0, 2)
+    if rows is not None and not vertical_first:
+        x = _resample_axis0(x, rows[0] - rows[0][0], rows[1])
+    return x
+
+
+def _span(coeffs: tuple[np.ndarray, np.ndarray]) -> slice:
+    """The source indices that taps (start, weights) read: starts never decrease along the output."""
+    start, weights = coeffs
+    return slice(int(start[0]), int(start[-1]) + weights.shape[1])
 
 
 _PRECISION_BITS = 22  # PIL's 8-bit resampler: 32 - 8 - 2
