@@ -126,7 +126,8 @@ def _check_pinpoints(pinpoints: object, tile: int) -> tuple[tuple[int, int], ...
 
 
 def _check_hw(image_hw: Sequence[int]) -> tuple[int, int]:
-    if len(image_hw) != 2 or not all(_is_int(v) or isinstance(v, np.integer) for v in image_hw):
+    sized = isinstance(image_hw, (tuple, list, np.ndarray)) and len(image_hw) == 2
+    if not sized or not all(_is_int(v) or isinstance(v, np.integer) for v in image_hw):
         raise InvalidInputError(f"image size must be (height, width) ints, got {image_hw!r}")
     height, width = int(image_hw[0]), int(image_hw[1])
     if height < 1 or width < 1:
@@ -137,8 +138,6 @@ def _check_hw(image_hw: Sequence[int]) -> tuple[int, int]:
 def select_best_resolution(image_hw: Sequence[int], pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
     """The (height, width) pinpoint that keeps most of the image's pixels, then wastes least (as transformers)."""
     height, width = _check_hw(image_hw)
-    if not pinpoints:
-        raise ConfigError("grid_pinpoints is empty")
     best: tuple[int, int] | None = None
     max_effective, min_wasted = 0, math.inf
     for target_h, target_w in pinpoints:
@@ -147,8 +146,8 @@ def select_best_resolution(image_hw: Sequence[int], pinpoints: Sequence[Sequence
         wasted = target_w * target_h - effective
         if effective > max_effective or (effective == max_effective and wasted < min_wasted):
             max_effective, min_wasted, best = effective, wasted, (int(target_h), int(target_w))
-    if best is None:  # every pinpoint rounds the image down to nothing: transformers returns None too
-        raise InvalidInputError(f"no grid pinpoint holds any pixel of a {height}x{width} image")
+    if best is None:  # the first pinpoint always wins against nothing, even when it keeps 0 pixels
+        raise ConfigError("grid_pinpoints is empty")
     return best
 
 
