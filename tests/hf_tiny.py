@@ -57,3 +57,51 @@ def word_tokenizer_json(vocab_size: int) -> str:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(["<pad>", "<s>", "</s>"])
     return tok.to_str()
+
+
+# LLaVA: a word-level tokenizer with the <image> placeholder and a BOS post-processor, a
+# LLaVA-1.5-style chat template (with a system turn), and conversations in HF's and mmedge's forms.
+LLAVA_WORDS = ["what", "is", "the", "colour", "shape", "of", "this", "and", "that", "circle", "red", "?", "."]
+# A LLaVA-1.5-style template (the llava-hf processors' structure, with a system turn).
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] + ' ' }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}"
+    "{% else %}{{ content['text'] + ' ' }}{% endif %}{% endfor %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def llava_tokenizer(vocab_size: int):
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    words = ["<unk>", "<s>", "</s>", "<pad>", "USER", "ASSISTANT", ":", *LLAVA_WORDS]
+    words += [f"w{i}" for i in range(vocab_size - len(words) - 1)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tok.get_vocab_size() == vocab_size
+    return tok
+
+
+def llava_conversation(images, turns):
+    """(HF conversation, our messages) for user turns [(n_images, text)] and answers between them."""
+    hf_conv, ours, k = [], [], 0
+    for role, content in turns:
+        if role == "user":
+            n, text = content
+            hf_conv.append(
+                {"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": text}]}
+            )
+            parts = [{"type": "image", "image": str(p)} for p in images[k : k + n]]
+            ours.append({"role": "user", "content": [*parts, {"type": "text", "text": text}]})
+            k += n
+        else:
+            hf_conv.append({"role": role, "content": [{"type": "text", "text": content}]})
+            ours.append({"role": role, "content": [{"type": "text", "text": content}]})
+    return hf_conv, ours, images[:k]

@@ -104,8 +104,9 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
             "text": _DECODERS["llama"],
             "variant": v,
             "pad_square": v == "1.5",
+            "grid_pinpoints": [[32, 64], [64, 32]] if v == "next" else [],
         }
-        for v in ("v1", "1.5")
+        for v in ("v1", "1.5", "next")
     },
 }
 

@@ -27,6 +27,7 @@ from mmedge.runtime.manifest import (
     PrecisionEntry,
     Provenance,
     check_name,
+    check_relpath,
 )
 from mmedge.runtime.package import verify_package
 from mmedge.runtime.sections import PATH_SOURCES, ROLES, PipelineConfig, Step, TokenizerConfig
@@ -145,6 +146,8 @@ def export_model(
                 int_ranges=decl.int_ranges,
             )
         write_atomic(tmp / TOKENIZER_FILE, lm.tokenizer_json)
+        for rel, data in sections.files.items():
+            write_atomic(tmp / check_relpath(rel, "family file"), data)
         for key, rep in reports.items():
             write_atomic(tmp / "reports" / f"{key}.json", json.dumps(rep, indent=2, sort_keys=True))
         manifest = Manifest(

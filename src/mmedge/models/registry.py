@@ -17,7 +17,7 @@ import importlib
 import pkgutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ class Sections:
     retrieval: RetrievalConfig | None = None
     image_tokens: ImageTokens | None = None
     chat_template: ChatTemplate | None = None  # a Jinja-templated chat, instead of `prompt`
+    files: dict[str, bytes] = field(default_factory=dict)  # extra package files, e.g. llava-next's newline
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,7 @@ class ChatPipeline:
         stops = m.chat_template.stop_strings if m.chat_template else m.prompt.stop_strings  # type: ignore[union-attr]
         self.stop_strings: tuple[str, ...] = stops
         self._images = _LRU(IMAGE_CACHE_SIZE)
+        self._newline_embed: np.ndarray | None = None
         self._conversations = _Conversations(CONVERSATION_CACHE_SIZE)
 
     def __repr__(self) -> str:
@@ -142,18 +143,53 @@ class ChatPipeline:
         if self.runner.preprocess is None:  # a chat manifest always has one; this guards hand-made runners
             raise InvalidInputError("this package has no image preprocessing; it is not an image chat model")
         image_array = load_image(image, channel_order=channel_order, limits=self.runner.image_limits)
-        pixels = preprocess([image_array], self.runner.preprocess)
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()
+        rule = self.image_tokens
+        if rule.anyres is not None:
+            from mmedge.runtime.anyres import preprocess_anyres
+
+            pixels = preprocess_anyres(image_array, rule.anyres)  # base view, then the tiles
+            size = np.array(image_array.shape[:2], np.int64)  # the packing depends on the original size
+        else:
+            pixels, size = preprocess([image_array], self.runner.preprocess), np.zeros(0, np.int64)
+        key = hashlib.sha256(pixels.tobytes() + size.tobytes()).hexdigest()
         cached = self._images.get(key)
         if cached is None:
-            embeds = self.runner.run_path("image", {"pixel_values": pixels})[0]
-            if embeds.shape[0] != self.image_tokens.count:
+            views = self.runner.run_path("image", {"pixel_values": pixels})  # (views, count, E)
+            if views.shape[1] != rule.count:
                 raise InvalidInputError(
-                    f"the image path yields {embeds.shape[0]} embeddings; the package declares {self.image_tokens.count}"
+                    f"the image path yields {views.shape[1]} embeddings per view; the package declares {rule.count}"
                 )
+            if rule.anyres is not None:
+                from mmedge.runtime.anyres import pack_features
+
+                embeds = pack_features(
+                    views, (int(size[0]), int(size[1])), rule.anyres, self._newline(views.shape[2])
+                )
+            else:
+                embeds = views[0]
             cached = _Image(key, embeds)
             self._images.put(key, cached)
         return cached
+
+    def _newline(self, width: int) -> np.ndarray:
+        """LLaVA-NeXT's learned row separator, read once from the package (verified as it is read)."""
+        if self._newline_embed is None:
+            import io
+
+            from mmedge.errors import IntegrityError
+
+            rel = self.image_tokens.newline
+            assert rel is not None  # set exactly with the anyres rule (sections.ImageTokens)
+            try:
+                value = np.load(io.BytesIO(self.runner.package.read_verified(rel)), allow_pickle=False)
+            except ValueError as exc:
+                raise IntegrityError(f"{rel} is not a float32 .npy array: {exc}") from None
+            if value.dtype != np.float32 or value.shape != (width,) or not np.isfinite(value).all():
+                raise IntegrityError(
+                    f"{rel} must hold {width} finite float32 values, got {value.dtype} {value.shape}"
+                )
+            self._newline_embed = value
+        return self._newline_embed
 
     # -- conversations --------------------------------------------------------------------
     def caption(

@@ -338,6 +338,9 @@ def _check_references(m: Manifest) -> None:
     named += [f for e in m.engines.values() for f in e.files.values()]
     if m.tokenizer is not None:
         named.append(check_relpath(m.tokenizer.file, "tokenizer.file"))
+    tokens = m.pipeline.image_tokens
+    if tokens is not None and tokens.newline is not None:
+        named.append(check_relpath(tokens.newline, "pipeline.image_tokens.newline"))
     for path in named:
         if path not in m.files:
             raise IntegrityError(f"manifest names {path!r} but does not list its hash in 'files'")

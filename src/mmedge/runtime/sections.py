@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from mmedge.errors import ConfigError
+from mmedge.errors import ConfigError, IntegrityError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -130,6 +131,99 @@ class LLMConfig:
                 )
         if self.rope_theta is not None and not 0 < self.rope_theta < float("inf"):
             raise ConfigError(f"llm rope_theta must be positive, got {self.rope_theta}")
+
+
+# Bounds of what a manifest may ask for: every pinpoint becomes a uint8 canvas and (1 + tiles)
+# float32 views, so a hostile section must not reach gigabytes. LLaVA-NeXT uses 5 pinpoints of
+# at most 3 x 3 tiles of 336 pixels (1008 x 1008).
+MAX_PINPOINTS = 64
+MAX_GRID_SIDE = 16  # tiles along either side of a pinpoint
+MAX_GRID_PIXELS = 1 << 25  # one pinpoint's area: 16 x 16 tiles of 336 fit; as float32 views, 384 MiB
+
+
+@dataclass(frozen=True)
+class AnyResConfig:
+    """Pinpoints, tile geometry and normalisation of an anyres image input.
+
+    `grid_pinpoints` are (height, width) resolutions, each a multiple of `tile_size` (the vision
+    tower's input side S); `patch_size` is the tower's patch side, so a tile gives
+    (S / patch_size)^2 feature tokens.
+    """
+
+    grid_pinpoints: tuple[tuple[int, int], ...]
+    tile_size: int
+    patch_size: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    rescale: float = 1 / 255
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.tile_size) or not 1 <= self.tile_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"tile_size must be an int in [1, {MAX_IMAGE_SIZE}], got {self.tile_size!r}")
+        # Normalisation follows the same rules as a plain image input's.
+        base = PreprocessConfig(self.tile_size, self.mean, self.std, rescale=self.rescale)
+        object.__setattr__(self, "mean", base.mean)
+        object.__setattr__(self, "std", base.std)
+        if not _is_int(self.patch_size) or not 1 <= self.patch_size <= self.tile_size:
+            raise ConfigError(
+                f"patch_size must be an int in [1, tile_size={self.tile_size}], got {self.patch_size!r}"
+            )
+        if self.tile_size % self.patch_size:
+            raise ConfigError(f"tile_size {self.tile_size} is not a multiple of patch_size {self.patch_size}")
+        object.__setattr__(self, "grid_pinpoints", _check_pinpoints(self.grid_pinpoints, self.tile_size))
+
+    @property
+    def tokens_per_side(self) -> int:
+        """Feature tokens along one side of a tile (CLS excluded)."""
+        return self.tile_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (tuples become lists)."""
+        from mmedge.runtime import schema
+
+        out: dict[str, Any] = schema.to_json(self)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AnyResConfig:
+        """Strict inverse of `to_dict`: unknown or missing keys and wrong types are ConfigErrors."""
+        from mmedge.runtime import schema
+
+        try:
+            return schema.from_json(cls, dict(data), "anyres")
+        except IntegrityError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_pinpoints(pinpoints: object, tile: int) -> tuple[tuple[int, int], ...]:
+    if not isinstance(pinpoints, (list, tuple)) or not pinpoints:
+        raise ConfigError(
+            f"grid_pinpoints must be a non-empty list of (height, width) pairs, got {pinpoints!r}"
+        )
+    if len(pinpoints) > MAX_PINPOINTS:
+        raise ConfigError(f"grid_pinpoints has {len(pinpoints)} entries; the limit is {MAX_PINPOINTS}")
+    checked = []
+    for point in pinpoints:
+        if (
+            not isinstance(point, (list, tuple))
+            or len(point) != 2
+            or not all(_is_int(v) and v > 0 for v in point)
+        ):
+            raise ConfigError(f"grid pinpoint {point!r} is not a (height, width) pair of positive ints")
+        height, width = point
+        if height % tile or width % tile:
+            raise ConfigError(f"grid pinpoint {height}x{width} is not a multiple of tile_size {tile}")
+        if max(height, width) // tile > MAX_GRID_SIDE or height * width > MAX_GRID_PIXELS:
+            raise ConfigError(
+                f"grid pinpoint {height}x{width} is {height // tile}x{width // tile} tiles of {tile}; the limits "
+                f"are {MAX_GRID_SIDE} tiles a side and {MAX_GRID_PIXELS} pixels"
+            )
+        checked.append((height, width))
+    return tuple(checked)
 
 
 # Markers a prompt template may hold. User text is substituted only into the text between them.
@@ -266,14 +360,23 @@ class Path:
 
 @dataclass(frozen=True)
 class ImageTokens:
-    """How many LLM positions one image takes. Rules this runtime knows: "fixed" (`count`)."""
+    """How many LLM positions one image takes. Rules: "fixed" (`count` per image, BLIP-2, LLaVA-1.5)
+    and "anyres" (LLaVA-NeXT: the image path runs on a base view and the tiles of `anyres`, each
+    giving `count` embeddings, packed on the host with the newline embedding stored in `newline`,
+    a float32 .npy file of the package)."""
 
-    rule: Literal["fixed"]
+    rule: Literal["fixed", "anyres"]
     count: int
+    anyres: AnyResConfig | None = None
+    newline: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.count <= MAX_IMAGE_TOKENS:
             raise ConfigError(f"image_tokens.count must be in [1, {MAX_IMAGE_TOKENS}], got {self.count}")
+        if (self.rule == "anyres") != (self.anyres is not None) or (self.anyres is None) != (
+            self.newline is None
+        ):
+            raise ConfigError("image_tokens.anyres and .newline are set exactly when the rule is 'anyres'")
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,11 @@ image takes a fixed number of LM positions (v1, 1.5) or, for NeXT, as many as it
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
+import numpy as np
+import torch
 from torch import nn
 
 from mmedge.models import decoder
@@ -19,7 +22,7 @@ from mmedge.models.llava.hf import llava_config, llava_directory, llava_weights
 from mmedge.models.llava.modeling import LLAVA_VARIANTS, Llava, LlavaConfig
 from mmedge.models.registry import Family, HFSupport, Sections, register
 from mmedge.runtime.manifest import DimRange, TensorSpec
-from mmedge.runtime.sections import ChatTemplate, ImageTokens, PreprocessConfig
+from mmedge.runtime.sections import AnyResConfig, ChatTemplate, ImageTokens, PreprocessConfig
 
 
 def components(cfg: LlavaConfig) -> tuple[ComponentDecl, ...]:
@@ -55,9 +58,23 @@ def _token(tokenizer_json: str, token_id: int) -> str:
     return Tokenizer.from_str(tokenizer_json).id_to_token(token_id) or ""
 
 
+NEWLINE_FILE = "image_newline.npy"
+
+
+def _image_tokens(cfg: LlavaConfig, model: nn.Module) -> tuple[ImageTokens, dict[str, bytes]]:
+    """(the image_tokens section, extra files): NeXT keeps its learned newline in a verified .npy."""
+    if cfg.variant != "next":
+        return ImageTokens("fixed", cfg.image_tokens), {}
+    anyres = AnyResConfig(
+        tuple(cfg.grid_pinpoints), cfg.vision.image_size, cfg.vision.patch_size, cfg.mean, cfg.std
+    )
+    out = io.BytesIO()
+    np.save(out, model.image_newline.detach().to(torch.float32).numpy(), allow_pickle=False)
+    return ImageTokens("anyres", cfg.image_tokens, anyres, NEWLINE_FILE), {NEWLINE_FILE: out.getvalue()}
+
+
 def sections(cfg: LlavaConfig, model: nn.Module, tokenizer_json: str) -> Sections:
-    if cfg.variant == "next":
-        raise NotImplementedError("llava-next sections")  # replaced when the any-resolution host side lands
+    image_tokens, files = _image_tokens(cfg, model)
     return Sections(
         context_length=cfg.text.max_context,
         pad_id=cfg.text.pad_token_id,
@@ -69,7 +86,8 @@ def sections(cfg: LlavaConfig, model: nn.Module, tokenizer_json: str) -> Section
             eos_token=_token(tokenizer_json, cfg.text.eos_token_id),
             caption_prompt=cfg.caption_prompt,
         ),
-        image_tokens=ImageTokens("fixed", cfg.image_tokens),
+        image_tokens=image_tokens,
+        files=files,
     )
 
 
