@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-context",
         type=int,
         default=None,
-        help="KV cache slots of the package (default 256, at most the LM's max_position_embeddings)",
+        help="KV cache slots of the package; unset: 256, capped at the LM's max_position_embeddings",
     )
     sp.add_argument("--opset", type=int, default=17)
     sp.add_argument(
