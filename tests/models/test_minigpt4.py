@@ -10,6 +10,7 @@ between them, then `LlamaForCausalLM.generate(inputs_embeds=...)` and the answer
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,12 +26,28 @@ SYSTEM = (
 WORDS = [f"t{i}" for i in range(40)]
 
 
-def official_prompt(variant: str, question: str) -> str:
-    """The demo's Conversation.get_prompt() for one image and one question (sep / roles per variant)."""
+def official_prompt(variant: str, question: str, history: tuple[tuple[str, str], ...] = ()) -> str:
+    """The demo's Conversation.get_prompt() for one image: earlier (question, answer) turns, then
+    `question` (sep / roles per variant; the image joins the first question after a space)."""
     sep, roles = (
         ("###", ("Human: ", "Assistant: ")) if variant == "vicuna" else ("", ("<s>[INST] ", " [/INST] "))
     )
-    return SYSTEM + sep + roles[0] + "<Img><ImageHere></Img> " + question + sep + roles[1]
+    questions = [q for q, _ in history] + [question]
+    questions[0] = "<Img><ImageHere></Img> " + questions[0]
+    messages = [m for q, (_, a) in zip(questions, history) for m in ((roles[0], q), (roles[1], a))]
+    messages += [(roles[0], questions[-1]), (roles[1], None)]
+    return SYSTEM + sep + "".join(role + msg + sep if msg else role for role, msg in messages)
+
+
+def official_items(tokenizer_file: Path, prompt: str) -> list[int | None]:
+    """get_context_emb's tokens: the pieces around <ImageHere>, specials added to the first only."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    before, after = (
+        tok.encode(s, add_special_tokens=i == 0).ids for i, s in enumerate(prompt.split("<ImageHere>"))
+    )
+    return [*before, None, *after]
 
 
 def _tokenizer(path: Path) -> None:
@@ -147,10 +164,9 @@ def _reference(
 ) -> tuple[list, torch.Tensor, list[int]]:
     """(prompt items with None for the image, image embeddings, greedy tokens) in PyTorch."""
     from PIL import Image
-    from tokenizers import Tokenizer
 
     blip2, llama, proj = parts["blip2"], parts["llama"], parts["proj"][variant]
-    tok = Tokenizer.from_file(str(parts["root"] / "llama" / "tokenizer.json"))
+    items = official_items(parts["root"] / "llama" / "tokenizer.json", official_prompt(variant, question))
     pixels = transformers.BlipImageProcessor(size={"height": SIZE, "width": SIZE})(
         Image.fromarray(image), return_tensors="pt"
     )["pixel_values"]
@@ -163,21 +179,23 @@ def _reference(
             bs, pn, hs = feats[:, 1:].shape
             feats = feats[:, 1:].reshape(bs, pn // 4, hs * 4)
         image_embeds = proj(feats)
-        segs = [
-            tok.encode(s, add_special_tokens=i == 0).ids
-            for i, s in enumerate(official_prompt(variant, question).split("<ImageHere>"))
-        ]
-        embed = llama.get_input_embeddings()
-        inputs = torch.cat(
-            [embed(torch.tensor([segs[0]])), image_embeds, embed(torch.tensor([segs[1]]))], dim=1
+        inputs = _with_image(
+            items, image_embeds[0], lambda ids: llama.get_input_embeddings()(torch.tensor(ids))
         )
         out = llama.generate(
-            inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long),
+            inputs_embeds=inputs[None], attention_mask=torch.ones((1, len(inputs)), dtype=torch.long),
             max_new_tokens=20, do_sample=False,
         )[0].tolist()  # fmt: skip
     if out and out[-1] == llama.config.eos_token_id:
         out = out[:-1]
-    return [*segs[0], None, *segs[1]], image_embeds[0], out
+    return items, image_embeds[0], out
+
+
+def _with_image(items: list, image: Any, embed: Any) -> Any:
+    """Token embeddings of the ids before and after the image slot, the image's embeddings between."""
+    at = items.index(None)
+    parts = [embed(items[:at]), image, embed(items[at + 1 :])]
+    return torch.cat(parts) if isinstance(image, torch.Tensor) else np.concatenate(parts)
 
 
 def _image(seed: int) -> np.ndarray:
@@ -212,12 +230,28 @@ def test_chat_matches_transformers(package, parts: dict, seed: int) -> None:
     _, prefix = pipe.image_prefix(image)
     assert np.abs(prefix - image_embeds.numpy()).max() < 1e-4
     # greedy tokens from the package's own embeddings of that prompt
-    embeds = pipe._embed(items, prefix)
+    embeds = _with_image(items, prefix, lambda ids: pipe.lm.embed(np.array([ids]))[0])
     assert list(pipe.lm.generate_ids(embeds, GenerationConfig(max_new_tokens=20))) == ref
     # and the whole chat call: the answer cut at the demo's "###"
     text = pipe.lm.tokenizer.decode(ref)
     expected = text[: text.find("###")] if "###" in text else text
     assert pipe.chat(image, question, max_new_tokens=20) == expected
+
+
+def test_later_turns_render_as_the_demo(package, parts: dict) -> None:
+    """Two earlier turns: the whole conversation and a turn appended to a kept cache, as the demo."""
+    variant, pipe = package
+    history = (("t1 t2", "t3 t4"), ("t5", "t6 t7 t8"))
+    items = official_items(
+        parts["root"] / "llama" / "tokenizer.json", official_prompt(variant, "t9", history)
+    )
+    assert pipe.prompts.encode(pipe.prompts.conversation(history, "t9")) == items
+    # a kept cache holds the earlier turns and the last answer; only the new turn is appended
+    earlier = official_items(
+        parts["root"] / "llama" / "tokenizer.json", official_prompt(variant, "t5", history[:1])
+    )
+    answer = pipe.lm.tokenizer.encode(" t6 t7 t8", add_special_tokens=False)
+    assert earlier + answer + pipe.prompts.encode(pipe.prompts.next_turn("t9")) == items
 
 
 def test_pickle_projection_needs_allow_pickle(parts: dict, tmp_path: Path) -> None:
