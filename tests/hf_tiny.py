@@ -45,3 +45,15 @@ def write_tiny_hf_clip(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, **extra
     )
     processor.save_pretrained(root)
+
+
+def word_tokenizer_json(vocab_size: int) -> str:
+    """A word-level tokenizer over "t0".."t{n}" with <pad>, <s>, </s> as the last three ids."""
+    from tokenizers import models, pre_tokenizers
+
+    n = vocab_size
+    vocab = {f"t{i}": i for i in range(n - 3)} | {"<pad>": n - 3, "<s>": n - 2, "</s>": n - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    return tok.to_str()

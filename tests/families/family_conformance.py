@@ -59,6 +59,9 @@ _DECODERS = {
         **_SPECIALS,
     },
 }
+# Mistral with a head size apart from hidden / heads; Qwen2 with q/k/v biases and a tied LM head.
+_DECODERS["mistral"] = {**_DECODERS["llama"], "variant": "mistral", "head_size": 32}
+_DECODERS["qwen2"] = {**_DECODERS["llama"], "variant": "qwen2", "bias": True, "tie_word_embeddings": True}
 
 # (family, variant) -> tiny config in the family's JSON form ("vocab_size": 0 = the tokenizer's size)
 CASES: dict[tuple[str, str], dict[str, Any]] = {
@@ -95,6 +98,15 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
         for v in _DECODERS
     },
     **{("causal-lm", v): cfg for v, cfg in _DECODERS.items()},
+    **{
+        ("llava", v): {
+            "vision": {**_VISION, "layers": 2, "eps": 1e-5},
+            "text": _DECODERS["llama"],
+            "variant": v,
+            "pad_square": v == "1.5",
+        }
+        for v in ("v1", "1.5")
+    },
     **{
         ("minigpt4", v): {
             "variant": v,

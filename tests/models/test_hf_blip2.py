@@ -216,3 +216,21 @@ def test_import_refuses_unsupported_blip2() -> None:
         _blip2_config(cfg, None)
     with pytest.raises(UnsupportedError, match="t5"):
         _blip2_config({**cfg, "qformer_config": {}, "text_config": {"model_type": "t5"}}, None)
+
+
+def test_messages_on_a_marker_template_take_one_image_first(blip2) -> None:
+    from mmedge.errors import InvalidInputError
+
+    _, pipe = blip2
+    img = (np.random.default_rng(8).random((32, 32, 3)) * 255).astype(np.uint8)
+    first = {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "t4"}]}
+    assert pipe.chat_messages([first], max_new_tokens=4) == pipe.chat(img, "t4", max_new_tokens=4)
+    two = {"role": "user", "content": [{"type": "image", "image": img}, *first["content"]]}
+    for messages, match in (
+        ([two], "exactly one image"),
+        ([{"role": "system", "content": "x"}, first], "no system message"),
+        ([first, first], "assistant message"),
+        ([first, {"role": "assistant", "content": "t5"}], "last message"),
+    ):
+        with pytest.raises(InvalidInputError, match=match):
+            pipe.chat_messages(messages)

@@ -18,13 +18,9 @@ VOCAB = 200
 
 
 def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from hf_tiny import word_tokenizer_json
 
-    vocab = {f"t{i}": i for i in range(VOCAB - 3)} | {"<pad>": VOCAB - 3, "<s>": VOCAB - 2, "</s>": VOCAB - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    return tok.to_str()
+    return word_tokenizer_json(VOCAB)
 
 
 def _hf_model(style: str):

@@ -73,6 +73,7 @@ PARITY_CASES = [
     ((97, 131), 224),  # upscale, portrait, odd sizes
     ((1000, 640), 224),  # downscale, landscape
     ((640, 1000), 224),  # downscale, portrait
+    ((300, 1000), 224),  # downscale, tall: Pillow 13 resamples vertically first
     ((1000, 640), 64),  # strong downscale (antialiasing dominates)
     ((5, 7), 224),  # tiny
     ((2, 700), 32),  # extreme aspect ratio

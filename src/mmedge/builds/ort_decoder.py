@@ -34,6 +34,7 @@ from mmedge.runtime.sections import LLMConfig
 log = logging.getLogger(__name__)
 
 IN_PLACE = "in-place"
+GQA_HEAD_MULTIPLE = 16  # ORT's GroupQueryAttention takes head sizes that are multiples of 16 only
 
 
 def rotary_tables(max_context: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +51,9 @@ def decoder_attention_to_gqa(model: Any, llm: LLMConfig) -> int:
 
     graph = model.graph
     layers, hkv, d, t = llm.layers, llm.kv_heads, llm.head_dim, llm.max_context
+    if d % GQA_HEAD_MULTIPLE:  # the kernel refuses such heads at run time ("head_size shall be ...")
+        log.info("head_dim %d is not a multiple of %d; no GroupQueryAttention", d, GQA_HEAD_MULTIPLE)
+        return 0
     inits, producer, consumers = graph_index(graph)
 
     def chain(start: str, ops: tuple[str, ...]) -> Any:

@@ -94,13 +94,16 @@ def export_model(
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
     force: bool = False,
+    max_context: int | None = None,
 ) -> Manifest:
     """Export every component of a model into a package at `out` (replacing an older package there
-    atomically; a folder holding anything else is refused unless `force`)."""
+    atomically; a folder holding anything else is refused unless `force`). `max_context`: the KV
+    cache slots of an LM imported from an HF directory (default: the family's choice)."""
     from mmedge.models.sources import load_source
 
     check_target(out, name, force)  # refuse a bad --out or name before loading a large model
-    return export_loaded(load_source(src, family, allow_pickle), out, opset, name, progress, force)
+    lm = load_source(src, family, allow_pickle, max_context)
+    return export_loaded(lm, out, opset, name, progress, force)
 
 
 def check_target(out: str | Path, name: str | None, force: bool) -> tuple[Path, str]:
@@ -186,6 +189,7 @@ def export_loaded(
             llm=sections.llm,
             prompt=sections.prompt,
             retrieval=sections.retrieval,
+            chat_template=sections.chat_template,
         )
         manifest = write_manifest(tmp, manifest)
         verify_package(tmp)

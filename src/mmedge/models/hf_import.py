@@ -158,6 +158,8 @@ def load_hf(
         raise UnsupportedError(f"family {fam.name!r} does not read Hugging Face directories")
     hf_cfg = _json(root / "config.json")
     config = fam.hf.config(hf_cfg, max_context)
+    if fam.hf.directory is not None:
+        config = fam.hf.directory(root, config)
     parsed = fam.config_from_dict(config)
     state, files = read_weights(root, allow_pickle)
     if fam.hf.weights is not None:

@@ -39,10 +39,16 @@ def init_model(
     family: Family, raw: dict[str, Any], out: str | Path, seed: int = 0, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write an mmedge checkpoint of `family` with config `raw` (JSON form) and random weights."""
-    from tokenizers import Tokenizer
+    from tokenizers import AddedToken, Tokenizer
 
-    tokenizer_json = tiny_tokenizer_json(generative=family.task != "retrieval", seed=seed)
-    cfg = family.config_from_dict(_fill_vocab(raw, Tokenizer.from_str(tokenizer_json).get_vocab_size()))
+    tok = Tokenizer.from_str(tiny_tokenizer_json(generative=family.task != "retrieval", seed=seed))
+    # The family's prompt tokens depend on its config; the config's vocab size on the tokenizer.
+    provisional = family.config_from_dict(_fill_vocab(raw, tok.get_vocab_size() + 64))
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in family.special_tokens(provisional)]
+    )
+    tokenizer_json = tok.to_str()
+    cfg = family.config_from_dict(_fill_vocab(raw, tok.get_vocab_size()))
     torch.manual_seed(seed)
     model = family.build(cfg).eval()
     return save_checkpoint(out, family.name, cfg.to_dict(), model, tokenizer_json, extra=extra)

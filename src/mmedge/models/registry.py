@@ -29,7 +29,14 @@ from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models.component import ComponentDecl
 from mmedge.presets import read_preset
 from mmedge.runtime.manifest import TASKS
-from mmedge.runtime.sections import ImageTokens, LLMConfig, PreprocessConfig, PromptConfig, RetrievalConfig
+from mmedge.runtime.sections import (
+    ChatTemplate,
+    ImageTokens,
+    LLMConfig,
+    PreprocessConfig,
+    PromptConfig,
+    RetrievalConfig,
+)
 
 ENTRY_POINT_GROUP = "mmedge.families"
 
@@ -44,6 +51,7 @@ class Sections:
     prompt: PromptConfig | None = None
     retrieval: RetrievalConfig | None = None
     image_tokens: ImageTokens | None = None
+    chat_template: ChatTemplate | None = None  # a Jinja-templated chat, instead of `prompt`
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,8 @@ class HFSupport:
     config: Callable[[dict[str, Any], int | None], dict[str, Any]]  # (HF config, max_context) -> config JSON
     # HF state dict -> the family's state dict (renames, tied weights saved once); default: as saved
     weights: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]] | None = None
+    # (directory, config JSON) -> config JSON with settings kept beside config.json (chat template, processor)
+    directory: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,9 @@ class Family:
     hf: HFSupport | None = None
     recipe: str | None = None  # module with `train(out, request)`, e.g. "mmedge.recipes.clip"
     assemble: Callable[[Parts], Any] | None = None  # Parts -> models.sources.LoadedModel
+    # Tokens the family's prompts need in its tokenizer (e.g. llava's "<image>"), added as special
+    # tokens to the tokenizers it trains or makes for random-weight checkpoints.
+    special_tokens: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

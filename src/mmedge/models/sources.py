@@ -28,8 +28,11 @@ class LoadedModel:
         return self.family.variant_of(self.config)
 
 
-def load_source(path: str | Path, family: str | None = None, allow_pickle: bool = False) -> LoadedModel:
-    """Load an mmedge checkpoint or HF model directory (family detected; `family` overrides)."""
+def load_source(
+    path: str | Path, family: str | None = None, allow_pickle: bool = False, max_context: int | None = None
+) -> LoadedModel:
+    """Load an mmedge checkpoint or HF model directory (family detected; `family` overrides;
+    `max_context`: the KV cache slots of an imported LM, default the family's choice)."""
     from mmedge.models import checkpoint, hf_import
     from mmedge.runtime.package import sha256_file
 
@@ -39,13 +42,15 @@ def load_source(path: str | Path, family: str | None = None, allow_pickle: bool 
             f"{root} is not a directory; expected an mmedge checkpoint or an HF model directory"
         )
     if hf_import.is_hf_dir(root):
-        src = hf_import.load_hf(root, allow_pickle=allow_pickle, family=family)
+        src = hf_import.load_hf(root, allow_pickle=allow_pickle, max_context=max_context, family=family)
         cfg = src.family.config_from_dict(src.config)
         model = src.family.build(cfg)
         checkpoint.assign_weights(model, src.state, str(root))
         files = {f.name: sha256_file(f) for f in src.weight_files}
         source = {"kind": "hf", "path": str(root.resolve()), "weights": files}
         return LoadedModel(src.family, cfg, model.eval(), src.tokenizer_json, src.preprocess, source)
+    if max_context is not None:
+        raise ConfigError("max_context applies to HF directories; an mmedge checkpoint's config sets it")
     meta = checkpoint.read_checkpoint_meta(root)
     fam = get_family(family or meta["family"])
     cfg = fam.config_from_dict(meta["config"])

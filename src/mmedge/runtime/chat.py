@@ -1,13 +1,17 @@
-"""Image chat and captioning: the image path's embeddings placed where the prompt template puts them.
+"""Image chat and captioning: image embeddings placed where the prompt puts them, in any number.
 
-- The image's LLM embeddings come from the manifest's `image` path (BLIP-2: vision -> Q-Former ->
-  projector) and are cached per image, so several questions on one image run the encoders once.
-- The prompt template (`sections.PromptConfig`) says where the image goes, anywhere in the prompt.
-- Multi-turn chat keeps each conversation's KV cache: when the next call's `history` is the
-  previous history plus the answer this pipeline returned, only the new question is run through
-  the LLM. Any other history is rebuilt from scratch (same answer, more compute).
+- An image's LLM embeddings come from the manifest's `image` path (BLIP-2: vision -> Q-Former ->
+  projector; LLaVA: vision -> projector) and are cached per image, so several questions on one image
+  run the encoders once. How many LLM positions an image takes is the manifest's
+  `pipeline.image_tokens` rule: a fixed count, or LLaVA-NeXT's tiles ("anyres").
+- The conversation becomes token ids with image slots either through the package's Jinja chat
+  template (`runtime.chat_template`: images anywhere, several per conversation) or through its
+  marker template (`sections.PromptConfig`: one image, BLIP-2 style).
+- KV caches are kept per conversation and reused by longest common prefix: a request whose tokens
+  and images start like a kept conversation (typically: the same conversation plus the answer and
+  a new question) runs only what follows the shared prefix. Any other request starts afresh.
 - User text is tokenised as plain text: special tokens and placeholders typed by a user are not
-  special. The image enters as embeddings, never as a token a user could type.
+  special. An image enters as embeddings, never as a token a user could type.
 
 Thread-safe: sessions are shared; a conversation's cache is taken out of the store while in use.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,18 +36,19 @@ IMAGE_CACHE_SIZE = 16
 CONVERSATION_CACHE_SIZE = 8
 
 History = Sequence[tuple[str, str]]
+Messages = Sequence[Mapping[str, Any]]
 
 
 class _LRU:
     def __init__(self, size: int):
         self.size, self.items, self.lock = size, OrderedDict[Any, Any](), threading.Lock()
 
-    def get(self, key: Any, pop: bool = False) -> Any:
+    def get(self, key: Any) -> Any:
         with self.lock:
             if key not in self.items:
                 return None
             self.items.move_to_end(key)
-            return self.items.pop(key) if pop else self.items[key]
+            return self.items[key]
 
     def put(self, key: Any, value: Any) -> None:
         with self.lock:
@@ -55,29 +60,71 @@ class _LRU:
 
 @dataclass
 class _Conversation:
-    """A kept KV cache and the token ids it holds (image slots as None), for the repetition penalty."""
+    """A kept KV cache and what its slots hold: token ids, and (image key, i) for image positions."""
 
     cache: KVCache
-    items: list[Item]
+    positions: list[Hashable]
+
+
+class _Conversations:
+    """Kept conversations; `take` removes the one sharing the longest prefix with a request."""
+
+    def __init__(self, size: int):
+        self.size, self.kept, self.lock = size, list[_Conversation](), threading.Lock()
+
+    def take(self, positions: Sequence[Hashable]) -> tuple[_Conversation | None, int]:
+        with self.lock:
+            best, shared = None, 0
+            for conv in self.kept:
+                n = _common_prefix(conv.positions, positions)
+                if n > shared:
+                    best, shared = conv, n
+            if best is not None:
+                self.kept.remove(best)
+            return best, shared
+
+    def put(self, conv: _Conversation) -> None:
+        with self.lock:
+            self.kept.append(conv)
+            del self.kept[: max(0, len(self.kept) - self.size)]
+
+
+def _common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass(frozen=True)
+class _Image:
+    key: str  # hash of the preprocessed pixels
+    embeds: np.ndarray  # (T, E) LLM input embeddings
 
 
 class ChatPipeline:
-    """`caption(image, **gen)` and `chat(image, prompt, history=None, stream=False, **gen)`.
+    """`chat(image, prompt, history)`, `chat_messages(messages)` and `caption(image)`.
 
-    Generation parameters are HF `generate` names (see `GenerationConfig`); the prompt template
-    comes from the manifest (BLIP-2: "Question: {prompt} Answer:" after the image).
+    Generation parameters are HF `generate` names (see `GenerationConfig`); the prompt format comes
+    from the manifest (a chat template, or BLIP-2's "Question: {prompt} Answer:" after the image).
     """
 
     def __init__(self, runner: ComponentRunner):
+        from mmedge.runtime.chat_template import TemplateChat
+
         self.runner = runner
         self.lm = LanguageModel(runner)
         m = runner.manifest
-        if m.prompt is None or m.pipeline.image_tokens is None:
+        if (m.prompt is None and m.chat_template is None) or m.pipeline.image_tokens is None:
             raise InvalidInputError(f"package {m.name!r} is not an image chat package")
-        self.prompts = PromptEncoder(m.prompt, self.lm.config, runner.tokenizer)
-        self.image_tokens = m.pipeline.image_tokens.count  # LLM positions one image takes
+        self.template = TemplateChat(m.chat_template, runner.tokenizer) if m.chat_template else None
+        self.prompts = PromptEncoder(m.prompt, self.lm.config, runner.tokenizer) if m.prompt else None
+        self.image_tokens = m.pipeline.image_tokens
+        stops = m.chat_template.stop_strings if m.chat_template else m.prompt.stop_strings  # type: ignore[union-attr]
+        self.stop_strings: tuple[str, ...] = stops
         self._images = _LRU(IMAGE_CACHE_SIZE)
-        self._conversations = _LRU(CONVERSATION_CACHE_SIZE)
+        self._conversations = _Conversations(CONVERSATION_CACHE_SIZE)
 
     def __repr__(self) -> str:
         m = self.runner.manifest
@@ -86,6 +133,10 @@ class ChatPipeline:
     # -- images ---------------------------------------------------------------------------
     def image_prefix(self, image: Any, channel_order: str = "RGB") -> tuple[str, np.ndarray]:
         """(key, LLM embeddings (T, E)) of one image; cached by the preprocessed pixels' hash."""
+        found = self._image(image, channel_order)
+        return found.key, found.embeds
+
+    def _image(self, image: Any, channel_order: str) -> _Image:
         from mmedge.runtime.images import load_image, preprocess
 
         if self.runner.preprocess is None:  # a chat manifest always has one; this guards hand-made runners
@@ -95,24 +146,30 @@ class ChatPipeline:
         key = hashlib.sha256(pixels.tobytes()).hexdigest()
         cached = self._images.get(key)
         if cached is None:
-            cached = self.runner.run_path("image", {"pixel_values": pixels})[0]
-            if cached.shape[0] != self.image_tokens:
+            embeds = self.runner.run_path("image", {"pixel_values": pixels})[0]
+            if embeds.shape[0] != self.image_tokens.count:
                 raise InvalidInputError(
-                    f"the image path yields {cached.shape[0]} embeddings; the package declares {self.image_tokens}"
+                    f"the image path yields {embeds.shape[0]} embeddings; the package declares {self.image_tokens.count}"
                 )
+            cached = _Image(key, embeds)
             self._images.put(key, cached)
-        return key, cached
+        return cached
 
-    # -- generation -----------------------------------------------------------------------
+    # -- conversations --------------------------------------------------------------------
     def caption(
         self, image: Any, channel_order: str = "RGB", stream: bool = False, **gen: Any
     ) -> str | Iterator[str]:
         """A caption of `image` (the manifest's captioning prompt, often just the image); with
         `stream=True` an iterator of text pieces, as `chat`."""
         config = GenerationConfig.from_kwargs(**gen)
-        _, prefix = self.image_prefix(image, channel_order)
-        items = self.prompts.encode(self.prompts.caption())
-        pieces = self._generate(items, prefix, self.lm.new_cache(), config, store=None)
+        if self.template is not None:
+            prompt = self.template.section.caption_prompt
+            if prompt is None:
+                raise InvalidInputError("this package declares no captioning prompt")
+            return self.chat(image, prompt, stream=stream, channel_order=channel_order, **gen)
+        assert self.prompts is not None
+        img = self._image(image, channel_order)
+        pieces = self._generate(self.prompts.encode(self.prompts.caption()), [img], config)
         return pieces if stream else "".join(pieces)
 
     def chat(
@@ -125,65 +182,143 @@ class ChatPipeline:
         **gen: Any,
     ) -> str | Iterator[str]:
         """Answer `prompt` about `image` after the earlier (question, answer) turns in `history`."""
-        config = GenerationConfig.from_kwargs(**gen)
-        history = _checked_history(history)
+        GenerationConfig.from_kwargs(**gen)  # bad parameters fail before any image work
+        turns = _checked_history(history)
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInputError("prompt must be a non-empty string")
-        key, prefix = self.image_prefix(image, channel_order)
-        state: _Conversation | None = self._conversations.get((key, history), pop=True)
-        if state is not None:  # reuse the KV cache of the earlier turns; run only the new question
-            cache, before = state.cache, state.items
-            new = self.prompts.encode(self.prompts.next_turn(prompt))
+        messages: list[dict[str, Any]] = []
+        for i, (question, answer) in enumerate((*turns, (prompt, None))):
+            parts: list[dict[str, Any]] = [{"type": "image", "image": image}] if i == 0 else []
+            messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.chat_messages(messages, stream=stream, channel_order=channel_order, **gen)
+
+    def chat_messages(
+        self, messages: Messages, stream: bool = False, channel_order: str = "RGB", **gen: Any
+    ) -> str | Iterator[str]:
+        """The assistant's reply to a conversation: messages `{"role": "system"|"user"|"assistant",
+        "content": str | [{"type": "text", "text": ...}, {"type": "image", "image": <path, bytes,
+        array or PIL image>}, ...]}`, images anywhere (a package with a marker template takes one
+        image, in the first user message). Earlier turns are replayed from the kept KV cache."""
+        from mmedge.runtime.chat_template import _checked, content_parts
+
+        config = GenerationConfig.from_kwargs(**gen)
+        messages = _checked(messages)
+        sources = [
+            part.get("image")
+            for i, m in enumerate(messages)
+            for part in content_parts(m, i)
+            if part["type"] == "image"
+        ]
+        from mmedge.runtime.chat_template import MAX_IMAGES
+
+        if len(sources) > MAX_IMAGES:
+            raise InvalidInputError(f"{len(sources)} images in one conversation; the limit is {MAX_IMAGES}")
+        if self.template is not None:
+            items = self.template.encode(messages, len(sources))
         else:
-            cache, before = self.lm.new_cache(), []
-            new = self.prompts.encode(self.prompts.conversation(history, prompt))
-        pieces = self._generate(new, prefix, cache, config, store=(key, history, prompt, before))
+            items = self._marker_items(messages, len(sources))
+        images = [self._image(src, channel_order) for src in sources]
+        pieces = self._generate(items, images, config)
         return pieces if stream else "".join(pieces)
 
-    def _embed(self, items: list[Item], prefix: np.ndarray) -> np.ndarray:
-        """(S, E) input embeddings: token embeddings with the image's embeddings at each image slot."""
+    def _marker_items(self, messages: Messages, images: int) -> list[Item]:
+        """A marker-template package's items: one image, user/assistant turns, a user turn last."""
+        from mmedge.runtime.chat_template import content_parts
+
+        assert self.prompts is not None
+        texts: list[tuple[str, str]] = []
+        for i, m in enumerate(messages):
+            parts = content_parts(m, i)
+            if m["role"] == "system":
+                raise InvalidInputError("this package's prompt format has no system message")
+            want = "user" if i % 2 == 0 else "assistant"
+            if m["role"] != want:
+                raise InvalidInputError(
+                    f"messages[{i}] must be a {want} message (turns alternate, user first)"
+                )
+            if any(p["type"] == "image" for p in parts) and i != 0:
+                raise InvalidInputError("this package takes its image in the first user message")
+            texts.append((m["role"], " ".join(p["text"] for p in parts if p["type"] == "text")))
+        if images != 1:
+            raise InvalidInputError(f"this package takes exactly one image per conversation, got {images}")
+        if texts[-1][0] != "user":
+            raise InvalidInputError("the last message must be the user's")
+        history = [(texts[i][1], texts[i + 1][1]) for i in range(0, len(texts) - 1, 2)]
+        return self.prompts.encode(self.prompts.conversation(history, texts[-1][1]))
+
+    def _embed(self, items: Sequence[Item], images: Sequence[_Image], start: int) -> np.ndarray:
+        """(S, E) input embeddings of the positions from `start` on: token embeddings, and each
+        image's embeddings at its slot."""
         parts: list[np.ndarray] = []
         ids: list[int] = []
+        position, image = 0, 0
         for item in items:
             if item is None:
-                if ids:
-                    parts.append(self.lm.embed(np.array([ids]))[0])
-                    ids = []
-                parts.append(prefix)
+                embeds = images[image].embeds
+                image += 1
+                if position + len(embeds) > start:
+                    if ids:
+                        parts.append(self.lm.embed(np.array([ids]))[0])
+                        ids = []
+                    parts.append(embeds[max(0, start - position) :])
+                position += len(embeds)
             else:
-                ids.append(item)
+                if position >= start:
+                    ids.append(item)
+                position += 1
         if ids:
             parts.append(self.lm.embed(np.array([ids]))[0])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _generate(
-        self,
-        new: list[Item],
-        prefix: np.ndarray,
-        cache: KVCache,
-        config: GenerationConfig,
-        store: tuple[Any, ...] | None,
+        self, items: list[Item], images: Sequence[_Image], config: GenerationConfig
     ) -> Iterator[str]:
         lm = self.lm
-        embeds = self._embed(new, prefix)
+        positions: list[Hashable] = []
+        image = 0
+        for item in items:
+            if item is None:
+                img = images[image]
+                positions.extend((img.key, j) for j in range(len(img.embeds)))
+                image += 1
+            else:
+                positions.append(item)
+        if len(positions) + 1 > lm.max_context:
+            tokens = sum(len(i.embeds) for i in images)
+            raise InvalidInputError(
+                f"the conversation takes {len(positions)} positions ({len(images)} image(s): {tokens}, text: "
+                f"{len(positions) - tokens}), leaving no room to answer within the model's context of "
+                f"{lm.max_context} tokens"
+            )
+        kept, shared = self._conversations.take(positions)
+        shared = min(shared, len(positions) - 1)  # at least one new position: its logits start the answer
+        if kept is not None:
+            cache = kept.cache
+            cache.truncate(shared)
+        else:
+            cache = lm.new_cache()
+        return self._stream(items, images, positions, cache, config)
+
+    def _stream(
+        self,
+        items: list[Item],
+        images: Sequence[_Image],
+        positions: list[Hashable],
+        cache: KVCache,
+        config: GenerationConfig,
+    ) -> Iterator[str]:
+        lm = self.lm
+        embeds = self._embed(items, images, cache.length)
         answer: list[int] = []
-        stream = TextStream(lm.tokenizer, config.stop_strings + self.prompts.prompt.stop_strings)
-        before = store[3] if store else []
-        seen = [i for i in before + new if i is not None]
+        stream = TextStream(lm.tokenizer, config.stop_strings + self.stop_strings)
+        seen = [p for p in positions if isinstance(p, int)]
         yield from stream_text(lm, embeds, config, cache, seen, generated=answer, stream=stream)
-        if store is None or stream.stopped:
-            return  # a stop string cut the answer: the cache no longer matches the text; do not keep it
-        key, history, prompt, _ = store
-        # Generation stops right after choosing its last token, so that token is not in the cache yet.
-        positions = (
-            len(before) + len(new) + (self.image_tokens - 1) * (before + new).count(None) + len(answer)
-        )
-        if cache.length < positions:
-            if cache.length + 1 > lm.max_context:
-                return  # no room to continue this conversation anyway
-            lm.forward(lm.embed(np.array([[answer[-1]]])), cache)
-        items = before + new + answer
-        self._conversations.put((key, (*tuple(history), (prompt, stream.text))), _Conversation(cache, items))
+        # Generation stops right after choosing its last token, so that token is not in the cache:
+        # the kept slots are the prompt and the answer tokens that were fed back.
+        held = (positions + answer)[: cache.length]
+        self._conversations.put(_Conversation(cache, held))
 
 
 def _checked_history(history: History | None) -> tuple[tuple[str, str], ...]:

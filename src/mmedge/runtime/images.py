@@ -21,7 +21,16 @@ from mmedge.errors import ConfigError, InvalidInputError
 from mmedge.runtime.image_headers import FORMATS, HeaderError, apply_orientation, read_header, sniff_format
 from mmedge.runtime.sections import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageLimits", "PreprocessConfig", "load_image", "preprocess"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ImageLimits",
+    "PreprocessConfig",
+    "load_image",
+    "normalise",
+    "preprocess",
+    "resize_bicubic",
+]
 
 
 @dataclass(frozen=True)
@@ -206,16 +215,35 @@ def preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarra
             raise InvalidInputError(f"image {i} is {what}; expected (H, W, 3) uint8 RGB (see load_image)")
         if img.shape[0] == 0 or img.shape[1] == 0:
             raise InvalidInputError(f"image {i} has zero size {img.shape[:2]}")
+        if cfg.pad_square:
+            img = pad_square(img, tuple(int(m * 255) for m in cfg.mean))
         batch[i] = _resize_crop(img, cfg.image_size, cfg.resample, exact=cfg.resize == "exact")
+    return normalise(batch, cfg.mean, cfg.std, cfg.rescale)
+
+
+def normalise(batch: np.ndarray, mean: Sequence[float], std: Sequence[float], rescale: float) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32: (pixel * rescale - mean) / std, as transformers."""
     # transformers: rescale in float64, cast to float32, normalise in float32. A LUT per level is exact.
-    levels = (np.arange(256, dtype=np.float64) * cfg.rescale).astype(np.float32)[:, None]  # (256, 1)
-    lut: np.ndarray = (levels - np.asarray(cfg.mean, np.float32)) / np.asarray(
-        cfg.std, np.float32
-    )  # (256, 3)
+    levels = (np.arange(256, dtype=np.float64) * rescale).astype(np.float32)[:, None]  # (256, 1)
+    lut: np.ndarray = (levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # (256, 3)
     # cv2.LUT maps all three channels in one vectorised pass (~2x np.take per channel), then one transpose.
-    n, size = len(images), cfg.image_size
-    hwc = cv2.LUT(batch.reshape(n * size, size, 3), lut.reshape(1, 256, 3))  # (N*S, S, 3) float32
-    return np.ascontiguousarray(hwc.reshape(n, size, size, 3).transpose(0, 3, 1, 2))  # (N, 3, S, S)
+    n, height, width = batch.shape[:3]
+    hwc = cv2.LUT(batch.reshape(n * height, width, 3), lut.reshape(1, 256, 3))  # (N*H, W, 3) float32
+    return np.ascontiguousarray(hwc.reshape(n, height, width, 3).transpose(0, 3, 1, 2))  # (N, 3, H, W)
+
+
+def pad_square(img: np.ndarray, fill: tuple[int, ...]) -> np.ndarray:
+    """The image centred on a square of its longer side, the rest `fill` (LLaVA-1.5's expand2square;
+    the left/top margin is the smaller one when the difference is odd, as transformers pads)."""
+    height, width = img.shape[:2]
+    if height == width:
+        return img
+    side = max(height, width)
+    out = np.empty((side, side, 3), np.uint8)
+    out[:] = np.asarray(fill, np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    out[top : top + height, left : left + width] = img
+    return out
 
 
 def _resize_crop(img: np.ndarray, size: int, resample: str, exact: bool = False) -> np.ndarray:
@@ -231,19 +259,39 @@ def _resize_crop(img: np.ndarray, size: int, resample: str, exact: bool = False)
     if resample == "cv2" and new_h <= height and new_w <= width:
         small = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA)
         return small[top : top + size, left : left + size]
-    # PIL order: horizontal pass first (rounded to uint8), then vertical; only the rows and columns
-    # that reach the crop are computed, so a 1x50000 strip never becomes a 224x11M intermediate.
-    x, r0, rows = img[top : top + size], top, None
-    if new_h != height:
-        rows = _pil_coeffs(height, new_h, top, size)
-        r0 = int(rows[0][0])
-        x = img[r0 : min(int(rows[0][-1]) + rows[1].shape[1], height)]
-    if new_w != width:
-        start, weights = _pil_coeffs(width, new_w, left, size)
-        x = _resample_axis0(x.transpose(1, 0, 2), start, weights).transpose(1, 0, 2)
-    else:
-        x = x[:, left : left + size]
-    return x if rows is None else _resample_axis0(x, rows[0] - r0, rows[1])
+    return resize_bicubic(img, (new_h, new_w), (top, left, size, size))
+
+
+def resize_bicubic(
+    img: np.ndarray, new_hw: tuple[int, int], window: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """(H, W, C) uint8 resized to `new_hw` with PIL's bicubic, bit for bit (Pillow >= 13); with
+    `window` (top, left, height, width), only that part of the resized image."""
+    height, width = img.shape[:2]
+    new_h, new_w = new_hw
+    top, left, out_h, out_w = window if window is not None else (0, 0, new_h, new_w)
+    # Only the source rows and columns that reach the window are read and resampled, so a
+    # 1x50000 strip never becomes a 224x11M intermediate.
+    rows = _pil_coeffs(height, new_h, top, out_h) if new_h != height else None
+    cols = _pil_coeffs(width, new_w, left, out_w) if new_w != width else None
+    x = img[top : top + out_h] if rows is None else img[_span(rows)]
+    x = x[:, left : left + out_w] if cols is None else x[:, _span(cols)]
+    # Each pass rounds to uint8, so their order shows. Pillow 13 runs the vertical one first when
+    # the height loses more than twice as many pixels as the width (older Pillow: always horizontal).
+    vertical_first = new_h < height and height - new_h > 2 * (width - new_w)
+    if rows is not None and vertical_first:
+        x = _resample_axis0(x, rows[0] - rows[0][0], rows[1])
+    if cols is not None:
+        x = _resample_axis0(x.transpose(1, 0, 2), cols[0] - cols[0][0], cols[1]).transpose(1, 0, 2)
+    if rows is not None and not vertical_first:
+        x = _resample_axis0(x, rows[0] - rows[0][0], rows[1])
+    return x
+
+
+def _span(coeffs: tuple[np.ndarray, np.ndarray]) -> slice:
+    """The source indices that taps (start, weights) read: starts never decrease along the output."""
+    start, weights = coeffs
+    return slice(int(start[0]), int(start[-1]) + weights.shape[1])
 
 
 _PRECISION_BITS = 22  # PIL's 8-bit resampler: 32 - 8 - 2

@@ -23,6 +23,7 @@ from mmedge.runtime.sections import (
     IMAGE,
     PATH_SOURCES,
     ROLES,
+    ChatTemplate,
     LLMConfig,
     PipelineConfig,
     PreprocessConfig,
@@ -204,6 +205,7 @@ class Manifest:
     llm: LLMConfig | None = None
     prompt: PromptConfig | None = None
     retrieval: RetrievalConfig | None = None
+    chat_template: ChatTemplate | None = None
     engines: dict[str, EngineEntry] = field(default_factory=dict)
     schema: str = SCHEMA
 
@@ -245,7 +247,7 @@ class Manifest:
 _TASK_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     # task: (paths, roles, sections)
     "retrieval": (("image", "text"), (), ("preprocess", "tokenizer", "retrieval")),
-    "chat": (("image",), ("token_embed", "llm_step"), ("preprocess", "tokenizer", "llm", "prompt")),
+    "chat": (("image",), ("token_embed", "llm_step"), ("preprocess", "tokenizer", "llm")),
     "generation": ((), ("token_embed", "llm_step"), ("tokenizer", "llm", "prompt")),
 }
 
@@ -291,9 +293,13 @@ def _check_wiring(m: Manifest) -> None:
             raise IntegrityError(
                 f"pipeline.paths.{path_name}.output {path.output!r} is not produced by the path"
             )
+    if m.chat_template is not None and (m.prompt is not None or m.task != "chat"):
+        raise IntegrityError("a chat_template section belongs to a chat package without a 'prompt' section")
+    if m.task == "chat" and m.prompt is None and m.chat_template is None:
+        raise IntegrityError("a chat package needs a 'prompt' or a 'chat_template' section")
+    if m.task == "chat" and m.pipeline.image_tokens is None:
+        raise IntegrityError("a chat package needs pipeline.image_tokens")
     if m.task == "chat" and m.prompt is not None:
-        if m.pipeline.image_tokens is None:
-            raise IntegrityError("a chat package needs pipeline.image_tokens")
         for name in ("first_turn", "caption"):
             text = getattr(m.prompt, name)
             if text is None or markers(text).count(IMAGE) != 1:

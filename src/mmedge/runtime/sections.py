@@ -46,6 +46,7 @@ class PreprocessConfig:
     crop: str = "center"
     rescale: float = 1 / 255
     resample: str = "pil"
+    pad_square: bool = False  # pad to a square in the mean colour first (LLaVA-1.5's expand2square)
 
     def __post_init__(self) -> None:
         if (
@@ -69,6 +70,8 @@ class PreprocessConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not supported; accepted: {accepted}")
         if not (isinstance(self.rescale, (int, float)) and math.isfinite(self.rescale) and self.rescale > 0):
             raise ConfigError(f"rescale must be a positive finite number, got {self.rescale!r}")
+        if not isinstance(self.pad_square, bool):
+            raise ConfigError(f"pad_square must be a bool, got {self.pad_square!r}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,38 @@ class PromptConfig:
             raise ConfigError(f"prompt.caption {self.caption!r} cannot hold {PROMPT} or {ANSWER}")
         if not all(isinstance(s, str) and s for s in self.stop_strings):
             raise ConfigError("prompt.stop_strings must be non-empty strings")
+
+
+MAX_CHAT_TEMPLATE_CHARS = 1 << 16
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A Jinja chat template (as HF tokenizers and processors ship them) that renders a conversation.
+
+    The template writes `image_token` where an image goes; the runtime renders it in a sandbox
+    (`runtime.chat_template`) with user text held out of the template's reach, and tokenises the
+    result as the HF processor does (`add_special_tokens`: the tokenizer's own BOS/EOS around it).
+    `bos_token` / `eos_token` are the strings the template may reference by those names.
+    """
+
+    template: str
+    image_token: str = "<image>"
+    bos_token: str = ""
+    eos_token: str = ""
+    add_special_tokens: bool = True
+    caption_prompt: str | None = None  # the user text `caption()` sends with the image
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.template, str) or not 0 < len(self.template) <= MAX_CHAT_TEMPLATE_CHARS:
+            raise ConfigError(
+                f"chat_template.template must be a string of 1 to {MAX_CHAT_TEMPLATE_CHARS} characters"
+            )
+        if not isinstance(self.image_token, str) or not self.image_token:
+            raise ConfigError("chat_template.image_token must be a non-empty string")
+        if not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ConfigError("chat_template.stop_strings must be non-empty strings")
 
 
 def markers(template: str) -> list[str]:

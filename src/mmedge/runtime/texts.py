@@ -72,6 +72,9 @@ class TextTokenizer:
         tokenizer.no_padding()
         tokenizer.encode_special_tokens = True  # specials typed by a user are plain text
         self._tok = tokenizer
+        self._templates: Any = None  # built on first use by `encode_template`
+        self._plain: Any = None
+        self._added: tuple[str, ...] = ()
 
     @classmethod
     def from_file(
@@ -185,6 +188,58 @@ class TextTokenizer:
                 f"text is longer than the model's context of {self.context_length} tokens; shorten it"
             )
         return [i for i, m in zip(enc.ids, enc.attention_mask) if m]
+
+    def encode_template(self, pieces: Sequence[tuple[str, bool]], add_special_tokens: bool) -> list[int]:
+        """Token ids of a rendered chat template: `(text, plain)` pieces, where the template's own
+        text (plain=False) has its special tokens recognised and user text (plain=True) does not.
+
+        Joined and tokenised as one string, exactly as an HF processor tokenises a rendered
+        template, unless a user piece holds the text of an added token: then each piece is
+        tokenised on its own (the user's piece as plain text) and the post-processor adds the
+        specials, so a typed "<image>" or "</s>" never becomes that token.
+        """
+        from tokenizers import Encoding
+
+        if self._templates is None:
+            from tokenizers import Tokenizer
+
+            pair = []
+            for plain in (False, True):  # same vocabulary, untruncated; specials recognised or not
+                tok = Tokenizer.from_str(self._tok.to_str())
+                tok.no_truncation()
+                tok.no_padding()
+                tok.encode_special_tokens = plain
+                pair.append(tok)
+            self._added = tuple(t.content for t in pair[0].get_added_tokens_decoder().values())
+            self._templates, self._plain = pair
+        total = sum(len(text) for text, _ in pieces)
+        if total > self.limits.max_total_chars:
+            raise InvalidInputError(
+                f"the conversation has {total} characters; the limit is {self.limits.max_total_chars}"
+            )
+        for text, _ in pieces:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidInputError(f"text is not valid Unicode: {exc.reason}") from exc
+        try:
+            if not any(plain and any(a in text for a in self._added) for text, plain in pieces):
+                enc = self._templates.encode(
+                    "".join(t for t, _ in pieces), add_special_tokens=add_special_tokens
+                )
+            else:
+                parts = [
+                    (self._plain if plain else self._templates).encode(text, add_special_tokens=False)
+                    for text, plain in pieces
+                    if text
+                ]
+                merged = Encoding.merge(parts, growing_offsets=True) if parts else self._templates.encode("")
+                enc = self._templates.post_process(merged, add_special_tokens=add_special_tokens)
+        except BaseException as exc:
+            if not _is_error(exc):
+                raise
+            raise InvalidInputError(f"tokenizer rejected the text: {exc}") from exc
+        return list(enc.ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids (special tokens dropped by default)."""

@@ -114,12 +114,14 @@ def bench(
 GEN_PROMPT_TOKENS, GEN_NEW_TOKENS = 8, 20
 
 
-def generation_prompt(runner: ComponentRunner) -> list[int]:
-    """The benchmark's prompt: GEN_PROMPT_TOKENS token ids of the sample text (repeated if short)."""
-    return (runner.tokenizer.encode(SAMPLE_TEXT) * GEN_PROMPT_TOKENS)[:GEN_PROMPT_TOKENS]
+def generation_prompt(runner: ComponentRunner, tokens: int = GEN_PROMPT_TOKENS) -> list[int]:
+    """The benchmark's prompt: `tokens` token ids of the sample text (repeated if short)."""
+    return (runner.tokenizer.encode(SAMPLE_TEXT) * tokens)[:tokens]
 
 
-def generation_timer(runner: ComponentRunner) -> Callable[[], dict[str, float]]:
+def generation_timer(
+    runner: ComponentRunner, prompt_tokens: int = GEN_PROMPT_TOKENS
+) -> Callable[[], dict[str, float]]:
     """One timed caption/generation: (image ->) 8-token prompt -> 20 new tokens, greedy.
 
     Returns ms for the image path (chat packages) and a separate prefill with an empty cache;
@@ -129,7 +131,7 @@ def generation_timer(runner: ComponentRunner) -> Callable[[], dict[str, float]]:
     from mmedge.runtime.generation import GenerationConfig, LanguageModel
 
     lm = LanguageModel(runner)
-    ids = generation_prompt(runner)
+    ids = generation_prompt(runner, prompt_tokens)
     pixels = None
     if "image" in runner.manifest.pipeline.paths:
         first = runner.manifest.pipeline.paths["image"].steps[0].component

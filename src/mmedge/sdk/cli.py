@@ -168,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", default=None, help="package name (default: the directory name)")
     sp.add_argument("--opset", type=int, default=17)
     sp.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="KV cache slots of an LM imported from an HF directory: the longest conversation, image tokens "
+        "included (default 256; llava: one image's tokens + 1024; capped by max_position_embeddings)",
+    )
+    sp.add_argument(
         "--allow-pickle",
         action="store_true",
         help="load pickle-based weights (.bin/.pt) with weights_only=True; off by default",

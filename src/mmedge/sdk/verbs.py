@@ -102,6 +102,7 @@ def cmd_export(a: argparse.Namespace) -> object:
         name=a.name,
         progress=print if not a.json else None,
         force=a.force,
+        max_context=a.max_context,
     )
     return {"package": str(a.out), "components": sorted(m.components)}
 

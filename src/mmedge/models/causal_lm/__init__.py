@@ -44,7 +44,7 @@ FAMILY = register(
         sections=sections,
         hf=HFSupport(
             model_types=decoder.hf_model_types(),
-            architectures=("OPTForCausalLM", "LlamaForCausalLM"),
+            architectures=("OPTForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
             config=decoder.hf_decoder_config,
             weights=_weights,
         ),

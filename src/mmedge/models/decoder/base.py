@@ -1,8 +1,9 @@
 """The cached-decoder base: one config, the attention over a fixed-size KV cache, and the step.
 
-Variants (`opt.py`, `llama.py`, later GLM, visual-expert, T5) subclass `CachedDecoderLM` and say
-how positions enter (learned embeddings or rotary), which layer class they stack and how the final
-hidden state is normalised; `step` and the exported component contract are shared.
+Variants (`opt.py`, `llama.py` and its subclasses `mistral.py`, `qwen2.py`; later GLM,
+visual-expert, T5) subclass `CachedDecoderLM` and say how positions enter (learned embeddings or
+rotary), which layer class they stack and how the final hidden state is normalised; `step` and the
+exported component contract are shared.
 
 The cached step (`CachedDecoderLM.step`) is what gets exported: the cache is a fixed-size buffer
 of `max_context` slots per layer, passed in whole, and the graph returns only the keys/values of
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmedge.errors import ConfigError
+from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models.blocks import MASK_VALUE
 from mmedge.models.component import ComponentDecl, bound
 from mmedge.models.configs import from_dict
@@ -44,6 +45,7 @@ class DecoderConfig:
     layers: int = 12
     heads: int = 12
     kv_heads: int = 0  # 0: same as heads
+    head_size: int = 0  # 0: hidden // heads; set where HF's head_dim differs (Mistral-Nemo)
     ffn_dim: int = 3072
     max_positions: int = 2048  # learned position table size (opt) / longest supported position
     max_context: int = 256  # KV cache slots in an exported package
@@ -65,10 +67,12 @@ class DecoderConfig:
             raise ConfigError(
                 f"decoder variant {self.variant!r} is not supported; choose from {sorted(VARIANTS)}"
             )
-        if self.hidden % self.heads or self.heads % self.n_kv_heads:
+        if (not self.head_size and self.hidden % self.heads) or self.heads % self.n_kv_heads:
             raise ConfigError(
                 f"hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} do not divide"
             )
+        if self.head_size < 0:
+            raise ConfigError(f"head_size {self.head_size} must be 0 (hidden // heads) or positive")
         if not 0 < self.max_context <= self.max_positions:
             raise ConfigError(
                 f"max_context {self.max_context} must be in [1, max_positions={self.max_positions}]"
@@ -80,7 +84,7 @@ class DecoderConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
     @property
     def embed_dim(self) -> int:
@@ -109,23 +113,25 @@ Past = tuple[torch.Tensor, torch.Tensor] | None
 
 class CachedAttention(nn.Module):
     """Self-attention over a fixed-size cache plus the new tokens; `out_name` is the variant's
-    name for the output projection (HF: OPT `out_proj`, Llama `o_proj`).
+    name for the output projection (HF: OPT `out_proj`, Llama `o_proj`). q/k/v carry biases when
+    `cfg.bias`; so does the output projection unless `out_bias` says otherwise (Qwen2: q/k/v only).
 
     The checkpoint keeps HF's separate q/k/v projections; the forward joins them into one matmul
     (q's rows pre-scaled by 1/sqrt(d)), which the export folds into a single weight: one GEMV per
     layer and token instead of three, and no scale multiply.
     """
 
-    def __init__(self, cfg: DecoderConfig, out_name: str):
+    def __init__(self, cfg: DecoderConfig, out_name: str, out_bias: bool | None = None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        kv = self.kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim  # q may differ from hidden
+        self.q_proj = nn.Linear(cfg.hidden, q, bias=cfg.bias)
         self.k_proj = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
         self.out_name = out_name
-        setattr(self, out_name, nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias))
+        out_bias = cfg.bias if out_bias is None else out_bias
+        setattr(self, out_name, nn.Linear(q, cfg.hidden, bias=out_bias))
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         weight = torch.cat([self.q_proj.weight * self.scale, self.k_proj.weight, self.v_proj.weight])
@@ -165,9 +171,12 @@ class CachedAttention(nn.Module):
 class CachedDecoderLM(nn.Module):
     """A causal LM with an explicit cache; subclasses keep HF's parameter names for their variant."""
 
+    variant = ""  # its key in `decoder.VARIANTS` and `DecoderConfig.variant`
     rotary: bool = False  # whether the step applies rotary positions (the LLM section's rope_theta)
     hf_model_types: tuple[str, ...] = ()
     hf_embed_weight = ""  # HF name of the token embeddings, for tied LM heads saved once
+    # HF config class defaults of (bos, eos, pad), for config.json files that omit them
+    hf_token_defaults: tuple[int | None, int | None, int | None] = (None, None, None)
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -196,8 +205,8 @@ class CachedDecoderLM(nn.Module):
         """The last hidden states before the LM head (final norm, projections)."""
         raise NotImplementedError
 
-    @staticmethod
-    def from_hf(cfg: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
         """HF config.json of this variant -> DecoderConfig fields (`common` holds the shared ones)."""
         raise NotImplementedError
 
@@ -268,6 +277,17 @@ class _Step(nn.Module):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         logits, new_kv = self.model.step(inputs_embeds, attention_mask, position_ids, pairs, logits_to_keep)
         return (logits, *(t for kv in new_kv for t in kv))
+
+
+def check_sliding_window(model_type: str, window: int | None, max_context: int) -> None:
+    """A sliding window masks keys `window` or more positions back. The cache holds `max_context`
+    slots (slot = position), so a window of at least `max_context` never masks anything and the
+    full-attention step is exact; a shorter one would need a banded mask the step does not build."""
+    if window is not None and window < max_context:
+        raise UnsupportedError(
+            f"{model_type} sliding_window {window} is shorter than max_context {max_context}: the "
+            f"step attends to every cache slot (no banded mask); choose max_context <= {window}"
+        )
 
 
 def cache_names(layers: int) -> tuple[list[str], list[str]]:

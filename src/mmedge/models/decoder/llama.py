@@ -41,9 +41,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, out_bias: bool | None):
         super().__init__()
-        self.self_attn = CachedAttention(cfg, "o_proj")
+        self.self_attn = CachedAttention(cfg, "o_proj", out_bias)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
@@ -57,21 +57,24 @@ class LlamaLayer(nn.Module):
 
 
 class _LlamaModel(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, out_bias: bool | None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(LlamaLayer(cfg, out_bias) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
 
 
 class LlamaForCausalLM(CachedDecoderLM):
+    variant = "llama"
     rotary = True
     hf_model_types = ("llama",)
     hf_embed_weight = "model.embed_tokens.weight"
+    hf_token_defaults = (1, 2, None)
+    out_bias: bool | None = None  # the output projection's bias; None: as q/k/v (`cfg.bias`)
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__(cfg)
-        self.model = _LlamaModel(cfg)
+        self.model = _LlamaModel(cfg, self.out_bias)
         self._finish_init()
 
     @property
@@ -92,17 +95,21 @@ class LlamaForCausalLM(CachedDecoderLM):
     def final(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x)
 
-    @staticmethod
-    def from_hf(cfg: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
         rope_params = cfg.get("rope_parameters") or {}
         if cfg.get("rope_scaling") or rope_params.get("rope_type", "default") != "default":
             raise UnsupportedError(f"rope scaling {cfg.get('rope_scaling') or rope_params} is not supported")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise UnsupportedError("Llama with attention_bias or mlp_bias is not supported")
+            raise UnsupportedError(
+                f"{cfg.get('model_type')} with attention_bias or mlp_bias is not supported"
+            )
         theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        head_dim = cfg.get("head_dim") or common["hidden"] // common["heads"]
         return {
             **common,
-            "variant": "llama",
+            "variant": cls.variant,
+            "head_size": 0 if head_dim * common["heads"] == common["hidden"] else head_dim,
             "ffn_dim": cfg.get("intermediate_size"),
             "act": cfg.get("hidden_act", "silu"),
             "kv_heads": cfg.get("num_key_value_heads") or 0,

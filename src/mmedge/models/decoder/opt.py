@@ -59,8 +59,10 @@ class _OPTModel(nn.Module):
 
 
 class OPTForCausalLM(CachedDecoderLM):
+    variant = "opt"
     hf_model_types = ("opt",)
     hf_embed_weight = "model.decoder.embed_tokens.weight"
+    hf_token_defaults = (2, 2, 1)
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__(cfg)
@@ -89,8 +91,8 @@ class OPTForCausalLM(CachedDecoderLM):
             x = dec.project_out(x)
         return x
 
-    @staticmethod
-    def from_hf(cfg: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
         if not cfg.get("layer_norm_elementwise_affine", True):
             raise UnsupportedError("OPT with layer_norm_elementwise_affine=false is not supported")
         if cfg.get("_remove_final_layer_norm", False):
@@ -98,7 +100,7 @@ class OPTForCausalLM(CachedDecoderLM):
         proj = cfg.get("word_embed_proj_dim", common["hidden"])
         return {
             **common,
-            "variant": "opt",
+            "variant": cls.variant,
             "ffn_dim": cfg.get("ffn_dim", 3072),
             "act": cfg.get("activation_function", "relu"),
             "word_embed_proj_dim": 0 if proj == common["hidden"] else proj,
