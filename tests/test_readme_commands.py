@@ -2,7 +2,7 @@
 
 The inputs are made here: sample scenes (`mmedge data scenes`), tiny random HF directories written
 with transformers' `save_pretrained` for `hf/clip`, `hf/blip2-opt` and `hf/llama`, a random BLIP-2
-checkpoint for `ckpt/blip2`, and the JSONL files. One substitution keeps the test short: `train`
+checkpoint for `ckpt/blip2`, a random MiniGPT-4 projection, and the JSONL files. One substitution keeps the test short: `train`
 commands get `--steps 3` (the recipes' step counts take minutes). A command that needs what this
 machine lacks (`--backend tensorrt`) must fail cleanly, naming the extra to install.
 """
@@ -98,6 +98,13 @@ def _hf_llama(root: Path) -> None:
     (root / "tokenizer.json").write_text(_word_tokenizer(96))
 
 
+def _minigpt4_projection(path: Path) -> None:
+    """MiniGPT-4's llama_proj between hf/blip2-opt's Q-Former (32 wide) and hf/llama (32 wide)."""
+    from safetensors.torch import save_file
+
+    save_file({"llama_proj.weight": torch.randn(32, 32), "llama_proj.bias": torch.zeros(32)}, str(path))
+
+
 @pytest.fixture()
 def workspace(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     import cv2
@@ -110,6 +117,7 @@ def workspace(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> P
     write_tiny_hf_clip(tmp_path / "hf" / "clip")
     _hf_blip2(tmp_path / "hf" / "blip2-opt")
     _hf_llama(tmp_path / "hf" / "llama")
+    _minigpt4_projection(tmp_path / "minigpt4.safetensors")
     init_checkpoint("blip2-tiny", tmp_path / "ckpt" / "blip2")
     scenes = generate_scenes(6, seed=12, image_size=64)
     (tmp_path / "photos").mkdir()

@@ -108,6 +108,29 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
         }
         for v in ("v1", "1.5", "next")
     },
+    **{
+        ("minigpt4", v): {
+            "variant": v,
+            "vision": {**_VISION, "patch_size": 8},  # 16 patches: 4 merged tokens for llama2
+            **(
+                {
+                    "qformer": {
+                        "hidden": 32,
+                        "layers": 1,
+                        "heads": 2,
+                        "intermediate": 64,
+                        "encoder_hidden": 32,
+                        "num_query_tokens": 4,
+                    }
+                }
+                if v == "vicuna"
+                else {}
+            ),
+            # the official system text alone is ~100 tokens of the tiny tokenizer
+            "text": {**_DECODERS["llama"], "max_positions": 192, "max_context": 160},
+        }
+        for v in ("vicuna", "llama2")
+    },
 }
 
 

@@ -20,6 +20,7 @@ from mmedge.export.onnx_export import DEFAULT_OPSET, example_inputs, export_comp
 from mmedge.export.package_writer import write_manifest
 from mmedge.export.parity import measure_parity
 from mmedge.models.component import ComponentDecl
+from mmedge.models.sources import LoadedModel
 from mmedge.runtime.manifest import (
     MANIFEST_NAME,
     ComponentEntry,
@@ -99,16 +100,37 @@ def export_model(
     """Export every component of a model into a package at `out` (replacing an older package there
     atomically; a folder holding anything else is refused unless `force`). `max_context`: the KV
     cache slots of an LM imported from an HF directory (default: the family's choice)."""
-    from mmedge.export.trt_lint import lint_model
     from mmedge.models.sources import load_source
 
-    say = progress or log.info
-    out = check_replaceable(out, lambda p: (p / MANIFEST_NAME).is_file(), "package", force)
+    check_target(out, name, force)  # refuse a bad --out or name before loading a large model
+    lm = load_source(src, family, allow_pickle, max_context)
+    return export_loaded(lm, out, opset, name, progress, force)
+
+
+def check_target(out: str | Path, name: str | None, force: bool) -> tuple[Path, str]:
+    """The package folder (one that may be replaced) and the package's name."""
+    path = check_replaceable(out, lambda p: (p / MANIFEST_NAME).is_file(), "package", force)
     try:
-        name = check_name(name or out.resolve().name, "package name (--name, or the --out folder's name)")
+        return path, check_name(
+            name or path.resolve().name, "package name (--name, or the --out folder's name)"
+        )
     except IntegrityError as exc:
         raise InvalidInputError(f"{exc}; names use letters, digits and _ . : - /") from None
-    lm = load_source(src, family, allow_pickle, max_context)
+
+
+def export_loaded(
+    lm: LoadedModel,
+    out: str | Path,
+    opset: int = DEFAULT_OPSET,
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    force: bool = False,
+) -> Manifest:
+    """`export_model` of a model already in memory (e.g. assembled from released parts)."""
+    from mmedge.export.trt_lint import lint_model
+
+    say = progress or log.info
+    out, name = check_target(out, name, force)
     decls = lm.family.components(lm.config)
     for d in decls:
         if d.role not in ROLES:

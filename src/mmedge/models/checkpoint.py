@@ -103,15 +103,21 @@ def _migrate_v1(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Load a state dict from safetensors; pickle files only with explicit opt-in (weights_only)."""
+def load_weights(
+    path: str | os.PathLike, allow_pickle: bool = False, prefixes: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Load a state dict from safetensors; pickle files only with explicit opt-in (weights_only).
+
+    `prefixes`: only the tensors named with one of them; safetensors reads no others from disk
+    (a vision tower taken from a file that also holds a 7B LM)."""
     p = Path(path)
     if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            return load_file(str(p))
+            with safe_open(str(p), framework="pt") as f:
+                names = f.keys()  # safe_open is not iterable
+                return {k: f.get_tensor(k) for k in names if not prefixes or k.startswith(prefixes)}
         except (SafetensorError, OSError, ValueError) as exc:
             raise IntegrityError(f"{p}: not a readable safetensors file ({exc})") from None
     if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
@@ -121,9 +127,12 @@ def load_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
                 "safetensors, or pass allow_pickle=True (--allow-pickle) to load it with weights_only=True"
             )
         try:
-            return torch.load(str(p), map_location="cpu", weights_only=True)
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
             raise IntegrityError(f"{p}: refused by the weights-only loader ({type(exc).__name__})") from None
+        if not prefixes or not isinstance(state, dict):
+            return state
+        return {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefixes)}
     raise UnsupportedError(f"{p}: unknown weights format; accepted: .safetensors (or .bin/.pt with opt-in)")
 
 

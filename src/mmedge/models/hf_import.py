@@ -69,6 +69,20 @@ def _weight_files(root: Path, allow_pickle: bool) -> list[Path]:
     raise ConfigError(f"{root} has no model.safetensors (or sharded index); nothing to import")
 
 
+def read_weights(
+    root: Path, allow_pickle: bool = False, prefixes: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], tuple[Path, ...]]:
+    """(state dict, files read) of an HF model directory, without the buffers HF used to persist;
+    `prefixes`: only the tensors named with one of them (`checkpoint.load_weights`)."""
+    files = _weight_files(root, allow_pickle)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_weights(f, allow_pickle=allow_pickle, prefixes=prefixes))
+    # Buffers HF used to persist; ours are computed.
+    state = {k: v for k, v in state.items() if not k.endswith(("position_ids", "rotary_emb.inv_freq"))}
+    return state, tuple(files)
+
+
 def image_processor_settings(root: Path) -> tuple[Path, dict[str, Any]]:
     """(file, settings) of the directory's image processor; refuses a directory that has none."""
     legacy, whole = (root / name for name in PROCESSOR_FILES)
@@ -147,22 +161,23 @@ def load_hf(
     if fam.hf.directory is not None:
         config = fam.hf.directory(root, config)
     parsed = fam.config_from_dict(config)
-    files = _weight_files(root, allow_pickle)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_weights(f, allow_pickle=allow_pickle))
-    # Buffers HF used to persist; ours are computed.
-    state = {k: v for k, v in state.items() if not k.endswith(("position_ids", "rotary_emb.inv_freq"))}
+    state, files = read_weights(root, allow_pickle)
     if fam.hf.weights is not None:
         state = fam.hf.weights(state, parsed)
     base = fam.preprocess(parsed)
     preprocess = read_image_processor(root, base) if base is not None else None
+    tokenizer_json = read_tokenizer(root, fam, parsed)
+    return HFSource(fam, config, state, tokenizer_json, preprocess, files)
+
+
+def read_tokenizer(root: Path, family: Family, config: Any) -> str:
+    """The directory's tokenizer.json, checked to fit the model's token tables."""
     tok = root / "tokenizer.json"
     if not tok.is_file():
         raise ConfigError(f"{root} has no tokenizer.json; save the tokenizer with a fast (Rust) tokenizer")
     tokenizer_json = tok.read_text()
-    check_tokenizer_fits(tok, tokenizer_json, fam, parsed)
-    return HFSource(fam, config, state, tokenizer_json, preprocess, tuple(files))
+    check_tokenizer_fits(tok, tokenizer_json, family, config)
+    return tokenizer_json
 
 
 def check_tokenizer_fits(path: Path, tokenizer_json: str, family: Family, config: Any) -> None:

@@ -69,6 +69,18 @@ class HFSupport:
 
 
 @dataclass(frozen=True)
+class Parts:
+    """Separately released parts that a family assembles into one model (`mmedge assemble`)."""
+
+    variant: str
+    vision: Path  # HF directory of the image encoder (and resampler) with its image processor
+    llm: Path  # HF directory of the language model with its tokenizer
+    projection: Path  # weights of the trained projection between them
+    allow_pickle: bool = False  # read pickle-based weights (with weights_only=True)
+    max_context: int | None = None  # KV cache slots of the package (None: the decoder default)
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything the host side needs to know about one family."""
 
@@ -84,6 +96,7 @@ class Family:
     sections: Callable[[Any, nn.Module, str], Sections]  # (config, model, tokenizer JSON)
     hf: HFSupport | None = None
     recipe: str | None = None  # module with `train(out, request)`, e.g. "mmedge.recipes.clip"
+    assemble: Callable[[Parts], Any] | None = None  # Parts -> models.sources.LoadedModel
     # Tokens the family's prompts need in its tokenizer (e.g. llava's "<image>"), added as special
     # tokens to the tokenizers it trains or makes for random-weight checkpoints.
     special_tokens: Callable[[Any], tuple[str, ...]] = lambda cfg: ()

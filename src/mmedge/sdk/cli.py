@@ -182,6 +182,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sp = add(
+        "assemble",
+        verbs.cmd_assemble,
+        "export a model released as separate parts into a model package: minigpt4 = BLIP-2's image "
+        "encoder (vicuna variant: and Q-Former) from --vision, a Llama-family LM from --llm, and the "
+        "trained Linear between them (llama_proj) from --projection",
+    )
+    sp.add_argument("family", help="the family of the model (one that assembles from parts: minigpt4)")
+    sp.add_argument(
+        "--variant",
+        required=True,
+        help="minigpt4: vicuna (MiniGPT-4 v1: ViT -> Q-Former -> Linear -> Vicuna) or llama2 (ViT patch "
+        "tokens, four merged into one -> Linear -> Llama-2 chat)",
+    )
+    sp.add_argument(
+        "--vision",
+        required=True,
+        help="HF BLIP-2 directory (Blip2ForConditionalGeneration / Blip2Model save_pretrained) with its image "
+        "processor; only its vision model (and Q-Former) are read",
+    )
+    sp.add_argument(
+        "--llm", required=True, help="HF Llama directory (config.json, safetensors, tokenizer.json)"
+    )
+    sp.add_argument(
+        "--projection",
+        required=True,
+        help="the released projection weights (llama_proj.weight/bias, at the top level or under 'model'): "
+        ".safetensors, or .pth/.pt with --allow-pickle",
+    )
+    sp.add_argument("--out", required=True, help="package directory to write (replaced atomically)")
+    sp.add_argument(
+        "--force", action="store_true", help="replace --out even if it holds other files (they are deleted)"
+    )
+    sp.add_argument("--name", default=None, help="package name (default: the directory name)")
+    sp.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="KV cache slots of the package; unset: 256, capped at the LM's max_position_embeddings",
+    )
+    sp.add_argument("--opset", type=int, default=17)
+    sp.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load pickle-based weights (.pth/.pt/.bin) with weights_only=True; off by default",
+    )
+
+    sp = add(
         "calibrate",
         verbs.cmd_calibrate,
         "quantize a package: encoders to INT8 Q/DQ against an accuracy target, "

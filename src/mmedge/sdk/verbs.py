@@ -107,6 +107,35 @@ def cmd_export(a: argparse.Namespace) -> object:
     return {"package": str(a.out), "components": sorted(m.components)}
 
 
+def cmd_assemble(a: argparse.Namespace) -> object:
+    from mmedge.errors import UnsupportedError
+    from mmedge.export.exporter import check_target, export_loaded
+    from mmedge.models.registry import Parts, families, get_family
+
+    family = get_family(a.family)
+    if family.assemble is None:
+        able = sorted(f.name for f in families().values() if f.assemble is not None)
+        raise UnsupportedError(f"family {a.family!r} is not assembled from parts; families that are: {able}")
+    check_target(a.out, a.name, a.force)  # before reading gigabytes of weights
+    parts = Parts(
+        variant=a.variant,
+        vision=Path(a.vision),
+        llm=Path(a.llm),
+        projection=Path(a.projection),
+        allow_pickle=a.allow_pickle,
+        max_context=a.max_context,
+    )
+    m = export_loaded(
+        family.assemble(parts),
+        a.out,
+        opset=a.opset,
+        name=a.name,
+        progress=print if not a.json else None,
+        force=a.force,
+    )
+    return {"package": str(a.out), "variant": m.variant, "components": sorted(m.components)}
+
+
 def cmd_calibrate(a: argparse.Namespace) -> object:
     from mmedge.calibration.package import calibrate_package
 

@@ -21,32 +21,41 @@ def blip2_config(cfg: dict[str, Any], max_context: int | None = None) -> dict[st
         raise UnsupportedError(
             "a Q-Former with text input (InstructBLIP-style) is not supported by the blip2 family"
         )
-    width = v.get("hidden_size", 1408)
     return {
-        "vision": {
-            "tower": "blip2",
-            "image_size": v.get("image_size", 224),
-            "patch_size": v.get("patch_size", 14),
-            "width": width,
-            "layers": v.get("num_hidden_layers", 39),
-            "heads": v.get("num_attention_heads", 16),
-            "mlp_dim": v.get("intermediate_size", 6144),
-            "act": v.get("hidden_act", "gelu"),
-            "eps": v.get("layer_norm_eps", 1e-6),
-            "qkv_bias": v.get("qkv_bias", True),
-        },
-        "qformer": {
-            "hidden": q.get("hidden_size", 768),
-            "layers": q.get("num_hidden_layers", 12),
-            "heads": q.get("num_attention_heads", 12),
-            "intermediate": q.get("intermediate_size", 3072),
-            "cross_attention_frequency": q.get("cross_attention_frequency", 2),
-            "encoder_hidden": width,
-            "num_query_tokens": cfg.get("num_query_tokens", 32),
-            "act": q.get("hidden_act", "gelu"),
-            "eps": q.get("layer_norm_eps", 1e-12),
-        },
+        "vision": vision_config(v),
+        "qformer": qformer_config(q, v.get("hidden_size", 1408), cfg.get("num_query_tokens", 32)),
         "text": decoder.hf_decoder_config({"model_type": "opt", **t}, max_context),
+    }
+
+
+def vision_config(v: dict[str, Any]) -> dict[str, Any]:
+    """HF Blip2VisionConfig -> Blip2VisionConfig JSON (HF's defaults are EVA ViT-g's)."""
+    return {
+        "tower": "blip2",
+        "image_size": v.get("image_size", 224),
+        "patch_size": v.get("patch_size", 14),
+        "width": v.get("hidden_size", 1408),
+        "layers": v.get("num_hidden_layers", 39),
+        "heads": v.get("num_attention_heads", 16),
+        "mlp_dim": v.get("intermediate_size", 6144),
+        "act": v.get("hidden_act", "gelu"),
+        "eps": v.get("layer_norm_eps", 1e-6),
+        "qkv_bias": v.get("qkv_bias", True),
+    }
+
+
+def qformer_config(q: dict[str, Any], encoder_hidden: int, num_query_tokens: int) -> dict[str, Any]:
+    """HF Blip2QFormerConfig -> QFormerConfig JSON, reading image features `encoder_hidden` wide."""
+    return {
+        "hidden": q.get("hidden_size", 768),
+        "layers": q.get("num_hidden_layers", 12),
+        "heads": q.get("num_attention_heads", 12),
+        "intermediate": q.get("intermediate_size", 3072),
+        "cross_attention_frequency": q.get("cross_attention_frequency", 2),
+        "encoder_hidden": encoder_hidden,
+        "num_query_tokens": num_query_tokens,
+        "act": q.get("hidden_act", "gelu"),
+        "eps": q.get("layer_norm_eps", 1e-12),
     }
 
 

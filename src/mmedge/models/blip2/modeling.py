@@ -117,26 +117,29 @@ class Blip2VisionModel(nn.Module):
         return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
 
 
+def vision_tower(v: Blip2VisionConfig) -> nn.Module:
+    """The image encoder `v.tower` names; `hidden_states(pixel_values)` gives every token (CLS first)."""
+    if v.tower == "blip2":
+        return Blip2VisionModel(v)
+    return VisionTransformer(
+        VisionConfig(
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            width=v.width,
+            layers=v.layers,
+            heads=v.heads,
+            mlp_dim=v.mlp_dim,
+            act=v.act,
+        ),
+        v.eps,
+    )
+
+
 class Blip2(nn.Module):
     def __init__(self, cfg: Blip2Config):
         super().__init__()
         self.cfg = cfg
-        v = cfg.vision
-        if v.tower == "blip2":
-            self.vision_model: nn.Module = Blip2VisionModel(v)
-        else:
-            self.vision_model = VisionTransformer(
-                VisionConfig(
-                    image_size=v.image_size,
-                    patch_size=v.patch_size,
-                    width=v.width,
-                    layers=v.layers,
-                    heads=v.heads,
-                    mlp_dim=v.mlp_dim,
-                    act=v.act,
-                ),
-                v.eps,
-            )
+        self.vision_model = vision_tower(cfg.vision)
         self.query_tokens = nn.Parameter(
             torch.randn(1, cfg.qformer.num_query_tokens, cfg.qformer.hidden) * 0.02
         )
