@@ -2,6 +2,8 @@
 
 - The image's LLM embeddings come from the manifest's `image` path (BLIP-2: vision -> Q-Former ->
   projector) and are cached per image, so several questions on one image run the encoders once.
+  Where the path also reads an instruction (InstructBLIP), it is the conversation's first question
+  (a caption's: its prompt text), and the cache is keyed by pixels and instruction together.
 - The prompt template (`sections.PromptConfig`) says where the image goes, anywhere in the prompt.
 - Multi-turn chat keeps each conversation's KV cache: when the next call's `history` is the
   previous history plus the answer this pipeline returned, only the new question is run through
@@ -27,6 +29,7 @@ from mmedge.errors import InvalidInputError
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.generation import GenerationConfig, KVCache, LanguageModel, TextStream, stream_text
 from mmedge.runtime.prompts import Item, PromptEncoder
+from mmedge.runtime.sections import template_text
 
 IMAGE_CACHE_SIZE = 16
 CONVERSATION_CACHE_SIZE = 8
@@ -84,18 +87,25 @@ class ChatPipeline:
         return f"ChatPipeline({m.name!r}, family={m.family!r}, backend={self.runner.backend.name!r})"
 
     # -- images ---------------------------------------------------------------------------
-    def image_prefix(self, image: Any, channel_order: str = "RGB") -> tuple[str, np.ndarray]:
-        """(key, LLM embeddings (T, E)) of one image; cached by the preprocessed pixels' hash."""
+    def image_prefix(
+        self, image: Any, channel_order: str = "RGB", instruction: str | None = None
+    ) -> tuple[str, np.ndarray]:
+        """(key, LLM embeddings (T, E)) of one image; cached by the hash of the preprocessed pixels
+        and of the instruction tokens when the image path reads an instruction."""
         from mmedge.runtime.images import load_image, preprocess
 
         if self.runner.preprocess is None:  # a chat manifest always has one; this guards hand-made runners
             raise InvalidInputError("this package has no image preprocessing; it is not an image chat model")
         image_array = load_image(image, channel_order=channel_order, limits=self.runner.image_limits)
         pixels = preprocess([image_array], self.runner.preprocess)
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()
+        sources = self.runner.image_sources(pixels, instruction)
+        digest = hashlib.sha256()
+        for name in sorted(sources):
+            digest.update(name.encode() + b"\0" + sources[name].tobytes())
+        key = digest.hexdigest()
         cached = self._images.get(key)
         if cached is None:
-            cached = self.runner.run_path("image", {"pixel_values": pixels})[0]
+            cached = self.runner.run_path("image", sources)[0]
             if cached.shape[0] != self.image_tokens:
                 raise InvalidInputError(
                     f"the image path yields {cached.shape[0]} embeddings; the package declares {self.image_tokens}"
@@ -110,8 +120,8 @@ class ChatPipeline:
         """A caption of `image` (the manifest's captioning prompt, often just the image); with
         `stream=True` an iterator of text pieces, as `chat`."""
         config = GenerationConfig.from_kwargs(**gen)
-        _, prefix = self.image_prefix(image, channel_order)
         items = self.prompts.encode(self.prompts.caption())
+        _, prefix = self.image_prefix(image, channel_order, template_text(self.prompts.prompt.caption or ""))
         pieces = self._generate(items, prefix, self.lm.new_cache(), config, store=None)
         return pieces if stream else "".join(pieces)
 
@@ -129,7 +139,8 @@ class ChatPipeline:
         history = _checked_history(history)
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInputError("prompt must be a non-empty string")
-        key, prefix = self.image_prefix(image, channel_order)
+        # The image's embeddings stay those of the first turn, so a kept KV cache stays valid.
+        key, prefix = self.image_prefix(image, channel_order, history[0][0] if history else prompt)
         state: _Conversation | None = self._conversations.get((key, history), pop=True)
         if state is not None:  # reuse the KV cache of the earlier turns; run only the new question
             cache, before = state.cache, state.items
