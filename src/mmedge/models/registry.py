@@ -43,6 +43,9 @@ class Sections:
     prompt: PromptConfig | None = None
     retrieval: RetrievalConfig | None = None
     image_tokens: ImageTokens | None = None
+    # The image path's instruction tokenizer (`sections.INSTRUCTION_SOURCES`): longest text, pad id.
+    instruction_context_length: int | None = None
+    instruction_pad_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class HFSupport:
     config: Callable[[dict[str, Any], int | None], dict[str, Any]]  # (HF config, max_context) -> config JSON
     # HF state dict -> the family's state dict (renames, tied weights saved once); default: as saved
     weights: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]] | None = None
+    # subfolder holding the image path's instruction tokenizer (a processor's sub-tokenizer)
+    instruction_tokenizer: str | None = None
 
 
 @dataclass(frozen=True)
