@@ -105,8 +105,7 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
                 "cross_attention_frequency": 1,
                 "encoder_hidden": 32,
                 "num_query_tokens": 4,
-                "text": True,  # reads the instruction, tokenised with the checkpoint's tiny tokenizer
-                "vocab_size": 0,
+                "vocab_size": 0,  # the instruction's tokenizer is the checkpoint's tiny one
                 "max_text_positions": 32,
             },
             "text": _DECODERS[v],

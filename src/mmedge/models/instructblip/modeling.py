@@ -10,6 +10,7 @@ are blip2's; HF's `qformer.embeddings.*` is renamed on import (`hf.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,15 @@ MASK_BIAS = -1e4
 class InstructBlipConfig(Blip2Config):
     prompt_template: str = "{}"  # the raw instruction, as HF's processor encodes it
     caption_prompt: str = "A short image description:"  # the captioning instruction of InstructBLIP's paper
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InstructBlipConfig:
+        """Blip2Config's parsing; the Q-Former reads text unless a config says otherwise (refused)."""
+        if not isinstance(d, dict):
+            raise ConfigError("instructblip config must be an object")
+        qformer = d.get("qformer", {})
+        with_text = {**d, "qformer": {"text": True, **qformer}} if isinstance(qformer, dict) else d
+        return cast(InstructBlipConfig, super().from_dict(with_text))  # parsed as `cls`
 
     def __post_init__(self) -> None:
         super().__post_init__()
