@@ -301,3 +301,27 @@ def test_import_refuses_flan_t5() -> None:
 
     with pytest.raises(UnsupportedError, match="encoder-decoder"):
         instructblip_config({"text_config": {"model_type": "t5"}}, None)
+
+
+def test_the_instruction_tokenizer_is_verified(instructblip, tmp_path: Path) -> None:
+    """The second tokenizer is hashed like the first, and the manifest cannot drop or orphan it."""
+    import json
+    import shutil
+
+    from mmedge.errors import IntegrityError
+    from mmedge.runtime.package import verify_package
+
+    _, _, _, pipe, _ = instructblip
+    pkg = tmp_path / "pkg"
+    shutil.copytree(pipe.runner.package.root, pkg)
+    raw = json.loads((pkg / "manifest.json").read_text())
+    dropped = {k: v for k, v in raw.items() if k != "instruction_tokenizer"}
+    (pkg / "manifest.json").write_text(json.dumps(dropped))
+    with pytest.raises(IntegrityError, match="instruction_tokenizer"):
+        verify_package(pkg)
+    (pkg / "manifest.json").write_text(json.dumps(raw))
+    verify_package(pkg)
+    with (pkg / "instruction_tokenizer.json").open("a") as f:
+        f.write(" ")
+    with pytest.raises(IntegrityError, match="instruction_tokenizer.json"):
+        verify_package(pkg)
