@@ -97,6 +97,25 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
         }
         for v in _DECODERS
     },
+    **{
+        ("instructblip", v): {
+            "vision": {"tower": "clip", **_VISION, "eps": 1e-5},
+            "qformer": {
+                "hidden": 32,
+                "layers": 1,
+                "heads": 2,
+                "intermediate": 64,
+                "cross_attention_frequency": 1,
+                "encoder_hidden": 32,
+                "num_query_tokens": 4,
+                "vocab_size": 0,  # the instruction's tokenizer is the checkpoint's tiny one
+                "max_text_positions": 32,
+            },
+            "text": _DECODERS[v],
+            "resize": "shortest",
+        }
+        for v in _DECODERS
+    },
     **{("causal-lm", v): cfg for v, cfg in _DECODERS.items()},
     **{
         ("llava", v): {

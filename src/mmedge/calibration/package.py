@@ -21,7 +21,7 @@ from mmedge.errors import InvalidInputError, UnbuiltPrecisionWarning
 from mmedge.runtime.backends import DEFAULT_BACKEND
 from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry
 from mmedge.runtime.package import Package, verify_package
-from mmedge.runtime.sections import ROLES
+from mmedge.runtime.sections import INSTRUCTION_SOURCES, ROLES, template_text
 from mmedge.runtime.signing import drop_signature, unsigned_note
 from mmedge.runtime.staging import staged_update, write_atomic
 
@@ -36,10 +36,18 @@ def _sources(pkg: Package, path: str, items: list[Any]) -> dict[str, np.ndarray]
     from mmedge.runtime.components import package_tokenizer
     from mmedge.runtime.images import load_image, preprocess
 
+    m = pkg.manifest
     if path == "image":
-        if pkg.manifest.preprocess is None:
-            raise InvalidInputError(f"package {pkg.manifest.name!r} declares no image preprocessing")
-        return {"pixel_values": preprocess([load_image(it.image) for it in items], pkg.manifest.preprocess)}
+        if m.preprocess is None:
+            raise InvalidInputError(f"package {m.name!r} declares no image preprocessing")
+        pixels = preprocess([load_image(it.image) for it in items], m.preprocess)
+        if not m.reads_instruction():
+            return {"pixel_values": pixels}
+        # Each item's text as its instruction; an image without one gets the captioning prompt's.
+        fallback = template_text(m.prompt.caption or "") if m.prompt else ""
+        texts = [it.text or fallback for it in items]
+        ids, mask = package_tokenizer(pkg, instruction=True).encode_batch(texts)
+        return dict(zip(INSTRUCTION_SOURCES, (ids, mask)), pixel_values=pixels)
     ids, mask = package_tokenizer(pkg).encode_batch([it.text for it in items])
     return {"input_ids": ids, "attention_mask": mask}
 

@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from mmedge.errors import ConfigError, IntegrityError, InvalidInputError
 from mmedge.export.onnx_export import DEFAULT_OPSET, example_inputs, export_component
 from mmedge.export.package_writer import write_manifest
 from mmedge.export.parity import measure_parity
-from mmedge.models.component import ComponentDecl
+from mmedge.models.component import ComponentDecl, reads_instruction
 from mmedge.models.sources import LoadedModel
 from mmedge.runtime.manifest import (
     MANIFEST_NAME,
@@ -31,12 +32,25 @@ from mmedge.runtime.manifest import (
     check_relpath,
 )
 from mmedge.runtime.package import verify_package
-from mmedge.runtime.sections import PATH_SOURCES, ROLES, PipelineConfig, Step, TokenizerConfig
+from mmedge.runtime.sections import (
+    INSTRUCTION_SOURCES,
+    PATH_SOURCES,
+    ROLES,
+    PipelineConfig,
+    Step,
+    TokenizerConfig,
+)
 from mmedge.runtime.sections import Path as WiredPath
 from mmedge.runtime.staging import check_replaceable, staged_dir, write_atomic
 
+if TYPE_CHECKING:
+    from mmedge.models.registry import Sections
+    from mmedge.models.sources import LoadedModel
+
 log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"
+INSTRUCTION_TOKENIZER_FILE = "instruction_tokenizer.json"
+_PARITY_TEXTS = ["a red circle", "a large blue square at the top left and a small star"]
 
 
 def _versions() -> dict[str, str]:
@@ -48,18 +62,38 @@ def _versions() -> dict[str, str]:
     return {"mmedge": mmedge.__version__, "torch": torch.__version__, "onnx": onnx.__version__}
 
 
-def _parity_feeds(
-    decl: ComponentDecl, tokenizer_json: str, context_length: int
-) -> list[dict[str, np.ndarray]]:
-    """Random feeds, plus real tokenised text with padding for text encoders."""
-    feeds = [example_inputs(decl, sizes={"batch": 2}, seed=i) for i in range(2)]
-    if {s.name for s in decl.inputs} == set(PATH_SOURCES["text"]):
-        from mmedge.runtime.texts import TextTokenizer
+def _parity_feeds(decl: ComponentDecl, lm: LoadedModel, sections: Sections) -> list[dict[str, np.ndarray]]:
+    """Random feeds, plus real tokenised text with padding for text encoders and for components
+    that read the image path's instruction."""
+    from mmedge.runtime.texts import TextTokenizer
 
-        tok = TextTokenizer.from_json(tokenizer_json, context_length=context_length)
-        ids, mask = tok.encode_batch(["a red circle", "a large blue square at the top left and a small star"])
+    feeds = [example_inputs(decl, sizes={"batch": 2}, seed=i) for i in range(2)]
+    names = {s.name for s in decl.inputs}
+    if names == set(PATH_SOURCES["text"]):
+        tok = TextTokenizer.from_json(lm.tokenizer_json, context_length=sections.context_length)
+        ids, mask = tok.encode_batch(_PARITY_TEXTS)
         feeds.append({"input_ids": ids, "attention_mask": mask})
+    if set(INSTRUCTION_SOURCES) <= names and lm.instruction_tokenizer_json is not None:
+        tok = TextTokenizer.from_json(
+            lm.instruction_tokenizer_json,
+            sections.instruction_context_length or 0,
+            sections.instruction_pad_id,
+        )
+        ids, mask = tok.encode_batch(_PARITY_TEXTS)
+        feeds.append({**feeds[0], INSTRUCTION_SOURCES[0]: ids, INSTRUCTION_SOURCES[1]: mask})
     return feeds
+
+
+def _instruction_tokenizer(lm: LoadedModel, decls: Sequence[ComponentDecl], sections: Sections) -> str | None:
+    """The instruction tokenizer's JSON where a component reads the instruction (else None)."""
+    if not reads_instruction(tuple(decls)):
+        return None
+    if lm.instruction_tokenizer_json is None or sections.instruction_context_length is None:
+        raise ConfigError(
+            f"{lm.family.name}: a component reads an instruction ({list(INSTRUCTION_SOURCES)}), but the "
+            "source has no instruction tokenizer or the family declares no instruction context length"
+        )
+    return lm.instruction_tokenizer_json
 
 
 def wire_paths(decls: Sequence[ComponentDecl]) -> dict[str, WiredPath]:
@@ -136,6 +170,7 @@ def export_loaded(
         if d.role not in ROLES:
             raise ConfigError(f"component {d.name!r} declares role {d.role!r}; known roles: {sorted(ROLES)}")
     sections = lm.family.sections(lm.config, lm.model, lm.tokenizer_json)
+    instruction_json = _instruction_tokenizer(lm, decls, sections)
     components, reports = {}, {"parity": {}, "trt_lint": {}}
     with staged_dir(out) as tmp:
         (tmp / "onnx").mkdir()
@@ -144,7 +179,7 @@ def export_loaded(
             say(f"export {decl.name} ({decl.role})")
             path = tmp / "onnx" / f"{decl.name}.onnx"
             export_component(lm.model, decl, path, opset)
-            feeds = _parity_feeds(decl, lm.tokenizer_json, sections.context_length)
+            feeds = _parity_feeds(decl, lm, sections)
             parity = measure_parity(lm.model, decl, path, feeds)
             if not parity["passed"]:
                 raise IntegrityError(
@@ -170,6 +205,12 @@ def export_loaded(
         write_atomic(tmp / TOKENIZER_FILE, lm.tokenizer_json)
         for rel, data in sections.files.items():
             write_atomic(tmp / check_relpath(rel, "family file"), data)
+        instruction_tokenizer = None
+        if instruction_json is not None and sections.instruction_context_length is not None:
+            write_atomic(tmp / INSTRUCTION_TOKENIZER_FILE, instruction_json)
+            instruction_tokenizer = TokenizerConfig(
+                INSTRUCTION_TOKENIZER_FILE, sections.instruction_context_length, sections.instruction_pad_id
+            )
         for key, rep in reports.items():
             write_atomic(tmp / "reports" / f"{key}.json", json.dumps(rep, indent=2, sort_keys=True))
         manifest = Manifest(
@@ -189,6 +230,7 @@ def export_loaded(
             pipeline=PipelineConfig(paths=wire_paths(decls), image_tokens=sections.image_tokens),
             preprocess=lm.preprocess,
             tokenizer=TokenizerConfig(TOKENIZER_FILE, sections.context_length, sections.pad_id),
+            instruction_tokenizer=instruction_tokenizer,
             llm=sections.llm,
             prompt=sections.prompt,
             retrieval=sections.retrieval,

@@ -19,6 +19,7 @@ from mmedge.errors import ConfigError, IntegrityError, UnsupportedError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
+INSTRUCTION_TOKENIZER_NAME = "instruction_tokenizer.json"  # the image path's, where it reads one
 FORMAT = "mmedge.checkpoint/2"
 _V1 = "mmedge.checkpoint/1"  # read and migrated: its configs named decoder variants and vision towers "style"
 
@@ -31,6 +32,7 @@ def save_checkpoint(
     tokenizer_json: str | None = None,
     extra: dict[str, Any] | None = None,
     preprocess: dict[str, Any] | None = None,
+    instruction_tokenizer_json: str | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (staged next to it, then renamed into place).
 
@@ -54,6 +56,8 @@ def save_checkpoint(
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if tokenizer_json is not None:
             (tmp / TOKENIZER_NAME).write_text(tokenizer_json)
+        if instruction_tokenizer_json is not None:
+            (tmp / INSTRUCTION_TOKENIZER_NAME).write_text(instruction_tokenizer_json)
     return out
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mmedge.runtime.manifest import DimRange, TensorSpec
+from mmedge.runtime.sections import INSTRUCTION_SOURCES
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class ComponentDecl:
     calibration_data: str = "images"  # "images" | "texts": fed through its path; "none": weight-only
     parity_atol: float = 1e-4
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs: [low, high)
+
+
+def reads_instruction(decls: tuple[ComponentDecl, ...]) -> bool:
+    """Whether a component takes the image path's instruction (it needs an instruction tokenizer)."""
+    return any(s.name in INSTRUCTION_SOURCES for d in decls for s in d.inputs)
 
 
 class _Bound(nn.Module):

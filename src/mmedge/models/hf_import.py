@@ -19,7 +19,7 @@ from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models.checkpoint import load_weights
 from mmedge.models.checkpoint import read_json_object as _json
 from mmedge.models.registry import Family, family_for_model_type, get_family
-from mmedge.runtime.sections import PreprocessConfig
+from mmedge.runtime.sections import INSTRUCTION_SOURCES, PreprocessConfig
 
 _PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as processor configs store it
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -33,6 +33,7 @@ class HFSource:
     tokenizer_json: str
     preprocess: PreprocessConfig | None
     weight_files: tuple[Path, ...]
+    instruction_tokenizer_json: str | None = None  # the image path's (HFSupport.instruction_tokenizer)
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -167,7 +168,17 @@ def load_hf(
     base = fam.preprocess(parsed)
     preprocess = read_image_processor(root, base) if base is not None else None
     tokenizer_json = read_tokenizer(root, fam, parsed)
-    return HFSource(fam, config, state, tokenizer_json, preprocess, files)
+    instruction_json = None
+    if fam.hf.instruction_tokenizer is not None:
+        sub = root / fam.hf.instruction_tokenizer / "tokenizer.json"
+        if not sub.is_file():
+            raise ConfigError(
+                f"{root} has no {fam.hf.instruction_tokenizer}/tokenizer.json; save the whole processor "
+                "(`processor.save_pretrained(dir)`) with fast (Rust) tokenizers"
+            )
+        instruction_json = sub.read_text()
+        check_tokenizer_fits(sub, instruction_json, fam, parsed, INSTRUCTION_SOURCES[0])
+    return HFSource(fam, config, state, tokenizer_json, preprocess, files, instruction_json)
 
 
 def read_tokenizer(root: Path, family: Family, config: Any) -> str:
@@ -180,9 +191,11 @@ def read_tokenizer(root: Path, family: Family, config: Any) -> str:
     return tokenizer_json
 
 
-def check_tokenizer_fits(path: Path, tokenizer_json: str, family: Family, config: Any) -> None:
-    """Every id the tokenizer can emit must index each token table of the model (the `input_ids`
-    ranges its components declare); otherwise export would hit an IndexError."""
+def check_tokenizer_fits(
+    path: Path, tokenizer_json: str, family: Family, config: Any, ids_input: str = "input_ids"
+) -> None:
+    """Every id the tokenizer can emit must index each token table of the model (the ranges its
+    components declare for `ids_input`); otherwise export would hit an IndexError."""
     from tokenizers import Tokenizer
 
     try:
@@ -191,6 +204,6 @@ def check_tokenizer_fits(path: Path, tokenizer_json: str, family: Family, config
         raise ConfigError(f"{path} is not a readable tokenizer: {exc}") from exc
     top = max(ids, default=-1)
     for decl in family.components(config):
-        _, high = decl.int_ranges.get("input_ids", (0, top + 1))
+        _, high = decl.int_ranges.get(ids_input, (0, top + 1))
         if top >= high:
             raise ConfigError(f"{path} emits token ids up to {top}, but the model's vocab_size is {high}")

@@ -41,6 +41,8 @@ def init_model(
     """Write an mmedge checkpoint of `family` with config `raw` (JSON form) and random weights."""
     from tokenizers import AddedToken, Tokenizer
 
+    from mmedge.models.component import reads_instruction
+
     tok = Tokenizer.from_str(tiny_tokenizer_json(generative=family.task != "retrieval", seed=seed))
     # The family's prompt tokens depend on its config; the config's vocab size on the tokenizer.
     provisional = family.config_from_dict(_fill_vocab(raw, tok.get_vocab_size() + 64))
@@ -51,7 +53,17 @@ def init_model(
     cfg = family.config_from_dict(_fill_vocab(raw, tok.get_vocab_size()))
     torch.manual_seed(seed)
     model = family.build(cfg).eval()
-    return save_checkpoint(out, family.name, cfg.to_dict(), model, tokenizer_json, extra=extra)
+    # An image path that reads an instruction tokenises it with the same tiny tokenizer here.
+    instruction = tokenizer_json if reads_instruction(family.components(cfg)) else None
+    return save_checkpoint(
+        out,
+        family.name,
+        cfg.to_dict(),
+        model,
+        tokenizer_json,
+        extra=extra,
+        instruction_tokenizer_json=instruction,
+    )
 
 
 def init_checkpoint(preset: str, out: str | Path, seed: int = 0, force: bool = False) -> Path:

@@ -53,6 +53,9 @@ class Sections:
     image_tokens: ImageTokens | None = None
     chat_template: ChatTemplate | None = None  # a Jinja-templated chat, instead of `prompt`
     files: dict[str, bytes] = field(default_factory=dict)  # extra package files, e.g. llava-next's newline
+    # The image path's instruction tokenizer (`sections.INSTRUCTION_SOURCES`): longest text, pad id.
+    instruction_context_length: int | None = None
+    instruction_pad_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class HFSupport:
     weights: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]] | None = None
     # (directory, config JSON) -> config JSON with settings kept beside config.json (chat template, processor)
     directory: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None
+    # subfolder holding the image path's instruction tokenizer (a processor's sub-tokenizer)
+    instruction_tokenizer: str | None = None
 
 
 @dataclass(frozen=True)

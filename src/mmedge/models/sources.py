@@ -22,6 +22,7 @@ class LoadedModel:
     tokenizer_json: str
     preprocess: PreprocessConfig | None  # the manifest's "preprocess" section
     source: dict[str, Any]  # provenance: kind, path, weight hashes
+    instruction_tokenizer_json: str | None = None  # the image path's, where it reads an instruction
 
     @property
     def variant(self) -> str:
@@ -48,7 +49,15 @@ def load_source(
         checkpoint.assign_weights(model, src.state, str(root))
         files = {f.name: sha256_file(f) for f in src.weight_files}
         source = {"kind": "hf", "path": str(root.resolve()), "weights": files}
-        return LoadedModel(src.family, cfg, model.eval(), src.tokenizer_json, src.preprocess, source)
+        return LoadedModel(
+            src.family,
+            cfg,
+            model.eval(),
+            src.tokenizer_json,
+            src.preprocess,
+            source,
+            src.instruction_tokenizer_json,
+        )
     if max_context is not None:
         raise ConfigError("max_context applies to HF directories; an mmedge checkpoint's config sets it")
     meta = checkpoint.read_checkpoint_meta(root)
@@ -71,4 +80,13 @@ def load_source(
         "weights": {weights.name: sha256_file(weights)},
         "train": meta.get("train", {}),
     }
-    return LoadedModel(fam, cfg, model.eval(), tok.read_text(), preprocess, source)
+    instruction = root / checkpoint.INSTRUCTION_TOKENIZER_NAME
+    return LoadedModel(
+        fam,
+        cfg,
+        model.eval(),
+        tok.read_text(),
+        preprocess,
+        source,
+        instruction.read_text() if instruction.is_file() else None,
+    )

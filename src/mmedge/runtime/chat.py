@@ -3,7 +3,9 @@
 - An image's LLM embeddings come from the manifest's `image` path (BLIP-2: vision -> Q-Former ->
   projector; LLaVA: vision -> projector) and are cached per image, so several questions on one image
   run the encoders once. How many LLM positions an image takes is the manifest's
-  `pipeline.image_tokens` rule: a fixed count, or LLaVA-NeXT's tiles ("anyres").
+  `pipeline.image_tokens` rule: a fixed count, or LLaVA-NeXT's tiles ("anyres"). Where the path
+  also reads an instruction (InstructBLIP), it is the conversation's first user text (a caption's:
+  its prompt text), and the cache is keyed by pixels and instruction together.
 - The conversation becomes token ids with image slots either through the package's Jinja chat
   template (`runtime.chat_template`: images anywhere, several per conversation) or through its
   marker template (`sections.PromptConfig`: one image, BLIP-2 style).
@@ -31,6 +33,7 @@ from mmedge.errors import InvalidInputError
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.generation import GenerationConfig, KVCache, LanguageModel, TextStream, stream_text
 from mmedge.runtime.prompts import Item, PromptEncoder
+from mmedge.runtime.sections import template_text
 
 IMAGE_CACHE_SIZE = 16
 CONVERSATION_CACHE_SIZE = 8
@@ -132,12 +135,15 @@ class ChatPipeline:
         return f"ChatPipeline({m.name!r}, family={m.family!r}, backend={self.runner.backend.name!r})"
 
     # -- images ---------------------------------------------------------------------------
-    def image_prefix(self, image: Any, channel_order: str = "RGB") -> tuple[str, np.ndarray]:
-        """(key, LLM embeddings (T, E)) of one image; cached by the preprocessed pixels' hash."""
-        found = self._image(image, channel_order)
+    def image_prefix(
+        self, image: Any, channel_order: str = "RGB", instruction: str | None = None
+    ) -> tuple[str, np.ndarray]:
+        """(key, LLM embeddings (T, E)) of one image; cached by the hash of the preprocessed pixels
+        and of the instruction tokens when the image path reads an instruction."""
+        found = self._image(image, channel_order, instruction)
         return found.key, found.embeds
 
-    def _image(self, image: Any, channel_order: str) -> _Image:
+    def _image(self, image: Any, channel_order: str, instruction: str | None = None) -> _Image:
         from mmedge.runtime.images import load_image, preprocess
 
         if self.runner.preprocess is None:  # a chat manifest always has one; this guards hand-made runners
@@ -151,10 +157,14 @@ class ChatPipeline:
             size = np.array(image_array.shape[:2], np.int64)  # the packing depends on the original size
         else:
             pixels, size = preprocess([image_array], self.runner.preprocess), np.zeros(0, np.int64)
-        key = hashlib.sha256(pixels.tobytes() + size.tobytes()).hexdigest()
+        sources = self.runner.image_sources(pixels, instruction)
+        digest = hashlib.sha256(size.tobytes())
+        for name in sorted(sources):
+            digest.update(name.encode() + b"\0" + sources[name].tobytes())
+        key = digest.hexdigest()
         cached = self._images.get(key)
         if cached is None:
-            views = self.runner.run_path("image", {"pixel_values": pixels})  # (views, count, E)
+            views = self.runner.run_path("image", sources)  # (views, count, E)
             if views.shape[1] != rule.count:
                 raise InvalidInputError(
                     f"the image path yields {views.shape[1]} embeddings per view; the package declares {rule.count}"
@@ -204,7 +214,7 @@ class ChatPipeline:
                 raise InvalidInputError("this package declares no captioning prompt")
             return self.chat(image, prompt, stream=stream, channel_order=channel_order, **gen)
         assert self.prompts is not None
-        img = self._image(image, channel_order)
+        img = self._image(image, channel_order, template_text(self.prompts.prompt.caption or ""))
         pieces = self._generate(self.prompts.encode(self.prompts.caption()), [img], config)
         return pieces if stream else "".join(pieces)
 
@@ -255,7 +265,11 @@ class ChatPipeline:
             items = self.template.encode(messages, len(sources))
         else:
             items = self._marker_items(messages, len(sources))
-        images = [self._image(src, channel_order) for src in sources]
+        # An image path that reads an instruction gets the conversation's first user text, so the
+        # image's embeddings (and a kept KV cache) stay those of the first turn.
+        first = next((content_parts(m, i) for i, m in enumerate(messages) if m["role"] == "user"), [])
+        instruction = " ".join(p["text"] for p in first if p["type"] == "text")
+        images = [self._image(src, channel_order, instruction) for src in sources]
         pieces = self._generate(items, images, config)
         return pieces if stream else "".join(pieces)
 

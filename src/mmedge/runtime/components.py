@@ -20,6 +20,7 @@ from mmedge.runtime.backends.base import Session, SessionOptions
 from mmedge.runtime.images import ImageLimits
 from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS, ComponentEntry
 from mmedge.runtime.package import Package, verify_package
+from mmedge.runtime.sections import INSTRUCTION_SOURCES, PATH_SOURCES
 
 if TYPE_CHECKING:
     from mmedge.runtime.signing import TrustPolicy
@@ -32,13 +33,15 @@ MAX_RUN_DEADLINE_S = 86400.0  # a day; None turns the deadline off
 ROLES_KEPT_IN_FP32 = ("token_embed",)
 
 
-def package_tokenizer(package: Package) -> TextTokenizer:
-    """The package's text tokenizer, configured from its manifest."""
+def package_tokenizer(package: Package, instruction: bool = False) -> TextTokenizer:
+    """The package's text tokenizer (with `instruction`, the image path's instruction tokenizer),
+    configured from its manifest."""
     from mmedge.runtime.texts import TextTokenizer
 
-    t = package.manifest.tokenizer
+    t = package.manifest.instruction_tokenizer if instruction else package.manifest.tokenizer
     if t is None:
-        raise UnsupportedError(f"package {package.manifest.name!r} has no tokenizer")
+        what = "an instruction tokenizer" if instruction else "a tokenizer"
+        raise UnsupportedError(f"package {package.manifest.name!r} has no {what}")
     # The bytes are hashed as they are read: a tokenizer.json swapped after verification is refused.
     return TextTokenizer.from_bytes(package.read_verified(t.file), t.context_length, t.pad_id)
 
@@ -91,6 +94,7 @@ class ComponentRunner:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._tokenizer: TextTokenizer | None = None
+        self._instruction_tokenizer: TextTokenizer | None = None
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -98,6 +102,25 @@ class ComponentRunner:
             if self._tokenizer is None:
                 self._tokenizer = package_tokenizer(self.package)
             return self._tokenizer
+
+    @property
+    def instruction_tokenizer(self) -> TextTokenizer:
+        """The tokenizer of the image path's instruction inputs (`Manifest.reads_instruction`)."""
+        with self._lock:
+            if self._instruction_tokenizer is None:
+                self._instruction_tokenizer = package_tokenizer(self.package, instruction=True)
+            return self._instruction_tokenizer
+
+    def image_sources(self, pixels: np.ndarray, instruction: str | None = None) -> dict[str, np.ndarray]:
+        """The image path's sources: the pixels and, when the path reads one, the instruction
+        tokenised as HF's processors do (specials added; longer than its context is an error)."""
+        if not self.manifest.reads_instruction():
+            return {"pixel_values": pixels}
+        if instruction is None:
+            raise InvalidInputError(f"package {self.manifest.name!r} needs an instruction with each image")
+        ids = np.array([self.instruction_tokenizer.encode(instruction, allow_empty=True)], np.int64)
+        ids = np.repeat(ids, pixels.shape[0], axis=0)  # one instruction for every image of the batch
+        return dict(zip(INSTRUCTION_SOURCES, (ids, np.ones_like(ids))), pixel_values=pixels)
 
     def role(self, role: str) -> str:
         """The component that plays `role` (an IntegrityError when the package has none)."""
@@ -256,6 +279,9 @@ class ComponentRunner:
                 f"package {self.manifest.name!r} has no {path!r} path (task {self.manifest.task})"
             )
         values = dict(sources)
+        needed = {v for step in declared.steps for v in step.inputs.values()} & set(PATH_SOURCES[path])
+        if needed - set(values):
+            raise InvalidInputError(f"the {path!r} path needs sources {sorted(needed - set(values))}")
         for step in declared.steps:
             outs = self.run_batched(step.component, {g: values[v] for g, v in step.inputs.items()})
             values.update({v: outs[g] for g, v in step.outputs.items()})

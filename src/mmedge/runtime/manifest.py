@@ -21,6 +21,7 @@ from mmedge.runtime.sections import (
     BOS,
     EOS,
     IMAGE,
+    INSTRUCTION_SOURCES,
     PATH_SOURCES,
     ROLES,
     ChatTemplate,
@@ -202,6 +203,7 @@ class Manifest:
     pipeline: PipelineConfig
     preprocess: PreprocessConfig | None = None
     tokenizer: TokenizerConfig | None = None
+    instruction_tokenizer: TokenizerConfig | None = None  # the image path's instruction inputs
     llm: LLMConfig | None = None
     prompt: PromptConfig | None = None
     retrieval: RetrievalConfig | None = None
@@ -241,6 +243,13 @@ class Manifest:
 
     def has_role(self, role: str) -> bool:
         return any(c.role == role for c in self.components.values())
+
+    def reads_instruction(self) -> bool:
+        """Whether the image path reads the user's instruction (`sections.INSTRUCTION_SOURCES`)."""
+        path = self.pipeline.paths.get("image")
+        return path is not None and any(
+            v in INSTRUCTION_SOURCES for step in path.steps for v in step.inputs.values()
+        )
 
 
 # What each task needs. A package that lacks any of it is refused when opened, not on first use.
@@ -293,6 +302,11 @@ def _check_wiring(m: Manifest) -> None:
             raise IntegrityError(
                 f"pipeline.paths.{path_name}.output {path.output!r} is not produced by the path"
             )
+    if m.reads_instruction() != (m.instruction_tokenizer is not None):
+        raise IntegrityError(
+            "an image path that reads an instruction needs an 'instruction_tokenizer' section, "
+            "and that section is only for such a path"
+        )
     if m.chat_template is not None and (m.prompt is not None or m.task != "chat"):
         raise IntegrityError("a chat_template section belongs to a chat package without a 'prompt' section")
     if m.task == "chat" and m.prompt is None and m.chat_template is None:
@@ -336,8 +350,9 @@ def _check_references(m: Manifest) -> None:
     """Every file a component, engine or the tokenizer names must be listed (hashed) in `files`."""
     named = [p.file for c in m.components.values() for p in c.precisions.values()]
     named += [f for e in m.engines.values() for f in e.files.values()]
-    if m.tokenizer is not None:
-        named.append(check_relpath(m.tokenizer.file, "tokenizer.file"))
+    for what, tok in (("tokenizer", m.tokenizer), ("instruction_tokenizer", m.instruction_tokenizer)):
+        if tok is not None:
+            named.append(check_relpath(tok.file, f"{what}.file"))
     tokens = m.pipeline.image_tokens
     if tokens is not None and tokens.newline is not None:
         named.append(check_relpath(tokens.newline, "pipeline.image_tokens.newline"))

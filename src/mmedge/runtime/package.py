@@ -125,10 +125,11 @@ def verify_package(
         elif sha256_file(root / rel) != entry.sha256:
             raise IntegrityError(f"{rel}: sha256 differs from the manifest; the file was altered")
     package = Package(root, manifest)
-    if manifest.tokenizer is not None:  # refuse a hostile tokenizer.json before anything parses it
-        from mmedge.runtime.tokenizer_policy import check_tokenizer_json
+    for tok in (manifest.tokenizer, manifest.instruction_tokenizer):
+        if tok is not None:  # refuse a hostile tokenizer.json before anything parses it
+            from mmedge.runtime.tokenizer_policy import check_tokenizer_json
 
-        check_tokenizer_json(package.read_verified(manifest.tokenizer.file), manifest.tokenizer.file)
+            check_tokenizer_json(package.read_verified(tok.file), tok.file)
     return package
 
 

@@ -304,6 +304,12 @@ def split_template(template: str) -> list[str]:
     return [piece for piece in re.split(f"({_MARKER.pattern})", template) if piece]
 
 
+def template_text(template: str) -> str:
+    """A template's own text, markers dropped: the instruction of a prompt without user text
+    (what an image path that reads an instruction gets when captioning)."""
+    return "".join(piece for piece in split_template(template) if piece not in MARKERS)
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
     """Zero-shot classification settings of a dual encoder."""
@@ -324,15 +330,18 @@ class RetrievalConfig:
 # components by role and walks paths; it never looks a component up by name.
 ROLES: dict[str, str | None] = {
     "image_encoder": "image",  # pixels -> image features or an image embedding
-    "image_resampler": "image",  # image features -> a fixed number of tokens (BLIP-2's Q-Former)
+    "image_resampler": "image",  # image features (+ an instruction) -> a fixed number of tokens (Q-Former)
     "image_projector": "image",  # -> the LLM's embedding width
     "text_encoder": "text",  # token ids -> a text embedding
     "token_embed": None,  # token ids -> LLM input embeddings
     "llm_step": None,  # one cached decoder step over embeddings
 }
-# What each path starts from: preprocessed pixels, or tokenised text.
+# Image-path sources that hold the user's instruction, tokenised with the manifest's
+# `instruction_tokenizer` (InstructBLIP's Q-Former reads the question along with the image).
+INSTRUCTION_SOURCES = ("qformer_input_ids", "qformer_attention_mask")
+# What each path may start from: preprocessed pixels (and an instruction), or tokenised text.
 PATH_SOURCES: dict[str, tuple[str, ...]] = {
-    "image": ("pixel_values",),
+    "image": ("pixel_values", *INSTRUCTION_SOURCES),
     "text": ("input_ids", "attention_mask"),
 }
 

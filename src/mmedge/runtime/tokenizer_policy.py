@@ -6,7 +6,8 @@ length, and a `Split` or `Replace` regex may backtrack for minutes. So a tokeniz
 when every normalizer, pre-tokenizer, model, post-processor and decoder is of a listed type, every
 regex is one of a few known patterns (CLIP, GPT-2, Llama 3, whitespace), and the normalizers
 together cannot grow a text by more than `MAX_EXPANSION` times. These are the components of
-mmedge's own tokenizers and of the HF CLIP, OPT (BLIP-2) and Llama tokenizers.
+mmedge's own tokenizers and of the HF CLIP, OPT (BLIP-2), Llama and BERT (InstructBLIP's Q-Former)
+tokenizers.
 """
 
 from __future__ import annotations
@@ -34,9 +35,20 @@ _NORMALIZERS: dict[str, int] = {
     "StripAccents": 1,
     "Prepend": 1,  # adds its content once; bounded by MAX_INSERT_CHARS
     "Replace": 1,  # factor computed from its pattern and content
+    # BERT's: spaces around CJK characters (3), then accent stripping (NFD, 4) and lowercasing (3)
+    "BertNormalizer": 36,
 }
 _PRE_TOKENIZERS = frozenset(
-    {"ByteLevel", "Whitespace", "WhitespaceSplit", "Metaspace", "Split", "Punctuation", "Digits"}
+    {
+        "ByteLevel",
+        "Whitespace",
+        "WhitespaceSplit",
+        "Metaspace",
+        "Split",
+        "Punctuation",
+        "Digits",
+        "BertPreTokenizer",  # whitespace and punctuation, no regex
+    }
 )
 _MODELS = frozenset({"BPE", "WordPiece", "WordLevel"})
 _POST_PROCESSORS = frozenset({"TemplateProcessing", "RobertaProcessing", "BertProcessing", "ByteLevel"})

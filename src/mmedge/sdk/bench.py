@@ -132,18 +132,19 @@ def generation_timer(
 
     lm = LanguageModel(runner)
     ids = generation_prompt(runner, prompt_tokens)
-    pixels = None
+    sources = None
     if "image" in runner.manifest.pipeline.paths:
         first = runner.manifest.pipeline.paths["image"].steps[0].component
         entry = runner.manifest.component(first)
         pixels = sample_feeds(entry.inputs, entry.dims, sizes={"batch": 1})["pixel_values"]
+        sources = runner.image_sources(pixels, SAMPLE_TEXT)
     cfg = GenerationConfig(max_new_tokens=GEN_NEW_TOKENS, min_new_tokens=GEN_NEW_TOKENS)
 
     def run() -> dict[str, float]:
         t0 = time.perf_counter()
         embeds = lm.embed(np.array([ids]))[0]
-        if pixels is not None:  # the image's embeddings before the prompt (where a chat places them)
-            prefix = runner.run_path("image", {"pixel_values": pixels})[0]
+        if sources is not None:  # the image's embeddings before the prompt (where a chat places them)
+            prefix = runner.run_path("image", sources)[0]
             embeds = np.concatenate([prefix, embeds])
         t1 = time.perf_counter()
         lm.forward(embeds[None], lm.new_cache(), logits_to_keep=1)

@@ -12,7 +12,7 @@ from mmedge.models import decoder
 
 def blip2_config(cfg: dict[str, Any], max_context: int | None = None) -> dict[str, Any]:
     """HF Blip2Config -> Blip2Config JSON; refuses what the modules do not model."""
-    v, q, t = cfg.get("vision_config") or {}, cfg.get("qformer_config") or {}, cfg.get("text_config") or {}
+    q, t = cfg.get("qformer_config") or {}, cfg.get("text_config") or {}
     if t.get("model_type", "opt") != "opt":
         raise UnsupportedError(
             f"BLIP-2 with a {t.get('model_type')!r} language model is not supported; OPT is"
@@ -22,9 +22,17 @@ def blip2_config(cfg: dict[str, Any], max_context: int | None = None) -> dict[st
             "a Q-Former with text input (InstructBLIP-style) is not supported by the blip2 family"
         )
     return {
+        **vision_qformer_config(cfg),
+        "text": decoder.hf_decoder_config({"model_type": "opt", **t}, max_context),
+    }
+
+
+def vision_qformer_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The "vision" and "qformer" parts of a BLIP-2-style HF config (InstructBLIP's too)."""
+    v, q = cfg.get("vision_config") or {}, cfg.get("qformer_config") or {}
+    return {
         "vision": vision_config(v),
         "qformer": qformer_config(q, v.get("hidden_size", 1408), cfg.get("num_query_tokens", 32)),
-        "text": decoder.hf_decoder_config({"model_type": "opt", **t}, max_context),
     }
 
 

@@ -1,6 +1,7 @@
 """The BLIP-2 Q-Former, with Hugging Face `Blip2QFormerModel` parameter names.
 
-Learned query tokens and (optionally, for stage-1 training) text tokens share self-attention;
+Learned query tokens and (optionally: stage-1 training, InstructBLIP's instruction) text tokens
+share self-attention;
 only the queries cross-attend to the image features, every `cross_attention_frequency` layers,
 and queries and text have separate feed-forward weights (`*_query` vs plain). Which positions
 may attend to which is an additive bias the caller builds (BLIP-2's ITC / ITM / ITG masks).
@@ -31,9 +32,10 @@ class QFormerConfig:
     num_query_tokens: int = 32
     act: str = "gelu"
     eps: float = 1e-12
-    text: bool = False  # text embeddings + text feed-forward (stage-1 ITC / ITM / ITG)
+    text: bool = False  # text embeddings + text feed-forward (stage-1 ITC / ITM / ITG, InstructBLIP)
     vocab_size: int = 30522
     max_text_positions: int = 512
+    pad_token_id: int = 0  # of the Q-Former's own tokenizer
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
