@@ -236,3 +236,42 @@ def test_bad_conversations_are_typed_errors(llava) -> None:
         pipe.chat_messages([{"role": "robot", "content": "what"}])
     with pytest.raises(InvalidInputError, match="max_new_tokens"):
         pipe.chat(str(images[0]), "what", max_new_tokens=0)
+
+
+def test_both_weight_spellings_and_both_processor_files_import_alike(llava, tmp_path: Path) -> None:
+    """Older files nest the tower as vision_tower.vision_model.* and the LM as language_model.model.*;
+    transformers 5 models name model.vision_tower.*, model.language_model.*, lm_head.*. Image settings
+    live in preprocessor_config.json or nested in processor_config.json."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mmedge.models.hf_import import load_hf
+
+    _, _, pipe, _ = llava
+    src = Path(pipe.runner.manifest.provenance.source["path"])
+    base = load_hf(src)
+    saved = load_file(src / "model.safetensors")
+    spellings = {
+        "old": lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1),
+        "v5": lambda k: (
+            "model." + k.replace("language_model.model.", "language_model.", 1)
+            if not k.startswith("language_model.lm_head")
+            else k.replace("language_model.", "", 1)
+        ),
+    }
+    for name, rename in spellings.items():
+        other = tmp_path / name
+        shutil.copytree(src, other)
+        save_file({rename(k): v for k, v in saved.items()}, str(other / "model.safetensors"))
+        if name == "old":  # the image processor saved alone, as older processors were
+            nested = json.loads((other / "processor_config.json").read_text()).pop("image_processor")
+            (other / "preprocessor_config.json").write_text(json.dumps(nested))
+            whole = json.loads((other / "processor_config.json").read_text())
+            whole.pop("image_processor", None)
+            (other / "processor_config.json").write_text(json.dumps(whole))
+        got = load_hf(other)
+        assert sorted(got.state) == sorted(base.state), name
+        assert all(torch.equal(got.state[k], base.state[k]) for k in base.state), name
+        assert got.preprocess == base.preprocess and got.config == base.config, name
