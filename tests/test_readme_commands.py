@@ -98,6 +98,50 @@ def _hf_llama(root: Path) -> None:
     (root / "tokenizer.json").write_text(_word_tokenizer(96))
 
 
+def _hf_llava(root: Path) -> None:
+    """A LLaVA-1.5-shaped HF directory: model, PIL image processor, tokenizer with <image>, chat template."""
+    from hf_tiny import LLAVA_TEMPLATE, llava_tokenizer
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    cfg = transformers.LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 3,
+        },
+        image_token_index=63,
+    )
+    transformers.LlavaForConditionalGeneration(cfg).save_pretrained(root)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=llava_tokenizer(64), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    transformers.LlavaProcessor(
+        image_processor=LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    ).save_pretrained(root)
+
+
 def _minigpt4_projection(path: Path) -> None:
     """MiniGPT-4's llama_proj between hf/blip2-opt's Q-Former (32 wide) and hf/llama (32 wide)."""
     from safetensors.torch import save_file
@@ -117,6 +161,7 @@ def workspace(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> P
     write_tiny_hf_clip(tmp_path / "hf" / "clip")
     _hf_blip2(tmp_path / "hf" / "blip2-opt")
     _hf_llama(tmp_path / "hf" / "llama")
+    _hf_llava(tmp_path / "hf" / "llava-1.5")
     _minigpt4_projection(tmp_path / "minigpt4.safetensors")
     init_checkpoint("blip2-tiny", tmp_path / "ckpt" / "blip2")
     scenes = generate_scenes(6, seed=12, image_size=64)
