@@ -12,12 +12,11 @@ greedy; mmedge's prefill of the ~592-token prompt is reported on its own.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+from vs_transformers import compare, main
 
 VOCAB, IMAGE_TOKEN, PROMPT_TOKENS = 49152, 49151, 16
 
@@ -93,41 +92,13 @@ def bench(work: Path, threads: int, runs: int) -> dict:
             hf.generate(pixel_values=px, input_ids=ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
         return time.perf_counter() - t0
 
-    ours(), theirs()
-    mine, ref = [], []
-    for _ in range(runs):
-        mine.append(ours())
-        ref.append(theirs())
-    e2e = float(np.median([m["e2e_ms"] for m in mine])) / 1e3
-    t = float(np.median(ref))
     return {
         "threads": threads,
-        "runs": runs,
         "prompt_positions": 576 + PROMPT_TOKENS,
-        "transformers_eager_s": round(t, 3),
-        "transformers_eager_spread_s": [round(min(ref), 3), round(max(ref), 3)],
-        "mmedge_s": round(e2e, 3),
-        "mmedge_spread_s": [
-            round(min(m["e2e_ms"] for m in mine) / 1e3, 3),
-            round(max(m["e2e_ms"] for m in mine) / 1e3, 3),
-        ],
-        "speedup": round(t / e2e, 2),
-        **{f"mmedge_{k}": round(float(np.median([m[k] for m in mine])), 2) for k in mine[0] if k != "e2e_ms"},
+        **compare(ours, theirs, runs),
         "precisions": {c: runner.precision_of(c) for c in runner.manifest.components},
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=5)
-    a = ap.parse_args()
-    if not (a.workdir / "pkg" / "manifest.json").is_file():
-        a.workdir.mkdir(parents=True, exist_ok=True)
-        setup(a.workdir)
-    print(json.dumps(bench(a.workdir, a.threads, a.runs), indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, setup, bench)
