@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.errors import InvalidInputError
+from mmedge.runtime.chat_template import MAX_IMAGES, TemplateChat, checked_messages, content_parts
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.generation import GenerationConfig, KVCache, LanguageModel, TextStream, stream_text
 from mmedge.runtime.prompts import Item, PromptEncoder
@@ -114,8 +115,6 @@ class ChatPipeline:
     """
 
     def __init__(self, runner: ComponentRunner):
-        from mmedge.runtime.chat_template import TemplateChat
-
         self.runner = runner
         self.lm = LanguageModel(runner)
         m = runner.manifest
@@ -247,18 +246,14 @@ class ChatPipeline:
         "content": str | [{"type": "text", "text": ...}, {"type": "image", "image": <path, bytes,
         array or PIL image>}, ...]}`, images anywhere (a package with a marker template takes one
         image, in the first user message). Earlier turns are replayed from the kept KV cache."""
-        from mmedge.runtime.chat_template import _checked, content_parts
-
         config = GenerationConfig.from_kwargs(**gen)
-        messages = _checked(messages)
+        messages = checked_messages(messages)
         sources = [
             part.get("image")
             for i, m in enumerate(messages)
             for part in content_parts(m, i)
             if part["type"] == "image"
         ]
-        from mmedge.runtime.chat_template import MAX_IMAGES
-
         if len(sources) > MAX_IMAGES:
             raise InvalidInputError(f"{len(sources)} images in one conversation; the limit is {MAX_IMAGES}")
         if self.template is not None:
@@ -275,8 +270,6 @@ class ChatPipeline:
 
     def _marker_items(self, messages: Messages, images: int) -> list[Item]:
         """A marker-template package's items: one image, user/assistant turns, a user turn last."""
-        from mmedge.runtime.chat_template import content_parts
-
         assert self.prompts is not None
         texts: list[tuple[str, str]] = []
         for i, m in enumerate(messages):

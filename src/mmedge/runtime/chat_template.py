@@ -94,7 +94,7 @@ class TemplateChat:
             texts.append(text)
             return f"\ue000{nonce}:{len(texts) - 1}\ue001"
 
-        shown = [_held(m, i, hold) for i, m in enumerate(_checked(messages))]
+        shown = [_held(m, i, hold) for i, m in enumerate(checked_messages(messages))]
         context = {
             "messages": shown,
             "add_generation_prompt": add_generation_prompt,
@@ -140,7 +140,7 @@ class TemplateChat:
         return items
 
 
-def _checked(messages: Any) -> list[Mapping[str, Any]]:
+def checked_messages(messages: Any) -> list[Mapping[str, Any]]:
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise InvalidInputError("messages must be a list of {'role': ..., 'content': ...} objects")
     if not messages:
