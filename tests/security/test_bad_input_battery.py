@@ -397,7 +397,7 @@ CASES = [
     case(
         "manifest-unknown-image-token-rule",
         IntegrityError,
-        r"image_tokens.rule: 'grid' is not one of \['fixed'\]",
+        r"image_tokens.rule: 'grid' is not one of \['fixed', 'anyres'\]",
         lambda e: _open(
             _edit_manifest(e.pkg(), lambda r: r["pipeline"].update(image_tokens={"rule": "grid", "count": 4}))
         ),
