@@ -376,7 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip images that cannot be read (listed in the output) instead of stopping",
     )
-    sp.add_argument("--index", default=None, help="index directory to load / save")
+    sp.add_argument(
+        "--index",
+        default=None,
+        help="index to load / save: a usearch directory, milvus-lite://FILE.db?collection=NAME (a local "
+        "Milvus Lite file) or milvus://HOST:PORT/COLLECTION (a Milvus server; docs/indexes.md)",
+    )
+    sp.add_argument(
+        "--remove",
+        type=_csv(int),
+        default=None,
+        metavar="IDS",
+        help="comma-separated ids to remove from the index",
+    )
     sp.add_argument("-k", type=int, default=5)
 
     sp = add("classify", verbs.cmd_classify, "zero-shot classification of an image against labels")

@@ -357,17 +357,12 @@ def cmd_embed(a: argparse.Namespace) -> object:
 
 def cmd_search(a: argparse.Namespace) -> object:
     from mmedge.errors import InvalidInputError
-    from mmedge.runtime.index import VectorIndex
 
     if a.query is not None and a.image is not None:
         raise InvalidInputError("give a text query or --image, not both")
     p = _pipeline(a)
-    if a.index and Path(a.index).exists():
-        p.index = VectorIndex.load(a.index)
-    elif a.index and not a.add:
-        raise InvalidInputError(
-            f"index {a.index!r} does not exist; build it with --add DATA --index {a.index}"
-        )
+    if a.index:
+        p.open_index(a.index, create=bool(a.add))  # searching alone never creates an index
     out: dict[str, object] = {}
     if a.add:
         from mmedge.data import load_data
@@ -376,14 +371,18 @@ def cmd_search(a: argparse.Namespace) -> object:
         if a.skip_bad:
             items, bad = _readable(items)
             out["skipped_unreadable"] = bad
-        have = p.index.label_ids()
         labels = [str(it.image) if isinstance(it.image, str) else (it.text or "") for it in items]
+        have = p.index.find_labels([lab for it, lab in zip(items, labels) if isinstance(it.image, str)])
         new = [(it, lab) for it, lab in zip(items, labels) if not (isinstance(it.image, str) and lab in have)]
         if new:
             p.add_images([it.image for it, _ in new], labels=[lab for _, lab in new])
         out.update(added=len(new), already_indexed=len(items) - len(new))
         if a.index:
-            p.index.save(a.index)
+            p.index.save()
+    if a.remove:
+        out["removed"] = p.index.remove(a.remove)
+        if a.index:
+            p.index.save()
     if a.query is None and a.image is None:
         return {**out, "indexed": len(p.index)}
     hits = p.search(a.image if a.image is not None else a.query, k=a.k, image=a.image is not None)
