@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,13 +96,9 @@ class MilvusIndex:
         cls, where: MilvusLocation, dim: int, model: str | None = None, create: bool = True
     ) -> MilvusIndex:
         """Connect and open the collection; create it for `dim` and `model` if missing and `create`."""
-        import os
-
         pymilvus = require("pymilvus", "milvus")
         if where.lite:
             require("milvus_lite", "milvus")
-            from pathlib import Path
-
             Path(where.uri).parent.mkdir(parents=True, exist_ok=True)
         kwargs: dict[str, Any] = {"uri": where.uri}
         token = os.environ.get(TOKEN_ENV)
