@@ -41,7 +41,9 @@ FORMAT = "mmedge.index/1"
 PROPERTY = "mmedge.index"  # the collection property holding {"format", "model"}
 MAX_K = 16384  # Milvus's largest topk
 HNSW_BUILD = {"M": 16, "efConstruction": 200}
-SEARCH_EF = 256  # HNSW search breadth (at least k): recall@10 0.998 on 5,000 random 64-d vectors; 128: 0.991
+SEARCH_EF = (
+    256  # HNSW search breadth (at least k): recall@10 >= 0.998 on 5,000 random 64-d vectors; 128: 0.991
+)
 _INT64_MIN = -(2**63)
 _ROW_BYTES = 16 << 20  # vector bytes per insert request: far below gRPC's 64 MiB message cap
 _IDS_PER_QUERY = 1000
