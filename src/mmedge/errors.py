@@ -31,6 +31,11 @@ class MissingDependencyError(MmedgeError, ImportError):
     """An optional library is needed; the message names the extra to install."""
 
 
+class IndexServiceError(MmedgeError, RuntimeError):
+    """A vector index service (a Milvus server, or a Milvus Lite file) failed or refused a request;
+    the message names the index and the service's reason."""
+
+
 class UnbuiltPrecisionWarning(UserWarning):
     """A quantized precision runs without its backend build (correct, but slower than it should be)."""
 

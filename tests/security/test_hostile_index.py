@@ -153,7 +153,7 @@ def test_edited_index_loses_its_mac(tmp_path: Path, store: Path, caplog: pytest.
     _edit_meta(tmp_path / "idx", lambda m: m["labels"].update({"0": "renamed"}))
     with caplog.at_level(logging.INFO, logger="mmedge.runtime.index"):
         idx = VectorIndex.load(tmp_path / "idx")
-    assert "rebuilt" in caplog.text and idx.label_ids()["renamed"] == 0
+    assert "rebuilt" in caplog.text and idx.find_labels(["renamed"]) == {"renamed": 0}
 
 
 def test_key_is_private_created_once_and_ignored_when_loose(

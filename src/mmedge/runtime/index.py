@@ -1,4 +1,5 @@
-"""An embedded vector index on usearch (HNSW, cosine) with integer ids and optional labels.
+"""An embedded vector index on usearch (HNSW, cosine) with integer ids and optional labels: the
+default implementation of `indexes.Index`.
 
 Saved as a directory: `index.usearch` (usearch's own format) and `index.json` (dimension,
 labels, the identity of the model that made the vectors, the sha256 of the binary, and a MAC under
@@ -15,63 +16,51 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mmedge.errors import IntegrityError, InvalidInputError
+from mmedge.runtime.indexes import (
+    Hit,
+    check_ids,
+    check_k,
+    check_label,
+    check_labels,
+    check_vectors,
+    removal_ids,
+)
 from mmedge.runtime.usearch_file import FREE_KEY
 
 log = logging.getLogger(__name__)
 
 _BIN, _META = "index.usearch", "index.json"
 _FORMAT = "mmedge.index/1"
-MAX_LABEL_CHARS = 4096  # a label is a name or a path; PATH_MAX is 4096
 MAX_DIM = 1 << 16
 _META_MAX_BYTES = 1 << 30
 _META_KEYS = {"format", "dim", "model", "sha256", "labels", "mac"}
 
 
-def check_label(label: object) -> str:
-    """A label, checked: a str of at most MAX_LABEL_CHARS characters that UTF-8 can encode."""
-    if not isinstance(label, str):
-        raise InvalidInputError(f"a label must be a str, got {type(label).__name__}")
-    if len(label) > MAX_LABEL_CHARS:
-        raise InvalidInputError(f"a label has {len(label)} characters; at most {MAX_LABEL_CHARS} are allowed")
-    try:
-        label.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates, e.g. from undecodable bytes
-        raise InvalidInputError(
-            f"label {label[:80]!r} is not valid Unicode (it holds a lone surrogate)"
-        ) from None
-    return label
-
-
-def check_k(k: object) -> int:
-    """The number of hits asked for, checked: a positive int."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise InvalidInputError(f"k must be a positive int, got {k!r}")
-    return int(k)
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: int
-    score: float  # cosine similarity
-    label: str | None = None
-
-
 class VectorIndex:
-    """Cosine-similarity index; ids are non-negative integers chosen by the caller."""
+    """Cosine-similarity index; ids are non-negative integers chosen by the caller.
 
-    def __init__(self, dim: int, exact: bool = False, model: str | None = None):
+    It lives in memory; `save()` writes it to `location` (the directory it was loaded from or
+    opened at), `save(path)` anywhere."""
+
+    def __init__(
+        self,
+        dim: int,
+        exact: bool = False,
+        model: str | None = None,
+        location: str | os.PathLike | None = None,
+    ):
         from usearch.index import Index
 
         if dim <= 0:
             raise InvalidInputError(f"index dimension must be positive, got {dim}")
         self.dim, self.exact = dim, exact
         self.model = model  # who embedded the vectors (RetrievalPipeline.model_id); None: not recorded
+        self.location = None if location is None else Path(location)
         self._index = Index(ndim=dim, metric="cos", dtype="f32")
         self._labels: dict[int, str] = {}
         self._lock = threading.RLock()  # usearch is safe for concurrent search, not for add/remove during it
@@ -84,48 +73,17 @@ class VectorIndex:
             return False  # not an id, so never in the index
         return bool(self._index.contains(int(id_)))
 
-    def _ids(self, ids: object, n: int) -> np.ndarray:
-        try:
-            arr = np.asarray(ids)
-        except (ValueError, TypeError):  # ragged or otherwise not array-like
-            raise InvalidInputError(
-                f"ids must be {n} non-negative integers, got a ragged {type(ids).__name__}"
-            ) from None
-        if arr.ndim != 1 or arr.shape[0] != n or not np.issubdtype(arr.dtype, np.integer) or (arr < 0).any():
-            raise InvalidInputError(
-                f"ids must be {n} non-negative integers, got {arr.dtype} shape {arr.shape}"
-            )
-        if n and int(arr.max()) >= FREE_KEY:  # usearch's empty-slot key: stored, never found
-            raise InvalidInputError(f"ids must be below 2**64-1, got {int(arr.max())}")
-        if len(np.unique(arr)) != n:
-            raise InvalidInputError("ids must be unique")
-        return arr.astype(np.uint64)
-
-    def _vectors(self, vectors: np.ndarray) -> np.ndarray:
-        v = np.asarray(vectors, dtype=np.float32)
-        if v.ndim == 1:
-            v = v[None]
-        if v.ndim != 2 or v.shape[1] != self.dim:
-            raise InvalidInputError(f"vectors must have shape (N, {self.dim}), got {v.shape}")
-        if not np.isfinite(v).all():
-            raise InvalidInputError("vectors contain NaN or infinity")
-        return np.ascontiguousarray(v)
-
-    def label_ids(self) -> dict[str, int]:
-        """label -> id of every labelled entry (e.g. an image path, to add a folder twice without duplicates)."""
+    def find_labels(self, labels: list[str]) -> dict[str, int]:
+        """label -> id of those given labels that the index holds (e.g. image paths already added)."""
+        wanted = set(labels)
         with self._lock:
-            return {lab: i for i, lab in self._labels.items()}
+            return {lab: i for i, lab in self._labels.items() if lab in wanted}
 
     def add(self, ids: object, vectors: np.ndarray, labels: list[str] | None = None) -> None:
         """Add vectors under new ids (an id already present is an error, not an overwrite)."""
-        v = self._vectors(vectors)
-        keys = self._ids(ids, v.shape[0])
-        if labels is not None:
-            if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
-                raise InvalidInputError(f"labels must be a list of str, got {type(labels).__name__}")
-            if len(labels) != len(keys):
-                raise InvalidInputError(f"got {len(labels)} labels for {len(keys)} vectors")
-            labels = [check_label(lab) for lab in labels]
+        v = check_vectors(vectors, self.dim)
+        keys = check_ids(ids, v.shape[0])
+        labels = check_labels(labels, len(keys))
         with self._lock:
             present = [int(k) for k in keys if self._index.contains(int(k))]
             if present:
@@ -136,19 +94,7 @@ class VectorIndex:
 
     def remove(self, ids: object) -> int:
         """Remove ids; returns how many were present."""
-        if isinstance(ids, np.ndarray):
-            items = ids.ravel().tolist()
-        elif isinstance(ids, (int, np.integer)):
-            items = [ids]
-        else:
-            try:
-                items = list(ids)  # type: ignore[call-overload]
-            except TypeError:
-                raise InvalidInputError(f"ids must be integers, got {type(ids).__name__}") from None
-        bad = [k for k in items if isinstance(k, bool) or not isinstance(k, (int, np.integer))]
-        if bad:
-            raise InvalidInputError(f"ids must be integers, got {type(bad[0]).__name__} {bad[0]!r:.40}")
-        keys = [int(k) for k in items if 0 <= k < FREE_KEY]  # others are never present
+        keys = removal_ids(ids)
         with self._lock:
             n = 0
             for k in keys:
@@ -161,7 +107,7 @@ class VectorIndex:
     def search(self, query: np.ndarray, k: int = 5) -> list[list[Hit]]:
         """Top-k hits per query row, best first."""
         check_k(k)
-        q = self._vectors(query)
+        q = check_vectors(query, self.dim)
         with self._lock:
             if len(self._index) == 0:
                 return [[] for _ in range(q.shape[0])]
@@ -177,12 +123,17 @@ class VectorIndex:
             for r in range(keys.shape[0])
         ]
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the index directory atomically, with a MAC under this installation's key."""
+    def save(self, path: str | os.PathLike | None = None) -> None:
+        """Write the index directory (`path`, else `location`) atomically, with a MAC under this
+        installation's key."""
         from mmedge.runtime.local_key import local_key, mac
         from mmedge.runtime.package import sha256_file
         from mmedge.runtime.staging import staged_dir
 
+        if path is None:
+            if self.location is None:
+                raise InvalidInputError("this index was not opened at a location: save(path) names one")
+            path = self.location
         key = local_key(create=True)
         with self._lock, staged_dir(path) as tmp:
             self._index.save(str(tmp / _BIN))
@@ -217,7 +168,7 @@ class VectorIndex:
             or sha256_file(root / _BIN) != meta.get("sha256")
         ):
             raise IntegrityError(f"{root}: {_BIN} is missing or its sha256 differs from {_META}")
-        idx = cls(meta["dim"], exact=exact, model=meta.get("model"))
+        idx = cls(meta["dim"], exact=exact, model=meta.get("model"), location=root)
         if "mac" in meta and mac_ok(local_key(), _signed(meta), meta["mac"]):
             try:
                 idx._index.load(str(root / _BIN))

@@ -16,7 +16,7 @@ import numpy as np
 from mmedge.errors import InvalidInputError
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.images import load_image, preprocess
-from mmedge.runtime.index import Hit, VectorIndex, check_k
+from mmedge.runtime.indexes import Hit, Index, check_k, open_index
 
 # Upper bound on images / texts per call so one request cannot exhaust memory.
 MAX_BATCH_ITEMS = 4096
@@ -73,7 +73,7 @@ class RetrievalPipeline:
         self.preprocess = m.preprocess
         self.templates: list[str] = list(m.retrieval.label_templates)
         self.logit_scale = m.retrieval.logit_scale
-        self._index: VectorIndex | None = None
+        self._index: Index | None = None
         self._index_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -110,14 +110,17 @@ class RetrievalPipeline:
     # --- index --------------------------------------------------------------------------
 
     @property
-    def index(self) -> VectorIndex:
+    def index(self) -> Index:
+        """The index that add_* and search use: an in-memory usearch index unless one was set or opened."""
         with self._index_lock:
             if self._index is None:
+                from mmedge.runtime.index import VectorIndex
+
                 self._index = VectorIndex(self.dim, model=self.model_id)
             return self._index
 
     @index.setter
-    def index(self, value: VectorIndex) -> None:
+    def index(self, value: Index) -> None:
         if value.dim != self.dim:
             raise InvalidInputError(f"index has dimension {value.dim}; this model embeds to {self.dim}")
         if value.model is not None and value.model != self.model_id:
@@ -127,6 +130,12 @@ class RetrievalPipeline:
             )
         with self._index_lock:
             self._index = value
+
+    def open_index(self, location: str | os.PathLike[str], create: bool = True) -> Index:
+        """Use the index at `location` (a usearch directory or a Milvus URI, docs/indexes.md), made
+        for this model's vectors when it does not exist yet and `create`; returns it."""
+        self.index = idx = open_index(location, self.dim, model=self.model_id, create=create)
+        return idx
 
     def add_images(
         self,

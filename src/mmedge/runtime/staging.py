@@ -17,6 +17,7 @@ import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from mmedge.errors import InvalidInputError
 
@@ -29,13 +30,20 @@ STAGING_MARK = ".mmedge-staging-"
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write a file via a temp name in the same directory, fsync, then rename over the target."""
+    with open_atomic(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A file to write in steps (e.g. JSONL, line by line) that replaces `path` only when the block
+    ends without an error: readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    raw = data.encode() if isinstance(data, str) else data
     try:
         with open(tmp, "wb") as f:
-            f.write(raw)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -356,13 +356,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--components", type=_csv(str), default=None, help="comma-separated components to time (default: all)"
     )
 
+    def rosbag_opts(sp: argparse.ArgumentParser, out: bool = True) -> None:
+        g = sp.add_argument_group(
+            "ROS bags: run over a topic's images, one JSONL line per message, keyed by its timestamp "
+            "(docs/ros2.md)"
+        )
+        g.add_argument(
+            "--rosbag", default=None, metavar="BAG", help="a ROS 2 (or ROS 1) bag, instead of files"
+        )
+        g.add_argument("--topic", default=None, help="its sensor_msgs/Image or CompressedImage topic")
+        g.add_argument("--every", type=int, default=1, metavar="N", help="every Nth message of the topic")
+        g.add_argument(
+            "--max-rate",
+            type=float,
+            default=None,
+            metavar="R",
+            help="at most R messages a second of bag time",
+        )
+        if out:
+            g.add_argument("--out", default=None, help="JSONL file to write, atomically (default: stdout)")
+
     sp = add("embed", verbs.cmd_embed, "embed images or texts")
     runtime_opts(sp)
     sp.add_argument("images", nargs="*", help="image files")
     sp.add_argument(
         "--text", action="append", default=None, help="a text to embed instead of images (repeatable)"
     )
-    sp.add_argument("--out", default=None, help="write embeddings to this .npy file")
+    sp.add_argument("--out", default=None, help="write embeddings to this .npy file (with --rosbag: JSONL)")
+    rosbag_opts(sp, out=False)
 
     sp = add("search", verbs.cmd_search, "build or load an index and search it with a text or an image")
     runtime_opts(sp)
@@ -376,7 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip images that cannot be read (listed in the output) instead of stopping",
     )
-    sp.add_argument("--index", default=None, help="index directory to load / save")
+    sp.add_argument(
+        "--index",
+        default=None,
+        help="index to load / save: a usearch directory, milvus-lite://FILE.db?collection=NAME (a local "
+        "Milvus Lite file) or milvus://HOST:PORT/COLLECTION (a Milvus server; docs/indexes.md)",
+    )
+    sp.add_argument(
+        "--remove",
+        type=_csv(int),
+        default=None,
+        metavar="IDS",
+        help="comma-separated ids to remove from the index",
+    )
     sp.add_argument("-k", type=int, default=5)
 
     sp = add("classify", verbs.cmd_classify, "zero-shot classification of an image against labels")
@@ -398,14 +431,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("caption", verbs.cmd_caption, "caption an image with a chat package (e.g. BLIP-2)")
     runtime_opts(sp)
-    sp.add_argument("image", help="image file")
+    sp.add_argument("image", nargs="?", default=None, help="image file (not with --rosbag)")
     gen_opts(sp)
+    rosbag_opts(sp)
 
-    sp = add("chat", verbs.cmd_chat, "ask about an image; without a question, an interactive multi-turn chat")
+    sp = add(
+        "chat",
+        verbs.cmd_chat,
+        "ask about an image; without a question, an interactive multi-turn chat; "
+        "with --rosbag BAG --topic T, one question asked of every frame: chat PKG --rosbag BAG --topic T QUESTION",
+    )
     runtime_opts(sp)
-    sp.add_argument("image", help="image file")
+    sp.add_argument("image", nargs="?", default=None, help="image file (with --rosbag: the question)")
     sp.add_argument("question", nargs="?", default=None)
     gen_opts(sp)
+    rosbag_opts(sp)
 
     sp = add("generate", verbs.cmd_generate, "continue a text prompt with a causal-LM package (streamed)")
     runtime_opts(sp)

@@ -9,6 +9,7 @@ from mmedge.runtime.backends import DEFAULT_BACKEND
 from mmedge.runtime.backends.base import SessionOptions
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.pipelines import AnyPipeline, open_pipeline
+from mmedge.runtime.retrieval import RetrievalPipeline
 from mmedge.runtime.signing import trust_policy
 from mmedge.runtime.store import resolve
 
@@ -21,6 +22,7 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
     device: str = "cpu",
     trust: str | None = None,
     trusted_keys: str | os.PathLike[str] | None = None,
+    index: str | os.PathLike[str] | None = None,
 ) -> AnyPipeline:
     """Verify a package and return its task pipeline: retrieval, image chat or text generation.
 
@@ -29,6 +31,11 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
     public keys in the file `trusted_keys`; `trust="hashes"` checks the files' hashes only.
     `trusted_keys` alone means "signed"; what is left None comes from MMEDGE_TRUST and
     MMEDGE_TRUSTED_KEYS (default: "hashes").
+
+    `index` (retrieval packages) is where add_images / search keep vectors: a usearch directory
+    (loaded if it exists; written by `p.index.save()`) or a Milvus URI such as
+    "milvus-lite:///data/photos.db?collection=photos" or "milvus://host:19530/photos" (docs/indexes.md).
+    Without it, an in-memory usearch index.
     """
     runner = ComponentRunner(
         resolve(_checked_location(name_or_path)),
@@ -37,7 +44,14 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
         options=SessionOptions(threads=threads, device=device),
         trust=trust_policy(trust, trusted_keys),
     )
-    return open_pipeline(runner)
+    pipe = open_pipeline(runner)
+    if index is not None:
+        if not isinstance(pipe, RetrievalPipeline):
+            raise InvalidInputError(
+                f"index= applies to retrieval packages; {runner.manifest.name!r} is a {runner.manifest.task} package"
+            )
+        pipe.open_index(index)
+    return pipe
 
 
 MAX_PATH_BYTES = 4096  # Linux PATH_MAX

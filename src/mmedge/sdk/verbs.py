@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -275,12 +275,74 @@ def _stream(pieces: Iterable[str]) -> str:
     return "".join(out)
 
 
+def _rosbag_args(a: argparse.Namespace, inputs: bool) -> bool:
+    """Whether this run reads a ROS bag; refuses options that only apply with (or without) one."""
+    from mmedge.errors import InvalidInputError
+    from mmedge.runtime.rosbag import check_thinning
+
+    thinning = [
+        f for f, v in (("--topic", a.topic), ("--every", a.every != 1), ("--max-rate", a.max_rate)) if v
+    ]
+    if a.rosbag is None:
+        if thinning:
+            raise InvalidInputError(f"{', '.join(thinning)} apply with --rosbag BAG only")
+        if not inputs:
+            raise InvalidInputError("give an image file, or --rosbag BAG --topic TOPIC")
+        return False
+    if inputs:
+        raise InvalidInputError("give image files or --rosbag, not both")
+    if not a.topic:
+        raise InvalidInputError("--rosbag needs --topic TOPIC (a sensor_msgs/Image or CompressedImage topic)")
+    check_thinning(a.every, a.max_rate)
+    return True
+
+
+def _over_rosbag(a: argparse.Namespace, p: Any, run: Callable[[Any], dict[str, object]]) -> object:
+    """`run` on every kept frame of the bag's topic; one JSON line per frame, keyed by its timestamp,
+    to --out (replaced only when the whole bag went through) or stdout."""
+    import contextlib
+
+    from mmedge.runtime.rosbag import bag_frames
+    from mmedge.runtime.staging import open_atomic
+
+    frames = bag_frames(a.rosbag, a.topic, every=a.every, max_rate=a.max_rate, limits=p.runner.image_limits)
+    n = 0
+    with open_atomic(a.out) if a.out else contextlib.nullcontext(sys.stdout.buffer) as f:
+        for frame in frames:
+            line = {
+                "timestamp": frame.timestamp,
+                "stamp": frame.stamp,
+                "index": frame.index,
+                **run(frame.rgb),
+            }
+            f.write(json.dumps(line).encode() + b"\n")
+            f.flush()
+            n += 1
+    return {"rosbag": a.rosbag, "topic": a.topic, "frames": n, "out": a.out} if a.out else None
+
+
 def cmd_caption(a: argparse.Namespace) -> object:
+    bag = _rosbag_args(a, inputs=a.image is not None)
     p = _pipeline(a)
+    if bag:
+        return _over_rosbag(a, p, lambda rgb: {"caption": p.caption(rgb, **_gen_kwargs(a))})
     return {"image": a.image, "caption": p.caption(a.image, **_gen_kwargs(a))}
 
 
 def cmd_chat(a: argparse.Namespace) -> object:
+    from mmedge.errors import InvalidInputError
+
+    if a.rosbag is not None:  # chat PKG --rosbag BAG --topic T QUESTION: the one positional is the question
+        question = a.image if a.question is None else None
+        if question is None:
+            raise InvalidInputError(
+                "with --rosbag, give one question (asked of every frame) and no image file"
+            )
+        _rosbag_args(a, inputs=False)
+        p = _pipeline(a)
+        gen = _gen_kwargs(a)
+        return _over_rosbag(a, p, lambda rgb: {"question": question, "answer": p.chat(rgb, question, **gen)})
+    _rosbag_args(a, inputs=a.image is not None)
     p = _pipeline(a)
     gen = _gen_kwargs(a)
     if a.question:
@@ -344,8 +406,13 @@ def cmd_embed(a: argparse.Namespace) -> object:
 
     from mmedge.errors import InvalidInputError
 
-    if bool(a.text) == bool(a.images):
-        raise InvalidInputError("give image files or --text (repeatable), not both and not neither")
+    if a.text and (a.images or a.rosbag):
+        raise InvalidInputError("give image files, --rosbag or --text (repeatable), not several")
+    if a.text:
+        _rosbag_args(a, inputs=True)  # refuses --topic and friends without a bag
+    elif _rosbag_args(a, inputs=bool(a.images)):
+        p = _pipeline(a)
+        return _over_rosbag(a, p, lambda rgb: {"embedding": p.embed_images([rgb])[0].tolist()})
     p = _pipeline(a)
     emb = p.embed_texts(a.text) if a.text else p.embed_images(a.images)
     if a.out:
@@ -357,17 +424,12 @@ def cmd_embed(a: argparse.Namespace) -> object:
 
 def cmd_search(a: argparse.Namespace) -> object:
     from mmedge.errors import InvalidInputError
-    from mmedge.runtime.index import VectorIndex
 
     if a.query is not None and a.image is not None:
         raise InvalidInputError("give a text query or --image, not both")
     p = _pipeline(a)
-    if a.index and Path(a.index).exists():
-        p.index = VectorIndex.load(a.index)
-    elif a.index and not a.add:
-        raise InvalidInputError(
-            f"index {a.index!r} does not exist; build it with --add DATA --index {a.index}"
-        )
+    if a.index:
+        p.open_index(a.index, create=bool(a.add))  # searching alone never creates an index
     out: dict[str, object] = {}
     if a.add:
         from mmedge.data import load_data
@@ -376,14 +438,18 @@ def cmd_search(a: argparse.Namespace) -> object:
         if a.skip_bad:
             items, bad = _readable(items)
             out["skipped_unreadable"] = bad
-        have = p.index.label_ids()
         labels = [str(it.image) if isinstance(it.image, str) else (it.text or "") for it in items]
+        have = p.index.find_labels([lab for it, lab in zip(items, labels) if isinstance(it.image, str)])
         new = [(it, lab) for it, lab in zip(items, labels) if not (isinstance(it.image, str) and lab in have)]
         if new:
             p.add_images([it.image for it, _ in new], labels=[lab for _, lab in new])
         out.update(added=len(new), already_indexed=len(items) - len(new))
         if a.index:
-            p.index.save(a.index)
+            p.index.save()
+    if a.remove:
+        out["removed"] = p.index.remove(a.remove)
+        if a.index:
+            p.index.save()
     if a.query is None and a.image is None:
         return {**out, "indexed": len(p.index)}
     hits = p.search(a.image if a.image is not None else a.query, k=a.k, image=a.image is not None)
