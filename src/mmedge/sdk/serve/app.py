@@ -185,6 +185,8 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's only own 400: a body it could not decode
+            return _error(ApiError(400, "the request body is not valid JSON (UTF-8)", code="invalid_json"))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(ApiError(exc.status_code, str(exc.detail), code=code))
 

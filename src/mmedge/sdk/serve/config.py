@@ -40,7 +40,6 @@ class ServeConfig:
     def __post_init__(self) -> None:
         positive = {
             "workers": self.workers,
-            "max_queue": self.max_queue,
             "batch_size": self.batch_size,
             "max_body_bytes": self.max_body_bytes,
             "max_tokens": self.max_tokens,
@@ -51,8 +50,8 @@ class ServeConfig:
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if self.batch_wait_ms < 0 or self.shutdown_timeout_s < 0:
-            raise ConfigError("batch_wait_ms and shutdown_timeout_s must be >= 0")
+        if self.max_queue < 0 or self.batch_wait_ms < 0 or self.shutdown_timeout_s < 0:
+            raise ConfigError("max_queue, batch_wait_ms and shutdown_timeout_s must be >= 0")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):

@@ -37,7 +37,13 @@ OPEN_ROUTES = ("/health", "/ready")  # probes answer without a token
 
 async def send_error(send: Send, error: ApiError) -> None:
     body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    # These answers come before the body is read: closing the connection stops the client's upload
+    # (kept alive, the server would read and discard the rest of the body).
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
