@@ -498,7 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM / Ctrl-C, seconds in-flight requests get to finish",
     )
-    sp.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(BACKENDS))
+    sp.add_argument(
+        "--backend",
+        default=DEFAULT_BACKEND,
+        choices=sorted(BACKENDS),
+        help="runtime backend for every package",
+    )
     sp.add_argument(
         "--precision",
         default="auto",
