@@ -133,7 +133,9 @@ def _hf_llava(root: Path) -> None:
         tokenizer_object=llava_tokenizer(64), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
     transformers.LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_processor=LlavaImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
         tokenizer=tokenizer,
         patch_size=8,
         vision_feature_select_strategy="default",

@@ -88,7 +88,7 @@ class Server:
             raise ConfigError(
                 f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}"
             ) from None
-        sock.set_inheritable(True)
+        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
         return sock
 
     def run(self, sock: socket.socket | None = None) -> None:
