@@ -21,6 +21,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,13 +58,19 @@ def start(pkgs: dict[str, Path], *options: str) -> tuple[subprocess.Popen[str], 
         found = re.search(r"listening on (http://\S+)", line)
         if found:
             url = found.group(1)
+            # keep reading the server's log, so that a full pipe never blocks it
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             break
     else:
         raise SystemExit(f"the server did not start (exit {proc.wait()})")
-    deadline = time.monotonic() + 60
-    while httpx.get(url + "/ready").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    try:
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+    except BaseException:
+        proc.terminate()  # never leave a server behind
+        raise
     return proc, url
 
 

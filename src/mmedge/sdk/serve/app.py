@@ -8,7 +8,7 @@ import base64
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,13 +295,22 @@ def _routes(app: FastAPI, state: State) -> None:
 
     async def _stream(served: Served, req: ChatRequest, gen: dict[str, Any]) -> Response:
         place = state.admission.place()
-        await place.__aenter__()  # held until the stream ends (released in `events`)
+        await place.__aenter__()  # held until the response ends, however it ends (`finish`)
         try:
             usage = Usage()
             job = await _started(served, req, gen, usage)
         except BaseException:
             await place.__aexit__(None, None, None)
             raise
+        finished = False
+
+        async def finish() -> None:
+            nonlocal finished
+            job.stop.set()
+            if not finished:
+                finished = True
+                await place.__aexit__(None, None, None)
+
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         cid = completion_id()
         loop = asyncio.get_running_loop()
@@ -329,12 +338,9 @@ def _routes(app: FastAPI, state: State) -> None:
                     yield _sse(chunk_body(cid, served.name, {"content": piece}))
                 yield b"data: [DONE]\n\n"
             finally:  # also when the client went away: the response task is cancelled or closed
-                job.stop.set()
-                await place.__aexit__(None, None, None)
+                await finish()
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return _Stream(events(), finish)
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
@@ -425,6 +431,21 @@ def _routes(app: FastAPI, state: State) -> None:
         async with state.admission.place():
             removed = await state.admission.run(lambda: pipe.index.remove(req.ids))
         return {"object": "index.remove", "model": served.name, "removed": removed, "size": len(pipe.index)}
+
+
+class _Stream(StreamingResponse):
+    """An SSE response that runs `finish` however it ends, even if its body never starts
+    (a client gone before the first byte)."""
+
+    def __init__(self, events: AsyncIterator[bytes], finish: Callable[[], Awaitable[None]]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.finish = finish
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.finish()
 
 
 async def _disconnected(request: Request) -> None:
