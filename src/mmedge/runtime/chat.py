@@ -32,7 +32,14 @@ import numpy as np
 from mmedge.errors import InvalidInputError
 from mmedge.runtime.chat_template import MAX_IMAGES, TemplateChat, checked_messages, content_parts
 from mmedge.runtime.components import ComponentRunner
-from mmedge.runtime.generation import GenerationConfig, KVCache, LanguageModel, TextStream, stream_text
+from mmedge.runtime.generation import (
+    GenerationConfig,
+    KVCache,
+    LanguageModel,
+    TextStream,
+    Usage,
+    stream_text,
+)
 from mmedge.runtime.prompts import Item, PromptEncoder
 from mmedge.runtime.sections import template_text
 
@@ -240,12 +247,18 @@ class ChatPipeline:
         return self.chat_messages(messages, stream=stream, channel_order=channel_order, **gen)
 
     def chat_messages(
-        self, messages: Messages, stream: bool = False, channel_order: str = "RGB", **gen: Any
+        self,
+        messages: Messages,
+        stream: bool = False,
+        channel_order: str = "RGB",
+        usage: Usage | None = None,
+        **gen: Any,
     ) -> str | Iterator[str]:
         """The assistant's reply to a conversation: messages `{"role": "system"|"user"|"assistant",
         "content": str | [{"type": "text", "text": ...}, {"type": "image", "image": <path, bytes,
         array or PIL image>}, ...]}`, images anywhere (a package with a marker template takes one
-        image, in the first user message). Earlier turns are replayed from the kept KV cache."""
+        image, in the first user message). Earlier turns are replayed from the kept KV cache.
+        `usage`, when given, is filled with the token counts and the finish reason as it runs."""
         config = GenerationConfig.from_kwargs(**gen)
         messages = checked_messages(messages)
         sources = [
@@ -265,7 +278,7 @@ class ChatPipeline:
         first = next((content_parts(m, i) for i, m in enumerate(messages) if m["role"] == "user"), [])
         instruction = " ".join(p["text"] for p in first if p["type"] == "text")
         images = [self._image(src, channel_order, instruction) for src in sources]
-        pieces = self._generate(items, images, config)
+        pieces = self._generate(items, images, config, usage)
         return pieces if stream else "".join(pieces)
 
     def _marker_items(self, messages: Messages, images: int) -> list[Item]:
@@ -316,7 +329,11 @@ class ChatPipeline:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _generate(
-        self, items: list[Item], images: Sequence[_Image], config: GenerationConfig
+        self,
+        items: list[Item],
+        images: Sequence[_Image],
+        config: GenerationConfig,
+        usage: Usage | None = None,
     ) -> Iterator[str]:
         lm = self.lm
         positions: list[Hashable] = []
@@ -342,7 +359,9 @@ class ChatPipeline:
             cache.truncate(shared)
         else:
             cache = lm.new_cache()
-        return self._stream(items, images, positions, cache, config)
+        usage = usage if usage is not None else Usage()
+        usage.prompt_tokens, usage.cached_tokens = len(positions), cache.length
+        return self._stream(items, images, positions, cache, config, usage)
 
     def _stream(
         self,
@@ -351,13 +370,14 @@ class ChatPipeline:
         positions: list[Hashable],
         cache: KVCache,
         config: GenerationConfig,
+        usage: Usage,
     ) -> Iterator[str]:
         lm = self.lm
         embeds = self._embed(items, images, cache.length)
         answer: list[int] = []
         stream = TextStream(lm.tokenizer, config.stop_strings + self.stop_strings)
         seen = [p for p in positions if isinstance(p, int)]
-        yield from stream_text(lm, embeds, config, cache, seen, generated=answer, stream=stream)
+        yield from stream_text(lm, embeds, config, cache, seen, generated=answer, stream=stream, usage=usage)
         # Generation stops right after choosing its last token, so that token is not in the cache:
         # the kept slots are the prompt and the answer tokens that were fed back.
         held = (positions + answer)[: cache.length]

@@ -113,6 +113,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+@dataclass
+class Usage:
+    """What one generation used, filled in as it runs: OpenAI-style token counts and why it ended."""
+
+    prompt_tokens: int = 0  # positions before the answer, image embeddings included
+    cached_tokens: int = 0  # of which were replayed from a kept KV cache
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop": EOS or a stop string; "length": max_new_tokens or the context
+
+
 class KVCache:
     """Per-layer key/value buffers of `max_context` slots; slots [0, length) are filled."""
 
@@ -385,18 +395,27 @@ def stream_text(
     history: Sequence[int] = (),
     generated: list[int] | None = None,
     stream: TextStream | None = None,
+    usage: Usage | None = None,
 ) -> Iterator[str]:
     """Generate and yield text pieces; token ids are appended to `generated` when given, and a
-    caller's `stream` shows afterwards whether a stop string cut the text (`stream.stopped`)."""
+    caller's `stream` shows afterwards whether a stop string cut the text (`stream.stopped`).
+    `usage` (when given) counts the tokens as they come and records why generation ended."""
     stream = stream or TextStream(lm.tokenizer, config.stop_strings)
+    usage = usage if usage is not None else Usage()
+    cache = cache if cache is not None else lm.new_cache()
     for token in lm.generate_ids(prompt_embeds, config, cache, history):
         if generated is not None:
             generated.append(token)
+        usage.completion_tokens += 1
         piece = stream.push(token)
         if piece:
             yield piece
         if stream.stopped:
+            usage.finish_reason = "stop"
             return
+    # Ended without a stop string: EOS ("stop") unless the token budget or the context ran out.
+    full = usage.completion_tokens == config.max_new_tokens or cache.length + 1 > lm.max_context
+    usage.finish_reason = "length" if full else "stop"
     tail = stream.finish()
     if tail:
         yield tail

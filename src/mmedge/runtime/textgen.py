@@ -9,7 +9,7 @@ import numpy as np
 
 from mmedge.errors import InvalidInputError
 from mmedge.runtime.components import ComponentRunner
-from mmedge.runtime.generation import GenerationConfig, LanguageModel, TextStream, stream_text
+from mmedge.runtime.generation import GenerationConfig, LanguageModel, TextStream, Usage, stream_text
 from mmedge.runtime.prompts import PromptEncoder
 
 
@@ -38,12 +38,18 @@ class TextGenerationPipeline:
             raise InvalidInputError("prompt must be a non-empty string")
         return [i for i in self.prompts.encode(self.prompts.conversation((), prompt)) if i is not None]
 
-    def generate(self, prompt: str, stream: bool = False, **gen: Any) -> str | Iterator[str]:
-        """Continue `prompt`; the text, or with `stream=True` an iterator of text pieces."""
+    def generate(
+        self, prompt: str, stream: bool = False, usage: Usage | None = None, **gen: Any
+    ) -> str | Iterator[str]:
+        """Continue `prompt`; the text, or with `stream=True` an iterator of text pieces. `usage`,
+        when given, is filled with the token counts and the finish reason as it runs."""
         config = GenerationConfig.from_kwargs(**gen)
         ids = self.encode_prompt(prompt)
         text = TextStream(self.lm.tokenizer, config.stop_strings + self.prompts.prompt.stop_strings)
-        pieces = stream_text(self.lm, self.lm.embed(np.array([ids]))[0], config, history=ids, stream=text)
+        usage = usage if usage is not None else Usage()
+        usage.prompt_tokens = len(ids)
+        embeds = self.lm.embed(np.array([ids]))[0]
+        pieces = stream_text(self.lm, embeds, config, history=ids, stream=text, usage=usage)
         return pieces if stream else "".join(pieces)
 
     def generate_ids(self, ids: list[int], **gen: Any) -> list[int]:

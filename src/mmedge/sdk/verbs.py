@@ -51,7 +51,6 @@ def cmd_train(a: argparse.Namespace) -> object:
         batch_size=a.batch_size,
         lr=a.lr,
         seed=a.seed,
-        threads=a.threads,
         time_budget_s=a.time_budget,
         bf16=not a.fp32,
         hard_negatives=a.hard_negatives,
@@ -393,7 +392,6 @@ def cmd_bench(a: argparse.Namespace) -> object:
         a.package,
         precision=a.precision,
         batches=[int(b) for b in a.batch.split(",")],
-        threads=a.threads,
         runs=a.runs,
         vs=a.vs,
         backend=a.backend,
@@ -510,3 +508,35 @@ def cmd_demo(a: argparse.Namespace) -> object:
     from mmedge.sdk.demo import run_demo
 
     return run_demo(steps=a.steps, eval_n=a.eval_n, threads=a.threads, json_out=a.json, blip2=not a.clip_only)
+
+
+def cmd_serve(a: argparse.Namespace) -> object:
+    import os
+
+    from mmedge.errors import require
+
+    require("fastapi", "serve")
+    require("uvicorn", "serve")
+    require("prometheus_client", "serve")
+    from mmedge.sdk.serve.config import TOKEN_ENV, ServeConfig
+    from mmedge.sdk.serve.server import Server, open_pipelines
+
+    config = ServeConfig(
+        host=a.host,
+        port=a.port,
+        token=a.token if a.token is not None else os.environ.get(TOKEN_ENV) or None,
+        allow_files=Path(a.allow_files) if a.allow_files else None,
+        allow_hosts=tuple(a.allow_host or ()),
+        workers=a.workers,
+        max_queue=a.max_queue,
+        batch_size=a.batch_size,
+        batch_wait_ms=a.batch_wait_ms,
+        max_body_bytes=a.max_body_bytes,
+        max_tokens=a.max_tokens,
+        request_timeout_s=a.request_timeout,
+        fetch_timeout_s=a.fetch_timeout,
+        shutdown_timeout_s=a.shutdown_timeout,
+    )
+    pipelines = open_pipelines(a.packages, a.backend, a.precision, a.threads)
+    Server(pipelines, config, log_level=a.log_level).run()
+    return None
