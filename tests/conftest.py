@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,29 @@ def chat_pkg_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
     calibrate_package(root / "blip2-tiny", "train-shapes:24", samples=16)
     build_package(root / "blip2-tiny", backend="ort")
     return root / "blip2-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_pkg_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight blip2-tiny package as exported (fp32, no builds): read-only."""
+    from mmedge.export.exporter import export_model
+    from mmedge.models.init import init_checkpoint
+
+    root = tmp_path_factory.mktemp("chat-fp32")
+    export_model(init_checkpoint("blip2-tiny", root / "ckpt", seed=0), root / "blip2-tiny")
+    return root / "blip2-tiny"
+
+
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[str]:
+    """A small local Ray instance (2 CPUs, 200 MB object store) for the session; yields its address,
+    which other processes join as they would join a cluster."""
+    ray = pytest.importorskip("ray", reason="Ray tests need the ray extra (pip install 'mmedge[ray]')")
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture()

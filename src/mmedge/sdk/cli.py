@@ -376,14 +376,38 @@ def build_parser() -> argparse.ArgumentParser:
         if out:
             g.add_argument("--out", default=None, help="JSONL file to write, atomically (default: stdout)")
 
+    def ray_opts(sp: argparse.ArgumentParser, what: str) -> argparse._ArgumentGroup:
+        g = sp.add_argument_group(f"Ray: {what} (the ray extra; docs/ray.md)")
+        g.add_argument("--ray", action="store_true", help=f"run on Ray: {what}")
+        g.add_argument(
+            "--ray-address",
+            default=None,
+            metavar="ADDR",
+            help="the Ray instance to join (default: $RAY_ADDRESS, else the one started last on this host, "
+            "else a new local one)",
+        )
+        return g
+
     sp = add("embed", verbs.cmd_embed, "embed images or texts")
     runtime_opts(sp)
-    sp.add_argument("images", nargs="*", help="image files")
+    sp.add_argument("images", nargs="*", help="image files (with --ray: one image folder or JSONL file)")
     sp.add_argument(
         "--text", action="append", default=None, help="a text to embed instead of images (repeatable)"
     )
-    sp.add_argument("--out", default=None, help="write embeddings to this .npy file (with --rosbag: JSONL)")
+    sp.add_argument(
+        "--out",
+        default=None,
+        help="write embeddings to this .npy file (with --rosbag: JSONL; with --ray: a folder of Parquet files)",
+    )
     rosbag_opts(sp, out=False)
+    g = ray_opts(
+        sp,
+        "embed SRC (an image folder or a JSONL file) with a pool of actors, one pipeline each, into Parquet "
+        "files (id, path, vector) under --out; each actor runs --threads intra-op threads (0: 1) and reserves "
+        "as many CPUs",
+    )
+    g.add_argument("--actors", type=int, default=None, help="actors in the pool (default 2)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per actor call (default 64)")
 
     sp = add("search", verbs.cmd_search, "build or load an index and search it with a text or an image")
     runtime_opts(sp)
@@ -559,6 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="server log level",
     )
+    g = ray_opts(
+        sp,
+        "the same app as a Ray Serve deployment of --replicas replicas behind Ray's HTTP proxy on --host/--port "
+        "(a fixed port); each replica reserves max(1, --threads) CPUs",
+    )
+    g.add_argument("--replicas", type=int, default=None, help="replicas of the app (default 2)")
 
     sp = add(
         "demo",

@@ -399,11 +399,43 @@ def cmd_bench(a: argparse.Namespace) -> object:
     )
 
 
+def _ray_args(a: argparse.Namespace, only_with_ray: tuple[str, ...]) -> bool:
+    """Whether this run is on Ray; refuses the Ray options without --ray."""
+    from mmedge.errors import InvalidInputError, require
+
+    given = [f"--{o.replace('_', '-')}" for o in ("ray_address", *only_with_ray) if getattr(a, o) is not None]
+    if not a.ray:
+        if given:
+            raise InvalidInputError(f"{', '.join(given)} apply with --ray only")
+        return False
+    require("ray", "ray")
+    return True
+
+
 def cmd_embed(a: argparse.Namespace) -> object:
     import numpy as np
 
     from mmedge.errors import InvalidInputError
 
+    if _ray_args(a, ("actors", "batch_size")):
+        if a.text or a.rosbag or len(a.images) != 1 or not a.out:
+            raise InvalidInputError(
+                "--ray embeds one SRC (an image folder or a JSONL file) into --out DIR: "
+                "mmedge embed PKG --ray SRC --out DIR (no --text or --rosbag)"
+            )
+        from mmedge.sdk.ray_embed import embed_to_parquet
+
+        return embed_to_parquet(
+            a.package,
+            a.images[0],
+            a.out,
+            actors=2 if a.actors is None else a.actors,
+            batch_size=64 if a.batch_size is None else a.batch_size,
+            threads=a.threads or 1,
+            backend=a.backend,
+            precision=a.precision,
+            address=a.ray_address,
+        ).summary()
     if a.text and (a.images or a.rosbag):
         raise InvalidInputError("give image files, --rosbag or --text (repeatable), not several")
     if a.text:
@@ -537,6 +569,12 @@ def cmd_serve(a: argparse.Namespace) -> object:
         fetch_timeout_s=a.fetch_timeout,
         shutdown_timeout_s=a.shutdown_timeout,
     )
+    if _ray_args(a, ("replicas",)):
+        from mmedge.sdk.serve.ray_deploy import serve_until_stopped
+
+        replicas = 2 if a.replicas is None else a.replicas
+        serve_until_stopped(a.packages, config, replicas, a.backend, a.precision, a.threads, a.ray_address)
+        return None
     pipelines = open_pipelines(a.packages, a.backend, a.precision, a.threads)
     Server(pipelines, config, log_level=a.log_level).run()
     return None
