@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> tuple[str, float]:
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args(argv)
 
-    client = OpenAI(base_url=args.base_url, api_key=os.environ.get("MMEDGE_SERVE_TOKEN", "unused-on-loopback"))
+    client = OpenAI(
+        base_url=args.base_url, api_key=os.environ.get("MMEDGE_SERVE_TOKEN", "unused-on-loopback")
+    )
     kind = mimetypes.guess_type(args.image)[0] or "image/png"
     url = f"data:{kind};base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
 

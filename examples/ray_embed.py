@@ -28,7 +28,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = ap.parse_args(argv)
 
     written = embed_to_parquet(
-        args.package, args.source, args.out, actors=args.actors, batch_size=args.batch_size, address=args.address
+        args.package,
+        args.source,
+        args.out,
+        actors=args.actors,
+        batch_size=args.batch_size,
+        address=args.address,
     )
     print(written.summary())
     ids, paths, vectors = read_embeddings(written.out)

@@ -48,8 +48,9 @@ def test_camera_loop_captions_each_frame_of_a_video(tiny_chat_pkg_session: Path,
         writer.write(np.ascontiguousarray(scene.image[:, :, ::-1]))  # VideoWriter takes BGR
     writer.release()
 
-    out = run_example("camera_loop.py", str(tiny_chat_pkg_session), str(video), "--every", "2",
-                      "--max-new-tokens", "6")  # fmt: skip
+    out = run_example(
+        "camera_loop.py", str(tiny_chat_pkg_session), str(video), "--every", "2", "--max-new-tokens", "6"
+    )
     lines = out.strip().splitlines()
     rows = [re.fullmatch(r"frame\s+(\d+)\s+([\d.]+) ms  (.*)", line) for line in lines[:-1]]
     assert all(rows), lines
@@ -75,8 +76,19 @@ def test_openai_client_script_against_mmedge_serve(
     cv2.imwrite(str(image), generate_scenes(1, seed=2, image_size=64)[0].image[:, :, ::-1])
     question = "what colour is the circle?"
     with mmedge_serve(tiny_pkg_session, tiny_chat_pkg_session) as base_url:
-        out = run_example("openai_client.py", str(image), question, "--chat-model", "blip2-tiny",
-                          "--embed-model", "clip-tiny", "--base-url", base_url, "--max-tokens", "8")  # fmt: skip
+        out = run_example(
+            "openai_client.py",
+            str(image),
+            question,
+            "--chat-model",
+            "blip2-tiny",
+            "--embed-model",
+            "clip-tiny",
+            "--base-url",
+            base_url,
+            "--max-tokens",
+            "8",
+        )
     answer = sdk.Pipeline(tiny_chat_pkg_session).chat(str(image), question, max_new_tokens=8)
     clip = sdk.Pipeline(tiny_pkg_session)
     similarity = float(clip.embed_images([str(image)])[0] @ clip.embed_texts([question])[0])
@@ -98,8 +110,18 @@ def test_ray_embedding_script_joins_a_running_instance(
         paths.append(str(tmp_path / "images" / f"{i:02d}.png"))
         (tmp_path / "images").mkdir(exist_ok=True)
         cv2.imwrite(paths[-1], s.image[:, :, ::-1])
-    out = run_example("ray_embed.py", str(tiny_pkg_session), str(tmp_path / "images"), str(tmp_path / "out"),
-                      "--address", ray_instance, "--actors", "1", "--batch-size", "5")  # fmt: skip
+    out = run_example(
+        "ray_embed.py",
+        str(tiny_pkg_session),
+        str(tmp_path / "images"),
+        str(tmp_path / "out"),
+        "--address",
+        ray_instance,
+        "--actors",
+        "1",
+        "--batch-size",
+        "5",
+    )
     assert "'images': 12" in out and len(re.findall(r"-> nearest", out)) == 3
     ids, got, vectors = read_embeddings(tmp_path / "out")
     assert ids.tolist() == list(range(12)) and got == paths
@@ -118,8 +140,17 @@ def run_example(name: str, *args: str) -> str:
 def mmedge_serve(*packages: Path) -> Iterator[str]:
     """`mmedge serve PACKAGES --port 0` in a child process; yields its /v1 URL once it listens."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "mmedge.sdk.cli", "serve", *map(str, packages), "--port", "0",
-         "--log-level", "warning"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mmedge.sdk.cli",
+            "serve",
+            *map(str, packages),
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -32,11 +32,15 @@ def write_scenes(folder: Path, n: int, seed: int = 3) -> list[str]:
     return paths
 
 
-def test_500_images_on_ray_equal_one_process(ray_instance: str, tiny_pkg_session: Path, tmp_path: Path) -> None:
+def test_500_images_on_ray_equal_one_process(
+    ray_instance: str, tiny_pkg_session: Path, tmp_path: Path
+) -> None:
     from mmedge.sdk.ray_embed import embed_to_parquet, read_embeddings
 
     paths = write_scenes(tmp_path / "images", 500)
-    written = embed_to_parquet(tiny_pkg_session, tmp_path / "images", tmp_path / "out", actors=2, batch_size=64)
+    written = embed_to_parquet(
+        tiny_pkg_session, tmp_path / "images", tmp_path / "out", actors=2, batch_size=64
+    )
     assert written.images == 500 and written.files >= 1
 
     ids, got_paths, vectors = read_embeddings(tmp_path / "out")
@@ -47,14 +51,18 @@ def test_500_images_on_ray_equal_one_process(ray_instance: str, tiny_pkg_session
     np.testing.assert_allclose(vectors, reference, rtol=0, atol=1e-6)
 
 
-def test_parquet_is_plain_columns_any_reader_takes(ray_instance: str, tiny_pkg_session: Path, tmp_path: Path) -> None:
+def test_parquet_is_plain_columns_any_reader_takes(
+    ray_instance: str, tiny_pkg_session: Path, tmp_path: Path
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from mmedge.sdk.ray_embed import embed_to_parquet
 
     write_scenes(tmp_path / "images", 5)
-    written = embed_to_parquet(tiny_pkg_session, tmp_path / "images", tmp_path / "out", actors=1, batch_size=2)
+    written = embed_to_parquet(
+        tiny_pkg_session, tmp_path / "images", tmp_path / "out", actors=1, batch_size=2
+    )
     table = pq.read_table(tmp_path / "out")
     assert table.schema.field("id").type == pa.int64()
     assert table.schema.field("path").type == pa.string()
@@ -70,13 +78,28 @@ def test_cli_embeds_a_jsonl_in_line_order_and_replaces_its_own_output(
     paths = write_scenes(tmp_path / "data" / "img", 6)
     order = [4, 0, 5, 2]  # line order, not name order; paths relative to the JSONL file
     jsonl = tmp_path / "data" / "captions.jsonl"
-    jsonl.write_text("".join(json.dumps({"image": f"img/{Path(paths[i]).name}", "text": "x"}) + "\n" for i in order))
+    jsonl.write_text(
+        "".join(json.dumps({"image": f"img/{Path(paths[i]).name}", "text": "x"}) + "\n" for i in order)
+    )
     out = tmp_path / "vectors"
     for _ in range(2):  # the second run replaces the first one's files
         buf = io.StringIO()
         with redirect_stdout(buf):
-            code = cli.main(["embed", str(tiny_pkg_session), "--ray", str(jsonl), "--out", str(out),
-                             "--actors", "1", "--batch-size", "3", "--json"])  # fmt: skip
+            code = cli.main(
+                [
+                    "embed",
+                    str(tiny_pkg_session),
+                    "--ray",
+                    str(jsonl),
+                    "--out",
+                    str(out),
+                    "--actors",
+                    "1",
+                    "--batch-size",
+                    "3",
+                    "--json",
+                ]
+            )
         assert code == 0, buf.getvalue()
         assert json.loads(buf.getvalue())["images"] == 4
     ids, got, vectors = read_embeddings(out)
@@ -99,7 +122,9 @@ def test_an_unreadable_image_fails_with_its_name_and_writes_nothing(
     assert not list(tmp_path.glob(".mmedge-staging-*"))
 
 
-def test_refusals_before_any_ray_work(tiny_pkg_session: Path, tiny_chat_pkg_session: Path, tmp_path: Path) -> None:
+def test_refusals_before_any_ray_work(
+    tiny_pkg_session: Path, tiny_chat_pkg_session: Path, tmp_path: Path
+) -> None:
     pytest.importorskip("ray", reason="the ray extra is not installed")
     from mmedge.sdk.ray_embed import embed_to_parquet
 

@@ -90,8 +90,12 @@ def test_chat_through_the_replicas_equals_the_pipeline(deployment: str, tiny_cha
     png = scene_png(7)
     question = "what colour is the circle?"
     url = "data:image/png;base64," + base64.b64encode(png).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": question}]}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
     want = sdk.Pipeline(tiny_chat_pkg_session).chat_messages(
         [{"role": "user", "content": [{"type": "image", "image": png}, {"type": "text", "text": question}]}],
         max_new_tokens=10,
@@ -117,6 +121,18 @@ def test_errors_keep_the_openai_shape(deployment: str) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client(deployment).embeddings.create(model="nope", input=["x"])
     assert err.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_index_routes_are_off_across_replicas(deployment: str) -> None:
+    """Each replica would keep its own in-memory index: a search could miss what another one added."""
+    import httpx
+
+    for route, body in (
+        ("index/add", {"model": "clip-tiny", "items": [{"id": 1, "text": "a red circle"}]}),
+        ("search", {"model": "clip-tiny", "query": "a red circle"}),
+    ):
+        reply = httpx.post(f"{deployment}/v1/{route}", json=body, timeout=60)
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "index_not_shared"
 
 
 def test_refusals_before_deploying(tiny_pkg_session: Path, tmp_path: Path) -> None:

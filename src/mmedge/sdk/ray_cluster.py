@@ -67,7 +67,10 @@ class PackageRef:
                 f"node {node} runs mmedge {mmedge.__version__}; the driver runs {self.version}: "
                 "install the same version on every node"
             )
-        pipe = Pipeline(self.location, backend=backend, precision=precision, threads=threads)
+        try:
+            pipe = Pipeline(self.location, backend=backend, precision=precision, threads=threads)
+        except MmedgeError as exc:  # the same type, saying which node could not open its copy
+            raise type(exc)(f"node {node}: {exc}") from exc
         if manifest_digest(pipe.runner.manifest) != self.digest:
             raise IntegrityError(
                 f"package {self.location!r} on node {node} is not the one the driver verified (its "

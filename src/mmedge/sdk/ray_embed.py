@@ -97,7 +97,12 @@ def embed_to_parquet(
         rows = ray.data.from_items([{"id": i, "path": p} for i, p in enumerate(paths)])
         vectors = rows.map_batches(
             _Embedder,
-            fn_constructor_kwargs={"ref": ref, "backend": backend, "precision": precision, "threads": threads},
+            fn_constructor_kwargs={
+                "ref": ref,
+                "backend": backend,
+                "precision": precision,
+                "threads": threads,
+            },
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=threads,

@@ -97,6 +97,16 @@ class State:
             self.metrics.batch_queue.set,
         )
 
+    def indexed_model(self, name: str) -> Served:
+        """A retrieval model whose index this server may use."""
+        if not self.config.index_routes:
+            raise ApiError(
+                400,
+                "the index routes are off: each replica would keep its own in-memory index",
+                code="index_not_shared",
+            )
+        return self.model(name, ("retrieval",))
+
     def model(self, name: str, tasks: tuple[str, ...]) -> Served:
         served = self.models.get(name)
         if served is None:
@@ -392,7 +402,7 @@ def _routes(app: FastAPI, state: State) -> None:
 
     @app.post("/v1/search")
     async def search(req: SearchRequest) -> dict[str, Any]:
-        served = state.model(req.model, ("retrieval",))
+        served = state.indexed_model(req.model)
         pipe = served.pipe
         assert isinstance(pipe, RetrievalPipeline)
         async with state.admission.place():
@@ -410,7 +420,7 @@ def _routes(app: FastAPI, state: State) -> None:
 
     @app.post("/v1/index/add")
     async def index_add(req: IndexAddRequest) -> dict[str, Any]:
-        served = state.model(req.model, ("retrieval",))
+        served = state.indexed_model(req.model)
         pipe = served.pipe
         assert isinstance(pipe, RetrievalPipeline)
         inputs: list[str | ImageInput] = [
@@ -425,7 +435,7 @@ def _routes(app: FastAPI, state: State) -> None:
 
     @app.post("/v1/index/remove")
     async def index_remove(req: IndexRemoveRequest) -> dict[str, Any]:
-        served = state.model(req.model, ("retrieval",))
+        served = state.indexed_model(req.model)
         pipe = served.pipe
         assert isinstance(pipe, RetrievalPipeline)
         async with state.admission.place():

@@ -36,6 +36,9 @@ class ServeConfig:
     fetch_timeout_s: float = 10.0
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long to finish on SIGTERM
     retry_after_s: int = 1
+    # False where several replicas serve one model: each would keep its own in-memory index, so a
+    # search could miss what another replica added. /v1/search and /v1/index/* then answer 400.
+    index_routes: bool = True
 
     def __post_init__(self) -> None:
         positive = {

@@ -8,6 +8,7 @@ port and spread requests over the replicas. Ray is imported only when a function
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -15,7 +16,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from mmedge.errors import ConfigError, InvalidInputError
+from mmedge import errors
+from mmedge.errors import ConfigError, InvalidInputError, MmedgeError
 from mmedge.sdk.ray_cluster import PackageRef, connect
 from mmedge.sdk.serve.app import create_app
 from mmedge.sdk.serve.config import ServeConfig
@@ -43,6 +45,9 @@ def application(
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise InvalidInputError(f"replicas must be a positive int, got {replicas!r}")
 
+    if replicas > 1:
+        config = dataclasses.replace(config, index_routes=False)
+
     @serve.ingress()
     class Replica:
         def __init__(self, refs: Sequence[PackageRef]):
@@ -52,14 +57,13 @@ def application(
             return create_app(self.pipelines, config)
 
     deployment = serve.deployment(
-        Replica,
         name=APP_NAME,
         num_replicas=replicas,
         ray_actor_options={"num_cpus": max(1, threads)},
         # Requests go on to a replica until its own admission answers 429, as one server does.
         max_ongoing_requests=config.workers + config.max_queue + 1,
         graceful_shutdown_timeout_s=config.shutdown_timeout_s,
-    )
+    )(Replica)
     return deployment.bind(list(refs))
 
 
@@ -77,14 +81,43 @@ def deploy(
     if config.port == 0:
         raise ConfigError("with --ray, give a fixed --port: Ray's proxies listen on it on every node")
     refs = package_refs(packages)
-    app = application(refs, config, replicas, backend, precision, threads)
+    return launch(application(refs, config, replicas, backend, precision, threads), config, address)
+
+
+def launch(app: Any, config: ServeConfig, address: str | None = None) -> str:
+    """Run a bound application (`application`) under the name APP_NAME; a replica that cannot start
+    raises its own mmedge error here, and nothing is left deployed."""
     connect(address)
     from ray import serve
 
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError:
+        error = _replica_error()
+        undeploy()
+        if error is None:
+            raise
+        raise error from None
     shown = f"[{config.host}]" if ":" in config.host else config.host
     return f"http://{shown}:{config.port}"
+
+
+def _replica_error() -> MmedgeError | None:
+    """The mmedge error a replica's constructor raised. Ray reports a failed replica in the
+    deployment's status message, a traceback whose last line is `module.Type: message`."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    state = app.deployments.get(APP_NAME) if app is not None else None
+    lines = state.message.strip().splitlines() if state is not None and state.message else []
+    name, _, message = (lines[-1] if lines else "").partition(": ")
+    kind = (
+        getattr(errors, name.removeprefix("mmedge.errors."), None)
+        if name.startswith("mmedge.errors.")
+        else None
+    )
+    return kind(message) if isinstance(kind, type) and issubclass(kind, MmedgeError) else None
 
 
 def undeploy() -> None:
