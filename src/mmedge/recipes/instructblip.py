@@ -8,7 +8,10 @@ question needs. Caption rows get the captioning prompt's text as their instructi
 pipeline gives it. Instructions are tokenised by the runtime's own `TextTokenizer` with the blip2
 tokenizer (the Q-Former's vocabulary there), so training sees the ids a package will feed.
 
-Steps are a fixed count (measurements: benchmarks/RESULTS.md).
+There is no slot loss here (blip2 stage 2's): it pins query i to slot i's token whatever the
+question, and what the instruction buys is a prefix shaped by the question, e.g. for "what colour
+is the circle?", where the 2-layer LM otherwise names another object's colour (docs/demo.md).
+Steps are a fixed count (design: docs/demo.md; measurements: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ TRAINED = ("qformer", "qformer_text", "query_tokens", "language_projection")
 class InstructTrainSettings:
     blip2_checkpoint: str  # a trained blip2-tiny: frozen vision tower and LM, Q-Former to start from
     preset: str = "instructblip-tiny"
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 64  # rows of one image and one question (or caption) each
     lr: float = 1e-3
     caption_fraction: float = 0.2  # the rest are questions
