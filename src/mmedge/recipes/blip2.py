@@ -326,6 +326,7 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     model.vision_model.load_state_dict(clip.model.vision_model.state_dict())
     model.vision_model.requires_grad_(False)
     pre = family.preprocess(cfg)
+    assert pre is not None  # an image family always has one
     context = cfg.text.max_context - cfg.qformer.num_query_tokens
     b = settings.batch_size
     info: dict[str, object] = {}

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from mmedge.data.scenes import TRAIN_SEED
 from mmedge.errors import ConfigError
@@ -98,6 +99,8 @@ def train_instructblip(
 ) -> Path:
     """Instruction-tune the Q-Former and projector of `settings.blip2_checkpoint` on synthetic
     scene questions; writes an instructblip checkpoint whose instruction tokenizer is the blip2 one."""
+    from tokenizers import Tokenizer
+
     from mmedge.data import caption_for, questions_for, sample_objects
     from mmedge.models.decoder import bos_marker
     from mmedge.models.sources import load_source
@@ -119,8 +122,6 @@ def train_instructblip(
     for name in TRAINED:
         getattr(model, name).requires_grad_(True)
 
-    from tokenizers import Tokenizer
-
     tok_json = src.tokenizer_json
     tok = Tokenizer.from_str(tok_json)
     q, text = cfg.qformer, cfg.text
@@ -130,7 +131,9 @@ def train_instructblip(
     def instruction_ids(instruction: str) -> tuple[int, ...]:
         return tuple(instructions.encode(instruction, allow_empty=True))  # as `image_sources` encodes it
 
-    caption_instruction = template_text(family.sections(cfg, model, tok_json).prompt.caption or "")
+    prompt = family.sections(cfg, model, tok_json).prompt
+    assert prompt is not None  # a chat family always has one
+    caption_instruction = template_text(prompt.caption or "")
     specials = (
         text.bos_token_id if bos_marker(tok_json, text.bos_token_id) else None,
         text.eos_token_id,
@@ -140,7 +143,9 @@ def train_instructblip(
     b = settings.batch_size
     rng = np.random.default_rng(np.random.SeedSequence(entropy=TRAIN_SEED, spawn_key=(settings.seed, 3)))
     pool = [sample_objects(rng) for _ in range(min(settings.pool, settings.steps * b))]
-    feats = _scene_features(model, pool, family.preprocess(cfg), rng)
+    pre = family.preprocess(cfg)
+    assert pre is not None  # an image family always has one
+    feats = _scene_features(model, pool, pre, rng)
     encoded_s = time.perf_counter() - t0
 
     def row(objs: tuple) -> tuple[str, list[tuple[str, str]]]:
@@ -160,9 +165,9 @@ def train_instructblip(
             ids, mask, labels = _encode(tok, [r[1] for r in rows], context, specials=specials)
             yield feats[idx], q_ids, q_mask, ids, mask, labels
 
-    def loss(m: InstructBlip, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def loss(_: nn.Module, batch: Any) -> torch.Tensor:
         image, q_ids, q_mask, ids, mask, labels = batch
-        return _prefix_loss(m, m.instructed_query_outputs(image, q_ids, q_mask), ids, mask, labels)
+        return _prefix_loss(model, model.instructed_query_outputs(image, q_ids, q_mask), ids, mask, labels)
 
     tc = TrainConfig(
         steps=settings.steps,
@@ -219,9 +224,9 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
         threads=request.threads,
         bf16=request.bf16,
         budget_s=request.time_budget_s,
-        **({"steps": request.steps} if request.steps else {}),
-        **({"batch_size": request.batch_size} if request.batch_size else {}),
-        **({"lr": request.lr} if request.lr else {}),
+        steps=request.steps or InstructTrainSettings.steps,
+        batch_size=request.batch_size or InstructTrainSettings.batch_size,
+        lr=request.lr or InstructTrainSettings.lr,
     )
     return train_instructblip(out, settings, progress=progress)
 
