@@ -51,6 +51,7 @@ from mmedge.models.registry import load_preset
 from mmedge.recipes.base import TrainRequest
 from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast
 from mmedge.recipes.trainer import train as run_training
+from mmedge.runtime.sections import PreprocessConfig
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -229,14 +230,28 @@ def _stage1_loss(
 def _stage2_loss(
     model: Blip2, batch: tuple[torch.Tensor, ...], slot_weight: float = 0.0, empty_id: int = -1
 ) -> torch.Tensor:
+    """`_prefix_loss` of the query outputs of image features (stage 2, fine-tuning)."""
+    feats, ids, mask, labels, slot_ids = batch
+    return _prefix_loss(model, model.query_outputs(feats), ids, mask, labels, slot_ids, slot_weight, empty_id)
+
+
+def _prefix_loss(
+    model: Blip2,
+    queries: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    slot_ids: torch.Tensor | None = None,
+    slot_weight: float = 0.0,
+    empty_id: int = -1,
+) -> torch.Tensor:
     """The frozen LM's loss after the projected queries; with `slot_weight`, plus the slot loss:
     projected query i should look like the LM's input embedding of slot i's token, in direction
     (cross-entropy over cosine similarities to every token's embedding) and in size (squared log of
     the norm ratio). A plain dot-product cross-entropy grew the prefix to 75x the embeddings' norm,
     which drowned the LM's position embeddings: the LM then mixed up which slot held which shape.
     Empty slots (token `empty_id`) are most slots and the easiest; they weigh EMPTY_SLOT_WEIGHT."""
-    feats, ids, mask, labels, slot_ids = batch
-    prefix = model.language_projection(model.query_outputs(feats))  # (B, Q, E)
+    prefix = model.language_projection(queries)  # (B, Q, E)
     lm = model.language_model
     embeds = torch.cat([prefix, lm.embed_tokens(ids)], 1)
     full_mask = torch.cat([torch.ones(prefix.shape[:2], dtype=mask.dtype), mask], 1)
@@ -244,7 +259,7 @@ def _stage2_loss(
     logits = lm.step(embeds, full_mask, positions)[0]
     full_labels = torch.cat([torch.full(prefix.shape[:2], IGNORE, dtype=labels.dtype), labels], 1)
     loss = _lm_loss(logits, full_labels)
-    if slot_weight:
+    if slot_weight and slot_ids is not None:
         table = lm.embed_tokens.weight  # (V, E)
         cosine = F.normalize(prefix, dim=-1) @ F.normalize(table, dim=-1).t()  # (B, Q, V)
         per_slot = F.cross_entropy(
@@ -257,11 +272,29 @@ def _stage2_loss(
     return loss
 
 
+def _scene_features(
+    model: Blip2, scenes: list[tuple], pre: PreprocessConfig, rng: np.random.Generator
+) -> torch.Tensor:
+    """The frozen image encoder's features (N, tokens, width) of scenes rendered once, 256 at a time."""
+    from mmedge.data import render
+    from mmedge.runtime.images import preprocess
+
+    size = model.cfg.vision.image_size
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model.image_features(
+                    torch.from_numpy(preprocess([render(o, size, rng) for o in scenes[i : i + 256]], pre))
+                )
+                for i in range(0, len(scenes), 256)
+            ]
+        )
+
+
 def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | None = None) -> Path:
     """Train blip2-tiny (LM, stage 1, stage 2) on the frozen vision tower of `settings.clip_checkpoint`."""
-    from mmedge.data import caption_for, render, sample_objects, scene_slots
+    from mmedge.data import caption_for, sample_objects, scene_slots
     from mmedge.models.sources import load_source
-    from mmedge.runtime.images import preprocess
 
     t0 = time.perf_counter()
     clip = load_source(settings.clip_checkpoint, family="clip")
@@ -293,6 +326,7 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     model.vision_model.load_state_dict(clip.model.vision_model.state_dict())
     model.vision_model.requires_grad_(False)
     pre = family.preprocess(cfg)
+    assert pre is not None  # an image family always has one
     context = cfg.text.max_context - cfg.qformer.num_query_tokens
     b = settings.batch_size
     info: dict[str, object] = {}
@@ -354,17 +388,7 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     # The image encoder is frozen: render and encode a pool of scenes once; batches draw scenes
     # from it with freshly phrased captions and freshly drawn questions.
     pool = [sample_objects(rng) for _ in range(settings.pool)]
-    with torch.no_grad():
-        feats = torch.cat(
-            [
-                model.image_features(
-                    torch.from_numpy(
-                        preprocess([render(o, v.image_size, rng) for o in pool[i : i + 256]], pre)
-                    )
-                )
-                for i in range(0, len(pool), 256)
-            ]
-        )
+    feats = _scene_features(model, pool, pre, rng)
     slot_ids = torch.tensor([tok.encode(scene_slots(o), add_special_tokens=False).ids for o in pool])
     info["pool"] = {"scenes": len(pool), "seconds": round(time.perf_counter() - t0, 1)}
 

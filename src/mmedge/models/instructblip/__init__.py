@@ -69,5 +69,6 @@ FAMILY = register(
             weights=instructblip_weights,
             instruction_tokenizer="qformer_tokenizer",
         ),
+        recipe="mmedge.recipes.instructblip",
     )
 )
