@@ -411,6 +411,20 @@ def cmd_list(a: argparse.Namespace) -> object:
 
 
 def cmd_demo(a: argparse.Namespace) -> object:
-    from mmedge.sdk.demo import run_demo
+    from mmedge.errors import InvalidInputError
+    from mmedge.sdk.demo import run_demo, run_llava_demo
 
-    return run_demo(steps=a.steps, eval_n=a.eval_n, threads=a.threads, json_out=a.json, blip2=not a.clip_only)
+    if a.family == "llava":
+        if a.clip_only:
+            raise InvalidInputError(
+                "--clip-only stops the default demo after clip-tiny; it does not apply to llava"
+            )
+        return run_llava_demo(steps=a.steps, threads=a.threads, json_out=a.json, seed=a.seed)
+    return run_demo(
+        steps=a.steps,
+        eval_n=a.eval_n,
+        threads=a.threads,
+        json_out=a.json,
+        blip2=not a.clip_only,
+        seed=a.seed,
+    )

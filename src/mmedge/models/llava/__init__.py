@@ -92,5 +92,6 @@ FAMILY = register(
             weights=llava_weights,
             directory=llava_directory,
         ),
+        recipe="mmedge.recipes.llava",
     )
 )
