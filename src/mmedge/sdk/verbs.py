@@ -414,17 +414,20 @@ def cmd_demo(a: argparse.Namespace) -> object:
     from mmedge.errors import InvalidInputError
     from mmedge.sdk.demo import run_demo, run_llava_demo
 
+    # The demo prints its own tables or JSON; returning its results would print the JSON twice.
     if a.family == "llava":
         if a.clip_only:
             raise InvalidInputError(
                 "--clip-only stops the default demo after clip-tiny; it does not apply to llava"
             )
-        return run_llava_demo(steps=a.steps, threads=a.threads, json_out=a.json, seed=a.seed)
-    return run_demo(
-        steps=a.steps,
-        eval_n=a.eval_n,
-        threads=a.threads,
-        json_out=a.json,
-        blip2=not a.clip_only,
-        seed=a.seed,
-    )
+        run_llava_demo(steps=a.steps, threads=a.threads, json_out=a.json, seed=a.seed)
+    else:
+        run_demo(
+            steps=a.steps,
+            eval_n=a.eval_n,
+            threads=a.threads,
+            json_out=a.json,
+            blip2=not a.clip_only,
+            seed=a.seed,
+        )
+    return None
