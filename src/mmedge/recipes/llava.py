@@ -48,13 +48,13 @@ VOCAB = 320  # BPE merges over the synthetic texts; "<image>" is added after
 class LlavaTrainSettings:
     clip_checkpoint: str  # a trained clip-tiny: its vision tower becomes the frozen image encoder
     preset: str = "llava-tiny"
-    batch_size: int = 64
-    lm_steps: int = 1000
-    stage1_steps: int = 300
-    stage2_steps: int = 1500
+    batch_size: int = 32
+    lm_steps: int = 600
+    stage1_steps: int = 150
+    stage2_steps: int = 1600
     lr: float = 1e-3
     stage2_lr: float = 1e-3
-    turns: int = 4  # question turns per conversation: more answers per (long) image prefix
+    turns: int = 3  # question turns per conversation: more answers per (long) image prefix
     caption_fraction: float = 0.15  # of the conversations in stages 0 and 2; the rest ask questions
     pool: int = 8192  # scenes rendered and encoded once for stages 1 and 2
     seed: int = 0
