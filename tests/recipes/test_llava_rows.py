@@ -84,3 +84,13 @@ def test_scene_text_fills_the_image_place(convs) -> None:
     assert c.chat.image_id not in ids
     start = next(i for i in range(len(ids)) if ids[i : i + len(scene)] == scene)
     assert start > 1  # after BOS and the role
+
+
+def test_mmedge_train_needs_a_clip_tower(tmp_path) -> None:
+    from mmedge.errors import ConfigError
+    from mmedge.recipes.base import TrainRequest, recipe_for, train_model
+
+    family, recipe = recipe_for("llava-tiny")
+    assert family.name == "llava" and recipe.__name__ == "mmedge.recipes.llava"
+    with pytest.raises(ConfigError, match="--init CLIP_CHECKPOINT"):
+        train_model(tmp_path / "out", TrainRequest(preset="llava-tiny"))
