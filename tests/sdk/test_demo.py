@@ -38,3 +38,56 @@ def test_demo_smoke(store: Path, capsys: pytest.CaptureFixture) -> None:
     }
     img = np.zeros((64, 64, 3), np.uint8)
     assert isinstance(chat.chat(img, "what colour is the circle?", max_new_tokens=3), str)
+
+
+def test_llava_demo_smoke(store: Path, capsys: pytest.CaptureFixture) -> None:
+    """`mmedge demo llava` from an empty store trains clip-tiny first; a second run reuses it."""
+    import json
+
+    from mmedge import sdk
+    from mmedge.sdk.cli import main
+
+    assert main(["demo", "llava", "--steps", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "no trained clip-tiny in the model store" in out
+    for row in (
+        "VQA accuracy",
+        "  position",
+        "  colour",
+        "caption exact-match",
+        "int4 llm",
+        "int8 vision/projector",
+    ):
+        assert row in out
+    header = next(line for line in out.splitlines() if line.startswith("question (quantized model)"))
+    assert header.split()[-2:] == ["answer", "truth"]
+    clip = store / "checkpoints" / "clip-tiny" / "model.safetensors"
+    trained = clip.stat().st_mtime_ns
+
+    assert main(["demo", "llava", "--steps", "3", "--threads", "1", "--json", "--seed", "1"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert clip.stat().st_mtime_ns == trained  # reused, not retrained
+    assert "clip_train_s" not in r["timings"]
+    for precision in ("fp32", "quantized"):
+        ev = r["eval"][precision]
+        assert set(ev["vqa_by_kind"]) == {"colour", "shape", "count", "position"} and ev["questions"] == 300
+        assert len(ev["examples"]) == 6 and {"question", "answer", "expected"} <= set(ev["examples"][0])
+    assert {r["train"][s]["steps"] for s in ("lm", "stage1", "stage2")} == {3}
+    assert r["eval"]["quantized"]["precisions"] == {
+        "vision": "int8",
+        "projector": "int8",
+        "embed": "fp32",
+        "llm": "int4",
+    }
+    chat = sdk.Pipeline("llava-tiny")
+    assert isinstance(
+        chat.chat(np.zeros((64, 64, 3), np.uint8), "where is the red circle?", max_new_tokens=3), str
+    )
+
+
+def test_demo_refuses_clip_only_with_llava(store: Path, capsys: pytest.CaptureFixture) -> None:
+    from mmedge.sdk.cli import main
+
+    assert main(["demo", "llava", "--clip-only"]) == 1
+    assert "--clip-only" in capsys.readouterr().err
+    assert not (store / "checkpoints").exists()

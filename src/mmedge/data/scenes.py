@@ -67,9 +67,12 @@ class SceneObject:
                 raise InvalidInputError(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
 
+QA_KINDS: tuple[str, ...] = ("count", "shape", "colour", "position")
+
+
 @dataclass(frozen=True)
 class QA:
-    """A question about a scene, its answer and its kind (colour, shape, count or position)."""
+    """A question about a scene, its answer and its kind (one of QA_KINDS)."""
 
     question: str
     answer: str

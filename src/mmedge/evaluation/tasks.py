@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,7 +81,7 @@ def evaluate_zero_shot(pipeline: object, n: int = 200) -> dict[str, Any]:
     }
 
 
-VQA_KINDS = ("colour", "shape", "count")
+VQA_KINDS = ("colour", "shape", "count")  # the default; position questions are asked when named
 
 
 def _normalise(answer: str) -> str:
@@ -89,16 +89,25 @@ def _normalise(answer: str) -> str:
 
 
 def evaluate_chat(
-    pipeline: Any, data: str = "shapes:100", questions: int = 300, captions: int = 100, progress: Any = None
+    pipeline: Any,
+    data: str = "shapes:100",
+    questions: int = 300,
+    captions: int = 100,
+    progress: Any = None,
+    kinds: Sequence[str] = VQA_KINDS,
 ) -> dict[str, Any]:
-    """VQA accuracy (colour, shape, count questions) and caption exact-match on synthetic scenes.
+    """VQA accuracy (the first `questions` of the scenes' questions of `kinds`) and caption
+    exact-match on synthetic scenes.
 
     A caption is an exact match when the objects it names (size, colour, shape, position) are
-    exactly the scene's; an answer is correct when it equals the expected word after lowercasing
+    exactly the scene's; an answer is correct when it equals the expected words after lowercasing
     and dropping punctuation. Greedy decoding.
     """
     from mmedge.data import HELD_OUT_SEED, TRAIN_SEED, generate_scenes, parse_caption
-    from mmedge.data.scenes import scene_key
+    from mmedge.data.scenes import QA_KINDS, scene_key
+
+    if isinstance(kinds, str) or not kinds or not set(kinds) <= set(QA_KINDS):
+        raise InvalidInputError(f"question kinds must be some of {list(QA_KINDS)}, got {kinds!r}")
 
     if not isinstance(data, str) or not data.startswith(("shapes:", "train-shapes:")):
         raise InvalidInputError(f"chat eval needs synthetic scenes with questions (shapes:N), got {data!r}")
@@ -109,8 +118,8 @@ def evaluate_chat(
     if n < 1 or questions < 0 or captions < 0:
         raise InvalidInputError("scene, question and caption counts must be positive")
     scenes = generate_scenes(n, TRAIN_SEED if data.startswith("train-") else HELD_OUT_SEED)
-    asked = [(s, qa) for s in scenes for qa in s.qa if qa.kind in VQA_KINDS][:questions]
-    per_kind: dict[str, list[int]] = {k: [] for k in VQA_KINDS}
+    asked = [(s, qa) for s in scenes for qa in s.qa if qa.kind in kinds][:questions]
+    per_kind: dict[str, list[int]] = {k: [] for k in kinds}
     examples = []
     for i, (scene, qa) in enumerate(asked):
         got = pipeline.chat(scene.image, qa.question, max_new_tokens=4)

@@ -30,7 +30,6 @@ and recipe history: docs/demo.md; measurements: benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,12 +48,9 @@ from mmedge.models.blocks import MASK_VALUE
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.registry import load_preset
 from mmedge.recipes.base import TrainRequest
-from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast
-from mmedge.recipes.trainer import train as run_training
-from mmedge.runtime.sections import PreprocessConfig
+from mmedge.recipes.stages import IGNORE, Stages, clip_vision, encode_pool, lm_loss
+from mmedge.recipes.trainer import amx_bf16_fast
 
-log = logging.getLogger(__name__)
-IGNORE = -100
 SLOT_TEMPERATURE = 0.1  # of the slot loss's cosine cross-entropy
 EMPTY_SLOT_WEIGHT = 0.25  # of an empty slot's term in it
 
@@ -146,13 +142,6 @@ def _encode(
     return ids_t, mask, lab_t
 
 
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: position i predicts label i+1."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE
-    )
-
-
 class _Stage1Heads(nn.Module):
     """BLIP-2 stage-1 heads around the model: projections for ITC, ITM classifier, learned temperature."""
 
@@ -223,7 +212,7 @@ def _stage1_loss(
     # ITG
     out = qf(queries, feats, text, masks["itg"])
     logits = out[:, q:] @ m.qformer_text.word_embeddings.weight.t()
-    itg = _lm_loss(logits, ids.masked_fill(mask == 0, IGNORE))
+    itg = lm_loss(logits, ids.masked_fill(mask == 0, IGNORE))
     return itc + itm + itg
 
 
@@ -258,7 +247,7 @@ def _prefix_loss(
     positions = (full_mask.cumsum(1) - 1).clamp(min=0)
     logits = lm.step(embeds, full_mask, positions)[0]
     full_labels = torch.cat([torch.full(prefix.shape[:2], IGNORE, dtype=labels.dtype), labels], 1)
-    loss = _lm_loss(logits, full_labels)
+    loss = lm_loss(logits, full_labels)
     if slot_weight and slot_ids is not None:
         table = lm.embed_tokens.weight  # (V, E)
         cosine = F.normalize(prefix, dim=-1) @ F.normalize(table, dim=-1).t()  # (B, Q, V)
@@ -270,25 +259,6 @@ def _prefix_loss(
         size = (prefix.norm(dim=-1) / table[slot_ids].norm(dim=-1)).log().square().mean()
         loss = loss + slot_weight * (direction + size)
     return loss
-
-
-def _scene_features(
-    model: Blip2, scenes: list[tuple], pre: PreprocessConfig, rng: np.random.Generator
-) -> torch.Tensor:
-    """The frozen image encoder's features (N, tokens, width) of scenes rendered once, 256 at a time."""
-    from mmedge.data import render
-    from mmedge.runtime.images import preprocess
-
-    size = model.cfg.vision.image_size
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model.image_features(
-                    torch.from_numpy(preprocess([render(o, size, rng) for o in scenes[i : i + 256]], pre))
-                )
-                for i in range(0, len(scenes), 256)
-            ]
-        )
 
 
 def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | None = None) -> Path:
@@ -303,21 +273,11 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     corpus = [p + t for _, segments in _texts(rng, 3000) for p, t in segments]
     corpus += [scene_slots(sample_objects(rng)) for _ in range(3000)]
     tok = train_tokenizer(corpus, vocab_size=320, generation=True)
-    v = clip.config.vision
+    vision = clip_vision(clip)
     raw = {
         **raw,
-        "vision": {
-            **raw["vision"],
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "width": v.width,
-            "layers": v.layers,
-            "heads": v.heads,
-            "mlp_dim": v.mlp_dim,
-            "act": v.act,
-            "eps": clip.config.layer_norm_eps,
-        },
-        "qformer": {**raw["qformer"], "vocab_size": tok.get_vocab_size(), "encoder_hidden": v.width},
+        "vision": {**raw["vision"], **vision},
+        "qformer": {**raw["qformer"], "vocab_size": tok.get_vocab_size(), "encoder_hidden": vision["width"]},
         "text": {**raw["text"], "vocab_size": tok.get_vocab_size()},
     }
     cfg: Blip2Config = family.config_from_dict(raw)
@@ -329,36 +289,8 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     assert pre is not None  # an image family always has one
     context = cfg.text.max_context - cfg.qformer.num_query_tokens
     b = settings.batch_size
-    info: dict[str, object] = {}
-
-    def stage(
-        name: str,
-        module: nn.Module,
-        batches: Iterator,
-        loss_fn,
-        steps: int,
-        budget: float | None,
-        lr: float = settings.lr,
-    ) -> None:
-        tc = TrainConfig(
-            steps=steps,
-            lr=lr,
-            warmup=min(50, steps // 10),
-            seed=settings.seed,
-            threads=settings.threads,
-            time_budget_s=budget,
-            bf16=settings.bf16,
-        )
-        started = time.perf_counter()
-        losses = run_training(
-            module, batches, loss_fn, tc, progress=progress, desc=f"{settings.preset} {name}"
-        )
-        info[name] = {
-            "steps": len(losses),
-            "final_loss": round(float(np.mean(losses[-20:])), 4),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        log.info("%s: %d steps, final loss %.3f", name, len(losses), info[name]["final_loss"])
+    stages = Stages(settings.preset, settings.seed, settings.threads, settings.bf16, progress)
+    info = stages.info
 
     # 0. the language model alone, then frozen. Its texts are a scene's slot text, then a caption
     # or a question and answer: it learns to read the scene where stage 2 puts the image prefix.
@@ -375,12 +307,13 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
             pairs = [x for _, x in zip(range(n), _texts(rng, n))]
             yield _encode(tok, [seg for _, seg in pairs], 2 * context, [scene_slots(o) for o, _ in pairs])
 
-    stage(
+    stages.run(
         "lm",
         model.language_model,
         lm_batches(),
-        lambda lm, batch: _lm_loss(lm(batch[0], batch[1]), batch[2]),
+        lambda lm, batch: lm_loss(lm(batch[0], batch[1]), batch[2]),
         settings.lm_steps,
+        settings.lr,
         settings.lm_budget_s,
     )
     model.language_model.requires_grad_(False)
@@ -388,7 +321,7 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
     # The image encoder is frozen: render and encode a pool of scenes once; batches draw scenes
     # from it with freshly phrased captions and freshly drawn questions.
     pool = [sample_objects(rng) for _ in range(settings.pool)]
-    feats = _scene_features(model, pool, pre, rng)
+    feats = encode_pool(model.image_features, pool, pre, rng)
     slot_ids = torch.tensor([tok.encode(scene_slots(o), add_special_tokens=False).ids for o in pool])
     info["pool"] = {"scenes": len(pool), "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -402,12 +335,13 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
             yield feats[idx], ids, mask
 
     heads = _Stage1Heads(model)
-    stage(
+    stages.run(
         "stage1",
         heads,
         s1_batches(),
         lambda h, batch: _stage1_loss(h, batch, settings.itm_pairs),
         settings.stage1_steps,
+        settings.lr,
         settings.stage1_budget_s,
     )
 
@@ -423,14 +357,14 @@ def train_blip2(out: str | Path, settings: Blip2TrainSettings, progress: bool | 
 
     model.qformer_text.requires_grad_(False)  # stage 2 reads queries only
     (empty_id,) = tok.encode(EMPTY_SLOT, add_special_tokens=False).ids  # one token, as checked above
-    stage(
+    stages.run(
         "stage2",
         model,
         s2_batches(),
         lambda m, batch: _stage2_loss(m, batch, settings.slot_weight, empty_id),
         settings.stage2_steps,
-        settings.stage2_budget_s,
         settings.stage2_lr,
+        settings.stage2_budget_s,
     )
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["clip_checkpoint"] = str(settings.clip_checkpoint)

@@ -34,7 +34,8 @@ from mmedge.models.checkpoint import assign_weights, save_checkpoint
 from mmedge.models.instructblip.modeling import InstructBlip, InstructBlipConfig
 from mmedge.models.registry import load_preset
 from mmedge.recipes.base import TrainRequest
-from mmedge.recipes.blip2 import _encode, _prefix_loss, _scene_features
+from mmedge.recipes.blip2 import _encode, _prefix_loss
+from mmedge.recipes.stages import encode_pool
 from mmedge.recipes.trainer import TrainConfig, amx_bf16_fast
 from mmedge.recipes.trainer import train as run_training
 
@@ -145,7 +146,7 @@ def train_instructblip(
     pool = [sample_objects(rng) for _ in range(min(settings.pool, settings.steps * b))]
     pre = family.preprocess(cfg)
     assert pre is not None  # an image family always has one
-    feats = _scene_features(model, pool, pre, rng)
+    feats = encode_pool(model.image_features, pool, pre, rng)
     encoded_s = time.perf_counter() - t0
 
     def row(objs: tuple) -> tuple[str, list[tuple[str, str]]]:

@@ -20,6 +20,7 @@ DATA_HELP = (
     "shapes:N (N synthetic scenes from the fixed held-out seed), train-shapes:N (from the training "
     'seed), an image folder, or a JSONL file of {"image": path, "text": caption} lines'
 )
+DEMO_FAMILIES = ("llava",)  # `mmedge demo FAMILY`: one family's part alone
 PACKAGE_HELP = "package directory, or the name of a package in the model store ($MMEDGE_HOME)"
 
 
@@ -594,14 +595,30 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         verbs.cmd_demo,
         "the whole path: clip-tiny retrieval and blip2-tiny VQA/captions — train, export, "
-        "quantize, build, evaluate, benchmark; prints tables (10-13 minutes on 2 idle cores without AMX)",
+        "quantize, build, evaluate, benchmark; prints tables (10-13 minutes on 2 idle cores without AMX). "
+        "`mmedge demo llava` runs llava-tiny instead: on the store's trained clip-tiny (trained first "
+        "if there is none), LLaVA's stages, INT8 vision/projector and INT4 LLM, VQA with position "
+        "questions beside the truth",
+    )
+    sp.add_argument(
+        "family",
+        nargs="?",
+        choices=DEMO_FAMILIES,
+        default=None,
+        help="llava: the llava-tiny part alone; default: clip-tiny then blip2-tiny",
     )
     sp.add_argument(
         "--clip-only", action="store_true", help="stop after the clip-tiny part (about 6 minutes)"
     )
-    sp.add_argument("--steps", type=int, default=None, help="training steps (default: preset's demo setting)")
-    sp.add_argument("--eval-n", type=int, default=500)
+    sp.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: preset's demo setting); with llava, of every stage",
+    )
+    sp.add_argument("--eval-n", type=int, default=500, help="held-out scenes for clip-tiny retrieval")
     sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--seed", type=int, default=0, help="seed of every training")
     return p
 
 

@@ -537,9 +537,26 @@ def cmd_list(a: argparse.Namespace) -> object:
 
 
 def cmd_demo(a: argparse.Namespace) -> object:
-    from mmedge.sdk.demo import run_demo
+    from mmedge.errors import InvalidInputError
+    from mmedge.sdk.demo import run_demo, run_llava_demo
 
-    return run_demo(steps=a.steps, eval_n=a.eval_n, threads=a.threads, json_out=a.json, blip2=not a.clip_only)
+    # The demo prints its own tables or JSON; returning its results would print the JSON twice.
+    if a.family == "llava":
+        if a.clip_only:
+            raise InvalidInputError(
+                "--clip-only stops the default demo after clip-tiny; it does not apply to llava"
+            )
+        run_llava_demo(steps=a.steps, threads=a.threads, json_out=a.json, seed=a.seed)
+    else:
+        run_demo(
+            steps=a.steps,
+            eval_n=a.eval_n,
+            threads=a.threads,
+            json_out=a.json,
+            blip2=not a.clip_only,
+            seed=a.seed,
+        )
+    return None
 
 
 def cmd_serve(a: argparse.Namespace) -> object:

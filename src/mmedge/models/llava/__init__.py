@@ -111,5 +111,6 @@ FAMILY = register(
             directory=llava_directory,
         ),
         special_tokens=lambda cfg: (cfg.image_token,),
+        recipe="mmedge.recipes.llava",
     )
 )
