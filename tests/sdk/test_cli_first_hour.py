@@ -58,7 +58,7 @@ def test_options_and_positionals_in_any_order(
     assert (
         main(["embed", str(tiny_pkg), "--text", "a red circle", str(out)]) == 1
     )  # texts or images, not both
-    assert "not both" in capsys.readouterr().err
+    assert "not several" in capsys.readouterr().err
 
 
 def test_sample_scenes_for_the_quick_start(
