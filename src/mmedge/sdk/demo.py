@@ -168,11 +168,7 @@ def _blip2_part(
     train_blip2(ckpt, settings)
     timings["blip2_train_s"] = time.perf_counter() - t0
     info = read_checkpoint_meta(ckpt).get("train", {})
-    for part in ("lm", "stage1", "stage2"):
-        say(
-            f"      {part}: {info[part]['steps']} steps in {info[part]['seconds']:.0f} s, "
-            f"final loss {info[part]['final_loss']:.3f}"
-        )
+    _say_stages(say, info)
     say(
         f"[6/{n}] exporting vision, qformer, projector, embed, llm; quantizing (INT8 encoders, INT4 LLM); building"
     )
@@ -238,11 +234,7 @@ def run_llava_demo(
     train_llava(ckpt, settings)
     timings["llava_train_s"] = time.perf_counter() - t1
     info = read_checkpoint_meta(ckpt).get("train", {})
-    for part in ("lm", "stage1", "stage2"):
-        say(
-            f"      {part}: {info[part]['steps']} steps in {info[part]['seconds']:.0f} s, "
-            f"final loss {info[part]['final_loss']:.3f}"
-        )
+    _say_stages(say, info)
     say(
         "[3/4] exporting vision, projector, embed, llm; quantizing (INT8 vision + projector, INT4 LLM); building"
     )
@@ -328,3 +320,12 @@ def _print_chat(model: str, encoders: str, r: dict[str, Any], kinds: tuple[str, 
     print(table(rows))
     for c in ev["quantized"]["caption_examples"][:2]:
         print(f"\ncaption: {c['caption']}\ntruth:   {c['truth']}")
+
+
+def _say_stages(say: Any, info: dict[str, Any]) -> None:
+    """One line per training stage of a staged chat recipe (LM, stage 1, stage 2)."""
+    for part in ("lm", "stage1", "stage2"):
+        say(
+            f"      {part}: {info[part]['steps']} steps in {info[part]['seconds']:.0f} s, "
+            f"final loss {info[part]['final_loss']:.3f}"
+        )

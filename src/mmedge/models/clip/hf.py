@@ -16,15 +16,7 @@ def clip_config(cfg: dict[str, Any], max_context: int | None = None) -> dict[str
             f"different layer_norm_eps for text ({eps_t}) and vision ({eps_v}) is not supported"
         )
     return {
-        "vision": {
-            "image_size": v.get("image_size", 224),
-            "patch_size": v.get("patch_size", 32),
-            "width": v.get("hidden_size", 768),
-            "layers": v.get("num_hidden_layers", 12),
-            "heads": v.get("num_attention_heads", 12),
-            "mlp_dim": v.get("intermediate_size", 3072),
-            "act": v.get("hidden_act", "quick_gelu"),
-        },
+        "vision": clip_vision_config(v),
         "text": {
             "vocab_size": t.get("vocab_size", 49408),
             "context_length": t.get("max_position_embeddings", 77),
@@ -39,4 +31,17 @@ def clip_config(cfg: dict[str, Any], max_context: int | None = None) -> dict[str
         "projection_dim": cfg.get("projection_dim", 512),
         "layer_norm_eps": eps_v,
         "logit_scale_init": cfg.get("logit_scale_init_value", 2.6592),
+    }
+
+
+def clip_vision_config(v: dict[str, Any]) -> dict[str, Any]:
+    """HF CLIPVisionConfig -> the clip family's VisionConfig JSON (LLaVA's tower reads it too)."""
+    return {
+        "image_size": v.get("image_size", 224),
+        "patch_size": v.get("patch_size", 32),
+        "width": v.get("hidden_size", 768),
+        "layers": v.get("num_hidden_layers", 12),
+        "heads": v.get("num_attention_heads", 12),
+        "mlp_dim": v.get("intermediate_size", 3072),
+        "act": v.get("hidden_act", "quick_gelu"),
     }

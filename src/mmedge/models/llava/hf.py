@@ -18,6 +18,7 @@ import torch
 from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models import decoder
 from mmedge.models.checkpoint import read_json_object
+from mmedge.models.clip.hf import clip_vision_config
 from mmedge.models.llava.modeling import LlavaConfig
 
 _MAX_TEMPLATE_CHARS = 1 << 16
@@ -36,16 +37,7 @@ def llava_config(cfg: dict[str, Any], max_context: int | None = None) -> dict[st
             t.get("max_position_embeddings", 2048), _image_tokens_bound(v, next_, pinpoints) + 1024
         )
     out: dict[str, Any] = {
-        "vision": {
-            "image_size": v.get("image_size", 224),
-            "patch_size": v.get("patch_size", 32),
-            "width": v.get("hidden_size", 768),
-            "layers": v.get("num_hidden_layers", 12),
-            "heads": v.get("num_attention_heads", 12),
-            "mlp_dim": v.get("intermediate_size", 3072),
-            "act": v.get("hidden_act", "quick_gelu"),
-            "eps": v.get("layer_norm_eps", 1e-5),
-        },
+        "vision": {**clip_vision_config(v), "eps": v.get("layer_norm_eps", 1e-5)},
         "text": decoder.hf_decoder_config({"model_type": "llama", **t}, max_context),
         "variant": "next" if next_ else "1.5",
         "feature_layers": [layers] if isinstance(layers, int) else list(layers),
