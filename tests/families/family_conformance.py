@@ -63,6 +63,16 @@ _DECODERS = {
 _DECODERS["mistral"] = {**_DECODERS["llama"], "variant": "mistral", "head_size": 32}
 _DECODERS["qwen2"] = {**_DECODERS["llama"], "variant": "qwen2", "bias": True, "tie_word_embeddings": True}
 
+_QFORMER = {
+    "hidden": 32,
+    "layers": 1,
+    "heads": 2,
+    "intermediate": 64,
+    "cross_attention_frequency": 1,
+    "encoder_hidden": 32,
+    "num_query_tokens": 4,
+}
+
 # (family, variant) -> tiny config in the family's JSON form ("vocab_size": 0 = the tokenizer's size)
 CASES: dict[tuple[str, str], dict[str, Any]] = {
     ("clip", "vit"): {
@@ -83,15 +93,7 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
     **{
         ("blip2", v): {
             "vision": {"tower": "clip", **_VISION, "eps": 1e-5},
-            "qformer": {
-                "hidden": 32,
-                "layers": 1,
-                "heads": 2,
-                "intermediate": 64,
-                "cross_attention_frequency": 1,
-                "encoder_hidden": 32,
-                "num_query_tokens": 4,
-            },
+            "qformer": _QFORMER,
             "text": _DECODERS[v],
             "resize": "shortest",
         }
@@ -101,13 +103,7 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
         ("instructblip", v): {
             "vision": {"tower": "clip", **_VISION, "eps": 1e-5},
             "qformer": {
-                "hidden": 32,
-                "layers": 1,
-                "heads": 2,
-                "intermediate": 64,
-                "cross_attention_frequency": 1,
-                "encoder_hidden": 32,
-                "num_query_tokens": 4,
+                **_QFORMER,
                 "vocab_size": 0,  # the instruction's tokenizer is the checkpoint's tiny one
                 "max_text_positions": 32,
             },

@@ -4,55 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-VISION = {
-    "image_size": 32,
-    "patch_size": 16,
-    "width": 32,
-    "layers": 1,
-    "heads": 2,
-    "mlp_dim": 64,
-    "act": "gelu",
-}
-CLIP = {
-    "vision": VISION,
-    "text": {
-        "vocab_size": 0,
-        "context_length": 16,
-        "width": 32,
-        "layers": 1,
-        "heads": 2,
-        "mlp_dim": 64,
-        "act": "gelu",
-        "eos_token_id": 3,
-        "pad_token_id": 0,
-    },
-    "projection_dim": 32,
-}
+from families.family_conformance import CASES
+
+CLIP = CASES[("clip", "vit")]
+# The conformance BLIP-2 (OPT) with room for a conversation: 4 image tokens and several turns.
 BLIP2 = {
-    "vision": {"tower": "clip", **VISION, "eps": 1e-5},
-    "qformer": {
-        "hidden": 32,
-        "layers": 1,
-        "heads": 2,
-        "intermediate": 64,
-        "cross_attention_frequency": 1,
-        "encoder_hidden": 32,
-        "num_query_tokens": 4,
-    },
-    "text": {
-        "variant": "opt",
-        "vocab_size": 0,
-        "hidden": 32,
-        "layers": 2,
-        "heads": 2,
-        "ffn_dim": 64,
-        "max_positions": 96,
-        "max_context": 80,
-        "bos_token_id": 1,
-        "eos_token_id": 3,
-        "pad_token_id": 0,
-    },
-    "resize": "shortest",
+    **CASES[("blip2", "opt")],
+    "text": {**CASES[("blip2", "opt")]["text"], "max_positions": 96, "max_context": 80},
 }
 
 
