@@ -19,6 +19,7 @@ from mmedge.runtime.backends import BACKENDS
 from mmedge.runtime.schema import from_json, to_json
 from mmedge.runtime.sections import (
     BOS,
+    BundleConfig,
     EOS,
     IMAGE,
     INSTRUCTION_SOURCES,
@@ -209,6 +210,7 @@ class Manifest:
     retrieval: RetrievalConfig | None = None
     chat_template: ChatTemplate | None = None
     engines: dict[str, EngineEntry] = field(default_factory=dict)
+    bundle: BundleConfig | None = None  # set in a device bundle (`mmedge pack`)
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

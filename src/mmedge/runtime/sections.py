@@ -399,3 +399,30 @@ class PipelineConfig:
         unknown = sorted(set(self.paths) - set(PATH_SOURCES))
         if unknown:
             raise ConfigError(f"unknown paths {unknown}; this runtime knows {sorted(PATH_SOURCES)}")
+
+
+# Where a device bundle runs (`mmedge pack --target`): ORT's CPU provider, ORT's CUDA or TensorRT
+# execution provider, or native TensorRT (engines built on the device on first use).
+BUNDLE_TARGETS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """A device bundle's target: what it was packed for and from what (docs/bundles.md).
+
+    `runtime` holds what the packed files need of the machine (e.g. {"onnxruntime": "1.32.0",
+    "machine": "x86_64"} for ORT builds), checked when the bundle is opened. `settings` are the
+    TensorRT build settings a "tensorrt" bundle's device uses to build its engines. `source` is a
+    record (the package it came from, its manifest's sha256), never interpreted."""
+
+    target: str
+    precision: str
+    runtime: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.target not in BUNDLE_TARGETS:
+            raise ConfigError(f"bundle target {self.target!r} is not one of {list(BUNDLE_TARGETS)}")
+        if self.precision not in ("fp32", "fp16", "int8", "int4"):
+            raise ConfigError(f"bundle precision {self.precision!r} is not fp32, fp16, int8 or int4")
