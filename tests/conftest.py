@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,9 +14,12 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     """Load torch (where installed) before any test can load usearch: usearch's extension, loaded
-    first, makes torch.jit hang later in the same process (the ONNX export behind the fixtures)."""
+    first, makes torch.jit hang later in the same process (the ONNX export behind the fixtures).
+    Point the model store ($MMEDGE_HOME, where check records are kept) at a fresh folder, so the
+    suite neither reads nor writes the user's."""
     with contextlib.suppress(ImportError):
         import torch  # noqa: F401
+    os.environ["MMEDGE_HOME"] = tempfile.mkdtemp(prefix="mmedge-test-home-")
 
 
 @pytest.fixture(scope="session")

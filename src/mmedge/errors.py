@@ -62,3 +62,7 @@ class BackendError(MmedgeError, RuntimeError):
 
 class DeadlineExceededError(BackendError, TimeoutError):
     """A component's run took longer than its deadline and was cancelled."""
+
+
+class MemoryBudgetError(UnsupportedError):
+    """A package needs more memory than the budget a pipeline was given."""

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mmedge.errors import IntegrityError, InvalidInputError, UnsupportedError
+from mmedge.errors import IntegrityError, InvalidInputError, MemoryBudgetError, UnsupportedError
 from mmedge.runtime.backends import DEFAULT_BACKEND, make_backend
 from mmedge.runtime.backends.base import Session, SessionOptions
+from mmedge.runtime.bundles import check_runner
 from mmedge.runtime.images import ImageLimits
 from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS, ComponentEntry
-from mmedge.runtime.package import Package, verify_package
+from mmedge.runtime.package import Package, open_package
 from mmedge.runtime.sections import INSTRUCTION_SOURCES, PATH_SOURCES
 
 if TYPE_CHECKING:
@@ -57,8 +58,11 @@ class ComponentRunner:
         options: SessionOptions | None = None,
         image_limits: ImageLimits | None = None,
         trust: TrustPolicy | None = None,
+        memory_budget_mb: float | None = None,
     ):
-        """`trust` applies when `package` is a path (default: MMEDGE_TRUST, else hashes only)."""
+        """`trust` applies when `package` is a path (default: MMEDGE_TRUST, else hashes only).
+        `memory_budget_mb` refuses (MemoryBudgetError), before anything loads, a package whose
+        sessions would need more (`estimated_bytes`)."""
         if precision not in REQUEST_PRECISIONS:
             raise UnsupportedError(f"precision {precision!r} not in {REQUEST_PRECISIONS}")
         self.options = options or SessionOptions()
@@ -86,8 +90,9 @@ class ComponentRunner:
         else:
             from mmedge.runtime.signing import trust_policy
 
-            self.package = verify_package(package, trust=trust or trust_policy())
+            self.package = open_package(package, trust=trust or trust_policy())
         self.manifest = self.package.manifest
+        check_runner(self.manifest, self.backend.name, self.options.device)
         self.precision = precision
         self.image_limits = image_limits or ImageLimits()
         self.preprocess = self.manifest.preprocess
@@ -95,6 +100,19 @@ class ComponentRunner:
         self._lock = threading.Lock()
         self._tokenizer: TextTokenizer | None = None
         self._instruction_tokenizer: TextTokenizer | None = None
+        if memory_budget_mb is not None:
+            self._check_budget(memory_budget_mb)
+
+    def _check_budget(self, budget_mb: float) -> None:
+        if isinstance(budget_mb, bool) or not isinstance(budget_mb, (int, float)) or not budget_mb > 0:
+            raise InvalidInputError(f"memory_budget_mb must be a positive number, got {budget_mb!r}")
+        need = self.estimated_bytes() / 2**20
+        if need > budget_mb:
+            raise MemoryBudgetError(
+                f"package {self.manifest.name!r} at precision {self.precision!r} needs about {need:.0f} MB for "
+                f"its sessions; the budget is {budget_mb:g} MB: pack it at a smaller precision (mmedge pack "
+                "--precision int8 / int4), or raise the budget"
+            )
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -163,6 +181,37 @@ class ComponentRunner:
                     self.package, component, self.precision_of(component), self.session_options(component)
                 )
             return self._sessions[component]
+
+    def loaded(self) -> list[str]:
+        """Sessions loaded so far ("<component>" or "<component>.<precision>.<variant>")."""
+        with self._lock:
+            return sorted(self._sessions)
+
+    def release(self, component: str | None = None) -> list[str]:
+        """Drop the sessions of `component` (its variant builds too), or of every component; they
+        load again on next use. Returns what was released. A run in progress keeps its session
+        until it ends (the caller's reference)."""
+        with self._lock:
+            names = [
+                k
+                for k in self._sessions
+                if component is None or k == component or k.startswith(component + ".")
+            ]
+            for k in names:
+                del self._sessions[k]
+        return sorted(names)
+
+    def estimated_bytes(self) -> int:
+        """What this runner's sessions need, estimated from the files that load them: each graph's
+        bytes (with the `.data` file of its weights, as bundles keep them) once for the backend's
+        copy of its weights, and the largest once more for the verified bytes it is read into
+        while it loads. ORT builds are about the size of the graph they were built from."""
+        files = self.manifest.files
+        sizes = []
+        for name in self.manifest.components:
+            rel = self.manifest.component(name).precisions[self.precision_of(name)].file
+            sizes.append(files[rel].size + (files[rel + ".data"].size if rel + ".data" in files else 0))
+        return sum(sizes) + max(sizes, default=0)
 
     def variant_session(self, component: str, variant: str) -> Session | None:
         """The build `variant` of a component (the LLM's "prefill" build), or None where the package

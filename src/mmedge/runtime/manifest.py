@@ -19,12 +19,12 @@ from mmedge.runtime.backends import BACKENDS
 from mmedge.runtime.schema import from_json, to_json
 from mmedge.runtime.sections import (
     BOS,
-    BundleConfig,
     EOS,
     IMAGE,
     INSTRUCTION_SOURCES,
     PATH_SOURCES,
     ROLES,
+    BundleConfig,
     ChatTemplate,
     LLMConfig,
     PipelineConfig,

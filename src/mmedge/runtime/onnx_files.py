@@ -277,12 +277,85 @@ class VerifiedModel:
 IN_MEMORY = "mmedge-in-memory"  # placeholder location of an initializer handed over in `initializers`
 
 
-def read_model(root: Path, manifest: Manifest, rel: str) -> VerifiedModel:
-    """Read `rel` and the external data it names from bytes hashed as they are read, and return a
-    model that needs no file: every external tensor is filled in from those bytes."""
+def has_external_data(model: ModelProto) -> bool:
+    """Whether any tensor of the model keeps its bytes in another file."""
     import onnx
 
-    model = parse_model(read_listed(root, rel, manifest.files[rel]), rel)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model))
+
+
+# name -> [package-relative file, offset, length, numpy dtype, dims]
+ExternalTable = dict[str, list[Any]]
+
+
+def external_table(model: ModelProto, rel: str, files: Mapping[str, FileEntry]) -> ExternalTable | None:
+    """Where each external tensor's bytes are, when every one is a top-level initializer that a
+    backend can be handed as an array (else None: the tensors are filled into the model instead)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    external = [t for t in iter_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    top = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if len(external) != len(top) or len({t.name for t in top}) != len(top):
+        return None
+    table: ExternalTable = {}
+    for tensor in top:
+        ref = external_ref(tensor, rel, files)
+        try:
+            dtype = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type))
+        except (KeyError, TypeError, ValueError):
+            return None
+        nbytes = math.prod(tensor.dims) * dtype.itemsize
+        length = files[ref.location].size - ref.offset if ref.length < 0 else ref.length
+        if dtype.kind not in "biuf" or length != nbytes:
+            return None
+        table[tensor.name] = [ref.location, ref.offset, length, dtype.str, list(tensor.dims)]
+    return table
+
+
+def _arrays(root: Path, manifest: Manifest, table: ExternalTable, rel: str) -> dict[str, np.ndarray]:
+    """The external initializers as arrays over their files' bytes, each file read once and hashed
+    as it is read: the arrays are views, not copies."""
+    blobs: dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name, (location, offset, length, dtype, dims) in table.items():
+        if location not in manifest.files:
+            raise IntegrityError(f"{rel}: external data file {location!r} is not listed in the manifest")
+        if location not in blobs:
+            blobs[location] = np.frombuffer(read_listed(root, location, manifest.files[location]), np.uint8)
+        blob = blobs[location]
+        if offset + length > blob.size:
+            raise IntegrityError(f"{rel}: external data of {name!r} points outside {location!r}")
+        arrays[name] = blob[offset : offset + length].view(np.dtype(dtype)).reshape(dims)
+    return arrays
+
+
+def read_model(root: Path, manifest: Manifest, rel: str, check: bool = True) -> VerifiedModel:
+    """Read `rel` and the external data it names from bytes hashed as they are read, and return a
+    model that needs no file: external top-level initializers travel as arrays over the verified
+    bytes (the backend replaces them by name before anything would be opened), any other external
+    tensor is filled into the model.
+
+    With `check`, the model passes `check_model` first, unless the same bytes passed it here before
+    (`check_records`): then the verified bytes go to the backend unparsed, and the record says
+    where its external initializers are. (`check=False`: `verify_package` has just checked them.)"""
+    from mmedge.runtime import check_records
+
+    entry = manifest.files[rel]
+    raw = read_listed(root, rel, entry)
+    table = check_records.checked_table(entry.sha256)
+    if table is not None:
+        return VerifiedModel(raw, _arrays(root, manifest, table, rel))
+    model = parse_model(raw, rel)
+    if check:
+        check_model(model, rel, manifest.files)
+    table = external_table(model, rel, manifest.files) if has_external_data(model) else {}
+    if table is not None:
+        check_records.record_checked(entry.sha256, table)
+        return VerifiedModel(raw, _arrays(root, manifest, table, rel))  # the bytes as hashed
+    del raw
+    import onnx
+
     data: dict[str, bytes] = {}
     external = [t for t in iter_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     for tensor in external:

@@ -1,9 +1,11 @@
 """Open and verify a model package directory before any runtime sees its files (torch-free).
 
-Verification covers: the manifest schema, every listed file's size and sha256, that files
-are regular files inside the package (no symlinks, no hard links), the tokenizer's components
+Verification covers: the manifest schema, every listed file's size and sha256, that files are
+regular files inside the package (no symlinks, no hard links), the tokenizer's components
 (`tokenizer_policy`), and every ONNX model (`runtime/onnx_files.py`: operators, constant sizes,
-external-data references).
+external-data references). `verify_package` checks all of it up front; `open_package`, what the
+runtime uses, checks the manifest and file metadata and leaves each file's hash and content checks
+to the load that uses it.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 @dataclass(frozen=True)
 class Package:
-    """A verified package: its root and manifest. Only build through `open_package`."""
+    """An opened package: its root and manifest. Build it with `open_package` (files are checked as
+    they are loaded) or `verify_package` (every file checked up front, `checked`)."""
 
     root: Path
     manifest: Manifest
+    checked: bool = False  # every file hashed and every ONNX file checked when it was opened
 
     def path(self, rel: str) -> Path:
         """Absolute path of a file the manifest lists; anything unlisted is refused."""
@@ -106,7 +110,14 @@ def verify_package(
 
     `trust` (default: hashes only) may also require a signature; it is checked on the same manifest
     bytes that are then parsed, so the manifest cannot change between the two."""
-    from mmedge.runtime.onnx_files import onnx_files, parse_model, read_listed
+    from mmedge.runtime import check_records
+    from mmedge.runtime.onnx_files import (
+        external_table,
+        has_external_data,
+        onnx_files,
+        parse_model,
+        read_listed,
+    )
 
     root = Path(root).resolve()
     raw = _manifest_bytes(root)
@@ -119,18 +130,47 @@ def verify_package(
         if st.st_size != entry.size:
             raise IntegrityError(f"{rel}: size {st.st_size} differs from the manifest's {entry.size}")
         if rel in models:  # checked as parsed: the bytes hashed are the bytes checked
-            check_onnx_model(
-                parse_model(read_listed(root, rel, entry, verifying=True), rel), rel, manifest.files
-            )
+            model = parse_model(read_listed(root, rel, entry, verifying=True), rel)
+            check_onnx_model(model, rel, manifest.files)
+            table = external_table(model, rel, manifest.files) if has_external_data(model) else {}
+            if table is not None:
+                check_records.record_checked(entry.sha256, table)
         elif sha256_file(root / rel) != entry.sha256:
             raise IntegrityError(f"{rel}: sha256 differs from the manifest; the file was altered")
-    package = Package(root, manifest)
+    package = Package(root, manifest, checked=check_onnx)
     for tok in (manifest.tokenizer, manifest.instruction_tokenizer):
         if tok is not None:  # refuse a hostile tokenizer.json before anything parses it
             from mmedge.runtime.tokenizer_policy import check_tokenizer_json
 
             check_tokenizer_json(package.read_verified(tok.file), tok.file)
     return package
+
+
+def open_package(root: str | os.PathLike, trust: TrustPolicy | None = None) -> Package:
+    """Open a package for running, checking now only what every use needs; the rest is checked as
+    each component loads (docs/bundles.md).
+
+    Now: the manifest (schema, wiring, `trust`'s signature on the same bytes that are parsed), a
+    bundle's target against this machine, and that every listed file is a regular file inside the
+    package with the listed size (no symlinks, no hard links): metadata only, no file is read.
+    On load: each file is read once and hashed as it is read (`Package.read_verified`,
+    `onnx_files.read_model`), a tokenizer passes `tokenizer_policy` before it is parsed, and an ONNX
+    file passes `check_model` before a backend sees it. A swapped or altered file is refused then,
+    before any runtime gets its bytes."""
+    root = Path(root).resolve()
+    raw = _manifest_bytes(root)
+    if trust is not None:
+        trust.check(root, raw)
+    manifest = parse_manifest(raw)
+    if manifest.bundle is not None:
+        from mmedge.runtime.bundles import check_machine
+
+        check_machine(manifest)
+    for rel, entry in manifest.files.items():
+        st = _regular_file_inside(root, rel)
+        if st.st_size != entry.size:
+            raise IntegrityError(f"{rel}: size {st.st_size} differs from the manifest's {entry.size}")
+    return Package(root, manifest)
 
 
 def check_onnx_file(root: Path, rel: str, files: Mapping[str, FileEntry]) -> None:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmedge.errors import InvalidInputError
+from mmedge.errors import IntegrityError, InvalidInputError
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.images import load_image, preprocess
 from mmedge.runtime.indexes import Hit, Index, check_k, open_index
+from mmedge.runtime.manifest import Manifest
 
 # Upper bound on images / texts per call so one request cannot exhaust memory.
 MAX_BATCH_ITEMS = 4096
@@ -56,6 +57,18 @@ class Label:
     score: float  # probability over the given labels
 
 
+def fp32_sha256(m: Manifest, component: str) -> str:
+    """The sha256 of a component's fp32 graph: in the package, or recorded by `mmedge pack` in a
+    bundle that does not carry it (a bundle's vectors then match its package's index)."""
+    fp32 = m.component(component).precisions.get("fp32")
+    if fp32 is not None:
+        return m.files[fp32.file].sha256
+    recorded = m.bundle.fp32_sha256.get(component) if m.bundle is not None else None
+    if recorded is None:
+        raise IntegrityError(f"package {m.name!r} names no fp32 graph of its {component!r} component")
+    return recorded
+
+
 class RetrievalPipeline:
     """Embed images and texts into one space; search an embedded index; classify zero-shot."""
 
@@ -68,8 +81,7 @@ class RetrievalPipeline:
         spec = next(s for s in m.component(component).outputs if s.name == output)
         self.dim = int(spec.shape[-1])
         # Who made the vectors: the package name and the hash of the image path's last graph (fp32).
-        fp32 = m.component(component).precisions["fp32"].file
-        self.model_id = f"{m.name}:{m.files[fp32].sha256[:16]}"
+        self.model_id = f"{m.name}:{fp32_sha256(m, component)[:16]}"
         self.preprocess = m.preprocess
         self.templates: list[str] = list(m.retrieval.label_templates)
         self.logit_scale = m.retrieval.logit_scale

@@ -412,13 +412,16 @@ class BundleConfig:
 
     `runtime` holds what the packed files need of the machine (e.g. {"onnxruntime": "1.32.0",
     "machine": "x86_64"} for ORT builds), checked when the bundle is opened. `settings` are the
-    TensorRT build settings a "tensorrt" bundle's device uses to build its engines. `source` is a
+    TensorRT build settings a "tensorrt" bundle's device uses to build its engines. `fp32_sha256`
+    keeps, per component, the sha256 of the fp32 graph the bundle was packed from (what names the
+    model, e.g. in a retrieval index, although the bundle does not carry that graph). `source` is a
     record (the package it came from, its manifest's sha256), never interpreted."""
 
     target: str
     precision: str
     runtime: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    fp32_sha256: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from mmedge.errors import MmedgeError
 from mmedge.presets import list_presets
 from mmedge.runtime.backends import BACKENDS, DEFAULT_BACKEND
 from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS
+from mmedge.runtime.sections import BUNDLE_TARGETS
 from mmedge.sdk import verbs
 
 DATA_HELP = (
@@ -340,13 +341,45 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--captions", type=int, default=None, help="chat: scenes captioned (100)")
 
     sp = add(
+        "pack",
+        verbs.cmd_pack,
+        "write a device bundle: only what one target runs (one precision per component, its build or "
+        "Q/DQ graph, tokenizer, preprocessing), verified like any package (docs/bundles.md)",
+    )
+    sp.add_argument("package", help=PACKAGE_HELP)
+    sp.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    sp.add_argument(
+        "--target",
+        default="ort-cpu",
+        choices=BUNDLE_TARGETS,
+        help="ort-cpu: ORT builds for this onnxruntime version and CPU family; ort-cuda / ort-tensorrt: "
+        "Q/DQ graphs for ORT's CUDA / TensorRT execution providers; tensorrt: Q/DQ graphs whose engines the "
+        "device builds on first use",
+    )
+    sp.add_argument(
+        "--precision",
+        default="int8",
+        choices=AUTO_ORDER,
+        help="the most compressed precision to carry; a component without it takes the next less compressed "
+        "one it has (int4 -> int8 -> fp16 -> fp32)",
+    )
+    sp.add_argument(
+        "--portable",
+        action="store_true",
+        help="ort-cpu: carry the Q/DQ graphs instead of this onnxruntime's builds (any version and CPU; slower)",
+    )
+    sp.add_argument("--force", action="store_true", help="replace --out even if it holds other files")
+
+    sp = add(
         "bench",
         verbs.cmd_bench,
         "per-component latency (p50/p90) and throughput; --vs torch compares to PyTorch",
     )
     runtime_opts(sp)
     sp.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    sp.add_argument("--runs", type=int, default=30)
+    sp.add_argument(
+        "--runs", type=int, default=None, help="timed runs per engine (30); with --load, processes (5)"
+    )
     sp.add_argument(
         "--vs",
         choices=["torch"],
@@ -355,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--components", type=_csv(str), default=None, help="comma-separated components to time (default: all)"
+    )
+    sp.add_argument(
+        "--load",
+        action="store_true",
+        help="instead: what opening the package costs, in --runs fresh processes (default 5): import, "
+        "open and first-call times (one 640x480 frame embedded or captioned) and peak RSS, medians",
     )
 
     def rosbag_opts(sp: argparse.ArgumentParser, out: bool = True) -> None:

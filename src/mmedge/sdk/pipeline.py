@@ -7,7 +7,9 @@ import os
 from mmedge.errors import InvalidInputError
 from mmedge.runtime.backends import DEFAULT_BACKEND
 from mmedge.runtime.backends.base import SessionOptions
+from mmedge.runtime.bundles import TARGET_RUNS
 from mmedge.runtime.components import ComponentRunner
+from mmedge.runtime.package import read_manifest
 from mmedge.runtime.pipelines import AnyPipeline, open_pipeline
 from mmedge.runtime.retrieval import RetrievalPipeline
 from mmedge.runtime.signing import trust_policy
@@ -16,13 +18,14 @@ from mmedge.runtime.store import resolve
 
 def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
     name_or_path: str | os.PathLike[str],
-    backend: str = DEFAULT_BACKEND,
+    backend: str | None = None,
     precision: str = "auto",
     threads: int = 0,
-    device: str = "cpu",
+    device: str | None = None,
     trust: str | None = None,
     trusted_keys: str | os.PathLike[str] | None = None,
     index: str | os.PathLike[str] | None = None,
+    memory_budget_mb: float | None = None,
 ) -> AnyPipeline:
     """Verify a package and return its task pipeline: retrieval, image chat or text generation.
 
@@ -36,13 +39,26 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
     (loaded if it exists; written by `p.index.save()`) or a Milvus URI such as
     "milvus-lite:///data/photos.db?collection=photos" or "milvus://host:19530/photos" (docs/indexes.md).
     Without it, an in-memory usearch index.
+
+    `memory_budget_mb` refuses (MemoryBudgetError) a package whose sessions would need more than
+    that, estimated from its files, before anything loads.
+
+    `backend` and `device` default to what a device bundle (`mmedge pack`) was packed for, else
+    ONNX Runtime on the CPU. Files are checked as the components that use them load (the text
+    tower of a CLIP package when texts are first embedded): docs/bundles.md.
     """
+    location = resolve(_checked_location(name_or_path))
+    if backend is None or device is None:
+        bundle = read_manifest(location).bundle
+        runs = TARGET_RUNS[bundle.target] if bundle is not None else (DEFAULT_BACKEND, "cpu")
+        backend, device = backend or runs[0], device or runs[1]
     runner = ComponentRunner(
-        resolve(_checked_location(name_or_path)),
+        location,
         backend=backend,
         precision=precision,
         options=SessionOptions(threads=threads, device=device),
         trust=trust_policy(trust, trusted_keys),
+        memory_budget_mb=memory_budget_mb,
     )
     pipe = open_pipeline(runner)
     if index is not None:

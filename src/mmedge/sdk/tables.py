@@ -37,6 +37,27 @@ def _search(r: dict[str, Any]) -> str:
 
 
 def _bench(r: dict[str, Any]) -> str:
+    return _bench_load(r) if "open_s" in r else _bench_components(r)
+
+
+def _bench_load(r: dict[str, Any]) -> str:
+    """`bench --load`: medians and spread over fresh processes."""
+    head = f"package {r['package']} ({r['pipeline']}), {r['precision']}, {r['threads']} threads, {r['runs']} fresh processes"
+    rows = [("figure", "median", "min", "max")]
+    for key, what in (
+        ("import_s", "import mmedge.sdk (s)"),
+        ("open_s", "sdk.Pipeline open (s)"),
+        ("first_call_s", f"first call: {r['first_call']} (s)"),
+        ("rss_open_mb", "RSS after open (MB)"),
+        ("peak_rss_mb", "peak RSS (MB)"),
+    ):
+        if key in r:
+            lo, hi = r[key + "_spread"]
+            rows.append((what, f"{r[key]:g}", f"{lo:g}", f"{hi:g}"))
+    return "\n".join([head, table(rows)])
+
+
+def _bench_components(r: dict[str, Any]) -> str:
     out = [f"package {r['package']}, backend {r['backend']}, {r['threads'] or 'default'} threads"]
     for comp, batches in r["components"].items():
         rows = [("component", "batch", "engine", "p50 ms", "p90 ms", "items/s", "x faster than")]

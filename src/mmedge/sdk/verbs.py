@@ -385,14 +385,39 @@ def cmd_generate(a: argparse.Namespace) -> object:
     return None
 
 
+def cmd_pack(a: argparse.Namespace) -> object:
+    from mmedge.builds.bundle import pack_package
+
+    return pack_package(
+        a.package,
+        a.out,
+        target=a.target,
+        precision=a.precision,
+        portable=a.portable,
+        force=a.force,
+        progress=None if a.json else print,
+    )
+
+
 def cmd_bench(a: argparse.Namespace) -> object:
     from mmedge.sdk.bench import bench
 
+    if a.load:
+        from mmedge.runtime.store import resolve
+        from mmedge.sdk.load_bench import bench_load
+
+        return bench_load(
+            resolve(a.package),
+            precision=a.precision,
+            threads=a.threads or 2,
+            runs=a.runs or 5,
+            backend=a.backend,
+        )
     return bench(
         a.package,
         precision=a.precision,
         batches=[int(b) for b in a.batch.split(",")],
-        runs=a.runs,
+        runs=a.runs or 30,
         vs=a.vs,
         backend=a.backend,
         components=a.components,
