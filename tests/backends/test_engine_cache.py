@@ -274,9 +274,10 @@ def test_list_and_clear(cache, store):
 # --- the TensorRT backend on a "tensorrt" bundle ----------------------------------------------
 
 
-def _bundle(tmp_path, target="tensorrt", settings=None, engines=None):
-    """A verified-package stand-in: a real ONNX file, its manifest entry and a bundle section."""
-    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+def _bundle(tmp_path, target="tensorrt", settings=None, engines=None, weight=1.0, external=False):
+    """A verified-package stand-in: a real ONNX file (weights inline or in `vision.int8.onnx.data`),
+    its manifest entries and a bundle section."""
+    w = numpy_helper.from_array(np.full((4, 3), weight, np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         "tiny",
@@ -284,10 +285,24 @@ def _bundle(tmp_path, target="tensorrt", settings=None, engines=None):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
         [w],
     )
-    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     rel = "onnx/vision.int8.onnx"
     (tmp_path / "onnx").mkdir(parents=True, exist_ok=True)
-    (tmp_path / rel).write_bytes(data)
+    if external:
+        onnx.save(
+            model,
+            str(tmp_path / rel),
+            save_as_external_data=True,
+            location="vision.int8.onnx.data",
+            size_threshold=0,
+        )
+    else:
+        onnx.save(model, str(tmp_path / rel))
+    data = (tmp_path / rel).read_bytes()
+    files = {}
+    for path in sorted((tmp_path / "onnx").iterdir()):
+        blob = path.read_bytes()
+        files[f"onnx/{path.name}"] = FileEntry(hashlib.sha256(blob).hexdigest(), len(blob))
     entry = ComponentEntry(
         role="image_encoder",
         inputs=(TensorSpec("x", "float32", ("batch", 4)),),
@@ -297,7 +312,7 @@ def _bundle(tmp_path, target="tensorrt", settings=None, engines=None):
     )
     manifest = types.SimpleNamespace(
         name="tiny",
-        files={rel: FileEntry(hashlib.sha256(data).hexdigest(), len(data))},
+        files=files,
         components={"vision": entry},
         component=lambda name: entry,
         engines=engines or {},
@@ -336,6 +351,24 @@ def test_a_tensorrt_bundle_builds_its_engine_on_first_load_and_reuses_it(tmp_pat
     other, _ = _bundle(tmp_path / "pkg2", settings={"workspace_bytes": 1 << 21})
     backend.load(other, "vision", "int8", SessionOptions())
     assert len(builder.calls) == 2 and len(list_engines()) == 2  # other settings, another engine
+
+
+def test_external_weights_are_part_of_the_key(tmp_path, store, device):
+    """With external data the graph file is the same bytes whatever the weights."""
+    builder = FakeBuilder()
+    backend = trtb.TensorRTBackend(EngineCache(builder=builder))
+    a, graph_a = _bundle(tmp_path / "a", external=True, weight=1.0)
+    b, graph_b = _bundle(tmp_path / "b", external=True, weight=2.0)
+    assert graph_a == graph_b
+    ea = backend.load(a, "vision", "int8", SessionOptions()).engine
+    eb = backend.load(b, "vision", "int8", SessionOptions()).engine
+    assert len(builder.calls) == 2 and ea != eb
+    weights = [
+        numpy_helper.to_array(onnx.load_from_string(c["model"]).graph.initializer[0]) for c in builder.calls
+    ]
+    assert [float(w[0, 0]) for w in weights] == [1.0, 2.0]  # self-contained models from the verified data
+    backend.load(b, "vision", "int8", SessionOptions())
+    assert len(builder.calls) == 2
 
 
 def test_the_default_backend_uses_the_store_cache_and_the_tensorrt_builder(

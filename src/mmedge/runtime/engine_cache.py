@@ -50,13 +50,16 @@ class DeviceIdentity:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What one engine is built from. `label` ("<package>/<component>.<precision>") is for listings
-    only and not part of the key: two packages with the same graph share an engine."""
+    """What one engine is built from. `external_data` maps each file holding the model's external
+    tensors to its sha256: a graph saved with external weights is the same bytes whatever the
+    weights. `label` ("<package>/<component>.<precision>") is for listings only and not part of the
+    key: two packages with the same graph and weights share an engine."""
 
     onnx_sha256: str
     precision: str
     profile: Mapping[str, Sequence[Sequence[int]]]
     settings: Mapping[str, Any] = field(default_factory=dict)
+    external_data: Mapping[str, str] = field(default_factory=dict)
     label: str = ""
 
 
@@ -118,6 +121,7 @@ def _spec_record(spec: EngineSpec) -> dict[str, Any]:
         _canonical(
             {
                 "onnx_sha256": spec.onnx_sha256,
+                "external_data": dict(spec.external_data),
                 "precision": spec.precision,
                 "profile": {k: [list(map(int, s)) for s in v] for k, v in spec.profile.items()},
                 "settings": dict(spec.settings),

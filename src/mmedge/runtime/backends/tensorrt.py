@@ -277,11 +277,28 @@ class TensorRTBackend:
             precision=precision,
             profile=profile(entry),
             settings=settings,
+            external_data=_external_data(package, rel),
             label=f"{package.manifest.name}/{component}.{precision}",
         )
         cache = self._cache if self._cache is not None else EngineCache()
         engine = cache.get(spec, current_device(), lambda: _verified_onnx(package, rel))
         return TensorRTSession(engine.data, engine.sha256)
+
+
+def _external_data(package: Package, rel: str) -> dict[str, str]:
+    """The sha256 of each listed file holding the model's external tensors (part of the engine's key)."""
+    import onnx
+
+    from mmedge.runtime.onnx_files import external_ref, iter_tensors, parse_model, read_listed
+
+    files = package.manifest.files
+    model = parse_model(read_listed(package.root, rel, files[rel]), rel)
+    locations = {
+        external_ref(t, rel, files).location
+        for t in iter_tensors(model)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+    return {loc: files[loc].sha256 for loc in sorted(locations)}
 
 
 def _verified_onnx(package: Package, rel: str) -> bytes:
