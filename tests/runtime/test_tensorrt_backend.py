@@ -124,6 +124,13 @@ class _Parser:
         ]
         return not self.errors
 
+    def parse(self, model):  # the documented `parse(model: buffer, path=None)`
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:  # the stand-in reads through onnx.load
+            (Path(d) / "m.onnx").write_bytes(bytes(model))
+            return self.parse_from_file(str(Path(d) / "m.onnx"))
+
     @property
     def num_errors(self):
         return len(self.errors)
@@ -203,6 +210,10 @@ def fake_trt(monkeypatch):
         cudaDevAttrComputeCapabilityMajor="major", cudaDevAttrComputeCapabilityMinor="minor"
     )
     runtime.cudaDeviceGetAttribute = lambda attr, dev: (_Err.cudaSuccess, {"major": 8, "minor": 7}[attr])
+    runtime.cudaGetDeviceProperties = lambda dev: (
+        _Err.cudaSuccess,
+        types.SimpleNamespace(name=b"Orin (nvgpu)" + b"\0" * 244),
+    )
     for name, mod in {
         "tensorrt": trt,
         "cuda": types.ModuleType("cuda"),
@@ -269,6 +280,28 @@ def test_engine_target_names_gpu_tensorrt_and_settings(fake_trt):
         trtbuild.engine_target({"path": object()})
 
 
+def test_build_from_bytes_needs_no_file_and_refuses_unknown_settings(tmp_path, fake_trt):
+    model = Path(_onnx(tmp_path / "m.onnx")).read_bytes()
+    (tmp_path / "m.onnx").unlink()
+    plan = trtbuild.build_engine_bytes(
+        model, precision="fp16", settings={"workspace_bytes": 1 << 20}, profile=DIMS
+    )
+    assert plan == b"PLAN:FP16"
+    _, config = _Builder.last
+    assert config.pool == {"workspace": 1 << 20} and len(config.profiles) == 1 and config.cache is None
+    assert trtbuild.device_builder(model, precision="int4", settings={}, profile=DIMS) == b"PLAN:"
+    assert trtbuild.device_builder(model, precision="int8", settings={}, profile=DIMS) == b"PLAN:INT8"
+    with pytest.raises(UnsupportedError, match=r"\['opt_level'\] are not known"):
+        trtbuild.build_engine_bytes(model, precision="fp16", settings={"opt_level": 3}, profile=DIMS)
+    with pytest.raises(InvalidInputError, match="workspace_bytes"):
+        trtbuild.build_engine_bytes(model, precision="fp16", settings={"workspace_bytes": -1}, profile=DIMS)
+
+
+def test_current_device_names_tensorrt_and_the_gpu(fake_trt):
+    device = trtb.current_device()
+    assert (device.tensorrt, device.compute_capability, device.name) == ("10.3.0.26", "8.7", "Orin (nvgpu)")
+
+
 # --- real TensorRT on a GPU ------------------------------------------------------------
 
 
@@ -326,7 +359,9 @@ def test_backend_refuses_engines_of_another_tensorrt_or_gpu(fake_trt):
     from mmedge.runtime.manifest import EngineEntry
 
     other = EngineEntry("tensorrt", "10.0.1.6", "8.7", {}, {"vision.fp16": "engines/x/vision.fp16.plan"})
-    package = types.SimpleNamespace(manifest=types.SimpleNamespace(engines={"sm87-trt10.0-aaaaaaaa": other}))
+    package = types.SimpleNamespace(
+        manifest=types.SimpleNamespace(engines={"sm87-trt10.0-aaaaaaaa": other}, bundle=None)
+    )
     with pytest.raises(
         UnsupportedError, match=r"TensorRT 10\.3\.0\.26 for compute capability 8\.7.*10\.0\.1\.6"
     ):

@@ -11,8 +11,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from mmedge.builds.base import BuildRequest, BuildResult, precisions_to_build, profile
 from mmedge.errors import InvalidInputError, UnsupportedError
@@ -59,6 +60,12 @@ def _check_dims(dims: dict) -> dict[str, list[list[int]]]:
     return out
 
 
+def trt_precision(precision: str) -> str:
+    """The TensorRT build mode of a package precision: int8 runs its Q/DQ nodes in INT8, fp16 allows
+    FP16 kernels, and fp32 / int4 (weight-only DequantizeLinear nodes) build with no flag."""
+    return precision if precision in ("int8", "fp16") else "fp32"
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -81,63 +88,23 @@ def build_engine(
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if not onnx_path.is_file():
         raise InvalidInputError(f"ONNX file {str(onnx_path)!r} does not exist")
-    logger = _logger()
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # from the file so external weights resolve
-        errors = "\n".join(f"  {parser.get_error(i)}" for i in range(parser.num_errors))
-        raise UnsupportedError(
-            f"TensorRT cannot parse {onnx_path.name}; run the export lint "
-            f"(mmedge.export.trt_lint) for details. Parser errors:\n{errors}"
-        )
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    for flag in _FLAGS[precision]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    inputs = {t.name: tuple(t.shape) for t in (network.get_input(i) for i in range(network.num_inputs))}
-    if unknown := sorted(set(profile_dims) - set(inputs)):
-        raise InvalidInputError(
-            f"dims name {unknown}, which are not inputs of {onnx_path.name}; inputs: {sorted(inputs)}"
-        )
-    if profile_dims:
-        profile = builder.create_optimization_profile()
-        for name, shape in inputs.items():
-            if name not in profile_dims:
-                if any(d < 0 for d in shape):
-                    raise InvalidInputError(
-                        f"input {name!r} has dynamic shape {shape}; give its (min, opt, max) in dims"
-                    )
-                profile.set_shape(name, shape, shape, shape)
-                continue
-            lo, opt, hi = profile_dims[name]
-            if len(lo) != len(shape) or any(
-                d >= 0 and not lo[i] == opt[i] == hi[i] == d for i, d in enumerate(shape)
-            ):
-                raise InvalidInputError(
-                    f"dims[{name!r}] = {profile_dims[name]} does not fit the input's shape {shape}"
-                )
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    elif dynamic := sorted(n for n, s in inputs.items() if any(d < 0 for d in s)):
-        raise InvalidInputError(f"inputs {dynamic} have dynamic shapes; give their (min, opt, max) in dims")
-    cache = None
-    if timing_cache_path is not None:
-        cache_file = Path(timing_cache_path)
-        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-        if not config.set_timing_cache(cache, False):  # another GPU / TensorRT wrote it: start afresh
-            log.warning("timing cache %s does not match this GPU/TensorRT; starting a new one", cache_file)
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, False)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise UnsupportedError(
-            f"TensorRT failed to build {onnx_path.name} at {precision}; the log above says why"
-        )
-    data = bytes(plan)
+    cache_file = Path(timing_cache_path) if timing_cache_path is not None else None
+    old_cache = None
+    if cache_file is not None:
+        old_cache = cache_file.read_bytes() if cache_file.is_file() else b""
+    # from the file so external weights resolve
+    data, new_cache = _build(
+        lambda parser: parser.parse_from_file(str(onnx_path)),
+        onnx_path.name,
+        profile_dims,
+        precision,
+        workspace_bytes,
+        old_cache,
+        cache_file,
+    )
     write_atomic(out_path, data)
-    if cache is not None:
-        write_atomic(Path(timing_cache_path), bytes(config.get_timing_cache().serialize()))
+    if cache_file is not None and new_cache is not None:
+        write_atomic(cache_file, new_cache)
     return {  # "backend", "version", "device" as in the manifest's engine entries
         "backend": "tensorrt",
         "version": trt.__version__,
@@ -149,6 +116,113 @@ def build_engine(
         "sha256": hashlib.sha256(data).hexdigest(),
         "size": len(data),
     }
+
+
+# Build settings a device bundle may carry (`bundle.settings`), with their defaults.
+DEVICE_SETTINGS: dict[str, Any] = {"workspace_bytes": DEFAULT_WORKSPACE}
+
+
+def build_engine_bytes(
+    model: bytes,
+    *,
+    precision: str,
+    settings: Mapping[str, Any],
+    profile: Mapping[str, Sequence[Sequence[int]]],
+    name: str = "model",
+) -> bytes:
+    """Build a serialized engine from a self-contained ONNX model in memory (no file is read).
+
+    The device side of a "tensorrt" bundle: `model` holds bytes the runtime hashed as it read them.
+    `settings` are the bundle's build settings (`DEVICE_SETTINGS`); an unknown one is refused rather
+    than ignored, since the engine would not be what the bundle asked for."""
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if unknown := sorted(set(settings) - set(DEVICE_SETTINGS)):
+        raise UnsupportedError(
+            f"TensorRT build settings {unknown} are not known; this runtime knows {sorted(DEVICE_SETTINGS)}"
+        )
+    workspace = {**DEVICE_SETTINGS, **settings}["workspace_bytes"]
+    if isinstance(workspace, bool) or not isinstance(workspace, int) or workspace <= 0:
+        raise InvalidInputError(f"workspace_bytes must be a positive int, got {workspace!r}")
+    data, _ = _build(lambda parser: parser.parse(model), name, _check_dims(profile), precision, workspace)
+    return data
+
+
+def device_builder(
+    model: bytes,
+    *,
+    precision: str,
+    settings: Mapping[str, Any],
+    profile: Mapping[str, Sequence[Sequence[int]]],
+) -> bytes:
+    """The engine cache's builder (`runtime.engine_cache.EngineBuilder`): a package precision
+    ("int4", "int8", ...) built in its TensorRT mode (`trt_precision`)."""
+    return build_engine_bytes(model, precision=trt_precision(precision), settings=settings, profile=profile)
+
+
+def _build(
+    parse: Callable[[Any], bool],
+    name: str,
+    profile_dims: dict[str, list[list[int]]],
+    precision: str,
+    workspace_bytes: int,
+    timing_cache: bytes | None = None,
+    cache_file: Path | None = None,
+) -> tuple[bytes, bytes | None]:
+    """Parse (by `parse(parser)`), configure and build; return the plan and the updated timing cache."""
+    trt = _trt()
+    logger = _logger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parse(parser):
+        errors = "\n".join(f"  {parser.get_error(i)}" for i in range(parser.num_errors))
+        raise UnsupportedError(
+            f"TensorRT cannot parse {name}; run the export lint "
+            f"(mmedge.export.trt_lint) for details. Parser errors:\n{errors}"
+        )
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    for flag in _FLAGS[precision]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    inputs = {t.name: tuple(t.shape) for t in (network.get_input(i) for i in range(network.num_inputs))}
+    if unknown := sorted(set(profile_dims) - set(inputs)):
+        raise InvalidInputError(
+            f"dims name {unknown}, which are not inputs of {name}; inputs: {sorted(inputs)}"
+        )
+    if profile_dims:
+        profile = builder.create_optimization_profile()
+        for input_name, shape in inputs.items():
+            if input_name not in profile_dims:
+                if any(d < 0 for d in shape):
+                    raise InvalidInputError(
+                        f"input {input_name!r} has dynamic shape {shape}; give its (min, opt, max) in dims"
+                    )
+                profile.set_shape(input_name, shape, shape, shape)
+                continue
+            lo, opt, hi = profile_dims[input_name]
+            if len(lo) != len(shape) or any(
+                d >= 0 and not lo[i] == opt[i] == hi[i] == d for i, d in enumerate(shape)
+            ):
+                raise InvalidInputError(
+                    f"dims[{input_name!r}] = {profile_dims[input_name]} does not fit the input's shape {shape}"
+                )
+            profile.set_shape(input_name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    elif dynamic := sorted(n for n, s in inputs.items() if any(d < 0 for d in s)):
+        raise InvalidInputError(f"inputs {dynamic} have dynamic shapes; give their (min, opt, max) in dims")
+    cache = None
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache)
+        if not config.set_timing_cache(cache, False):  # another GPU / TensorRT wrote it: start afresh
+            log.warning("timing cache %s does not match this GPU/TensorRT; starting a new one", cache_file)
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UnsupportedError(f"TensorRT failed to build {name} at {precision}; the log above says why")
+    new_cache = bytes(config.get_timing_cache().serialize()) if cache is not None else None
+    return bytes(plan), new_cache
 
 
 class TensorRTBuilder:
@@ -168,18 +242,18 @@ class TensorRTBuilder:
         records, files = {}, {}
         for name, entry in pkg.manifest.components.items():
             for p in precisions_to_build(entry, request.precision):
-                trt_precision = "int8" if p == "int8" else ("fp16" if p == "fp16" else "fp32")
+                build_precision = trt_precision(p)
                 rel = f"engines/pending/{name}.{p}.plan"
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 records[f"{name}.{p}"] = build_engine(
                     tmp / entry.precisions[p].file,
                     tmp / rel,
                     profile(entry),
-                    precision=trt_precision,
+                    precision=build_precision,
                     timing_cache_path=tmp / "engines" / "timing.cache",
                 )
                 files[f"{name}.{p}"] = rel
-                request.say(f"built {name}.{p} engine ({trt_precision})")
+                request.say(f"built {name}.{p} engine ({build_precision})")
         if not records:
             raise UnsupportedError(f"no component has a {request.precision!r} build to compile")
         first = next(iter(records.values()))

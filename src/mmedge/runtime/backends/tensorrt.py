@@ -15,13 +15,16 @@ import hashlib
 import importlib
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmedge.errors import BackendError, IntegrityError, InvalidInputError, UnsupportedError, require
-from mmedge.runtime.backends.base import SessionOptions, build_key
+from mmedge.runtime.backends.base import SessionOptions, build_key, component_file
 from mmedge.runtime.package import Package
+
+if TYPE_CHECKING:
+    from mmedge.runtime.engine_cache import DeviceIdentity, EngineCache
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,21 @@ def compute_capability() -> str:
     major = _cuda(cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, dev), "device query")
     minor = _cuda(cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, dev), "device query")
     return f"{major}.{minor}"
+
+
+def current_device() -> DeviceIdentity:
+    """The TensorRT version and the current GPU (compute capability and name): what an engine built
+    here is tied to, and what the engine cache keys by."""
+    from mmedge.runtime.engine_cache import DeviceIdentity
+
+    cudart = _cudart()
+    dev = _cuda(cudart.cudaGetDevice(), "cudaGetDevice (is there a CUDA GPU?)")
+    props = _cuda(cudart.cudaGetDeviceProperties(dev), "cudaGetDeviceProperties")
+    raw = props.name  # a NUL-padded char[256]
+    name = raw.split(b"\0", 1)[0].decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return DeviceIdentity(
+        tensorrt=_trt().__version__, compute_capability=compute_capability(), name=name.strip()
+    )
 
 
 class TensorRTSession:
@@ -197,19 +215,22 @@ class TensorRTSession:
 
 
 class TensorRTBackend:
-    """Loads the engine a package lists for this exact TensorRT version and GPU architecture."""
+    """Loads the engine a package lists for this exact TensorRT version and GPU architecture; for a
+    "tensorrt" device bundle, which carries ONNX instead, the engine built here on first use
+    (`runtime/engine_cache.py`)."""
 
     name = "tensorrt"
 
+    def __init__(self, cache: EngineCache | None = None) -> None:
+        self._cache = cache  # None: the store's cache with TensorRT's builder, made per load
+
     def _find(self, package: Package, key: str) -> str | None:
+        entries = sorted((t, e) for t, e in package.manifest.engines.items() if e.backend == "tensorrt")
+        if not entries:  # a bundle has none: no need to ask TensorRT and the GPU
+            return None
         version, cc = _trt().__version__, compute_capability()
-        for _target, entry in sorted(package.manifest.engines.items()):
-            if (
-                entry.backend == "tensorrt"
-                and entry.version == version
-                and entry.device == cc
-                and key in entry.files
-            ):
+        for _target, entry in entries:
+            if entry.version == version and entry.device == cc and key in entry.files:
                 return entry.files[key]
         return None
 
@@ -221,11 +242,17 @@ class TensorRTBackend:
     def load(
         self, package: Package, component: str, precision: str, options: SessionOptions, variant: str = ""
     ) -> TensorRTSession:
-        """Find `<component>.<precision>` among the package's engines for this device and load it."""
+        """Find `<component>.<precision>` among the package's engines for this device and load it;
+        in a "tensorrt" bundle without one, build it from the component's ONNX (cached)."""
         key = build_key(component, precision, variant)
         rel = self._find(package, key)
         if rel is not None:
             return TensorRTSession(package.path(rel).read_bytes(), package.manifest.files[rel].sha256)
+        bundle = package.manifest.bundle
+        if bundle is not None and bundle.target == "tensorrt":
+            if variant:
+                raise UnsupportedError(f"TensorRT builds no {variant!r} variant of {component}.{precision}")
+            return self._built_here(package, component, precision, dict(bundle.settings))
         have = {
             t: (e.version, e.device, sorted(e.files))
             for t, e in package.manifest.engines.items()
@@ -236,3 +263,52 @@ class TensorRTBackend:
             f"{compute_capability()}; the package has {have or 'no TensorRT engines'}; build one with "
             "`mmedge build PKG --backend tensorrt`"
         )
+
+    def _built_here(
+        self, package: Package, component: str, precision: str, settings: dict[str, Any]
+    ) -> TensorRTSession:
+        """The component's engine from this device's cache, built from its verified ONNX on a miss."""
+        from mmedge.builds.base import profile
+        from mmedge.runtime.engine_cache import EngineCache, EngineSpec
+
+        entry, rel = component_file(package, component, precision)
+        spec = EngineSpec(
+            onnx_sha256=package.manifest.files[rel].sha256,  # verified when the package was opened
+            precision=precision,
+            profile=profile(entry),
+            settings=settings,
+            external_data=_external_data(package, rel),
+            label=f"{package.manifest.name}/{component}.{precision}",
+        )
+        cache = self._cache if self._cache is not None else EngineCache()
+        engine = cache.get(spec, current_device(), lambda: _verified_onnx(package, rel))
+        return TensorRTSession(engine.data, engine.sha256)
+
+
+def _external_data(package: Package, rel: str) -> dict[str, str]:
+    """The sha256 of each listed file holding the model's external tensors (part of the engine's key)."""
+    import onnx
+
+    from mmedge.runtime.onnx_files import external_ref, iter_tensors, parse_model, read_listed
+
+    files = package.manifest.files
+    model = parse_model(read_listed(package.root, rel, files[rel]), rel)
+    locations = {
+        external_ref(t, rel, files).location
+        for t in iter_tensors(model)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+    return {loc: files[loc].sha256 for loc in sorted(locations)}
+
+
+def _verified_onnx(package: Package, rel: str) -> bytes:
+    """A self-contained model from bytes hashed as they were read (TensorRT never gets a path)."""
+    from mmedge.runtime.onnx_files import read_model
+
+    model = read_model(package.root, package.manifest, rel)
+    if model.initializers:
+        raise UnsupportedError(
+            f"{rel} is over protobuf's 2 GiB with its weights; TensorRT builds it only from a file, "
+            "which a bundle's device does not hand it; build its engines on a host (`mmedge build`)"
+        )
+    return model.model
