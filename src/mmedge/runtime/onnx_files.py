@@ -330,7 +330,9 @@ def _arrays(root: Path, manifest: Manifest, table: ExternalTable, rel: str) -> d
     return arrays
 
 
-def read_model(root: Path, manifest: Manifest, rel: str, check: bool = True) -> VerifiedModel:
+def read_model(
+    root: Path, manifest: Manifest, rel: str, check: bool = True, inline: bool = False
+) -> VerifiedModel:
     """Read `rel` and the external data it names from bytes hashed as they are read, and return a
     model that needs no file: external top-level initializers travel as arrays over the verified
     bytes (the backend replaces them by name before anything would be opened), any other external
@@ -338,20 +340,23 @@ def read_model(root: Path, manifest: Manifest, rel: str, check: bool = True) -> 
 
     With `check`, the model passes `check_model` first, unless the same bytes passed it here before
     (`check_records`): then the verified bytes go to the backend unparsed, and the record says
-    where its external initializers are. (`check=False`: `verify_package` has just checked them.)"""
+    where its external initializers are. (`check=False`: `verify_package` has just checked them.)
+    `inline` fills every external tensor into the model, for a backend that parses one blob."""
     from mmedge.runtime import check_records
 
     entry = manifest.files[rel]
     raw = read_listed(root, rel, entry)
     table = check_records.checked_table(entry.sha256)
-    if table is not None:
+    if table is not None and (not inline or not table):
         return VerifiedModel(raw, _arrays(root, manifest, table, rel))
     model = parse_model(raw, rel)
-    if check:
-        check_model(model, rel, manifest.files)
-    table = external_table(model, rel, manifest.files) if has_external_data(model) else {}
-    if table is not None:
-        check_records.record_checked(entry.sha256, table)
+    if table is None:
+        if check:
+            check_model(model, rel, manifest.files)
+        table = external_table(model, rel, manifest.files) if has_external_data(model) else {}
+        if check and table is not None:
+            check_records.record_checked(entry.sha256, table)
+    if table is not None and (not inline or not table):
         return VerifiedModel(raw, _arrays(root, manifest, table, rel))  # the bytes as hashed
     del raw
     import onnx

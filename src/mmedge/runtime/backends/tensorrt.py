@@ -305,7 +305,7 @@ def _verified_onnx(package: Package, rel: str) -> bytes:
     """A self-contained model from bytes hashed as they were read (TensorRT never gets a path)."""
     from mmedge.runtime.onnx_files import read_model
 
-    model = read_model(package.root, package.manifest, rel)
+    model = read_model(package.root, package.manifest, rel, inline=True)
     if model.initializers:
         raise UnsupportedError(
             f"{rel} is over protobuf's 2 GiB with its weights; TensorRT builds it only from a file, "
