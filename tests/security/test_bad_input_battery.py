@@ -87,9 +87,11 @@ class Env:
 
 
 def _open(root: Path) -> object:
+    """Open and load everything: files are checked as their components load, before any runtime
+    sees them (a package's own open checks only the manifest and file metadata)."""
     from mmedge import sdk
 
-    return sdk.Pipeline(str(root))
+    return sdk.Pipeline(str(root), preload=True)
 
 
 def _edit_manifest(root: Path, mutate: Callable[[dict], object]) -> Path:

@@ -176,7 +176,7 @@ def test_hostile_tokenizer_refused_at_verification(tiny_pkg: Path, mutate, match
 
     _edit_tokenizer(tiny_pkg, mutate)
     with pytest.raises(IntegrityError, match=match) as info:
-        sdk.Pipeline(str(tiny_pkg))
+        sdk.Pipeline(str(tiny_pkg), preload=True)
     assert type(info.value) is IntegrityError
 
 
@@ -194,7 +194,7 @@ def test_unparseable_tokenizer_refused_at_verification(tiny_pkg: Path, data: byt
     (tiny_pkg / "tokenizer.json").write_bytes(data)
     _rehash(tiny_pkg, "tokenizer.json")
     with pytest.raises(IntegrityError, match=match):
-        sdk.Pipeline(str(tiny_pkg))
+        sdk.Pipeline(str(tiny_pkg), preload=True)
 
 
 def test_tokenizer_swapped_after_verification_is_refused(tiny_pkg: Path, tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _open(root: Path, trust: str | None = None, trusted_keys: Path | None = None) -> object:
     from mmedge import sdk
 
-    return sdk.Pipeline(str(root), trust=trust, trusted_keys=trusted_keys)
+    return sdk.Pipeline(str(root), trust=trust, trusted_keys=trusted_keys, preload=True)
 
 
 def _signed(root: Path, key: Path) -> Path:

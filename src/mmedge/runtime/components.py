@@ -182,6 +182,20 @@ class ComponentRunner:
                 )
             return self._sessions[component]
 
+    def preload(self) -> None:
+        """Load every component (and its variant builds), tokenizer and table now, each file checked
+        as it loads: for a device that must fail at start-up rather than at its first call."""
+        for name in self.manifest.components:
+            self.session(name)
+            self.variant_session(name, "prefill")
+        if self.manifest.tokenizer is not None:
+            _ = self.tokenizer
+        if self.manifest.instruction_tokenizer is not None:
+            _ = self.instruction_tokenizer
+        tokens = self.manifest.pipeline.image_tokens
+        if tokens is not None and tokens.newline is not None:
+            self.package.read_verified(tokens.newline)
+
     def loaded(self) -> list[str]:
         """Sessions loaded so far ("<component>" or "<component>.<precision>.<variant>")."""
         with self._lock:

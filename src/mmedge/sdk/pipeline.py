@@ -26,6 +26,7 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
     trusted_keys: str | os.PathLike[str] | None = None,
     index: str | os.PathLike[str] | None = None,
     memory_budget_mb: float | None = None,
+    preload: bool = False,
 ) -> AnyPipeline:
     """Verify a package and return its task pipeline: retrieval, image chat or text generation.
 
@@ -39,6 +40,9 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
     (loaded if it exists; written by `p.index.save()`) or a Milvus URI such as
     "milvus-lite:///data/photos.db?collection=photos" or "milvus://host:19530/photos" (docs/indexes.md).
     Without it, an in-memory usearch index.
+
+    `preload=True` loads every component now (each file checked as it loads), so that a bad or
+    tampered file fails the open rather than the first call.
 
     `memory_budget_mb` refuses (MemoryBudgetError) a package whose sessions would need more than
     that, estimated from its files, before anything loads.
@@ -60,6 +64,8 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
         trust=trust_policy(trust, trusted_keys),
         memory_budget_mb=memory_budget_mb,
     )
+    if preload:
+        runner.preload()
     pipe = open_pipeline(runner)
     if index is not None:
         if not isinstance(pipe, RetrievalPipeline):
