@@ -94,6 +94,14 @@ def _open(root: Path) -> object:
     return sdk.Pipeline(str(root), preload=True)
 
 
+def _verify(root: Path) -> object:
+    """Full verification (`mmedge verify`): every listed file, used or not. Opening checks a file
+    only when a component loads it; an extra ONNX file no component uses is never read."""
+    from mmedge.runtime.package import verify_package
+
+    return verify_package(root)
+
+
 def _edit_manifest(root: Path, mutate: Callable[[dict], object]) -> Path:
     raw = json.loads((root / "manifest.json").read_text())
     mutate(raw)
@@ -579,13 +587,13 @@ CASES = [
         "ext-location-parent-dir",
         IntegrityError,
         r"external data location '\.\./tokenizer\.json' must be relative",
-        lambda e: _open(_external(e, location="../tokenizer.json")),
+        lambda e: _verify(_external(e, location="../tokenizer.json")),
     ),
     case(
         "ext-location-absolute",
         IntegrityError,
         r"external data location '/etc/passwd' must be relative",
-        lambda e: _open(_external(e, location="/etc/passwd")),
+        lambda e: _verify(_external(e, location="/etc/passwd")),
     ),
     case(
         "ext-location-unlisted",
@@ -593,50 +601,50 @@ CASES = [
         r"external data file 'onnx/secret\.bin' is not listed",
         lambda e: (
             e.pkg().joinpath("onnx/secret.bin").write_bytes(b"\0" * 64),
-            _open(_external(e, location="secret.bin")),
+            _verify(_external(e, location="secret.bin")),
         ),
     ),
     case(
         "ext-location-symlink",
         IntegrityError,
         r"'onnx/ext\.bin' goes through a symlink",
-        lambda e: _open(_external(e, symlink=True)),
+        lambda e: _verify(_external(e, symlink=True)),
     ),
     case(
         "ext-offset-past-end",
         IntegrityError,
         r"external data of 'w' points outside 'onnx/ext\.bin'",
-        lambda e: _open(_external(e, offset="64", length="64")),
+        lambda e: _verify(_external(e, offset="64", length="64")),
     ),
     case(
         "ext-length-past-end",
         IntegrityError,
         r"external data of 'w' points outside",
-        lambda e: _open(_external(e, length=str(10**12))),
+        lambda e: _verify(_external(e, length=str(10**12))),
     ),
     case(
         "ext-negative-offset",
         IntegrityError,
         r"external data of 'w' points outside",
-        lambda e: _open(_external(e, offset="-8")),
+        lambda e: _verify(_external(e, offset="-8")),
     ),
     case(
         "ext-offset-not-integer",
         IntegrityError,
         r"offset/length of 'w' are not integers",
-        lambda e: _open(_external(e, offset="0x10")),
+        lambda e: _verify(_external(e, offset="0x10")),
     ),
     case(
         "ext-unknown-key",
         IntegrityError,
         r"external data of 'w' has unknown keys \['basepath'\]",
-        lambda e: _open(_external(e, extra={"basepath": "/"})),
+        lambda e: _verify(_external(e, extra={"basepath": "/"})),
     ),
     case(
         "ext-in-node-attribute",
         IntegrityError,
         r"external data location '\.\./\.\./x' must be relative",
-        lambda e: _open(_external(e, location="../../x", in_attribute=True)),
+        lambda e: _verify(_external(e, location="../../x", in_attribute=True)),
     ),
     # --- checkpoints: safetensors only unless opted in; weights must fit the family config --------
     case(

@@ -39,18 +39,14 @@ PROTOBUF_LIMIT = (1 << 31) - 1  # a serialised ModelProto must stay below 2 GiB
 # --- reading bytes that match the manifest ---------------------------------------------------------
 
 
-def read_listed(root: Path, rel: str, entry: FileEntry, verifying: bool = False) -> bytes:
+def read_listed(root: Path, rel: str, entry: FileEntry) -> bytes:
     """The bytes of a listed file, read once and checked against its size and sha256 right then.
 
     What a caller parses is what was hashed: a file swapped after verification is refused here.
     Not-regular files (a FIFO would block) and symlinks at the last component are refused before
     reading; the size is checked before the bytes are read, so a grown file costs nothing."""
     check_relpath(rel)
-    altered = (
-        f"{rel}: sha256 differs from the manifest; the file was altered"
-        if verifying
-        else f"{rel} changed after the package was verified"
-    )
+    altered = f"{rel}: sha256 differs from the manifest; the file was altered"
     try:
         fd = os.open(root / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
