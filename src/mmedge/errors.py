@@ -60,14 +60,14 @@ def require(module: str, extra: str):
 
 OPENCV_HINT = (
     "install it with: pip install 'mmedge[images]' (the opencv-python-headless wheel), or use the "
-    "platform's own OpenCV (JetPack: apt install python3-opencv, and a venv made with "
-    "--system-site-packages)"
+    "platform's own OpenCV (JetPack: apt install nvidia-opencv; Debian/Ubuntu: apt install "
+    "python3-opencv; a venv must then be made with --system-site-packages)"
 )
 
 
 def require_opencv() -> Any:
     """The `cv2` module, from the opencv-python-headless wheel or the platform's own OpenCV (JetPack's
-    python3-opencv is importable as `cv2` without being a pip distribution), or an error naming both."""
+    libopencv-python is importable as `cv2` without being a pip distribution), or an error naming both."""
     try:
         import cv2
     except ImportError as exc:
