@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MmedgeError(Exception):
     """Base class of every error mmedge raises on purpose."""
@@ -54,6 +56,26 @@ def require(module: str, extra: str):
         raise MissingDependencyError(
             f"{module!r} is not installed; install it with: pip install 'mmedge[{extra}]'"
         ) from exc
+
+
+OPENCV_HINT = (
+    "install it with: pip install 'mmedge[images]' (the opencv-python-headless wheel), or use the "
+    "platform's own OpenCV (JetPack: apt install nvidia-opencv; Debian/Ubuntu: apt install "
+    "python3-opencv; a venv must then be made with --system-site-packages)"
+)
+
+
+def require_opencv() -> Any:
+    """The `cv2` module, from the opencv-python-headless wheel or the platform's own OpenCV (JetPack's
+    libopencv-python is importable as `cv2` without being a pip distribution), or an error naming both."""
+    try:
+        import cv2
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"OpenCV (the cv2 module) is needed to decode, resize and draw images and could not be "
+            f"imported ({exc}); {OPENCV_HINT}"
+        ) from exc
+    return cv2
 
 
 class BackendError(MmedgeError, RuntimeError):

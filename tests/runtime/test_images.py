@@ -367,7 +367,7 @@ def test_pixel_cap_from_header_without_decoding(kind, monkeypatch):
     def no_decode(*a, **k):
         raise AssertionError("the decoder must not run for an over-cap image")
 
-    monkeypatch.setattr(images_mod.cv2, "imdecode", no_decode)
+    monkeypatch.setattr(cv2, "imdecode", no_decode)  # the module images.py imports on first use
     side = "16000x16000" if kind in ("webp-vp8l", "webp-vp8") else "20000x20000"
     t0 = time.perf_counter()
     with pytest.raises(InvalidInputError, match=f"{side} = \\d+ pixels; the cap is 50000000"):

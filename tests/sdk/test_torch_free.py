@@ -56,7 +56,7 @@ _RETRIEVAL = textwrap.dedent(
 
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (40 + 9 * i, 56 - 5 * i, 3), dtype=np.uint8) for i in range(4)]
-    import cv2  # base dependency: write one image to a file and one to encoded bytes
+    import cv2  # the images extra (dev has it): write one image to a file and one to encoded bytes
     path = work / "img0.png"
     assert cv2.imwrite(str(path), arrays[0][..., ::-1])
     png = cv2.imencode(".png", arrays[1][..., ::-1])[1].tobytes()

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from mmedge.data.scenes import HELD_OUT_SEED, TRAIN_SEED, generate_scenes
-from mmedge.errors import InvalidInputError
+from mmedge.errors import InvalidInputError, require_opencv
 
 MAX_SCENES = 100_000
 
@@ -16,7 +16,7 @@ def write_scenes(
 ) -> Path:
     """Write `count` scenes as `scene_00000.png ...` and `captions.jsonl` ({"image", "text"} lines,
     the `--data` format); returns the JSONL path. Existing files other than these are kept."""
-    import cv2
+    cv2 = require_opencv()
 
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_SCENES:
         raise InvalidInputError(f"count must be an int in [1, {MAX_SCENES}], got {count!r}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmedge.errors import InvalidInputError
+from mmedge.errors import InvalidInputError, require_opencv
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -287,7 +287,7 @@ def render(
     objects: Sequence[SceneObject], image_size: int = 64, rng: np.random.Generator | None = None
 ) -> np.ndarray:
     """Draw objects on a noisy grey background; returns (image_size, image_size, 3) uint8 RGB."""
-    import cv2  # imported here so `mmedge.data` stays cheap to import
+    cv2 = require_opencv()  # imported here so `mmedge.data` stays cheap to import
 
     ordered = _check_objects(objects)
     _check_image_size(image_size)

@@ -3,6 +3,7 @@
 `load_image` makes one (H, W, 3) uint8 RGB array from a path, bytes, an array or a PIL image, with
 byte and pixel caps checked from the header before decoding. `preprocess` matches transformers'
 CLIPImageProcessor bit for bit: PIL's fixed-point bicubic resize is reproduced exactly.
+OpenCV is imported on first use (`require_opencv`): from the `images` extra or the platform's own.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
-from mmedge.errors import ConfigError, InvalidInputError
+from mmedge.errors import ConfigError, InvalidInputError, require_opencv
 from mmedge.runtime.image_headers import FORMATS, HeaderError, apply_orientation, read_header, sniff_format
 from mmedge.runtime.sections import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
@@ -124,6 +124,7 @@ def _decode(data: bytes, limits: ImageLimits) -> np.ndarray:
             f"JPEG has {header.scans} scans; the limit is {limits.max_jpeg_scans} "
             "(each scan is one more decoding pass over the whole image)"
         )
+    cv2 = require_opencv()
     try:  # IMREAD_UNCHANGED keeps alpha and skips OpenCV's own EXIF handling: we rotate below
         raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
@@ -228,6 +229,7 @@ def normalise(batch: np.ndarray, mean: Sequence[float], std: Sequence[float], re
     lut: np.ndarray = (levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # (256, 3)
     # cv2.LUT maps all three channels in one vectorised pass (~2x np.take per channel), then one transpose.
     n, height, width = batch.shape[:3]
+    cv2 = require_opencv()
     hwc = cv2.LUT(batch.reshape(n * height, width, 3), lut.reshape(1, 256, 3))  # (N*H, W, 3) float32
     return np.ascontiguousarray(hwc.reshape(n, height, width, 3).transpose(0, 3, 1, 2))  # (N, 3, H, W)
 
@@ -257,6 +259,7 @@ def _resize_crop(img: np.ndarray, size: int, resample: str, exact: bool = False)
     if (new_h, new_w) == (height, width):  # nothing to resample, e.g. images already S x S
         return img[top : top + size, left : left + size]
     if resample == "cv2" and new_h <= height and new_w <= width:
+        cv2 = require_opencv()
         small = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA)
         return small[top : top + size, left : left + size]
     return resize_bicubic(img, (new_h, new_w), (top, left, size, size))
