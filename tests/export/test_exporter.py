@@ -48,8 +48,9 @@ def test_altered_onnx_fails_verify_and_load(tiny_pkg: Path) -> None:
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     assert main(["verify", str(tiny_pkg)]) == 1  # a refused package: exit 1 (2 is bad usage)
+    pipe = sdk.Pipeline(str(tiny_pkg))  # opening reads no file: the graph is checked as it loads
     with pytest.raises(IntegrityError, match="altered"):
-        sdk.Pipeline(str(tiny_pkg))
+        pipe.embed_images([np.zeros((64, 64, 3), np.uint8)])
 
 
 def test_symlinked_file_is_refused(tiny_pkg: Path, tmp_path: Path) -> None:
