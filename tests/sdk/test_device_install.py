@@ -8,12 +8,12 @@ Each check runs in a fresh interpreter, so nothing this process already imported
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from child import run_child
 
 from mmedge.errors import MissingDependencyError, require_opencv
 
@@ -22,18 +22,7 @@ _NO_CV2 = "import sys\nsys.modules['cv2'] = None\n"
 
 
 def _run(script: str, *args: str, no_cv2: bool = False) -> str:
-    code = (_NO_CV2 if no_cv2 else "") + textwrap.dedent(script)
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0 and "DEVICE_OK" in proc.stdout, (
-        f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    )
-    return proc.stdout
+    return run_child((_NO_CV2 if no_cv2 else "") + textwrap.dedent(script), "DEVICE_OK", *args)
 
 
 def test_sdk_import_loads_no_opencv_onnx_or_tokenizers() -> None:

@@ -6,10 +6,10 @@ records who asked), so nothing this test process already imported can hide a dep
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
+
+from child import run_child
 
 # Installed first in the child: refuses the blocked packages and records attempts made by mmedge itself.
 _BLOCKER = textwrap.dedent(
@@ -130,17 +130,7 @@ _IMPORTS = textwrap.dedent(
 
 
 def _run(script: str, *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-c", _BLOCKER + script, *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0 and "TORCH_FREE_OK" in proc.stdout, (
-        f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    )
-    return proc.stdout
+    return run_child(_BLOCKER + script, "TORCH_FREE_OK", *args)
 
 
 def test_blocker_really_blocks_torch() -> None:
