@@ -120,11 +120,13 @@ class OrtSession:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not options.spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._initializers = dict(initializers or {})  # ORT reads these arrays in place: keep them
-        if self._initializers:
+        # ORT copies these into the graph when it loads it (OrtApi::AddExternalInitializers); they
+        # need to live only until the session exists, so the verified bytes are not held twice.
+        held = dict(initializers or {})
+        if held:
             so.add_external_initializers(
-                list(self._initializers),
-                [ort.OrtValue.ortvalue_from_numpy(a) for a in self._initializers.values()],
+                list(held),
+                [ort.OrtValue.ortvalue_from_numpy(a) for a in held.values()],
             )
         try:
             self._sess = ort.InferenceSession(
