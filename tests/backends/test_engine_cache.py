@@ -374,7 +374,7 @@ def test_external_weights_are_part_of_the_key(tmp_path, store, device):
 def test_the_default_backend_uses_the_store_cache_and_the_tensorrt_builder(
     tmp_path, store, device, monkeypatch
 ):
-    import mmedge.builds.tensorrt as trtbuild
+    import mmedge.runtime.trt_build as trtbuild
 
     builder = FakeBuilder()
     monkeypatch.setattr(trtbuild, "device_builder", builder)
@@ -417,7 +417,7 @@ def test_real_bundle_engine_is_built_on_first_use_and_reused(tiny_pkg, store, mo
         device = trtb.current_device()
     except Exception as exc:
         pytest.skip(f"no usable CUDA GPU: {exc}")
-    import mmedge.builds.tensorrt as trtbuild
+    import mmedge.runtime.trt_build as trtbuild
     from mmedge.runtime.package import Package, verify_package
 
     verified = verify_package(tiny_pkg)

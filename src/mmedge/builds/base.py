@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from mmedge.runtime.manifest import ComponentEntry, EngineEntry
 from mmedge.runtime.package import Package
+from mmedge.runtime.trt_build import profile as profile
 
 
 @dataclass(frozen=True)
@@ -53,17 +54,6 @@ def precisions_to_build(entry: ComponentEntry, precision: str) -> list[str]:
     if precision == "auto":
         return sorted(entry.precisions)
     return [precision] if precision in entry.precisions else []
-
-
-def profile(entry: ComponentEntry) -> dict[str, list[list[int]]]:
-    """(min, opt, max) shapes per input from the manifest's symbolic dims."""
-    out = {}
-    for spec in entry.inputs:
-        out[spec.name] = [
-            [getattr(entry.dims[d], which) if isinstance(d, str) else d for d in spec.shape]
-            for which in ("min", "opt", "max")
-        ]
-    return out
 
 
 def without_builds_of(tmp: Path, engines: dict[str, EngineEntry], keys: set[str]) -> dict[str, EngineEntry]:

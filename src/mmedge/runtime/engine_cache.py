@@ -157,7 +157,7 @@ def _signed(meta: Mapping[str, Any]) -> bytes:
 class EngineCache:
     """Engines keyed by what they were built from and where; `get` builds on a miss.
 
-    `builder` defaults to TensorRT's (`builds.tensorrt.build_engine_bytes`); `root` to `cache_dir()`."""
+    `builder` defaults to TensorRT's (`trt_build.device_builder`); `root` to `cache_dir()`."""
 
     def __init__(self, root: str | os.PathLike | None = None, builder: EngineBuilder | None = None):
         self.root = Path(root) if root is not None else cache_dir()
@@ -194,7 +194,7 @@ class EngineCache:
 
     def _build(self, model: bytes, **kwargs: Any) -> bytes:
         if self._builder is None:
-            from mmedge.builds.tensorrt import device_builder
+            from mmedge.runtime.trt_build import device_builder
 
             self._builder = device_builder
         return self._builder(model, **kwargs)

@@ -268,8 +268,8 @@ class TensorRTBackend:
         self, package: Package, component: str, precision: str, settings: dict[str, Any]
     ) -> TensorRTSession:
         """The component's engine from this device's cache, built from its verified ONNX on a miss."""
-        from mmedge.builds.base import profile
         from mmedge.runtime.engine_cache import EngineCache, EngineSpec
+        from mmedge.runtime.trt_build import profile
 
         entry, rel = component_file(package, component, precision)
         spec = EngineSpec(
