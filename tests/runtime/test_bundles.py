@@ -254,3 +254,13 @@ def test_bench_load_reports_open_first_call_and_peak_rss(bundle: Path) -> None:
     for key in ("import_s", "open_s", "first_call_s"):
         assert 0 < r[key] < 120
     assert 20 < r["rss_open_mb"] <= r["peak_rss_mb"] < 4096
+
+
+def test_preload_a_path_or_refuse_an_unknown_name(tiny_pkg_session: Path) -> None:
+    from mmedge import sdk
+
+    assert sdk.Pipeline(tiny_pkg_session, preload="image").runner.loaded() == ["vision"]
+    assert sdk.Pipeline(tiny_pkg_session, preload=["text"]).runner.loaded() == ["text"]
+    assert sdk.Pipeline(tiny_pkg_session, preload=True).runner.loaded() == ["text", "vision"]
+    with pytest.raises(InvalidInputError, match=r"cannot preload \['llm'\]: package 'clip-tiny' has paths"):
+        sdk.Pipeline(tiny_pkg_session, preload="llm")

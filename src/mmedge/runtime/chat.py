@@ -154,6 +154,7 @@ class ChatPipeline:
 
         if self.runner.preprocess is None:  # a chat manifest always has one; this guards hand-made runners
             raise InvalidInputError("this package has no image preprocessing; it is not an image chat model")
+        self.runner.preload(["image"])  # before decoding: a lower peak on a first call (retrieval.py)
         image_array = load_image(image, channel_order=channel_order, limits=self.runner.image_limits)
         rule = self.image_tokens
         if rule.anyres is not None:

@@ -8,6 +8,7 @@ Sessions are created lazily, once per component, and shared between threads (ONN
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,9 +183,23 @@ class ComponentRunner:
                 )
             return self._sessions[component]
 
-    def preload(self) -> None:
+    def preload(self, only: Sequence[str] = ()) -> None:
         """Load every component (and its variant builds), tokenizer and table now, each file checked
-        as it loads: for a device that must fail at start-up rather than at its first call."""
+        as it loads: for a device that must fail at start-up rather than at its first call. `only`
+        names paths ("image", "text") or components to load instead of everything: a camera loop
+        that embeds images pays for its image path at start-up and for the text tower never."""
+        if only:
+            paths = self.manifest.pipeline.paths
+            unknown = [n for n in only if n not in paths and n not in self.manifest.components]
+            if unknown:
+                raise InvalidInputError(
+                    f"cannot preload {unknown}: package {self.manifest.name!r} has paths {sorted(paths)} "
+                    f"and components {sorted(self.manifest.components)}"
+                )
+            for name in only:
+                for component in [s.component for s in paths[name].steps] if name in paths else [name]:
+                    self.session(component)
+            return
         for name in self.manifest.components:
             self.session(name)
             self.variant_session(name, "prefill")

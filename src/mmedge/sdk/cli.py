@@ -395,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: what opening the package costs, in --runs fresh processes (default 5): import, "
         "open and first-call times (one 640x480 frame embedded or captioned) and peak RSS, medians",
     )
+    sp.add_argument(
+        "--preload",
+        default=None,
+        metavar="PATH",
+        help="with --load: open with sdk.Pipeline(preload=PATH), e.g. 'image' (its loading then counts as open)",
+    )
 
     def rosbag_opts(sp: argparse.ArgumentParser, out: bool = True) -> None:
         g = sp.add_argument_group(

@@ -1,7 +1,7 @@
 """`mmedge bench --load`: what opening a package costs a device, measured in fresh processes.
 
 Each run is a new Python process (nothing cached in memory, the OS page cache aside) that imports
-`mmedge.sdk`, opens the package with `sdk.Pipeline` and makes the first call a device makes: one
+`mmedge.sdk`, opens the package with `sdk.Pipeline` (with `preload`, if given) and makes the first call a device makes: one
 camera-sized frame embedded (retrieval) or captioned (chat), or a short generation. It reports the
 import, open and first-call times and the process's peak RSS (VmHWM: open and first call together,
 what a device must have free). Medians over the runs, with their spread.
@@ -38,7 +38,8 @@ def rss_mb(key):
                 return int(line.split()[1]) / 1024
     return None
 
-pipe = sdk.Pipeline(a["package"], backend=a["backend"], precision=a["precision"], threads=a["threads"])
+extra = {"preload": a["preload"]} if a["preload"] else {}
+pipe = sdk.Pipeline(a["package"], backend=a["backend"], precision=a["precision"], threads=a["threads"], **extra)
 t2 = time.perf_counter()
 rss_open = rss_mb("VmRSS")
 import numpy as np
@@ -66,6 +67,7 @@ def load_once(
     tokens: int = 8,
     python: str | None = None,
     env: dict[str, str] | None = None,
+    preload: str | None = None,
 ) -> dict[str, Any]:
     """One fresh process: import, open, first call; its times (s) and memory (MB).
 
@@ -77,6 +79,7 @@ def load_once(
         "backend": backend,
         "tokens": tokens,
         "frame": list(FRAME),
+        "preload": preload,
     }
     proc = subprocess.run(
         [python or sys.executable, "-c", _CHILD, json.dumps(args)],
@@ -102,11 +105,14 @@ def bench_load(
     tokens: int = 8,
     python: str | None = None,
     env: dict[str, str] | None = None,
+    preload: str | None = None,
 ) -> dict[str, Any]:
     """Medians (and min/max) of `runs` fresh processes' import, open and first-call times and RSS."""
     if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= 100:
         raise InvalidInputError(f"runs must be an int in [1, 100], got {runs!r}")
-    rows = [load_once(package, precision, threads, backend, tokens, python, env) for _ in range(runs)]
+    rows = [
+        load_once(package, precision, threads, backend, tokens, python, env, preload) for _ in range(runs)
+    ]
     out: dict[str, Any] = {
         "package": str(package),
         "pipeline": rows[0]["pipeline"],
@@ -114,6 +120,7 @@ def bench_load(
         "threads": threads,
         "runs": runs,
         "first_call": "embed_images" if "Retrieval" in rows[0]["pipeline"] else f"{tokens} tokens",
+        "preload": preload,
     }
     for key in _FIGURES:
         values = [r[key] for r in rows if r.get(key) is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from mmedge.errors import InvalidInputError
 from mmedge.runtime.backends import DEFAULT_BACKEND
@@ -26,7 +27,7 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
     trusted_keys: str | os.PathLike[str] | None = None,
     index: str | os.PathLike[str] | None = None,
     memory_budget_mb: float | None = None,
-    preload: bool = False,
+    preload: bool | str | Sequence[str] = False,
 ) -> AnyPipeline:
     """Verify a package and return its task pipeline: retrieval, image chat or text generation.
 
@@ -42,7 +43,8 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
     Without it, an in-memory usearch index.
 
     `preload=True` loads every component now (each file checked as it loads), so that a bad or
-    tampered file fails the open rather than the first call.
+    tampered file fails the open rather than the first call; `preload="image"` (or a list of paths
+    and component names) loads only those, e.g. the image path of a camera loop.
 
     `memory_budget_mb` refuses (MemoryBudgetError) a package whose sessions would need more than
     that, estimated from its files, before anything loads.
@@ -64,8 +66,10 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
         trust=trust_policy(trust, trusted_keys),
         memory_budget_mb=memory_budget_mb,
     )
-    if preload:
+    if preload is True:
         runner.preload()
+    elif preload:
+        runner.preload([preload] if isinstance(preload, str) else list(preload))
     pipe = open_pipeline(runner)
     if index is not None:
         if not isinstance(pipe, RetrievalPipeline):

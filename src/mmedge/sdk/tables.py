@@ -42,7 +42,8 @@ def _bench(r: dict[str, Any]) -> str:
 
 def _bench_load(r: dict[str, Any]) -> str:
     """`bench --load`: medians and spread over fresh processes."""
-    head = f"package {r['package']} ({r['pipeline']}), {r['precision']}, {r['threads']} threads, {r['runs']} fresh processes"
+    preload = f", preload={r['preload']!r}" if r.get("preload") else ""
+    head = f"package {r['package']} ({r['pipeline']}), {r['precision']}{preload}, {r['threads']} threads, {r['runs']} fresh processes"
     rows = [("figure", "median", "min", "max")]
     for key, what in (
         ("import_s", "import mmedge.sdk (s)"),

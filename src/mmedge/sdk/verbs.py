@@ -412,6 +412,7 @@ def cmd_bench(a: argparse.Namespace) -> object:
             threads=a.threads or 2,
             runs=a.runs or 5,
             backend=a.backend,
+            preload=a.preload,
         )
     return bench(
         a.package,
