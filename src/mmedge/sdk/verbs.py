@@ -212,6 +212,14 @@ def cmd_inspect(a: argparse.Namespace) -> object:
         "paths": {p: " -> ".join(s.component for s in path.steps) for p, path in m.pipeline.paths.items()},
         "engines": sorted(m.engines),
         "files": len(m.files),
+        **(
+            {
+                "bundle": f"{m.bundle.target}, {m.bundle.precision}"
+                + "".join(f", {k} {v}" for k, v in m.bundle.runtime.items())
+            }
+            if m.bundle is not None
+            else {}
+        ),
     }
 
 
