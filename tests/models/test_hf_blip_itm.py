@@ -282,3 +282,40 @@ def test_other_blip_architectures_are_refused(tmp_path: Path) -> None:
         blip_config({"architectures": ["BlipForConditionalGeneration"]})
     with pytest.raises(UnsupportedError, match="cross-attention"):
         blip_config({"architectures": ["BlipForImageTextRetrieval"], "text_config": {"is_decoder": False}})
+
+
+def test_cli_search_reranks_and_reports_itm(blip, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mmedge.sdk.cli import main
+
+    _, _, _, root = blip
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _images(folder, 3, seed=8)
+    argv = ["search", str(root / "pkg"), "--add", str(folder), "--index", str(tmp_path / "idx"), "--json"]
+    capsys.readouterr()
+    assert main([*argv, "-k", "2", "--rerank", "3", "a red circle"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 2 and all(0 <= h["itm"] <= 1 for h in hits)
+    assert hits[0]["itm"] >= hits[1]["itm"]
+    assert main([*argv, "--rerank", "0", "a red circle"]) == 0
+    assert all("itm" not in h for h in json.loads(capsys.readouterr().out)["hits"])
+
+
+def test_manifest_refuses_an_itm_reading_what_the_image_path_lacks(blip) -> None:
+    from dataclasses import replace
+
+    from mmedge.errors import IntegrityError
+    from mmedge.runtime.manifest import TensorSpec
+
+    _, _, pipe, _ = blip
+    m = pipe.runner.manifest
+    itm = m.component("itm")
+    for wrong in (
+        TensorSpec("image_tokens", "float32", itm.inputs[0].shape),  # no such image path value
+        TensorSpec("image_features", "float32", ("batch", 3, 32)),  # not the path value's shape
+    ):
+        bad = replace(itm, inputs=(wrong, *itm.inputs[1:]))
+        with pytest.raises(IntegrityError, match="itm component"):
+            replace(m, components={**m.components, "itm": bad})
+    clip_like = {n: c for n, c in m.components.items() if n != "itm"}
+    assert replace(m, components=clip_like).has_role("itm") is False  # the ITM is optional
