@@ -251,7 +251,7 @@ class RetrievalPipeline:
             )
         if rerank > n:
             raise InvalidInputError(f"rerank={rerank} is larger than the index ({n} entries)")
-        if rerank < k:
+        if rerank < min(k, n):
             raise InvalidInputError(f"rerank={rerank} re-scores fewer candidates than the k={k} asked for")
         return int(rerank)
 
