@@ -90,6 +90,19 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
         },
         "projection_dim": 32,
     },
+    ("blip", "itm"): {
+        "vision": {"tower": "blip2", **_VISION, "eps": 1e-5},
+        "text": {
+            "vocab_size": 0,
+            "hidden": 32,
+            "layers": 2,
+            "heads": 2,
+            "intermediate": 64,
+            "max_positions": 32,
+            "encoder_hidden": 32,
+        },
+        "embed_dim": 16,
+    },
     **{
         ("blip2", v): {
             "vision": {"tower": "clip", **_VISION, "eps": 1e-5},
@@ -157,6 +170,12 @@ def task_call(pipe: Any, task: str) -> None:
         assert emb.shape[0] == 2 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
         labels = pipe.classify(image, ["circle", "square"])
         assert abs(sum(label.score for label in labels) - 1) < 1e-5
+        if pipe.itm is not None:  # a re-ranker: match probabilities, two-stage search
+            probs = pipe.itm_scores(image, ["a red circle", "a blue square"])
+            assert probs.shape == (2,) and ((probs >= 0) & (probs <= 1)).all()
+            pipe.add_images([image, image])
+            hits = pipe.search("a red circle", k=1, rerank=2, source=lambda hit: image)
+            assert len(hits) == 1 and hits[0].itm is not None
     elif task == "chat":
         answer = pipe.chat(image, "what colour is the circle?", max_new_tokens=3, min_new_tokens=3)
         assert isinstance(answer, str) and answer

@@ -60,6 +60,20 @@ def test_index_search_and_classify(pipe) -> None:
     assert abs(sum(lab.score for lab in labels) - 1.0) < 1e-5
 
 
+def test_a_package_without_itm_does_not_rerank(pipe) -> None:
+    from mmedge.runtime.components import ComponentRunner
+    from mmedge.runtime.retrieval import RetrievalPipeline
+
+    p = RetrievalPipeline(ComponentRunner(pipe.runner.package))
+    assert p.itm is None
+    p.add_images([s.image for s in generate_scenes(3, seed=2)], labels=["a", "b", "c"])
+    assert all(h.itm is None for h in p.search("a red circle", k=2))  # the default: off
+    with pytest.raises(InvalidInputError, match="no ITM component"):
+        p.search("a red circle", k=2, rerank=2)
+    with pytest.raises(InvalidInputError, match="no ITM component"):
+        p.itm_scores(generate_scenes(1, seed=1)[0].image, ["a red circle"])
+
+
 def test_unknown_name_lists_store(store: Path, tiny_pkg_session: Path) -> None:
     import shutil
 

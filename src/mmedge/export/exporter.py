@@ -63,16 +63,16 @@ def _versions() -> dict[str, str]:
 
 
 def _parity_feeds(decl: ComponentDecl, lm: LoadedModel, sections: Sections) -> list[dict[str, np.ndarray]]:
-    """Random feeds, plus real tokenised text with padding for text encoders and for components
-    that read the image path's instruction."""
+    """Random feeds, plus real tokenised text with padding for components that read text (the
+    other inputs of the first random feed, which has as many rows) or the image path's instruction."""
     from mmedge.runtime.texts import TextTokenizer
 
     feeds = [example_inputs(decl, sizes={"batch": 2}, seed=i) for i in range(2)]
     names = {s.name for s in decl.inputs}
-    if names == set(PATH_SOURCES["text"]):
-        tok = TextTokenizer.from_json(lm.tokenizer_json, context_length=sections.context_length)
+    if set(PATH_SOURCES["text"]) <= names:  # a text encoder, or text beside other inputs (ITM)
+        tok = TextTokenizer.from_json(lm.tokenizer_json, sections.context_length, sections.pad_id)
         ids, mask = tok.encode_batch(_PARITY_TEXTS)
-        feeds.append({"input_ids": ids, "attention_mask": mask})
+        feeds.append({**feeds[0], "input_ids": ids, "attention_mask": mask})
     if set(INSTRUCTION_SOURCES) <= names and lm.instruction_tokenizer_json is not None:
         tok = TextTokenizer.from_json(
             lm.instruction_tokenizer_json,

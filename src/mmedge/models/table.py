@@ -14,6 +14,8 @@ def _precisions(family: Family) -> str:
         out.append("int8 (encoders)")
     if any(d.role == "llm_step" for d in decls):
         out.append("int4 / int8 weight-only (LLM)")
+    if any(d.role == "itm" for d in decls):
+        out.append("int4 / int8 weight-only (ITM)")
     return ", ".join(out)
 
 

@@ -351,6 +351,11 @@ class ComponentRunner:
 
     def run_path(self, path: str, sources: dict[str, np.ndarray]) -> np.ndarray:
         """Walk the declared path `path` ("image", "text") from its source arrays; return its output."""
+        return self.run_path_values(path, sources)[self.manifest.pipeline.paths[path].output]
+
+    def run_path_values(self, path: str, sources: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Walk the path; return every value it holds (sources and each step's outputs), e.g. the
+        image features an ITM component reads beside the path's embedding."""
         declared = self.manifest.pipeline.paths.get(path)
         if declared is None:
             raise UnsupportedError(
@@ -363,7 +368,7 @@ class ComponentRunner:
         for step in declared.steps:
             outs = self.run_batched(step.component, {g: values[v] for g, v in step.inputs.items()})
             values.update({v: outs[g] for g, v in step.outputs.items()})
-        return values[declared.output]
+        return values
 
     def path_output(self, path: str) -> tuple[str, str]:
         """(component, graph output) that yields the path's result."""

@@ -42,6 +42,7 @@ class Hit:
     id: int
     score: float  # cosine similarity
     label: str | None = None
+    itm: float | None = None  # image-text match probability when re-ranked (RetrievalPipeline.search)
 
 
 class Index(Protocol):

@@ -263,11 +263,16 @@ _TASK_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]
 }
 
 
+# Roles a task may use without needing them: a retrieval package's re-ranker.
+_TASK_OPTIONAL_ROLES: dict[str, tuple[str, ...]] = {"retrieval": ("itm",)}
+
+
 def _check_wiring(m: Manifest) -> None:
     """Roles, paths and sections fit together and fit the task."""
     paths, roles, sections = _TASK_NEEDS[m.task]
+    optional = _TASK_OPTIONAL_ROLES.get(m.task, ())
     for name, component in m.components.items():
-        if ROLES[component.role] not in paths and component.role not in roles:
+        if ROLES[component.role] not in paths and component.role not in roles + optional:
             raise IntegrityError(
                 f"component {name!r}: a {m.task} package has no use for a {component.role!r} component"
             )
@@ -304,6 +309,8 @@ def _check_wiring(m: Manifest) -> None:
             raise IntegrityError(
                 f"pipeline.paths.{path_name}.output {path.output!r} is not produced by the path"
             )
+    if m.has_role("itm"):
+        _check_itm(m)
     if m.reads_instruction() != (m.instruction_tokenizer is not None):
         raise IntegrityError(
             "an image path that reads an instruction needs an 'instruction_tokenizer' section, "
@@ -326,6 +333,32 @@ def _check_wiring(m: Manifest) -> None:
         _check_llm_step(m, m.llm, m.component(m.by_role("llm_step")))
     if m.prompt is not None and m.llm is None and {BOS, EOS} & set(markers(m.prompt.first_turn)):
         raise IntegrityError("prompt markers {bos}/{eos} need an 'llm' section for their ids")
+
+
+def _check_itm(m: Manifest) -> None:
+    """One ITM component, reading text-path sources and values the image path produces (bound by
+    name, with the same shape), and giving one (no match, match) logit pair per row."""
+    name = m.by_role("itm")
+    entry = m.component(name)
+    image = m.pipeline.paths["image"]
+    produced = {
+        value: spec
+        for step in image.steps
+        for graph_out, value in step.outputs.items()
+        for spec in m.component(step.component).outputs
+        if spec.name == graph_out
+    }
+    for spec in entry.inputs:
+        if spec.name in PATH_SOURCES["text"]:
+            continue
+        source = produced.get(spec.name)
+        if source is None or source.shape != spec.shape or source.dtype != spec.dtype:
+            raise IntegrityError(
+                f"itm component {name!r} input {spec.name!r} {spec.shape} is neither a text source nor an "
+                f"image path value of that shape; the image path yields {sorted(produced)}"
+            )
+    if len(entry.outputs) != 1 or entry.outputs[0].shape[-1:] != (2,):
+        raise IntegrityError(f"itm component {name!r} must give one output of (no match, match) logits")
 
 
 def _check_llm_step(m: Manifest, llm: LLMConfig, step: ComponentEntry) -> None:

@@ -335,6 +335,9 @@ ROLES: dict[str, str | None] = {
     "text_encoder": "text",  # token ids -> a text embedding
     "token_embed": None,  # token ids -> LLM input embeddings
     "llm_step": None,  # one cached decoder step over embeddings
+    # image features + token ids -> (no match, match) logits: re-scores retrieval candidates (BLIP's
+    # ITM); its inputs are text-path sources and values of the image path, bound by name
+    "itm": None,
 }
 # Image-path sources that hold the user's instruction, tokenised with the manifest's
 # `instruction_tokenizer` (InstructBLIP's Q-Former reads the question along with the image).

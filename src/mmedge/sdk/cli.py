@@ -481,6 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated ids to remove from the index",
     )
     sp.add_argument("-k", type=int, default=5)
+    sp.add_argument(
+        "--rerank",
+        type=int,
+        default=None,
+        metavar="K",
+        help="re-score the contrastive top K with the package's ITM component (default: 16 where it has "
+        "one; 0: off; docs/retrieval.md)",
+    )
 
     sp = add("classify", verbs.cmd_classify, "zero-shot classification of an image against labels")
     runtime_opts(sp)

@@ -516,11 +516,17 @@ def cmd_search(a: argparse.Namespace) -> object:
             p.index.save()
     if a.query is None and a.image is None:
         return {**out, "indexed": len(p.index)}
-    hits = p.search(a.image if a.image is not None else a.query, k=a.k, image=a.image is not None)
+    hits = p.search(
+        a.image if a.image is not None else a.query, k=a.k, image=a.image is not None, rerank=a.rerank
+    )
     return {
         **out,
         "query": a.query if a.image is None else a.image,
-        "hits": [{"id": h.id, "score": round(h.score, 4), "label": h.label} for h in hits],
+        "hits": [
+            {"id": h.id, "score": round(h.score, 4), "label": h.label}
+            | ({} if h.itm is None else {"itm": round(h.itm, 4)})
+            for h in hits
+        ],
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -51,8 +51,21 @@ class QFormerConfig:
         return asdict(self)
 
 
-class _MHA(nn.Module):
-    def __init__(self, cfg: QFormerConfig, kv_width: int):
+class BertDims(Protocol):
+    """The sizes BERT-style blocks read (QFormerConfig, fusion.FusionConfig)."""
+
+    hidden: int
+    heads: int
+    intermediate: int
+    act: str
+    eps: float
+
+
+class MultiHeadAttention(nn.Module):
+    """BERT's attention heads (`query`/`key`/`value`): self-attention, or cross-attention to `kv`
+    of width `kv_width`; `bias` is an additive mask over the keys."""
+
+    def __init__(self, cfg: BertDims, kv_width: int):
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.hidden // cfg.heads
         self.query = nn.Linear(cfg.hidden, cfg.hidden)
@@ -71,10 +84,10 @@ class _MHA(nn.Module):
         return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, n, -1)
 
 
-class _Residual(nn.Module):
+class AddNorm(nn.Module):
     """dense -> add input -> LayerNorm (BERT's SelfOutput / Output)."""
 
-    def __init__(self, d_in: int, cfg: QFormerConfig):
+    def __init__(self, d_in: int, cfg: BertDims):
         super().__init__()
         self.dense = nn.Linear(d_in, cfg.hidden)
         self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
@@ -86,15 +99,15 @@ class _Residual(nn.Module):
 class _Attention(nn.Module):
     def __init__(self, cfg: QFormerConfig, kv_width: int):
         super().__init__()
-        self.attention = _MHA(cfg, kv_width)
-        self.output = _Residual(cfg.hidden, cfg)
+        self.attention = MultiHeadAttention(cfg, kv_width)
+        self.output = AddNorm(cfg.hidden, cfg)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.output(self.attention(x, kv, bias), x)
 
 
-class _Intermediate(nn.Module):
-    def __init__(self, cfg: QFormerConfig):
+class Intermediate(nn.Module):
+    def __init__(self, cfg: BertDims):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden, cfg.intermediate)
         self.act = activation(cfg.act)
@@ -109,11 +122,11 @@ class QFormerLayer(nn.Module):
         self.attention = _Attention(cfg, cfg.hidden)
         if index % cfg.cross_attention_frequency == 0:
             self.crossattention = _Attention(cfg, cfg.encoder_hidden)
-        self.intermediate_query = _Intermediate(cfg)
-        self.output_query = _Residual(cfg.intermediate, cfg)
+        self.intermediate_query = Intermediate(cfg)
+        self.output_query = AddNorm(cfg.intermediate, cfg)
         if cfg.text:
-            self.intermediate = _Intermediate(cfg)
-            self.output = _Residual(cfg.intermediate, cfg)
+            self.intermediate = Intermediate(cfg)
+            self.output = AddNorm(cfg.intermediate, cfg)
 
     def forward(
         self, x: torch.Tensor, image: torch.Tensor, queries: int, bias: torch.Tensor | None, text: bool
