@@ -251,6 +251,30 @@ def test_pipelines_refuse_bad_beams_and_a_package_with_smaller_batches(exported,
     assert len(pipe.generate_ids([5, 6], num_beams=2, max_new_tokens=4, min_new_tokens=4)) == 4
 
 
+def test_cli_generate_takes_the_beam_options(exported, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from mmedge.sdk.cli import main
+
+    _, _, pipe = exported
+    root = str(pipe.runner.package.root)
+    kwargs = _beam_kwargs(0.6, "never", 0, 1.0)
+    args = [
+        "--num-beams",
+        "3",
+        "--length-penalty",
+        "0.6",
+        "--early-stopping",
+        "never",
+        "--max-new-tokens",
+        "20",
+    ]
+    assert main(["generate", root, "t5 t7 t9", *args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == pipe.generate("t5 t7 t9", **kwargs)
+    assert main(["generate", root, "t5", "--num-beams", "0", "--json"]) == 1
+    assert "num_beams" in capsys.readouterr().out
+
+
 # -- the chat path: BLIP-2 (OPT) -----------------------------------------------------------------
 BLIP_VOCAB, QUERIES, SIZE = 120, 4, 32
 
