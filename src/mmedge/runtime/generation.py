@@ -30,6 +30,9 @@ from mmedge.runtime.texts import TextTokenizer
 PREFILL = "prefill"
 
 MAX_STOP_STRINGS = 16
+# Beam search runs the decoder step with batch = num_beams; the exported llm_step declares batches
+# of 1..8 rows (`models.decoder.base.components`), which TensorRT profiles are sized for.
+MAX_NUM_BEAMS = 8
 _TINY = float(np.finfo(np.float32).tiny)  # a smaller temperature would round to 0 in float32
 
 
@@ -46,6 +49,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         def is_int(v: Any) -> bool:
@@ -90,10 +96,32 @@ class GenerationConfig:
         # numpy's generator takes seeds in [0, 2**128): anything else was a bare ValueError at the first token
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**128):
             raise InvalidInputError(f"seed must be an int in [0, 2**128) or None, got {_short(self.seed)}")
+        if not is_int(self.num_beams) or not 1 <= self.num_beams <= MAX_NUM_BEAMS:
+            raise InvalidInputError(
+                f"num_beams must be an int in [1, {MAX_NUM_BEAMS}] (1 = no beam search), got {_short(self.num_beams)}"
+            )
+        if not is_num(self.length_penalty):
+            raise InvalidInputError(
+                f"length_penalty must be a finite number, got {_short(self.length_penalty)}"
+            )
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise InvalidInputError(
+                f"early_stopping must be True, False or 'never', got {_short(self.early_stopping)}"
+            )
+        if self.num_beams > 1 and self.do_sample:
+            raise InvalidInputError(
+                "do_sample=True with num_beams > 1 (beam-sample) is not supported: "
+                "use num_beams=1 to sample, or do_sample=False for beam search"
+            )
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+    @property
+    def beams(self) -> bool:
+        """Whether this is beam search (`runtime.beam_search`) rather than one token at a time."""
+        return self.num_beams > 1
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> GenerationConfig:
@@ -152,6 +180,33 @@ class KVCache:
         """Forget every slot from `length` on (their contents are masked out from now on)."""
         self.length = min(self.length, length)
 
+    def fill_rows(self, source: KVCache, row: int = 0) -> None:
+        """Every row becomes `source`'s row `row` (its filled slots): a prompt prefilled once at
+        batch 1, then fanned out to the beams."""
+        n = source.length
+        for buf, src in zip(self.buffers, source.buffers):
+            buf[:, :, :n] = src[row, :, :n]
+        self.length = n
+
+    def reorder(self, index: np.ndarray) -> None:
+        """Row i becomes row `index[i]` (beam search), in place: the buffers stay those bound to the
+        sessions. Only moved rows are copied, and only their filled slots; a source row that is
+        itself overwritten is saved first."""
+        moved = [i for i in range(len(index)) if index[i] != i]
+        if not moved:
+            return
+        n = self.length
+        targets = set(moved)
+        saved = {
+            int(s): [buf[s, :, :n].copy() for buf in self.buffers]
+            for s in {int(index[i]) for i in moved}
+            if s in targets
+        }
+        for i in moved:
+            s = int(index[i])
+            for k, buf in enumerate(self.buffers):
+                buf[i, :, :n] = saved[s][k] if s in saved else buf[s, :, :n]
+
 
 @dataclass
 class _StepBuffers:
@@ -186,6 +241,9 @@ class LanguageModel:
         session = runner.session(self.llm_component)
         shape = session.output_shapes.get(self._present[0], ()) if self._present else ()
         self.in_place = len(shape) > 2 and shape[2] == self.max_context and session.binding() is not None
+        # Rows per step the exported graphs take (beam search runs num_beams rows).
+        ranges = [m.component(c).dims.get("batch") for c in (self.embed_component, self.llm_component)]
+        self.max_batch = min((r.max for r in ranges if r is not None), default=1)
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -261,6 +319,30 @@ class LanguageModel:
         cache.bindings.append((sess, new))
         return new
 
+    def step_buffers(self, batch: int) -> _StepBuffers:
+        """Outputs of a one-token step over `batch` rows, to reuse for every step of a generation."""
+        shape = (batch, self.kv_heads, 1, self.head_dim)
+        return _StepBuffers(
+            np.empty((batch, 1, self.vocab_size), np.float32),
+            [] if self.in_place else [np.empty(shape, np.float32) for _ in self._present],
+        )
+
+    def room(self, prompt: int, cache: KVCache, config: GenerationConfig) -> int:
+        """How many tokens can be generated after `prompt` new positions on `cache`; a prompt that
+        leaves no room, or `min_new_tokens` that cannot fit, is an error."""
+        if cache.length + prompt + 1 > self.max_context:
+            raise InvalidInputError(
+                f"the prompt ({prompt} tokens, {cache.length} already cached) leaves no room to generate "
+                f"within the model's context of {self.max_context} tokens"
+            )
+        room = self.max_context - cache.length - prompt + 1  # the last token is never fed back
+        if config.min_new_tokens > room:
+            raise InvalidInputError(
+                f"min_new_tokens={config.min_new_tokens} does not fit: the prompt leaves room for {room} new tokens "
+                f"within the model's context of {self.max_context}"
+            )
+        return room
+
     def generate_ids(
         self,
         prompt: np.ndarray,
@@ -272,29 +354,18 @@ class LanguageModel:
 
         `history` (earlier token ids) only feeds the repetition penalty. Stops at EOS (not yielded),
         after `max_new_tokens`, or when the context is full (a `ContextFullWarning` says so);
-        `min_new_tokens` that cannot fit is an error.
+        `min_new_tokens` that cannot fit is an error. Beam search is `runtime.beam_search`.
         """
+        if config.beams:
+            raise InvalidInputError(
+                "generate_ids yields one sequence token by token; beam search is beam_search"
+            )
         cache = cache if cache is not None else self.new_cache()
-        if cache.length + len(prompt) + 1 > self.max_context:
-            raise InvalidInputError(
-                f"the prompt ({len(prompt)} tokens, {cache.length} already cached) leaves no room to generate "
-                f"within the model's context of {self.max_context} tokens"
-            )
-        room = self.max_context - cache.length - len(prompt) + 1  # tokens that can still be generated
-        if config.min_new_tokens > room:
-            raise InvalidInputError(
-                f"min_new_tokens={config.min_new_tokens} does not fit: the prompt leaves room for {room} new tokens "
-                f"within the model's context of {self.max_context}"
-            )
+        self.room(len(prompt), cache, config)
         rng = np.random.default_rng(config.seed)
         seen = np.zeros(self.vocab_size, bool)
         seen[[t for t in history if 0 <= t < self.vocab_size]] = True
-        step = _StepBuffers(
-            np.empty((1, 1, self.vocab_size), np.float32),
-            []
-            if self.in_place
-            else [np.empty((1, self.kv_heads, 1, self.head_dim), np.float32) for _ in self._present],
-        )
+        step = self.step_buffers(1)
         logits = self.forward(prompt[None], cache, logits_to_keep=1)[0, -1]
         for n in range(config.max_new_tokens):
             token = _choose(
@@ -403,6 +474,9 @@ def stream_text(
     stream = stream or TextStream(lm.tokenizer, config.stop_strings)
     usage = usage if usage is not None else Usage()
     cache = cache if cache is not None else lm.new_cache()
+    if config.beams:
+        yield from _stream_beams(lm, prompt_embeds, config, cache, history, generated, stream, usage)
+        return
     for token in lm.generate_ids(prompt_embeds, config, cache, history):
         if generated is not None:
             generated.append(token)
@@ -416,6 +490,37 @@ def stream_text(
     # Ended without a stop string: EOS ("stop") unless the token budget or the context ran out.
     full = usage.completion_tokens == config.max_new_tokens or cache.length + 1 > lm.max_context
     usage.finish_reason = "length" if full else "stop"
+    tail = stream.finish()
+    if tail:
+        yield tail
+
+
+def _stream_beams(
+    lm: LanguageModel,
+    prompt_embeds: np.ndarray,
+    config: GenerationConfig,
+    cache: KVCache,
+    history: Sequence[int],
+    generated: list[int] | None,
+    stream: TextStream,
+    usage: Usage,
+) -> Iterator[str]:
+    """`stream_text` for beam search: the best hypothesis is known only when the search ends, so its
+    text comes then, cut before the first stop string. `cache` keeps the prompt only."""
+    from mmedge.runtime.beam_search import beam_search
+
+    result = beam_search(lm, prompt_embeds, config, cache, history)
+    for token in result.tokens:
+        if generated is not None:
+            generated.append(token)
+        usage.completion_tokens += 1
+        piece = stream.push(token)
+        if piece:
+            yield piece
+        if stream.stopped:
+            usage.finish_reason = "stop"
+            return
+    usage.finish_reason = "stop" if result.eos else "length"
     tail = stream.finish()
     if tail:
         yield tail

@@ -53,6 +53,12 @@ class TextGenerationPipeline:
         return pieces if stream else "".join(pieces)
 
     def generate_ids(self, ids: list[int], **gen: Any) -> list[int]:
-        """New token ids after prompt ids (no template): for parity checks and token-level use."""
+        """New token ids after prompt ids (no template): for parity checks and token-level use;
+        with `num_beams` > 1 the best beam's."""
         config = GenerationConfig.from_kwargs(**gen)
-        return list(self.lm.generate_ids(self.lm.embed(np.array([ids]))[0], config, history=ids))
+        embeds = self.lm.embed(np.array([ids]))[0]
+        if config.beams:
+            from mmedge.runtime.beam_search import beam_search
+
+            return beam_search(self.lm, embeds, config, history=ids).tokens
+        return list(self.lm.generate_ids(embeds, config, history=ids))

@@ -506,6 +506,18 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--repetition-penalty", type=float, default=1.0)
         g.add_argument("--seed", type=int, default=None)
         g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+        g.add_argument(
+            "--num-beams", type=int, default=1, help="beam search with N beams (1 = off, at most 8)"
+        )
+        g.add_argument(
+            "--length-penalty", type=float, default=1.0, help="beam score: logprob sum / length**P"
+        )
+        g.add_argument(
+            "--early-stopping",
+            choices=("false", "true", "never"),
+            default="false",
+            help="when beam search ends (as Hugging Face's early_stopping)",
+        )
 
     sp = add("caption", verbs.cmd_caption, "caption an image with a chat package (e.g. BLIP-2)")
     runtime_opts(sp)

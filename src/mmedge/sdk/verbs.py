@@ -267,6 +267,9 @@ def _gen_kwargs(a: argparse.Namespace) -> dict[str, object]:
         "top_p": a.top_p,
         "repetition_penalty": a.repetition_penalty,
         "seed": a.seed,
+        "num_beams": a.num_beams,
+        "length_penalty": a.length_penalty,
+        "early_stopping": {"false": False, "true": True}.get(a.early_stopping, a.early_stopping),
     }
     if a.stop:
         kw["stop_strings"] = tuple(a.stop)
