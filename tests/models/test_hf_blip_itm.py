@@ -278,8 +278,10 @@ def test_other_blip_architectures_are_refused(tmp_path: Path) -> None:
     from mmedge.errors import UnsupportedError
     from mmedge.models.blip.hf import blip_config
 
-    with pytest.raises(UnsupportedError, match="BlipForConditionalGeneration"):
-        blip_config({"architectures": ["BlipForConditionalGeneration"]})
+    with pytest.raises(UnsupportedError, match="BlipForConditionalGeneration"):  # names the supported ones
+        blip_config({"architectures": ["BlipModel"]})
+    assert blip_config({"architectures": ["BlipForConditionalGeneration"]})["variant"] == "caption"
+    assert blip_config({"architectures": ["BlipForQuestionAnswering"]})["variant"] == "vqa"
     with pytest.raises(UnsupportedError, match="cross-attention"):
         blip_config({"architectures": ["BlipForImageTextRetrieval"], "text_config": {"is_decoder": False}})
 

@@ -257,10 +257,13 @@ def _measure_weight_only(
         with warnings.catch_warnings():  # the staged package is built after calibration
             warnings.simplefilter("ignore", UnbuiltPrecisionWarning)
             lm = LanguageModel(ComponentRunner(pkg, precision=precision))
+        cross = _sample_cross(lm)
         rows = []
         for text in texts[:EVAL_SAMPLES]:
             ids = lm.tokenizer.encode(text)[: lm.max_context]
-            rows.append(lm.forward(lm.embed(np.array([ids])), lm.new_cache())[0])
+            cache = lm.new_cache()
+            cache.cross = cross
+            rows.append(lm.forward(lm.embed(np.array([ids])), cache)[0])
         return np.concatenate(rows)  # (tokens, V)
 
     ref = logits("fp32")
@@ -286,6 +289,20 @@ def _measure_weight_only(
                 "weight-only quantization keeps no layer in float: try --weight-bits 8 or --block-size 16"
             )
     return replace(manifest, components={**manifest.components, name: replace(llm, precisions=precisions)})
+
+
+def _sample_cross(lm: Any) -> dict[str, np.ndarray]:
+    """A cross-attention decoder's keys/values for measuring its LLM on texts alone: the cross_kv
+    component (at the precision under test) over seeded random states; {} for other decoders."""
+    from mmedge.runtime.feeds import sample_feeds
+
+    if not lm.cross_names:
+        return {}
+    runner = lm.runner
+    name = runner.manifest.by_role("cross_kv")
+    entry = runner.manifest.component(name)
+    feeds = sample_feeds(entry.inputs, entry.dims, seed=0)
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in runner.run_batched(name, feeds).items()}
 
 
 def _task_metric(pkg: Package, items: list[Any], data: str) -> dict[str, Any]:

@@ -217,7 +217,7 @@ def export_loaded(
             name=name,
             family=lm.family.name,
             variant=lm.variant,
-            task=lm.family.task,  # type: ignore[arg-type]  # Family checks it is one of TASKS
+            task=lm.family.task_for(lm.config),  # type: ignore[arg-type]  # checked: one of TASKS
             provenance=Provenance(
                 **_versions(),
                 opset=opset,

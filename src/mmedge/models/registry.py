@@ -105,12 +105,22 @@ class Family:
     # Tokens the family's prompts need in its tokenizer (e.g. llava's "<image>"), added as special
     # tokens to the tokenizers it trains or makes for random-weight checkpoints.
     special_tokens: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
+    # The task of a config, for a family whose variants serve different tasks (blip: retrieval for
+    # `itm`, chat for `caption` and `vqa`); None: every variant serves `task`.
+    task_of: Callable[[Any], str] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"family {self.name!r}: task {self.task!r} is not one of {TASKS}")
         if not self.variants:
             raise ConfigError(f"family {self.name!r} declares no variants")
+
+    def task_for(self, cfg: Any) -> str:
+        """The task (pipeline kind) of a package exported from `cfg`."""
+        task = self.task if self.task_of is None else self.task_of(cfg)
+        if task not in TASKS:
+            raise ConfigError(f"family {self.name!r}: task {task!r} is not one of {TASKS}")
+        return task
 
 
 _REGISTRY: dict[str, Family] = {}

@@ -19,6 +19,17 @@ def _precisions(family: Family) -> str:
     return ", ".join(out)
 
 
+def _tasks(family: Family) -> str:
+    """The family's task, or per task its variants where they differ (`Family.task_of`, whose
+    family's configs take a "variant" key)."""
+    if family.task_of is None:
+        return family.task
+    by_task: dict[str, list[str]] = {}
+    for v in family.variants:
+        by_task.setdefault(family.task_for(family.config_from_dict({"variant": v})), []).append(v)
+    return ", ".join(f"{task} ({', '.join(vs)})" for task, vs in by_task.items())
+
+
 def family_row(family: Family) -> tuple[str, ...]:
     """(family, variants, HF model_type, components, task, precisions) of one family; components are
     those of the family's default config, each with its role."""
@@ -29,7 +40,7 @@ def family_row(family: Family) -> tuple[str, ...]:
         ", ".join(family.variants),
         hf,
         ", ".join(f"{d.name} ({d.role})" for d in decls),
-        family.task,
+        _tasks(family),
         _precisions(family),
     )
 

@@ -13,7 +13,9 @@ current length (False) or, with a positive length penalty, at the longest allowe
 The prompt is prefilled once at batch 1; its cache slots are then copied to num_beams rows, and
 every step runs the decoder with batch = num_beams. After each step the cache rows follow their
 beams: `KVCache.reorder` copies only the rows whose beam changed, in place, so buffers bound to a
-session stay bound. The caller's cache keeps the prompt only.
+session stay bound. A cross-attention decoder's keys/values have one row that every beam reads
+(the step's attention broadcasts it), so they are neither repeated nor reordered. The caller's
+cache keeps the prompt only.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def beam_search(
 
     logits = lm.forward(prompt[None], cache, logits_to_keep=1)[:, -1]  # (1, V)
     beams = lm.new_cache(k)
+    beams.cross = cache.cross  # one row, shared by every beam: bound once, never reordered
     step = lm.step_buffers(k)
     # Per running beam: its score, its new tokens, and the token ids the repetition penalty sees.
     # The first step has one row: HF's copies of the prompt start at -1e9 and never win it.

@@ -159,6 +159,9 @@ class KVCache:
         self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * layers)]  # key, value per layer
         self.max_context = max_context
         self.length = 0
+        # A cross-attention decoder's keys/values (`cross_key_values.*`, one row shared by every
+        # row of the cache), set once per image or question and bound like the cache itself.
+        self.cross: dict[str, np.ndarray] = {}
         # (session, binding) per LLM session whose binding has these buffers bound (LanguageModel)
         self.bindings: list[tuple[Session, Binding]] = []
 
@@ -234,6 +237,7 @@ class LanguageModel:
         llm = m.component(self.llm_component)
         self._past = [s.name for s in llm.inputs if s.name.startswith("past_key_values.")]
         self._present = [s.name for s in llm.outputs if s.name.startswith("present.")]
+        self.cross_names = [s.name for s in llm.inputs if s.name.startswith("cross_key_values.")]
         self._embeds_out = m.component(self.embed_component).outputs[0].name
         # A build with an in-place cache (`builds.ort_decoder`) returns the whole cache as present.*:
         # bound to the past buffers, its attention kernel writes the new entries itself. That needs a
@@ -274,6 +278,11 @@ class LanguageModel:
                 f"{cache.length} cached + {s} new tokens exceed the model's context of {self.max_context} tokens"
             )
         keep = s if logits_to_keep is None else min(int(logits_to_keep), s)
+        if sorted(cache.cross) != sorted(self.cross_names):
+            raise InvalidInputError(
+                "this decoder cross-attends: its cache needs the cross keys/values "
+                f"{self.cross_names[:2]}... (cross_kv), got {sorted(cache.cross)[:2]}"
+            )
         feeds = {
             "inputs_embeds": np.ascontiguousarray(embeds, np.float32),
             "logits_to_keep": np.array([keep], np.int64),
@@ -297,7 +306,7 @@ class LanguageModel:
             binding.run()
             cache.length += s
         else:
-            past = dict(zip(self._past, cache.buffers))
+            past = dict(zip(self._past, cache.buffers)) | cache.cross  # bound in place, not copied
             self.runner.session(self.llm_component).run_into(
                 {**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, out.present))}
             )
@@ -315,7 +324,7 @@ class LanguageModel:
         new = sess.binding()
         if new is None:
             raise UnsupportedError("this LLM session cannot keep the KV cache bound in place")
-        new.bind(dict(zip(self._past, cache.buffers)), dict(zip(self._present, cache.buffers)))
+        new.bind(dict(zip(self._past, cache.buffers)) | cache.cross, dict(zip(self._present, cache.buffers)))
         cache.bindings.append((sess, new))
         return new
 

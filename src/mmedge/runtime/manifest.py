@@ -263,8 +263,13 @@ _TASK_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]
 }
 
 
-# Roles a task may use without needing them: a retrieval package's re-ranker.
-_TASK_OPTIONAL_ROLES: dict[str, tuple[str, ...]] = {"retrieval": ("itm",)}
+# Roles a task may use without needing them: a retrieval package's re-ranker; a chat decoder's
+# cross-attention keys/values (and the question encoder they are computed from).
+_TASK_OPTIONAL_ROLES: dict[str, tuple[str, ...]] = {
+    "retrieval": ("itm",),
+    "chat": ("cross_kv", "question_encoder"),
+}
+CROSS_PREFIX = "cross_key_values."
 
 
 def _check_wiring(m: Manifest) -> None:
@@ -320,9 +325,22 @@ def _check_wiring(m: Manifest) -> None:
         raise IntegrityError("a chat_template section belongs to a chat package without a 'prompt' section")
     if m.task == "chat" and m.prompt is None and m.chat_template is None:
         raise IntegrityError("a chat package needs a 'prompt' or a 'chat_template' section")
-    if m.task == "chat" and m.pipeline.image_tokens is None:
+    cross = m.has_role("cross_kv")
+    if m.task == "chat" and cross:
+        # the image enters through cross-attention: it takes no LLM positions
+        if m.pipeline.image_tokens is not None or m.prompt is None:
+            raise IntegrityError(
+                "a chat package whose decoder cross-attends to the image needs a 'prompt' section and no "
+                "pipeline.image_tokens"
+            )
+        for name in ("first_turn", "turn", "caption"):
+            if IMAGE in markers(getattr(m.prompt, name) or ""):
+                raise IntegrityError(
+                    f"prompt.{name} holds {IMAGE}, but the decoder reads the image by cross-attention"
+                )
+    elif m.task == "chat" and m.pipeline.image_tokens is None:
         raise IntegrityError("a chat package needs pipeline.image_tokens")
-    if m.task == "chat" and m.prompt is not None:
+    elif m.task == "chat" and m.prompt is not None:
         for name in ("first_turn", "caption"):
             text = getattr(m.prompt, name)
             if text is None or markers(text).count(IMAGE) != 1:
@@ -331,6 +349,8 @@ def _check_wiring(m: Manifest) -> None:
         raise IntegrityError(f"a {m.task} package has no image path for the {IMAGE} in its prompt")
     if m.llm is not None and m.has_role("llm_step"):
         _check_llm_step(m, m.llm, m.component(m.by_role("llm_step")))
+    if m.has_role("question_encoder"):
+        _check_question_encoder(m)
     if m.prompt is not None and m.llm is None and {BOS, EOS} & set(markers(m.prompt.first_turn)):
         raise IntegrityError("prompt markers {bos}/{eos} need an 'llm' section for their ids")
 
@@ -379,6 +399,93 @@ def _check_llm_step(m: Manifest, llm: LLMConfig, step: ComponentEntry) -> None:
     logits = next((s for s in step.outputs if s.name == "logits"), None)
     if logits is None or logits.shape[-1:] != (llm.vocab_size,):
         raise IntegrityError(f"the llm_step graph's logits must end in llm.vocab_size={llm.vocab_size}")
+    _check_cross(m, llm, step)
+
+
+def _image_values(m: Manifest) -> dict[str, TensorSpec]:
+    """The values the image path produces, by name, with their graphs' specs."""
+    image = m.pipeline.paths.get("image")
+    return {
+        value: spec
+        for step in (image.steps if image is not None else ())
+        for graph_out, value in step.outputs.items()
+        for spec in m.component(step.component).outputs
+        if spec.name == graph_out
+    }
+
+
+def _check_question_encoder(m: Manifest) -> None:
+    """One question encoder beside a cross_kv component: text-path sources and image path values
+    in (bound by name, same shape), one output of per-token states."""
+    name = m.by_role("question_encoder")
+    entry, produced = m.component(name), _image_values(m)
+    if not m.has_role("cross_kv") or len(entry.outputs) != 1:
+        raise IntegrityError(f"question_encoder {name!r} must give one output, read by a cross_kv component")
+    for spec in entry.inputs:
+        if spec.name in PATH_SOURCES["text"]:
+            continue
+        source = produced.get(spec.name)
+        if source is None or source.shape != spec.shape or source.dtype != spec.dtype:
+            raise IntegrityError(
+                f"question_encoder {name!r} input {spec.name!r} {spec.shape} is neither a text source nor an "
+                f"image path value of that shape; the image path yields {sorted(produced)}"
+            )
+
+
+def _check_cross(m: Manifest, llm: LLMConfig, step: ComponentEntry) -> None:
+    """The cross keys/values: one cross_kv component whose outputs are exactly the llm_step's
+    `cross_key_values.*` inputs (a key and a value per layer, (1, kv_heads, memory, head_dim):
+    computed once and shared by every row of a step), reading one value that the runtime has: the
+    image path's (captioning) or the question encoder's output (VQA), of the same trailing shape."""
+    inputs = [s for s in step.inputs if s.name.startswith(CROSS_PREFIX)]
+    if not m.has_role("cross_kv"):
+        if inputs:
+            raise IntegrityError(
+                "the llm_step graph takes cross_key_values.* inputs but no cross_kv component gives them"
+            )
+        return
+    name = m.by_role("cross_kv")
+    entry = m.component(name)
+    if len(inputs) != 2 * llm.layers:
+        raise IntegrityError(
+            f"llm.layers is {llm.layers} but the llm_step graph takes {len(inputs)} cross key/value inputs"
+        )
+    for spec in inputs:
+        if (
+            len(spec.shape) != 4
+            or spec.shape[0] != 1
+            or (spec.shape[1], spec.shape[3]) != (llm.kv_heads, llm.head_dim)
+        ):
+            raise IntegrityError(
+                f"llm_step input {spec.name!r} {spec.shape} is not (1, kv_heads={llm.kv_heads}, memory, "
+                f"head_dim={llm.head_dim})"
+            )
+    if {(s.name, s.dtype, s.shape) for s in entry.outputs} != {(s.name, s.dtype, s.shape) for s in inputs}:
+        raise IntegrityError(
+            f"cross_kv {name!r} outputs are not the llm_step graph's cross_key_values.* inputs"
+        )
+    available = dict(_image_values(m))
+    if m.has_role("question_encoder"):
+        available = {s.name: s for s in m.component(m.by_role("question_encoder")).outputs}
+    if len(entry.inputs) != 1:
+        raise IntegrityError(f"cross_kv {name!r} must read one value")
+    spec = entry.inputs[0]
+    source = available.get(spec.name)
+    if (
+        source is None
+        or source.dtype != spec.dtype
+        or not _fits(source.shape[1:], spec.shape[1:])
+        or spec.shape[0] != 1
+    ):
+        raise IntegrityError(
+            f"cross_kv {name!r} input {spec.name!r} {spec.shape} is not one row of a value the runtime has: "
+            f"{sorted(available)}"
+        )
+
+
+def _fits(a: tuple[int | str, ...], b: tuple[int | str, ...]) -> bool:
+    """Same rank, and the same size wherever both dims are fixed."""
+    return len(a) == len(b) and all(x == y for x, y in zip(a, b) if isinstance(x, int) and isinstance(y, int))
 
 
 def _check_references(m: Manifest) -> None:

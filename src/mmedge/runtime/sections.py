@@ -338,6 +338,12 @@ ROLES: dict[str, str | None] = {
     # image features + token ids -> (no match, match) logits: re-scores retrieval candidates (BLIP's
     # ITM); its inputs are text-path sources and values of the image path, bound by name
     "itm": None,
+    # image features + question ids -> the question's states, grounded in the image (BLIP's VQA
+    # question encoder); run once per (image, question), its output feeds `cross_kv`
+    "question_encoder": None,
+    # the states a decoder cross-attends to (image features, or question states) -> each layer's
+    # cross keys/values, `cross_key_values.<i>.key/value`: computed once, bound to every llm_step
+    "cross_kv": None,
 }
 # Image-path sources that hold the user's instruction, tokenised with the manifest's
 # `instruction_tokenizer` (InstructBLIP's Q-Former reads the question along with the image).

@@ -1,8 +1,15 @@
-"""BLIP for image-text retrieval: a ViT, an image-grounded text encoder, ITC projections and the ITM head.
+"""BLIP: a ViT with, per variant, retrieval heads, a caption decoder or a VQA encoder-decoder.
 
-Parameter names follow Hugging Face `BlipForImageTextRetrieval` (`vision_model.*`, `text_encoder.*`,
-`vision_proj`, `text_proj`, `itm_head`), so HF checkpoints load by name. The ViT is BLIP-2's (the
-same module and names); the text encoder is the shared fusion encoder (`models.fusion`).
+- `itm`: HF `BlipForImageTextRetrieval` (`vision_model.*`, `text_encoder.*`, `vision_proj`,
+  `text_proj`, `itm_head`): ITC embeddings and the ITM head;
+- `caption`: HF `BlipForConditionalGeneration` (`vision_model.*`, `text_decoder.*`): a text decoder
+  cross-attending to the image's features;
+- `vqa`: HF `BlipForQuestionAnswering` (`vision_model.*`, `text_encoder.*`, `text_decoder.*`): the
+  question encoded with cross-attention to the image, an answer decoder cross-attending to the
+  question's states.
+
+HF checkpoints load by name. The ViT is BLIP-2's (the same module and names); the text encoder is
+the shared fusion encoder (`models.fusion`), the decoder `blip.decoder.BlipTextDecoder` over it.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import torch
 from torch import nn
 
 from mmedge.errors import ConfigError
+from mmedge.models.blip.decoder import BlipTextDecoder
 from mmedge.models.blip2.modeling import Blip2VisionConfig, vision_tower
 from mmedge.models.configs import from_dict
 from mmedge.models.fusion import FusionConfig, FusionEncoder
@@ -29,6 +37,7 @@ VIT_B16_384 = {
     "mlp_dim": 3072,
     "eps": 1e-5,
 }
+VARIANTS = ("itm", "caption", "vqa")
 
 
 @dataclass(frozen=True)
@@ -39,12 +48,29 @@ class BlipConfig:
     logit_scale_init: float = 2.6592  # ln(1/0.07): zero-shot temperature (no learned one in the ITM model)
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    variant: str = "itm"  # VARIANTS
+    # The decoders' (caption, vqa): self-attention cache slots and HF's special ids. Generation
+    # starts from bos ([DEC]) and ends at sep ([SEP]), as HF's generate sets them.
+    max_context: int = 64
+    bos_token_id: int = 30522
+    sep_token_id: int = 102
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"blip variant {self.variant!r} is not one of {VARIANTS}")
         if self.text.encoder_hidden != self.vision.width:
             raise ConfigError(
                 f"text.encoder_hidden {self.text.encoder_hidden} != vision width {self.vision.width}"
             )
+        if self.variant == "itm":
+            return
+        if not 0 < self.max_context <= self.text.max_positions:
+            raise ConfigError(
+                f"blip max_context {self.max_context} must be in [1, text.max_positions={self.text.max_positions}]"
+            )
+        for name in ("bos_token_id", "sep_token_id"):
+            if not 0 <= getattr(self, name) < self.text.vocab_size:
+                raise ConfigError(f"blip {name} {getattr(self, name)} is outside the text vocabulary")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BlipConfig:
@@ -90,3 +116,37 @@ class Blip(nn.Module):
     ) -> torch.Tensor:
         """(no match, match) logits of image-text pairs, (B, 2); softmax[:, 1] is the match probability."""
         return self.itm_head(self.text_encoder.fuse(input_ids, attention_mask, image_features)[:, 0])
+
+
+class BlipCaptioner(nn.Module):
+    """HF `BlipForConditionalGeneration`: the ViT and a text decoder cross-attending to its features."""
+
+    def __init__(self, cfg: BlipConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = vision_tower(cfg.vision)
+        self.text_decoder = BlipTextDecoder(cfg.text)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Every image token's features, (B, P+1, C): what the decoder cross-attends to."""
+        return self.vision_model.hidden_states(pixel_values)
+
+
+class BlipVQA(BlipCaptioner):
+    """HF `BlipForQuestionAnswering`: the question encoder (cross-attending to the image) feeds the
+    answer decoder's cross-attention."""
+
+    def __init__(self, cfg: BlipConfig):
+        super().__init__(cfg)
+        self.text_encoder = FusionEncoder(cfg.text)
+
+    def encode_question(
+        self, image_features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Every question token's state, (B, N, hidden), grounded in the image."""
+        return self.text_encoder.fuse(input_ids, attention_mask, image_features)
+
+
+def build(cfg: BlipConfig) -> nn.Module:
+    """The variant's module."""
+    return {"itm": Blip, "caption": BlipCaptioner, "vqa": BlipVQA}[cfg.variant](cfg)

@@ -1,0 +1,196 @@
+"""BLIP's text decoder (HF `BlipTextLMHeadModel`): a BERT decoder that cross-attends to an encoder.
+
+Parameter names are HF's (`bert.embeddings.*`, `bert.encoder.layer.<i>.attention.*`,
+`.crossattention.*`, `cls.predictions.*`): the module is the shared fusion encoder
+(`models.fusion.FusionEncoder`, every layer with cross-attention) plus BERT's LM head. It is exported
+as three graphs (docs/generation.md, "Cross-attention"):
+
+- `embed_tokens`: word embeddings only. BERT adds position embeddings *before* its embedding
+  LayerNorm, so positions and that LayerNorm run inside the step, as OPT's learned positions do;
+- `cross_kv(encoder_hidden_states)`: every layer's cross-attention keys and values, computed once
+  per image (captioning) or question (VQA) and bound by the runtime for the whole generation;
+- `step(...)`: one cached decoder step: self-attention over a fixed-size cache plus the new tokens
+  (the contract of `decoder.base.CachedDecoderLM.step`), cross-attention over the precomputed keys
+  and values, the LM head on the last K positions.
+
+The cross keys/values may have one row while the step has several (beam search): the attention
+matmuls broadcast over the batch, so beams share one buffer and it is never reordered.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mmedge.models.blocks import MASK_VALUE, activation
+from mmedge.models.fusion import FusionConfig, FusionEncoder, FusionLayer
+
+
+class _Transform(nn.Module):
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.transform_act_fn = activation(cfg.act)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(x)))
+
+
+class _Predictions(nn.Module):
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.transform = _Transform(cfg)
+        self.decoder = nn.Linear(cfg.hidden, cfg.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # HF ties decoder.bias to this one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))
+
+
+class _LMHead(nn.Module):
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.predictions = _Predictions(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictions(x)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*D) -> (B, H, N, D)."""
+    b, n, width = x.shape
+    return x.view(b, n, heads, width // heads).transpose(1, 2)
+
+
+class BlipTextDecoder(nn.Module):
+    """Token embeddings -> next-token logits, with a self-attention cache and precomputed cross K/V."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.heads, self.head_dim = cfg.heads, cfg.hidden // cfg.heads
+        self.bert = FusionEncoder(cfg)
+        self.cls = _LMHead(cfg)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def cross_kv(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each layer's cross-attention (key, value), (B, H, N, D), flat in layer order."""
+        out: list[torch.Tensor] = []
+        for layer in self.bert.encoder.layer:
+            a = layer.crossattention.self
+            out += [
+                _heads(a.key(encoder_hidden_states), self.heads),
+                _heads(a.value(encoder_hidden_states), self.heads),
+            ]
+        return tuple(out)
+
+    def _self_attention(
+        self,
+        layer: FusionLayer,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        bias: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = layer.attention.self
+        q = _heads(a.query(x) * (1.0 / math.sqrt(self.head_dim)), self.heads)
+        k, v = _heads(a.key(x), self.heads), _heads(a.value(x), self.heads)
+        scores = q @ k.transpose(-1, -2)
+        if past is not None:  # scores against the cache and the new tokens, joined before the softmax
+            scores = torch.cat([q @ past[0].transpose(-1, -2), scores], dim=-1)
+        probs = torch.softmax(scores + bias, dim=-1)
+        if past is None:
+            out = probs @ v
+        else:  # split at the cache size, a static dim of the export
+            t = past[0].shape[2]
+            out = probs[..., t:] @ v + probs[..., :t] @ past[1]
+        b, _, s, _ = out.shape
+        return layer.attention.output(out.transpose(1, 2).reshape(b, s, -1), x), k, v
+
+    def _cross_attention(
+        self, layer: FusionLayer, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        # every encoder position is attended (HF passes an all-ones encoder mask); key/value may
+        # have one row for B query rows: the matmuls broadcast
+        a = layer.crossattention.self
+        q = _heads(a.query(x) * (1.0 / math.sqrt(self.head_dim)), self.heads)
+        out = torch.softmax(q @ key.transpose(-1, -2), dim=-1) @ value
+        b, _, s, _ = out.shape
+        return layer.crossattention.output(out.transpose(1, 2).reshape(b, s, -1), x)
+
+    def step(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cross: list[tuple[torch.Tensor, torch.Tensor]],
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        logits_to_keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Logits (B, K, V) of the last K positions and each layer's new self-attention (key, value).
+
+        `attention_mask` (B, T + S) covers the T cache slots then the S new tokens, as in
+        `decoder.base.CachedDecoderLM.step`; `cross` holds each layer's cross (key, value)."""
+        s = inputs_embeds.shape[1]
+        t = attention_mask.shape[1] - s
+        mask = attention_mask.to(inputs_embeds.dtype)
+        causal = torch.triu(torch.full((s, s), MASK_VALUE, dtype=inputs_embeds.dtype), diagonal=1)
+        bias = causal + (1.0 - mask[:, None, None, t:]) * MASK_VALUE  # (B, 1, S, S)
+        if past is not None:
+            past_bias = (1.0 - mask[:, None, None, :t]) * MASK_VALUE  # (B, 1, 1, T)
+            bias = torch.cat([past_bias.expand(-1, -1, s, -1), bias], dim=-1)
+        emb = self.bert.embeddings
+        x = emb.LayerNorm(inputs_embeds + emb.position_embeddings(position_ids))
+        new_kv = []
+        for i, layer in enumerate(self.bert.encoder.layer):
+            x, k, v = self._self_attention(layer, x, past[i] if past is not None else None, bias)
+            x = self._cross_attention(layer, x, *cross[i])
+            x = layer.output(layer.intermediate(x), x)
+            new_kv.append((k, v))
+        if logits_to_keep is not None:
+            x = x[:, s - logits_to_keep[0] :]
+        return self.cls(x), new_kv
+
+    def forward(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits of whole sequences without any cache: cross keys/values computed from
+        `encoder_hidden_states` in this call (the reference the cached runtime is checked against)."""
+        kv = self.cross_kv(encoder_hidden_states)
+        cross = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
+        b, n = input_ids.shape
+        positions = torch.arange(n).expand(b, n)
+        return self.step(self.embed_tokens(input_ids), torch.ones_like(input_ids), positions, cross)[0]
+
+
+class DecoderStep(nn.Module):
+    """The exported step: flat inputs, self-attention cache then cross keys/values, each key then
+    value per layer (HF / ORT GenAI naming)."""
+
+    def __init__(self, decoder: BlipTextDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        logits_to_keep: torch.Tensor,
+        *caches: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        n = len(caches) // 2  # past, then cross: 2 * layers each
+        past = [(caches[2 * i], caches[2 * i + 1]) for i in range(n // 2)]
+        cross = [(caches[n + 2 * i], caches[n + 2 * i + 1]) for i in range(n // 2)]
+        logits, new_kv = self.decoder.step(
+            inputs_embeds, attention_mask, position_ids, cross, past, logits_to_keep
+        )
+        return (logits, *(t for kv in new_kv for t in kv))
+
+
+def cross_names(layers: int) -> list[str]:
+    """The cross keys/values' tensor names: key then value per layer."""
+    return [f"cross_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]

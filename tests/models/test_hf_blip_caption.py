@@ -1,0 +1,224 @@
+"""HF BlipForConditionalGeneration / BlipForQuestionAnswering -> mmedge export -> torch-free captions
+and VQA answers over a cross-attention decoder.
+
+Parity is against transformers: small random models and a BERT-style tokenizer with [DEC] written
+with `save_pretrained` (the whole BlipProcessor), images read from files through mmedge's
+preprocessing against BlipImageProcessor (PIL); greedy and 3-beam token ids equal HF's `generate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from models.test_hf_blip_itm import SIZE, _images, _tokenizer
+
+TOKENS = 20
+PROMPTS = [None, "a picture of"]
+QUESTIONS = ["what is on the left", "the red dog"]
+
+
+def _config(vocab: int) -> transformers.BlipConfig:
+    return transformers.BlipConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": SIZE,
+            "patch_size": 8,
+            "initializer_range": 0.2,
+        },
+        text_config={
+            "vocab_size": vocab + 1,  # + [DEC]
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 40,
+            "bos_token_id": vocab,
+            "sep_token_id": 3,
+            "pad_token_id": 0,
+            "initializer_range": 0.2,
+        },
+        initializer_range=0.2,
+    )
+
+
+def _export(root: Path, cls: type, seed: int):
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from mmedge import sdk
+    from mmedge.export.exporter import export_model
+
+    hf_tok, vocab = _tokenizer()
+    hf_tok.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder start token, after the vocabulary
+    torch.manual_seed(seed)
+    hf = cls(_config(vocab)).eval()
+    with torch.no_grad():  # sharper logits: random tiny decoders otherwise tie between tokens
+        hf.text_decoder.cls.predictions.decoder.weight.mul_(4)
+    hf.save_pretrained(root / "src")
+    processor = transformers.BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": SIZE, "width": SIZE}), tokenizer=hf_tok
+    )
+    processor.save_pretrained(root / "src")
+    export_model(root / "src", root / "pkg")
+    return hf, processor, sdk.Pipeline(str(root / "pkg"))
+
+
+@pytest.fixture(scope="module")
+def caption(tmp_path_factory: pytest.TempPathFactory):
+    return _export(tmp_path_factory.mktemp("blip-caption"), transformers.BlipForConditionalGeneration, 0)
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory: pytest.TempPathFactory):
+    return _export(tmp_path_factory.mktemp("blip-vqa"), transformers.BlipForQuestionAnswering, 1)
+
+
+def _hf_generate(hf, processor, image: Path, text: str | None, **gen) -> list[int]:
+    from PIL import Image
+
+    inputs = processor(images=Image.open(image), text=text, return_tensors="pt")
+    args = {"max_new_tokens": TOKENS, "min_new_tokens": 0, **gen}
+    with torch.no_grad():
+        out = hf.generate(**inputs, **args)[0].tolist()
+    if "input_ids" in inputs and isinstance(hf, transformers.BlipForConditionalGeneration):
+        start = inputs["input_ids"].shape[1] - 1  # the prompt, less its [SEP]
+    else:
+        start = 1  # [DEC]
+    new = out[start:]
+    sep = hf.config.text_config.sep_token_id
+    return new[: new.index(sep)] if sep in new else new
+
+
+def test_caption_package_wires_the_cross_attention_decoder(caption) -> None:
+    _, _, pipe = caption
+    m = pipe.runner.manifest
+    assert (m.family, m.variant, m.task) == ("blip", "caption", "chat")
+    assert {n: c.role for n, c in m.components.items()} == {
+        "vision": "image_encoder",
+        "cross": "cross_kv",
+        "embed": "token_embed",
+        "llm": "llm_step",
+    }
+    assert m.pipeline.image_tokens is None and m.llm is not None
+    assert (m.llm.bos_token_id, m.llm.eos_token_id) == (48, 3)
+    cross = [s for s in m.component("llm").inputs if s.name.startswith("cross_key_values.")]
+    assert len(cross) == 4 and cross[0].shape == (1, 4, 17, 8)
+    assert all(c.precisions["fp32"].parity["passed"] for c in m.components.values())
+    assert type(pipe).__name__ == "CrossAttentionChatPipeline"
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_captions_match_transformers(caption, tmp_path: Path, prompt: str | None) -> None:
+    hf, processor, pipe = caption
+    images = _images(tmp_path, 3, seed=10)
+    lengths = []
+    for image in images:
+        ref = _hf_generate(hf, processor, image, prompt)
+        ours = pipe.generate_ids(str(image), prompt, max_new_tokens=TOKENS)
+        assert ours == ref
+        lengths.append(len(ref))
+        text = pipe.caption(str(image), prompt, max_new_tokens=TOKENS)
+        assert text == processor.tokenizer.decode(ref, skip_special_tokens=True)
+    assert max(lengths) == TOKENS  # at least one runs the whole 20 tokens
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_beam_captions_match_transformers(caption, tmp_path: Path, prompt: str | None) -> None:
+    hf, processor, pipe = caption
+    for image in _images(tmp_path, 3, seed=11):
+        ref = _hf_generate(hf, processor, image, prompt, num_beams=3)
+        assert pipe.generate_ids(str(image), prompt, max_new_tokens=TOKENS, num_beams=3) == ref
+
+
+def test_cached_cross_attention_equals_recomputing_it(caption, tmp_path: Path) -> None:
+    """The runtime binds cross keys/values computed once; a PyTorch decoding of the same exported
+    model that recomputes them (and the whole sequence) at every step gives the same tokens."""
+    from mmedge.models.sources import load_source
+
+    _, _, pipe = caption
+    model = load_source(Path(pipe.runner.manifest.provenance.source["path"])).model
+    m = pipe.runner.manifest
+    for image in _images(tmp_path, 3, seed=12):
+        pixels = pipe.runner.image_sources(_pixels(pipe, image))["pixel_values"]
+        ids = [m.llm.bos_token_id]
+        with torch.no_grad():
+            features = model.image_features(torch.from_numpy(pixels))
+            for _ in range(TOKENS):
+                token = int(model.text_decoder(torch.tensor([ids]), features)[0, -1].argmax())
+                if token == m.llm.eos_token_id:
+                    break
+                ids.append(token)
+        assert pipe.generate_ids(str(image), max_new_tokens=TOKENS) == ids[1:]
+
+
+def _pixels(pipe, image: Path) -> np.ndarray:
+    from mmedge.runtime.images import load_image, preprocess
+
+    return preprocess([load_image(str(image))], pipe.runner.preprocess)
+
+
+def test_vqa_answers_match_transformers(vqa, tmp_path: Path) -> None:
+    hf, processor, pipe = vqa
+    m = pipe.runner.manifest
+    assert (m.variant, m.task) == ("vqa", "chat")
+    assert m.component("question").role == "question_encoder"
+    assert m.component("cross").inputs[0].name == "question_states"
+    lengths = []
+    for image in _images(tmp_path, 2, seed=13):
+        for question in QUESTIONS:
+            ref = _hf_generate(hf, processor, image, question)
+            assert pipe.generate_ids(str(image), question, max_new_tokens=TOKENS) == ref
+            lengths.append(len(ref))
+            beam = _hf_generate(hf, processor, image, question, num_beams=3)
+            assert pipe.generate_ids(str(image), question, max_new_tokens=TOKENS, num_beams=3) == beam
+            answer = pipe.chat(str(image), question, max_new_tokens=TOKENS)
+            assert answer == processor.tokenizer.decode(ref, skip_special_tokens=True)
+    assert max(lengths) == TOKENS
+
+
+def test_vqa_question_longer_than_the_encoder_context_is_an_error(vqa, tmp_path: Path) -> None:
+    from mmedge.errors import InvalidInputError
+
+    _, _, pipe = vqa
+    (image,) = _images(tmp_path, 1, seed=14)
+    with pytest.raises(InvalidInputError, match="context of 40 tokens"):
+        pipe.chat(str(image), " ".join(["red"] * 45))
+    with pytest.raises(InvalidInputError, match="VQA package"):
+        pipe.caption(str(image))
+    with pytest.raises(InvalidInputError, match="one question at a time"):
+        pipe.chat(str(image), "what", history=[("a", "b")])
+
+
+def test_manifest_refuses_cross_inputs_that_do_not_fit(caption) -> None:
+    from dataclasses import replace
+
+    from mmedge.errors import IntegrityError
+    from mmedge.runtime.manifest import TensorSpec
+
+    _, _, pipe = caption
+    m = pipe.runner.manifest
+    llm, cross = m.component("llm"), m.component("cross")
+    wrong = tuple(
+        TensorSpec(s.name, s.dtype, (1, 2, 17, 16)) if s.name.startswith("cross_key_values.0.") else s
+        for s in llm.inputs
+    )
+    with pytest.raises(IntegrityError, match="cross_key_values"):
+        replace(m, components={**m.components, "llm": replace(llm, inputs=wrong)})
+    bad_source = replace(cross, inputs=(TensorSpec("image_features", "float32", (1, 5, 32)),))
+    with pytest.raises(IntegrityError, match="cross_kv"):
+        replace(m, components={**m.components, "cross": bad_source})
+    # without its cross_kv component the package would need image positions it does not declare
+    without = {n: c for n, c in m.components.items() if n != "cross"}
+    with pytest.raises(IntegrityError, match="image_tokens"):
+        replace(m, components=without)
+    plain_step = replace(llm, inputs=tuple(s for s in llm.inputs if not s.name.startswith("cross_")))
+    with pytest.raises(IntegrityError, match="cross key/value inputs"):
+        replace(m, components={**m.components, "llm": plain_step})
