@@ -11,12 +11,15 @@ paths, so there is no single path to calibrate its activations from.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 from torch import nn
 
 from mmedge.models.blip.hf import ARCHITECTURE, blip_config
 from mmedge.models.blip.modeling import Blip, BlipConfig
+from mmedge.models.blip2.modeling import Blip2VisionConfig
 from mmedge.models.component import ComponentDecl, bound
+from mmedge.models.fusion import FusionConfig
 from mmedge.models.registry import Family, HFSupport, Sections, register
 from mmedge.runtime.manifest import DimRange, TensorSpec
 from mmedge.runtime.sections import PreprocessConfig, RetrievalConfig
@@ -24,8 +27,20 @@ from mmedge.runtime.sections import PreprocessConfig, RetrievalConfig
 LABEL_TEMPLATES = ("a picture of {}.", "{}")
 
 
-def components(cfg: BlipConfig) -> tuple[ComponentDecl, ...]:
-    """vision (two outputs: the path's ITC embedding first), text, itm."""
+class ItmModelConfig(Protocol):
+    """What the components read of a ViT + fusion-encoder config (BLIP's, ALBEF's)."""
+
+    @property
+    def vision(self) -> Blip2VisionConfig: ...
+    @property
+    def text(self) -> FusionConfig: ...
+    @property
+    def embed_dim(self) -> int: ...
+
+
+def components(cfg: ItmModelConfig) -> tuple[ComponentDecl, ...]:
+    """vision (two outputs: the path's ITC embedding first), text, itm; the model has
+    `encode_image`, `encode_text` and `itm_logits` (the albef family's too)."""
     v, t, s, d = cfg.vision, cfg.text, cfg.vision.image_size, cfg.embed_dim
     batch, ctx = DimRange(1, 1, 64), t.max_positions
     sequence = DimRange(1, min(16, ctx), ctx)
