@@ -102,6 +102,8 @@ def cmd_export(a: argparse.Namespace) -> object:
         progress=print if not a.json else None,
         force=a.force,
         max_context=a.max_context,
+        config=a.config,
+        tokenizer=a.tokenizer,
     )
     return {"package": str(a.out), "components": sorted(m.components)}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from mmedge.models.albef.modeling import Albef, AlbefConfig
+from mmedge.models.albef.official import from_official
 from mmedge.models.blip import components
 from mmedge.models.registry import Family, Sections, register
 from mmedge.runtime.sections import PreprocessConfig, RetrievalConfig
@@ -47,5 +48,6 @@ FAMILY = register(
         components=components,
         preprocess=preprocess,
         sections=sections,
+        official=from_official,
     )
 )

@@ -12,6 +12,7 @@ is not half-loaded.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ def _rename(name: str) -> str | None:
     return name if _HEADS.fullmatch(name) else None
 
 
-def from_official(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def from_official(state: dict[str, Any], source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """An official ALBEF state dict (or the training checkpoint {"model": state dict, ...} that
     ALBEF's scripts save) -> the albef family's names; training-only entries are dropped and
     unknown names refused (`ConfigError`)."""
