@@ -125,10 +125,16 @@ class FusionEncoder(nn.Module):
     def _run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor | None, layers: int
     ) -> torch.Tensor:
+        return self.run_layers(self.embeddings(input_ids), attention_mask, image, 0, layers)
+
+    def run_layers(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor | None, start: int, stop: int
+    ) -> torch.Tensor:
+        """Hidden states through layers `start`..`stop` (training runs the fusion layers on the text
+        layers' output, as ALBEF's "fusion" mode does, instead of running those layers again)."""
         # Padding is masked as keys only; the padded positions' own states are never read.
         bias = (attention_mask[:, None, None, :] == 0).to(torch.float32) * MASK_VALUE  # (B, 1, 1, N)
-        x = self.embeddings(input_ids)
-        for layer in self.encoder.layer[:layers]:
+        for layer in self.encoder.layer[start:stop]:
             x = layer(x, bias, image)
         return x
 

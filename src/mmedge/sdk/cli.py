@@ -348,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--limit", type=int, default=None, help="retrieval: evaluate on the first N items")
     sp.add_argument(
+        "--rerank",
+        type=int,
+        default=None,
+        metavar="K",
+        help="retrieval with an ITM component: also text->image R@1 among hard negatives (--limit or 500 "
+        "held-out scenes and a one-attribute edit of each), contrastive against ITM re-ranking of the "
+        "top K (default 16; 0: skip)",
+    )
+    sp.add_argument(
         "--questions", type=int, default=None, help="chat: colour/shape/count questions asked (300)"
     )
     sp.add_argument("--captions", type=int, default=None, help="chat: scenes captioned (100)")

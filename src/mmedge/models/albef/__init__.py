@@ -49,5 +49,6 @@ FAMILY = register(
         preprocess=preprocess,
         sections=sections,
         official=from_official,
+        recipe="mmedge.recipes.albef",
     )
 )
