@@ -103,6 +103,20 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
         },
         "embed_dim": 16,
     },
+    ("albef", "itm"): {
+        "vision": _VISION,
+        "text": {
+            "vocab_size": 0,
+            "hidden": 32,
+            "layers": 3,
+            "heads": 2,
+            "intermediate": 64,
+            "max_positions": 32,
+            "encoder_hidden": 32,
+            "fusion_from": 1,
+        },
+        "embed_dim": 16,
+    },
     **{
         ("blip", v): {
             "variant": v,

@@ -54,3 +54,21 @@ def test_albef_style_lower_layers_are_text_only() -> None:
 def test_fusion_from_must_name_a_layer(fusion_from: int) -> None:
     with pytest.raises(ConfigError, match="fusion_from"):
         FusionConfig(**CFG, fusion_from=fusion_from)
+
+
+def test_token_type_embeddings_add_type_zero_where_configured() -> None:
+    plain = FusionEncoder(FusionConfig(**CFG, fusion_from=2)).eval()
+    assert not hasattr(plain.embeddings, "token_type_embeddings")  # BLIP: none
+    typed = FusionEncoder(FusionConfig(**CFG, fusion_from=2, type_vocab_size=2)).eval()
+    typed.load_state_dict(plain.state_dict(), strict=False)
+    ids, _, _ = _inputs()
+    emb = typed.embeddings
+    with torch.no_grad():
+        expected = emb.LayerNorm(
+            emb.word_embeddings(ids)
+            + emb.position_embeddings.weight[:5]
+            + emb.token_type_embeddings.weight[0]
+        )
+        torch.testing.assert_close(emb(ids), expected)
+    with pytest.raises(ConfigError, match="type_vocab_size"):
+        FusionConfig(**CFG, type_vocab_size=-1)

@@ -9,7 +9,7 @@ import numpy as np
 
 from mmedge.errors import InvalidInputError, UnsupportedError
 from mmedge.runtime.metrics import retrieval_metrics
-from mmedge.runtime.retrieval import RetrievalPipeline
+from mmedge.runtime.retrieval import RetrievalPipeline, l2_normalize
 
 CHUNK = 256
 
@@ -39,6 +39,64 @@ def evaluate_items(pipeline: RetrievalPipeline, items: list) -> dict[str, Any]:
     metrics = retrieval_metrics(img, txt, [it.key for it in items])
     precisions = {c: runner.precision_of(c) for c in runner.manifest.components}
     return {"task": "retrieval", "precisions": precisions, **metrics}
+
+
+def hard_negative_gallery(n: int, image_size: int, seed: int | None = None) -> tuple[list, list, list, list]:
+    """`n` held-out scenes and, for each, one edit of one attribute of one object (`data.perturb`):
+    (query captions, their scene keys, gallery images (2n: the scenes, then the edits), gallery keys)."""
+    from mmedge.data import HELD_OUT_SEED, generate_scenes, perturb, render
+    from mmedge.data.scenes import scene_key
+
+    seed = HELD_OUT_SEED if seed is None else seed
+    scenes = generate_scenes(n, seed, image_size)
+    images, keys = [s.image for s in scenes], [s.key for s in scenes]
+    for i, s in enumerate(scenes):
+        rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(i, 7)))
+        edit = perturb(s.objects, rng)
+        images.append(render(edit, image_size, rng))
+        keys.append(scene_key(edit))
+    return [s.caption for s in scenes], [s.key for s in scenes], images, keys
+
+
+def evaluate_rerank(pipeline: object, n: int = 500, depth: int = 16) -> dict[str, Any]:
+    """Text->image R@1 among hard negatives, contrastive only against ITM re-ranking.
+
+    The gallery holds `n` held-out scenes and a one-attribute edit of each (2n images); each
+    scene's caption is a query, and an image of the identical scene counts as a hit. Contrastive:
+    the nearest image by cosine; re-ranked: the best of the contrastive top `depth` by the
+    package's ITM match probability (`RetrievalPipeline.search(rerank=depth)`'s two stages).
+    """
+    if not isinstance(pipeline, RetrievalPipeline):
+        raise UnsupportedError(f"re-ranking metrics need a retrieval package; got {pipeline!r}")
+    if pipeline.itm is None:
+        raise UnsupportedError(
+            f"package {pipeline.runner.manifest.name!r} has no ITM component to re-rank with"
+        )
+    if n < 1 or depth < 1:
+        raise InvalidInputError("scene count and re-rank depth must be positive")
+    texts, query_keys, images, keys = hard_negative_gallery(n, pipeline.preprocess.image_size)
+    depth = min(depth, len(images))
+    values = [pipeline._image_values(images[i : i + CHUNK], "RGB") for i in range(0, len(images), CHUNK)]
+    gallery = {k: np.concatenate([v[k] for v in values]) for k in values[0]}
+    img = l2_normalize(gallery[pipeline.runner.manifest.pipeline.paths["image"].output].astype(np.float32))
+    txt = _chunked(pipeline.embed_texts, texts)
+    top = np.argsort(-(txt @ img.T), axis=1, kind="stable")[:, :depth]  # (n, depth)
+    itc_hits, rerank_hits = [], []
+    for q, cands in enumerate(top):
+        rows = lambda a, b, c=cands: {k: v[c[a:b]] for k, v in gallery.items()}  # noqa: E731
+        probs = pipeline._score(rows, [texts[q]] * depth)
+        itc_hits.append(keys[cands[0]] == query_keys[q])
+        rerank_hits.append(keys[cands[int(np.argmax(probs))]] == query_keys[q])
+    runner = pipeline.runner
+    return {
+        "task": "retrieval-rerank",
+        "queries": n,
+        "gallery": len(images),
+        "depth": depth,
+        "t2i_r1_contrastive": round(float(np.mean(itc_hits)), 4),
+        "t2i_r1_rerank": round(float(np.mean(rerank_hits)), 4),
+        "precisions": {c: runner.precision_of(c) for c in runner.manifest.components},
+    }
 
 
 def evaluate_zero_shot(pipeline: object, n: int = 200) -> dict[str, Any]:

@@ -130,14 +130,18 @@ def export_model(
     progress: Callable[[str], None] | None = None,
     force: bool = False,
     max_context: int | None = None,
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
 ) -> Manifest:
     """Export every component of a model into a package at `out` (replacing an older package there
     atomically; a folder holding anything else is refused unless `force`). `max_context`: the KV
-    cache slots of an LM imported from an HF directory (default: the family's choice)."""
+    cache slots of an LM imported from an HF directory (default: the family's choice). `src` may
+    also be a weights file in a family's official layout, with `config` and `tokenizer`
+    (`models.sources.load_official`)."""
     from mmedge.models.sources import load_source
 
     check_target(out, name, force)  # refuse a bad --out or name before loading a large model
-    lm = load_source(src, family, allow_pickle, max_context)
+    lm = load_source(src, family, allow_pickle, max_context, config=config, tokenizer=tokenizer)
     return export_loaded(lm, out, opset, name, progress, force)
 
 

@@ -41,10 +41,15 @@ class FusionConfig:
     encoder_hidden: int = 768  # width of the image features it reads
     fusion_from: int = 0  # first layer with cross-attention (BLIP: 0; ALBEF: layers // 2)
     pad_token_id: int = 0
+    # BERT's token-type (segment) embeddings: ALBEF's BERT keeps them (type 0 is added to every
+    # token), HF BLIP's text encoder has none (0).
+    type_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ConfigError(f"fusion hidden {self.hidden} is not divisible by heads {self.heads}")
+        if self.type_vocab_size < 0:
+            raise ConfigError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
         if not 0 <= self.fusion_from < self.layers:
             raise ConfigError(f"fusion_from must be in [0, layers={self.layers}), got {self.fusion_from}")
         activation(self.act)
@@ -90,11 +95,16 @@ class FusionEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden)
+        if cfg.type_vocab_size:
+            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden)
         self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         n = input_ids.shape[1]
-        return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings.weight[:n])
+        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:n]
+        if hasattr(self, "token_type_embeddings"):  # every token is of type 0 (one segment)
+            x = x + self.token_type_embeddings.weight[0]
+        return self.LayerNorm(x)
 
 
 class _Layers(nn.Module):
@@ -115,10 +125,16 @@ class FusionEncoder(nn.Module):
     def _run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor | None, layers: int
     ) -> torch.Tensor:
+        return self.run_layers(self.embeddings(input_ids), attention_mask, image, 0, layers)
+
+    def run_layers(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor | None, start: int, stop: int
+    ) -> torch.Tensor:
+        """Hidden states through layers `start`..`stop` (training runs the fusion layers on the text
+        layers' output, as ALBEF's "fusion" mode does, instead of running those layers again)."""
         # Padding is masked as keys only; the padded positions' own states are never read.
         bias = (attention_mask[:, None, None, :] == 0).to(torch.float32) * MASK_VALUE  # (B, 1, 1, N)
-        x = self.embeddings(input_ids)
-        for layer in self.encoder.layer[:layers]:
+        for layer in self.encoder.layer[start:stop]:
             x = layer(x, bias, image)
         return x
 

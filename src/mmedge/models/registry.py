@@ -102,6 +102,9 @@ class Family:
     hf: HFSupport | None = None
     recipe: str | None = None  # module with `train(out, request)`, e.g. "mmedge.recipes.clip"
     assemble: Callable[[Parts], Any] | None = None  # Parts -> models.sources.LoadedModel
+    # A state dict in the official release's key layout (a file outside HF) -> the family's names,
+    # dropping what only training reads and refusing the rest (`mmedge export FILE --family`).
+    official: Callable[[dict[str, Any], str], dict[str, torch.Tensor]] | None = None
     # Tokens the family's prompts need in its tokenizer (e.g. llava's "<image>"), added as special
     # tokens to the tokenizers it trains or makes for random-weight checkpoints.
     special_tokens: Callable[[Any], tuple[str, ...]] = lambda cfg: ()

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from mmedge.errors import ConfigError
-from mmedge.models.registry import Family, get_family
+from mmedge.errors import ConfigError, UnsupportedError
+from mmedge.models.registry import Family, families, get_family
 from mmedge.runtime.schema import from_json
 from mmedge.runtime.sections import PreprocessConfig
 
@@ -30,17 +30,28 @@ class LoadedModel:
 
 
 def load_source(
-    path: str | Path, family: str | None = None, allow_pickle: bool = False, max_context: int | None = None
+    path: str | Path,
+    family: str | None = None,
+    allow_pickle: bool = False,
+    max_context: int | None = None,
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
 ) -> LoadedModel:
     """Load an mmedge checkpoint or HF model directory (family detected; `family` overrides;
-    `max_context`: the KV cache slots of an imported LM, default the family's choice)."""
+    `max_context`: the KV cache slots of an imported LM, default the family's choice), or a weights
+    file in a family's official layout (`load_official`: `config` and `tokenizer` apply to it)."""
     from mmedge.models import checkpoint, hf_import
     from mmedge.runtime.package import sha256_file
 
     root = Path(path)
+    if root.is_file():
+        return load_official(root, family, config, tokenizer, allow_pickle)
+    if config is not None or tokenizer is not None:
+        raise ConfigError("--config and --tokenizer apply to a weights file in a family's official layout")
     if not root.is_dir():
         raise ConfigError(
-            f"{root} is not a directory; expected an mmedge checkpoint or an HF model directory"
+            f"{root} is not a directory; expected an mmedge checkpoint, an HF model directory or a "
+            "weights file in a family's official layout"
         )
     if hf_import.is_hf_dir(root):
         src = hf_import.load_hf(root, allow_pickle=allow_pickle, max_context=max_context, family=family)
@@ -90,3 +101,40 @@ def load_source(
         source,
         instruction.read_text() if instruction.is_file() else None,
     )
+
+
+def load_official(
+    path: Path,
+    family: str | None,
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """A weights file in the official release's layout of `family` (e.g. ALBEF's `ALBEF.pth`).
+
+    The config is the family's JSON config at `config` (default: the family's defaults, the
+    released model's sizes); the tokenizer a `tokenizer.json` (default: the one beside the file).
+    Safetensors, or a pickle-based file with `allow_pickle`, read with `weights_only=True`."""
+    from mmedge.models import checkpoint, hf_import
+    from mmedge.runtime.package import sha256_file
+
+    able = sorted(f.name for f in families().values() if f.official is not None)
+    if family is None:
+        raise ConfigError(f"{path} is a weights file: name its family with --family (one of {able})")
+    fam = get_family(family)
+    if fam.official is None:
+        raise UnsupportedError(f"family {family!r} reads no official weights files; families that do: {able}")
+    raw = checkpoint.read_json_object(Path(config)) if config is not None else {}
+    cfg = fam.config_from_dict(raw)
+    tok = Path(tokenizer) if tokenizer is not None else path.parent / checkpoint.TOKENIZER_NAME
+    if not tok.is_file():
+        raise ConfigError(f"no tokenizer at {tok}; pass --tokenizer (a tokenizers JSON file)")
+    tokenizer_json = tok.read_text()
+    hf_import.check_tokenizer_fits(tok, tokenizer_json, fam, cfg)
+    state = checkpoint.load_weights(path, allow_pickle=allow_pickle)
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} does not hold a state dict")
+    model = fam.build(cfg)
+    checkpoint.assign_weights(model, fam.official(state, str(path)), str(path))
+    source = {"kind": "official", "path": str(path.resolve()), "weights": {path.name: sha256_file(path)}}
+    return LoadedModel(fam, cfg, model.eval(), tokenizer_json, fam.preprocess(cfg), source)

@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export", verbs.cmd_export, "export an mmedge checkpoint or HF model directory to a model package"
     )
     sp.add_argument(
-        "src", help="mmedge checkpoint directory or HF model directory (config.json + safetensors)"
+        "src",
+        help="mmedge checkpoint directory, HF model directory (config.json + safetensors), or a weights "
+        "file in a family's official layout (albef: ALBEF.pth; needs --family)",
     )
     sp.add_argument("--out", required=True, help="package directory to write (replaced atomically)")
     sp.add_argument(
@@ -181,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle",
         action="store_true",
         help="load pickle-based weights (.bin/.pt) with weights_only=True; off by default",
+    )
+    sp.add_argument(
+        "--config",
+        default=None,
+        help="official weights file: the family's config as JSON (default: the released model's sizes)",
+    )
+    sp.add_argument(
+        "--tokenizer",
+        default=None,
+        help="official weights file: its tokenizer.json (default: tokenizer.json beside the file)",
     )
 
     sp = add(
@@ -335,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
         + " (default: shapes:500 for retrieval, shapes:100 for chat packages, which need shapes:N)",
     )
     sp.add_argument("--limit", type=int, default=None, help="retrieval: evaluate on the first N items")
+    sp.add_argument(
+        "--rerank",
+        type=int,
+        default=None,
+        metavar="K",
+        help="retrieval with an ITM component: also text->image R@1 among hard negatives (--limit or 500 "
+        "held-out scenes and a one-attribute edit of each), contrastive against ITM re-ranking of the "
+        "top K (default 16; 0: skip)",
+    )
     sp.add_argument(
         "--questions", type=int, default=None, help="chat: colour/shape/count questions asked (300)"
     )

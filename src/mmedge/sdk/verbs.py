@@ -102,6 +102,8 @@ def cmd_export(a: argparse.Namespace) -> object:
         progress=print if not a.json else None,
         force=a.force,
         max_context=a.max_context,
+        config=a.config,
+        tokenizer=a.tokenizer,
     )
     return {"package": str(a.out), "components": sorted(m.components)}
 
@@ -230,6 +232,7 @@ def cmd_eval(a: argparse.Namespace) -> object:
     chat = p.runner.manifest.task == "chat"
     data = a.data or ("shapes:100" if chat else "shapes:500")
     ignored = ["--limit"] if chat and a.limit is not None else []
+    ignored += ["--rerank"] if chat and a.rerank is not None else []
     ignored += (
         []
         if chat
@@ -249,7 +252,12 @@ def cmd_eval(a: argparse.Namespace) -> object:
             captions=100 if a.captions is None else a.captions,
             progress=None if a.json else print,
         )
-    return evaluate(p, data, limit=a.limit)
+    result = evaluate(p, data, limit=a.limit)
+    if a.rerank != 0 and getattr(p, "itm", None) is not None:
+        from mmedge.evaluation.tasks import evaluate_rerank
+
+        result["hard_negatives"] = evaluate_rerank(p, n=a.limit or 500, depth=a.rerank or 16)
+    return result
 
 
 def _note(message: str) -> None:

@@ -18,14 +18,17 @@ the question states, once per image or question), `embed` (token_embed) and `llm
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 from torch import nn
 
 from mmedge.models.blip.decoder import DecoderStep, cross_names
 from mmedge.models.blip.hf import ARCHITECTURES, blip_config, blip_weights
 from mmedge.models.blip.modeling import VARIANTS, BlipConfig, build
+from mmedge.models.blip2.modeling import Blip2VisionConfig
 from mmedge.models.component import ComponentDecl, bound, within
 from mmedge.models.decoder import cache_names
+from mmedge.models.fusion import FusionConfig
 from mmedge.models.registry import Family, HFSupport, Sections, register
 from mmedge.runtime.manifest import DimRange, TensorSpec
 from mmedge.runtime.sections import LLMConfig, PreprocessConfig, PromptConfig, RetrievalConfig
@@ -40,11 +43,25 @@ PROMPTS = {
 }
 
 
+class ItmModelConfig(Protocol):
+    """What the ITM components read of a ViT + fusion-encoder config (BLIP's, ALBEF's)."""
+
+    @property
+    def vision(self) -> Blip2VisionConfig: ...
+    @property
+    def text(self) -> FusionConfig: ...
+    @property
+    def embed_dim(self) -> int: ...
+
+
 def components(cfg: BlipConfig) -> tuple[ComponentDecl, ...]:
-    """itm: vision (two outputs: the path's ITC embedding first), text, itm; caption / vqa: the
-    cross-attention decoder's (`decoder_components`)."""
-    if cfg.variant != "itm":
-        return decoder_components(cfg)
+    """itm: `itm_components`; caption / vqa: the cross-attention decoder's (`decoder_components`)."""
+    return itm_components(cfg) if cfg.variant == "itm" else decoder_components(cfg)
+
+
+def itm_components(cfg: ItmModelConfig) -> tuple[ComponentDecl, ...]:
+    """vision (two outputs: the path's ITC embedding first), text, itm; the model has
+    `encode_image`, `encode_text` and `itm_logits` (the albef family's too)."""
     v, t, s, d = cfg.vision, cfg.text, cfg.vision.image_size, cfg.embed_dim
     batch, ctx = DimRange(1, 1, 64), t.max_positions
     sequence = DimRange(1, min(16, ctx), ctx)
