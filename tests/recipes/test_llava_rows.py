@@ -94,3 +94,16 @@ def test_mmedge_train_needs_a_clip_tower(tmp_path) -> None:
     assert family.name == "llava" and recipe.__name__ == "mmedge.recipes.llava"
     with pytest.raises(ConfigError, match="--init CLIP_CHECKPOINT"):
         train_model(tmp_path / "out", TrainRequest(preset="llava-tiny"))
+
+
+def test_patch_pairs_mark_the_four_patches_of_each_object() -> None:
+    """An object sits where four patches meet; a centre object shares one patch with each corner one."""
+    from mmedge.data.scenes import SceneObject
+    from mmedge.recipes.llava import PAIRS, _patch_pairs
+
+    objs = (SceneObject("circle", "red", "small", "top left"), SceneObject("star", "blue", "large", "center"))
+    pairs = _patch_pairs(objs, 64, 16).reshape(4, 4, len(PAIRS))
+    circle, star = PAIRS.index(("circle", "red")), PAIRS.index(("star", "blue"))
+    assert np.argwhere(pairs[..., circle]).tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert np.argwhere(pairs[..., star]).tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+    assert pairs.sum() == 8

@@ -155,3 +155,14 @@ def test_an_interrupted_run_restores_the_thread_count() -> None:
         )
     assert calls[-1] == 1
     assert torch.get_num_threads() == 2
+
+
+def test_lr_scales_by_name_prefix() -> None:
+    """A part scaled to 0 keeps its weights; the scale applies per parameter-name prefix."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(steps=5, warmup=1, tune_threads=False, lr_scales=(("0.", 0.0),))
+    train(model, _regression_batches(), _loss_recording_autocast([]), cfg, progress=False)
+    after = list(model.parameters())
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert not torch.equal(before[2], after[2])

@@ -13,9 +13,17 @@ targets.
 2. Stage 2 (visual instruction tuning): projector and LM learn multi-turn question conversations
    about the image, and some caption turns.
 
-The tower is frozen throughout, so a pool of scenes is rendered and encoded once (`stages.encode_pool`);
-stages 1 and 2 draw scenes from it with fresh captions and questions. Steps are fixed counts
-(measurements: benchmarks/RESULTS.md; design: docs/demo.md).
+By default the tower is frozen throughout, so a pool of scenes is rendered and encoded once
+(`stages.render_pool`, `stages.encode_pixels`); stages 1 and 2 draw scenes from it with fresh
+captions and questions. Steps are fixed counts (measurements: benchmarks/RESULTS.md; design:
+docs/demo.md).
+
+Three settings, off by default, were tried against the binding failure (colour and position
+questions answered with another object's attribute) and did not move it (docs/demo.md):
+`tower_lr_scale` tunes the tower in stage 2 (each batch's cached pixels encoded anew; the tuned
+tower is what the checkpoint saves), `kind_weights` asks some question kinds more often, and
+`probe_weight` adds a training-only loss (`_PatchProbe`, not saved) asking every image token to
+carry the (shape, colour) pairs of the objects on its patch.
 """
 
 from __future__ import annotations
@@ -28,15 +36,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
-from mmedge.data.scenes import TRAIN_SEED
+from mmedge.data.scenes import COLOURS, SHAPES, TRAIN_SEED, position_pixel
 from mmedge.data.tokenizer_train import train_tokenizer
 from mmedge.errors import ConfigError
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.llava.modeling import Llava, LlavaConfig
 from mmedge.models.registry import load_preset
 from mmedge.recipes.base import TrainRequest
-from mmedge.recipes.stages import IGNORE, Stages, clip_vision, encode_pool, lm_loss
+from mmedge.recipes.stages import IGNORE, Stages, clip_vision, encode_pixels, lm_loss, render_pool
 from mmedge.recipes.trainer import amx_bf16_fast
 from mmedge.runtime.prompts import Item
 from mmedge.runtime.sections import ChatTemplate
@@ -57,6 +67,12 @@ class LlavaTrainSettings:
     turns: int = 3  # question turns per conversation: more answers per (long) image prefix
     caption_fraction: float = 0.15  # of the conversations in stages 0 and 2; the rest ask questions
     pool: int = 8192  # scenes rendered and encoded once for stages 1 and 2
+    # Stage 2 also tunes the vision tower at this fraction of stage2_lr (0: the tower stays frozen).
+    tower_lr_scale: float = 0.0
+    # Weight of the patch-probe loss (`_PatchProbe`) in stages 1 and 2 (0: the LM loss alone).
+    probe_weight: float = 0.0
+    # Odds of asking each question kind, relative to 1 (default: every question of a scene alike).
+    kind_weights: dict[str, float] | None = None
     seed: int = 0
     threads: int = 0
     bf16: bool = True  # autocast where the CPU has AMX (`trainer.amx_bf16_fast`)
@@ -137,16 +153,60 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Ten
     return ids_t, mask, lab_t
 
 
-def _image_loss(model: Llava, batch: tuple[torch.Tensor, ...], image_id: int) -> torch.Tensor:
+PAIRS = [(shape, colour) for shape in SHAPES for colour in COLOURS]
+
+
+def _patch_pairs(objs: tuple, image_size: int, patch: int) -> np.ndarray:
+    """(patches, len(PAIRS)) multi-hot: the (shape, colour) of each object overlapping a patch. An
+    object sits where four patches meet; a small one's half side (7 px at 64) reaches into all four."""
+    grid = image_size // patch
+    out = np.zeros((grid, grid, len(PAIRS)), np.float32)
+    for o in objs:
+        x, y = position_pixel(o.position, image_size)
+        rows = [r for r in range(grid) if r * patch < y + patch / 2 and (r + 1) * patch > y - patch / 2]
+        cols = [c for c in range(grid) if c * patch < x + patch / 2 and (c + 1) * patch > x - patch / 2]
+        for r in rows:
+            out[r, cols, PAIRS.index((o.shape, o.colour))] = 1.0
+    return out.reshape(grid * grid, len(PAIRS))
+
+
+class _PatchProbe(nn.Module):
+    """Training only (not saved): a linear read-out of the (shape, colour) pairs at each projected
+    image token. Its loss asks every image token to carry its own object's bound attributes, the key
+    a question's "the circle" / "the red circle" must find among the image tokens."""
+
+    def __init__(self, model: Llava):
+        super().__init__()
+        self.model = model
+        self.head = nn.Linear(model.cfg.text.embed_dim, len(PAIRS))
+
+
+def _image_loss(
+    model: Llava,
+    batch: tuple[torch.Tensor, ...],
+    image_id: int,
+    pixels: bool = False,
+    probe: nn.Module | None = None,
+    probe_weight: float = 0.0,
+) -> torch.Tensor:
     """The LM's loss with the projected image features at the placeholder positions (HF LLaVA's
-    `masked_scatter`: each row holds exactly one image's worth of placeholders)."""
-    feats, ids, mask, labels = batch
+    `masked_scatter`: each row holds exactly one image's worth of placeholders). The batch holds the
+    tower's features, or with `pixels` the pixel values the tower encodes; with a `probe`, also each
+    image token's (shape, colour) pairs, whose loss (summed over pairs) is added at `probe_weight`."""
+    feats, ids, mask, labels, *pairs = batch
+    if pixels:
+        feats = model.image_features(feats)
     lm = model.language_model
     embeds = lm.embed_tokens(ids)
     prefix = model.multi_modal_projector(feats).to(embeds.dtype)
     embeds = embeds.masked_scatter((ids == image_id)[..., None], prefix)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return lm_loss(lm.step(embeds, mask, positions)[0], labels)
+    loss = lm_loss(lm.step(embeds, mask, positions)[0], labels)
+    if probe is not None:
+        logits = probe(prefix.float())
+        bce = F.binary_cross_entropy_with_logits(logits, pairs[0], reduction="none")
+        loss = loss + probe_weight * bce.sum(-1).mean()
+    return loss
 
 
 def _tokenizer(
@@ -209,7 +269,11 @@ def train_llava(out: str | Path, settings: LlavaTrainSettings, progress: bool | 
         if caption:
             return [(probe.caption_prompt, caption_for(objs, rng))]
         qa = questions_for(objs)
-        picks = rng.choice(len(qa), size=min(settings.turns, len(qa)), replace=False)
+        odds = None
+        if settings.kind_weights:
+            w = np.array([settings.kind_weights.get(x.kind, 1.0) for x in qa])
+            odds = w / w.sum()
+        picks = rng.choice(len(qa), size=min(settings.turns, len(qa)), replace=False, p=odds)
         return [(qa[i].question, qa[i].answer) for i in picks]
 
     samples = [sample_objects(rng) for _ in range(2000)]
@@ -256,38 +320,62 @@ def train_llava(out: str | Path, settings: LlavaTrainSettings, progress: bool | 
     )
 
     pool = [sample_objects(rng) for _ in range(settings.pool)]
-    feats = encode_pool(model.image_features, pool, family.preprocess(cfg), rng)
+    pixels = render_pool(pool, family.preprocess(cfg), rng)
+    feats = encode_pixels(model.image_features, pixels)
+    tune_tower = settings.tower_lr_scale > 0
     stages.info["pool"] = {"scenes": len(pool), "seconds": round(time.perf_counter() - t0, 1)}
     placeholder = [image_id] * cfg.image_tokens
+    probed = settings.probe_weight > 0
+    if probed and cfg.select_strategy != "default":
+        raise ConfigError("the patch probe reads patch tokens only (select_strategy 'default')")
+    pairs = (
+        torch.from_numpy(
+            np.stack([_patch_pairs(o, cfg.vision.image_size, cfg.vision.patch_size) for o in pool])
+        )
+        if probed
+        else None
+    )
+    trained: nn.Module = _PatchProbe(model) if probed else model
 
-    def image_batches(caption_only: bool) -> Iterator[tuple[torch.Tensor, ...]]:
+    def loss_of(m: nn.Module, batch: tuple[torch.Tensor, ...], pixels: bool) -> torch.Tensor:
+        if isinstance(m, _PatchProbe):
+            return _image_loss(m.model, batch, image_id, pixels, m.head, settings.probe_weight)
+        assert isinstance(m, Llava)
+        return _image_loss(m, batch, image_id, pixels)
+
+    def image_batches(caption_only: bool, images: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
             idx = rng.integers(len(pool), size=b)
             rows = []
             for i in idx:
                 turns, caption = (conversation(pool[i], True), True) if caption_only else drawn(pool[i])
                 rows.append(convs.row(turns, placeholder, cached=not caption))
-            yield (feats[idx], *_batch(rows, pad))
+            yield (images[idx], *_batch(rows, pad), *(() if pairs is None else (pairs[idx],)))
 
     # 1. the projector alone learns to caption; tower and LM frozen
     model.language_model.requires_grad_(False)
     stages.run(
         "stage1",
-        model,
-        image_batches(caption_only=True),
-        lambda m, batch: _image_loss(m, batch, image_id),
+        trained,
+        image_batches(caption_only=True, images=feats),
+        lambda m, batch: loss_of(m, batch, False),
         settings.stage1_steps,
         settings.lr,
     )
-    # 2. projector and LM on conversations about the image
+    # 2. projector and LM (and the tower, when tuned) on conversations about the image
     model.language_model.requires_grad_(True)
+    model.vision_tower.requires_grad_(tune_tower)
+    images = pixels if tune_tower else feats  # a tuned tower encodes each batch's pixels anew
+    del pixels, feats
+    tower = "model.vision_tower." if probed else "vision_tower."
     stages.run(
         "stage2",
-        model,
-        image_batches(caption_only=False),
-        lambda m, batch: _image_loss(m, batch, image_id),
+        trained,
+        image_batches(caption_only=False, images=images),
+        lambda m, batch: loss_of(m, batch, tune_tower),
         settings.stage2_steps,
         settings.stage2_lr,
+        lr_scales=((tower, settings.tower_lr_scale),) if tune_tower else (),
     )
     info = stages.info
     info["seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,6 +1,6 @@
 """What the staged chat recipes on synthetic scenes (blip2, llava) share: the LM loss, a stage run
-with its record, a CLIP checkpoint's tower settings, and a pool of scenes encoded once by the frozen
-tower."""
+with its record, a CLIP checkpoint's tower settings, and a pool of scenes rendered once and encoded
+once by the frozen tower (or kept as pixels, for a stage that tunes the tower)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ class Stages:
         steps: int,
         lr: float,
         budget: float | None = None,
+        lr_scales: tuple[tuple[str, float], ...] = (),
     ) -> None:
         tc = TrainConfig(
             steps=steps,
@@ -61,6 +62,7 @@ class Stages:
             threads=self.threads,
             time_budget_s=budget,
             bf16=self.bf16,
+            lr_scales=lr_scales,
         )
         started = time.perf_counter()
         losses = run_training(
@@ -87,6 +89,27 @@ def clip_vision(clip: Any) -> dict[str, Any]:
         "act": v.act,
         "eps": clip.config.layer_norm_eps,
     }
+
+
+def render_pool(scenes: list[tuple], pre: PreprocessConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Pixel values of every scene (objects), rendered once with the runtime's preprocessing."""
+    from mmedge.data import render
+    from mmedge.runtime.images import preprocess
+
+    return torch.cat(
+        [
+            torch.from_numpy(
+                preprocess([render(o, pre.image_size, rng) for o in scenes[i : i + POOL_CHUNK]], pre)
+            )
+            for i in range(0, len(scenes), POOL_CHUNK)
+        ]
+    )
+
+
+def encode_pixels(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
+    """The frozen tower's features of a pool's pixel values, in chunks."""
+    with torch.no_grad():
+        return torch.cat([encode(pixels[i : i + POOL_CHUNK]) for i in range(0, len(pixels), POOL_CHUNK)])
 
 
 def encode_pool(

@@ -34,6 +34,9 @@ class TrainConfig:
     # Re-pick the thread count from measured step times (`ThreadTuner`): a busy core no longer
     # stalls training four- to fivefold.
     tune_threads: bool = True
+    # Learning-rate multipliers by parameter-name prefix (the first match applies; others get 1):
+    # e.g. a pretrained vision tower tuned gently beside freshly trained parts.
+    lr_scales: tuple[tuple[str, float], ...] = ()
 
 
 def amx_bf16_fast() -> bool:
@@ -125,10 +128,18 @@ def train(
     threads = torch.get_num_threads()
     tuner = ThreadTuner(threads) if cfg.tune_threads else None
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen parts stay as they are
-    decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
+
+    def scale_of(name: str) -> float:
+        return next((s for prefix, s in cfg.lr_scales if name.startswith(prefix)), 1.0)
+
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in params:
+        groups.setdefault((p.ndim >= 2 and "embedding" not in name, scale_of(name)), []).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), ps in groups.items()
+        ],
         lr=cfg.lr,
         **({"fused": True} if fused_adamw_on_cpu() else {}),
     )
@@ -164,7 +175,7 @@ def train(
                 )
                 break
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, t)
+                g["lr"] = lr_at(step, t) * g["lr_scale"]
             n = tuner.threads_for(step) if tuner else threads
             if n != torch.get_num_threads():
                 torch.set_num_threads(n)
