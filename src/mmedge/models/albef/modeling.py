@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from mmedge.errors import ConfigError
-from mmedge.models.blip2.modeling import Blip2VisionConfig, vision_tower
+from mmedge.models.blip.modeling import Blip
+from mmedge.models.blip2.modeling import Blip2VisionConfig
 from mmedge.models.configs import from_dict
-from mmedge.models.fusion import FusionConfig, FusionEncoder
+from mmedge.models.fusion import FusionConfig
 from mmedge.runtime.sections import CLIP_MEAN, CLIP_STD
 
 # The released ALBEF (14M / 4M pre-training, retrieval fine-tunes): ViT-B/16 at 256 px ...
@@ -89,33 +90,14 @@ class AlbefConfig:
         return asdict(self)
 
 
-class Albef(nn.Module):
+class Albef(Blip):
+    """BLIP's ITC + ITM model (`models/blip`) with ALBEF's learned temperature; its text encoder's
+    lower layers read the text alone (ITC) and its upper layers fuse (ITM)."""
+
     def __init__(self, cfg: AlbefConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.vision_model = vision_tower(cfg.vision)
-        self.text_encoder = FusionEncoder(cfg.text)
-        self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
-        self.text_proj = nn.Linear(cfg.text.hidden, cfg.embed_dim)
-        self.itm_head = nn.Linear(cfg.text.hidden, 2)
+        super().__init__(cfg)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
 
     def logit_scale(self) -> float:
         """1 / temp, with ALBEF's clamp: what its ITC logits are scaled by."""
         return 1.0 / float(self.temp.detach().clamp(*TEMP_RANGE))
-
-    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unnormalised ITC embeddings (B, D), every token's features (B, P+1, C) for the ITM)."""
-        features = self.vision_model.hidden_states(pixel_values)
-        return self.vision_proj(features[:, 0]), features
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unnormalised ITC embeddings of texts, (B, D): the [CLS] state after the text-only layers."""
-        return self.text_proj(self.text_encoder.text(input_ids, attention_mask)[:, 0])
-
-    def itm_logits(
-        self, image_features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """(no match, match) logits of image-text pairs, (B, 2), from the [CLS] state after every
-        layer (ALBEF's "text" then "fusion" mode); softmax[:, 1] is the match probability."""
-        return self.itm_head(self.text_encoder.fuse(input_ids, attention_mask, image_features)[:, 0])

@@ -18,17 +18,14 @@ the question states, once per image or question), `embed` (token_embed) and `llm
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 from torch import nn
 
 from mmedge.models.blip.decoder import DecoderStep, cross_names
 from mmedge.models.blip.hf import ARCHITECTURES, blip_config, blip_weights
-from mmedge.models.blip.modeling import VARIANTS, BlipConfig, build
-from mmedge.models.blip2.modeling import Blip2VisionConfig
+from mmedge.models.blip.modeling import VARIANTS, BlipConfig, ItmModelConfig, build
 from mmedge.models.component import ComponentDecl, bound, within
 from mmedge.models.decoder import cache_names
-from mmedge.models.fusion import FusionConfig
 from mmedge.models.registry import Family, HFSupport, Sections, register
 from mmedge.runtime.manifest import DimRange, TensorSpec
 from mmedge.runtime.sections import LLMConfig, PreprocessConfig, PromptConfig, RetrievalConfig
@@ -41,17 +38,6 @@ PROMPTS = {
     "caption": PromptConfig(first_turn="{bos}{prompt}", turn=" {prompt}", caption="{bos}"),
     "vqa": PromptConfig(first_turn="{prompt}", turn="{prompt}", caption="{bos}"),
 }
-
-
-class ItmModelConfig(Protocol):
-    """What the ITM components read of a ViT + fusion-encoder config (BLIP's, ALBEF's)."""
-
-    @property
-    def vision(self) -> Blip2VisionConfig: ...
-    @property
-    def text(self) -> FusionConfig: ...
-    @property
-    def embed_dim(self) -> int: ...
 
 
 def components(cfg: BlipConfig) -> tuple[ComponentDecl, ...]:

@@ -15,7 +15,7 @@ the shared fusion encoder (`models.fusion`), the decoder `blip.decoder.BlipTextD
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -92,8 +92,22 @@ class BlipConfig:
         return asdict(self)
 
 
+class ItmModelConfig(Protocol):
+    """What an ITC + ITM model reads of its config: a ViT and a fusion encoder (BLIP's, ALBEF's)."""
+
+    @property
+    def vision(self) -> Blip2VisionConfig: ...
+    @property
+    def text(self) -> FusionConfig: ...
+    @property
+    def embed_dim(self) -> int: ...
+
+
 class Blip(nn.Module):
-    def __init__(self, cfg: BlipConfig):
+    """ITC projections of a ViT and a fusion encoder, and the ITM head over the fused [CLS] state:
+    HF `BlipForImageTextRetrieval`, and the base of ALBEF's model (`models/albef`)."""
+
+    def __init__(self, cfg: ItmModelConfig):
         super().__init__()
         self.cfg = cfg
         self.vision_model = vision_tower(cfg.vision)
@@ -108,13 +122,15 @@ class Blip(nn.Module):
         return self.vision_proj(features[:, 0]), features
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unnormalised ITC embeddings of texts, (B, D), from the [CLS] state of the text mode."""
+        """Unnormalised ITC embeddings of texts, (B, D), from the [CLS] state of the text mode (the
+        layers below the first fusion layer; BLIP's fusion encoder without cross-attention)."""
         return self.text_proj(self.text_encoder.text(input_ids, attention_mask)[:, 0])
 
     def itm_logits(
         self, image_features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """(no match, match) logits of image-text pairs, (B, 2); softmax[:, 1] is the match probability."""
+        """(no match, match) logits of image-text pairs, (B, 2), from the [CLS] state after every
+        layer; softmax[:, 1] is the match probability."""
         return self.itm_head(self.text_encoder.fuse(input_ids, attention_mask, image_features)[:, 0])
 
 
