@@ -4,6 +4,7 @@ that need a real HF layout (weights, config, tokenizer, image processor) without
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import transformers
 from tokenizers import Tokenizer
@@ -105,3 +106,41 @@ def llava_conversation(images, turns):
             hf_conv.append({"role": role, "content": [{"type": "text", "text": content}]})
             ours.append({"role": role, "content": [{"type": "text", "text": content}]})
     return hf_conv, ours, images[:k]
+
+
+def tiny_causal_lm(style: str, vocab: int, context: int, eos: int) -> Any:
+    """A random OPT or Llama causal LM (2 layers, width 64; Llama with grouped-query attention and
+    tied embeddings), seeded; pad / bos are the last ids but eos."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    ids = {"pad_token_id": vocab - 3, "bos_token_id": vocab - 2, "eos_token_id": eos}
+    if style == "opt":
+        cfg = transformers.OPTConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=context,
+            word_embed_proj_dim=64,
+            init_std=0.3,
+            **ids,
+        )
+        return transformers.OPTForCausalLM(cfg).eval()
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        rms_norm_eps=1e-5,
+        rope_theta=500.0,
+        **ids,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()

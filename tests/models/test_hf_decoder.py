@@ -24,36 +24,9 @@ def _tokenizer_json() -> str:
 
 
 def _hf_model(style: str):
-    torch.manual_seed(0)
-    ids = {"pad_token_id": VOCAB - 3, "bos_token_id": VOCAB - 2, "eos_token_id": VOCAB - 1}
-    if style == "opt":
-        cfg = transformers.OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_hidden_layers=2,
-            ffn_dim=128,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            word_embed_proj_dim=64,
-            init_std=0.3,
-            **ids,
-        )
-        return transformers.OPTForCausalLM(cfg).eval()
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-        rms_norm_eps=1e-5,
-        rope_theta=500.0,
-        **ids,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    from hf_tiny import tiny_causal_lm
+
+    return tiny_causal_lm(style, VOCAB, 128, VOCAB - 1)
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
