@@ -68,12 +68,14 @@ class Stages:
         losses = run_training(
             module, batches, loss_fn, tc, progress=self.progress, desc=f"{self.preset} {name}"
         )
+        # a stage of 0 steps (skipped) has no loss: None, not the NaN a package manifest refuses
+        final = round(float(np.mean(losses[-20:])), 4) if losses else None
         self.info[name] = {
             "steps": len(losses),
-            "final_loss": round(float(np.mean(losses[-20:])), 4),
+            "final_loss": final,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        log.info("%s: %d steps, final loss %.3f", name, len(losses), self.info[name]["final_loss"])
+        log.info("%s: %d steps, final loss %s", name, len(losses), final)
 
 
 def clip_vision(clip: Any) -> dict[str, Any]:

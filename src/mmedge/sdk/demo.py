@@ -325,7 +325,8 @@ def _print_chat(model: str, encoders: str, r: dict[str, Any], kinds: tuple[str, 
 def _say_stages(say: Any, info: dict[str, Any]) -> None:
     """One line per training stage of a staged chat recipe (LM, stage 1, stage 2)."""
     for part in ("lm", "stage1", "stage2"):
+        loss = info[part]["final_loss"]
         say(
             f"      {part}: {info[part]['steps']} steps in {info[part]['seconds']:.0f} s, "
-            f"final loss {info[part]['final_loss']:.3f}"
+            + (f"final loss {loss:.3f}" if loss is not None else "skipped")
         )
