@@ -166,3 +166,19 @@ def test_lr_scales_by_name_prefix() -> None:
     after = list(model.parameters())
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     assert not torch.equal(before[2], after[2])
+
+
+def test_a_skipped_stage_records_no_loss() -> None:
+    """0 steps: `final_loss` is None (JSON null), not the NaN of an empty mean, which a package's
+    manifest would refuse when the checkpoint's records reach it."""
+    import json
+
+    import torch
+
+    from mmedge.recipes.stages import Stages
+
+    stages = Stages("test", seed=0, threads=1, bf16=False, progress=False)
+    module = torch.nn.Linear(2, 1)
+    stages.run("lm", module, iter(()), lambda m, b: m(b).sum(), 0, 1e-3)
+    assert stages.info["lm"]["steps"] == 0 and stages.info["lm"]["final_loss"] is None
+    json.dumps(stages.info, allow_nan=False)
