@@ -118,16 +118,16 @@ def test_a_bundle_for_another_machine_is_refused_naming_both(bundle: Path, tmp_p
     root = _copy(bundle, tmp_path)
     _edit(root, lambda raw: raw["bundle"]["runtime"].__setitem__("onnxruntime", "1.0.0"))
     with pytest.raises(
-        UnsupportedError, match=rf"onnxruntime 1\.0\.0 builds; this machine has onnxruntime {ort.__version__}"
+        UnsupportedError, match=rf"onnxruntime 1\.0\.0 builds; this device has onnxruntime {ort.__version__}"
     ):
         sdk.Pipeline(root)
     _edit(root, lambda raw: raw["bundle"]["runtime"].update(onnxruntime=ort.__version__, machine="riscv64"))
-    with pytest.raises(UnsupportedError, match=r"on riscv64 .*this machine is"):
+    with pytest.raises(UnsupportedError, match=r"on riscv64 .*this device is"):
         sdk.Pipeline(root)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         _edit(root, lambda raw: raw["bundle"].update(target="ort-cuda", runtime={}))
         with pytest.raises(
-            UnsupportedError, match=r"packed for ort-cuda \(CUDAExecutionProvider\); this machine"
+            UnsupportedError, match=r"packed for ort-cuda \(CUDAExecutionProvider\); this device"
         ):
             sdk.Pipeline(root)
 

@@ -1,4 +1,4 @@
-"""Device bundles on the device: does this machine run what a bundle carries (docs/bundles.md)?
+"""Device bundles on the device: can this device run what a bundle carries (docs/bundles.md)?
 
 A bundle (`mmedge pack`) carries one target's files: ORT builds are tied to an onnxruntime version
 and a CPU architecture, the CUDA and TensorRT execution providers need an onnxruntime build that
@@ -32,7 +32,7 @@ def machine_arch() -> str:
 
 
 def check_machine(manifest: Manifest) -> None:
-    """Refuse a bundle whose target this machine cannot run (UnsupportedError naming both)."""
+    """Refuse a bundle whose target this device cannot run (UnsupportedError naming both)."""
     bundle = manifest.bundle
     if bundle is None:
         return
@@ -40,7 +40,7 @@ def check_machine(manifest: Manifest) -> None:
     need = bundle.runtime
     if "machine" in need and need["machine"] != machine_arch():
         raise UnsupportedError(
-            f"{what} on {need['machine']} (its ORT builds are for that CPU); this machine is "
+            f"{what} on {need['machine']} (its ORT builds are for that CPU); this device is "
             f"{machine_arch()}: pack it for this device (`mmedge pack ... --portable` carries graphs any CPU runs)"
         )
     if bundle.target.startswith("ort-"):
@@ -48,19 +48,19 @@ def check_machine(manifest: Manifest) -> None:
 
         if "onnxruntime" in need and need["onnxruntime"] != ort.__version__:
             raise UnsupportedError(
-                f"{what} with onnxruntime {need['onnxruntime']} builds; this machine has onnxruntime "
+                f"{what} with onnxruntime {need['onnxruntime']} builds; this device has onnxruntime "
                 f"{ort.__version__}: install onnxruntime=={need['onnxruntime']}, or pack it again with this "
                 "version (or with --portable)"
             )
         provider = _PROVIDER.get(bundle.target)
         if provider is not None and provider not in ort.get_available_providers():
             raise UnsupportedError(
-                f"{what} ({provider}); this machine's onnxruntime has {ort.get_available_providers()}: "
+                f"{what} ({provider}); this device's onnxruntime has {ort.get_available_providers()}: "
                 "install 'mmedge[gpu]' (onnxruntime-gpu) or pack the bundle for ort-cpu"
             )
     elif importlib.util.find_spec("tensorrt") is None:
         raise UnsupportedError(
-            f"{what} (engines are built on the device on first use); this machine has no TensorRT: "
+            f"{what} (engines are built on the device on first use); this device has no TensorRT: "
             "install 'mmedge[trt]' (or JetPack's TensorRT), or pack the bundle for ort-cpu"
         )
 

@@ -151,7 +151,7 @@ def open_package(root: str | os.PathLike, trust: TrustPolicy | None = None) -> P
     each component loads (docs/bundles.md).
 
     Now: the manifest (schema, wiring, `trust`'s signature on the same bytes that are parsed), a
-    bundle's target against this machine, and that every listed file is a regular file inside the
+    bundle's target against this device, and that every listed file is a regular file inside the
     package with the listed size (no symlinks, no hard links): metadata only, no file is read.
     On load: each file is read once and hashed as it is read (`Package.read_verified`,
     `onnx_files.read_model`), a tokenizer passes `tokenizer_policy` before it is parsed, and an ONNX
