@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +38,32 @@ def compare(
     }
 
 
-def main(doc: str, setup: Callable[[Path], None], bench: Callable[[Path, int, int], dict]) -> None:
-    """`--workdir DIR [--threads N] [--runs N]`: set up once (kept in DIR), then benchmark."""
+def main(
+    doc: str,
+    setup: Callable[..., None],
+    bench: Callable[..., dict],
+    parts: Sequence[str] = (),
+) -> None:
+    """`--workdir DIR [--threads N] [--runs N]`: set up once (kept in DIR), then benchmark. With
+    `parts`, `--part NAME` runs one of them (default all): each is set up in DIR/NAME and
+    `setup(dir, name)`, `bench(dir, threads, runs, name)` are called per part."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
+    if parts:
+        ap.add_argument("--part", choices=[*parts, "all"], default="all")
     a = ap.parse_args()
-    if not (a.workdir / "pkg" / "manifest.json").is_file():
-        a.workdir.mkdir(parents=True, exist_ok=True)
-        setup(a.workdir)
-    print(json.dumps(bench(a.workdir, a.threads, a.runs), indent=2))
+    if not parts:
+        if not (a.workdir / "pkg" / "manifest.json").is_file():
+            a.workdir.mkdir(parents=True, exist_ok=True)
+            setup(a.workdir)
+        print(json.dumps(bench(a.workdir, a.threads, a.runs), indent=2))
+        return
+    chosen = list(parts) if a.part == "all" else [a.part]
+    for part in chosen:
+        if not (a.workdir / part / "pkg" / "manifest.json").is_file():
+            (a.workdir / part).mkdir(parents=True, exist_ok=True)
+            setup(a.workdir / part, part)
+    out = {part: bench(a.workdir / part, a.threads, a.runs, part) for part in chosen}
+    print(json.dumps(out, indent=2))

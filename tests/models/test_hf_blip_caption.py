@@ -222,3 +222,38 @@ def test_manifest_refuses_cross_inputs_that_do_not_fit(caption) -> None:
     plain_step = replace(llm, inputs=tuple(s for s in llm.inputs if not s.name.startswith("cross_")))
     with pytest.raises(IntegrityError, match="cross key/value inputs"):
         replace(m, components={**m.components, "llm": plain_step})
+
+
+def test_generation_timer_times_a_cross_attention_caption(caption) -> None:
+    """`mmedge bench`'s generation timer: image path, cross_kv, prefill and 20 new tokens from the
+    caption prompt ([DEC] and text tokens), as HF's generate reads it (its input's [SEP] dropped)."""
+    from mmedge.runtime.feeds import sample_feeds
+    from mmedge.runtime.generation import GenerationConfig
+    from mmedge.sdk.bench import GEN_NEW_TOKENS, GEN_PROMPT_TOKENS, generation_prompt, generation_timer
+
+    hf, _, pipe = caption
+    runner = pipe.runner
+    ids = generation_prompt(runner)
+    assert len(ids) == GEN_PROMPT_TOKENS and ids[0] == runner.manifest.llm.bos_token_id
+    parts = generation_timer(runner)()
+    assert {"image_ms", "cross_ms", "prefill_ms", "e2e_ms", "decode_tokens_per_s"} <= set(parts)
+    assert parts["e2e_ms"] >= parts["image_ms"] + parts["cross_ms"]
+    entry = runner.manifest.component("vision")
+    pixels = sample_feeds(entry.inputs, entry.dims, sizes={"batch": 1})["pixel_values"]
+    cache = pipe.lm.new_cache()
+    cache.cross = pipe.runner.run_batched(
+        "cross",
+        {"image_features": runner.run_path_values("image", {"pixel_values": pixels})["image_features"]},
+    )
+    config = GenerationConfig(max_new_tokens=GEN_NEW_TOKENS, min_new_tokens=GEN_NEW_TOKENS)
+    ours = list(pipe.lm.generate_ids(pipe.lm.embed(np.array([ids]))[0], config, cache))
+    sep = hf.config.text_config.sep_token_id
+    with torch.no_grad():
+        out = hf.generate(
+            pixel_values=torch.from_numpy(pixels),
+            input_ids=torch.tensor([[*ids, sep]]),
+            max_new_tokens=GEN_NEW_TOKENS,
+            min_new_tokens=GEN_NEW_TOKENS,
+            do_sample=False,
+        )[0].tolist()
+    assert ours == out[len(ids) :]

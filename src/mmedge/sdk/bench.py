@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mmedge.errors import UnsupportedError
 from mmedge.runtime.backends import DEFAULT_BACKEND
 from mmedge.runtime.backends.base import SessionOptions
 from mmedge.runtime.components import ComponentRunner
@@ -99,6 +100,8 @@ def bench(
             res[f"batch{b}"] = row
         out["components"][name] = res
     llm = main.manifest.by_role("llm_step") if main.manifest.has_role("llm_step") else None
+    if main.manifest.has_role("question_encoder"):  # a VQA decoder: no question-less generation to time
+        llm = None
     if llm is not None and (components is None or llm in components):
         timer = generation_timer(main)
         timer()  # warm-up
@@ -115,7 +118,12 @@ GEN_PROMPT_TOKENS, GEN_NEW_TOKENS = 8, 20
 
 
 def generation_prompt(runner: ComponentRunner, tokens: int = GEN_PROMPT_TOKENS) -> list[int]:
-    """The benchmark's prompt: `tokens` token ids of the sample text (repeated if short)."""
+    """The benchmark's prompt: `tokens` token ids of the sample text (repeated if short). A
+    cross-attention decoder's (BLIP) starts as its caption prompt does: BOS ([DEC]), then the
+    text's tokens without the tokenizer's specials."""
+    if runner.manifest.has_role("cross_kv") and runner.manifest.llm is not None:
+        words = runner.tokenizer.encode(SAMPLE_TEXT, add_special_tokens=False)
+        return [runner.manifest.llm.bos_token_id, *(words * tokens)[: tokens - 1]]
     return (runner.tokenizer.encode(SAMPLE_TEXT) * tokens)[:tokens]
 
 
@@ -126,7 +134,9 @@ def generation_timer(
 
     Returns ms for the image path (chat packages) and a separate prefill with an empty cache;
     `e2e_ms` = image path + the whole generation (its own prefill, then decoding); decode tokens/s
-    from the first new token to the last.
+    from the first new token to the last. A cross-attention decoder (a `cross_kv` component) reads
+    the image through cross keys/values, not positions: `cross_ms` is their computation, part of
+    `e2e_ms`, and the prompt is its BOS and text tokens.
     """
     from mmedge.runtime.generation import GenerationConfig, LanguageModel
 
@@ -139,6 +149,8 @@ def generation_timer(
         pixels = sample_feeds(entry.inputs, entry.dims, sizes={"batch": 1})["pixel_values"]
         sources = runner.image_sources(pixels, SAMPLE_TEXT)
     cfg = GenerationConfig(max_new_tokens=GEN_NEW_TOKENS, min_new_tokens=GEN_NEW_TOKENS)
+    if lm.cross_names:
+        return _cross_generation_timer(runner, lm, ids, sources, cfg)
 
     def run() -> dict[str, float]:
         t0 = time.perf_counter()
@@ -156,6 +168,48 @@ def generation_timer(
             "image_ms": (t1 - t0) * 1e3,
             "prefill_ms": (t2 - t1) * 1e3,
             "e2e_ms": (t1 - t0 + stamps[-1] - t2) * 1e3,
+            "decode_tokens_per_s": (GEN_NEW_TOKENS - 1) / max(stamps[-1] - stamps[0], 1e-9),
+        }
+
+    return run
+
+
+def _cross_generation_timer(
+    runner: ComponentRunner, lm: Any, ids: list[int], sources: dict[str, np.ndarray] | None, cfg: Any
+) -> Callable[[], dict[str, float]]:
+    """`generation_timer` for a decoder that cross-attends to the image path's output (BLIP
+    captioning): image path -> `cross_kv` once -> prompt and new tokens with them bound, as
+    `runtime.cross_chat` runs a caption."""
+    m = runner.manifest
+    if sources is None or m.has_role("question_encoder"):
+        raise UnsupportedError(
+            f"package {m.name!r}: generation is timed for captioning decoders only (no question encoder)"
+        )
+    cross_component = m.by_role("cross_kv")
+    cross_input = m.component(cross_component).inputs[0].name
+
+    def run() -> dict[str, float]:
+        t0 = time.perf_counter()
+        embeds = lm.embed(np.array([ids]))[0]
+        memory = runner.run_path_values("image", sources)[cross_input][:1]
+        t1 = time.perf_counter()
+        out = runner.run_batched(cross_component, {cross_input: memory})
+        cross = {name: np.ascontiguousarray(value, np.float32) for name, value in out.items()}
+        t2 = time.perf_counter()
+        cache = lm.new_cache()
+        cache.cross = cross
+        lm.forward(embeds[None], cache, logits_to_keep=1)
+        t3 = time.perf_counter()
+        cache = lm.new_cache()
+        cache.cross = cross
+        stamps = [time.perf_counter() for _ in lm.generate_ids(embeds, cfg, cache)]
+        if len(stamps) != GEN_NEW_TOKENS:
+            raise RuntimeError("generation stopped early despite min_new_tokens")
+        return {
+            "image_ms": (t1 - t0) * 1e3,
+            "cross_ms": (t2 - t1) * 1e3,
+            "prefill_ms": (t3 - t2) * 1e3,
+            "e2e_ms": (t2 - t0 + stamps[-1] - t3) * 1e3,
             "decode_tokens_per_s": (GEN_NEW_TOKENS - 1) / max(stamps[-1] - stamps[0], 1e-9),
         }
 
