@@ -243,3 +243,20 @@ def test_an_llm_below_the_target_is_reported_and_hints_follow_the_state(tmp_path
     assert report["components"]["llm"]["int4"]["met"] is False
     assert any(m.startswith("warning: llm int4 logits cosine") for m in said)
     shutil.rmtree(tmp_path / "ckpt")
+
+
+def test_requantizing_another_bit_width_keeps_measuring_the_existing_one(
+    chat_pkg_session: Path, tmp_path: Path
+) -> None:
+    """A package with an int4 LLM calibrated again for int8 only: both weight-only precisions are
+    measured, the one not requantized now included (its report entry used to be missing: KeyError)."""
+    import shutil
+
+    from mmedge.calibration.package import calibrate_package
+
+    pkg = Path(shutil.copytree(chat_pkg_session, tmp_path / "pkg"))
+    report = calibrate_package(
+        pkg, "train-shapes:8", samples=4, components=["llm"], weight_bits=(8,), build=None
+    )
+    measured = report["components"]["llm"]
+    assert {"int4", "int8"} <= set(measured) and all("logits_cosine" in measured[p] for p in ("int4", "int8"))

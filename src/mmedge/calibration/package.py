@@ -278,7 +278,9 @@ def _measure_weight_only(
             "met": cosine >= target_cosine,
         }
         precisions[p] = replace(precisions[p], parity={**precisions[p].parity, **acc})
-        report["components"][name][p].update(acc)
+        report["components"].setdefault(name, {}).setdefault(p, {}).update(
+            acc
+        )  # measured even if not requantized now
         say(
             f"{name} {p}: logits cosine {acc['logits_cosine']:.4f}, next-token agreement {acc['top1_agreement']:.3f} "
             f"on {acc['eval_tokens']} tokens"
