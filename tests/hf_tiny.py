@@ -144,3 +144,55 @@ def tiny_causal_lm(style: str, vocab: int, context: int, eos: int) -> Any:
         **ids,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def write_tiny_hf_blip2(root: Path, vocab: int, queries: int, size: int, qformer_layers: int) -> Any:
+    """A seeded random Blip2ForConditionalGeneration (ViT width 32 at `size` px, patch 8; a Q-Former
+    with `queries` queries; a 2-layer OPT of width 48) saved with its image processor and a word-level
+    tokenizer ("t0".."t{vocab-1}") into `root`; returns the model. The image path is scaled up so the
+    image matters to the LM (HF's init leaves it tiny)."""
+    import torch
+    from tokenizers import models, pre_tokenizers
+
+    torch.manual_seed(0)
+    layer = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "initializer_range": 0.2}
+    cfg = transformers.Blip2Config(
+        vision_config={
+            **layer,
+            "num_hidden_layers": 2,
+            "image_size": size,
+            "patch_size": 8,
+            "qkv_bias": True,
+        },
+        qformer_config={
+            **layer,
+            "num_hidden_layers": qformer_layers,
+            "cross_attention_frequency": 2,
+            "vocab_size": 100,
+        },
+        text_config={
+            "model_type": "opt",
+            "vocab_size": vocab,
+            "hidden_size": 48,
+            "num_hidden_layers": 2,
+            "ffn_dim": 96,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 128,
+            "word_embed_proj_dim": 48,
+            "init_std": 0.3,
+            "bos_token_id": 2,
+            "eos_token_id": 1,
+        },
+        num_query_tokens=queries,
+        image_token_index=vocab - 1,
+    )
+    hf = transformers.Blip2ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        hf.query_tokens.normal_(0, 1.0)
+        hf.language_projection.weight.normal_(0, 0.5)
+    hf.save_pretrained(root)
+    transformers.BlipImageProcessor(size={"height": size, "width": size}).save_pretrained(root)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(root / "tokenizer.json"))
+    return hf

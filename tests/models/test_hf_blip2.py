@@ -17,61 +17,13 @@ VOCAB, QUERIES, SIZE = 120, 4, 32
 
 @pytest.fixture(scope="module")
 def blip2(tmp_path_factory: pytest.TempPathFactory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from hf_tiny import write_tiny_hf_blip2
 
     from mmedge import sdk
     from mmedge.export.exporter import export_model
 
     root = tmp_path_factory.mktemp("blip2")
-    torch.manual_seed(0)
-    vc = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": SIZE,
-        "patch_size": 8,
-        "qkv_bias": True,
-        "initializer_range": 0.2,
-    }
-    qc = {
-        "hidden_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "cross_attention_frequency": 2,
-        "vocab_size": 100,
-        "initializer_range": 0.2,
-    }
-    tc = {
-        "model_type": "opt",
-        "vocab_size": VOCAB,
-        "hidden_size": 48,
-        "num_hidden_layers": 2,
-        "ffn_dim": 96,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 128,
-        "word_embed_proj_dim": 48,
-        "init_std": 0.3,
-        "bos_token_id": 2,
-        "eos_token_id": 1,
-    }
-    cfg = transformers.Blip2Config(
-        vision_config=vc,
-        qformer_config=qc,
-        text_config=tc,
-        num_query_tokens=QUERIES,
-        image_token_index=VOCAB - 1,
-    )
-    hf = transformers.Blip2ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # HF's init leaves the image path tiny; make the image matter to the LM
-        hf.query_tokens.normal_(0, 1.0)
-        hf.language_projection.weight.normal_(0, 0.5)
-    hf.save_pretrained(root / "src")
-    transformers.BlipImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(root / "src")
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t3"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(root / "src" / "tokenizer.json"))
+    hf = write_tiny_hf_blip2(root / "src", VOCAB, QUERIES, SIZE, qformer_layers=3)
     export_model(root / "src", root / "pkg")
     return hf, sdk.Pipeline(str(root / "pkg"))
 
