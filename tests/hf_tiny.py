@@ -196,3 +196,34 @@ def write_tiny_hf_blip2(root: Path, vocab: int, queries: int, size: int, qformer
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(root / "tokenizer.json"))
     return hf
+
+
+def tiny_blip_config(size: int, text: dict[str, Any], **top: Any) -> Any:
+    """A small random BLIP config: a 2-layer ViT of width 32 at `size` px (patch 8) and a 2-layer
+    BERT of width 32 (context 40), `text` adding its vocabulary and special ids."""
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    return transformers.BlipConfig(
+        vision_config={**layers, "image_size": size, "patch_size": 8, "initializer_range": 0.2},
+        text_config={
+            **layers,
+            "max_position_embeddings": 40,
+            "sep_token_id": 3,
+            "initializer_range": 0.2,
+            **text,
+        },
+        initializer_range=0.2,
+        **top,
+    )
+
+
+def save_blip_model(root: Path, hf: Any, tokenizer: Any, size: int) -> Any:
+    """`save_pretrained` a BLIP model with its BlipProcessor (PIL image processor at `size`, the
+    given HF tokenizer) into `root`; returns the processor."""
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    hf.save_pretrained(root)
+    processor = transformers.BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": size, "width": size}), tokenizer=tokenizer
+    )
+    processor.save_pretrained(root)
+    return processor

@@ -24,34 +24,14 @@ QUESTIONS = ["what is on the left", "the red dog"]
 
 
 def _config(vocab: int) -> transformers.BlipConfig:
-    return transformers.BlipConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": SIZE,
-            "patch_size": 8,
-            "initializer_range": 0.2,
-        },
-        text_config={
-            "vocab_size": vocab + 1,  # + [DEC]
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 40,
-            "bos_token_id": vocab,
-            "sep_token_id": 3,
-            "pad_token_id": 0,
-            "initializer_range": 0.2,
-        },
-        initializer_range=0.2,
-    )
+    from hf_tiny import tiny_blip_config
+
+    # + [DEC], BLIP's decoder start token, after the vocabulary
+    return tiny_blip_config(SIZE, {"vocab_size": vocab + 1, "bos_token_id": vocab, "pad_token_id": 0})
 
 
 def _export(root: Path, cls: type, seed: int):
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from hf_tiny import save_blip_model
 
     from mmedge import sdk
     from mmedge.export.exporter import export_model
@@ -62,11 +42,7 @@ def _export(root: Path, cls: type, seed: int):
     hf = cls(_config(vocab)).eval()
     with torch.no_grad():  # sharper logits: random tiny decoders otherwise tie between tokens
         hf.text_decoder.cls.predictions.decoder.weight.mul_(4)
-    hf.save_pretrained(root / "src")
-    processor = transformers.BlipProcessor(
-        image_processor=BlipImageProcessorPil(size={"height": SIZE, "width": SIZE}), tokenizer=hf_tok
-    )
-    processor.save_pretrained(root / "src")
+    processor = save_blip_model(root / "src", hf, hf_tok, SIZE)
     export_model(root / "src", root / "pkg")
     return hf, processor, sdk.Pipeline(str(root / "pkg"))
 

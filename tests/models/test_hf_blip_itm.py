@@ -73,47 +73,20 @@ def _images(root: Path, n: int, seed: int = 0) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def blip(tmp_path_factory: pytest.TempPathFactory):
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from hf_tiny import save_blip_model, tiny_blip_config
 
     from mmedge import sdk
     from mmedge.export.exporter import export_model
 
     root = tmp_path_factory.mktemp("blip")
     hf_tok, vocab = _tokenizer()
-    cfg = transformers.BlipConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": SIZE,
-            "patch_size": 8,
-            "initializer_range": 0.2,
-        },
-        text_config={
-            "vocab_size": vocab,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 40,
-            "bos_token_id": 2,
-            "sep_token_id": 3,
-            "initializer_range": 0.2,
-        },
-        image_text_hidden_size=16,
-        initializer_range=0.2,
-    )
+    cfg = tiny_blip_config(SIZE, {"vocab_size": vocab, "bos_token_id": 2}, image_text_hidden_size=16)
     torch.manual_seed(0)
     hf = transformers.BlipForImageTextRetrieval(cfg).eval()
     with torch.no_grad():  # HF's init makes every pair score about 0.5; spread the match scores
         hf.itm_head.weight.normal_(0, 0.3)
         hf.vision_model.embeddings.class_embedding.normal_(0, 1.0)
-    hf.save_pretrained(root / "src")
-    processor = transformers.BlipProcessor(
-        image_processor=BlipImageProcessorPil(size={"height": SIZE, "width": SIZE}), tokenizer=hf_tok
-    )
-    processor.save_pretrained(root / "src")
+    processor = save_blip_model(root / "src", hf, hf_tok, SIZE)
     export_model(root / "src", root / "pkg")
     return hf, processor, sdk.Pipeline(str(root / "pkg")), root
 
