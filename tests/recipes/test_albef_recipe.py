@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.recipes import albef as recipe
+from mmedge.recipes import itc_itm
 from mmedge.recipes.base import TrainRequest, train_model
 
 
@@ -54,11 +55,13 @@ def test_momentum_moves_toward_the_model_and_queues_fill() -> None:
         online.add_(1.0)  # the momentum copy now lags by exactly 1
     before = training.momentum.model.vision_proj.weight.clone()
     tok = TextTokenizer.from_json(tiny_tokenizer_json(generative=False), context_length=32, pad_id=0)
-    batches = recipe._batches(tok, PreprocessConfig(32, (0.5,) * 3, (0.5,) * 3, resize="exact"), 8, 2, 0)
+    batches = itc_itm.scene_batches(
+        tok, PreprocessConfig(32, (0.5,) * 3, (0.5,) * 3, resize="exact"), 8, 2, 0
+    )
     loss = training.loss(next(batches))
     assert torch.isfinite(loss)
     moved = training.momentum.model.vision_proj.weight - before
-    torch.testing.assert_close(moved, torch.full_like(moved, 1 - recipe.MOMENTUM))
+    torch.testing.assert_close(moved, torch.full_like(moved, 1 - itc_itm.MOMENTUM))
     assert training.ptr == 8 and (training.idx_queue[0, :8] != -1).all()
 
 
@@ -77,6 +80,33 @@ def test_hard_negative_gallery_pairs_each_scene_with_a_one_attribute_edit() -> N
     assert keys[:20] == query_keys
     for a, b in zip(keys[:20], keys[20:]):
         assert a != b and len(a) == len(b)  # the same objects, one attribute of one changed
+    # several edits per scene: the first of each is the one-edit gallery's
+    _, _, images3, keys3 = hard_negative_gallery(20, 32, edits=3)
+    assert len(images3) == len(keys3) == 80 and keys3[:20] == keys[:20]
+    assert keys3[20::3] == keys[20:]
+    np.testing.assert_array_equal(np.stack(images3[20::3]), np.stack(images[20:]))
+    assert all(k != keys[i // 3] for i, k in enumerate(keys3[20:]))
+
+
+def test_init_from_a_clip_checkpoint_starts_the_vit(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """`--init CLIP`: the ViT and the image projection start from the CLIP checkpoint's."""
+    from mmedge.models.sources import load_source
+
+    clip = load_source(tiny_ckpt)
+    lr = 1e-12  # so the short run leaves the copied weights (nearly) as they were
+    out = train_model(
+        tmp_path / "a",
+        TrainRequest(preset="albef-tiny", init=str(tiny_ckpt), steps=2, batch_size=16, threads=1, lr=lr),
+    )
+    albef = load_source(out)
+    assert albef.config.vision.tower == "clip"
+    for name, w in clip.model.vision_model.state_dict().items():
+        torch.testing.assert_close(albef.model.vision_model.state_dict()[name], w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        albef.model.vision_proj.weight, clip.model.visual_projection.weight, atol=1e-6, rtol=0
+    )
+    with pytest.raises(ConfigError, match="clip"):
+        train_model(tmp_path / "b", TrainRequest(preset="albef-tiny", init=str(out), steps=1))
 
 
 def test_rerank_eval_reports_both_figures(trained: Path, tmp_path: Path) -> None:

@@ -41,9 +41,12 @@ def evaluate_items(pipeline: RetrievalPipeline, items: list) -> dict[str, Any]:
     return {"task": "retrieval", "precisions": precisions, **metrics}
 
 
-def hard_negative_gallery(n: int, image_size: int, seed: int | None = None) -> tuple[list, list, list, list]:
-    """`n` held-out scenes and, for each, one edit of one attribute of one object (`data.perturb`):
-    (query captions, their scene keys, gallery images (2n: the scenes, then the edits), gallery keys)."""
+def hard_negative_gallery(
+    n: int, image_size: int, seed: int | None = None, edits: int = 1
+) -> tuple[list, list, list, list]:
+    """`n` held-out scenes and, for each, `edits` edits of one attribute of one object
+    (`data.perturb`; a scene's first edit is the same whatever `edits` is): (query captions, their
+    scene keys, gallery images (the n scenes, then each scene's edits), gallery keys)."""
     from mmedge.data import HELD_OUT_SEED, generate_scenes, perturb, render
     from mmedge.data.scenes import scene_key
 
@@ -52,16 +55,18 @@ def hard_negative_gallery(n: int, image_size: int, seed: int | None = None) -> t
     images, keys = [s.image for s in scenes], [s.key for s in scenes]
     for i, s in enumerate(scenes):
         rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(i, 7)))
-        edit = perturb(s.objects, rng)
-        images.append(render(edit, image_size, rng))
-        keys.append(scene_key(edit))
+        for _ in range(edits):
+            edit = perturb(s.objects, rng)
+            images.append(render(edit, image_size, rng))
+            keys.append(scene_key(edit))
     return [s.caption for s in scenes], [s.key for s in scenes], images, keys
 
 
-def evaluate_rerank(pipeline: object, n: int = 500, depth: int = 16) -> dict[str, Any]:
+def evaluate_rerank(pipeline: object, n: int = 500, depth: int = 16, edits: int = 1) -> dict[str, Any]:
     """Text->image R@1 among hard negatives, contrastive only against ITM re-ranking.
 
-    The gallery holds `n` held-out scenes and a one-attribute edit of each (2n images); each
+    The gallery holds `n` held-out scenes and `edits` one-attribute edits of each ((1 + edits) * n
+    images; several edits per scene put more near-duplicates in each query's top `depth`); each
     scene's caption is a query, and an image of the identical scene counts as a hit. Contrastive:
     the nearest image by cosine; re-ranked: the best of the contrastive top `depth` by the
     package's ITM match probability (`RetrievalPipeline.search(rerank=depth)`'s two stages).
@@ -72,9 +77,9 @@ def evaluate_rerank(pipeline: object, n: int = 500, depth: int = 16) -> dict[str
         raise UnsupportedError(
             f"package {pipeline.runner.manifest.name!r} has no ITM component to re-rank with"
         )
-    if n < 1 or depth < 1:
-        raise InvalidInputError("scene count and re-rank depth must be positive")
-    texts, query_keys, images, keys = hard_negative_gallery(n, pipeline.preprocess.image_size)
+    if n < 1 or depth < 1 or edits < 1:
+        raise InvalidInputError("scene count, re-rank depth and edits per scene must be positive")
+    texts, query_keys, images, keys = hard_negative_gallery(n, pipeline.preprocess.image_size, edits=edits)
     depth = min(depth, len(images))
     values = [pipeline._image_values(images[i : i + CHUNK], "RGB") for i in range(0, len(images), CHUNK)]
     gallery = {k: np.concatenate([v[k] for v in values]) for k in values[0]}
@@ -92,6 +97,7 @@ def evaluate_rerank(pipeline: object, n: int = 500, depth: int = 16) -> dict[str
         "task": "retrieval-rerank",
         "queries": n,
         "gallery": len(images),
+        "edits_per_scene": edits,
         "depth": depth,
         "t2i_r1_contrastive": round(float(np.mean(itc_hits)), 4),
         "t2i_r1_rerank": round(float(np.mean(rerank_hits)), 4),

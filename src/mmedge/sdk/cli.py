@@ -21,7 +21,7 @@ DATA_HELP = (
     "shapes:N (N synthetic scenes from the fixed held-out seed), train-shapes:N (from the training "
     'seed), an image folder, or a JSONL file of {"image": path, "text": caption} lines'
 )
-DEMO_FAMILIES = ("llava",)  # `mmedge demo FAMILY`: one family's part alone
+DEMO_FAMILIES = ("llava", "fusion")  # `mmedge demo FAMILY`: one family's part alone
 PACKAGE_HELP = "package directory, or the name of a package in the model store ($MMEDGE_HOME)"
 
 
@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--init",
         default=None,
         help="start from this mmedge checkpoint or HF directory (blip2 presets: a clip checkpoint trains "
-        "the staged recipe on its vision tower, a blip2 one is fine-tuned on --data)",
+        "the staged recipe on its vision tower, a blip2 one is fine-tuned on --data; albef and blip "
+        "presets: a clip checkpoint starts the ViT, required for blip)",
     )
     sp.add_argument(
         "--steps", type=int, default=None, help="training steps (each stage's, for staged recipes)"
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hard-negatives",
         type=int,
         default=None,
-        help="clip on synthetic scenes: batch rows that edit one attribute of another row (default 32)",
+        help="clip, albef, blip on synthetic scenes: batch rows that edit one attribute of another row "
+        "(default: clip 32, albef and blip 8)",
     )
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--threads", type=int, default=0)
@@ -353,8 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="K",
         help="retrieval with an ITM component: also text->image R@1 among hard negatives (--limit or 500 "
-        "held-out scenes and a one-attribute edit of each), contrastive against ITM re-ranking of the "
-        "top K (default 16; 0: skip)",
+        "held-out scenes and --edits one-attribute edits of each), contrastive against ITM re-ranking of "
+        "the top K (default 16; 0: skip)",
+    )
+    sp.add_argument(
+        "--edits",
+        type=int,
+        default=1,
+        metavar="N",
+        help="one-attribute edits of each scene in the hard-negative gallery (default 1)",
     )
     sp.add_argument(
         "--questions", type=int, default=None, help="chat: colour/shape/count questions asked (300)"
@@ -684,14 +693,16 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize, build, evaluate, benchmark; prints tables (10-13 minutes on 2 idle cores without AMX). "
         "`mmedge demo llava` runs llava-tiny instead: on the store's trained clip-tiny (trained first "
         "if there is none), LLaVA's stages, INT8 vision/projector and INT4 LLM, VQA with position "
-        "questions beside the truth",
+        "questions beside the truth. `mmedge demo fusion` runs blip-tiny: on the same clip-tiny, BLIP's "
+        "ITC + ITM + LM training, retrieval with ITM re-ranking among near-duplicates and captions, fp32 "
+        "against quantized",
     )
     sp.add_argument(
         "family",
         nargs="?",
         choices=DEMO_FAMILIES,
         default=None,
-        help="llava: the llava-tiny part alone; default: clip-tiny then blip2-tiny",
+        help="llava: the llava-tiny part alone; fusion: blip-tiny alone; default: clip-tiny then blip2-tiny",
     )
     sp.add_argument(
         "--clip-only", action="store_true", help="stop after the clip-tiny part (about 6 minutes)"

@@ -190,7 +190,7 @@ def run_llava_demo(
 
     `steps` caps every training stage (tests use a handful), clip-tiny's too when it is trained here.
     """
-    from mmedge.models.checkpoint import is_checkpoint, read_checkpoint_meta
+    from mmedge.models.checkpoint import read_checkpoint_meta
     from mmedge.recipes.llava import LlavaTrainSettings, train_llava
 
     say = (lambda *_: None) if json_out else print
@@ -202,20 +202,7 @@ def run_llava_demo(
     )
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    if is_checkpoint(clip_ckpt) and read_checkpoint_meta(clip_ckpt).get("family") == "clip":
-        clip_info = read_checkpoint_meta(clip_ckpt).get("train", {})
-        say(f"[1/4] reusing clip-tiny from the model store ({clip_info.get('steps')} steps): {clip_ckpt}")
-    else:
-        from mmedge.recipes.base import TrainRequest
-        from mmedge.recipes.clip import train as train_clip
-
-        say(
-            f"[1/4] no trained clip-tiny in the model store ({home}): training it, {steps or CLIP_STEPS} steps"
-        )
-        train_clip(
-            clip_ckpt, TrainRequest(preset="clip-tiny", steps=steps or CLIP_STEPS, threads=threads, seed=seed)
-        )
-        timings["clip_train_s"] = time.perf_counter() - t0
+    clip_from_store(clip_ckpt, steps, threads, seed, lambda m: say(f"[1/4] {m}"), timings)
     t1 = time.perf_counter()
     say(
         "[2/4] training llava-tiny on clip-tiny's frozen vision tower: LM, stage 1 (projector on captions), "
@@ -256,6 +243,34 @@ def run_llava_demo(
     )
     print('try: mmedge chat llava-tiny IMAGE "where is the red circle?"')
     return None
+
+
+def clip_from_store(
+    clip_ckpt: Path,
+    steps: int | None,
+    threads: int,
+    seed: int,
+    say: Callable[[str], None],
+    timings: dict[str, float],
+) -> None:
+    """The store's trained clip-tiny at `clip_ckpt`, or one trained there first (`steps` caps it)."""
+    from mmedge.models.checkpoint import is_checkpoint, read_checkpoint_meta
+
+    if is_checkpoint(clip_ckpt) and read_checkpoint_meta(clip_ckpt).get("family") == "clip":
+        clip_info = read_checkpoint_meta(clip_ckpt).get("train", {})
+        say(f"reusing clip-tiny from the model store ({clip_info.get('steps')} steps): {clip_ckpt}")
+        return
+    from mmedge.recipes.base import TrainRequest
+    from mmedge.recipes.clip import train as train_clip
+
+    t0 = time.perf_counter()
+    say(
+        f"no trained clip-tiny in the model store ({clip_ckpt.parent.parent}): training it, {steps or CLIP_STEPS} steps"
+    )
+    train_clip(
+        clip_ckpt, TrainRequest(preset="clip-tiny", steps=steps or CLIP_STEPS, threads=threads, seed=seed)
+    )
+    timings["clip_train_s"] = time.perf_counter() - t0
 
 
 def _export_quantize(ckpt: Path, pkg: Path, threads: int, say: Callable[[str], None]) -> dict[str, Any]:

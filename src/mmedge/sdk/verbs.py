@@ -233,6 +233,7 @@ def cmd_eval(a: argparse.Namespace) -> object:
     data = a.data or ("shapes:100" if chat else "shapes:500")
     ignored = ["--limit"] if chat and a.limit is not None else []
     ignored += ["--rerank"] if chat and a.rerank is not None else []
+    ignored += ["--edits"] if chat and a.edits != 1 else []
     ignored += (
         []
         if chat
@@ -256,7 +257,7 @@ def cmd_eval(a: argparse.Namespace) -> object:
     if a.rerank != 0 and getattr(p, "itm", None) is not None:
         from mmedge.evaluation.tasks import evaluate_rerank
 
-        result["hard_negatives"] = evaluate_rerank(p, n=a.limit or 500, depth=a.rerank or 16)
+        result["hard_negatives"] = evaluate_rerank(p, n=a.limit or 500, depth=a.rerank or 16, edits=a.edits)
     return result
 
 
@@ -590,14 +591,17 @@ def cmd_list(a: argparse.Namespace) -> object:
 def cmd_demo(a: argparse.Namespace) -> object:
     from mmedge.errors import InvalidInputError
     from mmedge.sdk.demo import run_demo, run_llava_demo
+    from mmedge.sdk.demo_fusion import run_fusion_demo
 
     # The demo prints its own tables or JSON; returning its results would print the JSON twice.
+    if a.family is not None and a.clip_only:
+        raise InvalidInputError(
+            f"--clip-only stops the default demo after clip-tiny; it does not apply to {a.family}"
+        )
     if a.family == "llava":
-        if a.clip_only:
-            raise InvalidInputError(
-                "--clip-only stops the default demo after clip-tiny; it does not apply to llava"
-            )
         run_llava_demo(steps=a.steps, threads=a.threads, json_out=a.json, seed=a.seed)
+    elif a.family == "fusion":
+        run_fusion_demo(steps=a.steps, threads=a.threads, json_out=a.json, seed=a.seed)
     else:
         run_demo(
             steps=a.steps,

@@ -59,8 +59,10 @@ class AlbefConfig:
     std: tuple[float, float, float] = CLIP_STD
 
     def __post_init__(self) -> None:
-        if self.vision.tower != "blip2":
-            raise ConfigError("albef's image encoder is a timm-style ViT: vision.tower must be 'blip2'")
+        # ALBEF's own ViT is timm's ("blip2", as the official checkpoints); "clip" is mmedge's CLIP
+        # tower, for models started from a trained CLIP checkpoint (`recipes.albef`, `--init`).
+        if self.vision.tower not in ("blip2", "clip"):
+            raise ConfigError(f"albef's vision.tower must be 'blip2' or 'clip', got {self.vision.tower!r}")
         if self.text.encoder_hidden != self.vision.width:
             raise ConfigError(
                 f"text.encoder_hidden {self.text.encoder_hidden} != vision width {self.vision.width}"

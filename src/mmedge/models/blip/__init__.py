@@ -232,5 +232,6 @@ FAMILY = register(
             model_types=("blip",), architectures=ARCHITECTURES, config=blip_config, weights=blip_weights
         ),
         task_of=lambda cfg: "retrieval" if cfg.variant == "itm" else "chat",
+        recipe="mmedge.recipes.blip",
     )
 )

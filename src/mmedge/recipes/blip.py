@@ -1,0 +1,164 @@
+"""Train BLIP on synthetic scenes with its three losses (Li et al. 2022): ITC, ITM and LM.
+
+- **ITC** with momentum distillation and **ITM** on hard negatives, as ALBEF's
+  (`recipes.itc_itm`); BLIP's text encoder cross-attends in every layer, and its text mode skips
+  the cross-attention (`models.fusion`).
+- **LM**: the image-grounded decoder (`BlipTextDecoder`, cross-attending to every image token)
+  writes the caption after `[DEC]` and ends it with the end token, cross-entropy with BLIP's label
+  smoothing of 0.1. The decoder has its own weights (BLIP shares all but self-attention between
+  encoder and decoder to save parameters; the exported models would carry both copies anyway).
+
+The ViT and its projection start from a trained CLIP checkpoint (`--init`, required: BLIP starts
+from a pretrained ViT) and are tuned at `VISION_LR_SCALE` of the learning rate.
+
+Two checkpoints come out, as HF publishes BLIP per task: `OUT` (variant `itm`: retrieval with ITM
+re-ranking) and `OUT-caption` (variant `caption`: the same ViT and the trained decoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmedge.data.tokenizer_train import EOS_ID, PAD_ID, train_tokenizer
+from mmedge.errors import ConfigError, UnsupportedError
+from mmedge.models.blip.decoder import BlipTextDecoder
+from mmedge.models.blip.modeling import Blip, BlipCaptioner, BlipConfig
+from mmedge.models.checkpoint import is_checkpoint, save_checkpoint
+from mmedge.models.registry import load_preset
+from mmedge.recipes.base import TrainRequest, train_config
+from mmedge.recipes.itc_itm import (
+    ContrastiveMatching,
+    check_batch,
+    clip_config,
+    init_vision,
+    load_clip_init,
+    scene_batches,
+    train_info,
+)
+from mmedge.recipes.trainer import train as run_training
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 1000
+DEFAULT_BATCH = 32
+DEFAULT_HARD_NEGATIVES = 8  # rows that edit one attribute of an earlier row
+DEFAULT_LR = 1e-3
+VISION_LR_SCALE = 0.1
+TEMP = 0.07  # BLIP's initial ITC temperature, kept fixed (see recipes.albef)
+LABEL_SMOOTHING = 0.1
+DEC_TOKEN = "[DEC]"
+CAPTION_SUFFIX = "-caption"
+
+
+class _Online(nn.Module):
+    """What the optimizer updates: the ITC + ITM model and the caption decoder."""
+
+    def __init__(self, model: Blip, decoder: BlipTextDecoder):
+        super().__init__()
+        self.model = model
+        self.decoder = decoder
+
+
+class BlipTraining(ContrastiveMatching):
+    """ITC + ITM (`itc_itm.ContrastiveMatching`) and the decoder's LM loss; `loss(batch)` is one step's."""
+
+    def __init__(self, model: Blip, decoder: BlipTextDecoder, dec_id: int, steps: int, frozen_vision: bool):
+        super().__init__(_Online(model, decoder), TEMP, steps, frozen_vision)
+        self.dec_id = dec_id
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        itc_itm, f = self.itc_itm(batch)
+        _, ids, mask, _ = batch
+        # [DEC] caption [end]: the start token replaced, the end token after the last one
+        lengths = mask.sum(1)
+        dec = torch.cat([ids, torch.full_like(ids[:, :1], PAD_ID)], dim=1)
+        dec[:, 0] = self.dec_id
+        dec[torch.arange(len(dec)), lengths] = EOS_ID
+        labels = dec[:, 1:].masked_fill(torch.arange(dec.shape[1] - 1)[None] >= lengths[:, None], -100)
+        logits = self.online.decoder(dec[:, :-1], f.image)
+        lm = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), label_smoothing=LABEL_SMOOTHING)
+        return itc_itm + lm
+
+
+def _tokenizer_json(seed: int) -> str:
+    """A BPE tokenizer of scene captions that decodes with spaces, plus BLIP's [DEC] token."""
+    import numpy as np
+
+    from mmedge.data import caption_for, generate_scenes
+    from mmedge.data.scenes import TRAIN_SEED
+
+    rng = np.random.default_rng(seed)
+    captions = [caption_for(s.objects, rng) for s in generate_scenes(2000, seed=TRAIN_SEED, image_size=32)]
+    tok = train_tokenizer(captions, vocab_size=256, generation=True)
+    tok.add_special_tokens([DEC_TOKEN])
+    return str(tok.to_str())
+
+
+def caption_checkpoint_path(out: str | Path) -> Path:
+    """Where the captioning checkpoint goes beside `out`."""
+    out = Path(out)
+    return out.with_name(out.name + CAPTION_SUFFIX)
+
+
+def train(out: str | Path, request: TrainRequest, progress: bool | None = None) -> Path:
+    """Train `request.preset` on synthetic scenes; save `out` (itm) and `out`-caption."""
+    from tokenizers import Tokenizer
+
+    from mmedge.runtime.staging import check_replaceable
+    from mmedge.runtime.texts import TextTokenizer
+
+    if request.data is not None:
+        raise UnsupportedError("the blip recipe trains on synthetic scenes (no --data)")
+    if request.init is None:
+        raise ConfigError(
+            "BLIP starts from a pretrained ViT: pass --init CLIP_CHECKPOINT (e.g. the demo's "
+            "$MMEDGE_HOME/checkpoints/clip-tiny)"
+        )
+    caption_out = caption_checkpoint_path(out)
+    check_replaceable(caption_out, is_checkpoint, "checkpoint", False)
+    clip = load_clip_init(request.init, "blip")
+    t0 = time.perf_counter()
+    family, raw = load_preset(request.preset)
+    batch = request.batch_size or DEFAULT_BATCH
+    hard = DEFAULT_HARD_NEGATIVES if request.hard_negatives is None else request.hard_negatives
+    check_batch(batch, hard)
+    tokenizer_json = _tokenizer_json(request.seed)
+    tok = Tokenizer.from_str(tokenizer_json)
+    dec_id = int(tok.token_to_id(DEC_TOKEN))
+    raw = {
+        **raw,
+        "variant": "itm",
+        "text": {**raw["text"], "vocab_size": tok.get_vocab_size(), "pad_token_id": PAD_ID},
+        "bos_token_id": dec_id,
+        "sep_token_id": EOS_ID,
+    }
+    cfg: BlipConfig = family.config_from_dict(clip_config(raw, clip))
+    torch.manual_seed(request.seed)
+    model, decoder = Blip(cfg), BlipTextDecoder(cfg.text)
+    lr_scales = init_vision(model, clip, VISION_LR_SCALE)
+    tc = dataclasses.replace(train_config(request, DEFAULT_STEPS, DEFAULT_LR), lr_scales=lr_scales or ())
+    training = BlipTraining(model, decoder, dec_id, tc.steps, frozen_vision=lr_scales is None)
+    # one slot short of the positions: the decoder's input appends the end token
+    context = cfg.text.max_positions - 1
+    texts = TextTokenizer.from_json(tokenizer_json, context_length=context, pad_id=PAD_ID)
+    batches = scene_batches(texts, family.preprocess(cfg), batch, hard, request.seed)
+    losses = run_training(
+        training, batches, lambda t, b: t.loss(b), tc, progress=progress, desc=f"train {request.preset}"
+    )
+    info = {"train": train_info(request, tc.steps, batch, hard, losses, t0)}
+    log.info("trained %d steps, final loss %.3f", len(losses), info["train"]["final_loss"])
+
+    caption_cfg = dataclasses.replace(cfg, variant="caption")
+    captioner = BlipCaptioner(caption_cfg)
+    captioner.vision_model.load_state_dict(model.vision_model.state_dict())
+    captioner.text_decoder.load_state_dict(decoder.state_dict())
+    save_checkpoint(caption_out, family.name, caption_cfg.to_dict(), captioner, tokenizer_json, extra=info)
+    log.info("caption checkpoint: %s", caption_out)
+    return save_checkpoint(out, family.name, cfg.to_dict(), model, tokenizer_json, extra=info)
