@@ -25,8 +25,12 @@ def test_two_checkpoints_share_the_vit_and_the_tokenizer(trained: Path, tiny_ckp
     from mmedge.models.checkpoint import read_checkpoint_meta
     from mmedge.models.sources import load_source
 
-    itm, caption = load_source(trained), load_source(recipe.caption_checkpoint_path(trained))
-    assert (itm.config.variant, caption.config.variant) == ("itm", "caption")
+    itm, caption = load_source(trained), load_source(recipe.task_checkpoint_path(trained, "caption"))
+    vqa = load_source(recipe.task_checkpoint_path(trained, "vqa"))
+    assert (itm.config.variant, caption.config.variant, vqa.config.variant) == ("itm", "caption", "vqa")
+    assert vqa.tokenizer_json == itm.tokenizer_json
+    info = read_checkpoint_meta(trained)["train"]
+    assert (info["steps"], info["vqa"]["steps"]) == (3, 3)
     assert itm.tokenizer_json == caption.tokenizer_json and recipe.DEC_TOKEN in itm.tokenizer_json
     for name, w in itm.model.vision_model.state_dict().items():
         torch.testing.assert_close(caption.model.vision_model.state_dict()[name], w, atol=0, rtol=0)

@@ -98,7 +98,7 @@ def test_fusion_demo_smoke(store: Path, capsys: pytest.CaptureFixture) -> None:
     from mmedge import sdk
     from mmedge.sdk.demo_fusion import EDITS, run_fusion_demo
 
-    r = run_fusion_demo(steps=3, threads=1, json_out=True, eval_n=12, captions=3)
+    r = run_fusion_demo(steps=3, threads=1, json_out=True, eval_n=12, captions=3, questions=8)
     assert r is not None
     assert r["train"]["steps"] == 3 and r["train"]["init"] == str(store / "checkpoints" / "clip-tiny")
     for precision in ("fp32", "quantized"):
@@ -106,9 +106,10 @@ def test_fusion_demo_smoke(store: Path, capsys: pytest.CaptureFixture) -> None:
         assert set(hard) == set(EDITS)
         assert [hard[e]["gallery"] for e in EDITS] == [12 * (1 + e) for e in EDITS]
         assert r["captions"][precision]["captions"] == 3
+        assert r["vqa"][precision]["questions"] == 8
     assert r["retrieval"]["quantized"]["precisions"]["vision"] == "int8"
     assert r["captions"]["quantized"]["precisions"]["llm"] == "int8"
-    assert {"blip-tiny", "blip-tiny-caption"} <= set(sdk.list_packages())
+    assert {"blip-tiny", "blip-tiny-caption", "blip-tiny-vqa"} <= set(sdk.list_packages())
     p = sdk.Pipeline("blip-tiny")
     images = [np.full((64, 64, 3), c, np.uint8) for c in (0, 90, 180, 255)]
     p.add_images(images, ids=[0, 1, 2, 3])
@@ -116,3 +117,7 @@ def test_fusion_demo_smoke(store: Path, capsys: pytest.CaptureFixture) -> None:
     assert len(hits) == 2 and all(h.itm is not None for h in hits)
     caption = sdk.Pipeline("blip-tiny-caption").caption(np.zeros((64, 64, 3), np.uint8), max_new_tokens=3)
     assert isinstance(caption, str)
+    vqa = sdk.Pipeline("blip-tiny-vqa")
+    assert isinstance(
+        vqa.chat(np.zeros((64, 64, 3), np.uint8), "what colour is the star?", max_new_tokens=3), str
+    )

@@ -18,16 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mmedge.recipes.blip import DEFAULT_STEPS, VQA_STEPS
 from mmedge.runtime.store import model_home
 from mmedge.sdk.demo import clip_from_store
 from mmedge.sdk.tables import table
 
-BLIP_STEPS = 1000
 RERANK_DEPTH = 16
 # Edits per held-out scene in the hard-negative gallery: one, and several (more near-duplicates in
 # each query's top 16, where re-ranking has to tell them apart).
 EDITS = (1, 7)
-EVAL_SCENES, CAPTIONS = 500, 100
+EVAL_SCENES, CAPTIONS, VQA_QUESTIONS, VQA_SCENES = 500, 100, 300, 100
+VQA_KINDS = ("colour", "shape", "count", "position")
 PRECISIONS = (("fp32", "fp32"), ("quantized", "auto"))
 
 
@@ -38,64 +39,68 @@ def run_fusion_demo(
     seed: int = 0,
     eval_n: int = EVAL_SCENES,
     captions: int = CAPTIONS,
+    questions: int = VQA_QUESTIONS,
 ) -> dict[str, Any] | None:
     """Train, export, quantize and evaluate blip-tiny; prints progress and tables, or returns the
     results. `steps` caps training (clip-tiny's too when it is trained here); tests use a handful,
     and fewer scenes (`eval_n`) and captions."""
     from mmedge.models.checkpoint import read_checkpoint_meta
     from mmedge.recipes.base import TrainRequest, train_model
-    from mmedge.recipes.blip import caption_checkpoint_path
+    from mmedge.recipes.blip import task_checkpoint_path
 
     say: Callable[[str], None] = (lambda *_: None) if json_out else print
     home = model_home()
     clip_ckpt, ckpt = home / "checkpoints" / "clip-tiny", home / "checkpoints" / "blip-tiny"
-    caption_ckpt = caption_checkpoint_path(ckpt)
-    pkg, caption_pkg = home / "blip-tiny", home / "blip-tiny-caption"
+    ckpts = {"itm": ckpt, **{v: task_checkpoint_path(ckpt, v) for v in ("caption", "vqa")}}
+    pkgs = {v: home / c.name for v, c in ckpts.items()}
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     clip_from_store(clip_ckpt, steps, threads, seed, lambda m: say(f"[1/5] {m}"), timings)
 
     t1 = time.perf_counter()
-    n_steps = steps or BLIP_STEPS
-    say(f"[2/5] training blip-tiny on clip-tiny's ViT, {n_steps} steps: ITC (momentum distillation), ITM, LM")
-    request = TrainRequest(preset="blip-tiny", init=str(clip_ckpt), steps=n_steps, threads=threads, seed=seed)
+    say(
+        f"[2/5] training blip-tiny on clip-tiny's ViT: {steps or DEFAULT_STEPS} steps of ITC (momentum distillation), "
+        f"ITM and LM, then {steps or VQA_STEPS} of VQA"
+    )
+    request = TrainRequest(preset="blip-tiny", init=str(clip_ckpt), steps=steps, threads=threads, seed=seed)
     train_model(ckpt, request)
     timings["blip_train_s"] = time.perf_counter() - t1
     info = read_checkpoint_meta(ckpt).get("train", {})
     say(
-        f"      {info.get('steps')} steps in {timings['blip_train_s']:.0f} s, final loss {info.get('final_loss', 0):.3f}"
+        f"      {info.get('steps')} + {info['vqa']['steps']} steps in {timings['blip_train_s']:.0f} s, final "
+        f"losses {info.get('final_loss', 0):.3f} and {info['vqa']['final_loss']:.3f}"
     )
-
     say(
-        "[3/5] exporting both checkpoints; quantizing (INT8 encoders, weight-only INT8 ITM and decoder); building"
+        "[3/5] exporting the itm, caption and vqa checkpoints; quantizing (INT8 encoders, weight-only INT8 "
+        "ITM, question encoder and decoders); building"
     )
-    calibration = {
-        "itm": _export_quantize(ckpt, pkg, threads, say),
-        "caption": _export_quantize(caption_ckpt, caption_pkg, threads, say),
-    }
+    calibration = {v: _export_quantize(ckpts[v], pkgs[v], threads, say) for v in ckpts}
     say(
-        f"[4/5] retrieval on {eval_n} held-out scenes; R@1 among one-attribute edits, re-ranking the top {RERANK_DEPTH}"
+        f"[4/5] retrieval on {eval_n} held-out scenes; R@1 among one-attribute edits, re-ranking the top "
+        f"{RERANK_DEPTH}"
     )
-    retrieval = _evaluate_retrieval(pkg, threads, eval_n)
-    say(f"[5/5] {captions} captions of held-out scenes")
-    caption_eval = _evaluate_captions(caption_pkg, threads, captions)
+    retrieval = _evaluate_retrieval(pkgs["itm"], threads, eval_n)
+    say(f"[5/5] {captions} captions and {questions} questions ({', '.join(VQA_KINDS)}) of held-out scenes")
+    caption_eval = _evaluate_chat(pkgs["caption"], threads, 0, captions)
+    vqa_eval = _evaluate_chat(pkgs["vqa"], threads, questions, 0)
     timings["total_s"] = time.perf_counter() - t0
     result = {
         "retrieval": retrieval,
         "captions": caption_eval,
+        "vqa": vqa_eval,
         "train": info,
         "calibration": calibration,
         "timings": timings,
-        "packages": [str(pkg), str(caption_pkg)],
+        "packages": [str(p) for p in pkgs.values()],
     }
     if json_out:
         print(json.dumps(result, indent=2, default=str))
         return result
     _print(result)
-    print(f"\ntotal time: {timings['total_s']:.0f} s   packages: {pkg}, {caption_pkg}")
+    print(f"\ntotal time: {timings['total_s']:.0f} s   packages: {', '.join(str(p) for p in pkgs.values())}")
     print(
         'try: mmedge search blip-tiny "a small red circle in the center" --add shapes:200 --rerank 16   or   '
-        "mmedge caption blip-tiny-caption IMAGE"
+        'mmedge caption blip-tiny-caption IMAGE   or   mmedge chat blip-tiny-vqa IMAGE "what colour is the star?"'
     )
     return None
 
@@ -130,16 +135,17 @@ def _evaluate_retrieval(pkg: Path, threads: int, n: int) -> dict[str, Any]:
     return out
 
 
-def _evaluate_captions(pkg: Path, threads: int, n: int) -> dict[str, Any]:
+def _evaluate_chat(pkg: Path, threads: int, questions: int, captions: int) -> dict[str, Any]:
     from mmedge import sdk
     from mmedge.evaluation.tasks import evaluate_chat
 
     return {
         label: evaluate_chat(
             sdk.Pipeline(pkg, precision=precision, threads=threads),
-            f"shapes:{n}",
-            questions=0,
-            captions=n,
+            f"shapes:{max(captions, VQA_SCENES)}",
+            questions=questions,
+            captions=captions,
+            kinds=VQA_KINDS,
         )
         for label, precision in PRECISIONS
     }
@@ -176,6 +182,18 @@ def _print(r: dict[str, Any]) -> None:
             f"{cap['quantized']['caption_exact_match']:.3f} ({qc['llm']} decoder)",
         )
     )
+    vqa = r["vqa"]
+    rows.append(
+        ("VQA accuracy", f"{vqa['fp32']['vqa_accuracy']:.3f}", f"{vqa['quantized']['vqa_accuracy']:.3f}")
+    )
+    for kind in VQA_KINDS:
+        a, b = vqa["fp32"]["vqa_by_kind"].get(kind), vqa["quantized"]["vqa_by_kind"].get(kind)
+        if a is not None:
+            rows.append((f"  {kind}", f"{a:.3f}", f"{b:.3f}"))
+    print(table(rows))
+    print()
+    rows = [("question (quantized model)", "answer", "truth")]
+    rows += [(e["question"], e["answer"], e["expected"]) for e in vqa["quantized"]["examples"]]
     print(table(rows))
     for c in cap["quantized"]["caption_examples"][:3]:
         print(f"\ncaption: {c['caption']}\ntruth:   {c['truth']}")

@@ -113,13 +113,20 @@ class BlipTextDecoder(nn.Module):
         return layer.attention.output(out.transpose(1, 2).reshape(b, s, -1), x), k, v
 
     def _cross_attention(
-        self, layer: FusionLayer, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+        self,
+        layer: FusionLayer,
+        x: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # every encoder position is attended (HF passes an all-ones encoder mask); key/value may
-        # have one row for B query rows: the matmuls broadcast
+        # every encoder position is attended (HF passes an all-ones encoder mask; the runtime's
+        # question states are unpadded); `bias` masks a padded batch's positions in training.
+        # key/value may have one row for B query rows: the matmuls broadcast
         a = layer.crossattention.self
         q = _heads(a.query(x) * (1.0 / math.sqrt(self.head_dim)), self.heads)
-        out = torch.softmax(q @ key.transpose(-1, -2), dim=-1) @ value
+        scores = q @ key.transpose(-1, -2)
+        out = torch.softmax(scores if bias is None else scores + bias, dim=-1) @ value
         b, _, s, _ = out.shape
         return layer.crossattention.output(out.transpose(1, 2).reshape(b, s, -1), x)
 
@@ -131,6 +138,7 @@ class BlipTextDecoder(nn.Module):
         cross: list[tuple[torch.Tensor, torch.Tensor]],
         past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         logits_to_keep: torch.Tensor | None = None,
+        cross_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Logits (B, K, V) of the last K positions and each layer's new self-attention (key, value).
 
@@ -149,21 +157,31 @@ class BlipTextDecoder(nn.Module):
         new_kv = []
         for i, layer in enumerate(self.bert.encoder.layer):
             x, k, v = self._self_attention(layer, x, past[i] if past is not None else None, bias)
-            x = self._cross_attention(layer, x, *cross[i])
+            x = self._cross_attention(layer, x, *cross[i], bias=cross_bias)
             x = layer.output(layer.intermediate(x), x)
             new_kv.append((k, v))
         if logits_to_keep is not None:
             x = x[:, s - logits_to_keep[0] :]
         return self.cls(x), new_kv
 
-    def forward(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits of whole sequences without any cache: cross keys/values computed from
-        `encoder_hidden_states` in this call (the reference the cached runtime is checked against)."""
+        `encoder_hidden_states` in this call (the reference the cached runtime is checked against,
+        and training's forward). `encoder_mask` (B, N), 0 at padding, for padded encoder states."""
         kv = self.cross_kv(encoder_hidden_states)
         cross = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
         b, n = input_ids.shape
         positions = torch.arange(n).expand(b, n)
-        return self.step(self.embed_tokens(input_ids), torch.ones_like(input_ids), positions, cross)[0]
+        bias = None
+        if encoder_mask is not None:
+            bias = (encoder_mask[:, None, None, :] == 0).to(encoder_hidden_states.dtype) * MASK_VALUE
+        embeds = self.embed_tokens(input_ids)
+        return self.step(embeds, torch.ones_like(input_ids), positions, cross, cross_bias=bias)[0]
 
 
 class DecoderStep(nn.Module):
