@@ -227,3 +227,29 @@ def test_short_texts_are_true_of_their_scene_and_judged_exactly() -> None:
     assert not mentions_hold([Mention("circle"), Mention("circle", "red")], [red_circle])
     assert mentions_hold([Mention("circle"), Mention("circle", "red")], [blue_circle, red_circle])
     assert not mentions_hold([Mention("circle", position="center")], [blue_circle])
+
+
+def test_swap_attribute_binds_the_same_words_to_other_objects() -> None:
+    from collections import Counter
+
+    from mmedge.data.scenes import SWAP_KINDS, SceneObject, sample_objects, scene_key, swap_attribute
+
+    rng = np.random.default_rng(0)
+    swapped = 0
+    for _ in range(300):
+        objects = sample_objects(rng)
+        out = swap_attribute(objects, rng)
+        assert scene_key(out) != scene_key(objects)
+        tradeable = any(getattr(a, k) != getattr(b, k) for a in objects for b in objects for k in SWAP_KINDS)
+        if not tradeable:  # nothing to trade: perturb's one-attribute edit
+            continue
+        assert [o.position for o in out] == [o.position for o in objects]
+        changed = [(a, b) for a, b in zip(objects, out) if a != b]
+        kinds = {k for a, b in changed for k in SWAP_KINDS if getattr(a, k) != getattr(b, k)}
+        assert len(changed) == 2 and len(kinds) == 1  # a trade: one attribute, the same values overall
+        (kind,) = kinds
+        assert Counter(getattr(o, kind) for o in out) == Counter(getattr(o, kind) for o in objects)
+        swapped += 1
+    assert swapped > 100
+    lone = (SceneObject("circle", "red", "small", "center"),)
+    assert len(swap_attribute(lone, rng)) == 1 and swap_attribute(lone, rng) != lone

@@ -21,6 +21,7 @@ from mmedge.data.scenes import (
     render,
     sample_objects,
     scene_slots,
+    swap_attribute,
 )
 from mmedge.data.sources import IMAGE_EXTENSIONS, Conversation, DataItem, load_conversations, load_data
 
@@ -50,4 +51,5 @@ __all__ = [
     "render",
     "sample_objects",
     "scene_slots",
+    "swap_attribute",
 ]

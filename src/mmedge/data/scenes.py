@@ -371,6 +371,30 @@ def perturb(
     return tuple(sorted(objs, key=lambda x: POSITIONS.index(x.position)))
 
 
+SWAP_KINDS = ("shape", "colour", "size")
+
+
+def swap_attribute(objects: Sequence[SceneObject], rng: np.random.Generator) -> tuple[SceneObject, ...]:
+    """A binding negative: two objects trade one attribute they differ in (a small red circle and a
+    large blue square become a small blue circle and a large red square) — the same words, bound
+    to other objects. Scenes where no two objects differ in a shape, colour or size get `perturb`'s
+    one-attribute edit instead."""
+    objs = list(_check_objects(objects))
+    options = [
+        (i, j, kind)
+        for i in range(len(objs))
+        for j in range(i + 1, len(objs))
+        for kind in SWAP_KINDS
+        if getattr(objs[i], kind) != getattr(objs[j], kind)
+    ]
+    if not options:
+        return perturb(objs, rng)
+    i, j, kind = options[int(rng.integers(len(options)))]
+    a, b = getattr(objs[i], kind), getattr(objs[j], kind)
+    objs[i], objs[j] = dataclasses.replace(objs[i], **{kind: b}), dataclasses.replace(objs[j], **{kind: a})
+    return tuple(objs)
+
+
 def make_scene(seed: int, index: int, image_size: int = 64) -> Scene:
     """Return scene `index` of the stream for `seed`; it depends only on (seed, index, image_size)."""
     for name, value in (("seed", seed), ("index", index)):

@@ -1,7 +1,8 @@
 """Train ALBEF on synthetic scenes with its three losses and momentum distillation (Li et al. 2021).
 
-- **ITC** with momentum distillation and **ITM** on hard negatives: `recipes.itc_itm`. A quarter
-  of each batch edits one attribute of another row (`data.perturb`).
+- **ITC** with momentum distillation and **ITM** on hard negatives: `recipes.itc_itm`. Half of
+  each batch are near-duplicates of the other half: one attribute edited or traded between two
+  objects.
 - **MLM** on the caption with the image: 15% of the tokens picked (80% -> [MASK], 10% -> a random
   token, 10% kept), predicted through every layer; distilled from the momentum model as ITC is.
 
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 800
 DEFAULT_BATCH = 32
-DEFAULT_HARD_NEGATIVES = 8  # rows that edit one attribute of an earlier row
 DEFAULT_LR = 1e-3
 MASK_TOKEN = "[MASK]"
 MLM_PROB = 0.15
@@ -139,7 +139,8 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
     t0 = time.perf_counter()
     family, raw = load_preset(request.preset)
     batch = request.batch_size or DEFAULT_BATCH
-    hard = DEFAULT_HARD_NEGATIVES if request.hard_negatives is None else request.hard_negatives
+    # half of each batch: near-duplicates of the other half (itc_itm.scene_batches)
+    hard = batch // 2 if request.hard_negatives is None else request.hard_negatives
     check_batch(batch, hard)
     tokenizer_json = _tokenizer_json(request.seed)
     tok = Tokenizer.from_str(tokenizer_json)

@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 1000
 DEFAULT_BATCH = 32
-DEFAULT_HARD_NEGATIVES = 8  # rows that edit one attribute of an earlier row
 DEFAULT_LR = 1e-3
 VISION_LR_SCALE = 0.1
 TEMP = 0.07  # BLIP's initial ITC temperature, kept fixed (see recipes.albef)
@@ -185,7 +184,8 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
     t0 = time.perf_counter()
     family, raw = load_preset(request.preset)
     batch = request.batch_size or DEFAULT_BATCH
-    hard = DEFAULT_HARD_NEGATIVES if request.hard_negatives is None else request.hard_negatives
+    # half of each batch: near-duplicates of the other half (itc_itm.scene_batches)
+    hard = batch // 2 if request.hard_negatives is None else request.hard_negatives
     check_batch(batch, hard)
     tokenizer_json = _tokenizer_json(request.seed)
     tok = Tokenizer.from_str(tokenizer_json)

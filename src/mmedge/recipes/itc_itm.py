@@ -6,8 +6,8 @@
   over the first fifth of training. Ground truth: every pair whose scenes are identical.
 - **ITM** on each positive pair, one negative image per text and one negative text per image, each
   drawn with probability softmax(ITC similarity) over the batch (identical scenes excluded): the
-  hard negatives of the contrastive space. Part of each batch edits one attribute of another row
-  (`data.perturb`), the near-duplicates ITM has to tell apart.
+  hard negatives of the contrastive space. Part of each batch are near-duplicates of other rows
+  (`scene_batches`), the pairs ITM has to tell apart.
 
 A family's recipe adds its third loss (ALBEF: masked language modelling; BLIP: captioning with the
 image-grounded decoder) on the features `itc_itm` returns. The ViT may start from a trained CLIP
@@ -141,16 +141,18 @@ def scene_id(key: Any) -> int:
 
 
 def scene_batches(tokenizer: Any, pre: PreprocessConfig, batch: int, hard: int, seed: int) -> Iterator[Any]:
-    """Endless (pixels, ids, mask, scene ids): fresh scenes and captions; the last `hard` rows edit
-    one attribute of the first ones."""
-    from mmedge.data import caption_for, perturb, render, sample_objects
+    """Endless (pixels, ids, mask, scene ids): fresh scenes and captions; the last `hard` rows are
+    near-duplicates of the first ones, alternately one attribute edited (`data.perturb`) and one
+    attribute traded between two objects (`data.swap_attribute`: the same words bound otherwise,
+    what a pooled contrastive embedding is worst at and cross-attention is for)."""
+    from mmedge.data import caption_for, perturb, render, sample_objects, swap_attribute
     from mmedge.data.scenes import scene_key
     from mmedge.runtime.images import preprocess
 
     rng = np.random.default_rng(np.random.SeedSequence(entropy=TRAIN_SEED, spawn_key=(seed, 2)))
     while True:
         objs = [sample_objects(rng) for _ in range(batch - hard)]
-        objs += [perturb(objs[i], rng) for i in range(hard)]
+        objs += [(swap_attribute if i % 2 else perturb)(objs[i], rng) for i in range(hard)]
         pixels = preprocess([render(o, pre.image_size, rng) for o in objs], pre)
         ids, mask = tokenizer.encode_batch([caption_for(o, rng) for o in objs])
         idx = torch.tensor([scene_id(scene_key(o)) for o in objs], dtype=torch.long)
