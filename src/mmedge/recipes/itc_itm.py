@@ -34,6 +34,7 @@ from mmedge.runtime.sections import PreprocessConfig
 QUEUE = 1024  # momentum features kept from earlier batches (ALBEF: 65,536 at batch 512)
 MOMENTUM = 0.995
 ALPHA = 0.4  # distillation weight, ALBEF's and BLIP's
+SWAPS = True  # half of the near-duplicate rows trade an attribute between objects (`scene_batches`)
 
 
 @dataclass
@@ -152,7 +153,7 @@ def scene_batches(tokenizer: Any, pre: PreprocessConfig, batch: int, hard: int, 
     rng = np.random.default_rng(np.random.SeedSequence(entropy=TRAIN_SEED, spawn_key=(seed, 2)))
     while True:
         objs = [sample_objects(rng) for _ in range(batch - hard)]
-        objs += [(swap_attribute if i % 2 else perturb)(objs[i], rng) for i in range(hard)]
+        objs += [(swap_attribute if SWAPS and i % 2 else perturb)(objs[i], rng) for i in range(hard)]
         pixels = preprocess([render(o, pre.image_size, rng) for o in objs], pre)
         ids, mask = tokenizer.encode_batch([caption_for(o, rng) for o in objs])
         idx = torch.tensor([scene_id(scene_key(o)) for o in objs], dtype=torch.long)
