@@ -257,6 +257,8 @@ def test_ort_build_with_in_place_cache_matches_transformers(caption_heads16, tmp
     shutil.copytree(pipe.runner.package.root, pkg)
     built = build_package(pkg, backend="ort", precision="fp32")
     assert built["builds"]["llm.fp32"]["ops"]["com.microsoft:GroupQueryAttention"] == 2
+    # the ViT's packed q|k|v attention becomes MultiHeadAttention (`builds.ort_mha`)
+    assert built["builds"]["vision.fp32"]["ops"]["com.microsoft:MultiHeadAttention"] == 2
     fused = sdk.Pipeline(str(pkg), precision="fp32")
     assert fused.lm.in_place and not pipe.lm.in_place
     lengths = []
@@ -291,3 +293,19 @@ def test_weight_only_step_gets_the_prefill_build(caption_heads16, tmp_path: Path
     (image,) = _images(tmp_path, 1, seed=16)
     out = int8.generate_ids(str(image), PROMPTS[1], max_new_tokens=TOKENS, min_new_tokens=TOKENS)
     assert len(out) == TOKENS
+    _check_vision_mha(pkg, tmp_path)
+
+
+def _check_vision_mha(pkg: Path, tmp_path: Path) -> None:
+    """The INT8 ViT's attention (between integer q|k|v and output projections) becomes
+    MultiHeadAttention; its features match the same graph built without the rewrite."""
+    from mmedge.builds.ort import optimize_for_ort
+    from mmedge.builds.sessions import ort_session
+
+    src = pkg / "onnx" / "vision.int8.onnx"
+    fused, plain = tmp_path / "fused.onnx", tmp_path / "plain.onnx"
+    assert optimize_for_ort(src, fused)["com.microsoft:MultiHeadAttention"] == 2
+    assert "com.microsoft:MultiHeadAttention" not in optimize_for_ort(src, plain, fuse_attention=False)
+    x = np.random.default_rng(4).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    a, b = (ort_session(p).run(None, {"pixel_values": x})[0] for p in (fused, plain))
+    np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
