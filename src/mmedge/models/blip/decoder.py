@@ -85,8 +85,9 @@ class BlipTextDecoder(nn.Module):
         """Each layer's cross-attention (key, value), (B, H, N, D), flat in layer order.
 
         All layers' key and value projections run as one matmul (their weights concatenated at
-        export, the same products): every row of the N encoder states is read once, and ORT's
-        weight-only kernel quantizes them once instead of once per projection, ~1.6x faster."""
+        export, the same products): ORT's weight-only kernel quantizes the N encoder rows once
+        instead of once per projection and runs one wide GEMM; on BLIP-base (577 rows, 24
+        projections) its time fell by a third and the component's by a quarter, split included."""
         selves = [layer.crossattention.self for layer in self.bert.encoder.layer]
         weight = torch.cat([w for a in selves for w in (a.key.weight, a.value.weight)])
         bias = torch.cat([b for a in selves for b in (a.key.bias, a.value.bias)])
