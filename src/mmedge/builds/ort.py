@@ -16,7 +16,7 @@ Passes (`ort_passes`), all exact rewrites:
   constants, bias Adds move into MatMulIntegerToFloat's epilogue, and unmasked self-attention over
   integer q/k/v projections becomes one QAttention (merged q/k/v GEMM, heads split in the kernel);
   unmasked self-attention over one packed q|k|v projection (BLIP's ViT) becomes MultiHeadAttention
-  (`ort_mha`: the kernel never writes the whole score tensor).
+  (`ort_mha`).
 
 ORT's offline optimization runs at "extended" (portable; the session adds the layout-specific "all"
 passes at load). `onnxruntime.transformers` fusions are off by default: on CLIP they find no

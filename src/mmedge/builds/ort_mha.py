@@ -10,10 +10,13 @@ which runs as separate kernels that write the whole (B, H, S, S) score tensor an
 
     qkv -> Split (last axis, three C-wide parts) -> MultiHeadAttention(q, k, v, scale = alpha) [-> QuantizeLinear]
 
-whose CPU kernel computes the same softmax(alpha q k^T) v tile by tile. The projections are
-untouched (integer GEMMs in a Q/DQ build), and so is the QuantizeLinear of the attention output: it
-is element-wise, so it commutes with the head transposes it followed. The float summation order of
-the kernel differs; `build` checks the built graph against its source (`builds.checks`).
+one kernel for the same softmax(alpha q k^T) v, without the head transposes. On BLIP-base's INT8
+ViT (577 tokens, 2 threads) the attention's node time was about the same on an idle machine and a
+quarter lower while other processes ran (benchmarks/RESULTS.md, BLIP-base-sized captioning). The
+projections are untouched (integer GEMMs in a Q/DQ build), and so is the QuantizeLinear of the
+attention output: it is element-wise, so it commutes with the head transposes it followed. The
+kernel's float summation order differs; `build` checks the built graph against its source
+(`builds.checks`).
 """
 
 from __future__ import annotations
