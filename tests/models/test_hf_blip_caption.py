@@ -23,14 +23,14 @@ PROMPTS = [None, "a picture of"]
 QUESTIONS = ["what is on the left", "the red dog"]
 
 
-def _config(vocab: int) -> transformers.BlipConfig:
+def _config(vocab: int, **text: int) -> transformers.BlipConfig:
     from hf_tiny import tiny_blip_config
 
     # + [DEC], BLIP's decoder start token, after the vocabulary
-    return tiny_blip_config(SIZE, {"vocab_size": vocab + 1, "bos_token_id": vocab, "pad_token_id": 0})
+    return tiny_blip_config(SIZE, {"vocab_size": vocab + 1, "bos_token_id": vocab, "pad_token_id": 0, **text})
 
 
-def _export(root: Path, cls: type, seed: int):
+def _export(root: Path, cls: type, seed: int, **text: int):
     from hf_tiny import save_blip_model
 
     from mmedge import sdk
@@ -39,7 +39,7 @@ def _export(root: Path, cls: type, seed: int):
     hf_tok, vocab = _tokenizer()
     hf_tok.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder start token, after the vocabulary
     torch.manual_seed(seed)
-    hf = cls(_config(vocab)).eval()
+    hf = cls(_config(vocab, **text)).eval()
     with torch.no_grad():  # sharper logits: random tiny decoders otherwise tie between tokens
         hf.text_decoder.cls.predictions.decoder.weight.mul_(4)
     processor = save_blip_model(root / "src", hf, hf_tok, SIZE)
@@ -233,3 +233,79 @@ def test_generation_timer_times_a_cross_attention_caption(caption) -> None:
             do_sample=False,
         )[0].tolist()
     assert ours == out[len(ids) :]
+
+
+@pytest.fixture(scope="module")
+def caption_heads16(tmp_path_factory: pytest.TempPathFactory):
+    # heads of 16 dims: ORT's GroupQueryAttention takes multiples of 16 only
+    root = tmp_path_factory.mktemp("blip-caption-gqa")
+    return _export(root, transformers.BlipForConditionalGeneration, 2, num_attention_heads=2)
+
+
+def test_ort_build_with_in_place_cache_matches_transformers(caption_heads16, tmp_path: Path) -> None:
+    """The step's self-attention is the decoders' packed q|k|v pattern: `build --backend ort` turns
+    each layer into GroupQueryAttention over an in-place cache (its cross-attention stays on the
+    bound cross keys/values); greedy and 3-beam captions stay identical to transformers and to the
+    portable graph."""
+    import shutil
+
+    from mmedge import sdk
+    from mmedge.builds.package import build_package
+
+    hf, processor, pipe = caption_heads16
+    pkg = tmp_path / "pkg"
+    shutil.copytree(pipe.runner.package.root, pkg)
+    built = build_package(pkg, backend="ort", precision="fp32")
+    assert built["builds"]["llm.fp32"]["ops"]["com.microsoft:GroupQueryAttention"] == 2
+    # the ViT's packed q|k|v attention becomes MultiHeadAttention (`builds.ort_mha`)
+    assert built["builds"]["vision.fp32"]["ops"]["com.microsoft:MultiHeadAttention"] == 2
+    fused = sdk.Pipeline(str(pkg), precision="fp32")
+    assert fused.lm.in_place and not pipe.lm.in_place
+    lengths = []
+    for image in _images(tmp_path, 2, seed=15):
+        for prompt in PROMPTS:
+            ref = _hf_generate(hf, processor, image, prompt)
+            assert fused.generate_ids(str(image), prompt, max_new_tokens=TOKENS) == ref
+            assert pipe.generate_ids(str(image), prompt, max_new_tokens=TOKENS) == ref
+            lengths.append(len(ref))
+        beam = _hf_generate(hf, processor, image, PROMPTS[1], num_beams=3)
+        assert fused.generate_ids(str(image), PROMPTS[1], max_new_tokens=TOKENS, num_beams=3) == beam
+    assert max(lengths) == TOKENS
+
+
+def test_weight_only_step_gets_the_prefill_build(caption_heads16, tmp_path: Path) -> None:
+    """A weight-only step is built in place with a prefill build (int8 GEMMs for prompts): the
+    prompt runs through the prefill build, decoding through the weight-only one, on one cache."""
+    import shutil
+
+    from mmedge import sdk
+    from mmedge.calibration.package import calibrate_package
+    from mmedge.runtime.generation import PREFILL
+
+    _, _, pipe = caption_heads16
+    pkg = tmp_path / "pkg"
+    shutil.copytree(pipe.runner.package.root, pkg)
+    calibrate_package(pkg, "train-shapes:12", samples=4, weight_bits=(8,))  # builds for ORT too
+    int8 = sdk.Pipeline(str(pkg), precision="int8")
+    lm = int8.lm
+    assert lm.in_place and lm.runner.precision_of("llm") == "int8"
+    assert lm.runner.variant_session("llm", PREFILL) is not None
+    (image,) = _images(tmp_path, 1, seed=16)
+    out = int8.generate_ids(str(image), PROMPTS[1], max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+    assert len(out) == TOKENS
+    _check_vision_mha(pkg, tmp_path)
+
+
+def _check_vision_mha(pkg: Path, tmp_path: Path) -> None:
+    """The INT8 ViT's attention (between integer q|k|v and output projections) becomes
+    MultiHeadAttention; its features match the same graph built without the rewrite."""
+    from mmedge.builds.ort import optimize_for_ort
+    from mmedge.builds.sessions import ort_session
+
+    src = pkg / "onnx" / "vision.int8.onnx"
+    fused, plain = tmp_path / "fused.onnx", tmp_path / "plain.onnx"
+    assert optimize_for_ort(src, fused)["com.microsoft:MultiHeadAttention"] == 2
+    assert "com.microsoft:MultiHeadAttention" not in optimize_for_ort(src, plain, fuse_attention=False)
+    x = np.random.default_rng(4).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    a, b = (ort_session(p).run(None, {"pixel_values": x})[0] for p in (fused, plain))
+    np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())

@@ -72,6 +72,15 @@ def check_decoder_build(
         for s in entry.inputs
         if s.name.startswith("past_key_values.")
     }
+    # a cross-attending step (BLIP) also reads the precomputed cross keys/values: fixed, one row
+    known = {d: r.opt for d, r in entry.dims.items()}
+    cross = {
+        s.name: rng.standard_normal([known[d] if isinstance(d, str) else d for d in s.shape]).astype(
+            np.float32
+        )
+        for s in entry.inputs
+        if s.name.startswith("cross_key_values.")
+    }
     embed_dim = next(s.shape[2] for s in entry.inputs if s.name == "inputs_embeds")
     ref_sess, sess = (
         ort_session(source, threads),
@@ -87,11 +96,12 @@ def check_decoder_build(
             "position_ids": np.arange(filled, filled + new, dtype=np.int64)[None],
             "logits_to_keep": np.array([new], np.int64),
         }
-        ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, {**feeds, **past})))
+        ref_out = ref_sess.run(None, {**feeds, **past, **cross})
+        ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_out))
         cache = {k: v.copy() for k, v in past.items()}
         logits = np.empty_like(ref["logits"])
         sess.run_into(
-            {**feeds, **cache},
+            {**feeds, **cache, **cross},
             {"logits": logits, **{k.replace("past_key_values.", "present."): v for k, v in cache.items()}},
         )
         pairs = [(logits, ref["logits"])]

@@ -14,7 +14,9 @@ Passes (`ort_passes`), all exact rewrites:
 - Shape(DQ(Q(x))) -> Shape(x); quantized Gemm -> MatMul + Add (ORT has no float-output integer Gemm);
 - after ORT's optimizer: weight DequantizeLinears left unfused (e.g. a Conv) are folded to float
   constants, bias Adds move into MatMulIntegerToFloat's epilogue, and unmasked self-attention over
-  integer q/k/v projections becomes one QAttention (merged q/k/v GEMM, heads split in the kernel).
+  integer q/k/v projections becomes one QAttention (merged q/k/v GEMM, heads split in the kernel);
+  unmasked self-attention over one packed q|k|v projection (BLIP's ViT) becomes MultiHeadAttention
+  (`ort_mha`).
 
 ORT's offline optimization runs at "extended" (portable; the session adds the layout-specific "all"
 passes at load). `onnxruntime.transformers` fusions are off by default: on CLIP they find no
@@ -116,6 +118,11 @@ def optimize_for_ort(
         log.info("folded %d bias Adds into MatMulIntegerToFloat", fuse_integer_matmul_bias(optimized))
         if fuse_attention:  # matches only bias-fused projections
             log.info("replaced %d attention blocks by QAttention", attention_to_qattention(optimized))
+    if fuse_attention:
+        from mmedge.builds.ort_mha import packed_attention_to_mha
+
+        n = packed_attention_to_mha(optimized)
+        log.info("replaced %d packed-projection attention blocks by MultiHeadAttention", n)
     if decoder is not None:
         from mmedge.builds.ort_decoder import decoder_attention_to_gqa
 

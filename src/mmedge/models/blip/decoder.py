@@ -22,9 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmedge.models.blocks import MASK_VALUE, activation
+from mmedge.models.decoder.base import packed_attention
 from mmedge.models.fusion import FusionConfig, FusionEncoder, FusionLayer
 
 
@@ -80,15 +82,19 @@ class BlipTextDecoder(nn.Module):
         return self.bert.embeddings.word_embeddings
 
     def cross_kv(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each layer's cross-attention (key, value), (B, H, N, D), flat in layer order."""
-        out: list[torch.Tensor] = []
-        for layer in self.bert.encoder.layer:
-            a = layer.crossattention.self
-            out += [
-                _heads(a.key(encoder_hidden_states), self.heads),
-                _heads(a.value(encoder_hidden_states), self.heads),
-            ]
-        return tuple(out)
+        """Each layer's cross-attention (key, value), (B, H, N, D), flat in layer order.
+
+        All layers' key and value projections run as one matmul (their weights concatenated at
+        export, the same products): ORT's weight-only kernel quantizes the N encoder rows once
+        instead of once per projection and runs one wide GEMM; on BLIP-base (577 rows, 24
+        projections) its time fell by a third and the component's by a quarter, split included."""
+        selves = [layer.crossattention.self for layer in self.bert.encoder.layer]
+        weight = torch.cat([w for a in selves for w in (a.key.weight, a.value.weight)])
+        bias = torch.cat([b for a in selves for b in (a.key.bias, a.value.bias)])
+        # split on the last axis, then each part's head transpose: two copies of each part; a 5-D
+        # transpose then unbind exports as Split + Squeeze and copies three times
+        kv = F.linear(encoder_hidden_states, weight, bias).split(self.heads * self.head_dim, dim=-1)
+        return tuple(_heads(part, self.heads) for part in kv)
 
     def _self_attention(
         self,
@@ -97,20 +103,16 @@ class BlipTextDecoder(nn.Module):
         past: tuple[torch.Tensor, torch.Tensor] | None,
         bias: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # one q|k|v projection (q pre-scaled) and the decoders' attention: the ORT build then
+        # rewrites it into GroupQueryAttention over an in-place cache (`builds.ort_decoder`)
         a = layer.attention.self
-        q = _heads(a.query(x) * (1.0 / math.sqrt(self.head_dim)), self.heads)
-        k, v = _heads(a.key(x), self.heads), _heads(a.value(x), self.heads)
-        scores = q @ k.transpose(-1, -2)
-        if past is not None:  # scores against the cache and the new tokens, joined before the softmax
-            scores = torch.cat([q @ past[0].transpose(-1, -2), scores], dim=-1)
-        probs = torch.softmax(scores + bias, dim=-1)
-        if past is None:
-            out = probs @ v
-        else:  # split at the cache size, a static dim of the export
-            t = past[0].shape[2]
-            out = probs[..., t:] @ v + probs[..., :t] @ past[1]
-        b, _, s, _ = out.shape
-        return layer.attention.output(out.transpose(1, 2).reshape(b, s, -1), x), k, v
+        scale = 1.0 / math.sqrt(self.head_dim)
+        weight = torch.cat([a.query.weight * scale, a.key.weight, a.value.weight])
+        bias_qkv = torch.cat([a.query.bias * scale, a.key.bias, a.value.bias])
+        out, k, v = packed_attention(
+            F.linear(x, weight, bias_qkv), past, bias, None, self.heads, self.heads, self.head_dim
+        )
+        return layer.attention.output(out, x), k, v
 
     def _cross_attention(
         self,

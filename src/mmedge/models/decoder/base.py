@@ -146,26 +146,37 @@ class CachedAttention(nn.Module):
         self, x: torch.Tensor, past: Past, bias: torch.Tensor, rope: Rope
     ) -> tuple[torch.Tensor, ...]:
         """`bias` (B, 1, g*S, T+S): additive mask over [cache | new] for each grouped query row."""
-        b, s, _ = x.shape
-        h, hkv, d = self.heads, self.kv_heads, self.head_dim
-        qkv = self._qkv(x).view(b, s, h + 2 * hkv, d).transpose(1, 2)  # (B, H + 2Hkv, S, D)
-        qk, v = qkv.split([h + hkv, hkv], dim=1)
-        if rope is not None:
-            qk = rotary(qk, *rope, d // 2)
-        q, k = qk.split([h, hkv], dim=1)
-        # query heads grouped by the kv head they share (HF repeat_kv order): no copy of k/v per group
-        qg = q.reshape(b, hkv, (h // hkv) * s, d)
-        scores = qg @ k.transpose(-1, -2)
-        if past is not None:
-            scores = torch.cat([qg @ past[0].transpose(-1, -2), scores], dim=-1)
-        probs = torch.softmax(scores + bias, dim=-1)
-        if past is None:
-            out = probs @ v
-        else:  # split at the cache size, a static dim of the export (not at -s, a dynamic one)
-            t = past[0].shape[2]
-            out = probs[..., t:] @ v + probs[..., :t] @ past[1]
-        out = out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+        out, k, v = packed_attention(self._qkv(x), past, bias, rope, self.heads, self.kv_heads, self.head_dim)
         return getattr(self, self.out_name)(out), k, v
+
+
+def packed_attention(
+    qkv: torch.Tensor, past: Past, bias: torch.Tensor, rope: Rope, h: int, hkv: int, d: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cached self-attention from one packed projection `qkv` (B, S, (H + 2Hkv) * D), q's columns
+    pre-scaled by 1/sqrt(D): (output (B, S, H * D), new keys, new values (B, Hkv, S, D)).
+
+    The exported graph of this function is the pattern `builds.ort_decoder` rewrites into
+    GroupQueryAttention over an in-place cache; a decoder that computes its self-attention here
+    gets that build (and the prefill build) without a matcher of its own."""
+    b, s, _ = qkv.shape
+    qkv = qkv.view(b, s, h + 2 * hkv, d).transpose(1, 2)  # (B, H + 2Hkv, S, D)
+    qk, v = qkv.split([h + hkv, hkv], dim=1)
+    if rope is not None:
+        qk = rotary(qk, *rope, d // 2)
+    q, k = qk.split([h, hkv], dim=1)
+    # query heads grouped by the kv head they share (HF repeat_kv order): no copy of k/v per group
+    qg = q.reshape(b, hkv, (h // hkv) * s, d)
+    scores = qg @ k.transpose(-1, -2)
+    if past is not None:
+        scores = torch.cat([qg @ past[0].transpose(-1, -2), scores], dim=-1)
+    probs = torch.softmax(scores + bias, dim=-1)
+    if past is None:
+        out = probs @ v
+    else:  # split at the cache size, a static dim of the export (not at -s, a dynamic one)
+        t = past[0].shape[2]
+        out = probs[..., t:] @ v + probs[..., :t] @ past[1]
+    return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d), k, v
 
 
 class CachedDecoderLM(nn.Module):
