@@ -246,12 +246,17 @@ def cmd_eval(a: argparse.Namespace) -> object:
             "train-shapes:N are training-seed scenes: the figures overstate held-out accuracy (use shapes:N)"
         )
     if chat:
+        questions = 300 if a.questions is None else a.questions
+        captions = 100 if a.captions is None else a.captions
+        # a cross-attention package does one of the two: BLIP's VQA model answers, its captioner captions
+        vqa = getattr(p, "answers_questions", None)
+        if vqa is not None:
+            skipped = ("--captions", a.captions) if vqa else ("--questions", a.questions)
+            if skipped[1]:
+                _note(f"{skipped[0]} does not apply to a {'VQA' if vqa else 'captioning'} package; ignored")
+            questions, captions = (questions, 0) if vqa else (0, captions)
         return evaluate_chat(
-            p,
-            data,
-            questions=300 if a.questions is None else a.questions,
-            captions=100 if a.captions is None else a.captions,
-            progress=None if a.json else print,
+            p, data, questions=questions, captions=captions, progress=None if a.json else print
         )
     result = evaluate(p, data, limit=a.limit)
     if a.rerank != 0 and getattr(p, "itm", None) is not None:
