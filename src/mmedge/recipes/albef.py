@@ -46,7 +46,7 @@ from mmedge.recipes.trainer import train as run_training
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 800
+DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 32
 DEFAULT_LR = 1e-3
 MASK_TOKEN = "[MASK]"

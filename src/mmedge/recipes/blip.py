@@ -53,7 +53,7 @@ from mmedge.recipes.trainer import train as run_training
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 32
 DEFAULT_LR = 1e-3
 VISION_LR_SCALE = 0.1

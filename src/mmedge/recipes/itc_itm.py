@@ -34,7 +34,10 @@ from mmedge.runtime.sections import PreprocessConfig
 QUEUE = 1024  # momentum features kept from earlier batches (ALBEF: 65,536 at batch 512)
 MOMENTUM = 0.995
 ALPHA = 0.4  # distillation weight, ALBEF's and BLIP's
-SWAPS = True  # half of the near-duplicate rows trade an attribute between objects (`scene_batches`)
+# Half of the near-duplicate rows trade an attribute between two objects instead of editing one
+# (`scene_batches`). Off: blip-tiny at 3000 steps re-ranked 3-object scenes far worse with them
+# (benchmarks/RESULTS.md, "blip-tiny and albef-tiny from clip-tiny").
+SWAPS = False
 
 
 @dataclass
@@ -143,9 +146,9 @@ def scene_id(key: Any) -> int:
 
 def scene_batches(tokenizer: Any, pre: PreprocessConfig, batch: int, hard: int, seed: int) -> Iterator[Any]:
     """Endless (pixels, ids, mask, scene ids): fresh scenes and captions; the last `hard` rows are
-    near-duplicates of the first ones, alternately one attribute edited (`data.perturb`) and one
-    attribute traded between two objects (`data.swap_attribute`: the same words bound otherwise,
-    what a pooled contrastive embedding is worst at and cross-attention is for)."""
+    near-duplicates of the first ones: one attribute edited (`data.perturb`), and with `SWAPS`
+    every other one an attribute traded between two objects (`data.swap_attribute`: the same
+    words bound otherwise)."""
     from mmedge.data import caption_for, perturb, render, sample_objects, swap_attribute
     from mmedge.data.scenes import scene_key
     from mmedge.runtime.images import preprocess
