@@ -257,7 +257,7 @@ def _measure_weight_only(
         with warnings.catch_warnings():  # the staged package is built after calibration
             warnings.simplefilter("ignore", UnbuiltPrecisionWarning)
             lm = LanguageModel(ComponentRunner(pkg, precision=precision))
-        cross = _sample_cross(lm)
+            cross = _sample_cross(lm)  # loads the cross_kv component, unbuilt too
         rows = []
         for text in texts[:EVAL_SAMPLES]:
             ids = lm.tokenizer.encode(text)[: lm.max_context]
