@@ -172,7 +172,7 @@ def _blip2_part(
     say(
         f"[6/{n}] exporting vision, qformer, projector, embed, llm; quantizing (INT8 encoders, INT4 LLM); building"
     )
-    calib = _export_quantize(ckpt, pkg, threads, say)
+    calib = export_quantize(ckpt, pkg, threads, say)
     say(
         f"[7/{n}] VQA on {VQA_QUESTIONS} held-out questions (colour, shape, count) and {CAPTIONS} captions, "
         "fp32 vs quantized"
@@ -225,7 +225,7 @@ def run_llava_demo(
     say(
         "[3/4] exporting vision, projector, embed, llm; quantizing (INT8 vision + projector, INT4 LLM); building"
     )
-    calib = _export_quantize(ckpt, pkg, threads, say)
+    calib = export_quantize(ckpt, pkg, threads, say)
     say(
         f"[4/4] VQA on {VQA_QUESTIONS} held-out questions ({', '.join(LLAVA_KINDS)}) and {CAPTIONS} captions, "
         "fp32 vs quantized"
@@ -273,8 +273,11 @@ def clip_from_store(
     timings["clip_train_s"] = time.perf_counter() - t0
 
 
-def _export_quantize(ckpt: Path, pkg: Path, threads: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """Export a chat checkpoint, quantize it (INT8 image path, INT4 weight-only LLM) and build it."""
+def export_quantize(
+    ckpt: Path, pkg: Path, threads: int, say: Callable[[str], None], weight_bits: int = 4
+) -> dict[str, Any]:
+    """Export a checkpoint, quantize it (INT8 encoders, weight-only `weight_bits` for what has no
+    single calibration path: the LLM, ITM, cross keys/values) and build it."""
     from mmedge.calibration.package import calibrate_package
     from mmedge.export.exporter import export_model
 
@@ -283,7 +286,7 @@ def _export_quantize(ckpt: Path, pkg: Path, threads: int, say: Callable[[str], N
         pkg,
         "train-shapes:96",
         samples=64,
-        weight_bits=(4,),
+        weight_bits=(weight_bits,),
         threads=threads,
         progress=lambda m: say("      " + m),
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 from mmedge.recipes.blip import DEFAULT_STEPS, VQA_STEPS
 from mmedge.runtime.store import model_home
-from mmedge.sdk.demo import clip_from_store
+from mmedge.sdk.demo import clip_from_store, export_quantize
 from mmedge.sdk.tables import table
 
 RERANK_DEPTH = 16
@@ -74,7 +74,7 @@ def run_fusion_demo(
         "[3/5] exporting the itm, caption and vqa checkpoints; quantizing (INT8 encoders, weight-only INT8 "
         "ITM, question encoder and decoders); building"
     )
-    calibration = {v: _export_quantize(ckpts[v], pkgs[v], threads, say) for v in ckpts}
+    calibration = {v: export_quantize(ckpts[v], pkgs[v], threads, say, weight_bits=8) for v in ckpts}
     say(
         f"[4/5] retrieval on {eval_n} held-out scenes; R@1 among one-attribute edits, re-ranking the top "
         f"{RERANK_DEPTH}"
@@ -103,22 +103,6 @@ def run_fusion_demo(
         'mmedge caption blip-tiny-caption IMAGE   or   mmedge chat blip-tiny-vqa IMAGE "what colour is the star?"'
     )
     return None
-
-
-def _export_quantize(ckpt: Path, pkg: Path, threads: int, say: Callable[[str], None]) -> dict[str, Any]:
-    from mmedge.calibration.package import calibrate_package
-    from mmedge.export.exporter import export_model
-
-    export_model(ckpt, pkg, progress=lambda m: say("      " + m))
-    out: dict[str, Any] = calibrate_package(
-        pkg,
-        "train-shapes:96",
-        samples=64,
-        weight_bits=(8,),
-        threads=threads,
-        progress=lambda m: say("      " + m),
-    )
-    return out
 
 
 def _evaluate_retrieval(pkg: Path, threads: int, n: int) -> dict[str, Any]:
