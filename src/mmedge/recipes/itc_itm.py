@@ -38,6 +38,7 @@ ALPHA = 0.4  # distillation weight, ALBEF's and BLIP's
 # (`scene_batches`). Off: blip-tiny at 3000 steps re-ranked 3-object scenes far worse with them
 # (benchmarks/RESULTS.md, "blip-tiny and albef-tiny from clip-tiny").
 SWAPS = False
+ITM_NEGATIVES = 1  # negatives per text and per image for ITM (ALBEF and BLIP: 1)
 
 
 @dataclass
@@ -127,15 +128,17 @@ class ContrastiveMatching(nn.Module):
             same = idx[:, None] == idx[None]
             w_i2t = F.softmax(sim_i2t[:, :b].float(), 1).masked_fill(same, 0) + 1e-9 * ~same
             w_t2i = F.softmax(sim_t2i[:, :b].float(), 1).masked_fill(same, 0) + 1e-9 * ~same
-            neg_image = torch.multinomial(w_t2i, 1)[:, 0]  # per text
-            neg_text = torch.multinomial(w_i2t, 1)[:, 0]  # per image
-        te, rows = m.text_encoder, torch.cat([torch.arange(b), torch.arange(b), neg_text])
-        image3 = torch.cat([features, features[neg_image], features])
+            k = ITM_NEGATIVES
+            neg_image = torch.multinomial(w_t2i, k).t().reshape(-1)  # per text, k of them
+            neg_text = torch.multinomial(w_i2t, k).t().reshape(-1)  # per image
+        arange = torch.arange(b)
+        te, rows = m.text_encoder, torch.cat([arange, arange.repeat(k), neg_text])
+        image3 = torch.cat([features, features[neg_image], features.repeat(k, 1, 1)])
         if te.cfg.fusion_from:  # ALBEF: the fusion layers continue the text layers' states
             fused = te.run_layers(text[rows], mask[rows], image3, te.cfg.fusion_from, te.cfg.layers)
         else:  # BLIP: the text mode skipped cross-attention in every layer, so all run again
             fused = te.fuse(ids[rows], mask[rows], image3)
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * k * b)]).long()
         itm = F.cross_entropy(m.itm_head(fused[:, 0]), labels)
         return itc + itm, Features(features, features_m, alpha)
 
