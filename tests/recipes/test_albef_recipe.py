@@ -36,7 +36,10 @@ def test_a_few_steps_write_the_model_alone(trained: Path) -> None:
     assert "[MASK]" in lm.tokenizer_json
 
 
-def test_momentum_moves_toward_the_model_and_queues_fill() -> None:
+@pytest.mark.parametrize("negatives", [1, 2])
+def test_momentum_moves_toward_the_model_and_queues_fill(
+    negatives: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mmedge.models.albef.modeling import Albef, AlbefConfig
     from mmedge.models.init import tiny_tokenizer_json
     from mmedge.runtime.sections import PreprocessConfig
@@ -49,6 +52,7 @@ def test_momentum_moves_toward_the_model_and_queues_fill() -> None:
         "embed_dim": 16,
     }  # fmt: skip
     torch.manual_seed(0)
+    monkeypatch.setattr(itc_itm, "ITM_NEGATIVES", negatives)
     training = recipe.AlbefTraining(Albef(AlbefConfig.from_dict(raw)), mask_id=299, steps=10)
     online = training.online.model.vision_proj.weight
     with torch.no_grad():
