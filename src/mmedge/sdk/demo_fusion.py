@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmedge.recipes.blip import DEFAULT_STEPS, VQA_STEPS
 from mmedge.runtime.store import model_home
 from mmedge.sdk.demo import clip_from_store, export_quantize
 from mmedge.sdk.tables import table
@@ -46,7 +45,7 @@ def run_fusion_demo(
     and fewer scenes (`eval_n`) and captions."""
     from mmedge.models.checkpoint import read_checkpoint_meta
     from mmedge.recipes.base import TrainRequest, train_model
-    from mmedge.recipes.blip import task_checkpoint_path
+    from mmedge.recipes.blip import DEFAULT_STEPS, VQA_STEPS, task_checkpoint_path
 
     say: Callable[[str], None] = (lambda *_: None) if json_out else print
     home = model_home()
