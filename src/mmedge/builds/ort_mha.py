@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.export.graph_simplify import graph_index, remove_dead_nodes
+from mmedge.export.graph_simplify import GraphIndex, graph_index, node_attr, remove_dead_nodes
 
 
 def packed_attention_to_mha(model: Any) -> int:
@@ -33,24 +33,10 @@ def packed_attention_to_mha(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits, producer, consumers = graph_index(graph)
-    graph_outputs = {o.name for o in graph.output}
-
-    def only_user(name: str, op: str) -> Any:
-        users = consumers.get(name, [])
-        ok = len(users) == 1 and users[0].op_type == op and name not in graph_outputs
-        return users[0] if ok else None
-
+    index = GraphIndex(graph)
+    inits, only_user = index.inits, index.only_user
     replaced, dead = 0, set()
-    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
-        scores = producer.get(softmax.input[0])
-        if scores is None or scores.op_type != "FusedMatMul" or _attr(softmax, "axis", -1) != -1:
-            continue
-        if any(_attr(scores, k, 0) for k in ("transA", "transB", "transBatchA", "transBatchB")):
-            continue
-        mix = only_user(softmax.output[0], "MatMul")
-        if mix is None or only_user(scores.output[0], "Softmax") is None or mix.input[0] != softmax.output[0]:
-            continue
+    for softmax, scores, mix in index.attention_cores():
         packed = packed_projections(graph, (scores.input[0], scores.input[1], mix.input[1]))
         if packed is None:
             continue
@@ -58,7 +44,7 @@ def packed_attention_to_mha(model: Any) -> int:
         quant = only_user(mix.output[0], "QuantizeLinear")
         back = only_user((quant or mix).output[0], "Transpose")
         merge = only_user(back.output[0], "Reshape") if back is not None else None
-        if merge is None or list(_attr(back, "perm", [])) != [0, 2, 1, 3]:
+        if merge is None or list(node_attr(back, "perm", [])) != [0, 2, 1, 3]:
             continue
         shape = numpy_helper.to_array(inits[merge.input[1]]) if merge.input[1] in inits else None
         if shape is None or shape.shape != (3,) or int(shape[2]) not in (-1, heads * head_dim):
@@ -78,7 +64,7 @@ def packed_attention_to_mha(model: Any) -> int:
                 name=stem,
                 domain="com.microsoft",
                 num_heads=heads,
-                scale=float(_attr(scores, "alpha", 1.0)),
+                scale=float(node_attr(scores, "alpha", 1.0)),
             ),
         ]
         if quant is not None:
@@ -102,12 +88,6 @@ def packed_attention_to_mha(model: Any) -> int:
     return replaced
 
 
-def _attr(node: Any, key: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
-
-
 def packed_projections(graph: Any, names: tuple[str, str, str]) -> tuple[str, list[Any], int, int] | None:
     """Where an attention's q (B, H, S, D), k^T (B, H, D, S) and v (B, H, S, D) inputs `names` come
     from one packed projection: (the packed (B, S, 3C) tensor, the Reshape, Split and per-part
@@ -129,7 +109,7 @@ def packed_projections(graph: Any, names: tuple[str, str, str]) -> tuple[str, li
             if node.input[index] not in inits:
                 return None
             return [int(v) for v in numpy_helper.to_array(inits[node.input[index]]).reshape(-1)]
-        value = _attr(node, key)
+        value = node_attr(node, key)
         return None if value is None else [int(v) for v in value]
 
     chains, split = [], None
@@ -153,7 +133,7 @@ def packed_projections(graph: Any, names: tuple[str, str, str]) -> tuple[str, li
     shape = const(reshape, 1, "shape")
     if shape is None or len(shape) != 5 or shape[2] != 3 or min(shape[3:]) < 1:
         return None
-    if int(_attr(split, "axis", 0)) % 5 != 2 or const(split, 1, "split") not in (None, [1, 1, 1]):
+    if int(node_attr(split, "axis", 0)) % 5 != 2 or const(split, 1, "split") not in (None, [1, 1, 1]):
         return None
     if len(split.output) != 3 or not all(single(o) for o in split.output):
         return None
@@ -164,7 +144,7 @@ def packed_projections(graph: Any, names: tuple[str, str, str]) -> tuple[str, li
         axes = ["b", "s", "p", "h", "d"]
         for node in chain:
             if node.op_type == "Transpose":
-                perm = _attr(node, "perm")
+                perm = node_attr(node, "perm")
                 if perm is None or sorted(perm) != list(range(len(axes))):
                     return None
                 axes = [axes[i] for i in perm]

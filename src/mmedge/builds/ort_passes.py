@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.export.graph_simplify import graph_index, remove_dead_nodes
+from mmedge.export.graph_simplify import GraphIndex, node_attr, remove_dead_nodes
 
 
 def activations_to_uint8(model: Any) -> int:
@@ -226,16 +226,8 @@ def attention_to_qattention(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits, producer, consumers = graph_index(graph)
-    graph_outputs = {o.name for o in graph.output}
-
-    def attr(node: Any, key: str, default: Any = None) -> Any:
-        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
-
-    def only_user(name: str, op: str) -> Any:
-        users = consumers.get(name, [])
-        ok = len(users) == 1 and users[0].op_type == op and name not in graph_outputs
-        return users[0] if ok else None
+    index = GraphIndex(graph)
+    inits, producer, only_user, attr = index.inits, index.producer, index.only_user, node_attr
 
     def projection(name: str, perm: list[int]) -> tuple[Any, ...] | None:
         tr = producer.get(name)
@@ -254,21 +246,13 @@ def attention_to_qattention(model: Any) -> int:
         return mm, rs, tr
 
     replaced, dead = 0, set()
-    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
-        scores = producer.get(softmax.input[0])
-        if scores is None or scores.op_type != "FusedMatMul" or attr(softmax, "axis", -1) != -1:
-            continue
-        if any(attr(scores, k, 0) for k in ("transA", "transB", "transBatchA", "transBatchB")):
-            continue
-        mix = only_user(softmax.output[0], "MatMul")
-        if mix is None or only_user(scores.output[0], "Softmax") is None:
-            continue
+    for softmax, scores, mix in index.attention_cores():
         parts = [
             projection(scores.input[0], [0, 2, 1, 3]),
             projection(scores.input[1], [0, 2, 3, 1]),
             projection(mix.input[1], [0, 2, 1, 3]),
         ]
-        if any(p is None for p in parts) or mix.input[0] != softmax.output[0]:
+        if any(p is None for p in parts):
             continue
         mms = [p[0] for p in parts]  # type: ignore[index]
         if len({(m.input[0], m.input[2], m.input[4]) for m in mms}) != 1:

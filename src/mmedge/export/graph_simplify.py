@@ -237,3 +237,42 @@ def remove_dead_nodes(model: Any) -> int:
         del graph.initializer[:]
         graph.initializer.extend(kept)
     return removed
+
+
+def node_attr(node: Any, key: str, default: Any = None) -> Any:
+    """An ONNX node attribute's value, or `default`."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
+
+
+class GraphIndex:
+    """A graph's initializers, producers and consumers, and `only_user`: the one node reading a
+    tensor when it is of type `op` and the tensor is not a graph output (what a fusion may rewrite)."""
+
+    def __init__(self, graph: Any):
+        self.graph = graph
+        self.inits, self.producer, self.consumers = graph_index(graph)
+        self.outputs = {o.name for o in graph.output}
+
+    def only_user(self, name: str, op: str) -> Any:
+        users = self.consumers.get(name, [])
+        ok = len(users) == 1 and users[0].op_type == op and name not in self.outputs
+        return users[0] if ok else None
+
+    def attention_cores(self) -> list[tuple[Any, Any, Any]]:
+        """(softmax, scores, mix) of every unmasked attention core ORT's optimizer leaves:
+        FusedMatMul(q, k, alpha) -> Softmax(last axis) -> MatMul(probs, v), each feeding only the next."""
+        out = []
+        for softmax in [n for n in self.graph.node if n.op_type == "Softmax"]:
+            scores = self.producer.get(softmax.input[0])
+            if scores is None or scores.op_type != "FusedMatMul" or node_attr(softmax, "axis", -1) != -1:
+                continue
+            if any(node_attr(scores, k, 0) for k in ("transA", "transB", "transBatchA", "transBatchB")):
+                continue
+            mix = self.only_user(softmax.output[0], "MatMul")
+            if mix is None or self.only_user(scores.output[0], "Softmax") is None:
+                continue
+            if mix.input[0] == softmax.output[0]:
+                out.append((softmax, scores, mix))
+        return out
