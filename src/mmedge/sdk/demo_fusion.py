@@ -1,13 +1,13 @@
-"""`mmedge demo fusion`: blip-tiny — ITC retrieval re-ranked by the fusion encoder, and captions
-from the image-grounded decoder.
+"""`mmedge demo fusion`: blip-tiny — ITC retrieval re-ranked by the fusion encoder, captions from
+the image-grounded decoder, and VQA.
 
 blip-tiny trains on the store's trained clip-tiny ViT (one is trained first when there is none)
-with BLIP's three losses (`recipes.blip`), which writes two checkpoints: `blip-tiny` (ITC + ITM)
-and `blip-tiny-caption` (the same ViT and the caption decoder). Both are exported, quantized (INT8
-vision and text encoders; weight-only INT8 ITM, cross keys/values and decoder step) and built for
-ONNX Runtime; then retrieval on held-out scenes, text->image R@1 among one-attribute edits with
-and without ITM re-ranking, and caption exact-match, fp32 against quantized. Training runs to a
-step count, so a busy machine takes longer but reaches the same figures.
+with BLIP's three losses, then VQA fine-tuning (`recipes.blip`), which writes three checkpoints:
+`blip-tiny` (ITC + ITM), `blip-tiny-caption` and `blip-tiny-vqa`. Each is exported, quantized (INT8
+vision and text encoders; weight-only INT8 ITM, question encoder, cross keys/values and decoder
+steps) and built for ONNX Runtime; then retrieval on held-out scenes, text->image R@1 among
+one-attribute edits with and without ITM re-ranking, caption exact-match and VQA, fp32 against
+quantized. Training runs to step counts, so a busy machine takes longer but reaches the same figures.
 """
 
 from __future__ import annotations
