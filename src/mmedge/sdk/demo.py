@@ -316,13 +316,7 @@ def _print_chat(model: str, encoders: str, r: dict[str, Any], kinds: tuple[str, 
     q = ev["quantized"]["precisions"]
     print()
     rows = [(model, "fp32", f"quantized ({q['vision']} {encoders}, {q['llm']} llm)")]
-    rows.append(
-        ("VQA accuracy", f"{ev['fp32']['vqa_accuracy']:.3f}", f"{ev['quantized']['vqa_accuracy']:.3f}")
-    )
-    for kind in kinds:
-        a, b = ev["fp32"]["vqa_by_kind"].get(kind), ev["quantized"]["vqa_by_kind"].get(kind)
-        if a is not None:
-            rows.append((f"  {kind}", f"{a:.3f}", f"{b:.3f}"))
+    rows += vqa_rows(ev, kinds)
     rows.append(
         (
             "caption exact-match",
@@ -331,13 +325,31 @@ def _print_chat(model: str, encoders: str, r: dict[str, Any], kinds: tuple[str, 
         )
     )
     print(table(rows))
-    print()
-    rows = [("question (quantized model)", "answer", "truth")]
-    for e in ev["quantized"]["examples"]:
-        rows.append((e["question"], e["answer"], e["expected"]))
-    print(table(rows))
+    print_answers(ev["quantized"]["examples"])
     for c in ev["quantized"]["caption_examples"][:2]:
         print(f"\ncaption: {c['caption']}\ntruth:   {c['truth']}")
+
+
+def vqa_rows(ev: dict[str, Any], kinds: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """Table rows of VQA accuracy, overall then by kind, fp32 against quantized (`ev`'s two results)."""
+    a, b = ev["fp32"], ev["quantized"]
+    rows = [("VQA accuracy", f"{a['vqa_accuracy']:.3f}", f"{b['vqa_accuracy']:.3f}")]
+    for kind in kinds:
+        x, y = a["vqa_by_kind"].get(kind), b["vqa_by_kind"].get(kind)
+        if x is not None:
+            rows.append((f"  {kind}", f"{x:.3f}", f"{y:.3f}"))
+    return rows
+
+
+def print_answers(examples: list[dict[str, Any]]) -> None:
+    """The quantized model's answers beside the truth."""
+    print()
+    print(
+        table(
+            [("question (quantized model)", "answer", "truth")]
+            + [(e["question"], e["answer"], e["expected"]) for e in examples]
+        )
+    )
 
 
 def _say_stages(say: Any, info: dict[str, Any]) -> None:

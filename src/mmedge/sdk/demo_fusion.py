@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mmedge.runtime.store import model_home
-from mmedge.sdk.demo import clip_from_store, export_quantize
+from mmedge.sdk.demo import clip_from_store, export_quantize, print_answers, vqa_rows
 from mmedge.sdk.tables import table
 
 RERANK_DEPTH = 16
@@ -165,18 +165,8 @@ def _print(r: dict[str, Any]) -> None:
             f"{cap['quantized']['caption_exact_match']:.3f} ({qc['llm']} decoder)",
         )
     )
-    vqa = r["vqa"]
-    rows.append(
-        ("VQA accuracy", f"{vqa['fp32']['vqa_accuracy']:.3f}", f"{vqa['quantized']['vqa_accuracy']:.3f}")
-    )
-    for kind in VQA_KINDS:
-        a, b = vqa["fp32"]["vqa_by_kind"].get(kind), vqa["quantized"]["vqa_by_kind"].get(kind)
-        if a is not None:
-            rows.append((f"  {kind}", f"{a:.3f}", f"{b:.3f}"))
+    rows += vqa_rows(r["vqa"], VQA_KINDS)
     print(table(rows))
-    print()
-    rows = [("question (quantized model)", "answer", "truth")]
-    rows += [(e["question"], e["answer"], e["expected"]) for e in vqa["quantized"]["examples"]]
-    print(table(rows))
+    print_answers(r["vqa"]["quantized"]["examples"])
     for c in cap["quantized"]["caption_examples"][:3]:
         print(f"\ncaption: {c['caption']}\ntruth:   {c['truth']}")
