@@ -172,6 +172,6 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
         progress=progress,
         desc=f"train {request.preset}",
     )
-    info = {"train": train_info(request, tc.steps, batch, hard, losses, t0)}
+    info = {"train": train_info(request, batch, hard, losses, t0)}
     log.info("trained %d steps, final loss %.3f", len(losses), info["train"]["final_loss"])
     return save_checkpoint(out, family.name, cfg.to_dict(), model, tokenizer_json, extra=info)

@@ -210,7 +210,7 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
     losses = run_training(
         training, batches, lambda t, b: t.loss(b), tc, progress=progress, desc=f"train {request.preset}"
     )
-    info = {"train": train_info(request, tc.steps, batch, hard, losses, t0)}
+    info = {"train": train_info(request, batch, hard, losses, t0)}
     log.info("trained %d steps, final loss %.3f", len(losses), info["train"]["final_loss"])
 
     caption_cfg = dataclasses.replace(cfg, variant="caption")

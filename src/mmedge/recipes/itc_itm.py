@@ -17,6 +17,7 @@ checkpoint (`--init`), as ALBEF and BLIP start from a pretrained ViT.
 from __future__ import annotations
 
 import copy
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -218,10 +219,8 @@ def init_vision(model: nn.Module, clip: Any, vision_lr_scale: float) -> tuple[tu
     return (("online.model.vision_model.", vision_lr_scale),)
 
 
-def train_info(request: Any, steps: int, batch: int, hard: int, losses: list[float], started: float) -> dict:
+def train_info(request: Any, batch: int, hard: int, losses: list[float], started: float) -> dict:
     """The checkpoint's `train` record."""
-    import time
-
     from mmedge.recipes.trainer import amx_bf16_fast
 
     return {
