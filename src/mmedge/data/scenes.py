@@ -287,8 +287,6 @@ def render(
     objects: Sequence[SceneObject], image_size: int = 64, rng: np.random.Generator | None = None
 ) -> np.ndarray:
     """Draw objects on a noisy grey background; returns (image_size, image_size, 3) uint8 RGB."""
-    cv2 = require_opencv()  # imported here so `mmedge.data` stays cheap to import
-
     ordered = _check_objects(objects)
     _check_image_size(image_size)
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -299,20 +297,30 @@ def render(
     raw = np.frombuffer(rng.bytes(image_size * image_size * 3), np.uint8)
     image = (raw & 15).reshape(image_size, image_size, 3)
     image += low
-    # Large shapes first so a small one on top of a large neighbour's edge stays visible.
-    for o in sorted(ordered, key=lambda o: o.size != "large"):
-        fx, fy = _POSITION_XY[o.position]
-        cx, cy = fx * image_size - 0.5, fy * image_size - 0.5  # cv2 puts pixel centres on integers
-        side = _SIZE_FRACTION[o.size] * image_size
-        colour = COLOURS[o.colour]
-        pts = _polygon(o.shape, cx, cy, side)
-        if pts is None:
-            centre = (round(cx * (1 << _SHIFT)), round(cy * (1 << _SHIFT)))
-            radius = round(side / 2 * (1 << _SHIFT))
-            cv2.circle(image, centre, radius, colour, -1, cv2.LINE_AA, _SHIFT)
-        else:
-            cv2.fillPoly(image, [pts], colour, cv2.LINE_AA, _SHIFT)
+    for o in drawing_order(ordered):
+        draw_object(image, o, COLOURS[o.colour])
     return image
+
+
+def drawing_order(objects: Sequence[SceneObject]) -> list[SceneObject]:
+    """Large shapes first, so a small one on top of a large neighbour's edge stays visible."""
+    return sorted(objects, key=lambda o: o.size != "large")
+
+
+def draw_object(canvas: np.ndarray, o: SceneObject, value: int | tuple[int, ...]) -> None:
+    """Fill object `o`'s shape into a square uint8 canvas (H, W) or (H, W, C), anti-aliased."""
+    cv2 = require_opencv()
+    image_size = canvas.shape[0]
+    fx, fy = _POSITION_XY[o.position]
+    cx, cy = fx * image_size - 0.5, fy * image_size - 0.5  # cv2 puts pixel centres on integers
+    side = _SIZE_FRACTION[o.size] * image_size
+    pts = _polygon(o.shape, cx, cy, side)
+    if pts is None:
+        centre = (round(cx * (1 << _SHIFT)), round(cy * (1 << _SHIFT)))
+        radius = round(side / 2 * (1 << _SHIFT))
+        cv2.circle(canvas, centre, radius, value, -1, cv2.LINE_AA, _SHIFT)
+    else:
+        cv2.fillPoly(canvas, [pts], value, cv2.LINE_AA, _SHIFT)
 
 
 def _check_image_size(image_size: int) -> None:
