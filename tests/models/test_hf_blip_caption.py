@@ -275,8 +275,11 @@ def test_ort_build_with_in_place_cache_matches_transformers(caption_heads16, tmp
 
 def test_weight_only_step_gets_the_prefill_build(caption_heads16, tmp_path: Path) -> None:
     """A weight-only step is built in place with a prefill build (int8 GEMMs for prompts): the
-    prompt runs through the prefill build, decoding through the weight-only one, on one cache."""
+    prompt runs through the prefill build, decoding through the weight-only one, on one cache. The
+    weight-only cross_kv (every image row at once) is built onto int8 GEMMs."""
     import shutil
+
+    import onnx
 
     from mmedge import sdk
     from mmedge.calibration.package import calibrate_package
@@ -293,6 +296,9 @@ def test_weight_only_step_gets_the_prefill_build(caption_heads16, tmp_path: Path
     (image,) = _images(tmp_path, 1, seed=16)
     out = int8.generate_ids(str(image), PROMPTS[1], max_new_tokens=TOKENS, min_new_tokens=TOKENS)
     assert len(out) == TOKENS
+    (cross,) = (pkg / "builds").glob("ort*-cpu/cross.int8.onnx")
+    ops = {n.op_type for n in onnx.load(str(cross)).graph.node}
+    assert "DynamicQuantizeMatMul" in ops and "MatMulNBits" not in ops
     _check_vision_mha(pkg, tmp_path)
 
 

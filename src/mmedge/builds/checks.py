@@ -15,7 +15,14 @@ from mmedge.runtime.sections import LLMConfig
 BUILD_MAX_REL_ERROR = 1e-3  # the ORT passes are exact rewrites; a larger gap is a bug, not noise
 
 
-def check_build(source: Path, built: Path, pkg: Package, entry: ComponentEntry, threads: int) -> float:
+def check_build(
+    source: Path,
+    built: Path,
+    pkg: Package,
+    entry: ComponentEntry,
+    threads: int,
+    limit: float = BUILD_MAX_REL_ERROR,
+) -> float:
     """Run the built graph and its source on the same sample inputs; raise unless they agree.
 
     Returns the largest output error relative to the output's largest magnitude. (Cosine alone is
@@ -31,10 +38,10 @@ def check_build(source: Path, built: Path, pkg: Package, entry: ComponentEntry, 
     ref = run_outputs(ort_session(source, threads, uint8_activations=is_x86()), feeds)
     out = run_outputs(ort_session(built, threads), feeds)
     err = max(float(np.abs(out[k] - v).max() / max(np.abs(v).max(), 1e-12)) for k, v in ref.items())
-    if not err <= BUILD_MAX_REL_ERROR:
+    if not err <= limit:
         raise IntegrityError(
             f"{built.name}: the optimized graph disagrees with its source (relative error "
-            f"{err:.2e}, limit {BUILD_MAX_REL_ERROR:.0e}); please report this as a bug"
+            f"{err:.2e}, limit {limit:.0e}); please report this as a bug"
         )
     return err
 
@@ -45,7 +52,8 @@ def check_build(source: Path, built: Path, pkg: Package, entry: ComponentEntry, 
 IN_PLACE_QUANTIZED_MAX_REL_ERROR = 5e-2
 # The prefill build (`ort_prefill`) adds per-column int8 weights and per-tensor dynamic int8
 # activations on top: 2.6e-2 on BLIP-2-base's random OPT-125M, 5.1e-2 on the 2-layer random Llama
-# of the tests. Still an order of magnitude under a structural error.
+# of the tests. Still an order of magnitude under a structural error. The same limit holds for a
+# weight-only cross_kv rebuilt on int8 GEMMs (1.6e-2 on BLIP-base's random decoder).
 PREFILL_MAX_REL_ERROR = 1e-1
 
 

@@ -2,8 +2,10 @@
 
 Every component and precision gets `builds.ort.optimize_for_ort`; an `llm_step` component also gets
 its attention replaced by GroupQueryAttention over an in-place cache (`builds.ort_decoder`), and a
-weight-only one a prefill build with int8 GEMMs for prompts (`builds.ort_prefill`). Each build is
-checked against its source before it is recorded (`builds.checks`).
+weight-only one a prefill build with int8 GEMMs for prompts (`builds.ort_prefill`). A weight-only
+`cross_kv` (the cross-attention keys/values of every encoder row, once per image) runs on the same
+int8 GEMMs in place of its weight-only matmuls: it is a prompt-sized product every time. Each build
+is checked against its source before it is recorded (`builds.checks`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class OrtBuilder:
         import onnxruntime as ort
 
         from mmedge.builds.ort import MATMULNBITS_ACCURACY_LEVEL, optimize_for_ort
-        from mmedge.builds.ort_prefill import write_prefill_build
+        from mmedge.builds.ort_prefill import integer_gemms_in_place, write_prefill_build
         from mmedge.runtime.backends.ort import ort_target
         from mmedge.runtime.generation import PREFILL
 
@@ -54,6 +56,15 @@ class OrtBuilder:
                 if in_place:
                     limit = BUILD_MAX_REL_ERROR if p == "fp32" else IN_PLACE_QUANTIZED_MAX_REL_ERROR
                     err = check_decoder_build(src, tmp / rel, entry, decoder, threads, limit)
+                elif entry.role == "cross_kv" and ops.get("com.microsoft:MatMulNBits") and prefill:
+                    gemms = integer_gemms_in_place(tmp / rel)
+                    left = ops["com.microsoft:MatMulNBits"] - gemms
+                    ops = {k: v for k, v in ops.items() if k != "com.microsoft:MatMulNBits"}
+                    ops.update(
+                        {"com.microsoft:DynamicQuantizeMatMul": gemms},
+                        **{"com.microsoft:MatMulNBits": left} if left else {},
+                    )
+                    err = check_build(src, tmp / rel, pkg, entry, threads, PREFILL_MAX_REL_ERROR)
                 else:
                     err = check_build(src, tmp / rel, pkg, entry, threads)
                 files[f"{name}.{p}"] = rel

@@ -115,3 +115,10 @@ def write_prefill_build(decode_build: Path, out: Path) -> int:
     n = nbits_to_dynamic_int8(model)
     write_atomic(out, model.SerializeToString())
     return n
+
+
+def integer_gemms_in_place(build: Path) -> int:
+    """Rewrite a weight-only build that only ever runs many rows (a decoder's cross_kv) onto int8
+    GEMMs, atomically in place; return the GEMMs converted. On BLIP-base's cross_kv (577 rows, the
+    24 projections as one matmul) the component ran in about half the time."""
+    return write_prefill_build(build, build)

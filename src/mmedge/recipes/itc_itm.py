@@ -150,17 +150,18 @@ def scene_id(key: Any) -> int:
 
 def scene_batches(tokenizer: Any, pre: PreprocessConfig, batch: int, hard: int, seed: int) -> Iterator[Any]:
     """Endless (pixels, ids, mask, scene ids): fresh scenes and captions; the last `hard` rows are
-    near-duplicates of the first ones: one attribute edited (`data.perturb`), and with `SWAPS`
-    every other one an attribute traded between two objects (`data.swap_attribute`: the same
-    words bound otherwise)."""
+    near-duplicates of the first ones, in turn (more than half the batch: some scenes get two):
+    one attribute edited (`data.perturb`), and with `SWAPS` every other one an attribute traded
+    between two objects (`data.swap_attribute`: the same words bound otherwise)."""
     from mmedge.data import caption_for, perturb, render, sample_objects, swap_attribute
     from mmedge.data.scenes import scene_key
     from mmedge.runtime.images import preprocess
 
     rng = np.random.default_rng(np.random.SeedSequence(entropy=TRAIN_SEED, spawn_key=(seed, 2)))
     while True:
-        objs = [sample_objects(rng) for _ in range(batch - hard)]
-        objs += [(swap_attribute if SWAPS and i % 2 else perturb)(objs[i], rng) for i in range(hard)]
+        fresh = batch - hard
+        objs = [sample_objects(rng) for _ in range(fresh)]
+        objs += [(swap_attribute if SWAPS and i % 2 else perturb)(objs[i % fresh], rng) for i in range(hard)]
         pixels = preprocess([render(o, pre.image_size, rng) for o in objs], pre)
         ids, mask = tokenizer.encode_batch([caption_for(o, rng) for o in objs])
         idx = torch.tensor([scene_id(scene_key(o)) for o in objs], dtype=torch.long)
@@ -168,8 +169,8 @@ def scene_batches(tokenizer: Any, pre: PreprocessConfig, batch: int, hard: int, 
 
 
 def check_batch(batch: int, hard: int) -> None:
-    if not 0 <= hard <= batch // 2:
-        raise ConfigError(f"hard_negatives must be in [0, batch_size / 2], got {hard}")
+    if not 0 <= hard <= batch * 2 // 3:
+        raise ConfigError(f"hard_negatives must be in [0, 2/3 of batch_size], got {hard}")
     if QUEUE % batch:
         raise ConfigError(f"batch_size must divide the queue of {QUEUE}, got {batch}")
 

@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-prefill-build",
         action="store_true",
         help="ORT: skip the weight-only LLM's prefill build (int8 GEMMs for prompts, ~5x faster "
-        "than the 4-bit kernel at 40 tokens; costs an int8 copy of the LLM weights)",
+        "than the 4-bit kernel at 40 tokens; costs an int8 copy of the LLM weights), and keep a "
+        "weight-only cross_kv on the weight-only kernel instead of int8 GEMMs",
     )
 
     sp = add(
