@@ -1,0 +1,185 @@
+"""Non-audio modalities of the torch-free runtime: point clouds, IMU, depth, thermal, time series,
+video clips. References are brute force (points) or torch (IMU windows, antialiased resize)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from mmedge.errors import ConfigError, InvalidInputError
+from mmedge.runtime import points as points_mod
+from mmedge.runtime.points import (
+    PointConfig,
+    PointLimits,
+    farthest_point_sample,
+    group_points,
+    knn_indices,
+    normalize_unit_sphere,
+)
+
+BAD_DTYPES = [
+    np.zeros((40, 3), np.complex64),
+    np.zeros((40, 3), bool),
+    np.zeros((40, 3), object),
+    np.zeros((40, 3), "U1"),
+    np.zeros((40, 3), "datetime64[s]"),
+]
+
+
+def pairwise_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(A, B) squared distances, summed x + y + z in that order, in float64."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (
+        (a[:, None, 0] - b[None, :, 0]) ** 2
+        + (a[:, None, 1] - b[None, :, 1]) ** 2
+        + (a[:, None, 2] - b[None, :, 2]) ** 2
+    )
+
+
+def fps_reference(xyz: np.ndarray, count: int) -> list[int]:
+    """Greedy farthest point sampling from the full distance matrix: start at 0, then each pick
+    maximises the minimum distance to the points already picked (the lowest index on a tie)."""
+    dist = pairwise_sq(xyz, xyz)
+    chosen = [0]
+    while len(chosen) < count:
+        to_set = dist[:, chosen].min(axis=1)
+        best = max(range(len(xyz)), key=lambda i: (to_set[i], -i))
+        chosen.append(best)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Point clouds
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fps_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    xyz = rng.normal(size=(int(rng.integers(40, 200)), 3)).astype(np.float32)
+    count = int(rng.integers(2, 24))
+    got = farthest_point_sample(xyz, count)
+    assert got.dtype == np.int64 and got.tolist() == fps_reference(xyz, count)
+    assert len(set(got.tolist())) == count  # distinct while points are distinct
+
+
+def test_fps_ties_pick_the_lowest_index() -> None:
+    # A unit cube's corners: after corner 0, the opposite corner; then six corners tie.
+    cube = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], np.float32)
+    got = farthest_point_sample(cube, 8)
+    assert got.tolist() == fps_reference(cube, 8)
+    assert got[:3].tolist() == [0, 7, 1]
+
+
+def test_fps_with_duplicates_is_deterministic() -> None:
+    xyz = np.zeros((10, 3), np.float32)
+    assert farthest_point_sample(xyz, 4).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("order", ["random", "sorted"])
+def test_knn_matches_stable_argsort(seed: int, order: str) -> None:
+    rng = np.random.default_rng(seed)
+    xyz = rng.uniform(-1, 1, size=(3000, 3))
+    if order == "sorted":  # spatially ordered rows: the strided bound sees few near points
+        xyz = xyz[np.argsort(xyz[:, 0])]
+    queries = xyz[rng.choice(3000, 20, replace=False)]
+    for k in (1, 16, 47):
+        want = np.argsort(pairwise_sq(queries, xyz), axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(knn_indices(xyz, queries, k), want)
+
+
+def test_knn_ties_on_a_grid_and_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Integer grid: many equal distances; ties go to the lower index, as a stable argsort.
+    xyz = np.stack(np.meshgrid(*[np.arange(5.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    queries = xyz[[0, 31, 62, 124]]
+    want = np.argsort(pairwise_sq(queries, xyz), axis=1, kind="stable")[:, :11]
+    np.testing.assert_array_equal(knn_indices(xyz, queries, 11), want)
+    monkeypatch.setattr(points_mod, "_KNN_BLOCK", 2 * len(xyz))  # two queries a block
+    np.testing.assert_array_equal(knn_indices(xyz, queries, 11), want)
+
+
+def test_group_points_relative_neighbourhoods() -> None:
+    rng = np.random.default_rng(7)
+    cloud = rng.normal(size=(500, 3)) * 4 + 10
+    cfg = PointConfig(groups=16, group_size=8)
+    groups = group_points(cloud, cfg)
+    assert groups.neighbourhoods.shape == (16, 8, 3) and groups.neighbourhoods.dtype == np.float32
+    assert groups.centres.shape == (16, 3) and groups.centres.dtype == np.float32
+    norm = normalize_unit_sphere(cloud)
+    np.testing.assert_allclose(norm.mean(0), 0, atol=1e-12)
+    assert np.isclose(np.linalg.norm(norm, axis=1).max(), 1.0)
+    centre_idx = fps_reference(norm, 16)
+    np.testing.assert_allclose(groups.centres, norm[centre_idx], atol=1e-6)
+    knn = np.argsort(pairwise_sq(norm[centre_idx], norm), axis=1, kind="stable")[:, :8]
+    np.testing.assert_allclose(groups.neighbourhoods, norm[knn] - norm[centre_idx][:, None], atol=1e-6)
+    np.testing.assert_array_equal(groups.neighbourhoods[:, 0], 0)  # a centre is its own nearest point
+    again = group_points(cloud.copy(), cfg)
+    np.testing.assert_array_equal(again.neighbourhoods, groups.neighbourhoods)
+    np.testing.assert_array_equal(again.centres, groups.centres)
+
+
+def test_group_points_defaults_and_extra_channels() -> None:
+    rng = np.random.default_rng(3)
+    cloud = np.concatenate([rng.normal(size=(2048, 3)), rng.uniform(0, 1, size=(2048, 3))], 1).astype(
+        np.float32
+    )
+    start = time.perf_counter()
+    raw = group_points(cloud)
+    assert time.perf_counter() - start < 1.0
+    assert raw.neighbourhoods.shape == (64, 32, 6)
+    plain = group_points(cloud[:, :3], PointConfig(normalize=False))
+    rel = group_points(cloud, PointConfig(features="relative"))
+    # The same groups: extra channels never move the geometry.
+    np.testing.assert_array_equal(raw.neighbourhoods[..., :3], rel.neighbourhoods[..., :3])
+    norm = normalize_unit_sphere(cloud[:, :3])
+    centre_idx = farthest_point_sample(norm, 64)
+    knn = knn_indices(norm, norm[centre_idx], 32)
+    np.testing.assert_allclose(raw.neighbourhoods[..., 3:], cloud[knn, 3:])
+    np.testing.assert_allclose(
+        rel.neighbourhoods[..., 3:], cloud[knn, 3:] - cloud[centre_idx, None, 3:], atol=1e-6
+    )
+    # normalize=False: centres in the input's own coordinates.
+    assert np.isin(plain.centres, cloud[:, :3]).all()
+
+
+def test_points_refused_from_the_shape_before_any_work() -> None:
+    huge = np.broadcast_to(np.zeros(3, np.float32), (10**8, 3))  # no memory behind it
+    start = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=r"100000000 points.*max_points=1000000"):
+        group_points(huge)
+    assert time.perf_counter() - start < 0.1
+    with pytest.raises(InvalidInputError, match="max_points=50"):
+        group_points(np.zeros((51, 3)), limits=PointLimits(max_points=50))
+    with pytest.raises(InvalidInputError, match="max_channels=16"):
+        group_points(np.zeros((100, 17), np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_points_non_finite_refused(bad: float) -> None:
+    cloud = np.random.default_rng(0).normal(size=(100, 3))
+    cloud[57, 1] = bad
+    with pytest.raises(InvalidInputError, match=r"NaN|infinity"):
+        group_points(cloud)
+
+
+def test_points_bad_inputs() -> None:
+    cloud = np.random.default_rng(0).normal(size=(100, 3))
+    with pytest.raises(InvalidInputError, match=r"31 points; PointConfig.group_size=32"):
+        group_points(cloud[:31], PointConfig(groups=8))
+    with pytest.raises(InvalidInputError, match=r"40 points; PointConfig.groups=64"):
+        group_points(cloud[:40])
+    for shape in [(100, 2), (100,), (10, 10, 3)]:
+        with pytest.raises(InvalidInputError, match="expected \\(N, 3\\)"):
+            group_points(np.zeros(shape))
+    for arr in BAD_DTYPES:
+        with pytest.raises(InvalidInputError, match="dtype"):
+            group_points(arr)
+    with pytest.raises(InvalidInputError, match="numpy array"):
+        group_points(cloud.tolist())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        PointConfig(groups=0)
+    with pytest.raises(ConfigError):
+        PointConfig(features="normals")
