@@ -10,6 +10,7 @@ import pytest
 
 from mmedge.errors import ConfigError, InvalidInputError
 from mmedge.runtime import points as points_mod
+from mmedge.runtime.imu import ImuConfig, ImuLimits, imu_windows, preprocess_imu
 from mmedge.runtime.points import (
     PointConfig,
     PointLimits,
@@ -183,3 +184,63 @@ def test_points_bad_inputs() -> None:
         PointConfig(groups=0)
     with pytest.raises(ConfigError):
         PointConfig(features="normals")
+
+
+# ---------------------------------------------------------------------------------------------
+# IMU
+# ---------------------------------------------------------------------------------------------
+
+
+def test_imu_windows_match_imagebinds_unfold() -> None:
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).normal(size=(3, 6, 2000)).astype(np.float32)
+    t = torch.from_numpy(x)
+    # ImageBind's IMUPreprocessor.forward: unfold the time axis, permute, flatten each window.
+    ref = t.unfold(-1, 8, 8).permute(0, 2, 1, 3)
+    ref = ref.reshape(ref.size(0), ref.size(1), -1).numpy()
+    assert ref.shape == (3, 250, 48)
+    np.testing.assert_array_equal(imu_windows(x), ref)
+    np.testing.assert_array_equal(imu_windows(x[1]), ref[1])  # unbatched (6, T) -> (250, 48)
+    # What the exporter writes instead of unfold (ONNX Runtime rejects it): reshape + permute.
+    exported = t.reshape(3, 6, 250, 8).permute(0, 2, 1, 3).reshape(3, 250, 48).numpy()
+    np.testing.assert_array_equal(exported, ref)
+    # Element order, spelled out: token t holds channel c's samples 8t .. 8t+7 at 8c .. 8c+7.
+    assert imu_windows(x[0])[5, 2 * 8 + 3] == x[0, 2, 5 * 8 + 3]
+
+
+def test_preprocess_imu_crop_and_pad() -> None:
+    trace = np.arange(6 * 3000, dtype=np.float64).reshape(6, 3000)
+    out = preprocess_imu(trace)
+    assert out.shape == (6, 2000) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, trace[:, 500:2500])
+    np.testing.assert_array_equal(preprocess_imu(trace, ImuConfig(crop="start")), trace[:, :2000])
+    short = np.ones((6, 1500), np.int16)
+    padded = preprocess_imu(short)
+    assert padded[:, :1500].min() == 1 and not padded[:, 1500:].any()
+    assert preprocess_imu(trace[:, :2000]).base is None  # a new array, never the caller's
+    with pytest.raises(ConfigError, match="multiple of window"):
+        ImuConfig(samples=2001)
+
+
+def test_imu_bad_inputs() -> None:
+    for shape in [(2000, 6), (6,), (3, 6, 2000), (5, 2000), (7, 2000)]:
+        with pytest.raises(InvalidInputError, match=r"expected \(6, T\)"):
+            preprocess_imu(np.zeros(shape, np.float32))
+    with pytest.raises(InvalidInputError, match="no samples"):
+        preprocess_imu(np.zeros((6, 0), np.float32))
+    huge = np.broadcast_to(np.float32(0), (6, 10**9))
+    with pytest.raises(InvalidInputError, match="max_samples=1000000"):
+        preprocess_imu(huge)
+    with pytest.raises(InvalidInputError, match="max_samples=100"):
+        preprocess_imu(np.zeros((6, 101)), limits=ImuLimits(max_samples=100))
+    trace = np.zeros((6, 2000))
+    trace[4, 1234] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        preprocess_imu(trace)
+    for dtype in (bool, np.complex128, object):
+        with pytest.raises(InvalidInputError, match="dtype"):
+            preprocess_imu(np.zeros((6, 2000), dtype))
+    with pytest.raises(InvalidInputError, match="numpy array"):
+        preprocess_imu([[0.0] * 2000] * 6)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="multiple of 8"):
+        imu_windows(np.zeros((6, 2001)))
