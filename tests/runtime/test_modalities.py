@@ -3,13 +3,26 @@ video clips. References are brute force (points) or torch (IMU windows, antialia
 
 from __future__ import annotations
 
+import struct
 import time
+import zlib
 
+import cv2
 import numpy as np
 import pytest
 
 from mmedge.errors import ConfigError, InvalidInputError
 from mmedge.runtime import points as points_mod
+from mmedge.runtime.depth import (
+    DepthConfig,
+    MapLimits,
+    ThermalConfig,
+    depth_to_disparity,
+    load_map_png,
+    preprocess_depth,
+    preprocess_thermal,
+    resize_map,
+)
 from mmedge.runtime.imu import ImuConfig, ImuLimits, imu_windows, preprocess_imu
 from mmedge.runtime.points import (
     PointConfig,
@@ -244,3 +257,178 @@ def test_imu_bad_inputs() -> None:
         preprocess_imu([[0.0] * 2000] * 6)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="multiple of 8"):
         imu_windows(np.zeros((6, 2001)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth and thermal
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_resize_crop(x: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's Resize(size) (antialiased bilinear on a tensor) + CenterCrop(size), in float64."""
+    torch = pytest.importorskip("torch")
+    h, w = x.shape
+    new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    t = torch.from_numpy(x.astype(np.float64))[None, None]
+    out = torch.nn.functional.interpolate(t, size=new, mode="bilinear", antialias=True, align_corners=False)
+    top, left = round((new[0] - size) / 2.0), round((new[1] - size) / 2.0)
+    return out[0, 0, top : top + size, left : left + size].numpy()
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (640, 480), (100, 37), (224, 224), (9, 300), (1000, 1000)])
+def test_resize_map_matches_torch_antialiased_bilinear(shape: tuple[int, int]) -> None:
+    x = np.random.default_rng(0).uniform(0, 5, size=shape).astype(np.float32)
+    got = resize_map(x, 224)
+    assert got.shape == (224, 224) and got.dtype == np.float32
+    np.testing.assert_allclose(got, torch_resize_crop(x, 224), rtol=0, atol=1e-5)
+
+
+def test_preprocess_depth_values() -> None:
+    cfg = DepthConfig()
+    out = preprocess_depth(np.full((120, 160), 10.0, np.float32))
+    assert out.shape == (1, 224, 224) and out.dtype == np.float32
+    np.testing.assert_allclose(out, (10 / 75 - 0.0418) / 0.0295, rtol=1e-5)
+    # Clamped to [0.01, 75] before scaling, as Omnivore's DepthNorm.
+    np.testing.assert_allclose(preprocess_depth(np.full((8, 8), 500.0)), (1 - 0.0418) / 0.0295, rtol=1e-5)
+    np.testing.assert_allclose(
+        preprocess_depth(np.full((8, 8), -3.0)), (0.01 / 75 - 0.0418) / 0.0295, rtol=1e-5
+    )
+    # Against the torch pipeline: clamp, /75, Resize(224), CenterCrop(224), Normalize.
+    disparity = np.random.default_rng(1).uniform(-5, 90, size=(300, 410)).astype(np.float32)
+    ref = (torch_resize_crop(np.clip(disparity, 0.01, 75) / 75, 224) - cfg.mean) / cfg.std
+    np.testing.assert_allclose(preprocess_depth(disparity)[0], ref, rtol=0, atol=1e-3)  # /0.0295 scales 1e-5
+    small = preprocess_depth(disparity, DepthConfig(image_size=32, mean=0.0, std=1.0))
+    np.testing.assert_allclose(small[0], torch_resize_crop(np.clip(disparity, 0.01, 75) / 75, 32), atol=1e-6)
+    for ints in (np.uint16, np.int32):  # integer disparity maps are fine
+        assert preprocess_depth(np.full((8, 8), 10, ints)).shape == (1, 224, 224)
+
+
+def test_depth_to_disparity() -> None:
+    depth = np.array([[1.0, 2.0, 0.0], [0.001, 100.0, 0.5]], np.float32)
+    got = depth_to_disparity(depth, focal_px=500.0)
+    want = 0.075 * 500 / np.array([[1.0, 2.0, 1.0], [0.01, 50.0, 0.5]])
+    want[0, 2] = 0.0  # a hole (no reading) is "far", not "nearest"
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got.dtype == np.float32
+    with pytest.raises(InvalidInputError, match="focal_px"):
+        depth_to_disparity(depth, focal_px=0.0)
+    with pytest.raises(InvalidInputError, match="max_depth"):
+        depth_to_disparity(depth, focal_px=500.0, max_depth=0.001)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", arr)
+    assert ok
+    return buf.tobytes()
+
+
+def test_depth_png_path_and_bytes(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    depth_mm = rng.integers(0, 8000, size=(240, 320)).astype(np.uint16)
+    path = tmp_path / "depth.png"
+    path.write_bytes(png_bytes(depth_mm))
+    np.testing.assert_array_equal(load_map_png(path), depth_mm)
+    want = preprocess_depth(
+        depth_to_disparity(depth_mm.astype(np.float32) * np.float32(0.001), focal_px=520.0)
+    )
+    np.testing.assert_array_equal(preprocess_depth(path, focal_px=520.0), want)
+    np.testing.assert_array_equal(preprocess_depth(path.read_bytes(), focal_px=520.0), want)
+    # Without focal_px the PNG holds disparity: values x png_scale.
+    np.testing.assert_array_equal(
+        preprocess_depth(str(path), png_scale=0.01),
+        preprocess_depth(depth_mm.astype(np.float32) * np.float32(0.01)),
+    )
+
+
+def fake_png(width: int, height: int, depth: int = 16, colour: int = 0) -> bytes:
+    """A PNG whose header claims a size, with no pixels behind it."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def test_depth_bad_inputs(tmp_path) -> None:
+    for arr in BAD_DTYPES:
+        with pytest.raises(InvalidInputError, match="dtype"):
+            preprocess_depth(arr)
+    for shape in [(10,), (10, 10, 3), (2, 10, 10, 1)]:
+        with pytest.raises(InvalidInputError, match="single-channel"):
+            preprocess_depth(np.ones(shape, np.float32))
+    with pytest.raises(InvalidInputError, match="zero size"):
+        preprocess_depth(np.ones((0, 10), np.float32))
+    for bad in (np.nan, np.inf):
+        d = np.ones((50, 50), np.float32)
+        d[10, 20] = bad
+        with pytest.raises(InvalidInputError, match=r"NaN|infinity"):
+            preprocess_depth(d)
+    huge = np.broadcast_to(np.float32(1), (100_000, 100_000))
+    start = time.perf_counter()
+    with pytest.raises(InvalidInputError, match="max_pixels=50000000"):
+        preprocess_depth(huge)
+    assert time.perf_counter() - start < 0.1
+    with pytest.raises(InvalidInputError, match=r"max_pixels=50000000"):
+        load_map_png(fake_png(100_000, 100_000))  # from the header, before decoding
+    with pytest.raises(InvalidInputError, match="single-channel grey"):
+        load_map_png(png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    with pytest.raises(InvalidInputError, match="not a PNG"):
+        load_map_png(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = png_bytes(np.ones((64, 64), np.uint16))
+    with pytest.raises(InvalidInputError, match="truncated"):
+        load_map_png(good[: len(good) // 2])
+    with pytest.raises(InvalidInputError, match="max_bytes=10"):
+        load_map_png(good, MapLimits(max_bytes=10))
+    big = tmp_path / "big.png"
+    big.write_bytes(good)
+    with pytest.raises(InvalidInputError, match="max_bytes=10"):
+        load_map_png(big, MapLimits(max_bytes=10))
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        load_map_png(tmp_path / "missing.png")
+    with pytest.raises(InvalidInputError, match="not a regular file"):
+        load_map_png(tmp_path)
+    with pytest.raises(InvalidInputError, match="accepted: a path or bytes"):
+        load_map_png(12)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        DepthConfig(std=0.0)
+    with pytest.raises(ConfigError):
+        DepthConfig(min_disparity=80.0)
+
+
+def test_preprocess_thermal() -> None:
+    frame = np.random.default_rng(4).integers(0, 256, size=(512, 640)).astype(np.uint8)
+    out = preprocess_thermal(frame)
+    assert out.shape == (1, 224, 224) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], torch_resize_crop(frame / 255.0, 224), atol=1e-5)
+    np.testing.assert_allclose(preprocess_thermal(np.full((9, 9), 255, np.uint8)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(preprocess_thermal(np.full((9, 9), 65535, np.uint16)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        preprocess_thermal(np.full((9, 9), 0.25), ThermalConfig(mean=0.5, std=0.25)), -1.0, rtol=1e-6
+    )
+    raw = np.random.default_rng(5).integers(7000, 9000, size=(120, 160)).astype(np.uint16)
+    stretched = preprocess_thermal(raw, ThermalConfig(scale="minmax"))
+    unit = (raw - raw.min()) / float(raw.max() - raw.min())
+    np.testing.assert_allclose(stretched[0], torch_resize_crop(unit, 224), atol=1e-5)
+    assert not preprocess_thermal(np.full((9, 9), 3.0), ThermalConfig(scale="minmax")).any()  # flat: zeros
+    np.testing.assert_array_equal(preprocess_thermal(png_bytes(frame)), out)
+
+
+def test_thermal_bad_inputs() -> None:
+    with pytest.raises(InvalidInputError, match=r"\[0, 1\]"):
+        preprocess_thermal(np.full((9, 9), 2.0))
+    with pytest.raises(InvalidInputError, match="int32"):
+        preprocess_thermal(np.zeros((9, 9), np.int32))
+    with pytest.raises(InvalidInputError, match="NaN"):
+        preprocess_thermal(np.full((9, 9), np.nan))
+    for arr in BAD_DTYPES:
+        with pytest.raises(InvalidInputError, match="dtype"):
+            preprocess_thermal(arr)
+    with pytest.raises(InvalidInputError, match="max_pixels"):
+        preprocess_thermal(
+            np.broadcast_to(np.uint8(0), (20_000, 20_000)), limits=MapLimits(max_pixels=10**8 - 1)
+        )
+    with pytest.raises(ConfigError):
+        ThermalConfig(scale="log")
