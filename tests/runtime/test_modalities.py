@@ -32,6 +32,7 @@ from mmedge.runtime.points import (
     knn_indices,
     normalize_unit_sphere,
 )
+from mmedge.runtime.series import SeriesConfig, SeriesLimits, preprocess_series
 
 BAD_DTYPES = [
     np.zeros((40, 3), np.complex64),
@@ -432,3 +433,47 @@ def test_thermal_bad_inputs() -> None:
         )
     with pytest.raises(ConfigError):
         ThermalConfig(scale="log")
+
+
+# ---------------------------------------------------------------------------------------------
+# Time series
+# ---------------------------------------------------------------------------------------------
+
+
+def test_preprocess_series() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(500, 4)) * [1, 10, 100, 0.1] + [0, 5, -50, 3]
+    s = preprocess_series(x)
+    assert s.values.shape == (96, 4) and s.values.dtype == np.float32
+    kept = x[-96:]
+    np.testing.assert_allclose(s.mean, kept.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(s.std, np.sqrt(kept.var(0) + 1e-5), rtol=1e-6)
+    np.testing.assert_allclose(s.values, (kept - kept.mean(0)) / np.sqrt(kept.var(0) + 1e-5), atol=1e-5)
+    np.testing.assert_allclose(s.values * s.std + s.mean, kept, atol=1e-3)  # invertible
+    start = preprocess_series(x, SeriesConfig(keep="start"))
+    np.testing.assert_allclose(start.mean, x[:96].mean(0), rtol=1e-6)
+    short = preprocess_series(x[:10])
+    assert not short.values[:86].any() and short.values[86:].any()  # padded in front of the kept end
+    short_start = preprocess_series(x[:10], SeriesConfig(keep="start"))
+    assert short_start.values[:10].any() and not short_start.values[10:].any()
+    flat = preprocess_series(np.full((20,), 7.0))  # 1-D: one channel; a constant channel stays finite
+    assert flat.values.shape == (96, 1) and not flat.values.any()
+
+
+def test_series_bad_inputs() -> None:
+    x = np.zeros((100, 3))
+    x[-5, 1] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        preprocess_series(x)
+    with pytest.raises(InvalidInputError, match="expected \\(T,\\) or \\(T, C\\)"):
+        preprocess_series(np.zeros((4, 5, 6)))
+    with pytest.raises(InvalidInputError, match="empty"):
+        preprocess_series(np.zeros((0, 3)))
+    with pytest.raises(InvalidInputError, match="max_steps=10000000"):
+        preprocess_series(np.broadcast_to(np.float32(0), (10**9, 2)))
+    with pytest.raises(InvalidInputError, match="max_channels=8"):
+        preprocess_series(np.zeros((10, 9)), limits=SeriesLimits(max_channels=8))
+    with pytest.raises(InvalidInputError, match="dtype"):
+        preprocess_series(np.zeros((10, 2), bool))
+    with pytest.raises(ConfigError):
+        SeriesConfig(keep="middle")
