@@ -477,3 +477,24 @@ def test_series_bad_inputs() -> None:
         preprocess_series(np.zeros((10, 2), bool))
     with pytest.raises(ConfigError):
         SeriesConfig(keep="middle")
+
+
+# ---------------------------------------------------------------------------------------------
+# Video through the image path
+# ---------------------------------------------------------------------------------------------
+
+
+def test_video_clip_uses_the_image_path() -> None:
+    from mmedge.runtime.images import CLIP_MEAN, CLIP_STD, PreprocessConfig, preprocess
+    from mmedge.runtime.video import uniform_frame_indices, video_clip
+
+    rng = np.random.default_rng(8)
+    frames = [rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8) for _ in range(7)]
+    cfg = PreprocessConfig(image_size=32, mean=CLIP_MEAN, std=CLIP_STD)
+    clip = video_clip(frames, cfg)
+    assert clip.shape == (3, 2, 32, 32) and clip.dtype == np.float32
+    np.testing.assert_array_equal(clip, preprocess([frames[0], frames[6]], cfg).transpose(1, 0, 2, 3))
+    assert uniform_frame_indices(10, 4).tolist() == [0, 3, 6, 9]
+    assert video_clip(frames[:1], cfg).shape == (3, 2, 32, 32)  # one frame: repeated
+    with pytest.raises(InvalidInputError):
+        video_clip([], cfg)
