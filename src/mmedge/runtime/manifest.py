@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from mmedge.errors import ConfigError, IntegrityError
 from mmedge.runtime.backends import BACKENDS
+from mmedge.runtime.modality_inputs import MODALITY_PATHS, ModalitiesConfig
 from mmedge.runtime.schema import from_json, to_json
 from mmedge.runtime.sections import (
     BOS,
@@ -208,6 +209,7 @@ class Manifest:
     llm: LLMConfig | None = None
     prompt: PromptConfig | None = None
     retrieval: RetrievalConfig | None = None
+    modalities: ModalitiesConfig | None = None  # preprocessing of the audio, depth, thermal, imu paths
     chat_template: ChatTemplate | None = None
     engines: dict[str, EngineEntry] = field(default_factory=dict)
     bundle: BundleConfig | None = None  # set in a device bundle (`mmedge pack`)
@@ -313,6 +315,12 @@ def _check_wiring(m: Manifest) -> None:
         if path.output not in values:
             raise IntegrityError(
                 f"pipeline.paths.{path_name}.output {path.output!r} is not produced by the path"
+            )
+    configured = m.modalities.present() if m.modalities is not None else ()
+    for modality in MODALITY_PATHS:
+        if (modality in m.pipeline.paths) != (modality in configured):
+            raise IntegrityError(
+                f"a {modality!r} path and a modalities.{modality} section (its preprocessing) go together"
             )
     if m.has_role("itm"):
         _check_itm(m)

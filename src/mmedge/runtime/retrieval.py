@@ -25,6 +25,7 @@ from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.images import load_image, preprocess
 from mmedge.runtime.indexes import Hit, Index, check_k, open_index
 from mmedge.runtime.manifest import Manifest
+from mmedge.runtime.modality_inputs import MODALITY_PATHS, prepare, source_name
 
 # Upper bound on images / texts per call so one request cannot exhaust memory.
 MAX_BATCH_ITEMS = 4096
@@ -141,6 +142,73 @@ class RetrievalPipeline:
             self.runner.run_path("text", {"input_ids": ids, "attention_mask": mask}).astype(np.float32)
         )
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """What this package embeds: "image", "text", then its further modalities (ImageBind's
+        audio, depth, thermal, IMU), each on its own path."""
+        paths = self.runner.manifest.pipeline.paths
+        return ("image", "text", *(m for m in MODALITY_PATHS if m in paths))
+
+    def embed(
+        self,
+        data: object,
+        modality: str = "image",
+        *,
+        sample_rate: int | None = None,
+        channel_order: str = "RGB",
+    ) -> np.ndarray:
+        """(N, D) float32 L2-normalised embeddings of items of one modality, all in one space.
+
+        image: paths, bytes, arrays or PIL images; text: strings; audio: files, bytes, or arrays
+        with their `sample_rate` (a recording's clips are embedded and averaged, as ImageBind
+        does); depth: disparity maps; thermal: frames; imu: (6, T) traces (docs/modalities.md)."""
+        if modality == "image":
+            return self.embed_images(data, channel_order=channel_order)
+        if modality == "text":
+            return self.embed_texts(data)
+        m = self.runner.manifest
+        if modality not in self.modalities or m.modalities is None:
+            raise InvalidInputError(
+                f"package {m.name!r} does not embed {modality!r}; it embeds {', '.join(self.modalities)}"
+            )
+        config = getattr(m.modalities, modality)
+        items = _as_list(data, f"{modality} items")
+        rows = []
+        for i, item in enumerate(items):
+            try:
+                rows.append(prepare(modality, item, config, sample_rate=sample_rate))
+            except InvalidInputError as exc:
+                which = repr(str(item)) if isinstance(item, (str, os.PathLike)) else f"#{i}"
+                raise InvalidInputError(f"{modality} {which}: {exc}") from exc
+        counts = np.array([len(r) for r in rows])
+        out = self.runner.run_path(modality, {source_name(modality): np.concatenate(rows)}).astype(np.float32)
+        # each item's rows (an audio recording's clips) averaged, as ImageBind averages clip embeddings
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        return l2_normalize(np.add.reduceat(out, starts, axis=0) / counts[:, None])
+
+    def add(
+        self,
+        data: object,
+        modality: str = "image",
+        ids: Sequence[int] | None = None,
+        labels: Sequence[str] | None = None,
+        *,
+        sample_rate: int | None = None,
+    ) -> list[int]:
+        """Embed items of any modality the package has and add them to the one index; ids default
+        to the next free integers. An index may hold images, texts, audio and depth side by side."""
+        return self._add_vectors(self.embed(data, modality, sample_rate=sample_rate), ids, labels)
+
+    def _add_vectors(self, emb: np.ndarray, ids: Sequence[int] | None, labels: object) -> list[int]:
+        idx = self.index
+        if ids is None:
+            start = len(idx)
+            while start in idx:
+                start += 1
+            ids = list(range(start, start + len(emb)))
+        idx.add(ids, emb, labels=_label_list(labels))
+        return [int(i) for i in ids]
+
     # --- index --------------------------------------------------------------------------
 
     @property
@@ -179,15 +247,7 @@ class RetrievalPipeline:
         channel_order: str = "RGB",
     ) -> list[int]:
         """Embed images and add them to the index; ids default to the next free integers."""
-        emb = self.embed_images(images, channel_order=channel_order)
-        idx = self.index
-        if ids is None:
-            start = len(idx)
-            while start in idx:
-                start += 1
-            ids = list(range(start, start + len(emb)))
-        idx.add(ids, emb, labels=_label_list(labels))
-        return [int(i) for i in ids]
+        return self._add_vectors(self.embed_images(images, channel_order=channel_order), ids, labels)
 
     def add_texts(self, texts: object, ids: Sequence[int], labels: Sequence[str] | None = None) -> list[int]:
         """Embed texts and add them to the index under the given ids."""
@@ -202,9 +262,13 @@ class RetrievalPipeline:
         image: bool | None = None,
         rerank: int | None = None,
         source: Callable[[Hit], object] | None = None,
+        modality: str | None = None,
+        sample_rate: int | None = None,
     ) -> list[Hit]:
         """Top-k index entries for one query. A str is a text query (also one that names a file) unless
-        `image=True`; a path object, bytes, an array or a PIL image is an image.
+        `image=True`; a path object, bytes, an array or a PIL image is an image. `modality` names
+        the query's modality outright (`modalities`: e.g. "audio" for a recording, with
+        `sample_rate` for an array); the index may hold entries of any modality.
 
         `rerank=K` re-scores the contrastive top K with the package's ITM component and returns the
         k best by match probability (`Hit.itm`; `Hit.score` stays the cosine). Default: K = 16 (at
@@ -215,8 +279,22 @@ class RetrievalPipeline:
         n = len(self.index)
         if n == 0:
             raise InvalidInputError("the index is empty: add images (add_images) or load an index first")
+        if modality is not None and modality not in ("image", "text"):
+            if image or rerank:
+                raise InvalidInputError(
+                    f"a {modality} query is neither an image nor re-ranked (ITM scores image-text pairs)"
+                )
+            return self.index.search(self.embed([query], modality, sample_rate=sample_rate), k)[0]
+        if modality is not None and image is not None and image != (modality == "image"):
+            raise InvalidInputError(f"image={image} contradicts modality={modality!r}")
+        if sample_rate is not None:
+            raise InvalidInputError("sample_rate is for audio queries (modality='audio')")
         depth = self._rerank_depth(rerank, k, n)
-        as_image = not isinstance(query, str) if image is None else image
+        as_image = (
+            (not isinstance(query, str) if image is None else image)
+            if modality is None
+            else modality == "image"
+        )
         if as_image:
             values = self._image_values([query], channel_order)
             vec = l2_normalize(values[self._image_output].astype(np.float32))
