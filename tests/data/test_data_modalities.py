@@ -10,6 +10,7 @@ import pytest
 from mmedge.data import make_scene
 from mmedge.data.modalities import (
     CARRIES,
+    DISPARITY_SCALE,
     IMU_SAMPLES,
     PRIMITIVES,
     SAMPLE_RATE,
@@ -68,8 +69,8 @@ def test_colour_leaves_no_trace_where_not_carried(render):
 
 
 def test_depth_puts_objects_in_front_of_the_background():
-    depth = render_depth([RED_CIRCLE], 64, _rng())
-    assert depth[16, 16] < 2.5 < 3.4 < depth[48, 48]
+    disparity = render_depth([RED_CIRCLE], 64, _rng())  # near is large
+    assert DISPARITY_SCALE / disparity[16, 16] < 2.5 < 3.4 < DISPARITY_SCALE / disparity[48, 48]
 
 
 def test_thermal_orders_colours_by_temperature():

@@ -8,7 +8,9 @@ hit any scene whose `modality_key` is equal on what the query's modality carries
 
 How each modality encodes a scene (docs/modalities.md, "Synthetic paired data"):
 
-- depth: metres, a tilted background plane at 3.5-4.5 m, each object a flat plate 1.2-2.4 m away;
+- depth: disparity (`DISPARITY_SCALE` / metres, as a 518 px focal length and a 7.5 cm baseline
+  make it; what the runtime's depth path takes) of a tilted background plane 3.5-4.5 m away, each
+  object a flat plate at 1.2-2.4 m;
 - thermal: 8-bit, a cool background and each object at a temperature set by its colour, blurred;
 - audio: 16 kHz mono, 2 s; position -> when it sounds (five 0.4 s slots, in `POSITIONS` order),
   colour -> pitch, shape -> timbre (sine, odd harmonics, all harmonics, inharmonic bell),
@@ -56,6 +58,7 @@ AUDIO_SECONDS = 2.0
 IMU_SAMPLES = 2000
 IMU_CHANNELS = 6
 GRAVITY = 9.81
+DISPARITY_SCALE = 518.0 * 0.075  # focal length (px) x baseline (m): disparity in px = this / depth in m
 
 # Each modality's stream: spawn_key (index, tag) beside the scene's (index,).
 _TAGS = {"depth": 101, "thermal": 102, "audio": 103, "imu": 104}
@@ -79,7 +82,7 @@ MAX_CLOUD_POINTS = 1 << 20
 
 @dataclass(frozen=True, eq=False)
 class PairedScene:
-    """A scene with its depth map (H, W) float32 metres, thermal image (H, W) uint8, audio (samples,)
+    """A scene with its depth (disparity) map (H, W) float32, thermal image (H, W) uint8, audio (samples,)
     float32 at `SAMPLE_RATE` and IMU trace (6, 2000) float32."""
 
     scene: Scene
@@ -129,7 +132,7 @@ def _masks(objects: Sequence[SceneObject], image_size: int) -> list[tuple[SceneO
 
 
 def render_depth(objects: Sequence[SceneObject], image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """(image_size, image_size) float32 depth in metres: colour leaves no trace."""
+    """(image_size, image_size) float32 disparity (`DISPARITY_SCALE` / metres): colour leaves no trace."""
     _check_image_size(image_size)
     ramp = np.linspace(0.0, 1.0, image_size, dtype=np.float32)
     far = float(rng.uniform(3.5, 4.0))
@@ -139,7 +142,7 @@ def render_depth(objects: Sequence[SceneObject], image_size: int, rng: np.random
         near = np.float32(rng.uniform(1.2, 2.4))
         depth += alpha * (near - depth)
     depth += rng.normal(0.0, 0.01, depth.shape).astype(np.float32)  # sensor noise
-    return depth.astype(np.float32)
+    return (DISPARITY_SCALE / depth).astype(np.float32)
 
 
 def render_thermal(objects: Sequence[SceneObject], image_size: int, rng: np.random.Generator) -> np.ndarray:
