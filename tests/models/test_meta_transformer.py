@@ -1,6 +1,7 @@
-"""The meta-transformer family: exported components against PyTorch on every path, the IMU
-windowing, the frozen encoder through a training step, and the wiring of one encoder graph on
-several runtime paths."""
+"""The meta-transformer family: exported components against PyTorch on every path, the shared
+encoder's weight loaders (the official bare-blocks layout, a clip-family checkpoint's vision
+trunk), the IMU windowing, the frozen encoder through a training step, and the wiring of one
+encoder graph on several runtime paths."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ torch = pytest.importorskip("torch")
 
 from torch import nn
 
-from mmedge.errors import ConfigError, IntegrityError
-from mmedge.models.meta_transformer import EMBEDS
+from mmedge.errors import ConfigError, IntegrityError, UnsupportedError
+from mmedge.models.meta_transformer import EMBEDS, loaders
 from mmedge.models.meta_transformer.config import MetaTransformerConfig
 from mmedge.models.meta_transformer.modeling import (
     MetaTransformer,
@@ -277,6 +278,207 @@ def test_imu_tokenizer_exports_without_unfold(exported) -> None:
     _, pkg = exported
     ops = {n.op_type for n in onnx.load(str(pkg / "onnx" / "imu_tokenizer.onnx")).graph.node}
     assert "Unfold" not in ops and not any("Col2Im" in o or "Im2Col" in o for o in ops)
+
+
+# -- the official encoder layout ------------------------------------------------------------------
+
+
+class _TimmBlock(nn.Module):
+    """timm's `vision_transformer.Block` as the official README builds it (qkv_bias, nn.LayerNorm,
+    nn.GELU, no layer scale), written from its definition so that its state dict has the released
+    names and its output is an independent reference."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(dim, 3 * dim)
+        self.attn.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = (
+            self.attn.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        )
+        att = nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = x + self.attn.proj(att.transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+def _official(width: int = 32, layers: int = 2, heads: int = 2) -> nn.Sequential:
+    torch.manual_seed(3)
+    ref = nn.Sequential(*[_TimmBlock(width, heads) for _ in range(layers)]).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return ref
+
+
+def _official_model(layers: int = 2) -> MetaTransformer:
+    return MetaTransformer(
+        MetaTransformerConfig.from_dict({**RAW, "encoder": {"width": 32, "layers": layers, "heads": 2}})
+    ).eval()
+
+
+OFFICIAL_NAMES = [  # as in Meta-Transformer_base_patch16_encoder.pth, for the first two blocks
+    "0.norm1.weight",
+    "0.norm1.bias",
+    "0.attn.qkv.weight",
+    "0.attn.qkv.bias",
+    "0.attn.proj.weight",
+    "0.attn.proj.bias",
+    "0.norm2.weight",
+    "0.norm2.bias",
+    "0.mlp.fc1.weight",
+    "0.mlp.fc1.bias",
+    "0.mlp.fc2.weight",
+    "0.mlp.fc2.bias",
+    "1.norm1.weight",
+    "1.attn.qkv.weight",
+    "1.mlp.fc2.bias",
+]
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_official_encoder_file_loads_and_computes_the_blocks(fmt: str, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    ref = _official()
+    state = ref.state_dict()
+    assert set(OFFICIAL_NAMES) <= set(state) and len(state) == 24
+    path = tmp_path / f"Meta-Transformer_encoder.{fmt}"
+    if fmt == "pth":
+        torch.save(state, path)
+        with pytest.raises(UnsupportedError, match="pickle"):
+            loaders.load_official_encoder(_official_model(), path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model = _official_model()
+    loaders.load_official_encoder(model, path, allow_pickle=fmt == "pth")
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.encoder(x), ref(x), atol=1e-5)
+
+
+def test_official_layout_refuses_other_names_and_sizes() -> None:
+    state = _official().state_dict()
+    cfg = _official_model().cfg.encoder
+    renamed = loaders.from_official(state, cfg)
+    assert renamed["encoder.layers.1.self_attn.projection.weight"] is state["1.attn.proj.weight"]
+    for extra in ("norm.weight", "2.norm1.weight", "0.ls1.gamma", "blocks.0.norm1.weight", "00.norm1.weight"):
+        with pytest.raises(ConfigError, match="unexpected"):
+            loaders.from_official({**state, extra: torch.zeros(32)}, cfg)
+    with pytest.raises(ConfigError, match=r"missing \['1.mlp.fc2.bias'\]"):
+        loaders.from_official({k: v for k, v in state.items() if k != "1.mlp.fc2.bias"}, cfg)
+    with pytest.raises(ConfigError, match="missing"):  # a 3-block config, a 2-block file
+        loaders.from_official(state, _official_model(layers=3).cfg.encoder)
+    with pytest.raises(ConfigError, match="act='gelu'"):
+        loaders.from_official(state, replace(cfg, act="quick_gelu"))
+    with pytest.raises(ConfigError, match="pre_norm"):
+        loaders.from_official(state, replace(cfg, pre_norm=True))
+    with pytest.raises(ConfigError, match="named tensors"):
+        loaders.from_official({**state, "0.norm1.weight": [1.0]}, cfg)
+    wide = _official(width=64).state_dict()
+    with pytest.raises(ConfigError, match="shape"):
+        loaders.assign_encoder(_official_model(), loaders.from_official(wide, cfg), "wide")
+
+
+# -- a clip-family checkpoint's vision trunk ------------------------------------------------------
+
+
+def _clip_checkpoint(root: Path, act: str) -> tuple[Any, Path]:
+    from mmedge.models.checkpoint import save_checkpoint
+    from mmedge.models.clip.modeling import CLIP, CLIPConfig
+
+    raw = {
+        "vision": {
+            "image_size": 32,
+            "patch_size": 16,
+            "width": 32,
+            "layers": 2,
+            "heads": 2,
+            "mlp_dim": 128,
+            "act": act,
+        },
+        "text": {"vocab_size": 64, "context_length": 8, "width": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
+        "projection_dim": 16,
+        "layer_norm_eps": 1e-5,
+    }
+    torch.manual_seed(4)
+    clip = CLIP(CLIPConfig.from_dict(raw)).eval()
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return clip, save_checkpoint(root / f"clip-{act}", "clip", clip.cfg.to_dict(), clip, "{}")
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_clip_vision_trunk_becomes_the_encoder(act: str, tmp_path: Path) -> None:
+    clip, ckpt = _clip_checkpoint(tmp_path, act)
+    cfg = MetaTransformerConfig.from_dict(
+        {**RAW, "encoder": {"width": 32, "layers": 2, "heads": 2, "act": act, "pre_norm": True}}
+    )
+    model = MetaTransformer(cfg).eval()
+    loaders.load_clip_encoder(model, ckpt)
+    vm = clip.vision_model
+    x = torch.randn(2, 7, 32)
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.encoder(x), vm.encoder(vm.pre_layrnorm(x)), atol=1e-5)
+        # the whole image tower, with the encoder in the middle: CLIP's own hidden states
+        assert torch.allclose(
+            vm.post_layernorm(model.encoder(vm.embeddings(px))), vm.hidden_states(px), atol=1e-5
+        )
+
+
+def test_clip_trunk_must_fit_the_encoder_config(tmp_path: Path) -> None:
+    _, ckpt = _clip_checkpoint(tmp_path, "quick_gelu")
+    gelu = MetaTransformer(
+        MetaTransformerConfig.from_dict(
+            {**RAW, "encoder": {"width": 32, "layers": 2, "heads": 2, "pre_norm": True}}
+        )
+    )
+    with pytest.raises(ConfigError, match="act"):
+        loaders.load_clip_encoder(gelu, ckpt)
+    plain = MetaTransformer(
+        MetaTransformerConfig.from_dict(
+            {**RAW, "encoder": {"width": 32, "layers": 2, "heads": 2, "act": "quick_gelu"}}
+        )
+    )
+    with pytest.raises(ConfigError, match=r"set encoder\.pre_norm"):
+        loaders.load_clip_encoder(plain, ckpt)
+    from mmedge.models.checkpoint import load_weights, read_checkpoint_meta
+
+    state = load_weights(ckpt / "model.safetensors")
+    meta = read_checkpoint_meta(ckpt)
+    enc = replace(gelu.cfg.encoder, act="quick_gelu")
+    with pytest.raises(ConfigError, match="not part of CLIP's vision trunk"):
+        loaders.from_clip(
+            {**state, "vision_model.encoder.layers.2.mlp.fc1.weight": torch.zeros(1)}, meta["config"], enc
+        )
+    partial = {k: v for k, v in state.items() if "layers.1.self_attn.k_proj" not in k}
+    with pytest.raises(ConfigError, match="missing"):
+        loaders.assign_encoder(gelu, loaders.from_clip(partial, meta["config"], enc), "partial")
+
+
+def test_meta_transformer_tiny_starts_from_clip_tiny(tmp_path: Path) -> None:
+    from mmedge.models.init import init_checkpoint
+    from mmedge.models.registry import load_preset
+    from mmedge.models.sources import load_source
+
+    clip = load_source(init_checkpoint("clip-tiny", tmp_path / "clip-tiny")).model
+    family, raw = load_preset("meta-transformer-tiny")
+    model = family.build(family.config_from_dict(raw)).eval()
+    loaders.load_clip_encoder(model, tmp_path / "clip-tiny")
+    vm = clip.vision_model
+    x = torch.randn(1, 65, 96)
+    with torch.no_grad():
+        assert torch.allclose(model.encoder(x), vm.encoder(vm.pre_layrnorm(x)), atol=1e-5)
 
 
 # -- the frozen encoder ---------------------------------------------------------------------------
