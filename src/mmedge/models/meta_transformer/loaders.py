@@ -157,7 +157,8 @@ def assign_encoder(model: MetaTransformer, state: dict[str, torch.Tensor], sourc
 
 def load_official_encoder(model: MetaTransformer, path: str | Path, allow_pickle: bool = False) -> None:
     """Load the official encoder file (`Meta-Transformer_base_patch16_encoder.pth`, pickle-based:
-    `allow_pickle`, read with weights_only=True; or the same state dict as safetensors) into `model`."""
+    `allow_pickle`, read with weights_only=True; or the same state dict as safetensors) into `model`.
+    The name must end in .pth (or .safetensors): the OpenXLab mirror serves it without a suffix."""
     from mmedge.models.checkpoint import load_weights
 
     state = load_weights(path, allow_pickle=allow_pickle)
