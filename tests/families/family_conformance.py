@@ -1,7 +1,7 @@
 """The conformance path every registered family and variant must pass, and a tiny config per case.
 
 init (random weights) -> export (parity recorded) -> calibrate -> build -> verify -> sdk.Pipeline
--> one task call. Used by test_conformance.py (the registry), test_renaming.py and test_toy_family.py.
+-> one task call (for a task without a pipeline yet, classification: every path through the runner). Used by test_conformance.py (the registry), test_renaming.py and test_toy_family.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mmedge.models.init import init_model
 from mmedge.models.registry import Family
 from mmedge.runtime.backends.ort import ort_target
 from mmedge.runtime.package import verify_package
+from mmedge.runtime.pipelines import PIPELINES
 
 _VISION = {
     "image_size": 32,
@@ -159,6 +160,12 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
         for v in _DECODERS
     },
     **{("causal-lm", v): cfg for v, cfg in _DECODERS.items()},
+    ("meta-transformer", "shared-encoder"): {
+        "encoder": {"width": 32, "layers": 1, "heads": 2},
+        "points": {"groups": 8, "group_size": 4, "channels": [8, 16, 32], "pos_hidden": 8, "classes": 3},
+        "audio": {"mel_bins": 32, "frames": 40, "patch": 16, "fstride": 8, "tstride": 8, "classes": 2},
+        "imu": {"channels": 6, "samples": 80, "window": 8, "classes": 2},
+    },
     **{
         ("llava", v): {
             "vision": {**_VISION, "layers": 2, "eps": 1e-5},
@@ -221,6 +228,22 @@ def task_call(pipe: Any, task: str) -> None:
         raise AssertionError(f"no task call for {task!r}: add one here")
 
 
+def path_call(pkg: Path, precision: str) -> None:
+    """For a task that has no pipeline yet (classification): every path of the package, walked by
+    the runtime's component runner from sample sources, gives one finite row per input."""
+    from mmedge.runtime.components import ComponentRunner
+    from mmedge.runtime.feeds import sample_feeds
+
+    runner = ComponentRunner(str(pkg), precision=precision)
+    m = runner.manifest
+    assert m.pipeline.paths
+    for name, path in m.pipeline.paths.items():
+        first = m.component(path.steps[0].component)
+        sources = sample_feeds(first.inputs, first.dims, first.int_ranges, sizes={"batch": 2})
+        out = runner.run_path(name, sources)
+        assert out.shape[0] == 2 and np.isfinite(out).all(), (name, out.shape)
+
+
 def run_conformance(family: Family, raw: dict[str, Any], root: Path) -> Path:
     """The whole path for one family config; returns the package. Asserts every stage's record."""
     ckpt = init_model(family, raw, root / "ckpt")
@@ -237,6 +260,10 @@ def run_conformance(family: Family, raw: dict[str, Any], root: Path) -> Path:
     built = build_package(pkg, backend="ort")
     m = verify_package(pkg).manifest
     assert set(m.engines[ort_target()].files) >= set(built["builds"]) >= {f"{n}.fp32" for n in m.components}
-    task_call(sdk.Pipeline(str(pkg)), m.task)  # "auto": the quantized builds
-    task_call(sdk.Pipeline(str(pkg), precision="fp32"), m.task)
+    if m.task in PIPELINES:
+        task_call(sdk.Pipeline(str(pkg)), m.task)  # "auto": the quantized builds
+        task_call(sdk.Pipeline(str(pkg), precision="fp32"), m.task)
+    else:
+        path_call(pkg, "auto")
+        path_call(pkg, "fp32")
     return pkg

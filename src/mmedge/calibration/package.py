@@ -21,7 +21,7 @@ from mmedge.errors import InvalidInputError, UnbuiltPrecisionWarning
 from mmedge.runtime.backends import DEFAULT_BACKEND
 from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry
 from mmedge.runtime.package import Package, verify_package
-from mmedge.runtime.sections import INSTRUCTION_SOURCES, ROLES, template_text
+from mmedge.runtime.sections import INSTRUCTION_SOURCES, role_paths, template_text
 from mmedge.runtime.signing import drop_signature, unsigned_note
 from mmedge.runtime.staging import staged_update, write_atomic
 
@@ -57,14 +57,20 @@ def _feeds(pkg: Package, component: str, items: list[Any]) -> list[dict[str, np.
     components before it on that path, batched by FEED_BATCH."""
     from mmedge.builds.sessions import ort_session
 
-    path_name = ROLES[pkg.manifest.component(component).role]
-    path = pkg.manifest.pipeline.paths.get(path_name or "")
-    if path is None or all(step.component != component for step in path.steps):
+    role = pkg.manifest.component(component).role
+    paths = pkg.manifest.pipeline.paths
+    # the first declared path that runs it (a shared encoder runs on several)
+    path_name = next(
+        (p for p in role_paths(role) if p in paths and any(s.component == component for s in paths[p].steps)),
+        None,
+    )
+    if path_name is None:
         raise InvalidInputError(f"{component} is on no declared path; it cannot be calibrated from data")
+    path = paths[path_name]
     sessions: dict[str, Any] = {}
     feeds = []
     for i in range(0, len(items), FEED_BATCH):
-        values = _sources(pkg, path_name or "", items[i : i + FEED_BATCH])
+        values = _sources(pkg, path_name, items[i : i + FEED_BATCH])
         for step in path.steps:
             inputs = {g: values[v] for g, v in step.inputs.items()}
             if step.component == component:

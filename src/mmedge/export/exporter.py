@@ -20,7 +20,7 @@ from mmedge.errors import ConfigError, IntegrityError, InvalidInputError
 from mmedge.export.onnx_export import DEFAULT_OPSET, example_inputs, export_component
 from mmedge.export.package_writer import write_manifest
 from mmedge.export.parity import measure_parity
-from mmedge.models.component import ComponentDecl, reads_instruction
+from mmedge.models.component import ComponentDecl, decl_paths, reads_instruction
 from mmedge.models.sources import LoadedModel
 from mmedge.runtime.manifest import (
     MANIFEST_NAME,
@@ -39,6 +39,7 @@ from mmedge.runtime.sections import (
     PipelineConfig,
     Step,
     TokenizerConfig,
+    role_paths,
 )
 from mmedge.runtime.sections import Path as WiredPath
 from mmedge.runtime.staging import check_replaceable, staged_dir, write_atomic
@@ -101,7 +102,7 @@ def wire_paths(decls: Sequence[ComponentDecl]) -> dict[str, WiredPath]:
     the path source or earlier output of the same tensor name; the path yields the last output."""
     paths: dict[str, WiredPath] = {}
     for name, sources in PATH_SOURCES.items():
-        members = [d for d in decls if ROLES.get(d.role) == name]
+        members = [d for d in decls if name in decl_paths(d)]
         if not members:
             continue
         values, steps = set(sources), []
@@ -173,6 +174,10 @@ def export_loaded(
     for d in decls:
         if d.role not in ROLES:
             raise ConfigError(f"component {d.name!r} declares role {d.role!r}; known roles: {sorted(ROLES)}")
+        if not set(d.paths) <= set(role_paths(d.role)):
+            raise ConfigError(
+                f"component {d.name!r} names paths {list(d.paths)}; a {d.role!r} runs on {list(role_paths(d.role))}"
+            )
     sections = lm.family.sections(lm.config, lm.model, lm.tokenizer_json)
     instruction_json = _instruction_tokenizer(lm, decls, sections)
     components, reports = {}, {"parity": {}, "trt_lint": {}}

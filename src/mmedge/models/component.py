@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mmedge.runtime.manifest import DimRange, TensorSpec
-from mmedge.runtime.sections import INSTRUCTION_SOURCES
+from mmedge.runtime.sections import INSTRUCTION_SOURCES, role_paths
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,14 @@ class ComponentDecl:
     calibration_data: str = "images"  # "images" | "texts": fed through its path; "none": weight-only
     parity_atol: float = 1e-4
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs: [low, high)
+    # The paths it runs on, where its role may run on several (`sections.role_paths`): a shared
+    # encoder lists every modality's path, a tokenizer its own; empty: every path of its role.
+    paths: tuple[str, ...] = ()
+
+
+def decl_paths(decl: ComponentDecl) -> tuple[str, ...]:
+    """The paths a component runs on: those it names, else its role's."""
+    return decl.paths or role_paths(decl.role)
 
 
 def reads_instruction(decls: tuple[ComponentDecl, ...]) -> bool:

@@ -23,6 +23,7 @@ from mmedge.runtime.sections import (
     EOS,
     IMAGE,
     INSTRUCTION_SOURCES,
+    MODALITY_PATHS,
     PATH_SOURCES,
     ROLES,
     BundleConfig,
@@ -34,12 +35,13 @@ from mmedge.runtime.sections import (
     RetrievalConfig,
     TokenizerConfig,
     markers,
+    role_paths,
 )
 
 SCHEMA = "mmedge.package/2"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-TASKS = ("retrieval", "chat", "generation")
+TASKS = ("retrieval", "chat", "generation", "classification")
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 AUTO_ORDER = ("int4", "int8", "fp16", "fp32")  # precision="auto": the first a component has
@@ -198,7 +200,7 @@ class Manifest:
     name: str
     family: str
     variant: str
-    task: Literal["retrieval", "chat", "generation"]
+    task: Literal["retrieval", "chat", "generation", "classification"]
     provenance: Provenance
     files: dict[str, FileEntry]
     components: dict[str, ComponentEntry]
@@ -262,7 +264,11 @@ _TASK_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]
     "retrieval": (("image", "text"), (), ("preprocess", "tokenizer", "retrieval")),
     "chat": (("image",), ("token_embed", "llm_step"), ("preprocess", "tokenizer", "llm")),
     "generation": ((), ("token_embed", "llm_step"), ("tokenizer", "llm", "prompt")),
+    # per-modality paths ending in a task head (Meta-Transformer): any of `_TASK_OPTIONAL_PATHS`, one at least
+    "classification": ((), (), ()),
 }
+# Paths a task may have without needing each: a classification package has those of its modalities.
+_TASK_OPTIONAL_PATHS: dict[str, tuple[str, ...]] = {"classification": MODALITY_PATHS}
 
 
 # Roles a task may use without needing them: a retrieval package's re-ranker; a chat decoder's
@@ -278,8 +284,9 @@ def _check_wiring(m: Manifest) -> None:
     """Roles, paths and sections fit together and fit the task."""
     paths, roles, sections = _TASK_NEEDS[m.task]
     optional = _TASK_OPTIONAL_ROLES.get(m.task, ())
+    usable = paths + _TASK_OPTIONAL_PATHS.get(m.task, ())
     for name, component in m.components.items():
-        if ROLES[component.role] not in paths and component.role not in roles + optional:
+        if not set(role_paths(component.role)) & set(usable) and component.role not in roles + optional:
             raise IntegrityError(
                 f"component {name!r}: a {m.task} package has no use for a {component.role!r} component"
             )
@@ -291,6 +298,10 @@ def _check_wiring(m: Manifest) -> None:
     for needed in paths:
         if needed not in m.pipeline.paths:
             raise IntegrityError(f"a {m.task} package needs a pipeline path {needed!r}")
+    if not m.pipeline.paths and m.task in _TASK_OPTIONAL_PATHS:
+        raise IntegrityError(
+            f"a {m.task} package needs one of the paths {list(_TASK_OPTIONAL_PATHS[m.task])}"
+        )
     for path_name, path in m.pipeline.paths.items():
         values = set(PATH_SOURCES[path_name])
         for i, step in enumerate(path.steps):
@@ -298,7 +309,7 @@ def _check_wiring(m: Manifest) -> None:
             entry = m.components.get(step.component)
             if entry is None:
                 raise IntegrityError(f"{where} names component {step.component!r}, which the package lacks")
-            if ROLES[entry.role] != path_name:
+            if path_name not in role_paths(entry.role):
                 raise IntegrityError(
                     f"{where}: a {entry.role!r} component does not run on the {path_name!r} path"
                 )

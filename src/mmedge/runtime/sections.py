@@ -326,9 +326,13 @@ class RetrievalConfig:
             raise ConfigError("retrieval label_templates must be non-empty strings holding '{}'")
 
 
-# Role vocabulary: what a component does, and the path (if any) that runs it. The runtime finds
-# components by role and walks paths; it never looks a component up by name.
-ROLES: dict[str, str | None] = {
+# Paths of modalities beside images and text whose components a family shares between them:
+# Meta-Transformer's one encoder runs on every one of these paths.
+MODALITY_PATHS = ("points", "audio", "imu")
+# Role vocabulary: what a component does, and the path (if any) that runs it, or the paths it may run
+# on (a tuple: which of them a package's pipeline section says). The runtime finds components by role
+# and walks paths; it never looks a component up by name.
+ROLES: dict[str, str | tuple[str, ...] | None] = {
     "image_encoder": "image",  # pixels -> image features or an image embedding
     "image_resampler": "image",  # image features (+ an instruction) -> a fixed number of tokens (Q-Former)
     "image_projector": "image",  # -> the LLM's embedding width
@@ -344,7 +348,21 @@ ROLES: dict[str, str | None] = {
     # the states a decoder cross-attends to (image features, or question states) -> each layer's
     # cross keys/values, `cross_key_values.<i>.key/value`: computed once, bound to every llm_step
     "cross_kv": None,
+    # a modality's input (point groups, a filterbank, an IMU trace) -> `tokens` of the shared encoder's width
+    "modality_tokenizer": MODALITY_PATHS,
+    # tokens of any modality -> hidden states: one graph, exported and calibrated once, on every such path
+    "shared_encoder": MODALITY_PATHS,
+    # hidden states -> a task's logits (and a normalised embedding)
+    "task_head": MODALITY_PATHS,
 }
+
+
+def role_paths(role: str) -> tuple[str, ...]:
+    """The paths a component of `role` may run on (none for a role off every path)."""
+    where = ROLES[role]
+    return () if where is None else (where,) if isinstance(where, str) else where
+
+
 # Image-path sources that hold the user's instruction, tokenised with the manifest's
 # `instruction_tokenizer` (InstructBLIP's Q-Former reads the question along with the image).
 INSTRUCTION_SOURCES = ("qformer_input_ids", "qformer_attention_mask")
@@ -352,6 +370,10 @@ INSTRUCTION_SOURCES = ("qformer_input_ids", "qformer_attention_mask")
 PATH_SOURCES: dict[str, tuple[str, ...]] = {
     "image": ("pixel_values", *INSTRUCTION_SOURCES),
     "text": ("input_ids", "attention_mask"),
+    # the runtime's FPS + kNN grouping: (B, G, K, 3) neighbourhoods relative to their (B, G, 3) centres
+    "points": ("point_groups", "point_centers"),
+    "audio": ("audio_values",),  # (B, 1, mel bins, frames) log-mel filterbank
+    "imu": ("imu_values",),  # (B, channels, samples)
 }
 
 
