@@ -243,6 +243,7 @@ def export_loaded(
             llm=sections.llm,
             prompt=sections.prompt,
             retrieval=sections.retrieval,
+            modalities=sections.modalities,
             chat_template=sections.chat_template,
         )
         manifest = write_manifest(tmp, manifest)

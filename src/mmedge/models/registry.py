@@ -29,6 +29,7 @@ from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models.component import ComponentDecl
 from mmedge.presets import read_preset
 from mmedge.runtime.manifest import TASKS
+from mmedge.runtime.modality_inputs import ModalitiesConfig
 from mmedge.runtime.sections import (
     ChatTemplate,
     ImageTokens,
@@ -56,6 +57,9 @@ class Sections:
     # The image path's instruction tokenizer (`sections.INSTRUCTION_SOURCES`): longest text, pad id.
     instruction_context_length: int | None = None
     instruction_pad_id: int = 0
+    modalities: ModalitiesConfig | None = (
+        None  # preprocessing of the audio, depth, thermal, imu, points paths
+    )
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from mmedge.runtime.sections import (
     EOS,
     IMAGE,
     INSTRUCTION_SOURCES,
-    MODALITY_PATHS,
     PATH_SOURCES,
     ROLES,
+    SHARED_ENCODER_PATHS,
     BundleConfig,
     ChatTemplate,
     LLMConfig,
@@ -268,7 +268,7 @@ _TASK_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]
     "classification": ((), (), ()),
 }
 # Paths a task may have without needing each: a classification package has those of its modalities.
-_TASK_OPTIONAL_PATHS: dict[str, tuple[str, ...]] = {"classification": MODALITY_PATHS}
+_TASK_OPTIONAL_PATHS: dict[str, tuple[str, ...]] = {"classification": SHARED_ENCODER_PATHS}
 
 
 # Roles a task may use without needing them: a retrieval package's re-ranker; a chat decoder's

@@ -25,7 +25,7 @@ from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.images import load_image, preprocess
 from mmedge.runtime.indexes import Hit, Index, check_k, open_index
 from mmedge.runtime.manifest import Manifest
-from mmedge.runtime.modality_inputs import MODALITY_PATHS, prepare, source_name
+from mmedge.runtime.modality_inputs import MODALITY_PATHS, mean_rows, prepare_items
 
 # Upper bound on images / texts per call so one request cannot exhaust memory.
 MAX_BATCH_ITEMS = 4096
@@ -171,20 +171,12 @@ class RetrievalPipeline:
             raise InvalidInputError(
                 f"package {m.name!r} does not embed {modality!r}; it embeds {', '.join(self.modalities)}"
             )
-        config = getattr(m.modalities, modality)
-        items = _as_list(data, f"{modality} items")
-        rows = []
-        for i, item in enumerate(items):
-            try:
-                rows.append(prepare(modality, item, config, sample_rate=sample_rate))
-            except InvalidInputError as exc:
-                which = repr(str(item)) if isinstance(item, (str, os.PathLike)) else f"#{i}"
-                raise InvalidInputError(f"{modality} {which}: {exc}") from exc
-        counts = np.array([len(r) for r in rows])
-        out = self.runner.run_path(modality, {source_name(modality): np.concatenate(rows)}).astype(np.float32)
+        sources, counts = prepare_items(
+            m.modalities, modality, _as_list(data, f"{modality} items"), sample_rate
+        )
+        out = self.runner.run_path(modality, sources).astype(np.float32)
         # each item's rows (an audio recording's clips) averaged, as ImageBind averages clip embeddings
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        return l2_normalize(np.add.reduceat(out, starts, axis=0) / counts[:, None])
+        return l2_normalize(mean_rows(out, counts))
 
     def add(
         self,

@@ -328,7 +328,7 @@ class RetrievalConfig:
 
 # Paths of modalities beside images and text whose components a family shares between them:
 # Meta-Transformer's one encoder runs on every one of these paths.
-MODALITY_PATHS = ("points", "audio", "imu")
+SHARED_ENCODER_PATHS = ("points", "audio", "imu")
 # Role vocabulary: what a component does, and the path (if any) that runs it, or the paths it may run
 # on (a tuple: which of them a package's pipeline section says). The runtime finds components by role
 # and walks paths; it never looks a component up by name.
@@ -349,11 +349,11 @@ ROLES: dict[str, str | tuple[str, ...] | None] = {
     # cross keys/values, `cross_key_values.<i>.key/value`: computed once, bound to every llm_step
     "cross_kv": None,
     # a modality's input (point groups, a filterbank, an IMU trace) -> `tokens` of the shared encoder's width
-    "modality_tokenizer": MODALITY_PATHS,
+    "modality_tokenizer": SHARED_ENCODER_PATHS,
     # tokens of any modality -> hidden states: one graph, exported and calibrated once, on every such path
-    "shared_encoder": MODALITY_PATHS,
+    "shared_encoder": SHARED_ENCODER_PATHS,
     # hidden states -> a task's logits (and a normalised embedding)
-    "task_head": MODALITY_PATHS,
+    "task_head": SHARED_ENCODER_PATHS,
 }
 
 

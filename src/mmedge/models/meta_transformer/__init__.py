@@ -26,7 +26,11 @@ from mmedge.models.component import ComponentDecl
 from mmedge.models.meta_transformer.config import MetaTransformerConfig
 from mmedge.models.meta_transformer.modeling import MetaTransformer
 from mmedge.models.registry import Family, Sections, register
+from mmedge.runtime.audio import AudioConfig as AudioInput
+from mmedge.runtime.imu import ImuConfig as ImuInput
 from mmedge.runtime.manifest import DimRange, TensorSpec
+from mmedge.runtime.modality_inputs import ModalitiesConfig
+from mmedge.runtime.points import PointConfig
 
 BATCH = DimRange(1, 1, 64)
 # The package's tokenizer.json is unused (no text path); export writes one for every package.
@@ -100,7 +104,16 @@ def components(cfg: MetaTransformerConfig) -> tuple[ComponentDecl, ...]:
 
 
 def sections(cfg: MetaTransformerConfig, model: nn.Module, tokenizer_json: str) -> Sections:
-    return Sections(context_length=_CONTEXT_LENGTH, pad_id=0)
+    """The runtime's preprocessing of each modality present (the manifest's `modalities` section)."""
+    a, i, p = cfg.audio, cfg.imu, cfg.points
+    inputs = ModalitiesConfig(
+        audio=None
+        if a is None
+        else AudioInput(clips=a.clips, clip_seconds=a.clip_seconds, mel_bins=a.mel_bins, frames=a.frames),
+        imu=None if i is None else ImuInput(samples=i.samples, window=i.window),
+        points=None if p is None else PointConfig(groups=p.groups, group_size=p.group_size),
+    )
+    return Sections(context_length=_CONTEXT_LENGTH, pad_id=0, modalities=inputs)
 
 
 FAMILY = register(

@@ -106,7 +106,8 @@ class PointsConfig:
 @dataclass(frozen=True)
 class AudioConfig:
     """A (1, mel_bins, frames) log-mel filterbank cut into `patch` x `patch` patches at strides
-    (fstride, tstride) by one Conv2d, plus learned positions and a CLS token."""
+    (fstride, tstride) by one Conv2d, plus learned positions and a CLS token. A recording is cut
+    into `clips` clips of `clip_seconds` (the runtime's audio path; their logits are averaged)."""
 
     mel_bins: int = 128
     frames: int = 204
@@ -115,6 +116,8 @@ class AudioConfig:
     tstride: int = 10
     classes: int = 35
     labels: tuple[str, ...] = ()
+    clips: int = 3
+    clip_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         where = "meta-transformer audio"
