@@ -143,6 +143,10 @@ def calibrate_package(
             if kind == "none":  # e.g. an LLM: quantized weight-only, without activation calibration
                 comps[name] = _weight_only(tmp, name, entry, weight_bits, block_size, report, say)
                 continue
+            if kind not in ("images", "texts"):  # a further modality (ImageBind's audio, depth, ...)
+                say(f"{name}: no {kind} calibration data yet; left in fp32")
+                report["components"][name] = {"skipped": f"calibration from {kind} data is not supported yet"}
+                continue
             if kind == "texts" and any(it.text is None for it in items):
                 say(f"{name}: {data!r} has no texts; left in fp32")
                 report["components"][name] = {"skipped": "no texts in the calibration data"}

@@ -46,7 +46,9 @@ DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 AUTO_ORDER = ("int4", "int8", "fp16", "fp32")  # precision="auto": the first a component has
 REQUEST_PRECISIONS = ("auto", *PRECISIONS)  # what a caller may ask a runner for
-CALIBRATION_DATA = ("images", "texts", "none")
+# "images" / "texts": fed through their path; "none": weight-only. The further modalities' kinds
+# are declared by their encoders; `mmedge calibrate` leaves those in fp32 until it has their data.
+CALIBRATION_DATA = ("images", "texts", "none", "audio", "depth", "thermal", "imu")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"[A-Za-z0-9_.:\-/]{1,200}")
 MAX_DIM = 1 << 20  # a fixed dim or a dim range's max: every one sizes a buffer somewhere
@@ -133,7 +135,7 @@ class ComponentEntry:
     outputs: tuple[TensorSpec, ...]
     dims: dict[str, DimRange]
     precisions: dict[str, PrecisionEntry]
-    calibration_data: str = "images"  # "images" | "texts" (fed by their path) | "none" (weight-only)
+    calibration_data: str = "images"  # CALIBRATION_DATA
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs: [low, high)
 
     def __post_init__(self) -> None:
@@ -267,8 +269,12 @@ _TASK_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]
     # per-modality paths ending in a task head (Meta-Transformer): any of `_TASK_OPTIONAL_PATHS`, one at least
     "classification": ((), (), ()),
 }
-# Paths a task may have without needing each: a classification package has those of its modalities.
-_TASK_OPTIONAL_PATHS: dict[str, tuple[str, ...]] = {"classification": SHARED_ENCODER_PATHS}
+# Paths a task may have without needing each: a classification package has those of its modalities,
+# a retrieval package may embed further modalities beside images and text (ImageBind).
+_TASK_OPTIONAL_PATHS: dict[str, tuple[str, ...]] = {
+    "classification": SHARED_ENCODER_PATHS,
+    "retrieval": ("audio", "depth", "thermal", "imu"),
+}
 
 
 # Roles a task may use without needing them: a retrieval package's re-ranker; a chat decoder's

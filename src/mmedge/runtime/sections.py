@@ -316,12 +316,23 @@ class RetrievalConfig:
 
     logit_scale: float  # the learned temperature, exp(t): probabilities = softmax(logit_scale * cosine)
     label_templates: tuple[str, ...] = ("{}",)  # each label is embedded in every template ("{}" = label)
+    # Per path, the scale the original model multiplies that path's unit-length embedding by
+    # (ImageBind's postprocessors: text learned, audio 20, depth 5, thermal 10, IMU 5); a path
+    # without one has scale 1. The paths' outputs stay unit-length: the original model's logits
+    # between paths a and b are scales[a] * scales[b] * cosine. Empty for two-tower families.
+    scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 < self.logit_scale <= MAX_LOGIT_SCALE:
             raise ConfigError(
                 f"retrieval logit_scale must be in (0, {MAX_LOGIT_SCALE:g}], got {self.logit_scale}"
             )
+        for path, scale in self.scales.items():
+            if path not in PATH_SOURCES or not 0 < scale <= MAX_LOGIT_SCALE:
+                raise ConfigError(
+                    f"retrieval scales[{path!r}] = {scale}: paths are {sorted(PATH_SOURCES)}, scales in "
+                    f"(0, {MAX_LOGIT_SCALE:g}]"
+                )
         if not self.label_templates or not all("{}" in t for t in self.label_templates):
             raise ConfigError("retrieval label_templates must be non-empty strings holding '{}'")
 
@@ -354,6 +365,12 @@ ROLES: dict[str, str | tuple[str, ...] | None] = {
     "shared_encoder": SHARED_ENCODER_PATHS,
     # hidden states -> a task's logits (and a normalised embedding)
     "task_head": SHARED_ENCODER_PATHS,
+    # Further modalities into a retrieval package's embedding space (ImageBind), each on its own
+    # path: a log-mel filterbank clip, a disparity map, a thermal image, IMU samples -> an embedding
+    "audio_encoder": "audio",
+    "depth_encoder": "depth",
+    "thermal_encoder": "thermal",
+    "imu_encoder": "imu",
 }
 
 
@@ -373,6 +390,8 @@ PATH_SOURCES: dict[str, tuple[str, ...]] = {
     # the runtime's FPS + kNN grouping: (B, G, K, 3) neighbourhoods relative to their (B, G, 3) centres
     "points": ("point_groups", "point_centers"),
     "audio": ("audio_values",),  # (B, 1, mel bins, frames) log-mel filterbank
+    "depth": ("depth_values",),  # (B, 1, S, S) disparity
+    "thermal": ("thermal_values",),  # (B, 1, S, S)
     "imu": ("imu_values",),  # (B, channels, samples)
 }
 
