@@ -1,0 +1,118 @@
+"""The imagebind family: image, text, audio, depth, thermal and IMU encoders into one space.
+
+Each present modality is its own component on its own path, so a device loads only the modalities
+it uses: `vision` (image_encoder: `pixel_values` -> `image_embeds`), `text` (text_encoder:
+`input_ids`, `attention_mask` -> `text_embeds`), `audio` (audio_encoder: `audio_values`
+(B, 1, 128, 204) -> `audio_embeds`), `depth` (depth_encoder: `depth_values` (B, 1, S, S)),
+`thermal` (thermal_encoder: `thermal_values` (B, 1, S, S)), `imu` (imu_encoder: `imu_values`
+(B, 6, 2000)). Every output is the official embedding before its postprocessor's scale: unit
+length, so retrieval across any pair of modalities compares cosines. The scales (text's learned
+one, audio 20, depth 5, thermal 10, IMU 5) go to the manifest's `retrieval.scales`, and text's also
+to `retrieval.logit_scale`: image-text zero-shot probabilities are softmax(scale_text * cosine), as
+the official image (unscaled) x text (scaled) logits. Checkpoints in the official key layout load
+through `imagebind.official` (`mmedge export imagebind_huge.pth --family imagebind --allow-pickle`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmedge.models.component import ComponentDecl, bound
+from mmedge.models.imagebind.config import ImageBindConfig
+from mmedge.models.imagebind.modeling import ImageBind
+from mmedge.models.imagebind.official import from_official
+from mmedge.models.registry import Family, Sections, register
+from mmedge.runtime.manifest import DimRange, TensorSpec
+from mmedge.runtime.sections import CLIP_MEAN, CLIP_STD, PreprocessConfig, RetrievalConfig
+
+LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "{}")
+_BATCH = DimRange(1, 1, 64)
+
+
+def _encoder(cfg: ImageBindConfig, modality: str, role: str, shape: tuple[int, ...]) -> ComponentDecl:
+    """A single-input encoder: `<modality>_values` -> `<modality>_embeds`, its own calibration kind."""
+    return ComponentDecl(
+        name=modality,
+        role=role,
+        inputs=(TensorSpec(f"{modality}_values", "float32", ("batch", *shape)),),
+        outputs=(TensorSpec(f"{modality}_embeds", "float32", ("batch", cfg.embed_dim)),),
+        dims={"batch": _BATCH},
+        build=bound(f"encode_{modality}"),
+        calibration_data=modality,
+    )
+
+
+def components(cfg: ImageBindConfig) -> tuple[ComponentDecl, ...]:
+    """One exportable encoder per present modality, in the official order."""
+    d, out = cfg.embed_dim, []
+    for m in cfg.present:
+        if m == "vision":
+            s = cfg.vision.image_size
+            out.append(
+                ComponentDecl(
+                    name="vision",
+                    role="image_encoder",
+                    inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),),
+                    outputs=(TensorSpec("image_embeds", "float32", ("batch", d)),),
+                    dims={"batch": _BATCH},
+                    build=bound("encode_image"),
+                    calibration_data="images",
+                )
+            )
+        elif m == "text":
+            ctx = cfg.text.context_length
+            out.append(
+                ComponentDecl(
+                    name="text",
+                    role="text_encoder",
+                    inputs=(
+                        TensorSpec("input_ids", "int64", ("batch", "sequence")),
+                        TensorSpec("attention_mask", "int64", ("batch", "sequence")),
+                    ),
+                    outputs=(TensorSpec("text_embeds", "float32", ("batch", d)),),
+                    dims={"batch": _BATCH, "sequence": DimRange(1, min(16, ctx), ctx)},
+                    build=bound("encode_text"),
+                    calibration_data="texts",
+                    int_ranges={"input_ids": (0, cfg.text.vocab_size), "attention_mask": (1, 2)},
+                )
+            )
+        elif m == "audio":
+            out.append(_encoder(cfg, m, "audio_encoder", (1, cfg.audio.mel_bins, cfg.audio.frames)))
+        elif m in ("depth", "thermal"):
+            s = getattr(cfg, m).image_size
+            out.append(_encoder(cfg, m, f"{m}_encoder", (1, s, s)))
+        else:
+            out.append(_encoder(cfg, m, "imu_encoder", (cfg.imu.channels, cfg.imu.length)))
+    return tuple(out)
+
+
+def preprocess(cfg: ImageBindConfig) -> PreprocessConfig:
+    """ImageBind's vision transform: shortest edge to the input size (bicubic), centre crop, CLIP mean/std."""
+    return PreprocessConfig(cfg.vision.image_size, CLIP_MEAN, CLIP_STD, resize="shortest", crop="center")
+
+
+def sections(cfg: ImageBindConfig, model: nn.Module, tokenizer_json: str) -> Sections:
+    assert isinstance(model, ImageBind)
+    scales = model.logit_scales()
+    return Sections(
+        context_length=cfg.text.context_length,
+        pad_id=cfg.text.pad_token_id,
+        retrieval=RetrievalConfig(logit_scale=scales["text"], label_templates=LABEL_TEMPLATES, scales=scales),
+    )
+
+
+FAMILY = register(
+    Family(
+        name="imagebind",
+        task="retrieval",
+        variants=("imagebind",),
+        summary="ImageBind: image, text, audio, depth, thermal and IMU encoders into one space",
+        config_from_dict=ImageBindConfig.from_dict,
+        variant_of=lambda cfg: "imagebind",
+        build=ImageBind,
+        components=components,
+        preprocess=preprocess,
+        sections=sections,
+        official=from_official,
+    )
+)
