@@ -118,6 +118,25 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
         },
         "embed_dim": 16,
     },
+    ("imagebind", "imagebind"): {
+        "vision": {k: _VISION[k] for k in ("image_size", "patch_size", "width", "layers", "heads")},
+        "text": {
+            "vocab_size": 0,
+            "context_length": 16,
+            "width": 32,
+            "layers": 1,
+            "heads": 2,
+            "eos_token_id": 3,
+            "pad_token_id": 0,
+        },
+        # audio (128 x 204 filterbank) and IMU (6 x 2000 samples) keep the official input sizes
+        **{m: {"width": 32, "layers": 1, "heads": 2} for m in ("audio", "imu")},
+        **{
+            m: {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "heads": 2}
+            for m in ("depth", "thermal")
+        },
+        "embed_dim": 32,
+    },
     **{
         ("blip", v): {
             "variant": v,
