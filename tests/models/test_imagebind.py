@@ -318,3 +318,28 @@ def test_config_is_strict_and_subsets_export_only_their_modalities() -> None:
     shapes = {d.name: d.inputs[0].shape for d in released}
     assert shapes["audio"] == ("batch", 1, 128, 204) and shapes["imu"] == ("batch", 6, 2000)
     assert shapes["vision"] == ("batch", 3, 224, 224) and shapes["depth"] == ("batch", 1, 224, 224)
+
+
+def test_retrieval_scales_name_known_paths() -> None:
+    from mmedge.runtime.sections import RetrievalConfig
+
+    assert RetrievalConfig(14.3, scales={"audio": 20.0, "imu": 5.0}).scales["audio"] == 20.0
+    with pytest.raises(ConfigError, match="scales"):
+        RetrievalConfig(14.3, scales={"smell": 2.0})
+    with pytest.raises(ConfigError, match="scales"):
+        RetrievalConfig(14.3, scales={"audio": 0.0})
+
+
+def test_tiny_preset_sizes() -> None:
+    from mmedge.models.registry import load_preset
+
+    family, raw = load_preset("imagebind-tiny")
+    cfg = family.config_from_dict({**raw, "text": {**raw["text"], "vocab_size": 256}})
+    _, clip = load_preset("clip-tiny")
+    assert (cfg.vision.image_size, cfg.vision.patch_size) == (
+        clip["vision"]["image_size"],
+        clip["vision"]["patch_size"],
+    )
+    assert cfg.present == ("vision", "text", "audio", "depth", "thermal", "imu") and cfg.embed_dim == 96
+    assert {getattr(cfg, m).width for m in cfg.present} == {96}
+    assert (cfg.audio.mel_bins, cfg.audio.frames, cfg.imu.length) == (128, 204, 2000)
