@@ -209,6 +209,40 @@ def test_exported_components_match_the_official_model(imagebind) -> None:
     assert min(cosines.values()) >= 0.9999, cosines
 
 
+def test_the_pipeline_embeds_each_modality_through_its_path(imagebind) -> None:
+    """`embed(data, modality)` on synthetic paired scenes: the runtime's preprocessing (sized by the
+    package's `modalities` section) then the modality's graph, against the reference on the same
+    preprocessed rows (an audio recording's clips averaged, as ImageBind averages them)."""
+    from mmedge import sdk
+    from mmedge.data.modalities import SAMPLE_RATE, generate_paired
+    from mmedge.runtime.modality_inputs import prepare
+
+    ref, _, root = imagebind
+    pipe = sdk.Pipeline(str(root / "pkg"), precision="fp32")
+    sections = pipe.runner.manifest.modalities
+    assert pipe.modalities == ("image", "text", "audio", "depth", "thermal", "imu")
+    assert sections is not None and sections.imu is not None and sections.imu.samples == 2000
+    scenes = generate_paired(2, seed=5, image_size=32)
+    for modality, (_, source, shape) in INPUTS.items():
+        if modality == "vision":
+            continue
+        rate = SAMPLE_RATE if modality == "audio" else None
+        items = [s.data(modality) for s in scenes]
+        got = pipe.embed(items, modality, sample_rate=rate)
+        want = []
+        for item in items:
+            rows = prepare(modality, item, getattr(sections, modality), sample_rate=rate)[source]
+            assert rows.shape[1:] == shape
+            with torch.no_grad():
+                emb = torch.nn.functional.normalize(ref(modality, torch.from_numpy(rows)), dim=-1)
+            want.append(torch.nn.functional.normalize(emb.mean(0), dim=0).numpy())
+        assert _cosine(got, np.stack(want)).min() >= 0.9999, modality
+    pipe.add([s.data("depth") for s in scenes], "depth", labels=["d0", "d1"])
+    pipe.add([s.scene.image for s in scenes], "image", labels=["i0", "i1"])
+    hits = pipe.search(scenes[0].audio, modality="audio", sample_rate=SAMPLE_RATE, k=4)
+    assert sorted(h.label for h in hits) == ["d0", "d1", "i0", "i1"]
+
+
 def test_pickle_files_load_weights_only_and_bad_layouts_are_refused(imagebind, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -306,7 +340,7 @@ def test_config_is_strict_and_subsets_export_only_their_modalities() -> None:
     with pytest.raises(ConfigError, match="each once"):
         ImageBindConfig.from_dict({"modalities": ["vision", "text", "smell"]})
     with pytest.raises(ConfigError, match="multiple of window"):
-        ImageBindConfig.from_dict({"imu": {"length": 2001}})
+        ImageBindConfig.from_dict({"imu": {"samples": 2001}})
     cfg = ImageBindConfig.from_dict({"modalities": ["imu", "vision", "text"], "thermal": {"width": 96}})
     assert cfg.present == ("vision", "text", "imu")
     assert cfg.thermal.logit_scale == 10.0 and cfg.thermal.heads == 12  # thermal's own defaults kept
@@ -342,4 +376,4 @@ def test_tiny_preset_sizes() -> None:
     )
     assert cfg.present == ("vision", "text", "audio", "depth", "thermal", "imu") and cfg.embed_dim == 96
     assert {getattr(cfg, m).width for m in cfg.present} == {96}
-    assert (cfg.audio.mel_bins, cfg.audio.frames, cfg.imu.length) == (128, 204, 2000)
+    assert (cfg.audio.mel_bins, cfg.audio.frames, cfg.imu.samples) == (128, 204, 2000)

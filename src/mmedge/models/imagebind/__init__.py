@@ -5,7 +5,7 @@ it uses: `vision` (image_encoder: `pixel_values` -> `image_embeds`), `text` (tex
 `input_ids`, `attention_mask` -> `text_embeds`), `audio` (audio_encoder: `audio_values`
 (B, 1, 128, 204) -> `audio_embeds`), `depth` (depth_encoder: `depth_values` (B, 1, S, S)),
 `thermal` (thermal_encoder: `thermal_values` (B, 1, S, S)), `imu` (imu_encoder: `imu_values`
-(B, 6, 2000)). Every output is the official embedding before its postprocessor's scale: unit
+(B, 6, 2000)); the manifest's `modalities` section sizes the runtime's preprocessing to them. Every output is the official embedding before its postprocessor's scale: unit
 length, so retrieval across any pair of modalities compares cosines. The scales (text's learned
 one, audio 20, depth 5, thermal 10, IMU 5) go to the manifest's `retrieval.scales`, and text's also
 to `retrieval.logit_scale`: image-text zero-shot probabilities are softmax(scale_text * cosine), as
@@ -22,7 +22,13 @@ from mmedge.models.imagebind.config import ImageBindConfig
 from mmedge.models.imagebind.modeling import ImageBind
 from mmedge.models.imagebind.official import from_official
 from mmedge.models.registry import Family, Sections, register
+from mmedge.runtime.audio import AudioConfig as AudioInput
+from mmedge.runtime.depth import DepthConfig as DepthInput
+from mmedge.runtime.depth import ThermalConfig as ThermalInput
+from mmedge.runtime.imu import IMU_CHANNELS
+from mmedge.runtime.imu import ImuConfig as ImuInput
 from mmedge.runtime.manifest import DimRange, TensorSpec
+from mmedge.runtime.modality_inputs import ModalitiesConfig
 from mmedge.runtime.sections import CLIP_MEAN, CLIP_STD, PreprocessConfig, RetrievalConfig
 
 LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "{}")
@@ -82,13 +88,27 @@ def components(cfg: ImageBindConfig) -> tuple[ComponentDecl, ...]:
             s = getattr(cfg, m).image_size
             out.append(_encoder(cfg, m, f"{m}_encoder", (1, s, s)))
         else:
-            out.append(_encoder(cfg, m, "imu_encoder", (cfg.imu.channels, cfg.imu.length)))
+            out.append(_encoder(cfg, m, "imu_encoder", (IMU_CHANNELS, cfg.imu.samples)))
     return tuple(out)
 
 
 def preprocess(cfg: ImageBindConfig) -> PreprocessConfig:
     """ImageBind's vision transform: shortest edge to the input size (bicubic), centre crop, CLIP mean/std."""
     return PreprocessConfig(cfg.vision.image_size, CLIP_MEAN, CLIP_STD, resize="shortest", crop="center")
+
+
+def modalities(cfg: ImageBindConfig) -> ModalitiesConfig:
+    """The runtime's preprocessing of each further modality present (the manifest's `modalities`
+    section), sized as the encoders' inputs; the rest is the runtime's ImageBind defaults (three
+    2 s clips of 16 kHz audio, its filterbank normalisation, disparity and thermal scaling)."""
+    has = set(cfg.present)
+    a, i = cfg.audio, cfg.imu
+    return ModalitiesConfig(
+        audio=AudioInput(mel_bins=a.mel_bins, frames=a.frames) if "audio" in has else None,
+        depth=DepthInput(image_size=cfg.depth.image_size) if "depth" in has else None,
+        thermal=ThermalInput(image_size=cfg.thermal.image_size) if "thermal" in has else None,
+        imu=ImuInput(samples=i.samples, window=i.window) if "imu" in has else None,
+    )
 
 
 def sections(cfg: ImageBindConfig, model: nn.Module, tokenizer_json: str) -> Sections:
@@ -98,6 +118,7 @@ def sections(cfg: ImageBindConfig, model: nn.Module, tokenizer_json: str) -> Sec
         context_length=cfg.text.context_length,
         pad_id=cfg.text.pad_token_id,
         retrieval=RetrievalConfig(logit_scale=scales["text"], label_templates=LABEL_TEMPLATES, scales=scales),
+        modalities=modalities(cfg),
     )
 
 

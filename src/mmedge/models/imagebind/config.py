@@ -141,11 +141,10 @@ class PatchConfig:
 
 @dataclass(frozen=True)
 class IMUConfig:
-    """(channels, length) accelerometer + gyroscope samples, cut into windows of `window` samples,
-    each flattened channel-major (channels x window values) and projected by one Linear."""
+    """(6, samples) accelerometer xyz + gyroscope xyz, cut into windows of `window` samples, each
+    flattened channel-major (6 x window values) and projected by one Linear."""
 
-    channels: int = 6
-    length: int = 2000
+    samples: int = 2000
     window: int = 8
     width: int = 512
     layers: int = 6
@@ -155,9 +154,9 @@ class IMUConfig:
 
     def __post_init__(self) -> None:
         _check_trunk("imagebind imu", self.width, self.layers, self.heads, self.drop_path)
-        if self.channels < 1 or self.window < 1 or self.length % self.window or self.length < self.window:
+        if self.window < 1 or self.samples % self.window or self.samples < self.window:
             raise ConfigError(
-                f"imagebind imu: length {self.length} must be a positive multiple of window {self.window}"
+                f"imagebind imu: samples {self.samples} must be a positive multiple of window {self.window}"
             )
         _check_scale("imagebind imu", self.logit_scale)
 

@@ -41,6 +41,7 @@ from mmedge.models.imagebind.config import (
     TextConfig,
     VisionConfig,
 )
+from mmedge.runtime.imu import IMU_CHANNELS
 
 TRUNK_EPS = 1e-6  # the official trunks' and heads' LayerNorms
 STEM_EPS = 1e-5  # the stems' LayerNorms (nn.LayerNorm's default in the official code)
@@ -188,9 +189,9 @@ class PatchEmbeddings(_Tokens):
 
 class IMUEmbeddings(_Tokens):
     def __init__(self, cfg: IMUConfig):
-        super().__init__(cfg.width, cfg.length // cfg.window)
+        super().__init__(cfg.width, cfg.samples // cfg.window)
         self.window = cfg.window
-        self.patch_embedding = nn.Linear(cfg.channels * cfg.window, cfg.width, bias=False)
+        self.patch_embedding = nn.Linear(IMU_CHANNELS * cfg.window, cfg.width, bias=False)
         self.patch_norm = nn.LayerNorm(cfg.width, eps=STEM_EPS)
         with torch.no_grad():  # the official IMU positions start at std 0.01
             self.position_embedding.normal_(0, 0.01)
@@ -316,7 +317,7 @@ class ImageBind(nn.Module):
         return self.thermal(thermal_values)
 
     def encode_imu(self, imu_values: torch.Tensor) -> torch.Tensor:
-        """(B, channels, length) IMU samples -> (B, D)."""
+        """(B, 6, samples) accelerometer and gyroscope samples -> (B, D)."""
         return self.imu(imu_values)
 
     def logit_scales(self) -> dict[str, float]:
