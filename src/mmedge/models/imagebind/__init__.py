@@ -99,12 +99,14 @@ def preprocess(cfg: ImageBindConfig) -> PreprocessConfig:
 
 def modalities(cfg: ImageBindConfig) -> ModalitiesConfig:
     """The runtime's preprocessing of each further modality present (the manifest's `modalities`
-    section), sized as the encoders' inputs; the rest is the runtime's ImageBind defaults (three
-    2 s clips of 16 kHz audio, its filterbank normalisation, disparity and thermal scaling)."""
+    section), sized as the encoders' inputs, the audio cut into the config's clips; the rest is the
+    runtime's ImageBind defaults (16 kHz audio, its filterbank normalisation, disparity and thermal
+    scaling)."""
     has = set(cfg.present)
     a, i = cfg.audio, cfg.imu
+    audio = AudioInput(mel_bins=a.mel_bins, frames=a.frames, clips=a.clips, clip_seconds=a.clip_seconds)
     return ModalitiesConfig(
-        audio=AudioInput(mel_bins=a.mel_bins, frames=a.frames) if "audio" in has else None,
+        audio=audio if "audio" in has else None,
         depth=DepthInput(image_size=cfg.depth.image_size) if "depth" in has else None,
         thermal=ThermalInput(image_size=cfg.thermal.image_size) if "thermal" in has else None,
         imu=ImuInput(samples=i.samples, window=i.window) if "imu" in has else None,
@@ -135,5 +137,6 @@ FAMILY = register(
         preprocess=preprocess,
         sections=sections,
         official=from_official,
+        recipe="mmedge.recipes.imagebind",
     )
 )

@@ -3,7 +3,7 @@ sizes and the scale its postprocessor multiplies the normalised embedding by.
 
 Defaults are the released `imagebind_huge` (facebookresearch/ImageBind, `imagebind_model.py`).
 What the official code fixes rather than configures is fixed here too: the MLP ratio (4), GELU,
-LayerNorm epsilons (1e-6 in trunks and heads, 1e-5 in the stems), the vision trunk's pre-norm, the
+the stems' LayerNorm epsilon (1e-5; the trunks' is `eps`), the vision trunk's pre-norm, the
 2-frame vision stem and which trunks add the learned key/value bias (audio, depth, thermal, IMU).
 """
 
@@ -98,6 +98,10 @@ class AudioConfig:
     heads: int = 12
     drop_path: float = 0.1
     logit_scale: float = 20.0  # fixed
+    # How the runtime cuts a recording (the embeddings of its clips are averaged): ImageBind's three
+    # evenly spaced 2 s clips; one clip for recordings no longer than a clip.
+    clips: int = 3
+    clip_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         _check_trunk("imagebind audio", self.width, self.layers, self.heads, self.drop_path)
@@ -184,8 +188,13 @@ class ImageBindConfig:
     depth: PatchConfig = field(default_factory=PatchConfig)
     thermal: PatchConfig = _THERMAL
     imu: IMUConfig = field(default_factory=IMUConfig)
+    # The trunks' and heads' LayerNorm epsilon: the official 1e-6; a model whose vision and text
+    # come from a CLIP checkpoint takes that checkpoint's (clip-tiny: 1e-5).
+    eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.eps < 1.0:
+            raise ConfigError(f"imagebind eps must be in (0, 1), got {self.eps}")
         mods = self.modalities
         if not isinstance(mods, (list, tuple)) or not all(isinstance(m, str) for m in mods):
             raise ConfigError(f"imagebind modalities must be a list of names, got {mods!r}")

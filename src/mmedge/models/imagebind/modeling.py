@@ -43,7 +43,6 @@ from mmedge.models.imagebind.config import (
 )
 from mmedge.runtime.imu import IMU_CHANNELS
 
-TRUNK_EPS = 1e-6  # the official trunks' and heads' LayerNorms
 STEM_EPS = 1e-5  # the stems' LayerNorms (nn.LayerNorm's default in the official code)
 VIDEO_FRAMES = 2  # PadIm2Video(ntimes=2) ahead of a Conv3d of temporal kernel 2: one time step
 
@@ -94,12 +93,12 @@ class Attention(MergedQKVAttention):
 class Block(nn.Module):
     """The official BlockWithMasking at inference: x + attn(norm_1(x)), then x + mlp(norm_2(x))."""
 
-    def __init__(self, width: int, heads: int, bias_kv: bool):
+    def __init__(self, width: int, heads: int, bias_kv: bool, eps: float):
         super().__init__()
         self.self_attn = Attention(width, heads, bias_kv)
-        self.layer_norm1 = nn.LayerNorm(width, eps=TRUNK_EPS)
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
         self.mlp = MLP(width, 4 * width, "gelu")
-        self.layer_norm2 = nn.LayerNorm(width, eps=TRUNK_EPS)
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), bias)
@@ -107,9 +106,9 @@ class Block(nn.Module):
 
 
 class Trunk(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, bias_kv: bool):
+    def __init__(self, width: int, layers: int, heads: int, bias_kv: bool, eps: float):
         super().__init__()
-        self.layers = nn.ModuleList(Block(width, heads, bias_kv) for _ in range(layers))
+        self.layers = nn.ModuleList(Block(width, heads, bias_kv, eps) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:
@@ -214,12 +213,12 @@ class TextEmbeddings(nn.Module):
 class Encoder(nn.Module):
     """One modality: embeddings, (pre-norm), trunk, head norm and projection, log scale."""
 
-    def __init__(self, modality: str, cfg, embed_dim: int, scale: float):
+    def __init__(self, modality: str, cfg, embed_dim: int, scale: float, eps: float):
         super().__init__()
         self.embeddings = _EMBEDDINGS[modality](cfg)
-        self.pre_layernorm = nn.LayerNorm(cfg.width, eps=TRUNK_EPS) if modality == "vision" else None
-        self.encoder = Trunk(cfg.width, cfg.layers, cfg.heads, modality in BIAS_KV)
-        self.head_norm = nn.LayerNorm(cfg.width, eps=TRUNK_EPS)
+        self.pre_layernorm = nn.LayerNorm(cfg.width, eps=eps) if modality == "vision" else None
+        self.encoder = Trunk(cfg.width, cfg.layers, cfg.heads, modality in BIAS_KV, eps)
+        self.head_norm = nn.LayerNorm(cfg.width, eps=eps)
         self.projection = nn.Linear(cfg.width, embed_dim, bias=False)
         log_scale = torch.tensor(math.log(scale))
         if modality == "text":  # learned, as the official; fixed elsewhere (a buffer, saved too)
@@ -250,8 +249,8 @@ class Encoder(nn.Module):
 
 
 class TextEncoder(Encoder):
-    def __init__(self, cfg: TextConfig, embed_dim: int):
-        super().__init__("text", cfg, embed_dim, cfg.logit_scale_init)
+    def __init__(self, cfg: TextConfig, embed_dim: int, eps: float):
+        super().__init__("text", cfg, embed_dim, cfg.logit_scale_init, eps)
         self.eos_token_id = cfg.eos_token_id
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -292,9 +291,9 @@ class ImageBind(nn.Module):
         for m in cfg.present:
             sub = getattr(cfg, m)
             if m == "text":
-                setattr(self, m, TextEncoder(sub, cfg.embed_dim))
+                setattr(self, m, TextEncoder(sub, cfg.embed_dim, cfg.eps))
             else:
-                setattr(self, m, Encoder(m, sub, cfg.embed_dim, getattr(sub, "logit_scale", 1.0)))
+                setattr(self, m, Encoder(m, sub, cfg.embed_dim, getattr(sub, "logit_scale", 1.0), cfg.eps))
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised pixels -> (B, D) unit-length embeddings."""
