@@ -32,11 +32,19 @@ CHAT_METRIC_SCENES, CHAT_METRIC_QUESTIONS = 20, 40  # a chat package's quick VQA
 
 
 def _sources(pkg: Package, path: str, items: list[Any]) -> dict[str, np.ndarray]:
-    """The path's source arrays for data items, prepared exactly as the runtime prepares them."""
+    """The path's source arrays for data items, prepared exactly as the runtime prepares them
+    (a further modality's items are its raw data: recordings, depth maps, IMU traces)."""
+    from mmedge.data.modalities import SAMPLE_RATE
     from mmedge.runtime.components import package_tokenizer
     from mmedge.runtime.images import load_image, preprocess
+    from mmedge.runtime.modality_inputs import MODALITY_PATHS, prepare_items
 
     m = pkg.manifest
+    if path in MODALITY_PATHS:
+        if m.modalities is None:
+            raise InvalidInputError(f"package {m.name!r} declares no preprocessing for {path!r}")
+        rate = SAMPLE_RATE if path == "audio" else None  # synthetic recordings are arrays at 16 kHz
+        return prepare_items(m.modalities, path, items, sample_rate=rate)[0]
     if path == "image":
         if m.preprocess is None:
             raise InvalidInputError(f"package {m.name!r} declares no image preprocessing")
@@ -110,6 +118,7 @@ def calibrate_package(
     from mmedge.builds.package import build_package
     from mmedge.calibration.search import calibrate_to_target
     from mmedge.data import load_data
+    from mmedge.data.sources import load_modality_data
     from mmedge.export.package_writer import write_manifest
     from mmedge.export.trt_lint import lint_model
     from mmedge.runtime.store import resolve
@@ -143,29 +152,33 @@ def calibrate_package(
             if kind == "none":  # e.g. an LLM: quantized weight-only, without activation calibration
                 comps[name] = _weight_only(tmp, name, entry, weight_bits, block_size, report, say)
                 continue
+            cal, held = cal_items, eval_items
             if kind not in ("images", "texts"):  # a further modality (ImageBind's audio, depth, ...)
-                say(f"{name}: no {kind} calibration data yet; left in fp32")
-                report["components"][name] = {"skipped": f"calibration from {kind} data is not supported yet"}
-                continue
+                raw = load_modality_data(data, kind, size, samples + EVAL_SAMPLES)
+                if raw is None:
+                    say(f"{name}: {data!r} has no {kind} data (synthetic scenes do: shapes:N); left in fp32")
+                    report["components"][name] = {"skipped": f"no {kind} in the calibration data"}
+                    continue
+                cal, held = raw[:samples], raw[samples:] or raw[:samples]
             if kind == "texts" and any(it.text is None for it in items):
                 say(f"{name}: {data!r} has no texts; left in fp32")
                 report["components"][name] = {"skipped": "no texts in the calibration data"}
                 continue
-            say(f"calibrate {name} on {len(cal_items)} samples ({method}, target cosine {target_cosine})")
+            say(f"calibrate {name} on {len(cal)} samples ({method}, target cosine {target_cosine})")
             fp32_rel = entry.precisions["fp32"].file
             int8_rel = fp32_rel.replace(".onnx", ".int8.onnx")
             res = calibrate_to_target(
                 tmp / fp32_rel,
                 tmp / int8_rel,
-                _feeds(pkg, name, cal_items),
-                _feeds(pkg, name, eval_items),
+                _feeds(pkg, name, cal),
+                _feeds(pkg, name, held),
                 method=method,
                 target_cosine=target_cosine,
                 progress=lambda m: say("  " + m),
             )
             record = {**res.to_dict(), "data": data}
             lint = lint_model(tmp / int8_rel)
-            parity = {"cosine_vs_fp32": res.cosine, "trt_lint_ok": lint.ok, "eval_samples": len(eval_items)}
+            parity = {"cosine_vs_fp32": res.cosine, "trt_lint_ok": lint.ok, "eval_samples": len(held)}
             comps[name] = replace(
                 entry, precisions={**entry.precisions, "int8": PrecisionEntry(int8_rel, parity, record)}
             )

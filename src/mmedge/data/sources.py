@@ -56,14 +56,35 @@ def load_data(spec: str, image_size: int = 64, limit: int | None = None) -> list
     return items if limit is None else items[:limit]
 
 
-def _load_shapes(count: str, spec: str, image_size: int, limit: int | None, seed: int) -> list[DataItem]:
-    """Synthetic scenes with their captions; keys identify identical scenes."""
+def load_modality_data(
+    spec: str, modality: str, image_size: int = 64, limit: int | None = None
+) -> list | None:
+    """A further modality's data for `shapes:N` / `train-shapes:N`: the same scenes' depth maps,
+    thermal frames, 16 kHz recordings or IMU traces (`data.modalities`); None for other data,
+    which carries images and texts only."""
+    from mmedge.data.modalities import make_paired
+
+    match = _SHAPES_SPEC.fullmatch(spec) if isinstance(spec, str) else None
+    if not match:
+        return None
+    seed = TRAIN_SEED if match.group(1) else HELD_OUT_SEED
+    n = _shapes_count(match.group(2), spec, limit)
+    return [make_paired(seed, i, image_size).data(modality) for i in range(n)]
+
+
+def _shapes_count(count: str, spec: str, limit: int | None) -> int:
+    """N of a `shapes:N` spec, checked, at most `limit`."""
     if not re.fullmatch(r"[0-9]+", count):
         raise InvalidInputError(f"bad data spec {spec!r}: N in 'shapes:N' must be a whole number")
     n = int(count)
     if not 1 <= n <= MAX_SYNTHETIC:
         raise InvalidInputError(f"bad data spec {spec!r}: N must be between 1 and {MAX_SYNTHETIC}")
-    n = n if limit is None else min(n, limit)
+    return n if limit is None else min(n, limit)
+
+
+def _load_shapes(count: str, spec: str, image_size: int, limit: int | None, seed: int) -> list[DataItem]:
+    """Synthetic scenes with their captions; keys identify identical scenes."""
+    n = _shapes_count(count, spec, limit)
     return [DataItem(s.image, s.caption, s.key) for s in generate_scenes(n, seed, image_size)]
 
 

@@ -10,10 +10,8 @@ from mmedge.models.registry import Family, families
 def _precisions(family: Family) -> str:
     decls = family.components(family.config_from_dict({}))
     out = ["fp32"]
-    if any(d.calibration_data in ("images", "texts") for d in decls):
-        # encoders of further modalities (ImageBind's audio, depth, ...) stay fp32 until `calibrate` has their data
-        others = any(d.calibration_data not in ("images", "texts", "none") for d in decls)
-        out.append("int8 (image and text encoders)" if others else "int8 (encoders)")
+    if any(d.calibration_data != "none" for d in decls):  # calibrated on data of their path
+        out.append("int8 (encoders)")
     if any(d.role == "llm_step" for d in decls):
         out.append("int4 / int8 weight-only (LLM)")
     if any(d.role == "itm" for d in decls):

@@ -47,7 +47,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 AUTO_ORDER = ("int4", "int8", "fp16", "fp32")  # precision="auto": the first a component has
 REQUEST_PRECISIONS = ("auto", *PRECISIONS)  # what a caller may ask a runner for
 # "images" / "texts": fed through their path; "none": weight-only. The further modalities' kinds
-# are declared by their encoders; `mmedge calibrate` leaves those in fp32 until it has their data.
+# are declared by their encoders; `mmedge calibrate` feeds them the synthetic scenes' paired data.
 CALIBRATION_DATA = ("images", "texts", "none", "audio", "depth", "thermal", "imu")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"[A-Za-z0-9_.:\-/]{1,200}")
