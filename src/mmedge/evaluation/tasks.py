@@ -105,6 +105,46 @@ def evaluate_rerank(pipeline: object, n: int = 500, depth: int = 16, edits: int 
     }
 
 
+def evaluate_modalities(pipeline: object, n: int = 500) -> dict[str, Any]:
+    """Cross-modal R@1 of every further modality the package embeds (audio, depth, thermal, IMU) on
+    `n` held-out paired scenes: each scene's recording (map, trace) is a query over the n images
+    and over the n captions. A hit is a scene identical on what the query's modality carries
+    (`data.modalities.CARRIES`: a depth map shows no colour); chance is the mean share of hits.
+    A model trained on (image, modality) pairs only, as ImageBind, was never shown the texts."""
+    from mmedge.data import HELD_OUT_SEED
+    from mmedge.data.modalities import SAMPLE_RATE, generate_paired, modality_key
+
+    if not isinstance(pipeline, RetrievalPipeline):
+        raise UnsupportedError(f"cross-modal metrics need a retrieval package; got {pipeline!r}")
+    further = [m for m in pipeline.modalities if m not in ("image", "text")]
+    if not further:
+        raise UnsupportedError(f"package {pipeline.runner.manifest.name!r} embeds images and texts only")
+    if n < 1:
+        raise InvalidInputError("scene count must be positive")
+    scenes = generate_paired(n, HELD_OUT_SEED, pipeline.preprocess.image_size)
+    targets = {
+        "image": _chunked(pipeline.embed_images, [p.scene.image for p in scenes]),
+        "text": _chunked(pipeline.embed_texts, [p.scene.caption for p in scenes]),
+    }
+    out: dict[str, Any] = {"task": "cross-modal", "scenes": n}
+    for m in further:
+        rate = SAMPLE_RATE if m == "audio" else None
+        query = _chunked(
+            lambda xs, m=m, r=rate: pipeline.embed(xs, m, sample_rate=r), [p.data(m) for p in scenes]
+        )
+        index: dict[Any, int] = {}
+        ids = np.array([index.setdefault(modality_key(p.scene.objects, m), len(index)) for p in scenes])
+        hits = ids[:, None] == ids[None, :]  # (n, n): scene j answers query i
+        out[m] = {
+            f"{m}_to_{t}_r1": round(float(hits[np.arange(n), np.argmax(query @ emb.T, axis=1)].mean()), 4)
+            for t, emb in targets.items()
+        }
+        out[m]["chance"] = round(float(hits.mean()), 4)
+    runner = pipeline.runner
+    out["precisions"] = {c: runner.precision_of(c) for c in runner.manifest.components}
+    return out
+
+
 def evaluate_zero_shot(pipeline: object, n: int = 200) -> dict[str, Any]:
     """Synthetic-scene checks of how a retrieval model reads short texts, as users query it:
 

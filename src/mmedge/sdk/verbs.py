@@ -263,6 +263,10 @@ def cmd_eval(a: argparse.Namespace) -> object:
         from mmedge.evaluation.tasks import evaluate_rerank
 
         result["hard_negatives"] = evaluate_rerank(p, n=a.limit or 500, depth=a.rerank or 16, edits=a.edits)
+    if len(getattr(p, "modalities", ())) > 2:  # ImageBind: audio, depth, ... into the same space
+        from mmedge.evaluation.tasks import evaluate_modalities
+
+        result["cross_modal"] = evaluate_modalities(p, n=a.limit or 500)
     return result
 
 
