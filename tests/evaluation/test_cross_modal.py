@@ -57,3 +57,33 @@ def test_two_tower_packages_have_no_cross_modal_figures(tiny_pkg_session: Path) 
 
     with pytest.raises(UnsupportedError, match="images and texts only"):
         evaluate_modalities(sdk.Pipeline(str(tiny_pkg_session)), n=5)
+
+
+def test_cli_embeds_and_searches_other_modalities(imagebind, tmp_path: Path, capsys) -> None:
+    """`mmedge search --add shapes:N --add-modality ...` indexes each scene's image, caption and depth
+    map; `--modality audio FILE` queries with a recording; `mmedge embed --modality imu X.npy`."""
+    import json
+
+    import soundfile as sf
+
+    from mmedge.data import HELD_OUT_SEED
+    from mmedge.data.modalities import SAMPLE_RATE, make_paired
+    from mmedge.sdk.cli import main
+
+    pkg = str(imagebind.runner.package.root)
+    paired = make_paired(HELD_OUT_SEED, 2)
+    sf.write(tmp_path / "q.wav", paired.audio, SAMPLE_RATE, subtype="FLOAT")
+    np.save(tmp_path / "imu.npy", paired.imu)
+    args = ["search", pkg, "--add", "shapes:6", "--add-modality", "image,text,depth", "-k", "18"]
+    assert main([*args, "--modality", "audio", str(tmp_path / "q.wav"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["added"] == {"image": 6, "text": 6, "depth": 6}
+    labels = {h["label"] for h in out["hits"]}
+    assert len(out["hits"]) == 18 and {"scene 2 (image)", "scene 2 (depth)"} <= labels
+    direct = imagebind.embed([paired.audio], "audio", sample_rate=SAMPLE_RATE)
+    assert main(["embed", pkg, "--modality", "audio", str(tmp_path / "q.wav"), "--json"]) == 0
+    assert np.allclose(json.loads(capsys.readouterr().out)["embeddings"], direct, atol=1e-5)
+    assert main(["embed", pkg, "--modality", "imu", str(tmp_path / "imu.npy"), "--json"]) == 0
+    assert np.array(json.loads(capsys.readouterr().out)["embeddings"]).shape == (1, imagebind.dim)
+    assert main(["embed", pkg, "--modality", "imu", str(tmp_path / "q.wav")]) == 1
+    assert "(6, T) .npy" in capsys.readouterr().err

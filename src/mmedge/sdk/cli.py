@@ -40,6 +40,13 @@ class _VerbParser(argparse.ArgumentParser):
             self._intermixing = False
 
 
+EMBED_MODALITIES = ("image", "text", "audio", "depth", "thermal", "imu")
+MODALITY_HELP = (
+    "what the inputs are, where the package embeds it (ImageBind): audio files (WAV/FLAC/OGG), depth "
+    "(disparity) and thermal maps as 16-bit PNG or .npy, IMU traces as (6, T) .npy (docs/modalities.md)"
+)
+
+
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     """An option value that is a comma-separated list: `--components vision,text`, `--weight-bits 4,8`."""
 
@@ -465,12 +472,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return g
 
-    sp = add("embed", verbs.cmd_embed, "embed images or texts")
+    sp = add("embed", verbs.cmd_embed, "embed images, texts or another modality the package has")
     runtime_opts(sp)
-    sp.add_argument("images", nargs="*", help="image files (with --ray: one image folder or JSONL file)")
+    sp.add_argument(
+        "images",
+        nargs="*",
+        help="image files, or files of --modality (with --ray: one image folder or JSONL file)",
+    )
     sp.add_argument(
         "--text", action="append", default=None, help="a text to embed instead of images (repeatable)"
     )
+    sp.add_argument("--modality", default="image", choices=EMBED_MODALITIES, help=MODALITY_HELP)
     sp.add_argument(
         "--out",
         default=None,
@@ -492,7 +504,21 @@ def build_parser() -> argparse.ArgumentParser:
         "query", nargs="?", help="a text query (a string is always text; use --image for an image)"
     )
     sp.add_argument("--image", default=None, help="search with this image file instead of a text")
+    sp.add_argument(
+        "--modality",
+        default=None,
+        choices=EMBED_MODALITIES,
+        help="the query is a file of this modality (e.g. audio: a WAV file); " + MODALITY_HELP,
+    )
     sp.add_argument("--add", default=None, help=f"data to index first: {DATA_HELP}")
+    sp.add_argument(
+        "--add-modality",
+        type=_csv(str),
+        default=None,
+        metavar="LIST",
+        help="with --add shapes:N: index these of each scene (comma-separated from image, text, audio, "
+        "depth, thermal, imu; default image), labelled 'scene I (MODALITY)'",
+    )
     sp.add_argument(
         "--skip-bad",
         action="store_true",

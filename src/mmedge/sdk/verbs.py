@@ -468,7 +468,6 @@ def _ray_args(a: argparse.Namespace, only_with_ray: tuple[str, ...]) -> bool:
 
 
 def cmd_embed(a: argparse.Namespace) -> object:
-    import numpy as np
 
     from mmedge.errors import InvalidInputError
 
@@ -493,13 +492,23 @@ def cmd_embed(a: argparse.Namespace) -> object:
         ).summary()
     if a.text and (a.images or a.rosbag):
         raise InvalidInputError("give image files, --rosbag or --text (repeatable), not several")
+    if a.modality not in ("image", "text"):
+        if a.text or a.rosbag or not a.images:
+            raise InvalidInputError(f"--modality {a.modality} embeds files of that modality: give them")
+        emb = _pipeline(a).embed([_modality_input(f, a.modality) for f in a.images], a.modality)
+        return _embeddings_out(a, emb)
     if a.text:
         _rosbag_args(a, inputs=True)  # refuses --topic and friends without a bag
     elif _rosbag_args(a, inputs=bool(a.images)):
         p = _pipeline(a)
         return _over_rosbag(a, p, lambda rgb: {"embedding": p.embed_images([rgb])[0].tolist()})
     p = _pipeline(a)
-    emb = p.embed_texts(a.text) if a.text else p.embed_images(a.images)
+    return _embeddings_out(a, p.embed_texts(a.text) if a.text else p.embed_images(a.images))
+
+
+def _embeddings_out(a: argparse.Namespace, emb: Any) -> dict[str, object]:
+    import numpy as np
+
     if a.out:
         Path(a.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
         np.save(a.out, emb)
@@ -507,16 +516,41 @@ def cmd_embed(a: argparse.Namespace) -> object:
     return {"embeddings": emb.tolist()} if a.json else {"shape": list(emb.shape)}
 
 
+def _modality_input(path: str, modality: str) -> object:
+    """A file of a further modality as the runtime takes it: audio files and PNG maps by path (the
+    runtime decodes them, within its limits); a .npy array (maps, IMU traces) loaded without pickle."""
+    import numpy as np
+
+    from mmedge.errors import InvalidInputError
+
+    if path.lower().endswith(".npy"):
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"{path!r} is not a readable .npy array: {exc}") from None
+    if modality == "imu":
+        raise InvalidInputError(f"an IMU trace is a (6, T) .npy array; got {path!r}")
+    return path
+
+
 def cmd_search(a: argparse.Namespace) -> object:
     from mmedge.errors import InvalidInputError
 
     if a.query is not None and a.image is not None:
         raise InvalidInputError("give a text query or --image, not both")
+    if a.modality not in (None, "text") and a.image is not None:
+        raise InvalidInputError("--image is an image query; with --modality the query is the positional file")
+    if a.add_modality and (a.add or "").partition(":")[0] not in ("shapes", "train-shapes"):
+        raise InvalidInputError("--add-modality indexes synthetic scenes' paired data: use --add shapes:N")
     p = _pipeline(a)
     if a.index:
         p.open_index(a.index, create=bool(a.add))  # searching alone never creates an index
     out: dict[str, object] = {}
-    if a.add:
+    if a.add and a.add_modality:
+        out.update(added=_add_paired(p, a.add, a.add_modality))
+        if a.index:
+            p.index.save()
+    elif a.add:
         from mmedge.data import load_data
 
         items = load_data(a.add)
@@ -537,9 +571,12 @@ def cmd_search(a: argparse.Namespace) -> object:
             p.index.save()
     if a.query is None and a.image is None:
         return {**out, "indexed": len(p.index)}
-    hits = p.search(
-        a.image if a.image is not None else a.query, k=a.k, image=a.image is not None, rerank=a.rerank
-    )
+    if a.modality not in (None, "image", "text"):
+        query: object = _modality_input(a.query, a.modality)
+        hits = p.search(query, k=a.k, modality=a.modality, rerank=a.rerank)
+    else:
+        as_image = a.image is not None or a.modality == "image"
+        hits = p.search(a.image if a.image is not None else a.query, k=a.k, image=as_image, rerank=a.rerank)
     return {
         **out,
         "query": a.query if a.image is None else a.image,
@@ -549,6 +586,31 @@ def cmd_search(a: argparse.Namespace) -> object:
             for h in hits
         ],
     }
+
+
+def _add_paired(p: Any, spec: str, modalities: list[str]) -> dict[str, int]:
+    """Index each synthetic scene of `spec` in every one of `modalities` (labels 'scene I (M)')."""
+    from mmedge.data import load_data
+    from mmedge.data.modalities import SAMPLE_RATE
+    from mmedge.data.sources import load_modality_data
+    from mmedge.errors import InvalidInputError
+
+    unknown = sorted(set(modalities) - set(p.modalities))
+    if unknown:
+        raise InvalidInputError(f"--add-modality {unknown}: the package embeds {', '.join(p.modalities)}")
+    added = {}
+    for m in modalities:
+        if m in ("image", "text"):
+            items = load_data(spec, image_size=p.preprocess.image_size)
+            data: list = [it.image if m == "image" else it.text for it in items]
+        else:
+            data = load_modality_data(spec, m, p.preprocess.image_size) or []
+        rate = SAMPLE_RATE if m == "audio" else None
+        labels = [f"scene {i} ({m})" for i in range(len(data))]
+        for i in range(0, len(data), 256):
+            p.add(data[i : i + 256], m, labels=labels[i : i + 256], sample_rate=rate)
+        added[m] = len(data)
+    return added
 
 
 def _readable(items: list[Any]) -> tuple[list[Any], list[str]]:
