@@ -103,17 +103,20 @@ def components(cfg: MetaTransformerConfig) -> tuple[ComponentDecl, ...]:
     return (*tokenizers, encoder, *heads)
 
 
-def sections(cfg: MetaTransformerConfig, model: nn.Module, tokenizer_json: str) -> Sections:
+def modalities(cfg: MetaTransformerConfig) -> ModalitiesConfig:
     """The runtime's preprocessing of each modality present (the manifest's `modalities` section)."""
     a, i, p = cfg.audio, cfg.imu, cfg.points
-    inputs = ModalitiesConfig(
+    return ModalitiesConfig(
         audio=None
         if a is None
         else AudioInput(clips=a.clips, clip_seconds=a.clip_seconds, mel_bins=a.mel_bins, frames=a.frames),
         imu=None if i is None else ImuInput(samples=i.samples, window=i.window),
         points=None if p is None else PointConfig(groups=p.groups, group_size=p.group_size),
     )
-    return Sections(context_length=_CONTEXT_LENGTH, pad_id=0, modalities=inputs)
+
+
+def sections(cfg: MetaTransformerConfig, model: nn.Module, tokenizer_json: str) -> Sections:
+    return Sections(context_length=_CONTEXT_LENGTH, pad_id=0, modalities=modalities(cfg))
 
 
 FAMILY = register(
@@ -128,5 +131,6 @@ FAMILY = register(
         components=components,
         preprocess=lambda cfg: None,
         sections=sections,
+        recipe="mmedge.recipes.meta_transformer",
     )
 )
