@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         verbs.cmd_eval,
         "task metrics on held-out data (retrieval: recall@1/@5 both ways; "
-        "chat: VQA accuracy and caption exact-match)",
+        "chat: VQA accuracy and caption exact-match; classification: accuracy per modality on "
+        "held-out synthetic clouds, recordings and traces)",
     )
     runtime_opts(sp)
     sp.add_argument(
@@ -357,7 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=DATA_HELP
         + " (default: shapes:500 for retrieval, shapes:100 for chat packages, which need shapes:N)",
     )
-    sp.add_argument("--limit", type=int, default=None, help="retrieval: evaluate on the first N items")
+    sp.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="retrieval: evaluate on the first N items; classification: N items per modality (600)",
+    )
     sp.add_argument(
         "--rerank",
         type=int,

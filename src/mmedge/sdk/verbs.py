@@ -20,7 +20,7 @@ VERB_TASKS = {
     "caption": ("chat",),
     "chat": ("chat",),
     "generate": ("generation",),
-    "eval": ("retrieval", "chat"),
+    "eval": ("retrieval", "chat", "classification"),
 }
 
 
@@ -229,6 +229,23 @@ def cmd_eval(a: argparse.Namespace) -> object:
     from mmedge.evaluation.tasks import evaluate, evaluate_chat
 
     p = _pipeline(a)
+    if p.runner.manifest.task == "classification":
+        from mmedge.evaluation.tasks import evaluate_classification
+
+        given = (
+            ("--data", a.data),
+            ("--rerank", a.rerank),
+            ("--edits", None if a.edits == 1 else a.edits),
+            ("--questions", a.questions),
+            ("--captions", a.captions),
+        )
+        ignored = [flag for flag, value in given if value is not None]
+        if ignored:
+            _note(
+                f"{', '.join(ignored)} do not apply to a classification package (held-out synthetic clouds, "
+                "recordings and traces); ignored"
+            )
+        return evaluate_classification(p, n=600 if a.limit is None else a.limit)
     chat = p.runner.manifest.task == "chat"
     data = a.data or ("shapes:100" if chat else "shapes:500")
     ignored = ["--limit"] if chat and a.limit is not None else []
