@@ -1,4 +1,5 @@
-"""Shared fixtures: random-weight clip-tiny and blip2-tiny checkpoints and packages (session-wide)."""
+"""Shared fixtures: random-weight clip-tiny, blip2-tiny and meta-transformer-tiny checkpoints and
+packages (session-wide)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,24 @@ def tiny_chat_pkg_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("chat-fp32")
     export_model(init_checkpoint("blip2-tiny", root / "ckpt", seed=0), root / "blip2-tiny")
     return root / "blip2-tiny"
+
+
+@pytest.fixture(scope="session")
+def mt_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight meta-transformer-tiny checkpoint (points, audio and IMU heads)."""
+    from mmedge.models.init import init_checkpoint
+
+    return init_checkpoint("meta-transformer-tiny", tmp_path_factory.mktemp("mt") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def mt_pkg_session(tmp_path_factory: pytest.TempPathFactory, mt_ckpt: Path) -> Path:
+    """`mt_ckpt` exported (fp32, no builds): a classification package, read-only."""
+    from mmedge.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("mt-pkg") / "meta-transformer-tiny"
+    export_model(mt_ckpt, out)
+    return out
 
 
 @pytest.fixture(scope="session")

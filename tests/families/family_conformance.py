@@ -1,7 +1,7 @@
 """The conformance path every registered family and variant must pass, and a tiny config per case.
 
 init (random weights) -> export (parity recorded) -> calibrate -> build -> verify -> sdk.Pipeline
--> one task call (for a task without a pipeline yet, classification: every path through the runner). Used by test_conformance.py (the registry), test_renaming.py and test_toy_family.py.
+-> one task call. Used by test_conformance.py (the registry), test_renaming.py and test_toy_family.py.
 """
 
 from __future__ import annotations
@@ -243,24 +243,20 @@ def task_call(pipe: Any, task: str) -> None:
     elif task == "generation":
         text = pipe.generate("a small red circle", max_new_tokens=3, min_new_tokens=3)
         assert isinstance(text, str) and text
+    elif task == "classification":
+        from mmedge.data.modalities import SAMPLE_RATE, make_paired, primitive_clouds
+
+        paired = make_paired(3, 0)
+        data = {"points": primitive_clouds(2, seed=3, points=256)[0], "audio": [paired.audio] * 2}
+        data["imu"] = [paired.imu] * 2
+        for m in pipe.modalities:
+            rate = SAMPLE_RATE if m == "audio" else None
+            logits = pipe.logits(data[m], m, sample_rate=rate)
+            assert logits.shape == (2, len(pipe.labels[m])) and np.isfinite(logits).all(), m
+            top = pipe.classify(data[m], m, top_k=2, sample_rate=rate)
+            assert [len(r) for r in top] == [min(2, len(pipe.labels[m]))] * 2
     else:
         raise AssertionError(f"no task call for {task!r}: add one here")
-
-
-def path_call(pkg: Path, precision: str) -> None:
-    """For a task that has no pipeline yet (classification): every path of the package, walked by
-    the runtime's component runner from sample sources, gives one finite row per input."""
-    from mmedge.runtime.components import ComponentRunner
-    from mmedge.runtime.feeds import sample_feeds
-
-    runner = ComponentRunner(str(pkg), precision=precision)
-    m = runner.manifest
-    assert m.pipeline.paths
-    for name, path in m.pipeline.paths.items():
-        first = m.component(path.steps[0].component)
-        sources = sample_feeds(first.inputs, first.dims, first.int_ranges, sizes={"batch": 2})
-        out = runner.run_path(name, sources)
-        assert out.shape[0] == 2 and np.isfinite(out).all(), (name, out.shape)
 
 
 def run_conformance(family: Family, raw: dict[str, Any], root: Path) -> Path:
@@ -279,10 +275,7 @@ def run_conformance(family: Family, raw: dict[str, Any], root: Path) -> Path:
     built = build_package(pkg, backend="ort")
     m = verify_package(pkg).manifest
     assert set(m.engines[ort_target()].files) >= set(built["builds"]) >= {f"{n}.fp32" for n in m.components}
-    if m.task in PIPELINES:
-        task_call(sdk.Pipeline(str(pkg)), m.task)  # "auto": the quantized builds
-        task_call(sdk.Pipeline(str(pkg), precision="fp32"), m.task)
-    else:
-        path_call(pkg, "auto")
-        path_call(pkg, "fp32")
+    assert m.task in PIPELINES, m.task
+    task_call(sdk.Pipeline(str(pkg)), m.task)  # "auto": the quantized builds
+    task_call(sdk.Pipeline(str(pkg), precision="fp32"), m.task)
     return pkg

@@ -1,4 +1,5 @@
-"""The device side runs without torch: sdk, runtime and CLI import and a full retrieval run works.
+"""The device side runs without torch: sdk, runtime and CLI import, and full retrieval and
+classification runs work.
 
 Each check runs in a fresh interpreter whose import system refuses torch and transformers (and
 records who asked), so nothing this test process already imported can hide a dependency.
@@ -110,6 +111,43 @@ _RETRIEVAL = textwrap.dedent(
     """
 )
 
+_CLASSIFICATION = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from mmedge import sdk
+    from mmedge.data.modalities import SAMPLE_RATE, primitive_clouds, shape_signals
+    from mmedge.runtime.classification import ClassificationPipeline
+    from mmedge.sdk import cli
+
+    pkg, work = sys.argv[1], Path(sys.argv[2])
+    p = sdk.Pipeline(pkg, precision="fp32")
+    assert isinstance(p, ClassificationPipeline) and p.modalities == ("points", "audio", "imu"), p
+    clouds, _ = primitive_clouds(2, seed=1, points=300)
+    rows = p.classify(clouds, "points", top_k=6)
+    assert [len(r) for r in rows] == [6, 6] and abs(sum(x.score for x in rows[0]) - 1) < 1e-6
+    clips, _ = shape_signals(2, seed=1, modality="audio")
+    assert p.logits(clips, "audio", sample_rate=SAMPLE_RATE).shape == (2, 4)
+    np.save(work / "cloud.npy", clouds[0])
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["classify", pkg, str(work / "cloud.npy"), "--modality", "points", "--json"]) == 0
+        assert cli.main(["eval", pkg, "--limit", "4", "--json"]) == 0
+    text, docs, pos = out.getvalue(), [], 0
+    while text[pos:].strip():  # one JSON document per command
+        doc, pos = json.JSONDecoder().raw_decode(text, len(text) - len(text[pos:].lstrip()))
+        docs.append(doc)
+    assert len(docs[0]["results"][0]["labels"]) == 5 and docs[1]["imu"]["chance"] == 0.25, docs
+
+    check_clean()
+    print("TORCH_FREE_OK")
+    """
+)
+
 _IMPORTS = textwrap.dedent(
     """
     import importlib, pkgutil
@@ -144,3 +182,7 @@ def test_runtime_and_sdk_modules_import_without_torch() -> None:
 
 def test_retrieval_run_without_torch(tiny_pkg: Path, tmp_path: Path) -> None:
     _run(_RETRIEVAL, str(tiny_pkg), str(tmp_path))
+
+
+def test_classification_run_without_torch(mt_pkg_session: Path, tmp_path: Path) -> None:
+    _run(_CLASSIFICATION, str(mt_pkg_session), str(tmp_path))

@@ -19,7 +19,8 @@ How each modality encodes a scene (docs/modalities.md, "Synthetic paired data"):
   position -> which of five 400-sample slots moves, shape -> the motion pattern, size -> amplitude.
 
 Point clouds are separate: `primitive_cloud` samples the surface of one of `PRIMITIVES`, randomly
-scaled and rotated, for Meta-Transformer's point-cloud classification.
+scaled and rotated, for Meta-Transformer's point-cloud classification; `shape_signals` gives
+one-object recordings and IMU traces labelled by shape, for its audio and IMU classification.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import numpy as np
 from mmedge.data.scenes import (
     COLOURS,
     POSITIONS,
+    SHAPES,
+    SIZES,
     Scene,
     SceneObject,
     _check_image_size,
@@ -309,6 +312,35 @@ def primitive_clouds(n: int, seed: int, points: int = 1024) -> tuple[np.ndarray,
     return clouds, labels
 
 
+_SHAPE_TAG = 106  # the one-object draws of `shape_signals`, beside the scenes' and clouds' streams
+
+
+def shape_signals(n: int, seed: int, modality: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """n one-object recordings (`modality` "audio": (AUDIO_SECONDS * SAMPLE_RATE,) float32) or IMU
+    traces ("imu": (6, 2000) float32) and their (n,) int64 indices into `SHAPES`, for shape
+    classification. Item i's shape is SHAPES[i % 4] (every class as often, give or take one); its
+    colour, size and position are drawn uniformly, as `sample_objects` draws them; it depends only
+    on (seed, i)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise InvalidInputError(f"n must be a non-negative int, got {n!r}")
+    if modality not in ("audio", "imu"):
+        raise InvalidInputError(f"shape signals are audio or imu, not {modality!r}")
+    labels = np.arange(n, dtype=np.int64) % len(SHAPES)
+    synth = synth_audio if modality == "audio" else synth_imu
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(i, _SHAPE_TAG)))
+        names = tuple(COLOURS)
+        obj = SceneObject(
+            SHAPES[int(labels[i])],
+            names[int(rng.integers(len(names)))],
+            SIZES[int(rng.integers(len(SIZES)))],
+            POSITIONS[int(rng.integers(len(POSITIONS)))],
+        )
+        out.append(synth((obj,), rng))
+    return out, labels
+
+
 __all__ = [
     "ATTRIBUTES",
     "CARRIES",
@@ -324,6 +356,7 @@ __all__ = [
     "primitive_clouds",
     "render_depth",
     "render_thermal",
+    "shape_signals",
     "synth_audio",
     "synth_imu",
 ]

@@ -145,6 +145,62 @@ def evaluate_modalities(pipeline: object, n: int = 500) -> dict[str, Any]:
     return out
 
 
+def evaluate_classification(pipeline: object, n: int = 600) -> dict[str, Any]:
+    """Held-out accuracy of a classification package on synthetic data, per modality it has:
+
+    - points: `primitive_clouds(n, HELD_OUT_SEED)`, classes `PRIMITIVES` (sphere, cube, ...);
+    - audio, imu: `shape_signals(n, HELD_OUT_SEED, ...)`, one-object recordings and traces, classes
+      the scene shapes (circle, square, triangle, star).
+
+    Each truth is found among the package's labels by name, so their order is the package's own. A
+    modality whose labels are not its synthetic classes (a ModelNet40 point head) is skipped with the
+    reason; a package with no modality left is refused (UnsupportedError). Classes are balanced, so
+    `chance` is 1 / classes."""
+    from mmedge.data import HELD_OUT_SEED
+    from mmedge.data.modalities import PRIMITIVES, SAMPLE_RATE, primitive_clouds, shape_signals
+    from mmedge.data.scenes import SHAPES
+    from mmedge.runtime.classification import ClassificationPipeline
+
+    if not isinstance(pipeline, ClassificationPipeline):
+        raise UnsupportedError(f"classification metrics need a classification package; got {pipeline!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InvalidInputError(f"item count must be a positive int, got {n!r}")
+    out: dict[str, Any] = {"task": "classification", "n": int(n)}
+    skipped: dict[str, str] = {}
+    for m in pipeline.modalities:
+        classes = PRIMITIVES if m == "points" else SHAPES
+        labels = pipeline.labels[m]
+        if sorted(labels) != sorted(classes):
+            skipped[m] = (
+                f"its labels {list(labels[:8])}{' ...' if len(labels) > 8 else ''} are not the synthetic "
+                f"classes {list(classes)}"
+            )
+            continue
+        if m == "points":
+            clouds, truth = primitive_clouds(int(n), HELD_OUT_SEED)
+            items: list[Any] = list(clouds)
+        else:
+            items, truth = shape_signals(int(n), HELD_OUT_SEED, m)
+        rate = SAMPLE_RATE if m == "audio" else None
+        logits = _chunked(lambda xs, m=m, r=rate: pipeline.logits(xs, m, sample_rate=r), items)
+        expected = np.array([labels.index(c) for c in classes])[truth]  # class index -> logit column
+        out[m] = {
+            "accuracy": round(float((np.argmax(logits, axis=1) == expected).mean()), 4),
+            "chance": round(1 / len(labels), 4),
+            "classes": len(labels),
+        }
+    if skipped and len(skipped) == len(pipeline.modalities):
+        raise UnsupportedError(
+            f"package {pipeline.runner.manifest.name!r}: the synthetic data cannot score it: "
+            + "; ".join(f"{m}: {why}" for m, why in skipped.items())
+        )
+    if skipped:
+        out["skipped"] = skipped
+    runner = pipeline.runner
+    out["precisions"] = {c: runner.precision_of(c) for c in runner.manifest.components}
+    return out
+
+
 def evaluate_zero_shot(pipeline: object, n: int = 200) -> dict[str, Any]:
     """Synthetic-scene checks of how a retrieval model reads short texts, as users query it:
 

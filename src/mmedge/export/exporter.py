@@ -244,6 +244,7 @@ def export_loaded(
             prompt=sections.prompt,
             retrieval=sections.retrieval,
             modalities=sections.modalities,
+            classification=sections.classification,
             chat_template=sections.chat_template,
         )
         manifest = write_manifest(tmp, manifest)

@@ -32,6 +32,7 @@ from mmedge.runtime.manifest import TASKS
 from mmedge.runtime.modality_inputs import ModalitiesConfig
 from mmedge.runtime.sections import (
     ChatTemplate,
+    ClassificationConfig,
     ImageTokens,
     LLMConfig,
     PreprocessConfig,
@@ -60,6 +61,7 @@ class Sections:
     modalities: ModalitiesConfig | None = (
         None  # preprocessing of the audio, depth, thermal, imu, points paths
     )
+    classification: ClassificationConfig | None = None  # class labels per path (classification task)
 
 
 @dataclass(frozen=True)

@@ -39,38 +39,17 @@ DEFAULT_BATCH = 32  # per modality
 DEFAULT_LR = 2e-3
 
 
-def one_object_scenes(n: int, seed: int) -> list[Any]:
-    """n one-object scenes' objects, deterministic from seed: shapes in turn, the rest drawn."""
-    from mmedge.data.scenes import COLOURS, POSITIONS, SHAPES, SIZES, SceneObject
-
-    rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(106,)))
-    return [
-        (
-            SceneObject(
-                SHAPES[i % len(SHAPES)],
-                tuple(COLOURS)[int(rng.integers(len(COLOURS)))],
-                SIZES[int(rng.integers(len(SIZES)))],
-                POSITIONS[int(rng.integers(len(POSITIONS)))],
-            ),
-        )
-        for i in range(n)
-    ]
-
-
 def labelled_data(modality: str, n: int, seed: int) -> tuple[list[Any], np.ndarray, tuple[str, ...]]:
     """(raw examples, label indices, label names) of a task: point clouds of primitives, or one-object
-    scenes' recordings (16 kHz) or IMU traces labelled by shape."""
-    from mmedge.data.modalities import PRIMITIVES, primitive_clouds, synth_audio, synth_imu
+    scenes' recordings (16 kHz) or IMU traces labelled by shape (`data.modalities`)."""
+    from mmedge.data.modalities import PRIMITIVES, primitive_clouds, shape_signals
     from mmedge.data.scenes import SHAPES
 
     if modality == "points":
         clouds, labels = primitive_clouds(n, seed, CLOUD_POINTS)
         return list(clouds), labels, PRIMITIVES
-    synth = {"audio": synth_audio, "imu": synth_imu}[modality]
-    scenes = one_object_scenes(n, seed)
-    rngs = [np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(i, 107))) for i in range(n)]
-    raw = [synth(objs, rng) for objs, rng in zip(scenes, rngs, strict=True)]
-    return raw, np.array([SHAPES.index(objs[0].shape) for objs in scenes]), SHAPES
+    raw, labels = shape_signals(n, seed, modality)
+    return raw, labels, SHAPES
 
 
 def build_pool(cfg: Any, size: int, seed: int, progress: bool | None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from mmedge.runtime.sections import (
     SHARED_ENCODER_PATHS,
     BundleConfig,
     ChatTemplate,
+    ClassificationConfig,
     LLMConfig,
     PipelineConfig,
     PreprocessConfig,
@@ -214,6 +215,7 @@ class Manifest:
     prompt: PromptConfig | None = None
     retrieval: RetrievalConfig | None = None
     modalities: ModalitiesConfig | None = None  # preprocessing of the audio, depth, thermal, imu paths
+    classification: ClassificationConfig | None = None  # class labels of each classification path
     chat_template: ChatTemplate | None = None
     engines: dict[str, EngineEntry] = field(default_factory=dict)
     bundle: BundleConfig | None = None  # set in a device bundle (`mmedge pack`)
@@ -267,7 +269,7 @@ _TASK_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]
     "chat": (("image",), ("token_embed", "llm_step"), ("preprocess", "tokenizer", "llm")),
     "generation": ((), ("token_embed", "llm_step"), ("tokenizer", "llm", "prompt")),
     # per-modality paths ending in a task head (Meta-Transformer): any of `_TASK_OPTIONAL_PATHS`, one at least
-    "classification": ((), (), ()),
+    "classification": ((), (), ("classification",)),
 }
 # Paths a task may have without needing each: a classification package has those of its modalities,
 # a retrieval package may embed further modalities beside images and text (ImageBind).
@@ -339,6 +341,8 @@ def _check_wiring(m: Manifest) -> None:
             raise IntegrityError(
                 f"a {modality!r} path and a modalities.{modality} section (its preprocessing) go together"
             )
+    if m.classification is not None:
+        _check_classification(m, m.classification)
     if m.has_role("itm"):
         _check_itm(m)
     if m.reads_instruction() != (m.instruction_tokenizer is not None):
@@ -378,6 +382,51 @@ def _check_wiring(m: Manifest) -> None:
         _check_question_encoder(m)
     if m.prompt is not None and m.llm is None and {BOS, EOS} & set(markers(m.prompt.first_turn)):
         raise IntegrityError("prompt markers {bos}/{eos} need an 'llm' section for their ids")
+
+
+def _path_output_spec(m: Manifest, path: str) -> TensorSpec | None:
+    """The graph output spec of the value a (checked) path yields, from the last step that names
+    it; None when the path yields one of its sources."""
+    declared = m.pipeline.paths[path]
+    return next(
+        (
+            spec
+            for step in reversed(declared.steps)
+            for graph_out, value in step.outputs.items()
+            if value == declared.output
+            for spec in m.component(step.component).outputs
+            if spec.name == graph_out
+        ),
+        None,
+    )
+
+
+def _check_classification(m: Manifest, section: ClassificationConfig) -> None:
+    """The labels belong to a classification package, one list per path, each as long as the
+    path's logits' last dim (a fixed class count)."""
+    if m.task != "classification":
+        raise IntegrityError(
+            f"a classification section belongs to a classification package, not a {m.task} one"
+        )
+    paths = sorted(m.pipeline.paths)
+    if sorted(section.labels) != paths:
+        raise IntegrityError(
+            f"classification.labels covers paths {sorted(section.labels)}; the package's paths are {paths}"
+        )
+    for path, names in section.labels.items():
+        spec = _path_output_spec(m, path)
+        if spec is None or len(spec.shape) != 2 or not isinstance(spec.shape[1], int):
+            what = "a source" if spec is None else f"{spec.name!r} {spec.shape}"
+            raise IntegrityError(
+                f"the {path!r} path yields {what}; a classification path yields (batch, classes) logits "
+                "with a fixed class count"
+            )
+        classes = spec.shape[1]
+        if len(names) != classes:
+            raise IntegrityError(
+                f"classification.labels[{path!r}] has {len(names)} labels; the path's {spec.name!r} has "
+                f"{classes} classes"
+            )
 
 
 def _check_itm(m: Manifest) -> None:

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from mmedge.errors import UnsupportedError
 from mmedge.runtime.chat import ChatPipeline
+from mmedge.runtime.classification import ClassificationPipeline
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.cross_chat import CrossAttentionChatPipeline
 from mmedge.runtime.retrieval import RetrievalPipeline
 from mmedge.runtime.textgen import TextGenerationPipeline
 
-AnyPipeline = RetrievalPipeline | ChatPipeline | CrossAttentionChatPipeline | TextGenerationPipeline
+AnyPipeline = (
+    RetrievalPipeline
+    | ChatPipeline
+    | CrossAttentionChatPipeline
+    | TextGenerationPipeline
+    | ClassificationPipeline
+)
 PIPELINES: dict[str, type[AnyPipeline]] = {
     "retrieval": RetrievalPipeline,
     "chat": ChatPipeline,
     "generation": TextGenerationPipeline,
+    "classification": ClassificationPipeline,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,6 +30,8 @@ MAX_VOCAB = 1 << 22
 MAX_KV_CACHE_BYTES = 16 << 30  # one sequence's float32 KV cache (a 7B model at 4k tokens: 4 GiB)
 MAX_IMAGE_TOKENS = 4096
 MAX_LOGIT_SCALE = 1000.0  # CLIP clamps its learned scale at 100; far larger ones overflow softmax
+MAX_CLASSES = 1 << 16  # class labels of one classification path
+MAX_LABEL_CHARS = 256  # one class label
 _MODES = {"resize": ("shortest", "exact"), "crop": ("center",), "resample": ("pil", "cv2")}
 
 
@@ -335,6 +338,34 @@ class RetrievalConfig:
                 )
         if not self.label_templates or not all("{}" in t for t in self.label_templates):
             raise ConfigError("retrieval label_templates must be non-empty strings holding '{}'")
+
+
+@dataclass(frozen=True)
+class ClassificationConfig:
+    """The class labels of a classification package (the manifest's `classification` section):
+    per path, `labels[i]` names the path's `logits[..., i]`. Labels are distinct non-empty strings;
+    the manifest checks that every path has labels as many as its logits' last dim."""
+
+    labels: dict[str, tuple[str, ...]]
+
+    def __post_init__(self) -> None:
+        for path, names in self.labels.items():
+            if path not in PATH_SOURCES:
+                raise ConfigError(f"classification labels[{path!r}]: paths are {sorted(PATH_SOURCES)}")
+            if not 1 <= len(names) <= MAX_CLASSES:
+                raise ConfigError(
+                    f"classification labels[{path!r}]: {len(names)} labels; a path has 1 to {MAX_CLASSES}"
+                )
+            if not all(isinstance(n, str) and n.strip() and len(n) <= MAX_LABEL_CHARS for n in names):
+                raise ConfigError(
+                    f"classification labels[{path!r}] must be non-empty strings of at most "
+                    f"{MAX_LABEL_CHARS} characters"
+                )
+            if len(set(names)) != len(names):
+                twice = sorted(n for n, count in Counter(names).items() if count > 1)
+                raise ConfigError(
+                    f"classification labels[{path!r}] repeat {twice}: each label names one class"
+                )
 
 
 # Paths of modalities beside images and text whose components a family shares between them:

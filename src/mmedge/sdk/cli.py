@@ -41,6 +41,7 @@ class _VerbParser(argparse.ArgumentParser):
 
 
 EMBED_MODALITIES = ("image", "text", "audio", "depth", "thermal", "imu")
+CLASSIFY_MODALITIES = ("image", "points", "audio", "imu")
 MODALITY_HELP = (
     "what the inputs are, where the package embeds it (ImageBind): audio files (WAV/FLAC/OGG), depth "
     "(disparity) and thermal maps as 16-bit PNG or .npy, IMU traces as (6, T) .npy (docs/modalities.md)"
@@ -347,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         verbs.cmd_eval,
         "task metrics on held-out data (retrieval: recall@1/@5 both ways; "
-        "chat: VQA accuracy and caption exact-match)",
+        "chat: VQA accuracy and caption exact-match; classification: accuracy per modality on "
+        "held-out synthetic clouds, recordings and traces)",
     )
     runtime_opts(sp)
     sp.add_argument(
@@ -356,7 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=DATA_HELP
         + " (default: shapes:500 for retrieval, shapes:100 for chat packages, which need shapes:N)",
     )
-    sp.add_argument("--limit", type=int, default=None, help="retrieval: evaluate on the first N items")
+    sp.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="retrieval: evaluate on the first N items; classification: N items per modality (600)",
+    )
     sp.add_argument(
         "--rerank",
         type=int,
@@ -547,10 +554,42 @@ def build_parser() -> argparse.ArgumentParser:
         "one; 0: off; docs/retrieval.md)",
     )
 
-    sp = add("classify", verbs.cmd_classify, "zero-shot classification of an image against labels")
+    sp = add(
+        "classify",
+        verbs.cmd_classify,
+        "classify an image zero-shot against --labels (retrieval packages), or point clouds, audio or "
+        "IMU traces into the package's own classes (classification packages: --modality)",
+    )
     runtime_opts(sp)
-    sp.add_argument("image")
-    sp.add_argument("--labels", required=True, help="comma-separated labels")
+    sp.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="retrieval: one image; classification: files of --modality (point clouds (N, 3 + F) and IMU "
+        "traces (6, T) as .npy arrays, audio files such as WAV)",
+    )
+    sp.add_argument("--labels", default=None, help="retrieval: comma-separated labels (required)")
+    sp.add_argument(
+        "--modality",
+        default=None,
+        choices=CLASSIFY_MODALITIES,
+        help="what the files are (default: image for a retrieval package, the only modality of a "
+        "classification package that has one)",
+    )
+    sp.add_argument(
+        "-k",
+        "--top-k",
+        type=int,
+        default=None,
+        help="labels shown per file, best first (default: every label for retrieval, 5 for classification)",
+    )
+    sp.add_argument(
+        "--sample-rate",
+        type=int,
+        default=None,
+        metavar="HZ",
+        help="audio given as .npy arrays (frames,) or (frames, channels): their sample rate",
+    )
 
     def gen_opts(sp: argparse.ArgumentParser) -> None:
         g = sp.add_argument_group("generation (names as in Hugging Face generate)")

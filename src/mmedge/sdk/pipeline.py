@@ -29,7 +29,8 @@ def Pipeline(  # noqa: N802 - a factory that reads as the class users expect
     memory_budget_mb: float | None = None,
     preload: bool | str | Sequence[str] = False,
 ) -> AnyPipeline:
-    """Verify a package and return its task pipeline: retrieval, image chat or text generation.
+    """Verify a package and return its task pipeline: retrieval, image chat, text generation or
+    classification (`runtime.classification.ClassificationPipeline`).
 
     `precision="auto"` takes the best precision each component has (int4, then int8, fp16, fp32).
     `trust="signed"` refuses (IntegrityError) a package whose manifest is not signed by one of the

@@ -20,6 +20,12 @@ def _fields(obj: dict[str, Any], skip: set[str]) -> list[str]:
 
 
 def _classify(r: dict[str, Any]) -> str:
+    if "results" in r:  # a classification package: several files of one modality
+        parts = [f"modality: {r['modality']}"]
+        for item in r["results"]:
+            rows = [("label", "probability")] + [(x["label"], f"{x['score']:.4f}") for x in item["labels"]]
+            parts.append(f"{item['file']}\n{table(rows)}")
+        return "\n\n".join(parts)
     rows = [("label", "probability")] + [(x["label"], f"{x['score']:.4f}") for x in r["labels"]]
     return f"{r['image']}\n{table(rows)}"
 

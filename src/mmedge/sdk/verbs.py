@@ -16,11 +16,11 @@ from mmedge.errors import MmedgeError
 VERB_TASKS = {
     "embed": ("retrieval",),
     "search": ("retrieval",),
-    "classify": ("retrieval",),
+    "classify": ("retrieval", "classification"),
     "caption": ("chat",),
     "chat": ("chat",),
     "generate": ("generation",),
-    "eval": ("retrieval", "chat"),
+    "eval": ("retrieval", "chat", "classification"),
 }
 
 
@@ -229,6 +229,23 @@ def cmd_eval(a: argparse.Namespace) -> object:
     from mmedge.evaluation.tasks import evaluate, evaluate_chat
 
     p = _pipeline(a)
+    if p.runner.manifest.task == "classification":
+        from mmedge.evaluation.tasks import evaluate_classification
+
+        given = (
+            ("--data", a.data),
+            ("--rerank", a.rerank),
+            ("--edits", None if a.edits == 1 else a.edits),
+            ("--questions", a.questions),
+            ("--captions", a.captions),
+        )
+        ignored = [flag for flag, value in given if value is not None]
+        if ignored:
+            _note(
+                f"{', '.join(ignored)} do not apply to a classification package (held-out synthetic clouds, "
+                "recordings and traces); ignored"
+            )
+        return evaluate_classification(p, n=600 if a.limit is None else a.limit)
     chat = p.runner.manifest.task == "chat"
     data = a.data or ("shapes:100" if chat else "shapes:500")
     ignored = ["--limit"] if chat and a.limit is not None else []
@@ -518,7 +535,8 @@ def _embeddings_out(a: argparse.Namespace, emb: Any) -> dict[str, object]:
 
 def _modality_input(path: str, modality: str) -> object:
     """A file of a further modality as the runtime takes it: audio files and PNG maps by path (the
-    runtime decodes them, within its limits); a .npy array (maps, IMU traces) loaded without pickle."""
+    runtime decodes them, within its limits); a .npy array (maps, IMU traces, point clouds) loaded
+    without pickle."""
     import numpy as np
 
     from mmedge.errors import InvalidInputError
@@ -530,6 +548,8 @@ def _modality_input(path: str, modality: str) -> object:
             raise InvalidInputError(f"{path!r} is not a readable .npy array: {exc}") from None
     if modality == "imu":
         raise InvalidInputError(f"an IMU trace is a (6, T) .npy array; got {path!r}")
+    if modality == "points":
+        raise InvalidInputError(f"a point cloud is an (N, 3 + F) .npy array; got {path!r}")
     return path
 
 
@@ -629,12 +649,41 @@ def _readable(items: list[Any]) -> tuple[list[Any], list[str]]:
     return good, bad
 
 
+def _labels_out(labels: Iterable[Any]) -> list[dict[str, object]]:
+    return [{"label": r.label, "score": round(r.score, 4)} for r in labels]
+
+
 def cmd_classify(a: argparse.Namespace) -> object:
+    from mmedge.errors import InvalidInputError
+    from mmedge.runtime.classification import DEFAULT_TOP_K, check_top_k
+
+    top_k = None if a.top_k is None else check_top_k(a.top_k)
     p = _pipeline(a)
-    labels = [s.strip() for s in a.labels.split(",") if s.strip()]
+    if p.runner.manifest.task == "retrieval":
+        if a.modality not in (None, "image") or a.sample_rate is not None:
+            raise InvalidInputError(
+                "a retrieval package classifies an image zero-shot; --modality and --sample-rate are for "
+                "classification packages"
+            )
+        if a.labels is None or len(a.files) != 1:
+            raise InvalidInputError("zero-shot classification takes one image and --labels (comma-separated)")
+        labels = [s.strip() for s in a.labels.split(",") if s.strip()]
+        return {"image": a.files[0], "labels": _labels_out(p.classify(a.files[0], labels)[:top_k])}
+    if a.labels is not None:
+        raise InvalidInputError(
+            "--labels is for zero-shot classification (retrieval packages); this package classifies into "
+            "its own labels"
+        )
+    modality = a.modality
+    if modality is None:
+        if len(p.modalities) != 1:
+            raise InvalidInputError(f"give --modality: the package classifies {', '.join(p.modalities)}")
+        modality = p.modalities[0]
+    items = [_modality_input(f, modality) for f in a.files]
+    rows = p.classify(items, modality, top_k=top_k or DEFAULT_TOP_K, sample_rate=a.sample_rate)
     return {
-        "image": a.image,
-        "labels": [{"label": r.label, "score": round(r.score, 4)} for r in p.classify(a.image, labels)],
+        "modality": modality,
+        "results": [{"file": f, "labels": _labels_out(r)} for f, r in zip(a.files, rows)],
     }
 
 

@@ -12,7 +12,8 @@ present in the config):
   (`sequence`, the range of the modalities' counts), so one graph serves every path (exported,
   calibrated and built once);
 - `<modality>_head` (task_head): `hidden_states` -> `logits` (batch, classes) and the normalised
-  pooled feature `<modality>_embeds`; the path yields the logits.
+  pooled feature `<modality>_embeds`; the path yields the logits, whose classes the manifest's
+  `classification` section names (`runtime.classification.ClassificationPipeline` reads them).
 
 Weights of the encoder load from the official release or a clip-family checkpoint (`loaders`);
 `modeling.freeze_encoder` and `modeling.encoder_sha256` are what a recipe trains and checks with.
@@ -31,6 +32,7 @@ from mmedge.runtime.imu import ImuConfig as ImuInput
 from mmedge.runtime.manifest import DimRange, TensorSpec
 from mmedge.runtime.modality_inputs import ModalitiesConfig
 from mmedge.runtime.points import PointConfig
+from mmedge.runtime.sections import ClassificationConfig
 
 BATCH = DimRange(1, 1, 64)
 # The package's tokenizer.json is unused (no text path); export writes one for every package.
@@ -103,6 +105,16 @@ def components(cfg: MetaTransformerConfig) -> tuple[ComponentDecl, ...]:
     return (*tokenizers, encoder, *heads)
 
 
+def labels(cfg: MetaTransformerConfig) -> ClassificationConfig:
+    """Each present modality's class labels (the manifest's `classification` section): the
+    config's, or "0" .. "N-1" for a head whose config names none."""
+    out = {}
+    for m in cfg.modalities:
+        head = cfg.modality(m)
+        out[m] = head.labels or tuple(str(i) for i in range(head.classes))
+    return ClassificationConfig(labels=out)
+
+
 def modalities(cfg: MetaTransformerConfig) -> ModalitiesConfig:
     """The runtime's preprocessing of each modality present (the manifest's `modalities` section)."""
     a, i, p = cfg.audio, cfg.imu, cfg.points
@@ -116,7 +128,10 @@ def modalities(cfg: MetaTransformerConfig) -> ModalitiesConfig:
 
 
 def sections(cfg: MetaTransformerConfig, model: nn.Module, tokenizer_json: str) -> Sections:
-    return Sections(context_length=_CONTEXT_LENGTH, pad_id=0, modalities=modalities(cfg))
+    """The preprocessing of each modality (`modalities`) and the heads' class labels (`classification`)."""
+    return Sections(
+        context_length=_CONTEXT_LENGTH, pad_id=0, modalities=modalities(cfg), classification=labels(cfg)
+    )
 
 
 FAMILY = register(

@@ -21,10 +21,10 @@ from typing import Any
 from mmedge.errors import ConfigError
 from mmedge.models.blocks import activation
 from mmedge.models.configs import from_dict
+from mmedge.runtime.sections import MAX_CLASSES, MAX_LABEL_CHARS
 
 MODALITIES = ("points", "audio", "imu")  # each is a runtime path of the same name
 POOLS = ("cls", "max", "mean")  # what a head may pool: the CLS token, max or mean over the others
-MAX_CLASSES = 1 << 16
 
 
 def _positive(where: str, **values: int) -> None:
@@ -36,8 +36,15 @@ def _positive(where: str, **values: int) -> None:
 def _labels(where: str, classes: int, labels: tuple[str, ...]) -> None:
     if not 1 <= classes <= MAX_CLASSES:
         raise ConfigError(f"{where}: classes must be in [1, {MAX_CLASSES}], got {classes}")
-    if labels and (len(labels) != classes or not all(isinstance(x, str) and x for x in labels)):
-        raise ConfigError(f"{where}: labels must be empty or {classes} non-empty strings, got {list(labels)}")
+    if labels and (
+        len(labels) != classes
+        or not all(isinstance(x, str) and x.strip() and len(x) <= MAX_LABEL_CHARS for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise ConfigError(
+            f"{where}: labels must be empty or {classes} distinct non-empty strings (at most "
+            f"{MAX_LABEL_CHARS} characters each), got {list(labels)}"
+        )
 
 
 @dataclass(frozen=True)
