@@ -4,7 +4,8 @@ As ImageBind trains: the image and text encoders are a trained CLIP's (`--init`,
 clip-tiny), copied and frozen (`models.imagebind.from_clip`); each further modality's encoder learns
 InfoNCE against the image embeddings of the same scenes, and never sees a text. The loss is
 symmetric (modality -> image and image -> modality) at the modality's own temperature, the inverse
-of its postprocessor's scale (audio 20, depth 5, thermal 10, IMU 5, as ImageBind trains them).
+of its postprocessor's scale (official: audio 20, depth 5, thermal 10, IMU 5; the tiny preset sets
+20 for all four).
 Scenes that look alike in a modality (equal `data.modalities.modality_key`: a depth map shows no
 colour) are all positives of one another. Alignment with text is never trained: it comes through
 the shared image space, the emergent behaviour ImageBind is known for.
