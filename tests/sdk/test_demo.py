@@ -121,3 +121,24 @@ def test_fusion_demo_smoke(store: Path, capsys: pytest.CaptureFixture) -> None:
     assert isinstance(
         vqa.chat(np.zeros((64, 64, 3), np.uint8), "what colour is the star?", max_new_tokens=3), str
     )
+
+
+def test_anymodal_demo_smoke(store: Path) -> None:
+    """`mmedge demo anymodal`: imagebind-tiny and meta-transformer-tiny trained on the store's
+    clip-tiny, exported, INT8, cross-modal R@1, one mixed-index search, classification accuracy."""
+    from mmedge import sdk
+    from mmedge.sdk.demo_anymodal import FURTHER, run_anymodal_demo
+
+    r = run_anymodal_demo(steps=3, threads=1, json_out=True, eval_n=12, classify_n=8)
+    assert r is not None
+    for precision in ("fp32", "quantized"):
+        cross = r["cross_modal"][precision]
+        assert cross["scenes"] == 12 and all(0 <= cross[m][f"{m}_to_text_r1"] <= 1 for m in FURTHER)
+        assert {"points", "audio", "imu"} <= set(r["classification"][precision])
+    assert r["cross_modal"]["quantized"]["precisions"]["audio"] == "int8"
+    assert r["classification"]["quantized"]["precisions"]["encoder"] == "int8"
+    assert r["search"]["indexed"] == 300 and len(r["search"]["hits"]) == 5
+    assert r["train"]["imagebind"]["steps"] == 3
+    before = r["train"]["meta_transformer"]["encoder_sha256"]
+    assert before["before"] == before["after"]
+    assert {"imagebind-tiny", "meta-transformer-tiny"} <= set(sdk.list_packages())

@@ -10,7 +10,7 @@ Scenes that look alike in a modality (equal `data.modalities.modality_key`: a de
 colour) are all positives of one another. Alignment with text is never trained: it comes through
 the shared image space, the emergent behaviour ImageBind is known for.
 
-Data: `POOL` synthetic paired scenes of the training stream, each run once through the runtime's own
+Data: `POOL` synthetic paired scenes of the training stream (fewer for a short run), each run once through the runtime's own
 preprocessing (the audio filterbank is what costs) with its frozen image embedding computed once;
 every step draws a batch from that pool.
 """
@@ -18,6 +18,7 @@ every step draws a batch from that pool.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,12 @@ def build_pool(cfg: Any, model: Any, pre: Any, size: int, progress: bool | None)
     keys: dict[str, list[Any]] = {m: [] for m in present}
     pixels = np.empty((size, 3, pre.image_size, pre.image_size), np.float32)
     stream = iter_paired(TRAIN_SEED, cfg.vision.image_size)
-    for i in tqdm(range(size), desc="paired scenes", disable=progress is False, leave=False):
+    for i in tqdm(
+        range(size),
+        desc="paired scenes",
+        disable=not (sys.stderr.isatty() if progress is None else progress),
+        leave=False,
+    ):
         paired = next(stream)
         pixels[i] = preprocess([paired.scene.image], pre)[0]
         for m in present:
@@ -122,7 +128,8 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
         tower.requires_grad_(False)
     model.eval()
     batch = request.batch_size or DEFAULT_BATCH
-    pool_size = max(POOL, batch)
+    tc = train_config(request, DEFAULT_STEPS, DEFAULT_LR)
+    pool_size = max(batch, min(POOL, tc.steps * batch))  # no more than training draws
     pool = build_pool(cfg, model, family.preprocess(cfg), pool_size, progress)
     trained = [m for m in TRAINED if m in cfg.present]
     rng = torch.Generator().manual_seed(request.seed)
@@ -131,7 +138,6 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
         while True:
             yield torch.randperm(pool_size, generator=rng)[:batch]
 
-    tc = train_config(request, DEFAULT_STEPS, DEFAULT_LR)
     losses = run_training(
         model,
         batches(),

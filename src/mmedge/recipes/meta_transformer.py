@@ -11,13 +11,14 @@ synthetic data (`data.modalities`):
 - audio: the shape of a one-object scene from its sound (shape sets the timbre);
 - imu: the shape of a one-object scene from its motion (shape sets the movement pattern).
 
-Each modality's pool of `POOL` examples is preprocessed once by the runtime's own preprocessing;
+Each modality's pool of `POOL` examples (fewer for a short run) is preprocessed once by the runtime's own preprocessing;
 every step draws a batch of each modality and sums the three cross-entropies.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,12 @@ def build_pool(cfg: Any, size: int, seed: int, progress: bool | None) -> dict[st
         rate = SAMPLE_RATE if m == "audio" else None
         parts = [
             prepare(m, x, getattr(inputs, m), sample_rate=rate)
-            for x in tqdm(raw, desc=f"{m} examples", disable=progress is False, leave=False)
+            for x in tqdm(
+                raw,
+                desc=f"{m} examples",
+                disable=not (sys.stderr.isatty() if progress is None else progress),
+                leave=False,
+            )
         ]
         pool[m] = [torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]]
         pool[f"{m}_labels"] = torch.from_numpy(labels)
@@ -114,7 +120,8 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
     freeze_encoder(model)
     before = encoder_sha256(model)
     batch = request.batch_size or DEFAULT_BATCH
-    size = max(POOL, batch)
+    tc = train_config(request, DEFAULT_STEPS, DEFAULT_LR)
+    size = max(batch, min(POOL, tc.steps * batch))  # no more than training draws
     pool = build_pool(cfg, size, seed=request.seed, progress=progress)
     rng = torch.Generator().manual_seed(request.seed)
 
@@ -126,7 +133,7 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
         model,
         batches(),
         lambda mdl, b: task_loss(mdl, pool, b),
-        train_config(request, DEFAULT_STEPS, DEFAULT_LR),
+        tc,
         progress=progress,
         desc=f"train {request.preset}",
     )
