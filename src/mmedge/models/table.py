@@ -16,6 +16,8 @@ def _precisions(family: Family) -> str:
         out.append("int4 / int8 weight-only (LLM)")
     if any(d.role == "itm" for d in decls):
         out.append("int4 / int8 weight-only (ITM)")
+    if any(d.role == "shared_encoder" for d in decls):
+        out.append("int4 / int8 weight-only (shared encoder, tokenizers)")
     return ", ".join(out)
 
 
