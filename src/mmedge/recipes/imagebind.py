@@ -34,12 +34,10 @@ from mmedge.recipes.trainer import train as run_training
 log = logging.getLogger(__name__)
 
 TRAINED = ("audio", "depth", "thermal", "imu")  # the encoders that learn; vision and text stay frozen
-# Single-channel image encoders that start from the clip's vision trunk (`from_clip`), not at random
-PATCH_INIT: tuple[str, ...] = ("depth", "thermal")
 POOL = 4096  # paired training scenes, preprocessed once
-DEFAULT_STEPS = 2000
+DEFAULT_STEPS = 600
 DEFAULT_BATCH = 64
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 2e-3
 
 
 def build_pool(cfg: Any, model: Any, pre: Any, size: int, progress: bool | None) -> dict[str, Any]:
@@ -105,7 +103,7 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
     """Train `request.preset`'s audio, depth, thermal and IMU encoders against a frozen clip's
     image space; save a checkpoint directory at `out`."""
     from mmedge.models.checkpoint import read_checkpoint_meta, save_checkpoint
-    from mmedge.models.imagebind.from_clip import init_patch_encoder_from_clip, load_clip_towers
+    from mmedge.models.imagebind.from_clip import load_clip_towers
     from mmedge.models.registry import load_preset
     from mmedge.models.sources import load_source
 
@@ -126,9 +124,6 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
     torch.manual_seed(request.seed)
     model = family.build(cfg)
     load_clip_towers(model, clip.model)
-    for m in PATCH_INIT:
-        if m in cfg.present:
-            init_patch_encoder_from_clip(getattr(model, m), clip.model)
     for tower in (model.vision, model.text):
         tower.requires_grad_(False)
     model.eval()

@@ -100,35 +100,3 @@ def load_clip_towers(model: ImageBind, clip_model: torch.nn.Module) -> None:
     )
     for tower, weights in ((model.vision, vision), (model.text, text)):
         tower.load_state_dict(weights, strict=True)
-
-
-def init_patch_encoder_from_clip(encoder: torch.nn.Module, clip_model: torch.nn.Module) -> None:
-    """Start a single-channel patch encoder (depth, thermal) from the clip's vision trunk: the stem
-    is the RGB patch kernel summed over its channels (a grey image then embeds as the colour one
-    would), positions and trunk layers are copied, the extra key/value starts at zero. A head start
-    for a small model on little data; the encoder then trains as any other."""
-    clip = clip_model.state_dict()
-    emb = encoder.embeddings
-    if (
-        emb.patch_embedding.weight.shape[2:]
-        != clip["vision_model.embeddings.patch_embedding.weight"].shape[2:]
-    ):
-        raise ConfigError("the patch encoder's patch size differs from the clip's")
-    weights: dict[str, torch.Tensor] = {}
-    _trunk("vision_model", len(encoder.encoder.layers), clip, weights)
-    weights["embeddings.patch_embedding.weight"] = clip["vision_model.embeddings.patch_embedding.weight"].sum(
-        1, keepdim=True
-    )
-    weights["embeddings.position_embedding"] = clip["vision_model.embeddings.position_embedding.weight"][None]
-    weights["embeddings.class_embedding"] = clip["vision_model.embeddings.class_embedding"][None, None]
-    with torch.no_grad():
-        own = encoder.state_dict()
-        for name, value in weights.items():
-            if own[name].shape != value.shape:
-                raise ConfigError(
-                    f"{name}: the patch encoder has {tuple(own[name].shape)}, the clip {tuple(value.shape)}"
-                )
-            own[name].copy_(value)
-        for layer in encoder.encoder.layers:
-            layer.self_attn.bias_k.zero_()
-            layer.self_attn.bias_v.zero_()
