@@ -59,6 +59,21 @@ def train_config(request: TrainRequest, default_steps: int, default_lr: float) -
     )
 
 
+def require_clip_start(request: TrainRequest, recipe: str, why: str) -> None:
+    """Refuse a request of a recipe that trains on synthetic data around a trained clip: `--data`
+    given, or `--init` missing or not a clip checkpoint; `why` says what the clip is for."""
+    from mmedge.models.checkpoint import read_checkpoint_meta
+
+    if request.data is not None:
+        raise UnsupportedError(f"the {recipe} recipe trains on synthetic data (no --data)")
+    if request.init is None:
+        raise ConfigError(
+            f"{why}: pass --init CLIP_CHECKPOINT (e.g. the demo's $MMEDGE_HOME/checkpoints/clip-tiny)"
+        )
+    if read_checkpoint_meta(request.init).get("family") != "clip":
+        raise ConfigError(f"--init {request.init!r} is not a clip checkpoint")
+
+
 def recipe_for(preset: str) -> tuple[Family, Any]:
     """(family, recipe module) of a preset; families without a recipe are refused by name."""
     family, _ = load_preset(preset)

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from mmedge.errors import ConfigError, UnsupportedError
-from mmedge.recipes.base import TrainRequest, train_config
+from mmedge.recipes.base import TrainRequest, require_clip_start, train_config
 from mmedge.recipes.trainer import train as run_training
 
 log = logging.getLogger(__name__)
@@ -102,20 +101,12 @@ def binding_loss(model: Any, pool: dict[str, Any], idx: torch.Tensor, modalities
 def train(out: str | Path, request: TrainRequest, progress: bool | None = None) -> Path:
     """Train `request.preset`'s audio, depth, thermal and IMU encoders against a frozen clip's
     image space; save a checkpoint directory at `out`."""
-    from mmedge.models.checkpoint import read_checkpoint_meta, save_checkpoint
+    from mmedge.models.checkpoint import save_checkpoint
     from mmedge.models.imagebind.from_clip import load_clip_towers
     from mmedge.models.registry import load_preset
     from mmedge.models.sources import load_source
 
-    if request.data is not None:
-        raise UnsupportedError("the imagebind recipe trains on synthetic paired scenes (no --data)")
-    if request.init is None:
-        raise ConfigError(
-            "imagebind trains its further modalities against a frozen clip: pass --init CLIP_CHECKPOINT "
-            "(e.g. the demo's $MMEDGE_HOME/checkpoints/clip-tiny)"
-        )
-    if read_checkpoint_meta(request.init).get("family") != "clip":
-        raise ConfigError(f"--init {request.init!r} is not a clip checkpoint")
+    require_clip_start(request, "imagebind", "imagebind trains its further modalities against a frozen clip")
     t0 = time.perf_counter()
     clip = load_source(request.init, family="clip")
     family, raw = load_preset(request.preset)

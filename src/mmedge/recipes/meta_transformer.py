@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from mmedge.errors import ConfigError, UnsupportedError
-from mmedge.recipes.base import TrainRequest, train_config
+from mmedge.errors import ConfigError
+from mmedge.recipes.base import TrainRequest, require_clip_start, train_config
 from mmedge.recipes.trainer import train as run_training
 
 log = logging.getLogger(__name__)
@@ -96,21 +96,15 @@ def task_loss(model: Any, pool: dict[str, Any], batch: dict[str, torch.Tensor]) 
 
 def train(out: str | Path, request: TrainRequest, progress: bool | None = None) -> Path:
     """Train `request.preset`'s tokenizers and heads around a frozen clip vision trunk; save at `out`."""
-    from mmedge.models.checkpoint import read_checkpoint_meta, save_checkpoint
+    from mmedge.models.checkpoint import save_checkpoint
     from mmedge.models.init import tiny_tokenizer_json
     from mmedge.models.meta_transformer.loaders import load_clip_encoder
     from mmedge.models.meta_transformer.modeling import encoder_sha256, freeze_encoder
     from mmedge.models.registry import load_preset
 
-    if request.data is not None:
-        raise UnsupportedError("the meta-transformer recipe trains on synthetic data (no --data)")
-    if request.init is None:
-        raise ConfigError(
-            "meta-transformer's shared encoder is a trained clip's vision trunk: pass --init CLIP_CHECKPOINT "
-            "(e.g. the demo's $MMEDGE_HOME/checkpoints/clip-tiny)"
-        )
-    if read_checkpoint_meta(request.init).get("family") != "clip":
-        raise ConfigError(f"--init {request.init!r} is not a clip checkpoint")
+    require_clip_start(
+        request, "meta-transformer", "meta-transformer's shared encoder is a trained clip's vision trunk"
+    )
     t0 = time.perf_counter()
     family, raw = load_preset(request.preset)
     cfg = family.config_from_dict(raw)
