@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from mmedge.data.modalities import labelled_examples
 from mmedge.errors import ConfigError
 from mmedge.recipes import meta_transformer as recipe
 from mmedge.recipes.base import TrainRequest, train_model
@@ -59,10 +60,10 @@ def test_tasks_are_labelled_as_the_preset_names_them() -> None:
     from mmedge.data.scenes import SHAPES
 
     for modality in ("audio", "imu"):
-        raw, labels, names = recipe.labelled_data(modality, 8, seed=3)
+        raw, labels, names = labelled_examples(modality, 8, seed=3)
         assert names == SHAPES and list(labels) == [0, 1, 2, 3, 0, 1, 2, 3] and len(raw) == 8
-    clouds, labels, names = recipe.labelled_data("points", 6, seed=3)
-    assert np.asarray(clouds[0]).shape == (recipe.CLOUD_POINTS, 3) and list(labels) == list(range(6))
+    clouds, labels, names = labelled_examples("points", 6, seed=3)
+    assert np.asarray(clouds[0]).shape == (1024, 3) and list(labels) == list(range(6))
 
 
 def test_refuses_without_a_clip_to_start_from(tmp_path: Path, trained: Path) -> None:

@@ -60,12 +60,10 @@ class OrtBuilder:
                     err = check_decoder_build(src, tmp / rel, entry, decoder, threads, limit)
                 elif entry.role == "cross_kv" and ops.get("com.microsoft:MatMulNBits") and prefill:
                     gemms = integer_gemms_in_place(tmp / rel)
-                    left = ops["com.microsoft:MatMulNBits"] - gemms
-                    ops = {k: v for k, v in ops.items() if k != "com.microsoft:MatMulNBits"}
-                    ops.update(
-                        {"com.microsoft:DynamicQuantizeMatMul": gemms},
-                        **{"com.microsoft:MatMulNBits": left} if left else {},
-                    )
+                    ops["com.microsoft:DynamicQuantizeMatMul"] = gemms
+                    ops["com.microsoft:MatMulNBits"] -= gemms
+                    if not ops["com.microsoft:MatMulNBits"]:
+                        del ops["com.microsoft:MatMulNBits"]
                     err = check_build(src, tmp / rel, pkg, entry, threads, PREFILL_MAX_REL_ERROR)
                 else:
                     loose = p != "fp32" and entry.role in LOOSE_BUILD_ROLES

@@ -341,6 +341,19 @@ def shape_signals(n: int, seed: int, modality: str) -> tuple[list[np.ndarray], n
     return out, labels
 
 
+def labelled_examples(
+    modality: str, n: int, seed: int
+) -> tuple[list[np.ndarray], np.ndarray, tuple[str, ...]]:
+    """The synthetic classification task of a modality: (n raw examples, their label indices, the
+    class names). points: `primitive_clouds` of 1024 points, classes `PRIMITIVES`; audio, imu:
+    `shape_signals`, classes `SHAPES`."""
+    if modality == "points":
+        clouds, labels = primitive_clouds(n, seed)
+        return list(clouds), labels, PRIMITIVES
+    raw, labels = shape_signals(n, seed, modality)
+    return raw, labels, SHAPES
+
+
 __all__ = [
     "ATTRIBUTES",
     "CARRIES",
@@ -350,6 +363,7 @@ __all__ = [
     "PairedScene",
     "generate_paired",
     "iter_paired",
+    "labelled_examples",
     "make_paired",
     "modality_key",
     "primitive_cloud",

@@ -157,7 +157,7 @@ def evaluate_classification(pipeline: object, n: int = 600) -> dict[str, Any]:
     reason; a package with no modality left is refused (UnsupportedError). Classes are balanced, so
     `chance` is 1 / classes."""
     from mmedge.data import HELD_OUT_SEED
-    from mmedge.data.modalities import PRIMITIVES, SAMPLE_RATE, primitive_clouds, shape_signals
+    from mmedge.data.modalities import PRIMITIVES, SAMPLE_RATE, labelled_examples
     from mmedge.data.scenes import SHAPES
     from mmedge.runtime.classification import ClassificationPipeline
 
@@ -168,7 +168,7 @@ def evaluate_classification(pipeline: object, n: int = 600) -> dict[str, Any]:
     out: dict[str, Any] = {"task": "classification", "n": int(n)}
     skipped: dict[str, str] = {}
     for m in pipeline.modalities:
-        classes = PRIMITIVES if m == "points" else SHAPES
+        classes = PRIMITIVES if m == "points" else SHAPES  # what labelled_examples labels by
         labels = pipeline.labels[m]
         if sorted(labels) != sorted(classes):
             skipped[m] = (
@@ -176,11 +176,7 @@ def evaluate_classification(pipeline: object, n: int = 600) -> dict[str, Any]:
                 f"classes {list(classes)}"
             )
             continue
-        if m == "points":
-            clouds, truth = primitive_clouds(int(n), HELD_OUT_SEED)
-            items: list[Any] = list(clouds)
-        else:
-            items, truth = shape_signals(int(n), HELD_OUT_SEED, m)
+        items, truth, _ = labelled_examples(m, int(n), HELD_OUT_SEED)
         rate = SAMPLE_RATE if m == "audio" else None
         logits = _chunked(lambda xs, m=m, r=rate: pipeline.logits(xs, m, sample_rate=r), items)
         expected = np.array([labels.index(c) for c in classes])[truth]  # class index -> logit column

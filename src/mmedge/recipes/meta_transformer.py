@@ -6,7 +6,7 @@ only a light tokenizer per modality and a head per task learn. The encoder's sha
 before and after training in the checkpoint's `train` record (they must be equal). Tasks, on
 synthetic data (`data.modalities`):
 
-- points: which of the six primitives a cloud of `CLOUD_POINTS` surface points is, grouped as the
+- points: which of the six primitives a cloud of 1024 surface points is, grouped as the
   runtime groups it (farthest-point sampling + kNN, `runtime.points`);
 - audio: the shape of a one-object scene from its sound (shape sets the timbre);
 - imu: the shape of a one-object scene from its motion (shape sets the movement pattern).
@@ -34,37 +34,23 @@ from mmedge.recipes.trainer import train as run_training
 log = logging.getLogger(__name__)
 
 POOL = 2048  # examples per modality, preprocessed once
-CLOUD_POINTS = 1024
 DEFAULT_STEPS = 600
 DEFAULT_BATCH = 32  # per modality
 DEFAULT_LR = 2e-3
-
-
-def labelled_data(modality: str, n: int, seed: int) -> tuple[list[Any], np.ndarray, tuple[str, ...]]:
-    """(raw examples, label indices, label names) of a task: point clouds of primitives, or one-object
-    scenes' recordings (16 kHz) or IMU traces labelled by shape (`data.modalities`)."""
-    from mmedge.data.modalities import PRIMITIVES, primitive_clouds, shape_signals
-    from mmedge.data.scenes import SHAPES
-
-    if modality == "points":
-        clouds, labels = primitive_clouds(n, seed, CLOUD_POINTS)
-        return list(clouds), labels, PRIMITIVES
-    raw, labels = shape_signals(n, seed, modality)
-    return raw, labels, SHAPES
 
 
 def build_pool(cfg: Any, size: int, seed: int, progress: bool | None) -> dict[str, Any]:
     """Each modality's examples as the runtime prepares them, with their labels."""
     from tqdm.auto import tqdm
 
-    from mmedge.data.modalities import SAMPLE_RATE
+    from mmedge.data.modalities import SAMPLE_RATE, labelled_examples
     from mmedge.models.meta_transformer import modalities
     from mmedge.runtime.modality_inputs import prepare
 
     inputs = modalities(cfg)  # the package's own preprocessing of each path
     pool: dict[str, Any] = {}
     for m in cfg.modalities:
-        raw, labels, names = labelled_data(m, size, seed)
+        raw, labels, names = labelled_examples(m, size, seed)
         expected = tuple(cfg.modality(m).labels)
         if expected and expected != tuple(names):
             raise ConfigError(

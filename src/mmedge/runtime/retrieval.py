@@ -277,16 +277,14 @@ class RetrievalPipeline:
                     f"a {modality} query is neither an image nor re-ranked (ITM scores image-text pairs)"
                 )
             return self.index.search(self.embed([query], modality, sample_rate=sample_rate), k)[0]
-        if modality is not None and image is not None and image != (modality == "image"):
-            raise InvalidInputError(f"image={image} contradicts modality={modality!r}")
+        if modality is not None:
+            if image is not None and image != (modality == "image"):
+                raise InvalidInputError(f"image={image} contradicts modality={modality!r}")
+            image = modality == "image"
         if sample_rate is not None:
             raise InvalidInputError("sample_rate is for audio queries (modality='audio')")
         depth = self._rerank_depth(rerank, k, n)
-        as_image = (
-            (not isinstance(query, str) if image is None else image)
-            if modality is None
-            else modality == "image"
-        )
+        as_image = not isinstance(query, str) if image is None else image
         if as_image:
             values = self._image_values([query], channel_order)
             vec = l2_normalize(values[self._image_output].astype(np.float32))

@@ -485,7 +485,6 @@ def _ray_args(a: argparse.Namespace, only_with_ray: tuple[str, ...]) -> bool:
 
 
 def cmd_embed(a: argparse.Namespace) -> object:
-
     from mmedge.errors import InvalidInputError
 
     if _ray_args(a, ("actors", "batch_size")):
