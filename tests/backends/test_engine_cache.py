@@ -38,12 +38,13 @@ from mmedge.runtime.engine_cache import (
 )
 from mmedge.runtime.manifest import ComponentEntry, DimRange, FileEntry, PrecisionEntry, TensorSpec
 from mmedge.runtime.sections import BundleConfig
+from mmedge.runtime.trt_plan import EngineSource
 
-ORIN = DeviceIdentity(tensorrt="10.3.0.26", compute_capability="8.7", name="Orin")
+ORIN = DeviceIdentity(tensorrt="10.3.0.26", compute_capability="8.7", name="Orin", platform="linux-aarch64")
+SOURCE = EngineSource("vision", "int8", {"x": [[1, 4], [2, 4], [8, 4]]}, {})
 SPEC = EngineSpec(
     onnx_sha256="a" * 64,
-    precision="int8",
-    profile={"x": [[1, 4], [2, 4], [8, 4]]},
+    source=SOURCE,
     settings={"workspace_bytes": 1 << 20},
     label="tiny/vision.int8",
 )
@@ -57,7 +58,8 @@ class FakeBuilder:
         self.delay = delay
         self._lock = threading.Lock()
 
-    def __call__(self, model, *, precision, settings, profile):
+    def __call__(self, model, source, settings):
+        precision, profile = source.precision, source.profile
         with self._lock:
             self.calls.append(
                 {"model": model, "precision": precision, "settings": settings, "profile": profile}
@@ -94,12 +96,9 @@ def test_same_inputs_hit_without_rebuilding(cache, store):
 
 def test_the_key_ignores_spelling_and_label_but_not_content():
     same = replace(
-        SPEC,
-        profile={"x": ((1, 4), (2, 4), (8, 4))},
-        settings={"workspace_bytes": 1 << 20},
-        label="other/vision.int8",
+        SPEC, settings={"workspace_bytes": 1 << 20, "version_compatible": False}, label="other/vision.int8"
     )
-    assert engine_key(same, ORIN) == engine_key(SPEC, ORIN)
+    assert engine_key(same, ORIN) == engine_key(SPEC, ORIN)  # a default spelled out is the same build
 
 
 @pytest.mark.parametrize(
@@ -109,11 +108,27 @@ def test_the_key_ignores_spelling_and_label_but_not_content():
         (SPEC, replace(ORIN, tensorrt="10.4.0.0")),  # TensorRT upgraded
         (SPEC, replace(ORIN, compute_capability="8.6")),  # another GPU architecture
         (SPEC, replace(ORIN, name="Orin Nano")),  # another GPU of the same architecture
+        (SPEC, replace(ORIN, platform="linux-x86_64")),  # a server with the same GPU architecture
         (replace(SPEC, settings={"workspace_bytes": 1 << 21}), ORIN),
-        (replace(SPEC, profile={"x": [[1, 4], [4, 4], [8, 4]]}), ORIN),
-        (replace(SPEC, precision="fp16"), ORIN),
+        (replace(SPEC, settings={"workspace_bytes": 1 << 20, "version_compatible": True}), ORIN),
+        (replace(SPEC, source=replace(SOURCE, profile={"x": [[1, 4], [4, 4], [8, 4]]})), ORIN),
+        (replace(SPEC, source=replace(SOURCE, precision="fp16")), ORIN),
+        (replace(SPEC, source=replace(SOURCE, value_ranges={"k": [1, 64]})), ORIN),
+        (replace(SPEC, external_data={"w.data": "c" * 64}), ORIN),
     ],
-    ids=["onnx", "tensorrt", "compute-capability", "gpu-name", "settings", "profile", "precision"],
+    ids=[
+        "onnx",
+        "tensorrt",
+        "compute-capability",
+        "gpu-name",
+        "platform",
+        "settings",
+        "version-compatible",
+        "profile",
+        "precision",
+        "shape-values",
+        "external-data",
+    ],
 )
 def test_any_change_is_a_new_key_and_a_rebuild(cache, spec, device):
     old = _get(cache)
@@ -224,15 +239,17 @@ _CHILD = textwrap.dedent(
     """
     import hashlib, sys, time
     from mmedge.runtime.engine_cache import DeviceIdentity, EngineCache, EngineSpec
+    from mmedge.runtime.trt_plan import EngineSource
 
-    def builder(model, *, precision, settings, profile):
+    def builder(model, source, settings):
         with open(sys.argv[1], "a") as f:
             f.write("built\\n")
         time.sleep(0.5)
         return b"PLAN:" + hashlib.sha256(model).digest()
 
-    spec = EngineSpec("a" * 64, "int8", {"x": [[1, 4], [2, 4], [8, 4]]}, {"workspace_bytes": 1})
-    got = EngineCache(builder=builder).get(spec, DeviceIdentity("10.3.0.26", "8.7", "Orin"), lambda: b"m")
+    spec = EngineSpec("a" * 64, EngineSource("v", "int8", {"x": [[1, 4], [2, 4], [8, 4]]}, {}), {"workspace_bytes": 1})
+    device = DeviceIdentity("10.3.0.26", "8.7", "Orin", "linux-aarch64")
+    got = EngineCache(builder=builder).get(spec, device, lambda: b"m")
     print(got.sha256)
     """
 )
@@ -259,7 +276,7 @@ def test_list_and_clear(cache, store):
 
     assert list_engines() == [] and clear_engines() == 0
     a = _get(cache)
-    _get(cache, replace(SPEC, precision="fp16", label="tiny/vision.fp16"))
+    _get(cache, replace(SPEC, source=replace(SOURCE, precision="fp16"), label="tiny/vision.fp16"))
     listed = list_engines()
     assert [e.label for e in listed] == ["tiny/vision.fp16", "tiny/vision.int8"]
     assert all(e.valid and e.tensorrt == "10.3.0.26" and e.device_name == "Orin" for e in listed)
@@ -344,7 +361,7 @@ def test_a_tensorrt_bundle_builds_its_engine_on_first_load_and_reuses_it(tmp_pat
     assert first.engine == again.engine and len(builder.calls) == 1
     call = builder.calls[0]
     assert onnx.load_from_string(call["model"]) == onnx.load_from_string(data)  # the verified bytes
-    assert call["precision"] == "int8" and call["settings"] == {"workspace_bytes": 1 << 20}
+    assert call["precision"] == "int8" and call["settings"]["workspace_bytes"] == 1 << 20
     assert call["profile"] == {"x": [[1, 4], [2, 4], [8, 4]]}  # from the manifest's dim ranges
     (entry,) = list_engines()
     assert entry.label == "tiny/vision.int8" and entry.device_name == "Orin"
@@ -424,9 +441,9 @@ def test_real_bundle_engine_is_built_on_first_use_and_reused(tiny_pkg, store, mo
     package = Package(verified.root, replace(verified.manifest, bundle=BundleConfig("tensorrt", "fp32")))
     builds = []
 
-    def counting(model, **kwargs):
+    def counting(model, source, settings):
         builds.append(1)
-        return trtbuild.device_builder(model, **kwargs)
+        return trtbuild.device_builder(model, source, settings)
 
     monkeypatch.setattr(trtbuild, "device_builder", counting)
     component = next(n for n, c in package.manifest.components.items() if c.role == "image_encoder")

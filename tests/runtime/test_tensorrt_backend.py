@@ -1,30 +1,49 @@
 """TensorRT backend: import and errors without TensorRT, build logic against a stand-in, real runs on a GPU.
 
-The stand-in `tensorrt` / `cuda` modules only mimic the documented TensorRT 10 calls that
-`build_engine` makes, so the build logic (profiles, flags, timing cache, atomic writes, errors)
-is exercised on machines without a GPU. The `trt`-marked tests run the real library.
+The stand-in `tensorrt` / `cuda` modules (tests/trt_fakes.py) answer only the members of the
+TensorRT 10.3 or 11.1 bindings, and every fake-based test runs against both; their engines run the
+ONNX graph in ONNX Runtime over fake device memory, so builds, sessions and copies are exercised on
+machines without a GPU. The `trt`-marked tests run the real library.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import re
 import subprocess
 import sys
 import threading
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import trt_fakes
 from onnx import TensorProto, helper, numpy_helper
+from trt_members import MEMBERS
 
 import mmedge.builds.tensorrt as trtbuild
 import mmedge.runtime.backends.tensorrt as trtb
-from mmedge.errors import IntegrityError, InvalidInputError, MissingDependencyError, UnsupportedError
+from mmedge.errors import (
+    BackendError,
+    IntegrityError,
+    InvalidInputError,
+    MissingDependencyError,
+    UnsupportedError,
+)
+from mmedge.runtime import trt_build
 from mmedge.runtime.backends.base import SessionOptions
+from mmedge.runtime.trt_plan import (
+    API_GENERATIONS,
+    EnginePlan,
+    EngineSource,
+    api_generation,
+    check_dims,
+    check_settings,
+    plan_engine,
+)
 
 DIMS = {"x": ((1, 4), (2, 4), (8, 4))}
 
@@ -71,7 +90,7 @@ def test_module_imports_without_tensorrt_cuda_or_torch():
 def test_build_engine_without_tensorrt_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if not installed, even where it is
     with pytest.raises(MissingDependencyError, match=r"mmedge\[trt\]"):
-        trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", DIMS, "fp16")
+        trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", _plan())
     with pytest.raises(MissingDependencyError, match=r"mmedge\[trt\]"):
         trtbuild.engine_target({"workspace": 1})
 
@@ -82,191 +101,158 @@ def test_session_refuses_bytes_with_another_hash_before_tensorrt_sees_them(monke
         trtb.TensorRTSession(b"not an engine", hashlib.sha256(b"another").hexdigest())
 
 
+def _source(precision: str = "fp32", weight_type: str | None = None) -> EngineSource:
+    return EngineSource("m", precision, {"x": [list(s) for s in DIMS["x"]]}, {}, weight_type)
+
+
+def _model_bytes() -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return Path(_onnx(Path(d) / "m.onnx")).read_bytes()
+
+
+def _plan(version: str = "10.3", precision: str = "fp32", **settings) -> EnginePlan:
+    model = onnx.load_from_string(_model_bytes())
+    return plan_engine(_source(precision), model, settings, API_GENERATIONS[version])
+
+
 @pytest.mark.parametrize(
-    ("dims", "precision"),
-    [({"x": ((1, 4), (2, 4))}, "fp16"), ({"x": ((4, 4), (2, 4), (8, 4))}, "fp16"), (DIMS, "int4")],
+    "dims", [{"x": ((1, 4), (2, 4))}, {"x": ((4, 4), (2, 4), (8, 4))}, {"x": (("a", 4), (2, 4), (8, 4))}]
 )
-def test_bad_dims_and_precision_are_refused_up_front(tmp_path, dims, precision):
+def test_bad_dims_are_refused(dims):
     with pytest.raises(InvalidInputError):
-        trtbuild.build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", dims, precision)
+        check_dims(dims)
 
 
-# --- build logic against a stand-in of the documented API ---------------------------------
+def test_bad_settings_are_refused():
+    with pytest.raises(UnsupportedError, match=r"\['opt_level'\] are not known"):
+        check_settings({"opt_level": 3})
+    for bad in ({"workspace_bytes": -1}, {"workspace_bytes": True}, {"version_compatible": "yes"}):
+        with pytest.raises(InvalidInputError):
+            check_settings(bad)
+    with pytest.raises(InvalidInputError, match="hardware_compatibility"):
+        check_settings({"hardware_compatibility": "turing"})
 
 
-class _Err(enum.Enum):
-    cudaSuccess = 0
+# --- build logic against stand-ins of the 10.3 and 11.1 bindings (tests/trt_fakes.py) ---------
 
 
-class _Network:
-    def __init__(self):
-        self.inputs = []
-        self.num_inputs = 0
-
-    def get_input(self, i):
-        return self.inputs[i]
-
-
-class _Parser:
-    def __init__(self, network, logger):
-        self.network, self.errors = network, []
-
-    def parse_from_file(self, path):
-        graph = onnx.load(path).graph
-        for v in graph.input:
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
-            self.network.inputs.append(types.SimpleNamespace(name=v.name, shape=dims))
-        self.network.num_inputs = len(graph.input)
-        self.errors = [
-            f"node {n.name or i} ({n.op_type}): UNSUPPORTED_NODE"
-            for i, n in enumerate(graph.node)
-            if n.op_type == "Bernoulli"
-        ]
-        return not self.errors
-
-    def parse(self, model):  # the documented `parse(model: buffer, path=None)`
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:  # the stand-in reads through onnx.load
-            (Path(d) / "m.onnx").write_bytes(bytes(model))
-            return self.parse_from_file(str(Path(d) / "m.onnx"))
-
-    @property
-    def num_errors(self):
-        return len(self.errors)
-
-    def get_error(self, i):
-        return self.errors[i]
-
-
-class _Cache:
-    def __init__(self, data):
-        self.data = data
-
-    def serialize(self):
-        return self.data + b"+tuned"
-
-
-class _Config:
-    def __init__(self):
-        self.flags, self.profiles, self.pool, self.cache = set(), [], {}, None
-
-    def set_memory_pool_limit(self, pool, size):
-        self.pool[pool] = size
-
-    def set_flag(self, flag):
-        self.flags.add(flag)
-
-    def add_optimization_profile(self, profile):
-        self.profiles.append(profile)
-
-    def create_timing_cache(self, data):
-        return _Cache(bytes(data))
-
-    def set_timing_cache(self, cache, ignore_mismatch):
-        self.cache = cache
-        return cache.data != b"other-gpu"
-
-    def get_timing_cache(self):
-        return self.cache
-
-
-class _Builder:
-    def __init__(self, logger):
-        self.logger = logger
-
-    def create_network(self, flags):
-        assert flags == 0
-        return _Network()
-
-    def create_builder_config(self):
-        return _Config()
-
-    def create_optimization_profile(self):
-        return types.SimpleNamespace(shapes={}, set_shape=lambda n, lo, opt, hi: None)
-
-    def build_serialized_network(self, network, config):
-        _Builder.last = (network, config)
-        return memoryview(b"PLAN:" + ",".join(sorted(config.flags)).encode())
-
-
-class _ILogger:
-    Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
-
-    def __init__(self):
-        pass
-
-
-@pytest.fixture
-def fake_trt(monkeypatch):
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.3.0.26"
-    trt.ILogger, trt.Builder, trt.OnnxParser = _ILogger, _Builder, _Parser
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8")
-    runtime = types.ModuleType("cuda.bindings.runtime")
-    runtime.cudaGetDevice = lambda: (_Err.cudaSuccess, 0)
-    runtime.cudaDeviceAttr = types.SimpleNamespace(
-        cudaDevAttrComputeCapabilityMajor="major", cudaDevAttrComputeCapabilityMinor="minor"
-    )
-    runtime.cudaDeviceGetAttribute = lambda attr, dev: (_Err.cudaSuccess, {"major": 8, "minor": 7}[attr])
-    runtime.cudaGetDeviceProperties = lambda dev: (
-        _Err.cudaSuccess,
-        types.SimpleNamespace(name=b"Orin (nvgpu)" + b"\0" * 244),
-    )
-    for name, mod in {
-        "tensorrt": trt,
-        "cuda": types.ModuleType("cuda"),
-        "cuda.bindings": types.ModuleType("cuda.bindings"),
-        "cuda.bindings.runtime": runtime,
-    }.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    trtb._logger.cache_clear()
+@pytest.fixture(params=["10.3", "11.1"])
+def fake_trt(request, monkeypatch):
+    trt, _ = trt_fakes.install(monkeypatch, request.param)
     yield trt
     trtb._logger.cache_clear()
 
 
-def test_build_writes_plan_atomically_and_records_settings(tmp_path, fake_trt):
+def test_the_plan_only_names_members_both_bindings_have():
+    for version, api in API_GENERATIONS.items():
+        assert api.builder_flags <= set(MEMBERS[version]["BuilderFlag"])
+        assert api.strongly_typed_flag == (version == "10.3")  # 11: deprecated, always on
+    # the weak-typing flags this module used to set are gone in 11
+    assert {"FP16", "INT8"} <= set(MEMBERS["10.3"]["BuilderFlag"])
+    assert not {"FP16", "INT8"} & set(MEMBERS["11.1"]["BuilderFlag"])
+
+
+def test_strict_fakes_fail_on_a_member_one_generation_lacks(monkeypatch):
+    trt, _ = trt_fakes.install(monkeypatch, "11.1")
+    assert not hasattr(trt.BuilderFlag, "FP16") and hasattr(trt.BuilderFlag, "TF32")
+    with pytest.raises(AttributeError, match="has no member 'build_engine'"):
+        trt.Builder(None).build_engine  # noqa: B018  (removed in 10; the fake must refuse it)
+    trt, _ = trt_fakes.install(monkeypatch, "10.3")
+    with pytest.raises(AttributeError, match="has no member 'build_engine_with_config'"):
+        trt.Builder(None).build_engine_with_config  # noqa: B018  (11 only)
+
+
+def test_build_writes_plan_atomically_and_records_it(tmp_path, fake_trt):
     onnx_path, out, cache = (
         _onnx(tmp_path / "m.onnx"),
-        tmp_path / "engines" / "m.fp16.plan",
+        tmp_path / "engines" / "m.fp32.plan",
         tmp_path / "tc.bin",
     )
-    record = trtbuild.build_engine(onnx_path, out, DIMS, "fp16", cache, workspace_bytes=1 << 20)
-    assert out.read_bytes() == b"PLAN:FP16"
-    assert record["sha256"] == hashlib.sha256(b"PLAN:FP16").hexdigest() and record["size"] == 9
-    assert (record["backend"], record["version"], record["device"]) == ("tensorrt", "10.3.0.26", "8.7")
-    assert record["dims"] == {"x": [[1, 4], [2, 4], [8, 4]]} and record["precision"] == "fp16"
+    version = fake_trt.__version__[:4]
+    plan = _plan(version, workspace_bytes=1 << 20)
+    record = trtbuild.build_engine(onnx_path, out, plan, cache)
+    data = out.read_bytes()
+    assert record["sha256"] == hashlib.sha256(data).hexdigest() and record["size"] == len(data)
+    assert (record["backend"], record["version"], record["device"]) == (
+        "tensorrt",
+        fake_trt.__version__,
+        "8.7",
+    )
+    assert record["plan"]["profile"] == {"x": [[1, 4], [2, 4], [8, 4]]}
     assert record["onnx_sha256"] == hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()
-    _, config = _Builder.last
-    assert config.pool == {"workspace": 1 << 20} and len(config.profiles) == 1
+    network, config = fake_trt.Builder.last
+    # strongly typed on both: the flag on 10.3 (where it is opt-in), nothing on 11.1; no precision flag
+    assert [f.name for f in fake_trt.NetworkDefinitionCreationFlag if network._flags >> int(f) & 1] == (
+        ["STRONGLY_TYPED"] if version == "10.3" else []
+    )
+    assert config._flags == set() and config._pool == {"WORKSPACE": 1 << 20} and len(config._profiles) == 1
     assert cache.read_bytes() == b"+tuned"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["m.fp16.plan"]  # no temp files left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.fp32.plan"]  # no temp files left
 
 
-def test_build_int8_sets_int8_and_reuses_or_replaces_the_timing_cache(tmp_path, fake_trt):
+def test_version_and_hardware_compatible_builds(tmp_path, fake_trt):
+    version = fake_trt.__version__[:4]
+    plan = _plan(version, version_compatible=True, hardware_compatibility="ampere_plus")
+    trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", plan)
+    _, config = fake_trt.Builder.last
+    assert config._flags == {"VERSION_COMPATIBLE"} and config._hw == "AMPERE_PLUS"
+
+
+def test_timing_cache_is_reused_or_replaced(tmp_path, fake_trt):
     cache = tmp_path / "tc.bin"
     cache.write_bytes(b"old")
-    trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "a.plan", DIMS, "int8", cache)
-    assert (tmp_path / "a.plan").read_bytes() == b"PLAN:INT8" and cache.read_bytes() == b"old+tuned"
+    plan = _plan(fake_trt.__version__[:4])
+    trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "a.plan", plan, cache)
+    assert cache.read_bytes() == b"old+tuned"
     cache.write_bytes(b"other-gpu")
-    trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "b.plan", DIMS, "fp32", cache)
-    assert (tmp_path / "b.plan").read_bytes() == b"PLAN:" and cache.read_bytes() == b"+tuned"
+    trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "b.plan", plan, cache)
+    assert cache.read_bytes() == b"+tuned"
 
 
 def test_build_errors_name_what_is_wrong(tmp_path, fake_trt):
+    version = fake_trt.__version__[:4]
+    plan = _plan(version)
     good = _onnx(tmp_path / "m.onnx")
     with pytest.raises(UnsupportedError, match=r"(?s)cannot parse bad.onnx.*Bernoulli"):
-        trtbuild.build_engine(_onnx(tmp_path / "bad.onnx", bad=True), tmp_path / "m.plan", DIMS, "fp32")
+        trtbuild.build_engine(_onnx(tmp_path / "bad.onnx", bad=True), tmp_path / "m.plan", plan)
     with pytest.raises(InvalidInputError, match="dynamic shapes"):
-        trtbuild.build_engine(good, tmp_path / "m.plan", {}, "fp32")
+        trtbuild.build_engine(good, tmp_path / "m.plan", replace(plan, profile={}))
+    extra = replace(plan, profile={**plan.profile, "pixel_values": [[1], [1], [1]]})
     with pytest.raises(InvalidInputError, match="not inputs"):
-        trtbuild.build_engine(good, tmp_path / "m.plan", {**DIMS, "pixel_values": ((1,), (1,), (1,))}, "fp32")
+        trtbuild.build_engine(good, tmp_path / "m.plan", extra)
+    narrow = replace(plan, profile={"x": [[1, 2], [2, 2], [8, 2]]})
     with pytest.raises(InvalidInputError, match="does not fit"):
-        trtbuild.build_engine(good, tmp_path / "m.plan", {"x": ((1, 2), (2, 2), (8, 2))}, "fp32")
+        trtbuild.build_engine(good, tmp_path / "m.plan", narrow)
     with pytest.raises(InvalidInputError, match="does not exist"):
-        trtbuild.build_engine(tmp_path / "missing.onnx", tmp_path / "m.plan", DIMS, "fp32")
+        trtbuild.build_engine(tmp_path / "missing.onnx", tmp_path / "m.plan", plan)
+    other = "11.1" if version == "10.3" else "10.3"
+    with pytest.raises(UnsupportedError, match=f"plan is for TensorRT {other}"):
+        trtbuild.build_engine(good, tmp_path / "m.plan", _plan(other))
     assert not (tmp_path / "m.plan").exists()
+
+
+def test_unchecked_returns_are_typed_errors(tmp_path, fake_trt, monkeypatch):
+    plan, good = _plan(fake_trt.__version__[:4]), _onnx(tmp_path / "m.onnx")
+    config_type = type(fake_trt.Builder(None).create_builder_config())
+    monkeypatch.setattr(config_type, "add_optimization_profile", lambda self, p: -1)
+    with pytest.raises(BackendError, match="add_optimization_profile"):
+        trtbuild.build_engine(good, tmp_path / "m.plan", plan)
+    monkeypatch.setattr(fake_trt.Builder, "create_builder_config", lambda self: None)
+    with pytest.raises(BackendError, match="create_builder_config"):
+        trtbuild.build_engine(good, tmp_path / "m.plan", plan)
+
+
+def test_weight_only_int8_is_skipped_and_int4_planned():
+    model = onnx.load_from_string(_model_bytes())
+    for api in API_GENERATIONS.values():
+        assert (
+            "weight-only graph runs on ONNX Runtime"
+            in plan_engine(_source("int8", "int8"), model, {}, api).skip
+        )
+        assert plan_engine(_source("int4", "int4"), model, {}, api).skip == ""
+        assert plan_engine(_source("int8"), model, {}, api).skip == ""  # Q/DQ activations: built
 
 
 def test_engine_target_names_gpu_tensorrt_and_settings(fake_trt):
@@ -274,32 +260,53 @@ def test_engine_target_names_gpu_tensorrt_and_settings(fake_trt):
         trtbuild.engine_target({"workspace": 1, "opt": 3}),
         trtbuild.engine_target({"opt": 3, "workspace": 1}),
     )
-    assert re.fullmatch(r"sm87-trt10\.3-[0-9a-f]{8}", a) and a == b
+    assert re.fullmatch(r"sm87-trt1[01]\.[13]-[0-9a-f]{8}", a) and a == b
     assert trtbuild.engine_target({"workspace": 2}) != a
     with pytest.raises(InvalidInputError):
         trtbuild.engine_target({"path": object()})
 
 
-def test_build_from_bytes_needs_no_file_and_refuses_unknown_settings(tmp_path, fake_trt):
-    model = Path(_onnx(tmp_path / "m.onnx")).read_bytes()
-    (tmp_path / "m.onnx").unlink()
-    plan = trtbuild.build_engine_bytes(
-        model, precision="fp16", settings={"workspace_bytes": 1 << 20}, profile=DIMS
-    )
-    assert plan == b"PLAN:FP16"
-    _, config = _Builder.last
-    assert config.pool == {"workspace": 1 << 20} and len(config.profiles) == 1 and config.cache is None
-    assert trtbuild.device_builder(model, precision="int4", settings={}, profile=DIMS) == b"PLAN:"
-    assert trtbuild.device_builder(model, precision="int8", settings={}, profile=DIMS) == b"PLAN:INT8"
-    with pytest.raises(UnsupportedError, match=r"\['opt_level'\] are not known"):
-        trtbuild.build_engine_bytes(model, precision="fp16", settings={"opt_level": 3}, profile=DIMS)
-    with pytest.raises(InvalidInputError, match="workspace_bytes"):
-        trtbuild.build_engine_bytes(model, precision="fp16", settings={"workspace_bytes": -1}, profile=DIMS)
+def test_device_builder_plans_from_bytes_alone(fake_trt):
+    model = _model_bytes()
+    plan = trt_build.device_builder(model, _source(), {"workspace_bytes": 1 << 20})
+    assert plan.startswith(b"FAKEPLAN")
+    _, config = fake_trt.Builder.last
+    assert config._pool == {"WORKSPACE": 1 << 20} and len(config._profiles) == 1 and config._cache is None
+    with pytest.raises(UnsupportedError, match="weight-only graph runs on ONNX Runtime"):
+        trt_build.device_builder(model, _source("int8", "int8"), {})
 
 
-def test_current_device_names_tensorrt_and_the_gpu(fake_trt):
+def test_current_device_names_tensorrt_the_gpu_and_the_platform(fake_trt):
     device = trtb.current_device()
-    assert (device.tensorrt, device.compute_capability, device.name) == ("10.3.0.26", "8.7", "Orin (nvgpu)")
+    assert (device.tensorrt, device.compute_capability, device.name) == (
+        fake_trt.__version__,
+        "8.7",
+        "Orin (nvgpu)",
+    )
+    assert re.fullmatch(r"[a-z0-9]+-[a-z0-9_]+", device.platform)
+
+
+def test_session_runs_on_device_buffers_allocated_once(tmp_path, fake_trt):
+    cuda = sys.modules["cuda.bindings.runtime"]
+    onnx_path = _onnx(tmp_path / "m.onnx")
+    trtbuild.build_engine(onnx_path, tmp_path / "m.plan", _plan(fake_trt.__version__[:4]))
+    data = (tmp_path / "m.plan").read_bytes()
+    session = trtb.TensorRTSession(data, hashlib.sha256(data).hexdigest())
+    rng = np.random.default_rng(0)
+    for rows in (2, 2, 1, 2):
+        x = rng.standard_normal((rows, 4)).astype(np.float32)
+        np.testing.assert_allclose(session.run({"x": x})["y"], _reference(onnx_path, x), rtol=1e-5, atol=1e-6)
+    out = np.empty((2, 3), np.float32)
+    session.run_into({"x": x}, {"y": out})
+    np.testing.assert_allclose(out, _reference(onnx_path, x), rtol=1e-5, atol=1e-6)
+    assert cuda.calls["cudaMalloc"] == 2 and cuda.calls["cudaFree"] == 0  # one buffer per tensor, reused
+    assert cuda.traffic["pageable"] == 0  # every copy goes through pinned staging
+    with pytest.raises(InvalidInputError, match="outside the engine's profile"):
+        session.run({"x": np.zeros((9, 4), np.float32)})
+    with pytest.raises(InvalidInputError, match="float64"):
+        session.run({"x": x.astype(np.float64)})
+    session.close()
+    assert not cuda.device and not cuda.pinned
 
 
 # --- real TensorRT on a GPU ------------------------------------------------------------
@@ -317,7 +324,8 @@ def gpu():
 @pytest.mark.trt
 def test_real_build_and_run_fp32_matches_numpy(tmp_path, gpu):
     onnx_path = _onnx(tmp_path / "m.onnx")
-    record = trtbuild.build_engine(onnx_path, tmp_path / "m.plan", DIMS, "fp32", tmp_path / "tc.bin")
+    plan = _plan(api_generation(trtb._trt().__version__).version)
+    record = trtbuild.build_engine(onnx_path, tmp_path / "m.plan", plan, tmp_path / "tc.bin")
     assert record["device"] == gpu and (tmp_path / "tc.bin").stat().st_size > 0
     session = trtb.TensorRTSession((tmp_path / "m.plan").read_bytes(), record["sha256"])
     assert session.input_names == ("x",) and session.output_names == ("y",)
@@ -334,9 +342,10 @@ def test_real_build_and_run_fp32_matches_numpy(tmp_path, gpu):
 
 
 @pytest.mark.trt
-def test_real_fp16_session_is_thread_safe(tmp_path, gpu):
+def test_real_session_is_thread_safe(tmp_path, gpu):
     onnx_path = _onnx(tmp_path / "m.onnx")
-    record = trtbuild.build_engine(onnx_path, tmp_path / "m.plan", DIMS, "fp16")
+    plan = _plan(api_generation(trtb._trt().__version__).version)
+    record = trtbuild.build_engine(onnx_path, tmp_path / "m.plan", plan)
     session = trtb.TensorRTSession((tmp_path / "m.plan").read_bytes(), record["sha256"])
     failures = []
 
@@ -359,10 +368,9 @@ def test_backend_refuses_engines_of_another_tensorrt_or_gpu(fake_trt):
     from mmedge.runtime.manifest import EngineEntry
 
     other = EngineEntry("tensorrt", "10.0.1.6", "8.7", {}, {"vision.fp16": "engines/x/vision.fp16.plan"})
+    here = fake_trt.__version__.replace(".", r"\.")
     package = types.SimpleNamespace(
         manifest=types.SimpleNamespace(engines={"sm87-trt10.0-aaaaaaaa": other}, bundle=None)
     )
-    with pytest.raises(
-        UnsupportedError, match=r"TensorRT 10\.3\.0\.26 for compute capability 8\.7.*10\.0\.1\.6"
-    ):
+    with pytest.raises(UnsupportedError, match=rf"TensorRT {here} for compute capability 8\.7.*10\.0\.1\.6"):
         trtb.TensorRTBackend().load(package, "vision", "fp16", SessionOptions())

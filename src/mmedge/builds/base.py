@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 from mmedge.runtime.manifest import ComponentEntry, EngineEntry
 from mmedge.runtime.package import Package
-from mmedge.runtime.trt_build import profile as profile
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""TensorRT engine builds: ONNX (Q/DQ for INT8) -> a serialized engine with one optimization profile.
+"""TensorRT engine builds: each component's ONNX (Q/DQ for INT8, block-wise INT4 weights, an fp16
+graph for FP16) -> a strongly typed engine with one optimization profile (`runtime/trt_plan.py`).
 
 Engines are executable artifacts tied to one TensorRT version and one GPU architecture; they are
 written under `engines/<target>/`, where the target names both (`engine_target`), and their sha256
-is recorded so that the runtime (`runtime.backends.tensorrt`) loads only what mmedge built.
+is recorded so that the runtime (`runtime.backends.tensorrt`) loads only what mmedge built. A
+precision TensorRT cannot build (an INT8 weight-only LLM) is skipped with the reason, and the
+other precisions of the same target are kept when one is rebuilt.
 """
 
 from __future__ import annotations
@@ -11,57 +14,64 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from mmedge.builds.base import BuildRequest, BuildResult, precisions_to_build, profile
+from mmedge.builds.base import BuildRequest, BuildResult, precisions_to_build
 from mmedge.errors import InvalidInputError, UnsupportedError
 from mmedge.runtime.backends.tensorrt import _trt, compute_capability
-from mmedge.runtime.package import sha256_file
+from mmedge.runtime.package import Package, sha256_file
 from mmedge.runtime.staging import write_atomic
-from mmedge.runtime.trt_build import (
-    DEFAULT_WORKSPACE,
-    PRECISIONS,
-    build_network,
-    check_dims,
-    trt_precision,
+from mmedge.runtime.trt_build import build_network
+from mmedge.runtime.trt_plan import (
+    ApiGeneration,
+    EnginePlan,
+    EngineSource,
+    api_generation,
+    check_settings,
+    plan_engine,
 )
-from mmedge.runtime.trt_build import build_engine_bytes as build_engine_bytes  # the device side, re-exported
-from mmedge.runtime.trt_build import device_builder as device_builder
 
 log = logging.getLogger(__name__)
 
 
-def engine_target(settings: dict) -> str:
-    """Engine directory name for this GPU, this TensorRT and these build settings: "sm87-trt10.3-1a2b3c4d"."""
+def engine_target(settings: dict, version: str | None = None, capability: str | None = None) -> str:
+    """Engine directory name for a GPU, a TensorRT and build settings: "sm87-trt10.3-1a2b3c4d"
+    (this GPU and TensorRT unless given)."""
     try:
         blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     except TypeError as exc:
         raise InvalidInputError(
             f"engine settings must be JSON values (str, number, list, dict): {exc}"
         ) from None
-    trt_minor = ".".join(_trt().__version__.split(".")[:2])
-    sm = compute_capability().replace(".", "")
+    trt_minor = ".".join((version or _trt().__version__).split(".")[:2])
+    sm = (capability or compute_capability()).replace(".", "")
     return f"sm{sm}-trt{trt_minor}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def package_plans(
+    pkg: Package, precision: str, settings: dict[str, Any], api: ApiGeneration
+) -> list[EnginePlan]:
+    """The engine plan of every component precision a build request covers."""
+    from mmedge.runtime.onnx_files import parse_model, read_listed
+
+    plans = []
+    for name, entry in pkg.manifest.components.items():
+        for p in precisions_to_build(entry, precision):
+            rel = entry.precisions[p].file  # the graph only: external weights are not read
+            model = parse_model(read_listed(pkg.root, rel, pkg.manifest.files[rel]), rel)
+            plans.append(plan_engine(EngineSource.of(name, entry, p), model, settings, api))
+    return plans
 
 
 def build_engine(
     onnx_path: str | os.PathLike,
     out_path: str | os.PathLike,
-    dims: dict[str, Sequence[Sequence[int]]],
-    precision: str = "fp16",
+    plan: EnginePlan,
     timing_cache_path: str | os.PathLike | None = None,
-    *,
-    workspace_bytes: int = DEFAULT_WORKSPACE,
 ) -> dict:
-    """Build a TensorRT engine from ONNX with one optimization profile; return its build record.
-
-    `dims` maps each dynamic input to its (min, opt, max) shapes. The record holds the TensorRT
-    version, compute capability, settings, the ONNX sha256 and the plan's sha256 and size.
-    """
-    if precision not in PRECISIONS:
-        raise InvalidInputError(f"precision {precision!r} is not one of {PRECISIONS}")
-    profile_dims = check_dims(dims)
+    """Build one engine from an ONNX file by `plan`; return its build record (TensorRT version,
+    compute capability, the plan, the ONNX sha256 and the engine's sha256 and size)."""
     trt = _trt()
     cc = compute_capability()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
@@ -73,13 +83,7 @@ def build_engine(
         old_cache = cache_file.read_bytes() if cache_file.is_file() else b""
     # from the file so external weights resolve
     data, new_cache = build_network(
-        lambda parser: parser.parse_from_file(str(onnx_path)),
-        onnx_path.name,
-        profile_dims,
-        precision,
-        workspace_bytes,
-        old_cache,
-        cache_file,
+        lambda parser: parser.parse_from_file(str(onnx_path)), onnx_path.name, plan, old_cache, cache_file
     )
     write_atomic(out_path, data)
     if cache_file is not None and new_cache is not None:
@@ -88,9 +92,7 @@ def build_engine(
         "backend": "tensorrt",
         "version": trt.__version__,
         "device": cc,
-        "precision": precision,
-        "dims": profile_dims,
-        "workspace_bytes": int(workspace_bytes),
+        "plan": plan.record(),
         "onnx_sha256": sha256_file(onnx_path),
         "sha256": hashlib.sha256(data).hexdigest(),
         "size": len(data),
@@ -108,32 +110,79 @@ class TensorRTBuilder:
         require("tensorrt", "trt")  # refuse up front, before the package is staged, where TensorRT is missing
 
     def build(self, request: BuildRequest) -> BuildResult:
-        import shutil
-
         pkg, tmp = request.package, request.staging
-        records, files = {}, {}
-        for name, entry in pkg.manifest.components.items():
-            for p in precisions_to_build(entry, request.precision):
-                build_precision = trt_precision(p)
-                rel = f"engines/pending/{name}.{p}.plan"
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                records[f"{name}.{p}"] = build_engine(
-                    tmp / entry.precisions[p].file,
-                    tmp / rel,
-                    profile(entry),
-                    precision=build_precision,
-                    timing_cache_path=tmp / "engines" / "timing.cache",
-                )
-                files[f"{name}.{p}"] = rel
-                request.say(f"built {name}.{p} engine ({build_precision})")
-        if not records:
-            raise UnsupportedError(f"no component has a {request.precision!r} build to compile")
-        first = next(iter(records.values()))
-        settings = {"workspace_bytes": first.get("workspace_bytes")}
+        settings = check_settings(request.options.get("settings", {}))
+        version = _trt().__version__
         target = engine_target(settings)
-        final = tmp / "engines" / target
-        if final.exists():  # a rebuild for the same target replaces the old engines
-            shutil.rmtree(final)
-        (tmp / "engines" / "pending").rename(final)
-        files = {k: v.replace("engines/pending/", f"engines/{target}/") for k, v in files.items()}
-        return BuildResult(target, str(first["version"]), str(first["device"]), settings, files, records)
+        plans = package_plans(pkg, request.precision, settings, api_generation(version))
+        if not plans:
+            have = sorted({p for c in pkg.manifest.components.values() for p in c.precisions})
+            raise UnsupportedError(
+                f"no component has a {request.precision!r} graph to build; the package has {have} "
+                "(a strongly typed build runs each graph in its own types: fp32 graphs run fp32/TF32)"
+            )
+        records: dict[str, Any] = {}
+        files: dict[str, str] = {}
+        for plan in plans:
+            key = f"{plan.component}.{plan.precision}"
+            if plan.skip:
+                request.say(f"skipped {key}: {plan.skip}")
+                records[key] = {"skipped": plan.skip}
+                continue
+            rel = f"engines/{target}/{key}.plan"  # replaces only this build's file: others stay
+            source = pkg.manifest.components[plan.component].precisions[plan.precision].file
+            try:
+                records[key] = build_engine(tmp / source, tmp / rel, plan, tmp / "engines" / "timing.cache")
+            except UnsupportedError as exc:  # one precision TensorRT cannot build does not stop the rest
+                request.say(f"skipped {key}: {exc}")
+                records[key] = {"skipped": str(exc)}
+                continue
+            files[key] = rel
+            request.say(f"built {key} engine")
+        if not files:
+            raise UnsupportedError(f"TensorRT built none of {sorted(records)}: {records}")
+        return BuildResult(target, version, compute_capability(), settings, files, records)
+
+
+def build_plan(
+    package: str | os.PathLike,
+    precision: str = "auto",
+    settings: dict[str, Any] | None = None,
+    versions: tuple[str, ...] = ("10.3.0", "11.1.0"),
+    capability: str = "8.7",
+    gpu_name: str = "Orin",
+    platform: str = "linux-aarch64",
+) -> list[dict[str, Any]]:
+    """What `mmedge build --backend tensorrt` would do on each TensorRT version, for a GPU described
+    by `capability` / `gpu_name` / `platform`, without TensorRT or a GPU: per component and
+    precision, the network and builder flags, the optimization profile with shape-tensor values,
+    the engine directory of a host build and the engine cache key of a device bundle's build."""
+    from mmedge.runtime.backends.tensorrt import _external_data
+    from mmedge.runtime.engine_cache import DeviceIdentity, EngineSpec, engine_key
+    from mmedge.runtime.package import verify_package
+    from mmedge.runtime.store import resolve
+
+    pkg = verify_package(resolve(package))
+    checked = check_settings(settings or {})
+    rows = []
+    for version in versions:
+        api = api_generation(version)
+        device = DeviceIdentity(version, capability, gpu_name, platform)
+        for plan in package_plans(pkg, precision, checked, api):
+            entry = pkg.manifest.components[plan.component]
+            rel = entry.precisions[plan.precision].file
+            spec = EngineSpec(
+                pkg.manifest.files[rel].sha256,
+                EngineSource.of(plan.component, entry, plan.precision),
+                checked,
+                _external_data(pkg, rel),
+            )
+            rows.append(
+                {
+                    **plan.record(),
+                    "tensorrt": version,
+                    "engine_dir": f"engines/{engine_target(checked, version, capability)}",
+                    "cache_key": engine_key(spec, device),
+                }
+            )
+    return rows

@@ -3,8 +3,9 @@
 Engines cannot move between GPUs or TensorRT versions, so a bundle carries ONNX and the device
 builds each engine once, into `$MMEDGE_HOME/.engines/` (the leading dot keeps it out of the
 package list). An entry is named by a key over everything that makes an engine valid: the ONNX
-file's sha256, the optimization profile, the precision, the build settings, the exact TensorRT
-version and the GPU (compute capability and name). A change to any of them is a new key, so a
+file's sha256 (and its external data's), the optimization profile and shape-tensor value ranges,
+the precision, every build setting (defaults filled in), the exact TensorRT version, the GPU
+(compute capability and name) and the platform. A change to any of them is a new key, so a
 stale engine is never found.
 
 Each entry is `<key>.plan` and `<key>.json` (its meta: what it was built from, its size and sha256,
@@ -24,40 +25,45 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from mmedge.errors import InvalidInputError
 from mmedge.runtime.staging import write_atomic
+from mmedge.runtime.trt_plan import EngineSource, check_settings
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = ".engines"  # under the model store; hidden from its package listing
-SCHEMA = "mmedge.engine-cache/1"
+SCHEMA = "mmedge.engine-cache/2"
 _MAX_META_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
 class DeviceIdentity:
-    """What an engine is tied to beyond its inputs: the exact TensorRT version and the GPU."""
+    """What an engine is tied to beyond its inputs: the exact TensorRT version, the GPU (compute
+    capability and name) and the platform ("linux-aarch64": a Jetson and an x86 server with the
+    same GPU architecture do not share engines)."""
 
     tensorrt: str
     compute_capability: str
     name: str
+    platform: str
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What one engine is built from. `external_data` maps each file holding the model's external
-    tensors to its sha256: a graph saved with external weights is the same bytes whatever the
-    weights. `label` ("<package>/<component>.<precision>") is for listings only and not part of the
-    key: two packages with the same graph and weights share an engine."""
+    """What one engine is built from: the ONNX file's sha256, the sha256 of each file holding its
+    external tensors (a graph saved with external weights is the same bytes whatever the weights),
+    what the manifest says of the component at this precision (`source`: profile, integer value
+    ranges, weight-only type) and every build setting. `label` ("<package>/<component>.<precision>")
+    is for listings only and not part of the key: two packages with the same graph and weights
+    share an engine."""
 
     onnx_sha256: str
-    precision: str
-    profile: Mapping[str, Sequence[Sequence[int]]]
+    source: EngineSource
     settings: Mapping[str, Any] = field(default_factory=dict)
     external_data: Mapping[str, str] = field(default_factory=dict)
     label: str = ""
@@ -66,14 +72,7 @@ class EngineSpec:
 class EngineBuilder(Protocol):
     """Builds a serialized engine from a self-contained ONNX model in memory."""
 
-    def __call__(
-        self,
-        model: bytes,
-        *,
-        precision: str,
-        settings: Mapping[str, Any],
-        profile: Mapping[str, Sequence[Sequence[int]]],
-    ) -> bytes: ...
+    def __call__(self, model: bytes, source: EngineSource, settings: Mapping[str, Any]) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -122,9 +121,8 @@ def _spec_record(spec: EngineSpec) -> dict[str, Any]:
             {
                 "onnx_sha256": spec.onnx_sha256,
                 "external_data": dict(spec.external_data),
-                "precision": spec.precision,
-                "profile": {k: [list(map(int, s)) for s in v] for k, v in spec.profile.items()},
-                "settings": dict(spec.settings),
+                "source": asdict(spec.source),
+                "settings": check_settings(spec.settings),  # defaults filled in: they are part of the engine
             }
         )
     )
@@ -183,21 +181,17 @@ class EngineCache:
                 return hit
             self._discard(key)  # a torn or stale entry, temp files of a build that was killed
             log.info("building the TensorRT engine %s (%s) on first use", spec.label or key[:16], device.name)
-            data = bytes(
-                self._build(
-                    read_onnx(), precision=spec.precision, settings=dict(spec.settings), profile=spec.profile
-                )
-            )
+            data = bytes(self._build(read_onnx(), spec.source, dict(spec.settings)))
             digest = hashlib.sha256(data).hexdigest()
             self._store(key, spec, device, data, digest)
             return CachedEngine(key, data, digest, built=True)
 
-    def _build(self, model: bytes, **kwargs: Any) -> bytes:
+    def _build(self, model: bytes, source: EngineSource, settings: dict[str, Any]) -> bytes:
         if self._builder is None:
             from mmedge.runtime.trt_build import device_builder
 
             self._builder = device_builder
-        return self._builder(model, **kwargs)
+        return self._builder(model, source, settings)
 
     def _store(self, key: str, spec: EngineSpec, device: DeviceIdentity, data: bytes, digest: str) -> None:
         from mmedge.runtime.local_key import local_key, mac

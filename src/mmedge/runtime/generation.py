@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.errors import ContextFullWarning, IntegrityError, InvalidInputError, UnsupportedError
-from mmedge.runtime.backends.base import Binding, Session
+from mmedge.runtime.backends.base import Binding, DeviceCache, Session
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.texts import TextTokenizer
 
@@ -164,6 +164,10 @@ class KVCache:
         self.cross: dict[str, np.ndarray] = {}
         # (session, binding) per LLM session whose binding has these buffers bound (LanguageModel)
         self.bindings: list[tuple[Session, Binding]] = []
+        # (session, copy) per LLM session that keeps a copy of the cache in device memory; `version`
+        # counts the changes made here other than appends, after which a copy is uploaded again.
+        self.device_copies: list[tuple[Session, DeviceCache | None]] = []
+        self.version = 0
 
     def attention_mask(self, new: int) -> np.ndarray:
         """(B, max_context + new) int64: filled slots and the new tokens are 1."""
@@ -190,6 +194,7 @@ class KVCache:
         for buf, src in zip(self.buffers, source.buffers):
             buf[:, :, :n] = src[row, :, :n]
         self.length = n
+        self.version += 1
 
     def reorder(self, index: np.ndarray) -> None:
         """Row i becomes row `index[i]` (beam search), in place: the buffers stay those bound to the
@@ -198,6 +203,7 @@ class KVCache:
         moved = [i for i in range(len(index)) if index[i] != i]
         if not moved:
             return
+        self.version += 1
         n = self.length
         targets = set(moved)
         saved = {
@@ -306,14 +312,30 @@ class LanguageModel:
             binding.run()
             cache.length += s
         else:
-            past = dict(zip(self._past, cache.buffers)) | cache.cross  # bound in place, not copied
-            self.runner.session(self.llm_component).run_into(
-                {**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, out.present))}
-            )
+            session = self.runner.session(self.llm_component)
+            device = self._device_copy(cache, session)
+            if device is not None:  # the cache lives on the device: only this step's tensors move
+                if device.version != cache.version:
+                    device.load(cache.buffers, cache.version)
+                device.step(feeds, cache.cross, out.logits, out.present, cache.length)
+            else:
+                past = dict(zip(self._past, cache.buffers)) | cache.cross  # bound in place, not copied
+                session.run_into(
+                    {**feeds, **past}, {"logits": out.logits, **dict(zip(self._present, out.present))}
+                )
             cache.append(out.present)
         if not np.isfinite(out.logits).all():  # bound outputs skip the runner's checks; never sample NaN
             raise IntegrityError(f"component {self.llm_component!r} produced non-finite logits")
         return out.logits
+
+    def _device_copy(self, cache: KVCache, sess: Session) -> DeviceCache | None:
+        """The cache's copy in `sess`'s device memory, made on first use (None: a host backend)."""
+        for bound, copy in cache.device_copies:
+            if bound is sess:
+                return copy
+        new = sess.device_cache(self._past, self._present, cache.buffers[0].shape)
+        cache.device_copies.append((sess, new))
+        return new
 
     def _binding(self, cache: KVCache, sess: Session) -> Binding:
         """The cache's binding to an LLM session (the decode build, or the prefill build of

@@ -309,6 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
         "than the 4-bit kernel at 40 tokens; costs an int8 copy of the LLM weights), and keep a "
         "weight-only cross_kv on the weight-only kernel instead of int8 GEMMs",
     )
+    sp.add_argument(
+        "--plan",
+        action="store_true",
+        help="TensorRT: print what the build would do (network and builder flags, optimization profiles "
+        "with shape-tensor values, engine directory, device cache key) for each TensorRT version in "
+        "--tensorrt-version; needs neither TensorRT nor a GPU, and changes nothing",
+    )
+    sp.add_argument(
+        "--tensorrt-version",
+        action="append",
+        metavar="VERSION",
+        help="with --plan: a TensorRT version to plan for, as tensorrt.__version__ spells it "
+        "(repeatable; default 10.3.0 and 11.1.0)",
+    )
+    sp.add_argument(
+        "--compute-capability", default="8.7", help="with --plan: the GPU's (default 8.7, Jetson Orin)"
+    )
+    sp.add_argument("--gpu-name", default="Orin", help="with --plan: the GPU's name as CUDA reports it")
+    sp.add_argument("--platform", default="linux-aarch64", help="with --plan: <sys.platform>-<machine>")
 
     sp = add(
         "verify",

@@ -157,6 +157,40 @@ def cmd_calibrate(a: argparse.Namespace) -> object:
 def cmd_build(a: argparse.Namespace) -> object:
     from mmedge.builds.package import build_package
 
+    if a.plan:
+        from mmedge.errors import InvalidInputError
+
+        if a.backend != "tensorrt":
+            raise InvalidInputError("--plan describes TensorRT builds; add --backend tensorrt")
+        from mmedge.builds.tensorrt import build_plan
+
+        rows = build_plan(
+            a.package,
+            a.precision,
+            versions=tuple(a.tensorrt_version or ("10.3.0", "11.1.0")),
+            capability=a.compute_capability,
+            gpu_name=a.gpu_name,
+            platform=a.platform,
+        )
+        if not a.json:
+            for r in rows:
+                head = f"TensorRT {r['tensorrt']}  {r['component']}.{r['precision']}"
+                if r["skip"]:
+                    print(f"{head}: skipped: {r['skip']}")
+                    continue
+                print(
+                    f"{head}: network flags {list(r['network_flags']) or 'none'}, builder flags "
+                    f"{list(r['builder_flags']) or 'none'}, workspace {r['workspace_bytes']} B"
+                )
+                for name, (lo, opt, hi) in r["profile"].items():
+                    print(f"    shape  {name}: min {lo} opt {opt} max {hi}")
+                for name, (lo, opt, hi) in r["shape_values"].items():
+                    print(f"    values {name}: min {lo} opt {opt} max {hi} (shape tensor, host memory)")
+                print(
+                    f"    host build {r['engine_dir']}/{r['component']}.{r['precision']}.plan; "
+                    f"device cache key {r['cache_key']}"
+                )
+        return {"plans": rows} if a.json else None
     return build_package(
         a.package,
         backend=a.backend,

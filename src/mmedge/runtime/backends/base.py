@@ -3,7 +3,8 @@
 What a caller may rely on is stated here, so that the generation loop never duck-types one backend:
 every session runs named arrays (`run`, `run_into`) and reports its outputs' declared shapes; a
 session that can keep caller-owned buffers bound between calls returns a `Binding` from
-`binding()` (ONNX Runtime's IOBinding), one that cannot returns None.
+`binding()` (ONNX Runtime's IOBinding), one that cannot returns None; a session on device memory
+returns a `DeviceCache` from `device_cache()` (TensorRT), one on host memory returns None.
 """
 
 from __future__ import annotations
@@ -48,6 +49,30 @@ class Binding(Protocol):
         ...
 
 
+class DeviceCache(Protocol):
+    """A decoder's KV cache kept in a backend's device memory across steps (TensorRT): a step moves
+    its own inputs, its logits and its new entries, never the cache."""
+
+    version: int  # the host cache's `version` last uploaded
+
+    def load(self, buffers: list[np.ndarray], version: int) -> None:
+        """Upload the whole host cache (first use, and after the host reordered or refilled it)."""
+        ...
+
+    def step(
+        self,
+        feeds: dict[str, np.ndarray],
+        fixed: dict[str, np.ndarray],
+        logits: np.ndarray,
+        new: list[np.ndarray],
+        length: int,
+    ) -> None:
+        """Run over the cached slots [0, length): write `logits` and the new entries `new` into the
+        host arrays and append the new entries to the device copy. `fixed` inputs (cross keys and
+        values) are uploaded only when another array is passed."""
+        ...
+
+
 class Session(Protocol):
     """A loaded component, ready to run; must be safe to call from several threads."""
 
@@ -68,6 +93,11 @@ class Session(Protocol):
 
     def binding(self) -> Binding | None:
         """A binding that keeps buffers bound across runs, or None where the backend cannot."""
+        ...
+
+    def device_cache(self, past: list[str], present: list[str], shape: tuple[int, ...]) -> DeviceCache | None:
+        """A KV cache of `shape` (B, H, T, D) per past input kept in device memory across steps, or
+        None for a backend that runs on host memory (the cache is then bound in place)."""
         ...
 
 

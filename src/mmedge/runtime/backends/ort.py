@@ -169,6 +169,10 @@ class OrtSession:
         binding.bind({k: np.ascontiguousarray(v) for k, v in feeds.items()}, outputs)
         binding.run()
 
+    def device_cache(self, past: list[str], present: list[str], shape: tuple[int, ...]) -> None:
+        """None: ONNX Runtime on the CPU reads the host cache, bound in place."""
+        return None
+
     def binding(self) -> OrtBinding:
         """A reusable binding over host memory: what stays bound between calls (a KV cache) is bound once."""
         return OrtBinding(self)

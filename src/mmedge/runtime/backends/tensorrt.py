@@ -14,6 +14,8 @@ import functools
 import hashlib
 import importlib
 import logging
+import platform
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +24,7 @@ import numpy as np
 from mmedge.errors import BackendError, IntegrityError, InvalidInputError, UnsupportedError, require
 from mmedge.runtime.backends.base import SessionOptions, build_key, component_file
 from mmedge.runtime.package import Package
+from mmedge.runtime.trt_memory import DeviceMemory, cuda_call
 
 if TYPE_CHECKING:
     from mmedge.runtime.engine_cache import DeviceIdentity, EngineCache
@@ -41,12 +44,7 @@ def _cudart() -> Any:  # cuda-python's runtime bindings
         return require("cuda.cudart", "trt")
 
 
-def _cuda(result: Any, what: str) -> Any:
-    """cuda-python calls return (error, *values): raise on error, return the value(s)."""
-    err, *values = result
-    if err != type(err).cudaSuccess:
-        raise BackendError(f"CUDA {what} failed: {getattr(err, 'name', err)}")
-    return values[0] if len(values) == 1 else tuple(values)
+_cuda = cuda_call
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,12 +90,17 @@ def current_device() -> DeviceIdentity:
     raw = props.name  # a NUL-padded char[256]
     name = raw.split(b"\0", 1)[0].decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
     return DeviceIdentity(
-        tensorrt=_trt().__version__, compute_capability=compute_capability(), name=name.strip()
+        tensorrt=_trt().__version__,
+        compute_capability=compute_capability(),
+        name=name.strip(),
+        platform=f"{sys.platform}-{platform.machine().lower()}",
     )
 
 
 class TensorRTSession:
-    """One deserialized engine with one execution context; `run` is serialized by a lock."""
+    """One deserialized engine with one execution context and its device memory (`trt_memory`):
+    buffers are allocated once per tensor and reused, copies go through pinned staging, and a KV
+    cache can stay on the device across decode steps (`device_cache`). Runs are serialized by a lock."""
 
     def __init__(self, engine_bytes: bytes, expected_sha256: str):
         actual = hashlib.sha256(engine_bytes).hexdigest()
@@ -115,10 +118,15 @@ class TensorRTSession:
                 "on the TensorRT version and GPU architecture that built them"
             )
         self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise BackendError("TensorRT create_execution_context failed (out of GPU memory?)")
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         is_input = {n: self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = tuple(n for n in names if is_input[n])
         self.output_names = tuple(n for n in names if not is_input[n])
+        # Shape-tensor inputs (`logits_to_keep`) are read from host memory when the run is enqueued.
+        self._shape_inputs = {n for n in self.input_names if self._engine.is_shape_inference_io(n)}
+        self._host_values: dict[str, np.ndarray] = {}
         # -1 marks a dynamic dim in TensorRT; the protocol spells it None
         self.output_shapes = {
             n: tuple(None if d < 0 else int(d) for d in self._engine.get_tensor_shape(n))
@@ -134,78 +142,182 @@ class TensorRTSession:
                     "which has no numpy type; export it as FP32/FP16/INT"
                 ) from None
         self._stream = _cuda(self._cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.memory = DeviceMemory(self._cudart, self._stream)
         self._lock = threading.Lock()
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Copy inputs to the GPU, run the engine, copy every output back."""
-        if set(feeds) != set(self.input_names):
+    def _checked_feeds(
+        self, feeds: dict[str, np.ndarray], resident: dict[str, tuple[int, tuple[int, ...]]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The feeds as C-contiguous arrays of the engine's dtypes; with `resident` (inputs already
+        on the device: name -> (address, shape)), every input is in one or the other."""
+        given = set(feeds) | set(resident or {})
+        if given != set(self.input_names) or len(given) != len(feeds) + len(resident or {}):
             raise InvalidInputError(
-                f"feeds {sorted(feeds)} do not match the engine inputs {sorted(self.input_names)}"
+                f"feeds {sorted(given)} do not match the engine inputs {sorted(self.input_names)}"
             )
         arrays = {}
-        for name in self.input_names:
-            arr = np.asarray(feeds[name])
+        for name, value in feeds.items():
+            arr = np.asarray(value)
             if arr.dtype != self._dtypes[name]:
                 raise InvalidInputError(
                     f"input {name!r} is {arr.dtype}; the engine takes {self._dtypes[name]}"
                 )
             arrays[name] = np.ascontiguousarray(arr)
-        cudart, ctx, stream = self._cudart, self._context, self._stream
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        return arrays
+
+    def _enqueue(
+        self,
+        arrays: dict[str, np.ndarray],
+        memory: DeviceMemory,
+        resident: dict[str, tuple[int, tuple[int, ...]]],
+    ) -> dict[str, tuple[int, ...]]:
+        """Set shapes and addresses (uploading `arrays`; `resident` inputs are on the device already),
+        give every output a device buffer in `memory` and enqueue the run; return the output shapes.
+        Under the lock."""
+        ctx = self._context
+        bound = {n: (None, a.shape) for n, a in arrays.items()} | resident
+        for name, (ptr, shape) in bound.items():
+            if not ctx.set_input_shape(name, shape):
+                lo, _, hi = self._engine.get_tensor_profile_shape(name, 0)
+                raise InvalidInputError(
+                    f"input {name!r} shape {shape} is outside the engine's profile {tuple(lo)}..{tuple(hi)}"
+                )
+            if ptr is None and name in self._shape_inputs:  # host memory, alive until the next run
+                self._host_values[name] = arrays[name].copy()
+                ptr = self._host_values[name].ctypes.data
+            elif ptr is None:
+                ptr = memory.upload(name, arrays[name])
+            ctx.set_tensor_address(name, ptr)
+        shapes = {}
+        for name in self.output_names:
+            shape = tuple(ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise UnsupportedError(f"output {name!r} has a data-dependent shape {shape}; not supported")
+            shapes[name] = shape
+            nbytes = int(np.prod(shape, dtype=np.int64)) * self._dtypes[name].itemsize
+            ctx.set_tensor_address(name, memory.device(name, nbytes))
+        if not ctx.execute_async_v3(int(self._stream)):
+            raise BackendError("TensorRT execute_async_v3 failed; the log says why")
+        return shapes
+
+    def _download(self, memory: DeviceMemory, outputs: dict[str, np.ndarray], shapes: dict) -> None:
+        for name, out in outputs.items():
+            if tuple(out.shape) != shapes[name] or out.dtype != self._dtypes[name]:
+                raise InvalidInputError(
+                    f"output buffer {name!r} is {out.dtype}{out.shape}; the run gives {self._dtypes[name]}{shapes[name]}"
+                )
+            memory.download(name, out)
+        memory.synchronize()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copy inputs to the GPU, run the engine, copy every output back."""
+        arrays = self._checked_feeds(feeds)
         with self._lock:  # an execution context holds per-run shapes and addresses
-            ptrs: list[int] = []
-            try:
-                for name, arr in arrays.items():
-                    if not ctx.set_input_shape(name, arr.shape):
-                        lo, _, hi = self._engine.get_tensor_profile_shape(name, 0)
-                        raise InvalidInputError(
-                            f"input {name!r} shape {arr.shape} is outside the engine's "
-                            f"profile {tuple(lo)}..{tuple(hi)}"
-                        )
-                    ptrs.append(_cuda(cudart.cudaMalloc(max(arr.nbytes, 1)), "cudaMalloc"))
-                    _cuda(
-                        cudart.cudaMemcpyAsync(ptrs[-1], arr.ctypes.data, arr.nbytes, h2d, stream),
-                        "copy to GPU",
-                    )
-                    ctx.set_tensor_address(name, ptrs[-1])
-                outputs = {}
-                for name in self.output_names:
-                    shape = tuple(ctx.get_tensor_shape(name))
-                    if any(d < 0 for d in shape):
-                        raise UnsupportedError(
-                            f"output {name!r} has a data-dependent shape {shape}; not supported"
-                        )
-                    outputs[name] = np.empty(shape, self._dtypes[name])
-                    ptrs.append(_cuda(cudart.cudaMalloc(max(outputs[name].nbytes, 1)), "cudaMalloc"))
-                    ctx.set_tensor_address(name, ptrs[-1])
-                if not ctx.execute_async_v3(int(stream)):
-                    raise BackendError("TensorRT execute_async_v3 failed; the log says why")
-                for out, ptr in zip(outputs.values(), ptrs[len(arrays) :]):
-                    _cuda(
-                        cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, stream), "copy from GPU"
-                    )
-                _cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-            finally:
-                for ptr in ptrs:  # cudaFree waits for the work that uses the buffer
-                    cudart.cudaFree(ptr)
+            shapes = self._enqueue(arrays, self.memory, {})
+            outputs = {n: np.empty(s, self._dtypes[n]) for n, s in shapes.items()}
+            self._download(self.memory, outputs, shapes)
         return outputs
 
     def run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        """`run`, then copy into the caller's buffers. (Inputs still cross host->device every call; a
-        device-resident KV cache for the TensorRT backend is not implemented yet.)"""
-        for name, out in self.run(feeds).items():
-            if name in outputs:
-                np.copyto(outputs[name], out)
+        """Run, copying each named output straight into the caller's buffer."""
+        arrays = self._checked_feeds(feeds)
+        with self._lock:
+            self._download(self.memory, outputs, self._enqueue(arrays, self.memory, {}))
 
     def binding(self) -> None:
-        """No persistent binding: inputs and outputs cross host <-> device on every run."""
+        """No binding of host buffers: TensorRT runs on device memory (see `device_cache`)."""
         return None
 
+    def device_cache(
+        self, past: list[str], present: list[str], shape: tuple[int, ...]
+    ) -> TensorRTDeviceCache:
+        """A KV cache of `shape` (B, H, T, D) per past input that stays on this GPU across steps."""
+        return TensorRTDeviceCache(self, past, present, shape)
+
     def close(self) -> None:
-        """Release the CUDA stream; the session is unusable afterwards."""
+        """Free the device memory and the CUDA stream; the session is unusable afterwards."""
         if getattr(self, "_stream", None) is not None:
+            self.memory.close()
             self._cudart.cudaStreamDestroy(self._stream)
             self._stream = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class TensorRTDeviceCache:
+    """A decoder's past keys/values in device buffers of their own, bound by address every step.
+
+    A step uploads only its own small inputs, downloads its logits and its new keys/values (the
+    host cache mirrors the device one, for beam reordering and the like) and appends the new entries
+    into the device buffers with one pitched device-to-device copy per tensor: O(new tokens) of
+    traffic, never O(cache). After the host changes the cache otherwise (`KVCache.version`), `load`
+    uploads it whole once."""
+
+    def __init__(self, session: TensorRTSession, past: list[str], present: list[str], shape: tuple[int, ...]):
+        if len(shape) != 4 or len(past) != len(present):
+            raise InvalidInputError(f"a device cache needs (B, H, T, D) per past/present pair, got {shape}")
+        self._session, self._past, self._present = session, list(past), list(present)
+        self.shape = tuple(int(d) for d in shape)
+        self.memory = DeviceMemory(session._cudart, session._stream)  # freed with this cache
+        nbytes = int(np.prod(self.shape, dtype=np.int64)) * 4
+        self._ptr = {n: self.memory.device(n, nbytes) for n in self._past}
+        self.version = -1  # the host cache version last uploaded
+        self._fixed: dict[str, int] = {}  # id() of arrays uploaded once (cross keys/values)
+
+    def load(self, buffers: list[np.ndarray], version: int) -> None:
+        """Upload the host cache whole (once, and after the host reordered or refilled it)."""
+        for name, buf in zip(self._past, buffers):
+            if buf.shape != self.shape or buf.dtype != np.float32:
+                raise InvalidInputError(
+                    f"cache buffer {name!r} is {buf.dtype}{buf.shape}, expected {self.shape}"
+                )
+            self.memory.upload(name, np.ascontiguousarray(buf))
+        self.memory.synchronize()
+        self.version = version
+
+    def step(
+        self,
+        feeds: dict[str, np.ndarray],
+        fixed: dict[str, np.ndarray],
+        logits: np.ndarray,
+        new: list[np.ndarray],
+        length: int,
+    ) -> None:
+        """Run over the device cache's first `length` slots: `feeds` are uploaded, `fixed` inputs
+        (cross keys/values) only when a new array is given; `logits` and the new entries `new`
+        (B, H, S, D) land in the host arrays, and the new entries in device slots [length, length + S)."""
+        sess, (b, h, t, d) = self._session, self.shape
+        s = new[0].shape[2]
+        if length + s > t:
+            raise InvalidInputError(f"{length} cached + {s} new tokens exceed the cache's {t} slots")
+        resident = {n: (ptr, self.shape) for n, ptr in self._ptr.items()}
+        arrays = sess._checked_feeds({**feeds, **fixed}, resident)
+        for name, arr in fixed.items():
+            if self._fixed.get(name) != id(arr):
+                self.memory.upload(name, arrays[name])
+                self._fixed[name] = id(arr)
+            resident[name] = (self.memory.device(name, arr.nbytes), arr.shape)
+            del arrays[name]
+        with sess._lock:
+            shapes = sess._enqueue(arrays, self.memory, resident)
+            row = s * d * 4  # bytes of one (batch, head) row of new entries
+            for past, present in zip(self._past, self._present):
+                self.memory.copy_rows(
+                    self._ptr[past] + length * d * 4,
+                    t * d * 4,
+                    self.memory.device(present, 0),
+                    row,
+                    row,
+                    b * h,
+                )
+            sess._download(self.memory, {"logits": logits, **dict(zip(self._present, new))}, shapes)
+
+    def close(self) -> None:
+        self.memory.close()
 
     def __del__(self) -> None:
         try:
@@ -269,13 +381,12 @@ class TensorRTBackend:
     ) -> TensorRTSession:
         """The component's engine from this device's cache, built from its verified ONNX on a miss."""
         from mmedge.runtime.engine_cache import EngineCache, EngineSpec
-        from mmedge.runtime.trt_build import profile
+        from mmedge.runtime.trt_plan import EngineSource
 
         entry, rel = component_file(package, component, precision)
         spec = EngineSpec(
             onnx_sha256=package.manifest.files[rel].sha256,  # verified when the package was opened
-            precision=precision,
-            profile=profile(entry),
+            source=EngineSource.of(component, entry, precision),
             settings=settings,
             external_data=_external_data(package, rel),
             label=f"{package.manifest.name}/{component}.{precision}",

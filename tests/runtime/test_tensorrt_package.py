@@ -1,0 +1,113 @@
+"""`mmedge build --backend tensorrt` on whole packages and a chat model's decode loop on the engines,
+against the stand-ins of the TensorRT 10.3 and 11.1 bindings (tests/trt_fakes.py), whose engines run
+the ONNX graphs in ONNX Runtime over fake device memory that counts every copy."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trt_fakes
+
+from mmedge.errors import UnsupportedError
+
+
+@pytest.fixture(params=["10.3", "11.1"])
+def fake_trt(request, monkeypatch):
+    trt, _ = trt_fakes.install(monkeypatch, request.param)
+    return trt
+
+
+def _engines(pkg: Path) -> dict[str, str]:
+    from mmedge.runtime.package import verify_package
+
+    (entry,) = [e for e in verify_package(pkg).manifest.engines.values() if e.backend == "tensorrt"]
+    return dict(entry.files)
+
+
+def test_rebuilding_one_precision_keeps_the_other_engines(tmp_path, chat_pkg_session, fake_trt):
+    """Reproduced bug: the target directory was removed before the rebuilt precision was written,
+    and the merge silently dropped the other precisions' missing files."""
+    from mmedge.builds.package import build_package
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(chat_pkg_session, pkg)
+    build_package(pkg, backend="tensorrt")
+    before = _engines(pkg)
+    assert {"vision.fp32", "vision.int8", "llm.int4", "llm.fp32"} <= set(before)
+    build_package(pkg, backend="tensorrt", precision="int8")
+    after = _engines(pkg)
+    assert after == before and all((pkg / rel).is_file() for rel in after.values())
+
+
+def test_fp16_without_fp16_graphs_is_a_clear_error(tmp_path, chat_pkg_session, fake_trt):
+    """Reproduced bug: `--precision fp16` ended in a bare StopIteration / AttributeError."""
+    from mmedge.builds.package import build_package
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(chat_pkg_session, pkg)
+    with pytest.raises(UnsupportedError, match="no component has a 'fp16' graph"):
+        build_package(pkg, backend="tensorrt", precision="fp16")
+
+
+def test_a_precision_tensorrt_cannot_build_is_skipped_not_fatal(tmp_path, tiny_chat_pkg_session, fake_trt):
+    from mmedge.builds.package import build_package
+    from mmedge.calibration.package import calibrate_package
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_chat_pkg_session, pkg)
+    calibrate_package(pkg, "train-shapes:8", samples=4, weight_bits=(8,), components=["llm"], build=None)
+    said: list[str] = []
+    out = build_package(pkg, backend="tensorrt", progress=said.append)
+    assert "llm.int8" not in _engines(pkg) and "llm.fp32" in _engines(pkg)
+    assert "weight-only graph runs on ONNX Runtime" in out["builds"]["llm.int8"]["skipped"]
+    assert any(line.startswith("skipped llm.int8") for line in said)
+
+
+def test_decode_moves_one_token_per_step_not_the_cache(tmp_path, tiny_chat_pkg_session, fake_trt):
+    """The KV cache stays on the device: each step uploads its embedding, mask and positions and
+    downloads its logits and new keys/values, the same bytes at step 2 as at step 20, and tokens
+    match ONNX Runtime on the CPU."""
+    from mmedge import sdk
+    from mmedge.builds.package import build_package
+    from mmedge.runtime.generation import GenerationConfig
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_chat_pkg_session, pkg)
+    build_package(pkg, backend="tensorrt", precision="fp32")
+    cuda = sys.modules["cuda.bindings.runtime"]
+    ref = sdk.Pipeline(str(pkg), backend="ort", precision="fp32").lm
+    lm = sdk.Pipeline(str(pkg), backend="tensorrt", precision="fp32").lm
+    hidden = ref.embed(np.array([[1]])).shape[-1]
+    prompt = np.random.default_rng(0).standard_normal((6, hidden)).astype(np.float32)
+    config = GenerationConfig.from_kwargs(max_new_tokens=20, min_new_tokens=20)
+    assert list(lm.generate_ids(prompt, config)) == list(ref.generate_ids(prompt, config))
+
+    cache = lm.new_cache()
+    lm.forward(prompt[None], cache, logits_to_keep=1)
+    step, per_step = lm.step_buffers(1), []
+    for token in range(20):
+        cuda.traffic.clear()
+        lm.forward(lm.embed(np.array([[token]])), cache, step)
+        per_step.append(dict(cuda.traffic))
+    cache_bytes = sum(b.nbytes for b in cache.buffers)
+    assert per_step[1] == per_step[-1]  # constant: nothing grows with the cache's length
+    up = per_step[-1]["cudaMemcpyHostToDevice"]
+    down = per_step[-1]["cudaMemcpyDeviceToHost"]
+    # token id in (int64); its embedding out of the embedding engine, then into the decoder with the
+    # attention mask (max_context + 1 int64) and the position; the shape tensor `logits_to_keep` is
+    # read from host memory, not copied
+    assert up == 8 + 4 * hidden + 8 * (lm.max_context + 1) + 8
+    # the embedding, the logits and the new keys/values (host mirror of the cache)
+    assert down == 4 * hidden + 4 * lm.vocab_size + 2 * lm.layers * lm.kv_heads * lm.head_dim * 4
+    assert up + down < cache_bytes / 20
+    assert per_step[-1].get("pageable", 0) == 0  # all through pinned staging
+    # the host mirror of the cache is the device's: a reload after a host change gives the same logits
+    host_cache = lm.new_cache()
+    host_cache.fill_rows(cache)
+    a = lm.forward(lm.embed(np.array([[3]])), cache).copy()
+    b = lm.forward(lm.embed(np.array([[3]])), host_cache)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
