@@ -111,3 +111,89 @@ def test_decode_moves_one_token_per_step_not_the_cache(tmp_path, tiny_chat_pkg_s
     a = lm.forward(lm.embed(np.array([[3]])), cache).copy()
     b = lm.forward(lm.embed(np.array([[3]])), host_cache)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_each_engine_is_checked_against_its_source_graph(tiny_pkg, fake_trt, monkeypatch):
+    """A built engine runs on the component's sample inputs beside its ONNX in ONNX Runtime; one that
+    disagrees (here: the fake builder doubles a weight) is skipped, not recorded."""
+    import onnx
+    from onnx import numpy_helper
+
+    from mmedge.builds.package import build_package
+
+    out = build_package(tiny_pkg, backend="tensorrt", precision="fp32")
+    assert all(r["rel_error_vs_source"] < 1e-6 for r in out["builds"].values())
+    original = fake_trt.Builder.build_serialized_network
+
+    def wrong(self, network, config):
+        magic, head, graph = bytes(original(self, network, config)).split(b"\n", 2)
+        m = onnx.load_from_string(graph)
+        w = next(t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
+        return memoryview(b"\n".join((magic, head, m.SerializeToString())))
+
+    monkeypatch.setattr(fake_trt.Builder, "build_serialized_network", wrong)
+    with pytest.raises(UnsupportedError, match="disagrees with its source graph"):
+        build_package(tiny_pkg, backend="tensorrt", precision="fp32")
+
+
+def test_fp16_graphs_for_gpu_targets(tiny_pkg, fake_trt):
+    """`mmedge calibrate --fp16` adds fp16 graphs with their error vs fp32; TensorRT builds them
+    strongly typed (no FP16 flag, which 11 does not have) and the CPU keeps running fp32."""
+    from mmedge import sdk
+    from mmedge.builds.package import build_package
+    from mmedge.calibration.fp16 import half_package
+    from mmedge.runtime.package import verify_package
+
+    report = half_package(tiny_pkg)["fp16"]
+    manifest = verify_package(tiny_pkg).manifest
+    for name, entry in manifest.components.items():
+        assert (
+            entry.precisions["fp16"].parity["rel_error_vs_fp32"] == report[name]["rel_error_vs_fp32"] < 5e-3
+        )
+        assert min(report[name]["cosine_vs_fp32"].values()) > 0.9999
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    cpu = sdk.Pipeline(str(tiny_pkg))  # auto on the CPU: not fp16
+    assert {cpu.runner.precision_of(c) for c in manifest.components} == {"fp32"}
+    half = sdk.Pipeline(str(tiny_pkg), precision="fp16")
+    assert float((half.embed_images([image]) * cpu.embed_images([image])).sum()) > 0.999
+    out = build_package(tiny_pkg, backend="tensorrt", precision="fp16")
+    _, config = fake_trt.Builder.last
+    assert config._flags == set() and all(r["rel_error_vs_source"] < 1e-6 for r in out["builds"].values())
+
+
+def test_version_compatible_engines_load_with_host_code_allowed(tiny_pkg, fake_trt, monkeypatch):
+    """A version-compatible engine embeds its lean runtime, which TensorRT runs only when the
+    runtime allows engine host code: mmedge allows it for such engines alone (hash-checked)."""
+    from mmedge import sdk
+    from mmedge.builds.package import build_package
+
+    allowed = []
+    monkeypatch.setattr(
+        fake_trt.Runtime,
+        "engine_host_code_allowed",
+        property(lambda self: False, lambda self, v: allowed.append(v)),
+        raising=False,
+    )
+    build_package(tiny_pkg, backend="tensorrt", precision="fp32")
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    sdk.Pipeline(str(tiny_pkg), backend="tensorrt", precision="fp32").embed_images([image])
+    assert allowed == []
+    build_package(tiny_pkg, backend="tensorrt", precision="fp32", settings={"version_compatible": True})
+    _, config = fake_trt.Builder.last
+    assert config._flags == {"VERSION_COMPATIBLE"}
+    sdk.Pipeline(str(tiny_pkg), backend="tensorrt", precision="fp32").embed_images([image])
+    assert allowed == [True]
+
+
+def test_the_gpu_check_script_prints_a_row_per_engine(tiny_pkg, fake_trt, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    try:
+        import trt_check
+    finally:
+        sys.path.pop(0)
+    assert trt_check.main([str(tiny_pkg), "--precision", "fp32", "--runs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"TensorRT {fake_trt.__version__}, Orin (nvgpu) (compute capability 8.7)" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "fp32" in line]
+    assert len(rows) == 2 and all(line.split("|")[3].strip() == "0.0e+00" for line in rows)

@@ -15,7 +15,7 @@ from typing import Any
 
 from mmedge.builds import make_builder
 from mmedge.builds.base import BuildRequest, without_builds_of
-from mmedge.errors import UnsupportedError
+from mmedge.errors import InvalidInputError, UnsupportedError
 from mmedge.runtime.backends import DEFAULT_BACKEND
 from mmedge.runtime.manifest import EngineEntry
 from mmedge.runtime.package import verify_package
@@ -32,9 +32,12 @@ def build_package(
     threads: int = 2,
     progress: Callable[[str], None] | None = None,
     prefill: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build every component at `precision` (auto = every precision present) for `backend`.
 
+    `settings` are TensorRT's build settings (`runtime.trt_plan.DEVICE_SETTINGS`: workspace,
+    version- and hardware-compatible engines); other backends take none.
     For ORT, a weight-only LLM also gets a prefill build with int8 GEMMs (`ort_prefill`; `prefill`
     False skips it and its extra int8 copy of the weights)."""
     from mmedge.export.package_writer import write_manifest
@@ -50,7 +53,10 @@ def build_package(
         unsigned = drop_signature(tmp)
         if unsigned:
             say(unsigned_note(pkg.root))
-        result = builder.build(BuildRequest(pkg, tmp, precision, threads, say, {"prefill": prefill}))
+        if settings and backend != "tensorrt":
+            raise InvalidInputError(f"build settings {sorted(settings)} are TensorRT's; {backend} takes none")
+        options = {"prefill": prefill, "settings": dict(settings or {})}
+        result = builder.build(BuildRequest(pkg, tmp, precision, threads, say, options))
         files = dict(result.files)
         if not files:
             raise UnsupportedError(f"no component has a {precision!r} precision to build")

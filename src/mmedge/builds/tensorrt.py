@@ -1,5 +1,6 @@
 """TensorRT engine builds: each component's ONNX (Q/DQ for INT8, block-wise INT4 weights, an fp16
-graph for FP16) -> a strongly typed engine with one optimization profile (`runtime/trt_plan.py`).
+graph for FP16) -> a strongly typed engine with one optimization profile (`runtime/trt_plan.py`),
+checked against its source graph on sample inputs like ORT builds (`engine_error`).
 
 Engines are executable artifacts tied to one TensorRT version and one GPU architecture; they are
 written under `engines/<target>/`, where the target names both (`engine_target`), and their sha256
@@ -33,6 +34,45 @@ from mmedge.runtime.trt_plan import (
 )
 
 log = logging.getLogger(__name__)
+
+# An engine against its source graph on sample inputs (`builds.checks.sample_inputs`). TF32 (TensorRT's
+# default for fp32 graphs from Ampere on), FP16 accumulation and other kernels move outputs by 1e-3 to
+# 1e-2; a wrong build (a misread graph, a dropped layer) by O(1). An engine over its limit is skipped.
+ENGINE_MAX_REL_ERROR = {"fp32": 1e-2, "fp16": 2e-2, "int8": 5e-2, "int4": 1e-1}
+
+
+class _OrtLike:
+    """A TensorRT session seen through the two ORT calls `builds.sessions.run_outputs` makes."""
+
+    def __init__(self, session: Any):
+        self._session = session
+
+    def get_outputs(self) -> list[Any]:
+        import types
+
+        return [types.SimpleNamespace(name=n) for n in self._session.output_names]
+
+    def run(self, names: list[str], feed: dict[str, Any]) -> list[Any]:
+        out = self._session.run(dict(feed))
+        return [out[n] for n in names]
+
+
+def engine_error(
+    pkg: Package, component: str, source: Path, engine: Path, sha256: str, threads: int = 2
+) -> float:
+    """The engine's largest output error against its source graph (run by ONNX Runtime on the CPU),
+    relative to each output's largest magnitude, on the component's sample inputs."""
+    from mmedge.builds.checks import relative_error, sample_inputs
+    from mmedge.builds.sessions import ort_session, run_outputs
+    from mmedge.runtime.backends.tensorrt import TensorRTSession
+
+    feeds = sample_inputs(pkg, pkg.manifest.components[component])
+    ref = run_outputs(ort_session(source, threads), feeds)
+    session = TensorRTSession(engine.read_bytes(), sha256)
+    try:
+        return relative_error(ref, run_outputs(_OrtLike(session), feeds))
+    finally:
+        session.close()
 
 
 def engine_target(settings: dict, version: str | None = None, capability: str | None = None) -> str:
@@ -132,13 +172,23 @@ class TensorRTBuilder:
             rel = f"engines/{target}/{key}.plan"  # replaces only this build's file: others stay
             source = pkg.manifest.components[plan.component].precisions[plan.precision].file
             try:
-                records[key] = build_engine(tmp / source, tmp / rel, plan, tmp / "engines" / "timing.cache")
+                record = build_engine(tmp / source, tmp / rel, plan, tmp / "engines" / "timing.cache")
+                err = engine_error(
+                    pkg, plan.component, tmp / source, tmp / rel, record["sha256"], request.threads
+                )
+                if not err <= ENGINE_MAX_REL_ERROR[plan.precision]:
+                    (tmp / rel).unlink()
+                    raise UnsupportedError(
+                        f"the engine disagrees with its source graph (relative error {err:.2e}, limit "
+                        f"{ENGINE_MAX_REL_ERROR[plan.precision]:.0e})"
+                    )
             except UnsupportedError as exc:  # one precision TensorRT cannot build does not stop the rest
                 request.say(f"skipped {key}: {exc}")
                 records[key] = {"skipped": str(exc)}
                 continue
+            records[key] = {**record, "rel_error_vs_source": err}
             files[key] = rel
-            request.say(f"built {key} engine")
+            request.say(f"built {key} engine (relative error vs source {err:.1e})")
         if not files:
             raise UnsupportedError(f"TensorRT built none of {sorted(records)}: {records}")
         return BuildResult(target, version, compute_capability(), settings, files, records)

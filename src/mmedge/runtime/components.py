@@ -155,14 +155,16 @@ class ComponentRunner:
                 how = (
                     "run `mmedge calibrate` (int8 encoders, --weight-bits for an LLM)"
                     if self.precision in ("int8", "int4")
-                    else "mmedge does not produce fp16 graphs yet"
+                    else "`mmedge calibrate PKG --fp16` writes fp16 graphs"
                 )
                 raise UnsupportedError(
                     f"component {component!r} has no {self.precision} precision (has {sorted(entry.precisions)}); "
                     f"{how}, or choose another precision"
                 )
             return self.precision
-        return next(p for p in AUTO_ORDER if p in entry.precisions)
+        # fp16 graphs are for GPUs; on the CPU the fp32 graph runs faster
+        order = [p for p in AUTO_ORDER if p != "fp16" or self.options.device != "cpu"]
+        return next(p for p in order if p in entry.precisions)
 
     def session_options(self, component: str) -> SessionOptions:
         """The runner's options, adjusted to the component's role in a generating package: the

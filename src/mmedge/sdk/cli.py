@@ -293,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="backend to build for once quantized (an unbuilt INT8 graph runs slower than fp32 on CPU)",
     )
     sp.add_argument("--no-build", action="store_true", help="quantize only; run `mmedge build` later")
+    sp.add_argument(
+        "--fp16",
+        action="store_true",
+        help="instead of quantizing: add an fp16 graph of each component (--components), for GPU targets "
+        "(TensorRT's strongly typed FP16, ORT's CUDA/TensorRT providers), its error vs fp32 recorded; "
+        "the CPU keeps running fp32/int8",
+    )
 
     sp = add(
         "build",

@@ -140,6 +140,10 @@ def cmd_assemble(a: argparse.Namespace) -> object:
 def cmd_calibrate(a: argparse.Namespace) -> object:
     from mmedge.calibration.package import calibrate_package
 
+    if a.fp16:
+        from mmedge.calibration.fp16 import half_package
+
+        return half_package(a.package, components=a.components, progress=print if not a.json else None)
     return calibrate_package(
         a.package,
         a.data,
@@ -152,6 +156,18 @@ def cmd_calibrate(a: argparse.Namespace) -> object:
         progress=print if not a.json else None,
         build=None if a.no_build else a.build,
     )
+
+
+def _trt_settings(a: argparse.Namespace) -> dict[str, object]:
+    """The TensorRT build settings the options ask for (defaults left out)."""
+    settings: dict[str, object] = {}
+    if a.version_compatible:
+        settings["version_compatible"] = True
+    if a.hardware_compatibility != "none":
+        settings["hardware_compatibility"] = a.hardware_compatibility
+    if a.workspace_mb is not None:
+        settings["workspace_bytes"] = a.workspace_mb << 20
+    return settings
 
 
 def cmd_build(a: argparse.Namespace) -> object:
@@ -167,6 +183,7 @@ def cmd_build(a: argparse.Namespace) -> object:
         rows = build_plan(
             a.package,
             a.precision,
+            settings=_trt_settings(a),
             versions=tuple(a.tensorrt_version or ("10.3.0", "11.1.0")),
             capability=a.compute_capability,
             gpu_name=a.gpu_name,
@@ -197,6 +214,7 @@ def cmd_build(a: argparse.Namespace) -> object:
         precision=a.precision,
         prefill=not a.no_prefill_build,
         progress=print if not a.json else None,
+        settings=_trt_settings(a),
     )
 
 

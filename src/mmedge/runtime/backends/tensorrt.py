@@ -102,7 +102,9 @@ class TensorRTSession:
     buffers are allocated once per tensor and reused, copies go through pinned staging, and a KV
     cache can stay on the device across decode steps (`device_cache`). Runs are serialized by a lock."""
 
-    def __init__(self, engine_bytes: bytes, expected_sha256: str):
+    def __init__(self, engine_bytes: bytes, expected_sha256: str, host_code: bool = False):
+        """`host_code`: the engine was built version-compatible and carries its lean runtime, which
+        TensorRT runs only when allowed; only set for an engine whose hash mmedge recorded."""
         actual = hashlib.sha256(engine_bytes).hexdigest()
         if actual != expected_sha256.lower():  # checked before TensorRT ever sees the bytes
             raise IntegrityError(
@@ -111,6 +113,8 @@ class TensorRTSession:
             )
         trt, self._cudart = _trt(), _cudart()
         self._runtime = trt.Runtime(_logger())  # must outlive the engine
+        if host_code:
+            self._runtime.engine_host_code_allowed = True
         self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self._engine is None:
             raise UnsupportedError(
@@ -336,14 +340,15 @@ class TensorRTBackend:
     def __init__(self, cache: EngineCache | None = None) -> None:
         self._cache = cache  # None: the store's cache with TensorRT's builder, made per load
 
-    def _find(self, package: Package, key: str) -> str | None:
+    def _find(self, package: Package, key: str) -> tuple[str, dict[str, Any]] | None:
+        """The engine file of `key` built for this TensorRT and GPU, with its build settings."""
         entries = sorted((t, e) for t, e in package.manifest.engines.items() if e.backend == "tensorrt")
         if not entries:  # a bundle has none: no need to ask TensorRT and the GPU
             return None
         version, cc = _trt().__version__, compute_capability()
         for _target, entry in entries:
             if entry.version == version and entry.device == cc and key in entry.files:
-                return entry.files[key]
+                return entry.files[key], entry.settings
         return None
 
     def has_build(
@@ -357,9 +362,14 @@ class TensorRTBackend:
         """Find `<component>.<precision>` among the package's engines for this device and load it;
         in a "tensorrt" bundle without one, build it from the component's ONNX (cached)."""
         key = build_key(component, precision, variant)
-        rel = self._find(package, key)
-        if rel is not None:
-            return TensorRTSession(package.path(rel).read_bytes(), package.manifest.files[rel].sha256)
+        found = self._find(package, key)
+        if found is not None:
+            rel, settings = found
+            return TensorRTSession(
+                package.path(rel).read_bytes(),
+                package.manifest.files[rel].sha256,
+                host_code=settings.get("version_compatible") is True,
+            )
         bundle = package.manifest.bundle
         if bundle is not None and bundle.target == "tensorrt":
             if variant:
@@ -381,7 +391,7 @@ class TensorRTBackend:
     ) -> TensorRTSession:
         """The component's engine from this device's cache, built from its verified ONNX on a miss."""
         from mmedge.runtime.engine_cache import EngineCache, EngineSpec
-        from mmedge.runtime.trt_plan import EngineSource
+        from mmedge.runtime.trt_plan import EngineSource, check_settings
 
         entry, rel = component_file(package, component, precision)
         spec = EngineSpec(
@@ -393,7 +403,9 @@ class TensorRTBackend:
         )
         cache = self._cache if self._cache is not None else EngineCache()
         engine = cache.get(spec, current_device(), lambda: _verified_onnx(package, rel))
-        return TensorRTSession(engine.data, engine.sha256)
+        return TensorRTSession(
+            engine.data, engine.sha256, host_code=check_settings(settings)["version_compatible"]
+        )
 
 
 def _external_data(package: Package, rel: str) -> dict[str, str]:
