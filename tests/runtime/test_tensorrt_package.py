@@ -197,3 +197,85 @@ def test_the_gpu_check_script_prints_a_row_per_engine(tiny_pkg, fake_trt, capsys
     assert f"TensorRT {fake_trt.__version__}, Orin (nvgpu) (compute capability 8.7)" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "fp32" in line]
     assert len(rows) == 2 and all(line.split("|")[3].strip() == "0.0e+00" for line in rows)
+
+
+def test_the_build_plan_needs_neither_tensorrt_nor_a_gpu(tiny_chat_pkg_session, monkeypatch, capsys):
+    """`mmedge build --backend tensorrt --plan`: per TensorRT generation, component and precision,
+    the flags, the profile with the decoder's shape-tensor values, and the keys."""
+    import json
+
+    from mmedge.sdk.cli import main
+
+    for name in ("tensorrt", "cuda", "cuda.bindings", "cuda.bindings.runtime"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    pkg = str(tiny_chat_pkg_session)
+    assert main(["build", pkg, "--backend", "tensorrt", "--plan", "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    by = {(p["tensorrt"], p["component"], p["precision"]): p for p in plans}
+    assert {v for v, _, _ in by} == {"10.3.0", "11.1.0"} and len(by) == len(plans) == 10
+    assert by["10.3.0", "llm", "fp32"]["network_flags"] == ["STRONGLY_TYPED"]
+    assert by["11.1.0", "llm", "fp32"]["network_flags"] == []
+    assert all(p["builder_flags"] == [] and not p["skip"] for p in plans)
+    values = by["10.3.0", "llm", "fp32"]["shape_values"]
+    assert list(values) == ["logits_to_keep"] and values["logits_to_keep"][0] == [1]
+    assert by["10.3.0", "llm", "fp32"]["cache_key"] != by["11.1.0", "llm", "fp32"]["cache_key"]
+    args = [
+        "build",
+        pkg,
+        "--backend",
+        "tensorrt",
+        "--plan",
+        "--tensorrt-version",
+        "11.1.0",
+        "--version-compatible",
+    ]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "TensorRT 10.3" not in text and "builder flags ['VERSION_COMPATIBLE']" in text
+    assert "values logits_to_keep: min [1]" in text
+
+
+def test_beam_search_reorders_the_cache_on_the_device(tmp_path, tiny_chat_pkg_session, fake_trt, monkeypatch):
+    """Beam search on the engines gives ONNX Runtime's beams; after the beams' cache is uploaded
+    once, the reorders between steps are device-to-device copies and nothing of the cache is
+    uploaded again."""
+    import mmedge.runtime.backends.tensorrt as trtb
+    from mmedge import sdk
+    from mmedge.builds.package import build_package
+    from mmedge.runtime.beam_search import beam_search
+    from mmedge.runtime.generation import GenerationConfig
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_chat_pkg_session, pkg)
+    build_package(pkg, backend="tensorrt", precision="fp32")
+    cuda = sys.modules["cuda.bindings.runtime"]
+    ref = sdk.Pipeline(str(pkg), backend="ort", precision="fp32").lm
+    lm = sdk.Pipeline(str(pkg), backend="tensorrt", precision="fp32").lm
+    hidden = ref.embed(np.array([[1]])).shape[-1]
+    config = GenerationConfig.from_kwargs(max_new_tokens=12, min_new_tokens=12, num_beams=3)
+    uploads = []
+    real = cuda.cudaMemcpyAsync
+
+    def counting(dst, src, nbytes, kind, stream):
+        if kind == cuda.cudaMemcpyKind.cudaMemcpyHostToDevice:
+            uploads.append(nbytes)
+        return real(dst, src, nbytes, kind, stream)
+
+    cuda.cudaMemcpyAsync = counting
+    moves = []
+    real_reorder = trtb.TensorRTDeviceCache.reorder
+
+    def reorder(self, index, length):
+        moves.append(int(np.sum(np.asarray(index) != np.arange(len(index)))))
+        return real_reorder(self, index, length)
+
+    monkeypatch.setattr(trtb.TensorRTDeviceCache, "reorder", reorder)
+    for seed in range(3):
+        prompt = np.random.default_rng(seed).standard_normal((5, hidden)).astype(np.float32)
+        uploads.clear()
+        ours = beam_search(lm, prompt, config)
+        assert ours.tokens == beam_search(ref, prompt, config).tokens
+        beams_cache = 2 * lm.layers * 3 * lm.kv_heads * lm.max_context * lm.head_dim * 4
+        per_tensor = beams_cache // (2 * lm.layers)
+        assert sum(1 for n in uploads if n == per_tensor) == 2 * lm.layers  # the beams' cache: once
+    assert sum(moves) > 0  # rows did move: the parity above covers the device reorder

@@ -164,8 +164,9 @@ class KVCache:
         self.cross: dict[str, np.ndarray] = {}
         # (session, binding) per LLM session whose binding has these buffers bound (LanguageModel)
         self.bindings: list[tuple[Session, Binding]] = []
-        # (session, copy) per LLM session that keeps a copy of the cache in device memory; `version`
-        # counts the changes made here other than appends, after which a copy is uploaded again.
+        # (session, copy) per LLM session that keeps a copy of the cache in device memory. Appends and
+        # reorders are mirrored there; `version` counts the other changes (`fill_rows`), after which
+        # a copy is uploaded again.
         self.device_copies: list[tuple[Session, DeviceCache | None]] = []
         self.version = 0
 
@@ -203,8 +204,10 @@ class KVCache:
         moved = [i for i in range(len(index)) if index[i] != i]
         if not moved:
             return
-        self.version += 1
         n = self.length
+        for _, copy in self.device_copies:  # device copies in step with the host reorder themselves
+            if copy is not None and copy.version == self.version:
+                copy.reorder(index, n)
         targets = set(moved)
         saved = {
             int(s): [buf[s, :, :n].copy() for buf in self.buffers]

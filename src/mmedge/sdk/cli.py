@@ -331,6 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable; default 10.3.0 and 11.1.0)",
     )
     sp.add_argument(
+        "--version-compatible",
+        action="store_true",
+        help="TensorRT: engines that later TensorRT versions of the same major can run (they embed "
+        "their lean runtime, which mmedge lets TensorRT run for engines whose hash it recorded)",
+    )
+    sp.add_argument(
+        "--hardware-compatibility",
+        default="none",
+        choices=["none", "ampere_plus"],
+        help="TensorRT: ampere_plus builds one engine for every GPU from Ampere on, at some speed cost",
+    )
+    sp.add_argument(
+        "--workspace-mb", type=int, default=None, help="TensorRT: the builder's workspace (default 2048)"
+    )
+    sp.add_argument(
         "--compute-capability", default="8.7", help="with --plan: the GPU's (default 8.7, Jetson Orin)"
     )
     sp.add_argument("--gpu-name", default="Orin", help="with --plan: the GPU's name as CUDA reports it")

@@ -72,6 +72,10 @@ class DeviceCache(Protocol):
         values) are uploaded only when another array is passed."""
         ...
 
+    def reorder(self, index: np.ndarray, length: int) -> None:
+        """Row i becomes row `index[i]` in the device copy (as `KVCache.reorder` does on the host)."""
+        ...
+
 
 class Session(Protocol):
     """A loaded component, ready to run; must be safe to call from several threads."""

@@ -258,8 +258,8 @@ class TensorRTDeviceCache:
     A step uploads only its own small inputs, downloads its logits and its new keys/values (the
     host cache mirrors the device one, for beam reordering and the like) and appends the new entries
     into the device buffers with one pitched device-to-device copy per tensor: O(new tokens) of
-    traffic, never O(cache). After the host changes the cache otherwise (`KVCache.version`), `load`
-    uploads it whole once."""
+    traffic, never O(cache). Beam search's row reordering is mirrored on the device (`reorder`);
+    after the host changes the cache otherwise (`KVCache.version`), `load` uploads it whole once."""
 
     def __init__(self, session: TensorRTSession, past: list[str], present: list[str], shape: tuple[int, ...]):
         if len(shape) != 4 or len(past) != len(present):
@@ -319,6 +319,25 @@ class TensorRTDeviceCache:
                     b * h,
                 )
             sess._download(self.memory, {"logits": logits, **dict(zip(self._present, new))}, shapes)
+
+    def reorder(self, index: np.ndarray, length: int) -> None:
+        """Row i becomes row `index[i]` (beam search) on the device, by device-to-device copies of
+        the first `length` slots: moved rows' sources go to a scratch buffer first, so a source that
+        is itself overwritten is read before it is."""
+        _, h, t, d = self.shape
+        moved = [i for i in range(len(index)) if int(index[i]) != i]
+        if not moved or not length:
+            return
+        sources = sorted({int(index[i]) for i in moved})
+        row, pitch, width = h * t * d * 4, t * d * 4, length * d * 4
+        for name in self._past:
+            scratch = self.memory.device(f"{name}:scratch", len(sources) * row)
+            for k, src in enumerate(sources):
+                self.memory.copy_rows(scratch + k * row, pitch, self._ptr[name] + src * row, pitch, width, h)
+            for i in moved:
+                k = sources.index(int(index[i]))
+                self.memory.copy_rows(self._ptr[name] + i * row, pitch, scratch + k * row, pitch, width, h)
+        self.memory.synchronize()
 
     def close(self) -> None:
         self.memory.close()
