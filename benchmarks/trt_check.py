@@ -32,11 +32,11 @@ def check(
     package: str, precision: str = "auto", runs: int = 20, threads: int = 2, build: bool = True
 ) -> list[dict]:
     """One row per engine of this TensorRT and GPU: component, precision, error vs source, times."""
-    from mmedge.builds.checks import sample_inputs
     from mmedge.builds.package import build_package
     from mmedge.builds.sessions import ort_session
     from mmedge.builds.tensorrt import engine_error
     from mmedge.runtime.backends.tensorrt import TensorRTBackend, _trt, compute_capability
+    from mmedge.runtime.feeds import sample_inputs
     from mmedge.runtime.package import verify_package
     from mmedge.runtime.store import resolve
 

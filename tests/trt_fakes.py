@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import importlib.machinery
 import json
 import sys
 import types
@@ -160,6 +161,7 @@ def make_tensorrt(version: str, cuda: FakeCuda) -> types.ModuleType:
 
     members = MEMBERS[version]
     trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec() sees it installed
     trt.__version__ = {"10.3": "10.3.0.26", "11.1": "11.1.0.106"}[version]
     for name in (
         "BuilderFlag",

@@ -339,15 +339,18 @@ def _bundle(tmp_path, target="tensorrt", settings=None, engines=None, weight=1.0
 
 
 class _Session:
-    def __init__(self, engine_bytes, expected_sha256):
+    def __init__(self, engine_bytes, expected_sha256, host_code=False):
         assert hashlib.sha256(engine_bytes).hexdigest() == expected_sha256
         self.engine = engine_bytes
 
 
 @pytest.fixture
 def device(monkeypatch):
+    """A GPU as far as the cache is concerned: sessions and the check of a new engine against its
+    source graph are stubs here (tests/runtime/test_tensorrt_package.py runs both on the fakes)."""
     monkeypatch.setattr(trtb, "current_device", lambda: ORIN)
     monkeypatch.setattr(trtb, "TensorRTSession", _Session)
+    monkeypatch.setattr(trtb, "engine_error_vs", lambda *args: 0.0)
 
 
 def test_a_tensorrt_bundle_builds_its_engine_on_first_load_and_reuses_it(tmp_path, store, device):

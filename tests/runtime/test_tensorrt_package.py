@@ -279,3 +279,40 @@ def test_beam_search_reorders_the_cache_on_the_device(tmp_path, tiny_chat_pkg_se
         per_tensor = beams_cache // (2 * lm.layers)
         assert sum(1 for n in uploads if n == per_tensor) == 2 * lm.layers  # the beams' cache: once
     assert sum(moves) > 0  # rows did move: the parity above covers the device reorder
+
+
+def test_a_device_bundle_checks_each_engine_it_builds(tmp_path, tiny_pkg, store, fake_trt, monkeypatch):
+    """A "tensorrt" bundle's engines are built on the device on first use and checked against their
+    source graph there (ONNX Runtime is part of the base install): the check is recorded in the
+    cache entry, and an engine that disagrees is refused and not kept."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from mmedge import sdk
+    from mmedge.builds.bundle import pack_package
+    from mmedge.errors import IntegrityError
+    from mmedge.runtime.engine_cache import cache_dir, list_engines
+
+    bundle = tmp_path / "bundle"
+    pack_package(tiny_pkg, bundle, target="tensorrt", precision="fp32")
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    sdk.Pipeline(str(bundle)).embed_images([image])
+    (entry,) = list_engines()
+    meta = json.loads((cache_dir() / f"{entry.key}.json").read_text())
+    assert meta["check"]["rel_error_vs_source"] < 1e-6
+
+    original = fake_trt.Builder.build_serialized_network
+
+    def wrong(self, network, config):
+        magic, head, graph = bytes(original(self, network, config)).split(b"\n", 2)
+        m = onnx.load_from_string(graph)
+        w = next(t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
+        return memoryview(b"\n".join((magic, head, m.SerializeToString())))
+
+    monkeypatch.setattr(fake_trt.Builder, "build_serialized_network", wrong)
+    with pytest.raises(IntegrityError, match="disagrees with its source graph"):
+        sdk.Pipeline(str(bundle)).embed_texts(["a red circle"])
+    assert len(list_engines()) == 1  # the text engine was not kept

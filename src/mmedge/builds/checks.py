@@ -22,24 +22,6 @@ QUANTIZED_BUILD_MAX_REL_ERROR = 3e-2
 LOOSE_BUILD_ROLES = ("audio_encoder", "depth_encoder", "thermal_encoder", "imu_encoder")
 
 
-def sample_inputs(pkg: Package, entry: ComponentEntry) -> list[dict[str, np.ndarray]]:
-    """Inputs a component takes (batch 2, symbolic dims at their opt, integer inputs in range, real
-    token ids where it reads text): what builds and converted graphs are compared on."""
-    from mmedge.runtime.components import package_tokenizer
-    from mmedge.runtime.feeds import sample_feeds
-
-    text = package_tokenizer(pkg) if entry.input("input_ids") is not None and pkg.manifest.tokenizer else None
-    return [sample_feeds(entry.inputs, entry.dims, entry.int_ranges, sizes={"batch": 2}, tokenizer=text)]
-
-
-def relative_error(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> float:
-    """The largest output error relative to that output's largest magnitude."""
-    return max(
-        float(np.abs(out[k].astype(np.float64) - v).max() / max(np.abs(v).max(), 1e-12))
-        for k, v in ref.items()
-    )
-
-
 def check_build(
     source: Path,
     built: Path,
@@ -55,6 +37,7 @@ def check_build(
     """
     from mmedge.builds.ort import is_x86
     from mmedge.builds.sessions import ort_session, run_outputs
+    from mmedge.runtime.feeds import relative_error, sample_inputs
 
     feeds = sample_inputs(pkg, entry)
     ref = run_outputs(ort_session(source, threads, uint8_activations=is_x86()), feeds)

@@ -20,7 +20,7 @@ from typing import Any
 
 from mmedge.builds.base import BuildRequest, BuildResult, precisions_to_build
 from mmedge.errors import InvalidInputError, UnsupportedError
-from mmedge.runtime.backends.tensorrt import _trt, compute_capability
+from mmedge.runtime.backends.tensorrt import ENGINE_MAX_REL_ERROR, _trt, compute_capability
 from mmedge.runtime.package import Package, sha256_file
 from mmedge.runtime.staging import write_atomic
 from mmedge.runtime.trt_build import build_network
@@ -35,44 +35,25 @@ from mmedge.runtime.trt_plan import (
 
 log = logging.getLogger(__name__)
 
-# An engine against its source graph on sample inputs (`builds.checks.sample_inputs`). TF32 (TensorRT's
-# default for fp32 graphs from Ampere on), FP16 accumulation and other kernels move outputs by 1e-3 to
-# 1e-2; a wrong build (a misread graph, a dropped layer) by O(1). An engine over its limit is skipped.
-ENGINE_MAX_REL_ERROR = {"fp32": 1e-2, "fp16": 2e-2, "int8": 5e-2, "int4": 1e-1}
-
-
-class _OrtLike:
-    """A TensorRT session seen through the two ORT calls `builds.sessions.run_outputs` makes."""
-
-    def __init__(self, session: Any):
-        self._session = session
-
-    def get_outputs(self) -> list[Any]:
-        import types
-
-        return [types.SimpleNamespace(name=n) for n in self._session.output_names]
-
-    def run(self, names: list[str], feed: dict[str, Any]) -> list[Any]:
-        out = self._session.run(dict(feed))
-        return [out[n] for n in names]
-
 
 def engine_error(
     pkg: Package, component: str, source: Path, engine: Path, sha256: str, threads: int = 2
 ) -> float:
-    """The engine's largest output error against its source graph (run by ONNX Runtime on the CPU),
-    relative to each output's largest magnitude, on the component's sample inputs."""
-    from mmedge.builds.checks import relative_error, sample_inputs
-    from mmedge.builds.sessions import ort_session, run_outputs
-    from mmedge.runtime.backends.tensorrt import TensorRTSession
+    """The engine's largest output error against its source graph (run by ONNX Runtime on the CPU
+    with full optimizations), relative to each output's largest magnitude, on the component's
+    sample inputs."""
+    from mmedge.builds.sessions import ort_session
+    from mmedge.runtime.backends.tensorrt import engine_error_vs
+    from mmedge.runtime.feeds import sample_inputs
 
-    feeds = sample_inputs(pkg, pkg.manifest.components[component])
-    ref = run_outputs(ort_session(source, threads), feeds)
-    session = TensorRTSession(engine.read_bytes(), sha256)
-    try:
-        return relative_error(ref, run_outputs(_OrtLike(session), feeds))
-    finally:
-        session.close()
+    ort = ort_session(source, threads)
+    names = [o.name for o in ort.get_outputs()]
+    return engine_error_vs(
+        engine.read_bytes(),
+        sha256,
+        lambda feed: dict(zip(names, ort.run(names, feed))),
+        sample_inputs(pkg, pkg.manifest.components[component]),
+    )
 
 
 def engine_target(settings: dict, version: str | None = None, capability: str | None = None) -> str:

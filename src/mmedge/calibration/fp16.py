@@ -41,9 +41,9 @@ def half_package(
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from mmedge.builds.base import without_builds_of
-    from mmedge.builds.checks import relative_error, sample_inputs
     from mmedge.builds.sessions import ort_session, run_outputs
     from mmedge.export.package_writer import write_manifest
+    from mmedge.runtime.feeds import relative_error, sample_inputs
     from mmedge.runtime.store import resolve
 
     say = progress or log.info

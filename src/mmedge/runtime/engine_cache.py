@@ -167,9 +167,16 @@ class EngineCache:
     def meta_path(self, key: str) -> Path:
         return self.root / f"{key}.json"
 
-    def get(self, spec: EngineSpec, device: DeviceIdentity, read_onnx: Callable[[], bytes]) -> CachedEngine:
+    def get(
+        self,
+        spec: EngineSpec,
+        device: DeviceIdentity,
+        read_onnx: Callable[[], bytes],
+        check: Callable[[bytes, str], dict[str, Any]] | None = None,
+    ) -> CachedEngine:
         """The engine for `spec` on `device`: the cached one when its entry checks, else one built now
-        from `read_onnx()` (called only on a miss) and stored for the next use."""
+        from `read_onnx()` (called only on a miss), passed through `check(plan, sha256)` (which
+        raises to refuse it; its record goes into the entry's meta) and stored for the next use."""
         key = engine_key(spec, device)
         hit = self._read(key, spec, device)
         if hit is not None:
@@ -183,7 +190,8 @@ class EngineCache:
             log.info("building the TensorRT engine %s (%s) on first use", spec.label or key[:16], device.name)
             data = bytes(self._build(read_onnx(), spec.source, dict(spec.settings)))
             digest = hashlib.sha256(data).hexdigest()
-            self._store(key, spec, device, data, digest)
+            checked = check(data, digest) if check is not None else {}
+            self._store(key, spec, device, data, digest, checked)
             return CachedEngine(key, data, digest, built=True)
 
     def _build(self, model: bytes, source: EngineSource, settings: dict[str, Any]) -> bytes:
@@ -193,7 +201,15 @@ class EngineCache:
             self._builder = device_builder
         return self._builder(model, source, settings)
 
-    def _store(self, key: str, spec: EngineSpec, device: DeviceIdentity, data: bytes, digest: str) -> None:
+    def _store(
+        self,
+        key: str,
+        spec: EngineSpec,
+        device: DeviceIdentity,
+        data: bytes,
+        digest: str,
+        checked: dict[str, Any],
+    ) -> None:
         from mmedge.runtime.local_key import local_key, mac
 
         secret = local_key(create=True)
@@ -210,6 +226,7 @@ class EngineCache:
             "device": asdict(device),
             "size": len(data),
             "sha256": digest,
+            "check": checked,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         meta["mac"] = mac(secret, _signed(meta))

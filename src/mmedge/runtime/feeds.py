@@ -16,6 +16,8 @@ import numpy as np
 from mmedge.runtime.manifest import DimRange, TensorSpec
 
 if TYPE_CHECKING:
+    from mmedge.runtime.manifest import ComponentEntry
+    from mmedge.runtime.package import Package
     from mmedge.runtime.texts import TextTokenizer
 
 SAMPLE_TEXT = "a small red circle at the top left and a large blue square in the center"
@@ -59,3 +61,20 @@ def sample_feeds(
         else:
             feeds[spec.name] = np.zeros(shape, spec.dtype)
     return feeds
+
+
+def sample_inputs(pkg: Package, entry: ComponentEntry) -> list[dict[str, np.ndarray]]:
+    """Inputs a component takes (batch 2, symbolic dims at their opt, integer inputs in range, real
+    token ids where it reads text): what builds and converted graphs are compared on."""
+    from mmedge.runtime.components import package_tokenizer
+
+    text = package_tokenizer(pkg) if entry.input("input_ids") is not None and pkg.manifest.tokenizer else None
+    return [sample_feeds(entry.inputs, entry.dims, entry.int_ranges, sizes={"batch": 2}, tokenizer=text)]
+
+
+def relative_error(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> float:
+    """The largest output error relative to that output's largest magnitude."""
+    return max(
+        float(np.abs(out[k].astype(np.float64) - v).max() / max(np.abs(v).max(), 1e-12))
+        for k, v in ref.items()
+    )

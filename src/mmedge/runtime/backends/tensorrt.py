@@ -17,6 +17,7 @@ import logging
 import platform
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
     from mmedge.runtime.engine_cache import DeviceIdentity, EngineCache
 
 log = logging.getLogger(__name__)
+
+# An engine against its source graph on sample inputs (`feeds.sample_inputs`). TF32 (TensorRT's
+# default for fp32 graphs from Ampere on), FP16 accumulation and other kernels move outputs by 1e-3
+# to 1e-2; a wrong build (a misread graph, a dropped layer) by O(1). An engine over its limit is not used.
+ENGINE_MAX_REL_ERROR = {"fp32": 1e-2, "fp16": 2e-2, "int8": 5e-2, "int4": 1e-1}
 
 
 def _trt() -> Any:  # the tensorrt module
@@ -420,11 +426,43 @@ class TensorRTBackend:
             external_data=_external_data(package, rel),
             label=f"{package.manifest.name}/{component}.{precision}",
         )
+
+        def check(engine: bytes, sha256: str) -> dict[str, Any]:
+            """A new engine against its source graph in ONNX Runtime: not kept when they disagree."""
+            from mmedge.runtime.backends.ort import OrtSession
+            from mmedge.runtime.feeds import sample_inputs
+
+            ref = OrtSession(_verified_onnx(package, rel), SessionOptions(threads=2), name=rel)
+            err = engine_error_vs(engine, sha256, ref.run, sample_inputs(package, entry))
+            if not err <= ENGINE_MAX_REL_ERROR[precision]:
+                raise IntegrityError(
+                    f"the TensorRT engine built here for {component}.{precision} disagrees with its source "
+                    f"graph (relative error {err:.2e}, limit {ENGINE_MAX_REL_ERROR[precision]:.0e}); it is not kept"
+                )
+            return {"rel_error_vs_source": err}
+
         cache = self._cache if self._cache is not None else EngineCache()
-        engine = cache.get(spec, current_device(), lambda: _verified_onnx(package, rel))
+        engine = cache.get(spec, current_device(), lambda: _verified_onnx(package, rel), check)
         return TensorRTSession(
             engine.data, engine.sha256, host_code=check_settings(settings)["version_compatible"]
         )
+
+
+def engine_error_vs(
+    engine: bytes,
+    sha256: str,
+    reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    feeds: list[dict[str, np.ndarray]],
+) -> float:
+    """The engine's largest output error against `reference` (its source graph run another way),
+    relative to each output's largest magnitude, over `feeds`."""
+    from mmedge.runtime.feeds import relative_error
+
+    session = TensorRTSession(engine, sha256)
+    try:
+        return max(relative_error(reference(f), session.run(f)) for f in feeds)
+    finally:
+        session.close()
 
 
 def _external_data(package: Package, rel: str) -> dict[str, str]:
