@@ -21,6 +21,36 @@ def fake_trt(request, monkeypatch):
     return trt
 
 
+def _build_wrong_engines(fake_trt, monkeypatch) -> None:
+    """From now on the fake builder doubles a weight of every graph it builds: a wrong engine."""
+    import onnx
+    from onnx import numpy_helper
+
+    original = fake_trt.Builder.build_serialized_network
+
+    def wrong(self, network, config):
+        magic, head, graph = bytes(original(self, network, config)).split(b"\n", 2)
+        m = onnx.load_from_string(graph)
+        w = next(t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
+        return memoryview(b"\n".join((magic, head, m.SerializeToString())))
+
+    monkeypatch.setattr(fake_trt.Builder, "build_serialized_network", wrong)
+
+
+def _language_models(tmp_path: Path, package: Path) -> tuple:
+    """blip2-tiny's language model on ONNX Runtime and on fp32 engines, and the fake CUDA."""
+    from mmedge import sdk
+    from mmedge.builds.package import build_package
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(package, pkg)
+    build_package(pkg, backend="tensorrt", precision="fp32")
+    ref = sdk.Pipeline(str(pkg), backend="ort", precision="fp32").lm
+    lm = sdk.Pipeline(str(pkg), backend="tensorrt", precision="fp32").lm
+    return ref, lm, sys.modules["cuda.bindings.runtime"]
+
+
 def _engines(pkg: Path) -> dict[str, str]:
     from mmedge.runtime.package import verify_package
 
@@ -71,16 +101,9 @@ def test_decode_moves_one_token_per_step_not_the_cache(tmp_path, tiny_chat_pkg_s
     """The KV cache stays on the device: each step uploads its embedding, mask and positions and
     downloads its logits and new keys/values, the same bytes at step 2 as at step 20, and tokens
     match ONNX Runtime on the CPU."""
-    from mmedge import sdk
-    from mmedge.builds.package import build_package
     from mmedge.runtime.generation import GenerationConfig
 
-    pkg = tmp_path / "pkg"
-    shutil.copytree(tiny_chat_pkg_session, pkg)
-    build_package(pkg, backend="tensorrt", precision="fp32")
-    cuda = sys.modules["cuda.bindings.runtime"]
-    ref = sdk.Pipeline(str(pkg), backend="ort", precision="fp32").lm
-    lm = sdk.Pipeline(str(pkg), backend="tensorrt", precision="fp32").lm
+    ref, lm, cuda = _language_models(tmp_path, tiny_chat_pkg_session)
     hidden = ref.embed(np.array([[1]])).shape[-1]
     prompt = np.random.default_rng(0).standard_normal((6, hidden)).astype(np.float32)
     config = GenerationConfig.from_kwargs(max_new_tokens=20, min_new_tokens=20)
@@ -116,23 +139,12 @@ def test_decode_moves_one_token_per_step_not_the_cache(tmp_path, tiny_chat_pkg_s
 def test_each_engine_is_checked_against_its_source_graph(tiny_pkg, fake_trt, monkeypatch):
     """A built engine runs on the component's sample inputs beside its ONNX in ONNX Runtime; one that
     disagrees (here: the fake builder doubles a weight) is skipped, not recorded."""
-    import onnx
-    from onnx import numpy_helper
 
     from mmedge.builds.package import build_package
 
     out = build_package(tiny_pkg, backend="tensorrt", precision="fp32")
     assert all(r["rel_error_vs_source"] < 1e-6 for r in out["builds"].values())
-    original = fake_trt.Builder.build_serialized_network
-
-    def wrong(self, network, config):
-        magic, head, graph = bytes(original(self, network, config)).split(b"\n", 2)
-        m = onnx.load_from_string(graph)
-        w = next(t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
-        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
-        return memoryview(b"\n".join((magic, head, m.SerializeToString())))
-
-    monkeypatch.setattr(fake_trt.Builder, "build_serialized_network", wrong)
+    _build_wrong_engines(fake_trt, monkeypatch)
     with pytest.raises(UnsupportedError, match="disagrees with its source graph"):
         build_package(tiny_pkg, backend="tensorrt", precision="fp32")
 
@@ -240,17 +252,10 @@ def test_beam_search_reorders_the_cache_on_the_device(tmp_path, tiny_chat_pkg_se
     once, the reorders between steps are device-to-device copies and nothing of the cache is
     uploaded again."""
     import mmedge.runtime.backends.tensorrt as trtb
-    from mmedge import sdk
-    from mmedge.builds.package import build_package
     from mmedge.runtime.beam_search import beam_search
     from mmedge.runtime.generation import GenerationConfig
 
-    pkg = tmp_path / "pkg"
-    shutil.copytree(tiny_chat_pkg_session, pkg)
-    build_package(pkg, backend="tensorrt", precision="fp32")
-    cuda = sys.modules["cuda.bindings.runtime"]
-    ref = sdk.Pipeline(str(pkg), backend="ort", precision="fp32").lm
-    lm = sdk.Pipeline(str(pkg), backend="tensorrt", precision="fp32").lm
+    ref, lm, cuda = _language_models(tmp_path, tiny_chat_pkg_session)
     hidden = ref.embed(np.array([[1]])).shape[-1]
     config = GenerationConfig.from_kwargs(max_new_tokens=12, min_new_tokens=12, num_beams=3)
     uploads = []
@@ -287,9 +292,6 @@ def test_a_device_bundle_checks_each_engine_it_builds(tmp_path, tiny_pkg, store,
     cache entry, and an engine that disagrees is refused and not kept."""
     import json
 
-    import onnx
-    from onnx import numpy_helper
-
     from mmedge import sdk
     from mmedge.builds.bundle import pack_package
     from mmedge.errors import IntegrityError
@@ -303,16 +305,7 @@ def test_a_device_bundle_checks_each_engine_it_builds(tmp_path, tiny_pkg, store,
     meta = json.loads((cache_dir() / f"{entry.key}.json").read_text())
     assert meta["check"]["rel_error_vs_source"] < 1e-6
 
-    original = fake_trt.Builder.build_serialized_network
-
-    def wrong(self, network, config):
-        magic, head, graph = bytes(original(self, network, config)).split(b"\n", 2)
-        m = onnx.load_from_string(graph)
-        w = next(t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
-        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
-        return memoryview(b"\n".join((magic, head, m.SerializeToString())))
-
-    monkeypatch.setattr(fake_trt.Builder, "build_serialized_network", wrong)
+    _build_wrong_engines(fake_trt, monkeypatch)
     with pytest.raises(IntegrityError, match="disagrees with its source graph"):
         sdk.Pipeline(str(bundle)).embed_texts(["a red circle"])
     assert len(list_engines()) == 1  # the text engine was not kept
