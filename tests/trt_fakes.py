@@ -33,20 +33,17 @@ class _Strict:
 
     def __getattribute__(self, name: str) -> Any:
         if not name.startswith("_"):
-            cls = object.__getattribute__(self, "__class__")
-            allowed = MEMBERS[cls._version].get(cls._api)
-            if allowed is not None and name not in allowed:
-                raise AttributeError(f"TensorRT {cls._version}: {cls._api} has no member {name!r}")
+            object.__getattribute__(self, "_check")(name)
         return object.__getattribute__(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if not name.startswith("_"):
-            self.__getattribute__(name) if name in type(self).__dict__ else self._check(name)
+            self._check(name)
         object.__setattr__(self, name, value)
 
     def _check(self, name: str) -> None:
-        allowed = MEMBERS[self._version].get(self._api)
-        if allowed is not None and name not in allowed:
+        allowed = MEMBERS[self._version][self._api]
+        if name not in allowed:
             raise AttributeError(f"TensorRT {self._version}: {self._api} has no member {name!r}")
 
 
