@@ -374,3 +374,12 @@ def test_backend_refuses_engines_of_another_tensorrt_or_gpu(fake_trt):
     )
     with pytest.raises(UnsupportedError, match=rf"TensorRT {here} for compute capability 8\.7.*10\.0\.1\.6"):
         trtb.TensorRTBackend().load(package, "vision", "fp16", SessionOptions())
+
+
+def test_a_session_without_an_execution_context_is_a_typed_error(tmp_path, fake_trt, monkeypatch):
+    trtbuild.build_engine(_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", _plan(fake_trt.__version__[:4]))
+    data = (tmp_path / "m.plan").read_bytes()
+    engine_type = type(fake_trt.Runtime(None).deserialize_cuda_engine(data))
+    monkeypatch.setattr(engine_type, "create_execution_context", lambda self: None)
+    with pytest.raises(BackendError, match="create_execution_context"):
+        trtb.TensorRTSession(data, hashlib.sha256(data).hexdigest())
