@@ -264,3 +264,41 @@ def test_preload_a_path_or_refuse_an_unknown_name(tiny_pkg_session: Path) -> Non
     assert sdk.Pipeline(tiny_pkg_session, preload=True).runner.loaded() == ["text", "vision"]
     with pytest.raises(InvalidInputError, match=r"cannot preload \['llm'\]: package 'clip-tiny' has paths"):
         sdk.Pipeline(tiny_pkg_session, preload="llm")
+
+
+def test_a_bundle_carries_only_the_paths_it_is_asked_for(tmp_path: Path, mt_pkg_session: Path) -> None:
+    """`mmedge pack --paths`: a device that embeds camera frames and IMU traces carries no audio or
+    depth encoder; the paths left out go with the components only they use and their sections."""
+    from mmedge import sdk
+    from mmedge.builds.bundle import pack_package
+    from mmedge.errors import InvalidInputError
+    from mmedge.export.exporter import export_model
+    from mmedge.models.init import init_checkpoint
+    from mmedge.runtime.package import verify_package
+
+    ib = tmp_path / "ib"
+    export_model(init_checkpoint("imagebind-tiny", tmp_path / "ckpt", seed=0), ib)
+    out = pack_package(ib, tmp_path / "b", precision="fp32", paths=["image", "text", "imu"])
+    m = verify_package(tmp_path / "b").manifest
+    assert sorted(m.pipeline.paths) == ["image", "imu", "text"] and sorted(m.components) == [
+        "imu",
+        "text",
+        "vision",
+    ]
+    assert m.modalities is not None and m.modalities.present() == ("imu",)
+    assert not any("audio" in rel or "depth" in rel for rel in m.files)
+    everything = pack_package(ib, tmp_path / "all", precision="fp32")
+    assert out["bytes"] < everything["bytes"] - 1_000_000  # the audio, depth and thermal encoders
+    pipe = sdk.Pipeline(str(tmp_path / "b"))
+    assert pipe.embed(np.zeros((6, 2000), np.float32), modality="imu").shape == (1, 96)
+    with pytest.raises(InvalidInputError, match="audio"):
+        pipe.embed(np.zeros(32000, np.float32), modality="audio")
+    with pytest.raises(InvalidInputError, match="needs a pipeline path 'text'"):
+        pack_package(ib, tmp_path / "c", precision="fp32", paths=["image", "audio"])
+    with pytest.raises(InvalidInputError, match=r"\['sonar'\] are not paths"):
+        pack_package(ib, tmp_path / "c", precision="fp32", paths=["image", "text", "sonar"])
+    # a classification package keeps the shared encoder and the labels of what it carries
+    pack_package(mt_pkg_session, tmp_path / "mt", precision="fp32", paths=["points"])
+    mt = verify_package(tmp_path / "mt").manifest
+    assert list(mt.pipeline.paths) == ["points"] and mt.classification is not None
+    assert list(mt.classification.labels) == ["points"] and len(mt.components) == 3

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -48,6 +48,40 @@ def _ort_version() -> str:
     import onnxruntime as ort
 
     return str(ort.__version__)
+
+
+def keep_paths(m: Manifest, paths: Sequence[str]) -> Manifest:
+    """The manifest without the pipeline paths missing from `paths`, the components only those paths
+    use and their entries in the `modalities` and `classification` sections: a robot that embeds
+    camera frames and IMU traces carries no audio encoder."""
+    from mmedge.errors import IntegrityError
+    from mmedge.runtime.modality_inputs import MODALITY_PATHS
+    from mmedge.runtime.sections import ClassificationConfig, PipelineConfig
+
+    have = m.pipeline.paths
+    if unknown := sorted(set(paths) - set(have)):
+        raise InvalidInputError(f"--paths {unknown} are not paths of {m.name}; it has {sorted(have)}")
+    kept = {k: v for k, v in have.items() if k in paths}
+    used = {step.component for path in kept.values() for step in path.steps}
+    dropped = {step.component for k, path in have.items() if k not in kept for step in path.steps} - used
+    sections: dict[str, Any] = {}
+    if m.modalities is not None:
+        gone = {k: None for k in MODALITY_PATHS if k not in kept}
+        left = replace(m.modalities, **gone)
+        sections["modalities"] = left if left.present() else None
+    if m.classification is not None:
+        sections["classification"] = ClassificationConfig(
+            {k: v for k, v in m.classification.labels.items() if k in kept}
+        )
+    try:
+        return replace(
+            m,
+            pipeline=PipelineConfig(kept, m.pipeline.image_tokens),
+            components={n: c for n, c in m.components.items() if n not in dropped},
+            **sections,
+        )
+    except IntegrityError as exc:
+        raise InvalidInputError(f"--paths {sorted(paths)} leaves a package that does not work: {exc}") from None
 
 
 def _plan(pkg: Package, target: str, precision: str, portable: bool) -> tuple[dict[str, str], dict[str, str]]:
@@ -138,8 +172,10 @@ def pack_package(
     portable: bool = False,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    paths: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Write the device bundle of `package` for `target` at `precision` to `out` (crash-safely)."""
+    """Write the device bundle of `package` for `target` at `precision` to `out` (crash-safely);
+    with `paths`, only those pipeline paths and what they use (`keep_paths`)."""
     from mmedge.export.package_writer import write_manifest
     from mmedge.runtime.onnx_files import onnx_files
     from mmedge.runtime.staging import check_replaceable, staged_dir
@@ -160,11 +196,13 @@ def pack_package(
         raise InvalidInputError("--out must not be the package itself; a bundle is written beside it")
     say(f"verifying {src}")
     pkg = verify_package(src)
-    m = pkg.manifest
-    if m.bundle is not None:
+    if pkg.manifest.bundle is not None:
         raise UnsupportedError(
-            f"{src} is already a device bundle (for {m.bundle.target}); pack the full package"
+            f"{src} is already a device bundle (for {pkg.manifest.bundle.target}); pack the full package"
         )
+    if paths is not None:
+        pkg = replace(pkg, manifest=keep_paths(pkg.manifest, paths))
+    m = pkg.manifest
     chosen, carried = _plan(pkg, target, precision, portable)
     by_key = {k: rel for rel, k in carried.items()}
     graphs = onnx_files(m)

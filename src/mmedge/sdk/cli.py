@@ -456,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ort-cpu: carry the Q/DQ graphs instead of this onnxruntime's builds (any version and CPU; slower)",
     )
     sp.add_argument("--force", action="store_true", help="replace --out even if it holds other files")
+    sp.add_argument(
+        "--paths",
+        type=_csv(str),
+        default=None,
+        help="comma-separated pipeline paths to carry (e.g. image,text,imu of an ImageBind package); "
+        "components only the other paths use are left out (default: every path)",
+    )
 
     sp = add(
         "bench",

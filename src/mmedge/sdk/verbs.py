@@ -494,6 +494,7 @@ def cmd_pack(a: argparse.Namespace) -> object:
         portable=a.portable,
         force=a.force,
         progress=None if a.json else print,
+        paths=a.paths,
     )
 
 
