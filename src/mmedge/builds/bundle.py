@@ -81,7 +81,9 @@ def keep_paths(m: Manifest, paths: Sequence[str]) -> Manifest:
             **sections,
         )
     except IntegrityError as exc:
-        raise InvalidInputError(f"--paths {sorted(paths)} leaves a package that does not work: {exc}") from None
+        raise InvalidInputError(
+            f"--paths {sorted(paths)} leaves a package that does not work: {exc}"
+        ) from None
 
 
 def _plan(pkg: Package, target: str, precision: str, portable: bool) -> tuple[dict[str, str], dict[str, str]]:
