@@ -38,12 +38,15 @@ def _rng() -> np.random.Generator:
 def test_paired_scenes_are_deterministic_and_keep_the_scene():
     a, b = make_paired(5, 3), generate_paired(4, 5)[3]
     assert np.array_equal(a.scene.image, make_scene(5, 3).image)
-    for m in ("depth", "thermal", "audio", "imu"):
+    for m in ("depth", "thermal", "audio", "imu", "video"):
         assert np.array_equal(getattr(a, m), getattr(b, m))
     assert a.depth.shape == (64, 64) and a.depth.dtype == np.float32
     assert a.thermal.shape == (64, 64) and a.thermal.dtype == np.uint8
     assert a.audio.shape == (2 * SAMPLE_RATE,) and a.audio.dtype == np.float32
     assert a.imu.shape == (6, IMU_SAMPLES) and a.imu.dtype == np.float32
+    # a still scene filmed twice: the same objects, fresh background noise in the second frame
+    assert a.video.shape == (2, 64, 64, 3) and np.array_equal(a.video[0], a.scene.image)
+    assert not np.array_equal(a.video[1], a.video[0])
     assert a.data("text") == a.scene.caption and a.data("depth") is a.depth
     with pytest.raises(InvalidInputError, match="unknown modality"):
         a.data("smell")
@@ -54,7 +57,7 @@ def test_modality_keys_drop_what_a_modality_cannot_see():
     assert modality_key([RED_CIRCLE], "depth") == modality_key([blue], "depth")
     assert modality_key([RED_CIRCLE], "imu") == (("circle", "large", "top left"),)
     assert modality_key([RED_CIRCLE], "audio") != modality_key([blue], "audio")
-    assert set(CARRIES) == {"image", "text", "audio", "depth", "thermal", "imu"}
+    assert set(CARRIES) == {"image", "text", "audio", "depth", "thermal", "imu", "video"}
 
 
 @pytest.mark.parametrize("render", [render_depth, synth_imu])

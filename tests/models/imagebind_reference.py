@@ -23,7 +23,9 @@ from torch.nn import functional as F
 
 class PadIm2Video(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unsqueeze(2).repeat(1, 1, 2, 1, 1)  # (B, C, 2, H, W): the image as two frames
+        if x.ndim == 4:  # an image: (B, C, 1, H, W), then repeated as two frames
+            x = x.unsqueeze(2)
+        return x.repeat(1, 1, 2, 1, 1) if x.shape[2] == 1 else x  # (B, C, 2, H, W); a clip as it is
 
 
 class Stem(nn.Module):  # PatchEmbedGeneric

@@ -67,7 +67,9 @@ INPUTS = {  # modality -> (manifest path, source tensor, shape after the batch)
     "depth": ("depth", "depth_values", (1, 32, 32)),
     "thermal": ("thermal", "thermal_values", (1, 32, 32)),
     "imu": ("imu", "imu_values", (6, 2000)),
+    "video": ("video", "video_values", (3, 2, 32, 32)),  # the vision weights on two frames
 }
+REFERENCE = {"video": "vision"}  # the official model takes a clip where it takes an image
 
 
 def _config(vocab: int) -> dict:
@@ -81,6 +83,7 @@ def _config(vocab: int) -> dict:
         "depth": {"image_size": 32, "patch_size": 8, **trunk},
         "thermal": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 1, "heads": 4},
         "imu": trunk,
+        "video": True,
     }
 
 
@@ -162,7 +165,7 @@ def test_official_layout_loads_and_matches_the_reference(imagebind) -> None:
     full, ids, mask = _official_ids(tok, TEXTS, 24)
     with torch.no_grad():
         for m in INPUTS:
-            want = ref(m, x[m])
+            want = ref(REFERENCE.get(m, m), x[m])
             scale = SCALES.get(m, 1.0)
             got = getattr(model, f"encode_{'image' if m == 'vision' else m}")(x[m])
             torch.testing.assert_close(got * scale, want, atol=2e-5 * scale, rtol=1e-4)
@@ -187,8 +190,9 @@ def test_exported_components_match_the_official_model(imagebind) -> None:
         "depth": "depth_encoder",
         "thermal": "thermal_encoder",
         "imu": "imu_encoder",
+        "video": "video_encoder",
     }
-    assert sorted(m.pipeline.paths) == ["audio", "depth", "image", "imu", "text", "thermal"]
+    assert sorted(m.pipeline.paths) == ["audio", "depth", "image", "imu", "text", "thermal", "video"]
     assert m.retrieval is not None
     assert m.retrieval.scales == pytest.approx({"text": np.exp(2.9), **SCALES}, rel=1e-6)
     assert m.retrieval.logit_scale == pytest.approx(np.exp(2.9), rel=1e-6)
@@ -197,7 +201,7 @@ def test_exported_components_match_the_official_model(imagebind) -> None:
     cosines = {}
     with torch.no_grad():
         for modality, (path, source, _) in INPUTS.items():
-            want = ref(modality, x[modality]).numpy()
+            want = ref(REFERENCE.get(modality, modality), x[modality]).numpy()
             got = runner.run_path(path, {source: x[modality].numpy()})
             assert got.shape == (4, 24) and np.allclose(np.linalg.norm(got, axis=-1), 1, atol=1e-5)
             cosines[modality] = float(_cosine(got, want).min())
@@ -220,7 +224,7 @@ def test_the_pipeline_embeds_each_modality_through_its_path(imagebind) -> None:
     ref, _, root = imagebind
     pipe = sdk.Pipeline(str(root / "pkg"), precision="fp32")
     sections = pipe.runner.manifest.modalities
-    assert pipe.modalities == ("image", "text", "audio", "depth", "thermal", "imu")
+    assert pipe.modalities == ("image", "text", "audio", "depth", "thermal", "imu", "video")
     assert sections is not None and sections.imu is not None and sections.imu.samples == 2000
     scenes = generate_paired(2, seed=5, image_size=32)
     for modality, (_, source, shape) in INPUTS.items():
@@ -231,10 +235,17 @@ def test_the_pipeline_embeds_each_modality_through_its_path(imagebind) -> None:
         got = pipe.embed(items, modality, sample_rate=rate)
         want = []
         for item in items:
-            rows = prepare(modality, item, getattr(sections, modality), sample_rate=rate)[source]
+            rows = prepare(
+                modality,
+                item,
+                getattr(sections, modality),
+                sample_rate=rate,
+                image=pipe.runner.manifest.preprocess,
+            )[source]
             assert rows.shape[1:] == shape
             with torch.no_grad():
-                emb = torch.nn.functional.normalize(ref(modality, torch.from_numpy(rows)), dim=-1)
+                emb = ref(REFERENCE.get(modality, modality), torch.from_numpy(rows))
+                emb = torch.nn.functional.normalize(emb, dim=-1)
             want.append(torch.nn.functional.normalize(emb.mean(0), dim=0).numpy())
         assert _cosine(got, np.stack(want)).min() >= 0.9999, modality
     pipe.add([s.data("depth") for s in scenes], "depth", labels=["d0", "d1"])
@@ -377,3 +388,26 @@ def test_tiny_preset_sizes() -> None:
     assert cfg.present == ("vision", "text", "audio", "depth", "thermal", "imu") and cfg.embed_dim == 96
     assert {getattr(cfg, m).width for m in cfg.present} == {96}
     assert (cfg.audio.mel_bins, cfg.audio.frames, cfg.imu.samples) == (128, 204, 2000)
+
+
+def test_a_still_clip_embeds_as_its_image_and_clips_are_checked(imagebind) -> None:
+    """The video path's stem is the image's Conv3d over two real frames: a clip of one image twice is
+    that image's embedding; another second frame moves it; clips come as arrays of frames."""
+    from mmedge import sdk
+    from mmedge.data.modalities import make_paired
+    from mmedge.errors import InvalidInputError
+
+    _, _, root = imagebind
+    pipe = sdk.Pipeline(str(root / "pkg"), precision="fp32")
+    scene = make_paired(7, 0, image_size=32)
+    assert scene.video.shape == (2, 32, 32, 3) and np.array_equal(scene.video[0], scene.scene.image)
+    image = pipe.embed_images([scene.scene.image])
+    still = pipe.embed(np.stack([scene.scene.image] * 2), "video")
+    np.testing.assert_allclose(still, image, atol=1e-5)
+    moving = pipe.embed(np.stack([scene.video, np.stack([scene.scene.image] * 2)]), "video")
+    assert moving.shape == (2, 24) and float(moving[0] @ image[0]) < 0.99999
+    np.testing.assert_allclose(moving[1], image[0], atol=1e-5)
+    with pytest.raises(InvalidInputError, match=r"\(T, H, W, 3\)"):
+        pipe.embed(scene.scene.image, "video")  # one frame is not a clip
+    with pytest.raises(InvalidInputError):
+        pipe.embed(np.zeros((2, 32, 32), np.uint8), "video")  # frames without colour channels

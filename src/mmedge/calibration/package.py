@@ -44,7 +44,7 @@ def _sources(pkg: Package, path: str, items: list[Any]) -> dict[str, np.ndarray]
         if m.modalities is None:
             raise InvalidInputError(f"package {m.name!r} declares no preprocessing for {path!r}")
         rate = SAMPLE_RATE if path == "audio" else None  # synthetic recordings are arrays at 16 kHz
-        return prepare_items(m.modalities, path, items, sample_rate=rate)[0]
+        return prepare_items(m.modalities, path, items, sample_rate=rate, image=m.preprocess)[0]
     if path == "image":
         if m.preprocess is None:
             raise InvalidInputError(f"package {m.name!r} declares no image preprocessing")

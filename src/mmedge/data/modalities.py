@@ -42,6 +42,7 @@ from mmedge.data.scenes import (
     draw_object,
     drawing_order,
     make_scene,
+    render,
 )
 from mmedge.errors import InvalidInputError
 
@@ -53,6 +54,7 @@ CARRIES: dict[str, tuple[str, ...]] = {
     "thermal": ATTRIBUTES,  # one temperature per colour
     "depth": ("shape", "size", "position"),
     "imu": ("shape", "size", "position"),
+    "video": ATTRIBUTES,  # a still scene filmed twice: two renders with their own noise
 }
 MODALITIES: tuple[str, ...] = tuple(CARRIES)
 
@@ -64,7 +66,7 @@ GRAVITY = 9.81
 DISPARITY_SCALE = 518.0 * 0.075  # focal length (px) x baseline (m): disparity in px = this / depth in m
 
 # Each modality's stream: spawn_key (index, tag) beside the scene's (index,).
-_TAGS = {"depth": 101, "thermal": 102, "audio": 103, "imu": 104}
+_TAGS = {"depth": 101, "thermal": 102, "audio": 103, "imu": 104, "video": 105}
 # Four semitones apart: neighbouring colours fall in different mel bins of a 128-bin filterbank.
 _PITCH_HZ = dict(zip(COLOURS, 220.0 * 2.0 ** (np.arange(len(COLOURS)) * 4 / 12), strict=True))
 # (partial frequency ratios, amplitudes) per shape: sine, odd harmonics (square-like), all
@@ -86,13 +88,15 @@ MAX_CLOUD_POINTS = 1 << 20
 @dataclass(frozen=True, eq=False)
 class PairedScene:
     """A scene with its depth (disparity) map (H, W) float32, thermal image (H, W) uint8, audio (samples,)
-    float32 at `SAMPLE_RATE` and IMU trace (6, 2000) float32."""
+    float32 at `SAMPLE_RATE`, IMU trace (6, 2000) float32 and a 2-frame clip (2, H, W, 3) uint8 (the
+    scene's image, then the scene rendered again with fresh background noise)."""
 
     scene: Scene
     depth: np.ndarray
     thermal: np.ndarray
     audio: np.ndarray
     imu: np.ndarray
+    video: np.ndarray
 
     def data(self, modality: str) -> object:
         """The scene in one of `MODALITIES` (image: the RGB array; text: the caption)."""
@@ -220,6 +224,7 @@ def make_paired(seed: int, index: int, image_size: int = 64) -> PairedScene:
         thermal=render_thermal(objs, image_size, _rng(seed, index, "thermal")),
         audio=synth_audio(objs, _rng(seed, index, "audio")),
         imu=synth_imu(objs, _rng(seed, index, "imu")),
+        video=np.stack([scene.image, render(objs, image_size, _rng(seed, index, "video"))]),
     )
 
 

@@ -51,6 +51,18 @@ def _as_list(items: object, what: str) -> list:
     return items
 
 
+def _video_clips(data: object) -> list:
+    """Clips from one (T, H, W, 3) array, a (N, T, H, W, 3) array or a list of clips (each an array
+    or a list of frames)."""
+    if isinstance(data, np.ndarray) and data.ndim in (4, 5):
+        return _as_list([data] if data.ndim == 4 else list(data), "video clips")
+    if isinstance(data, np.ndarray) or not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
+        raise InvalidInputError(
+            "video: give a clip as a (T, H, W, 3) uint8 array, or several as (N, T, H, W, 3) or a list"
+        )
+    return _as_list(data, "video clips")
+
+
 def _label_list(labels: object) -> list | None:
     if labels is None:
         return None
@@ -171,9 +183,8 @@ class RetrievalPipeline:
             raise InvalidInputError(
                 f"package {m.name!r} does not embed {modality!r}; it embeds {', '.join(self.modalities)}"
             )
-        sources, counts = prepare_items(
-            m.modalities, modality, _as_list(data, f"{modality} items"), sample_rate
-        )
+        items = _video_clips(data) if modality == "video" else _as_list(data, f"{modality} items")
+        sources, counts = prepare_items(m.modalities, modality, items, sample_rate, image=m.preprocess)
         out = self.runner.run_path(modality, sources).astype(np.float32)
         # each item's rows (an audio recording's clips) averaged, as ImageBind averages clip embeddings
         return l2_normalize(mean_rows(out, counts))

@@ -402,6 +402,8 @@ ROLES: dict[str, str | tuple[str, ...] | None] = {
     "depth_encoder": "depth",
     "thermal_encoder": "thermal",
     "imu_encoder": "imu",
+    # two frames (a clip) through the image encoder's weights, into the image embeddings' space
+    "video_encoder": "video",
 }
 
 
@@ -424,6 +426,7 @@ PATH_SOURCES: dict[str, tuple[str, ...]] = {
     "depth": ("depth_values",),  # (B, 1, S, S) disparity
     "thermal": ("thermal_values",),  # (B, 1, S, S)
     "imu": ("imu_values",),  # (B, channels, samples)
+    "video": ("video_values",),  # (B, 3, frames, S, S), each frame preprocessed as an image
 }
 
 

@@ -13,16 +13,29 @@ bicubic (PIL-exact) rather than a bilinear short-side scale. Decoding is the cal
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from mmedge.errors import InvalidInputError
+from mmedge.errors import ConfigError, InvalidInputError
 from mmedge.runtime.images import preprocess
 from mmedge.runtime.sections import PreprocessConfig
 
-__all__ = ["MAX_FRAMES", "uniform_frame_indices", "video_clip"]
+__all__ = ["MAX_FRAMES", "VideoConfig", "uniform_frame_indices", "video_clip"]
 
 MAX_FRAMES = 100_000  # decoded frames accepted per call: an hour at 25 fps, each one only referenced
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """A package's video path (the manifest's `modalities.video`): frames per clip. Each frame is
+    preprocessed as the package's images are (its `preprocess` section)."""
+
+    frames: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.frames, bool) or not isinstance(self.frames, int) or not 1 <= self.frames <= 64:
+            raise ConfigError(f"video frames must be an int in [1, 64], got {self.frames!r}")
 
 
 def uniform_frame_indices(count: int, frames: int) -> np.ndarray:

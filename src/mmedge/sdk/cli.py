@@ -41,11 +41,12 @@ class _VerbParser(argparse.ArgumentParser):
             self._intermixing = False
 
 
-EMBED_MODALITIES = ("image", "text", "audio", "depth", "thermal", "imu")
+EMBED_MODALITIES = ("image", "text", "audio", "depth", "thermal", "imu", "video")
 CLASSIFY_MODALITIES = ("image", "points", "audio", "imu")
 MODALITY_HELP = (
     "what the inputs are, where the package embeds it (ImageBind): audio files (WAV/FLAC/OGG), depth "
-    "(disparity) and thermal maps as 16-bit PNG or .npy, IMU traces as (6, T) .npy (docs/modalities.md)"
+    "(disparity) and thermal maps as 16-bit PNG or .npy, IMU traces as (6, T) .npy, video clips as "
+    "(T, H, W, 3) uint8 .npy of decoded frames (docs/modalities.md)"
 )
 
 

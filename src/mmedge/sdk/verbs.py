@@ -602,6 +602,10 @@ def _modality_input(path: str, modality: str) -> object:
         raise InvalidInputError(f"an IMU trace is a (6, T) .npy array; got {path!r}")
     if modality == "points":
         raise InvalidInputError(f"a point cloud is an (N, 3 + F) .npy array; got {path!r}")
+    if modality == "video":
+        raise InvalidInputError(
+            f"a video clip is a (T, H, W, 3) uint8 .npy array of decoded RGB frames; got {path!r}"
+        )
     return path
 
 

@@ -5,7 +5,8 @@ it uses: `vision` (image_encoder: `pixel_values` -> `image_embeds`), `text` (tex
 `input_ids`, `attention_mask` -> `text_embeds`), `audio` (audio_encoder: `audio_values`
 (B, 1, 128, 204) -> `audio_embeds`), `depth` (depth_encoder: `depth_values` (B, 1, S, S)),
 `thermal` (thermal_encoder: `thermal_values` (B, 1, S, S)), `imu` (imu_encoder: `imu_values`
-(B, 6, 2000)); the manifest's `modalities` section sizes the runtime's preprocessing to them. Every output is the official embedding before its postprocessor's scale: unit
+(B, 6, 2000)) and, with the config's `video`, `video` (video_encoder: `video_values` (B, 3, 2, S, S),
+two frames through the vision weights into the image space); the manifest's `modalities` section sizes the runtime's preprocessing to them. Every output is the official embedding before its postprocessor's scale: unit
 length, so retrieval across any pair of modalities compares cosines. The scales (text's learned
 one, audio 20, depth 5, thermal 10, IMU 5) go to the manifest's `retrieval.scales`, and text's also
 to `retrieval.logit_scale`: image-text zero-shot probabilities are softmax(scale_text * cosine), as
@@ -19,7 +20,7 @@ from torch import nn
 
 from mmedge.models.component import ComponentDecl, bound
 from mmedge.models.imagebind.config import ImageBindConfig
-from mmedge.models.imagebind.modeling import ImageBind
+from mmedge.models.imagebind.modeling import VIDEO_FRAMES, ImageBind
 from mmedge.models.imagebind.official import from_official
 from mmedge.models.registry import Family, Sections, register
 from mmedge.runtime.audio import AudioConfig as AudioInput
@@ -30,6 +31,7 @@ from mmedge.runtime.imu import ImuConfig as ImuInput
 from mmedge.runtime.manifest import DimRange, TensorSpec
 from mmedge.runtime.modality_inputs import ModalitiesConfig
 from mmedge.runtime.sections import CLIP_MEAN, CLIP_STD, PreprocessConfig, RetrievalConfig
+from mmedge.runtime.video import VideoConfig as VideoInput
 
 LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "{}")
 _BATCH = DimRange(1, 1, 64)
@@ -82,6 +84,8 @@ def components(cfg: ImageBindConfig) -> tuple[ComponentDecl, ...]:
                     int_ranges={"input_ids": (0, cfg.text.vocab_size), "attention_mask": (1, 2)},
                 )
             )
+            if cfg.video:
+                out.append(_encoder(cfg, "video", "video_encoder", (3, VIDEO_FRAMES, s, s)))
         elif m == "audio":
             out.append(_encoder(cfg, m, "audio_encoder", (1, cfg.audio.mel_bins, cfg.audio.frames)))
         elif m in ("depth", "thermal"):
@@ -110,6 +114,7 @@ def modalities(cfg: ImageBindConfig) -> ModalitiesConfig:
         depth=DepthInput(image_size=cfg.depth.image_size) if "depth" in has else None,
         thermal=ThermalInput(image_size=cfg.thermal.image_size) if "thermal" in has else None,
         imu=ImuInput(samples=i.samples, window=i.window) if "imu" in has else None,
+        video=VideoInput(frames=VIDEO_FRAMES) if cfg.video else None,
     )
 
 

@@ -191,6 +191,9 @@ class ImageBindConfig:
     # The trunks' and heads' LayerNorm epsilon: the official 1e-6; a model whose vision and text
     # come from a CLIP checkpoint takes that checkpoint's (clip-tiny: 1e-5).
     eps: float = 1e-6
+    # Also export the vision encoder on 2-frame clips (the "video" path: the Conv3d stem over two
+    # real frames). A second graph over the same weights, so off unless asked for.
+    video: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eps < 1.0:
@@ -207,6 +210,8 @@ class ImageBindConfig:
             raise ConfigError(f"imagebind modalities must include 'vision' and 'text', got {list(mods)}")
         if self.embed_dim < 1:
             raise ConfigError(f"imagebind embed_dim must be positive, got {self.embed_dim}")
+        if not isinstance(self.video, bool):
+            raise ConfigError(f"imagebind video must be true or false, got {self.video!r}")
 
     @property
     def present(self) -> tuple[str, ...]:

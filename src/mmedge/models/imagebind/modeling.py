@@ -161,6 +161,13 @@ class VisionEmbeddings(_Tokens):
         weight = self.patch_embedding.weight.sum(dim=2)  # (C, 3, p, p)
         return self.add(patchify(pixel_values, weight, self.grid))
 
+    def video(self, video_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 2, S, S) two frames: the Conv3d of kernel (2, p, p) and stride 2 in time, one
+        temporal step, as a Conv2d per frame with that frame's slice of the kernel, summed."""
+        w = self.patch_embedding.weight  # (C, 3, 2, p, p)
+        first = patchify(video_values[:, :, 0], w[:, :, 0], self.grid)
+        return self.add(first + patchify(video_values[:, :, 1], w[:, :, 1], self.grid))
+
 
 class AudioEmbeddings(_Tokens):
     def __init__(self, cfg: AudioConfig):
@@ -298,6 +305,11 @@ class ImageBind(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised pixels -> (B, D) unit-length embeddings."""
         return self.vision(pixel_values)
+
+    def encode_video(self, video_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 2, S, S) two normalised frames -> (B, D), in the image embeddings' space."""
+        v = self.vision
+        return v.head(v.features(v.embeddings.video(video_values))[:, 0])
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, N) token ids (right-padded, EOS included) -> (B, D) unit-length embeddings."""
