@@ -64,3 +64,32 @@ def test_data_without_paired_modalities_leaves_them_fp32(imagebind_pkg: Path, tm
     assert report["components"]["vision"]["met"]
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert set(manifest["components"]["audio"]["precisions"]) == {"fp32"}
+
+
+def test_a_shared_encoder_is_calibrated_once_on_every_path(mt_pkg_session: Path, tmp_path: Path) -> None:
+    """Meta-Transformer: each tokenizer and head on its modality's examples, the one encoder graph on
+    the tokens of every modality (their sequences differ in length), all to INT8 Q/DQ."""
+    import shutil
+
+    from mmedge.calibration.package import calibrate_package
+    from mmedge.runtime.package import verify_package
+
+    pkg = tmp_path / "mt"
+    shutil.copytree(mt_pkg_session, pkg)
+    said: list[str] = []
+    report = calibrate_package(pkg, "train-shapes:8", samples=6, build=None, progress=said.append)
+    m = verify_package(pkg).manifest
+    assert all("int8" in c.precisions for c in m.components.values()), sorted(m.components)
+    assert m.components["encoder"].calibration_data == "shared"
+    paths = [p for p in m.pipeline.paths if any(s.component == "encoder" for s in m.pipeline.paths[p].steps)]
+    assert len(paths) == 3  # points, audio and IMU tokens in one calibration
+    assert any(line.startswith(f"calibrate encoder on {2 * len(paths)} samples") for line in said), said
+    assert min(report["components"]["encoder"]["cosine"].values()) >= 0.99
+    assert report["components"]["points_tokenizer"]["data"] == "train-shapes:8"
+    # a classification package calibrates on its tasks' examples (`labelled_examples`)
+    from mmedge.data.sources import load_modality_data
+
+    clouds = load_modality_data("train-shapes:4", "points")
+    assert clouds is not None and len(clouds) == 4 and clouds[0].shape == (1024, 3)
+    traces = load_modality_data("train-shapes:4", "imu", task="classification")
+    assert traces is not None and traces[0].shape == (6, 2000)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_bad_input_battery import _edit_manifest, _relist, _watchdog
+from battery_helpers import _edit_manifest, _relist
+from test_bad_input_battery import _watchdog
 
 from mmedge.errors import BackendError, DeadlineExceededError, IntegrityError, MmedgeError, UnsupportedError
 

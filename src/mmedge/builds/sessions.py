@@ -38,7 +38,8 @@ def ort_session(model: Path | bytes | Any, threads: int = 2, uint8_activations: 
 
 
 def run_outputs(session: Any, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Run every feed and stack each output's rows: name -> (total_rows, -1) float64."""
+    """Run every feed and stack each output's rows: name -> (total_rows, -1) float64 (rows of
+    different sizes zero-padded to the widest)."""
     if not feeds:
         raise InvalidInputError("accuracy needs at least one evaluation feed dict")
     names = [o.name for o in session.get_outputs()]
@@ -47,4 +48,11 @@ def run_outputs(session: Any, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict
         for name, value in zip(names, session.run(names, dict(feed))):
             value = np.asarray(value)
             rows[name].append(value.reshape(value.shape[0] if value.ndim else 1, -1).astype(np.float64))
-    return {n: np.concatenate(v) for n, v in rows.items()}
+    return {n: np.concatenate(_same_width(v)) for n, v in rows.items()}
+
+
+def _same_width(parts: list[np.ndarray]) -> list[np.ndarray]:
+    """Rows of feeds whose outputs differ in size (a shared encoder's sequences per modality),
+    zero-padded to the widest: row cosines and largest errors are unchanged by equal zeros."""
+    width = max(p.shape[1] for p in parts)
+    return [np.pad(p, ((0, 0), (0, width - p.shape[1]))) if p.shape[1] < width else p for p in parts]

@@ -60,18 +60,24 @@ def _sources(pkg: Package, path: str, items: list[Any]) -> dict[str, np.ndarray]
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _feeds(pkg: Package, component: str, items: list[Any]) -> list[dict[str, np.ndarray]]:
-    """Calibration feeds of a component on a path: the data's sources run through the fp32
-    components before it on that path, batched by FEED_BATCH."""
-    from mmedge.builds.sessions import ort_session
-
+def _paths_of(pkg: Package, component: str) -> list[str]:
+    """The declared paths that run `component` (a shared encoder runs on several)."""
     role = pkg.manifest.component(component).role
     paths = pkg.manifest.pipeline.paths
-    # the first declared path that runs it (a shared encoder runs on several)
-    path_name = next(
-        (p for p in role_paths(role) if p in paths and any(s.component == component for s in paths[p].steps)),
-        None,
-    )
+    return [
+        p for p in role_paths(role) if p in paths and any(s.component == component for s in paths[p].steps)
+    ]
+
+
+def _feeds(
+    pkg: Package, component: str, items: list[Any], path_name: str | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds of a component on a path (default: the first that runs it): the data's
+    sources run through the fp32 components before it on that path, batched by FEED_BATCH."""
+    from mmedge.builds.sessions import ort_session
+
+    paths = pkg.manifest.pipeline.paths
+    path_name = path_name or next(iter(_paths_of(pkg, component)), None)
     if path_name is None:
         raise InvalidInputError(f"{component} is on no declared path; it cannot be calibrated from data")
     path = paths[path_name]
@@ -152,33 +158,49 @@ def calibrate_package(
             if kind == "none":  # e.g. an LLM: quantized weight-only, without activation calibration
                 comps[name] = _weight_only(tmp, name, entry, weight_bits, block_size, report, say)
                 continue
-            cal, held = cal_items, eval_items
-            if kind not in ("images", "texts"):  # a further modality (ImageBind's audio, depth, ...)
-                raw = load_modality_data(data, kind, size, samples + EVAL_SAMPLES)
-                if raw is None:
-                    say(f"{name}: {data!r} has no {kind} data (synthetic scenes do: shapes:N); left in fp32")
-                    report["components"][name] = {"skipped": f"no {kind} in the calibration data"}
-                    continue
-                cal, held = raw[:samples], raw[samples:] or raw[:samples]
             if kind == "texts" and any(it.text is None for it in items):
                 say(f"{name}: {data!r} has no texts; left in fp32")
                 report["components"][name] = {"skipped": "no texts in the calibration data"}
                 continue
-            say(f"calibrate {name} on {len(cal)} samples ({method}, target cosine {target_cosine})")
+            # (path, calibration items, held-out items) per path the calibration reads
+            runs: list[tuple[str | None, list[Any], list[Any]]] = [(None, cal_items, eval_items)]
+            if kind not in ("images", "texts"):  # further modalities (ImageBind's audio, depth, ...)
+                # "shared": Meta-Transformer's encoder, calibrated once on every path's tokens
+                modalities = _paths_of(pkg, name) if kind == "shared" else [kind]
+                share = max(1, samples // len(modalities))
+                runs = []
+                for modality in modalities:
+                    raw = load_modality_data(
+                        data, modality, size, share + EVAL_SAMPLES, task=pkg.manifest.task
+                    )
+                    if raw is not None:
+                        runs.append(
+                            (modality if kind == "shared" else None, raw[:share], raw[share:] or raw[:share])
+                        )
+                if len(runs) < len(modalities):
+                    say(f"{name}: {data!r} has no {kind} data (synthetic scenes do: shapes:N); left in fp32")
+                    report["components"][name] = {"skipped": f"no {kind} in the calibration data"}
+                    continue
+            n_cal = sum(len(c) for _, c, _ in runs)
+            say(f"calibrate {name} on {n_cal} samples ({method}, target cosine {target_cosine})")
             fp32_rel = entry.precisions["fp32"].file
             int8_rel = fp32_rel.replace(".onnx", ".int8.onnx")
             res = calibrate_to_target(
                 tmp / fp32_rel,
                 tmp / int8_rel,
-                _feeds(pkg, name, cal),
-                _feeds(pkg, name, held),
+                [f for path, c, _ in runs for f in _feeds(pkg, name, c, path)],
+                [f for path, _, h in runs for f in _feeds(pkg, name, h, path)],
                 method=method,
                 target_cosine=target_cosine,
                 progress=lambda m: say("  " + m),
             )
             record = {**res.to_dict(), "data": data}
             lint = lint_model(tmp / int8_rel)
-            parity = {"cosine_vs_fp32": res.cosine, "trt_lint_ok": lint.ok, "eval_samples": len(held)}
+            parity = {
+                "cosine_vs_fp32": res.cosine,
+                "trt_lint_ok": lint.ok,
+                "eval_samples": sum(len(h) for _, _, h in runs),
+            }
             comps[name] = replace(
                 entry, precisions={**entry.precisions, "int8": PrecisionEntry(int8_rel, parity, record)}
             )

@@ -57,18 +57,22 @@ def load_data(spec: str, image_size: int = 64, limit: int | None = None) -> list
 
 
 def load_modality_data(
-    spec: str, modality: str, image_size: int = 64, limit: int | None = None
+    spec: str, modality: str, image_size: int = 64, limit: int | None = None, task: str = "retrieval"
 ) -> list | None:
-    """A further modality's data for `shapes:N` / `train-shapes:N`: the same scenes' depth maps,
-    thermal frames, 16 kHz recordings or IMU traces (`data.modalities`); None for other data,
-    which carries images and texts only."""
-    from mmedge.data.modalities import make_paired
+    """A further modality's data for `shapes:N` / `train-shapes:N`: for a retrieval package the same
+    scenes' depth maps, thermal frames, 16 kHz recordings, IMU traces or 2-frame clips
+    (`data.modalities`); for a classification package, and for point clouds, the modality's
+    synthetic classification examples (`labelled_examples`). None for other data, which carries
+    images and texts only."""
+    from mmedge.data.modalities import labelled_examples, make_paired
 
     match = _SHAPES_SPEC.fullmatch(spec) if isinstance(spec, str) else None
     if not match:
         return None
     seed = TRAIN_SEED if match.group(1) else HELD_OUT_SEED
     n = _shapes_count(match.group(2), spec, limit)
+    if modality == "points" or task == "classification":
+        return labelled_examples(modality, n, seed)[0]
     return [make_paired(seed, i, image_size).data(modality) for i in range(n)]
 
 

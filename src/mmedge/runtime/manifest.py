@@ -49,7 +49,19 @@ AUTO_ORDER = ("int4", "int8", "fp16", "fp32")  # precision="auto": the first a c
 REQUEST_PRECISIONS = ("auto", *PRECISIONS)  # what a caller may ask a runner for
 # "images" / "texts": fed through their path; "none": weight-only. The further modalities' kinds
 # are declared by their encoders; `mmedge calibrate` feeds them the synthetic scenes' paired data.
-CALIBRATION_DATA = ("images", "texts", "none", "audio", "depth", "thermal", "imu", "video")
+# "shared": a component on several paths (Meta-Transformer's encoder), calibrated on all of them.
+CALIBRATION_DATA = (
+    "images",
+    "texts",
+    "none",
+    "audio",
+    "depth",
+    "thermal",
+    "imu",
+    "video",
+    "points",
+    "shared",
+)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"[A-Za-z0-9_.:\-/]{1,200}")
 MAX_DIM = 1 << 20  # a fixed dim or a dim range's max: every one sizes a buffer somewhere

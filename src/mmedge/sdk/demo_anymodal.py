@@ -5,8 +5,9 @@ Both start from the store's trained clip-tiny (one is trained first when there i
 imagebind-tiny copies its image and text encoders, frozen, and trains audio, depth, thermal and IMU
 encoders against the image space only (`recipes.imagebind`); meta-transformer-tiny takes its vision
 trunk as the frozen shared encoder and trains a tokenizer and a head per task (`recipes.meta_transformer`).
-Each is exported, quantized (imagebind: INT8 encoders calibrated on paired scenes; meta-transformer:
-weight-only INT8, its encoder shared by every path) and built for ONNX Runtime; then cross-modal
+Each is exported, quantized to INT8 (imagebind: encoders calibrated on paired scenes; meta-transformer:
+tokenizers and heads on their modality's examples, the shared encoder once on every modality's
+tokens) and built for ONNX Runtime; then cross-modal
 R@1 (each modality -> images, and -> captions, never trained), one cross-modal search through an
 index holding images, captions and depth maps, and the classification accuracies, fp32 against
 INT8. Training runs to step counts, so a busy machine takes longer but reaches the same figures.
@@ -84,16 +85,15 @@ def run_anymodal_demo(
     }
 
     say(
-        "[3/5] exporting both; INT8 encoders for imagebind (calibrated on paired scenes), weight-only INT8 for meta-transformer; building"
+        "[3/5] exporting both; INT8 for imagebind (calibrated on paired scenes) and meta-transformer (its shared encoder on every modality's tokens); building"
     )
     calibration = {}
-    for ckpt, pkg, bits in ((ib_ckpt, ib_pkg, (4,)), (mt_ckpt, mt_pkg, (8,))):
+    for ckpt, pkg in ((ib_ckpt, ib_pkg), (mt_ckpt, mt_pkg)):
         export_model(ckpt, pkg, progress=lambda m: say("      " + m))
         calibration[pkg.name] = calibrate_package(
             pkg,
             "train-shapes:96",
             samples=64,
-            weight_bits=bits,
             threads=threads,
             progress=lambda m: say("      " + m),
         )
@@ -185,7 +185,7 @@ def _print(r: dict[str, Any]) -> None:
     print(f"\nquery {s['query']!r} over {s['indexed']} entries (images, captions, depth maps):")
     for h in s["hits"]:
         print(f"  {h['score']:.3f}  {h['label']}")
-    rows = [("meta-transformer-tiny", "chance", "fp32", "weight-only INT8")]
+    rows = [("meta-transformer-tiny", "chance", "fp32", "INT8")]
     for m in ("points", "audio", "imu"):
         a, b = classes["fp32"][m], classes["quantized"][m]
         rows.append((f"{m} accuracy", f"{a['chance']:.3f}", f"{a['accuracy']:.3f}", f"{b['accuracy']:.3f}"))

@@ -71,7 +71,7 @@ def components(cfg: MetaTransformerConfig) -> tuple[ComponentDecl, ...]:
             outputs=(TensorSpec("tokens", "float32", ("batch", cfg.modality(m).tokens, width)),),
             dims={"batch": BATCH},
             build=lambda model, m=m: model.tokenizers[m],
-            calibration_data="none",  # the calibration data readers know images and texts only
+            calibration_data=m,
             paths=(m,),
         )
         for m in present
@@ -83,7 +83,7 @@ def components(cfg: MetaTransformerConfig) -> tuple[ComponentDecl, ...]:
         outputs=(TensorSpec("hidden_states", "float32", ("batch", "sequence", width)),),
         dims=sequence,
         build=lambda model: model.encoder,
-        calibration_data="none",
+        calibration_data="shared",  # calibrated once, on every modality's tokens
         paths=present,
     )
     heads = tuple(
@@ -97,7 +97,7 @@ def components(cfg: MetaTransformerConfig) -> tuple[ComponentDecl, ...]:
             ),
             dims={"batch": BATCH},
             build=lambda model, m=m: model.heads[m],
-            calibration_data="none",
+            calibration_data=m,
             paths=(m,),
         )
         for m in present
