@@ -10,14 +10,14 @@ from mmedge.models.registry import Family, families
 def _precisions(family: Family) -> str:
     decls = family.components(family.config_from_dict({}))
     out = ["fp32"]
-    if any(d.calibration_data != "none" for d in decls):  # calibrated on data of their path
+    if any(d.calibration_data == "shared" for d in decls):  # Meta-Transformer
+        out.append("int8 (tokenizers and heads; the shared encoder calibrated once on every path)")
+    elif any(d.calibration_data != "none" for d in decls):  # calibrated on data of their path
         out.append("int8 (encoders)")
     if any(d.role == "llm_step" for d in decls):
         out.append("int4 / int8 weight-only (LLM)")
     if any(d.role == "itm" for d in decls):
         out.append("int4 / int8 weight-only (ITM)")
-    if any(d.role == "shared_encoder" for d in decls):
-        out.append("int4 / int8 weight-only (shared encoder, tokenizers)")
     return ", ".join(out)
 
 
