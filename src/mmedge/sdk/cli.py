@@ -344,10 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="TensorRT: ampere_plus builds one engine for every GPU from Ampere on, at some speed cost",
     )
     sp.add_argument(
-        "--workspace-mb", type=int, default=None, help="TensorRT: the builder's workspace (default 2048)"
+        "--workspace-mb",
+        type=int,
+        default=None,
+        help="TensorRT: the builder's workspace in MiB (unset: 2048)",
     )
     sp.add_argument(
-        "--compute-capability", default="8.7", help="with --plan: the GPU's (default 8.7, Jetson Orin)"
+        "--compute-capability",
+        default="8.7",
+        help="with --plan: the GPU's compute capability (8.7: Jetson Orin)",
     )
     sp.add_argument("--gpu-name", default="Orin", help="with --plan: the GPU's name as CUDA reports it")
     sp.add_argument("--platform", default="linux-aarch64", help="with --plan: <sys.platform>-<machine>")
