@@ -15,7 +15,7 @@ from mmedge.presets import list_presets
 from mmedge.runtime.backends import BACKENDS, DEFAULT_BACKEND
 from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS
 from mmedge.runtime.sections import BUNDLE_TARGETS
-from mmedge.sdk import verbs
+from mmedge.sdk import verbs, verbs_retrieval
 from mmedge.sdk.cli_serve import serve_arguments
 
 DATA_HELP = (
@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return g
 
-    sp = add("embed", verbs.cmd_embed, "embed images, texts or another modality the package has")
+    sp = add("embed", verbs_retrieval.cmd_embed, "embed images, texts or another modality the package has")
     runtime_opts(sp)
     sp.add_argument(
         "images",
@@ -560,7 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--actors", type=int, default=None, help="actors in the pool (default 2)")
     g.add_argument("--batch-size", type=int, default=None, help="images per actor call (default 64)")
 
-    sp = add("search", verbs.cmd_search, "build or load an index and search it with a text or an image")
+    sp = add(
+        "search", verbs_retrieval.cmd_search, "build or load an index and search it with a text or an image"
+    )
     runtime_opts(sp)
     sp.add_argument(
         "query", nargs="?", help="a text query (a string is always text; use --image for an image)"
@@ -611,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add(
         "classify",
-        verbs.cmd_classify,
+        verbs_retrieval.cmd_classify,
         "classify an image zero-shot against --labels (retrieval packages), or point clouds, audio or "
         "IMU traces into the package's own classes (classification packages: --modality)",
     )
