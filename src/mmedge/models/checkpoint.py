@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,31 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str
         if not t.is_floating_point():
             raise ConfigError(f"{source}: {name} has dtype {t.dtype}; floating point expected")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def renamed_state(
+    state: dict[str, Any],
+    rename: Callable[[str], str | None],
+    dropped: Callable[[str], bool],
+    source: str,
+    layout: str,
+) -> dict[str, torch.Tensor]:
+    """A state dict in another code base's key layout -> a family's names: `rename` maps a key (None:
+    not part of the layout), `dropped` keys are skipped (training-only entries, derived buffers), and
+    any other key, or a value that is not a tensor, is refused (`ConfigError` naming `layout`)."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            unknown.append(repr(name))
+            continue
+        if dropped(name):
+            continue
+        new = rename(name)
+        if new is None:
+            unknown.append(name)
+        else:
+            out[new] = tensor
+    if unknown:
+        raise ConfigError(f"{source}: {len(unknown)} entries are not part of {layout}: {sorted(unknown)[:5]}")
+    return out

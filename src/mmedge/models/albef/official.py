@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mmedge.errors import ConfigError
+from mmedge.models.checkpoint import renamed_state
 
 _QUEUES = frozenset({"image_queue", "text_queue", "idx_queue", "queue_ptr"})
 _MOMENTUM = re.compile(r"[A-Za-z_]+_m\.")  # visual_encoder_m., text_proj_m., ...
@@ -62,23 +62,11 @@ def from_official(state: dict[str, Any], source: str = "checkpoint") -> dict[str
     unknown names refused (`ConfigError`)."""
     if isinstance(state.get("model"), dict):
         state = state["model"]
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for name, tensor in state.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            unknown.append(repr(name))
-            continue
-        if is_training_only(name):
-            continue
-        new = _rename(name)
-        if new is None:
-            unknown.append(name)
-        else:
-            out[new] = tensor
-    if unknown:
-        raise ConfigError(
-            f"{source}: {len(unknown)} entries are not part of ALBEF's layout (visual_encoder.*, "
-            f"text_encoder[.bert].*, vision_proj, text_proj, itm_head, temp, momentum copies, queues): "
-            f"{sorted(unknown)[:5]}"
-        )
-    return out
+    return renamed_state(
+        state,
+        _rename,
+        is_training_only,
+        source,
+        "ALBEF's layout (visual_encoder.*, text_encoder[.bert].*, vision_proj, text_proj, itm_head, "
+        "temp, momentum copies, queues)",
+    )

@@ -13,9 +13,10 @@ from torch import nn
 
 from mmedge.models.clip.hf import clip_config
 from mmedge.models.clip.modeling import CLIP, CLIPConfig
-from mmedge.models.component import ComponentDecl, bound
+from mmedge.models.component import ComponentDecl
+from mmedge.models.dual_encoder import image_tower, text_tower
 from mmedge.models.registry import Family, HFSupport, Sections, register
-from mmedge.runtime.manifest import DimRange, TensorSpec
+from mmedge.runtime.manifest import DimRange
 from mmedge.runtime.sections import CLIP_MEAN, CLIP_STD, PreprocessConfig, RetrievalConfig
 
 LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "{}")
@@ -23,31 +24,10 @@ LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "{}")
 
 def components(cfg: CLIPConfig) -> tuple[ComponentDecl, ...]:
     """The two exportable towers of a CLIP model."""
-    s, d, ctx = cfg.vision.image_size, cfg.projection_dim, cfg.text.context_length
     batch = DimRange(1, 1, 64)
     return (
-        ComponentDecl(
-            name="vision",
-            role="image_encoder",
-            inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),),
-            outputs=(TensorSpec("image_embeds", "float32", ("batch", d)),),
-            dims={"batch": batch},
-            build=bound("encode_image"),
-            calibration_data="images",
-        ),
-        ComponentDecl(
-            name="text",
-            role="text_encoder",
-            inputs=(
-                TensorSpec("input_ids", "int64", ("batch", "sequence")),
-                TensorSpec("attention_mask", "int64", ("batch", "sequence")),
-            ),
-            outputs=(TensorSpec("text_embeds", "float32", ("batch", d)),),
-            dims={"batch": batch, "sequence": DimRange(1, min(16, ctx), ctx)},
-            build=bound("encode_text"),
-            calibration_data="texts",
-            int_ranges={"input_ids": (0, cfg.text.vocab_size), "attention_mask": (1, 2)},
-        ),
+        image_tower(cfg.vision.image_size, cfg.projection_dim, batch),
+        text_tower(cfg.text.vocab_size, cfg.text.context_length, cfg.projection_dim, batch),
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from mmedge.models.component import ComponentDecl, bound
+from mmedge.models.dual_encoder import image_tower, text_tower
 from mmedge.models.imagebind.config import ImageBindConfig
 from mmedge.models.imagebind.modeling import VIDEO_FRAMES, ImageBind
 from mmedge.models.imagebind.official import from_official
@@ -56,36 +57,11 @@ def components(cfg: ImageBindConfig) -> tuple[ComponentDecl, ...]:
     for m in cfg.present:
         if m == "vision":
             s = cfg.vision.image_size
-            out.append(
-                ComponentDecl(
-                    name="vision",
-                    role="image_encoder",
-                    inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, s, s)),),
-                    outputs=(TensorSpec("image_embeds", "float32", ("batch", d)),),
-                    dims={"batch": _BATCH},
-                    build=bound("encode_image"),
-                    calibration_data="images",
-                )
-            )
-        elif m == "text":
-            ctx = cfg.text.context_length
-            out.append(
-                ComponentDecl(
-                    name="text",
-                    role="text_encoder",
-                    inputs=(
-                        TensorSpec("input_ids", "int64", ("batch", "sequence")),
-                        TensorSpec("attention_mask", "int64", ("batch", "sequence")),
-                    ),
-                    outputs=(TensorSpec("text_embeds", "float32", ("batch", d)),),
-                    dims={"batch": _BATCH, "sequence": DimRange(1, min(16, ctx), ctx)},
-                    build=bound("encode_text"),
-                    calibration_data="texts",
-                    int_ranges={"input_ids": (0, cfg.text.vocab_size), "attention_mask": (1, 2)},
-                )
-            )
-            if cfg.video:
+            out.append(image_tower(s, d, _BATCH))
+            if cfg.video:  # the same weights on 2-frame clips
                 out.append(_encoder(cfg, "video", "video_encoder", (3, VIDEO_FRAMES, s, s)))
+        elif m == "text":
+            out.append(text_tower(cfg.text.vocab_size, cfg.text.context_length, d, _BATCH))
         elif m == "audio":
             out.append(_encoder(cfg, m, "audio_encoder", (1, cfg.audio.mel_bins, cfg.audio.frames)))
         elif m in ("depth", "thermal"):

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mmedge.errors import ConfigError
+from mmedge.models.checkpoint import renamed_state
 from mmedge.models.imagebind.config import MODALITIES
 
 _NAME = re.compile(
@@ -99,23 +99,11 @@ def from_official(state: dict[str, Any], source: str = "checkpoint") -> dict[str
     """An official ImageBind state dict -> the imagebind family's names; the text mask buffer is
     dropped and unknown names refused (`ConfigError`). The modalities present must be the config's
     (a missing or extra modality is refused when the weights are assigned)."""
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for name, tensor in state.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            unknown.append(repr(name))
-            continue
-        if name in _DERIVED:
-            continue
-        new = _rename(name)
-        if new is None:
-            unknown.append(name)
-        else:
-            out[new] = tensor
-    if unknown:
-        raise ConfigError(
-            f"{source}: {len(unknown)} entries are not part of ImageBind's layout (modality_preprocessors.*, "
-            f"modality_trunks.*, modality_heads.*, modality_postprocessors.* of {list(MODALITIES)}): "
-            f"{sorted(unknown)[:5]}"
-        )
-    return out
+    return renamed_state(
+        state,
+        _rename,
+        lambda name: name in _DERIVED,
+        source,
+        "ImageBind's layout (modality_preprocessors.*, modality_trunks.*, modality_heads.*, "
+        f"modality_postprocessors.* of {list(MODALITIES)})",
+    )
