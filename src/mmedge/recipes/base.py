@@ -9,9 +9,13 @@ from an mmedge checkpoint or an HF directory instead of random weights.
 from __future__ import annotations
 
 import importlib
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models.registry import Family, load_preset
@@ -101,3 +105,13 @@ def check_init_family(family: Family, loaded_family: Family, init: str) -> None:
         raise ConfigError(
             f"--init {init!r} is a {loaded_family.name!r} model; this recipe trains {family.name!r}"
         )
+
+
+def loss_record(losses: Sequence[float], started: float) -> dict[str, float]:
+    """A training run's record: first and final loss (the means of its first 5 and last 20 steps)
+    and the seconds since `started` (`time.perf_counter()`)."""
+    return {
+        "first_loss": float(np.mean(losses[:5])),
+        "final_loss": float(np.mean(losses[-20:])),
+        "seconds": round(time.perf_counter() - started, 1),
+    }

@@ -18,7 +18,7 @@ import torch
 from mmedge.errors import InvalidInputError
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.registry import load_preset
-from mmedge.recipes.base import TrainRequest, check_init_family, train_config
+from mmedge.recipes.base import TrainRequest, check_init_family, loss_record, train_config
 from mmedge.recipes.blip2 import _encode, _stage2_loss
 from mmedge.recipes.trainer import amx_bf16_fast
 from mmedge.recipes.trainer import train as run_training
@@ -100,9 +100,7 @@ def finetune(out: str | Path, request: TrainRequest, progress: bool | None = Non
             "steps": len(losses),
             "batch_size": batch,
             "bf16": request.bf16 and amx_bf16_fast(),
-            "first_loss": float(np.mean(losses[:5])),
-            "final_loss": float(np.mean(losses[-20:])),
-            "seconds": round(time.perf_counter() - t0, 1),
+            **loss_record(losses, t0),
         }
     }
     log.info(

@@ -26,7 +26,7 @@ from mmedge.errors import ConfigError, InvalidInputError
 from mmedge.models.checkpoint import save_checkpoint
 from mmedge.models.clip.modeling import CLIP, CLIPConfig
 from mmedge.models.registry import load_preset
-from mmedge.recipes.base import TrainRequest, check_init_family, train_config
+from mmedge.recipes.base import TrainRequest, check_init_family, loss_record, train_config
 from mmedge.recipes.losses import itc_loss
 from mmedge.recipes.trainer import amx_bf16_fast
 from mmedge.recipes.trainer import train as run_training
@@ -195,9 +195,7 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
             "batch_size": batch,
             "hard_negatives": hard if items is None else 0,
             "bf16": request.bf16 and amx_bf16_fast(),
-            "first_loss": float(np.mean(losses[:5])),
-            "final_loss": float(np.mean(losses[-20:])),
-            "seconds": round(time.perf_counter() - t0, 1),
+            **loss_record(losses, t0),
         }
     }
     log.info("trained %d steps, final loss %.3f", len(losses), info["train"]["final_loss"])

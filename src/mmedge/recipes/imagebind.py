@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from mmedge.recipes.base import TrainRequest, require_clip_start, train_config
+from mmedge.recipes.base import TrainRequest, loss_record, require_clip_start, train_config
 from mmedge.recipes.trainer import train as run_training
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,7 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
             "pool": pool_size,
             "steps": len(losses),
             "batch_size": batch,
-            "first_loss": float(np.mean(losses[:5])),
-            "final_loss": float(np.mean(losses[-20:])),
-            "seconds": round(time.perf_counter() - t0, 1),
+            **loss_record(losses, t0),
         }
     }
     log.info("trained %d steps, final loss %.3f", len(losses), info["train"]["final_loss"])

@@ -17,7 +17,6 @@ checkpoint (`--init`), as ALBEF and BLIP start from a pretrained ViT.
 from __future__ import annotations
 
 import copy
-import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch.nn import functional as F
 
 from mmedge.data.scenes import TRAIN_SEED
 from mmedge.errors import ConfigError
+from mmedge.recipes.base import loss_record
 from mmedge.runtime.sections import PreprocessConfig
 
 QUEUE = 1024  # momentum features kept from earlier batches (ALBEF: 65,536 at batch 512)
@@ -235,7 +235,5 @@ def train_info(request: Any, batch: int, hard: int, losses: list[float], started
         "momentum": MOMENTUM,
         "alpha": ALPHA,
         "bf16": request.bf16 and amx_bf16_fast(),
-        "first_loss": float(np.mean(losses[:5])),
-        "final_loss": float(np.mean(losses[-20:])),
-        "seconds": round(time.perf_counter() - started, 1),
+        **loss_record(losses, started),
     }

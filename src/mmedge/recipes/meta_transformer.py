@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from mmedge.errors import ConfigError
-from mmedge.recipes.base import TrainRequest, require_clip_start, train_config
+from mmedge.recipes.base import TrainRequest, loss_record, require_clip_start, train_config
 from mmedge.recipes.trainer import train as run_training
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,7 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
             "pool": size,
             "steps": len(losses),
             "batch_size": batch,
-            "first_loss": float(np.mean(losses[:5])),
-            "final_loss": float(np.mean(losses[-20:])),
-            "seconds": round(time.perf_counter() - t0, 1),
+            **loss_record(losses, t0),
         }
     }
     log.info("trained %d steps, final loss %.3f", len(losses), info["train"]["final_loss"])
