@@ -40,7 +40,6 @@ from mmedge.runtime.trt_plan import (
     EnginePlan,
     EngineSource,
     api_generation,
-    check_dims,
     check_settings,
     plan_engine,
 )
@@ -115,14 +114,6 @@ def _model_bytes() -> bytes:
 def _plan(version: str = "10.3", precision: str = "fp32", **settings) -> EnginePlan:
     model = onnx.load_from_string(_model_bytes())
     return plan_engine(_source(precision), model, settings, API_GENERATIONS[version])
-
-
-@pytest.mark.parametrize(
-    "dims", [{"x": ((1, 4), (2, 4))}, {"x": ((4, 4), (2, 4), (8, 4))}, {"x": (("a", 4), (2, 4), (8, 4))}]
-)
-def test_bad_dims_are_refused(dims):
-    with pytest.raises(InvalidInputError):
-        check_dims(dims)
 
 
 def test_bad_settings_are_refused():

@@ -70,19 +70,25 @@ def engine_target(settings: dict, version: str | None = None, capability: str | 
     return f"sm{sm}-trt{trt_minor}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
+def _graphs(pkg: Package, precision: str) -> list[tuple[EngineSource, str, Any]]:
+    """(source, graph file, parsed graph) of every component precision a build request covers; the
+    graph only, its external weights are not read."""
+    from mmedge.runtime.onnx_files import parse_model, read_listed
+
+    out = []
+    for name, entry in pkg.manifest.components.items():
+        for p in precisions_to_build(entry, precision):
+            rel = entry.precisions[p].file
+            model = parse_model(read_listed(pkg.root, rel, pkg.manifest.files[rel]), rel)
+            out.append((EngineSource.of(name, entry, p), rel, model))
+    return out
+
+
 def package_plans(
     pkg: Package, precision: str, settings: dict[str, Any], api: ApiGeneration
 ) -> list[EnginePlan]:
     """The engine plan of every component precision a build request covers."""
-    from mmedge.runtime.onnx_files import parse_model, read_listed
-
-    plans = []
-    for name, entry in pkg.manifest.components.items():
-        for p in precisions_to_build(entry, precision):
-            rel = entry.precisions[p].file  # the graph only: external weights are not read
-            model = parse_model(read_listed(pkg.root, rel, pkg.manifest.files[rel]), rel)
-            plans.append(plan_engine(EngineSource.of(name, entry, p), model, settings, api))
-    return plans
+    return [plan_engine(source, model, settings, api) for source, _, model in _graphs(pkg, precision)]
 
 
 def build_engine(
@@ -196,18 +202,14 @@ def build_plan(
     pkg = verify_package(resolve(package))
     checked = check_settings(settings or {})
     rows = []
+    graphs = _graphs(pkg, precision)  # read once, planned for every version
+    external = {rel: _external_data(pkg, rel) for _, rel, _ in graphs}
     for version in versions:
         api = api_generation(version)
         device = DeviceIdentity(version, capability, gpu_name, platform)
-        for plan in package_plans(pkg, precision, checked, api):
-            entry = pkg.manifest.components[plan.component]
-            rel = entry.precisions[plan.precision].file
-            spec = EngineSpec(
-                pkg.manifest.files[rel].sha256,
-                EngineSource.of(plan.component, entry, plan.precision),
-                checked,
-                _external_data(pkg, rel),
-            )
+        for source, rel, model in graphs:
+            plan = plan_engine(source, model, checked, api)
+            spec = EngineSpec(pkg.manifest.files[rel].sha256, source, checked, external[rel])
             rows.append(
                 {
                     **plan.record(),

@@ -14,7 +14,7 @@ same plan (`trt_build.build_network`): there is one place that decides flags and
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -99,24 +99,6 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidInputError(
             f"hardware_compatibility must be one of {HARDWARE_LEVELS}, got {out['hardware_compatibility']!r}"
         )
-    return out
-
-
-def check_dims(dims: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, list[list[int]]]:
-    """(min, opt, max) shapes per input, checked: equal ranks, 0 < min <= opt <= max."""
-    out = {}
-    for name, shapes in dims.items():
-        try:
-            lo, opt, hi = ([int(d) for d in s] for s in shapes)
-        except (TypeError, ValueError):
-            raise InvalidInputError(
-                f"dims[{name!r}] must be (min_shape, opt_shape, max_shape), got {shapes!r}"
-            ) from None
-        if not len(lo) == len(opt) == len(hi) or not all(0 < a <= b <= c for a, b, c in zip(lo, opt, hi)):
-            raise InvalidInputError(
-                f"dims[{name!r}] = {shapes!r}: need equal ranks and 0 < min <= opt <= max per dim"
-            )
-        out[name] = [lo, opt, hi]
     return out
 
 

@@ -15,6 +15,7 @@ from mmedge.presets import list_presets
 from mmedge.runtime.backends import BACKENDS, DEFAULT_BACKEND
 from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS
 from mmedge.runtime.sections import BUNDLE_TARGETS
+from mmedge.runtime.trt_plan import HARDWARE_LEVELS
 from mmedge.sdk import verbs, verbs_retrieval
 from mmedge.sdk.cli_serve import serve_arguments
 
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--hardware-compatibility",
         default="none",
-        choices=["none", "ampere_plus"],
+        choices=HARDWARE_LEVELS,
         help="TensorRT: ampere_plus builds one engine for every GPU from Ampere on, at some speed cost",
     )
     sp.add_argument(
