@@ -156,3 +156,13 @@ class Encoder(nn.Module):
         for layer in self.layers:
             x = layer(x, bias)
         return x
+
+
+def imu_windows(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, C, L) -> (B, L / window, C * window): each window's samples, channel-major (ImageBind's
+    IMU stem, Meta-Transformer's IMU tokenizer). The values of the official
+    `x.unfold(-1, window, window).permute(0, 2, 1, 3)` flattened per window, written with
+    reshape/permute because ONNX Runtime has no kernel for the unfold export."""
+    _, c, length = x.shape
+    n = length // window
+    return x.reshape(-1, c, n, window).permute(0, 2, 1, 3).reshape(-1, n, c * window)

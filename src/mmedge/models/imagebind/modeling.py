@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmedge.models.blocks import MASK_VALUE, MLP, MergedQKVAttention
+from mmedge.models.blocks import MASK_VALUE, MLP, MergedQKVAttention, imu_windows
 from mmedge.models.imagebind.config import (
     BIAS_KV,
     MAX_LOGIT_SCALE,
@@ -122,15 +122,6 @@ def patchify(x: torch.Tensor, weight: torch.Tensor, grid: int) -> torch.Tensor:
     c_out, c_in, p, _ = weight.shape
     x = x.reshape(-1, c_in, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, grid * grid, c_in * p * p)
     return x @ weight.reshape(c_out, -1).t()
-
-
-def imu_windows(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, C, L) -> (B, L / window, C * window): each window's samples, channel-major. The same
-    values as the official `x.unfold(-1, window, window).permute(0, 2, 1, 3)` flattened per window,
-    written with reshape/permute because ONNX Runtime has no kernel for the unfold export."""
-    _, c, length = x.shape
-    n = length // window
-    return x.reshape(-1, c, n, window).permute(0, 2, 1, 3).reshape(-1, n, c * window)
 
 
 class _Tokens(nn.Module):

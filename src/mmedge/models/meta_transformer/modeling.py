@@ -31,7 +31,7 @@ import hashlib
 import torch
 from torch import nn
 
-from mmedge.models.blocks import Encoder
+from mmedge.models.blocks import Encoder, imu_windows
 from mmedge.models.meta_transformer.config import (
     AudioConfig,
     EncoderConfig,
@@ -105,15 +105,6 @@ class AudioTokenizer(nn.Module):
     def forward(self, audio_values: torch.Tensor) -> torch.Tensor:
         x = self.proj(audio_values).flatten(2).transpose(1, 2)  # (B, f*t, width), frequency-major
         return self.cls(x + self.pos_embed)
-
-
-def imu_windows(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, C, T) -> (B, T // window, C * window): token t holds channel 0's samples t*W..t*W+W-1,
-    then channel 1's, ...; the order of `x.unfold(-1, W, W).permute(0, 2, 1, 3).flatten(2)`, written
-    with reshape/permute because ONNX Runtime rejects the graph `unfold` exports to."""
-    _, c, t = x.shape
-    n = t // window
-    return x.reshape(-1, c, n, window).permute(0, 2, 1, 3).reshape(-1, n, c * window)
 
 
 class ImuTokenizer(nn.Module):
