@@ -1,7 +1,8 @@
 """Every `./dev mmedge ...` command of the README runs, in a folder holding the inputs it names.
 
 The inputs are made here: sample scenes (`mmedge data scenes`), tiny random HF directories written
-with transformers' `save_pretrained` for `hf/clip`, `hf/blip2-opt` and `hf/llama`, a random BLIP-2
+with transformers' `save_pretrained` for `hf/clip`, `hf/blip2-opt` and `hf/llama` (and diffusers' for
+`hf/sd15`), a random BLIP-2
 checkpoint for `ckpt/blip2`, a random MiniGPT-4 projection, and the JSONL files. One substitution keeps the test short: `train`
 commands get `--steps 3` (the recipes' step counts take minutes). A command that needs what this
 machine lacks (`--backend tensorrt`) must fail cleanly, naming the extra to install.
@@ -9,6 +10,7 @@ machine lacks (`--backend tensorrt`) must fail cleanly, naming the extra to inst
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -165,6 +167,10 @@ def workspace(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> P
     _hf_llama(tmp_path / "hf" / "llama")
     _hf_llava(tmp_path / "hf" / "llava-1.5")
     _minigpt4_projection(tmp_path / "minigpt4.safetensors")
+    if importlib.util.find_spec("diffusers") is not None:  # the dev extra has it
+        from diffusers_tiny import write_tiny_sd
+
+        write_tiny_sd(tmp_path / "hf" / "sd15")
     init_checkpoint("blip2-tiny", tmp_path / "ckpt" / "blip2")
     scenes = generate_scenes(6, seed=12, image_size=64)
     (tmp_path / "photos").mkdir()

@@ -33,6 +33,7 @@ _VISION = {
 }
 # Special ids of the tiny tokenizer (data.tokenizer_train): pad 0, bos 1, unk 2, eos 3.
 _SPECIALS = {"bos_token_id": 1, "eos_token_id": 3, "pad_token_id": 0}
+_SPECIALS_TEXT = {"eos_token_id": 3, "pad_token_id": 0}
 _DECODERS = {
     "opt": {
         "variant": "opt",
@@ -73,6 +74,35 @@ _QFORMER = {
     "encoder_hidden": 32,
     "num_query_tokens": 4,
 }
+
+# Stable Diffusion: a 1-layer CLIP text encoder, a 2-block U-Net (latents halved once), a 2-block VAE.
+_SD_TEXT = {
+    "vocab_size": 0,
+    "context_length": 16,
+    "width": 32,
+    "layers": 1,
+    "heads": 2,
+    "mlp_dim": 64,
+    "act": "gelu",
+}
+_SD_UNET = {
+    "sample_size": 8,
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+_SD_VAE = {
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "norm_num_groups": 8,
+    "sample_size": 16,
+}
+_SD_SCHEDULER = {"kind": "ddim", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 # (family, variant) -> tiny config in the family's JSON form ("vocab_size": 0 = the tokenizer's size)
 CASES: dict[tuple[str, str], dict[str, Any]] = {
@@ -179,6 +209,20 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
         for v in _DECODERS
     },
     **{("causal-lm", v): cfg for v, cfg in _DECODERS.items()},
+    ("stable-diffusion", "latent"): {
+        "text": {**_SD_TEXT, **_SPECIALS_TEXT},
+        "unet": _SD_UNET,
+        "vae": _SD_VAE,
+        "scheduler": _SD_SCHEDULER,
+        "steps": 3,
+    },
+    ("stable-diffusion", "pixel"): {
+        "text": {**_SD_TEXT, **_SPECIALS_TEXT},
+        "unet": {**_SD_UNET, "in_channels": 3, "out_channels": 3, "sample_size": 16},
+        "scheduler": {**_SD_SCHEDULER, "kind": "euler"},
+        "steps": 3,
+        "guidance": 1.0,
+    },
     ("meta-transformer", "shared-encoder"): {
         "encoder": {"width": 32, "layers": 1, "heads": 2},
         "points": {"groups": 8, "group_size": 4, "channels": [8, 16, 32], "pos_hidden": 8, "classes": 3},
@@ -255,6 +299,10 @@ def task_call(pipe: Any, task: str) -> None:
             assert logits.shape == (2, len(pipe.labels[m])) and np.isfinite(logits).all(), m
             top = pipe.classify(data[m], m, top_k=2, sample_rate=rate)
             assert [len(r) for r in top] == [min(2, len(pipe.labels[m]))] * 2
+    elif task == "image_generation":
+        out = pipe.generate("a small red circle", seed=0)
+        side = pipe.default_size
+        assert out.pixels.shape == (side, side, 3) and np.isfinite(out.image).all()
     else:
         raise AssertionError(f"no task call for {task!r}: add one here")
 

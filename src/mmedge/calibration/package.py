@@ -99,6 +99,23 @@ def _feeds(
     return feeds
 
 
+def _trajectories(
+    pkg: Package, cal_items: list[Any], eval_items: list[Any], say: Callable[[str], None]
+) -> tuple[dict[str, list[dict[str, np.ndarray]]], dict[str, list[dict[str, np.ndarray]]]]:
+    """(calibration, held-out) inputs of an image-generation package's components, collected along
+    the fp32 package's denoising trajectories for the data's captions (`calibration.denoising`)."""
+    from mmedge.calibration.denoising import METRIC_IMAGES, trajectory_feeds
+
+    cal = [it.text for it in cal_items if it.text][:METRIC_IMAGES]
+    held = [it.text for it in eval_items if it.text][: max(1, METRIC_IMAGES // 2)]
+    if not cal:
+        raise InvalidInputError(
+            "an image-generation package is calibrated from captions; the --data given has none"
+        )
+    say(f"collecting denoising trajectories of {len(cal)} + {len(held)} captions")
+    return trajectory_feeds(pkg, cal, seed=0), trajectory_feeds(pkg, held or cal, seed=1000)
+
+
 def calibrate_package(
     package: str | Path,
     data: str,
@@ -152,6 +169,7 @@ def calibrate_package(
         if unsigned:
             say(unsigned_note(pkg.root))
         comps = dict(pkg.manifest.components)
+        trajectories = None  # (calibration, held-out) feeds per component, collected once
         for name in wanted:
             entry = pkg.manifest.component(name)
             kind = entry.calibration_data
@@ -162,34 +180,52 @@ def calibrate_package(
                 say(f"{name}: {data!r} has no texts; left in fp32")
                 report["components"][name] = {"skipped": "no texts in the calibration data"}
                 continue
-            # (path, calibration items, held-out items) per path the calibration reads
-            runs: list[tuple[str | None, list[Any], list[Any]]] = [(None, cal_items, eval_items)]
-            if kind not in ("images", "texts"):  # further modalities (ImageBind's audio, depth, ...)
-                # "shared": Meta-Transformer's encoder, calibrated once on every path's tokens
-                modalities = _paths_of(pkg, name) if kind == "shared" else [kind]
-                share = max(1, samples // len(modalities))
-                runs = []
-                for modality in modalities:
-                    raw = load_modality_data(
-                        data, modality, size, share + EVAL_SAMPLES, task=pkg.manifest.task
-                    )
-                    if raw is not None:
-                        runs.append(
-                            (modality if kind == "shared" else None, raw[:share], raw[share:] or raw[:share])
+            if kind == "denoising":  # a U-Net (or VAE decoder): inputs along denoising trajectories
+                if trajectories is None:
+                    trajectories = _trajectories(pkg, cal_items, eval_items, say)
+                cal_feeds, eval_feeds = trajectories[0].get(name, []), trajectories[1].get(name, [])
+                eval_count = len(eval_feeds)  # denoising steps (or decoded images)
+            else:
+                # (path, calibration items, held-out items) per path the calibration reads
+                runs: list[tuple[str | None, list[Any], list[Any]]] = [(None, cal_items, eval_items)]
+                if kind not in ("images", "texts"):  # further modalities (ImageBind's audio, depth, ...)
+                    # "shared": Meta-Transformer's encoder, calibrated once on every path's tokens
+                    modalities = _paths_of(pkg, name) if kind == "shared" else [kind]
+                    share = max(1, samples // len(modalities))
+                    runs = []
+                    for modality in modalities:
+                        raw = load_modality_data(
+                            data, modality, size, share + EVAL_SAMPLES, task=pkg.manifest.task
                         )
-                if len(runs) < len(modalities):
-                    say(f"{name}: {data!r} has no {kind} data (synthetic scenes do: shapes:N); left in fp32")
-                    report["components"][name] = {"skipped": f"no {kind} in the calibration data"}
-                    continue
-            n_cal = sum(len(c) for _, c, _ in runs)
-            say(f"calibrate {name} on {n_cal} samples ({method}, target cosine {target_cosine})")
+                        if raw is not None:
+                            runs.append(
+                                (
+                                    modality if kind == "shared" else None,
+                                    raw[:share],
+                                    raw[share:] or raw[:share],
+                                )
+                            )
+                    if len(runs) < len(modalities):
+                        say(
+                            f"{name}: {data!r} has no {kind} data (synthetic scenes do: shapes:N); left in fp32"
+                        )
+                        report["components"][name] = {"skipped": f"no {kind} in the calibration data"}
+                        continue
+                cal_feeds = [f for path, c, _ in runs for f in _feeds(pkg, name, c, path)]
+                eval_feeds = [f for path, _, h in runs for f in _feeds(pkg, name, h, path)]
+                eval_count = sum(len(h) for _, _, h in runs)
+            if not cal_feeds:
+                say(f"{name}: the calibration data gave it no inputs; left in fp32")
+                report["components"][name] = {"skipped": "no calibration inputs"}
+                continue
+            say(f"calibrate {name} on {len(cal_feeds)} feeds ({method}, target cosine {target_cosine})")
             fp32_rel = entry.precisions["fp32"].file
             int8_rel = fp32_rel.replace(".onnx", ".int8.onnx")
             res = calibrate_to_target(
                 tmp / fp32_rel,
                 tmp / int8_rel,
-                [f for path, c, _ in runs for f in _feeds(pkg, name, c, path)],
-                [f for path, _, h in runs for f in _feeds(pkg, name, h, path)],
+                cal_feeds,
+                eval_feeds,
                 method=method,
                 target_cosine=target_cosine,
                 progress=lambda m: say("  " + m),
@@ -199,7 +235,7 @@ def calibrate_package(
             parity = {
                 "cosine_vs_fp32": res.cosine,
                 "trt_lint_ok": lint.ok,
-                "eval_samples": sum(len(h) for _, _, h in runs),
+                "eval_samples": eval_count,
             }
             comps[name] = replace(
                 entry, precisions={**entry.precisions, "int8": PrecisionEntry(int8_rel, parity, record)}
@@ -224,6 +260,27 @@ def calibrate_package(
         write_manifest(tmp, manifest)
         staged = verify_package(tmp)
         report["task_metric"] = _task_metric(staged, eval_items, data)
+        image = report["task_metric"].get("quantized_vs_fp32")
+        if image is not None:  # an image-generation package: the final image's metric, on each int8 graph
+            manifest = replace(
+                manifest,
+                components={
+                    n: replace(
+                        c,
+                        precisions={
+                            **c.precisions,
+                            "int8": replace(
+                                c.precisions["int8"],
+                                parity={**c.precisions["int8"].parity, "image_vs_fp32": image},
+                            ),
+                        },
+                    )
+                    if c.calibration_data == "denoising" and "int8" in c.precisions
+                    else c
+                    for n, c in manifest.components.items()
+                },
+            )
+            say(f"image vs fp32 (quantized graphs together): {image}")
         write_atomic(tmp / "reports" / "calibration.json", json.dumps(report, indent=2, sort_keys=True))
         write_manifest(tmp, manifest)
         verify_package(tmp)
@@ -366,6 +423,13 @@ def _task_metric(pkg: Package, items: list[Any], data: str) -> dict[str, Any]:
         return {
             "skipped": "chat metrics (VQA) need synthetic scenes with questions: --data shapes:N or train-shapes:N"
         }
+    if task == "image_generation":
+        from mmedge.calibration.denoising import image_metric
+
+        prompts = [it.text for it in items if it.text]
+        if not prompts:
+            return {"skipped": "the image-level metric draws the data's captions; the data has none"}
+        return {"quantized_vs_fp32": image_metric(pkg, prompts, "auto")}
     if task not in ("retrieval", "chat"):
         return {"skipped": f"no task metric for {task} packages; see the weight-only logits records"}
     out = {}

@@ -246,6 +246,7 @@ def export_loaded(
             modalities=sections.modalities,
             classification=sections.classification,
             chat_template=sections.chat_template,
+            diffusion=sections.diffusion,
         )
         manifest = write_manifest(tmp, manifest)
         verify_package(tmp)

@@ -28,6 +28,7 @@ from torch import nn
 from mmedge.errors import ConfigError, UnsupportedError
 from mmedge.models.component import ComponentDecl
 from mmedge.presets import read_preset
+from mmedge.runtime.diffusion_config import DiffusionConfig
 from mmedge.runtime.manifest import TASKS
 from mmedge.runtime.modality_inputs import ModalitiesConfig
 from mmedge.runtime.sections import (
@@ -62,6 +63,7 @@ class Sections:
         None  # preprocessing of the audio, depth, thermal, imu, points paths
     )
     classification: ClassificationConfig | None = None  # class labels per path (classification task)
+    diffusion: DiffusionConfig | None = None  # scheduler and latent geometry (image_generation task)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,24 @@ class HFSupport:
     directory: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None
     # subfolder holding the image path's instruction tokenizer (a processor's sub-tokenizer)
     instruction_tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
+class DiffusersSource:
+    """What a family reads from a diffusers-format directory (`model_index.json` at its root)."""
+
+    config: dict[str, Any]  # the family's config (JSON form)
+    state: dict[str, torch.Tensor]  # the family's state dict
+    tokenizer_json: str
+    weight_files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class DiffusersSupport:
+    """How diffusers pipeline directories of this family map onto it (read without diffusers)."""
+
+    pipelines: tuple[str, ...]  # model_index.json `_class_name`s this family reads
+    load: Callable[[Path, bool], DiffusersSource]  # (directory, allow_pickle) -> config, weights, tokenizer
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,7 @@ class Family:
     # The task of a config, for a family whose variants serve different tasks (blip: retrieval for
     # `itm`, chat for `caption` and `vqa`); None: every variant serves `task`.
     task_of: Callable[[Any], str] | None = None
+    diffusers: DiffusersSupport | None = None  # diffusers-format directories (`model_index.json`)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -188,6 +209,17 @@ def family_for_model_type(model_type: Any) -> Family:
     if not found:
         accepted = sorted(t for f in families().values() if f.hf for t in f.hf.model_types)
         raise UnsupportedError(f"HF model_type {model_type!r} is not supported; supported: {accepted}")
+    return found[0]
+
+
+def family_for_pipeline(class_name: Any) -> Family:
+    """The family that reads diffusers directories of pipeline class `class_name`."""
+    found = [
+        f for f in families().values() if f.diffusers is not None and class_name in f.diffusers.pipelines
+    ]
+    if not found:
+        accepted = sorted(p for f in families().values() if f.diffusers for p in f.diffusers.pipelines)
+        raise UnsupportedError(f"diffusers pipeline {class_name!r} is not supported; supported: {accepted}")
     return found[0]
 
 

@@ -53,6 +53,8 @@ def load_source(
             f"{root} is not a directory; expected an mmedge checkpoint, an HF model directory or a "
             "weights file in a family's official layout"
         )
+    if (root / "model_index.json").is_file():
+        return load_diffusers(root, family, allow_pickle, max_context)
     if hf_import.is_hf_dir(root):
         src = hf_import.load_hf(root, allow_pickle=allow_pickle, max_context=max_context, family=family)
         cfg = src.family.config_from_dict(src.config)
@@ -101,6 +103,31 @@ def load_source(
         source,
         instruction.read_text() if instruction.is_file() else None,
     )
+
+
+def load_diffusers(
+    root: Path, family: str | None = None, allow_pickle: bool = False, max_context: int | None = None
+) -> LoadedModel:
+    """A diffusers-format directory (`model_index.json`), read by the family that names its pipeline
+    class (`Family.diffusers`)."""
+    from mmedge.models import checkpoint, hf_import
+    from mmedge.models.registry import family_for_pipeline
+    from mmedge.runtime.package import sha256_file
+
+    if max_context is not None:
+        raise ConfigError("max_context applies to language models; a diffusers directory has none")
+    index = checkpoint.read_json_object(root / "model_index.json")
+    fam = get_family(family) if family else family_for_pipeline(index.get("_class_name"))
+    if fam.diffusers is None:
+        raise UnsupportedError(f"family {fam.name!r} does not read diffusers directories")
+    src = fam.diffusers.load(root, allow_pickle)
+    cfg = fam.config_from_dict(src.config)
+    hf_import.check_tokenizer_fits(root / "tokenizer", src.tokenizer_json, fam, cfg)
+    model = fam.build(cfg)
+    checkpoint.assign_weights(model, src.state, str(root))
+    files = {str(f.relative_to(root)): sha256_file(f) for f in src.weight_files}
+    source = {"kind": "diffusers", "path": str(root.resolve()), "weights": files}
+    return LoadedModel(fam, cfg, model.eval(), src.tokenizer_json, fam.preprocess(cfg), source)
 
 
 def load_official(

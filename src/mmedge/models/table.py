@@ -12,6 +12,8 @@ def _precisions(family: Family) -> str:
     out = ["fp32"]
     if any(d.calibration_data == "shared" for d in decls):  # Meta-Transformer
         out.append("int8 (tokenizers and heads; the shared encoder calibrated once on every path)")
+    elif any(d.calibration_data == "denoising" for d in decls):  # Stable Diffusion
+        out.append("int8 (the U-Net and VAE calibrated along denoising trajectories)")
     elif any(d.calibration_data != "none" for d in decls):  # calibrated on data of their path
         out.append("int8 (encoders)")
     if any(d.role == "llm_step" for d in decls):
@@ -37,6 +39,8 @@ def family_row(family: Family) -> tuple[str, ...]:
     those of the family's default config, each with its role."""
     decls = family.components(family.config_from_dict({}))
     hf = ", ".join(f"`{t}`" for t in family.hf.model_types) if family.hf else "—"
+    if family.diffusers is not None:  # diffusers directories name a pipeline class, not a model_type
+        hf = ", ".join(f"diffusers `{p}`" for p in family.diffusers.pipelines)
     return (
         f"`{family.name}`",
         ", ".join(family.variants),

@@ -203,6 +203,17 @@ def _from_pil(img: Any, limits: ImageLimits) -> np.ndarray:
             img.seek(frame)
 
 
+def encode_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 (H, W, 3) RGB image."""
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InvalidInputError("encode_png takes a uint8 (H, W, 3) RGB array")
+    cv2 = require_opencv()
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))  # OpenCV writes BGR
+    if not ok:
+        raise InvalidInputError(f"OpenCV could not encode a {rgb.shape} image as PNG")
+    return data.tobytes()
+
+
 def preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
     """Resize (shortest side + centre crop, or "exact" to S x S), rescale, normalise -> (N, 3, S, S) float32."""
     if isinstance(images, np.ndarray) and images.ndim != 4:

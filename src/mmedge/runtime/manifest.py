@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from mmedge.errors import ConfigError, IntegrityError
 from mmedge.runtime.backends import BACKENDS
+from mmedge.runtime.diffusion_config import DiffusionConfig
 from mmedge.runtime.modality_inputs import MODALITY_PATHS, ModalitiesConfig
 from mmedge.runtime.schema import from_json, to_json
 from mmedge.runtime.sections import (
@@ -42,7 +43,7 @@ from mmedge.runtime.sections import (
 SCHEMA = "mmedge.package/2"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-TASKS = ("retrieval", "chat", "generation", "classification")
+TASKS = ("retrieval", "chat", "generation", "classification", "image_generation")
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 AUTO_ORDER = ("int4", "int8", "fp16", "fp32")  # precision="auto": the first a component has
@@ -61,6 +62,7 @@ CALIBRATION_DATA = (
     "video",
     "points",
     "shared",
+    "denoising",  # a denoiser's (and VAE decoder's) inputs, collected along denoising trajectories
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"[A-Za-z0-9_.:\-/]{1,200}")
@@ -215,7 +217,7 @@ class Manifest:
     name: str
     family: str
     variant: str
-    task: Literal["retrieval", "chat", "generation", "classification"]
+    task: Literal["retrieval", "chat", "generation", "classification", "image_generation"]
     provenance: Provenance
     files: dict[str, FileEntry]
     components: dict[str, ComponentEntry]
@@ -228,6 +230,7 @@ class Manifest:
     retrieval: RetrievalConfig | None = None
     modalities: ModalitiesConfig | None = None  # preprocessing of the audio, depth, thermal, imu paths
     classification: ClassificationConfig | None = None  # class labels of each classification path
+    diffusion: DiffusionConfig | None = None  # scheduler and latent geometry (image_generation)
     chat_template: ChatTemplate | None = None
     engines: dict[str, EngineEntry] = field(default_factory=dict)
     bundle: BundleConfig | None = None  # set in a device bundle (`mmedge pack`)
@@ -282,6 +285,8 @@ _TASK_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]
     "generation": ((), ("token_embed", "llm_step"), ("tokenizer", "llm", "prompt")),
     # per-modality paths ending in a task head (Meta-Transformer): any of `_TASK_OPTIONAL_PATHS`, one at least
     "classification": ((), (), ("classification",)),
+    # prompt -> text path -> conditioning; the denoiser runs in a scheduler's loop, a VAE decodes latents
+    "image_generation": (("text",), ("denoiser",), ("tokenizer", "diffusion")),
 }
 # Paths a task may have without needing each: a classification package has those of its modalities,
 # a retrieval package may embed further modalities beside images and text (ImageBind).
@@ -296,6 +301,7 @@ _TASK_OPTIONAL_PATHS: dict[str, tuple[str, ...]] = {
 _TASK_OPTIONAL_ROLES: dict[str, tuple[str, ...]] = {
     "retrieval": ("itm",),
     "chat": ("cross_kv", "question_encoder"),
+    "image_generation": ("vae_decoder",),  # none: a pixel-space denoiser
 }
 CROSS_PREFIX = "cross_key_values."
 
@@ -392,6 +398,10 @@ def _check_wiring(m: Manifest) -> None:
         _check_llm_step(m, m.llm, m.component(m.by_role("llm_step")))
     if m.has_role("question_encoder"):
         _check_question_encoder(m)
+    if (m.diffusion is not None) != (m.task == "image_generation"):
+        raise IntegrityError("a diffusion section goes with an image_generation package, and only there")
+    if m.diffusion is not None:
+        _check_diffusion(m, m.diffusion)
     if m.prompt is not None and m.llm is None and {BOS, EOS} & set(markers(m.prompt.first_turn)):
         raise IntegrityError("prompt markers {bos}/{eos} need an 'llm' section for their ids")
 
@@ -626,3 +636,47 @@ def parse_manifest(text: str | bytes) -> Manifest:
         raise IntegrityError("manifest is nested too deeply") from None
     _check_references(manifest)  # writers hash files last, so this holds only for a written manifest
     return manifest
+
+
+def _check_diffusion(m: Manifest, section: DiffusionConfig) -> None:
+    """The denoiser takes (sample, timestep, encoder_hidden_states) and gives `out_sample` of the
+    sample's shape, with the section's latent channels and latent side range, and conditioning of
+    the text path's shape; a VAE decoder reads such latents. The runtime sizes its buffers from
+    these, so a section that disagrees with the graphs is refused here."""
+    name = m.by_role("denoiser")
+    entry = m.component(name)
+    specs = {s.name: s for s in entry.inputs}
+    latents = ("batch", section.latent_channels, "height", "width")
+    sample, out = specs.get("sample"), next((s for s in entry.outputs if s.name == "out_sample"), None)
+    if sorted(specs) != ["encoder_hidden_states", "sample", "timestep"] or sample is None or out is None:
+        raise IntegrityError(
+            f"denoiser {name!r} must take sample, timestep and encoder_hidden_states and give out_sample"
+        )
+    if sample.shape != latents or out.shape != latents or specs["timestep"].shape != ("batch",):
+        raise IntegrityError(
+            f"denoiser {name!r}: sample and out_sample must be {latents} and timestep (batch,) float32"
+        )
+    cond = _path_output_spec(m, "text")
+    if cond is None or cond.shape[1:] != specs["encoder_hidden_states"].shape[1:]:
+        raise IntegrityError(
+            f"denoiser {name!r} reads encoder_hidden_states {specs['encoder_hidden_states'].shape}; the text "
+            f"path yields {cond.shape if cond else 'a source'}"
+        )
+    for dim in ("batch", "height", "width"):
+        if dim not in entry.dims:
+            raise IntegrityError(f"denoiser {name!r} declares no range for {dim!r}")
+    for dim in ("height", "width"):
+        r = entry.dims[dim]
+        if r.min % section.latent_multiple or r.max % section.latent_multiple:
+            raise IntegrityError(
+                f"denoiser {name!r}: the {dim} range [{r.min}, {r.max}] is not in multiples of "
+                f"diffusion.latent_multiple={section.latent_multiple}"
+            )
+    if m.has_role("vae_decoder"):
+        decoder = m.component(m.by_role("vae_decoder"))
+        if [s.shape for s in decoder.inputs] != [latents] or decoder.inputs[0].name != "latent_sample":
+            raise IntegrityError(f"the vae_decoder must take one latent_sample input {latents}")
+    elif section.vae_scale_factor != 1:
+        raise IntegrityError(
+            "a package without a vae_decoder works in pixel space: vae_scale_factor must be 1"
+        )

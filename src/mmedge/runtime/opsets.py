@@ -94,6 +94,7 @@ ALLOWED_OPS: dict[str, frozenset[str]] = {
             "Pad",
             "Pow",
             "QuantizeLinear",
+            "QLinearConv",  # ORT's fusion of an INT8 Conv with its Q/DQ pairs (U-Net, VAE builds)
             "Range",
             "Reciprocal",
             "ReduceL2",

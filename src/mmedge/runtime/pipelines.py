@@ -7,6 +7,7 @@ from mmedge.runtime.chat import ChatPipeline
 from mmedge.runtime.classification import ClassificationPipeline
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.cross_chat import CrossAttentionChatPipeline
+from mmedge.runtime.image_generation import ImageGenerationPipeline
 from mmedge.runtime.retrieval import RetrievalPipeline
 from mmedge.runtime.textgen import TextGenerationPipeline
 
@@ -16,12 +17,14 @@ AnyPipeline = (
     | CrossAttentionChatPipeline
     | TextGenerationPipeline
     | ClassificationPipeline
+    | ImageGenerationPipeline
 )
 PIPELINES: dict[str, type[AnyPipeline]] = {
     "retrieval": RetrievalPipeline,
     "chat": ChatPipeline,
     "generation": TextGenerationPipeline,
     "classification": ClassificationPipeline,
+    "image_generation": ImageGenerationPipeline,
 }
 
 

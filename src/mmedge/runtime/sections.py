@@ -404,6 +404,11 @@ ROLES: dict[str, str | tuple[str, ...] | None] = {
     "imu_encoder": "imu",
     # two frames (a clip) through the image encoder's weights, into the image embeddings' space
     "video_encoder": "video",
+    # latents + timestep + the text path's conditioning -> the scheduler's model output (a U-Net), run
+    # once per denoising step (twice the batch with classifier-free guidance)
+    "denoiser": None,
+    # latents (scaled as the diffusion section says) -> an image in [-1, 1]
+    "vae_decoder": None,
 }
 
 

@@ -189,6 +189,10 @@ class TextTokenizer:
             )
         return [i for i, m in zip(enc.ids, enc.attention_mask) if m]
 
+    def overflows(self, text: str) -> bool:
+        """Whether `text` has more tokens than the context (encode_batch cuts it to the context)."""
+        return bool(self._encode([self._checked(0, text)], add_special_tokens=True)[0].overflowing)
+
     def encode_template(self, pieces: Sequence[tuple[str, bool]], add_special_tokens: bool) -> list[int]:
         """Token ids of a rendered chat template: `(text, plain)` pieces, where the template's own
         text (plain=False) has its special tokens recognised and user text (plain=True) does not.

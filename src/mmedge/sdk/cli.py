@@ -16,7 +16,7 @@ from mmedge.runtime.backends import BACKENDS, DEFAULT_BACKEND
 from mmedge.runtime.manifest import AUTO_ORDER, REQUEST_PRECISIONS
 from mmedge.runtime.sections import BUNDLE_TARGETS
 from mmedge.runtime.trt_plan import HARDWARE_LEVELS
-from mmedge.sdk import verbs, verbs_retrieval
+from mmedge.sdk import verbs, verbs_image, verbs_retrieval
 from mmedge.sdk.cli_serve import serve_arguments
 
 DATA_HELP = (
@@ -695,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_opts(sp)
     sp.add_argument("prompt")
     gen_opts(sp)
+
+    verbs_image.add_verb(add, runtime_opts)
 
     sp = add(
         "data",

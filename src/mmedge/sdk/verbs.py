@@ -20,6 +20,7 @@ VERB_TASKS = {
     "caption": ("chat",),
     "chat": ("chat",),
     "generate": ("generation",),
+    "generate-image": ("image_generation",),
     "eval": ("retrieval", "chat", "classification"),
 }
 

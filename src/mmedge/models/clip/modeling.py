@@ -126,6 +126,15 @@ class TextTransformer(nn.Module):
         self.encoder = Encoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, eps)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=eps)
 
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Every token's features after the final norm, causal attention only, (B, N, C): what
+        Stable Diffusion's U-Net cross-attends to (transformers' `CLIPTextModel` last_hidden_state
+        without an attention mask)."""
+        n = input_ids.shape[1]
+        causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=input_ids.device), diagonal=1)
+        bias = causal[None, None].to(torch.float32) * MASK_VALUE  # (1, 1, N, N)
+        return self.final_layer_norm(self.encoder(self.embeddings(input_ids), bias))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Features at the end-of-text token, (B, C)."""
         n = input_ids.shape[1]

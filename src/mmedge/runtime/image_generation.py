@@ -1,0 +1,225 @@
+"""Text-to-image pipeline (torch-free): prompt -> conditioning -> scheduler loop over the denoiser ->
+VAE decoder -> image, as diffusers' `StableDiffusionPipeline` runs it.
+
+Classifier-free guidance runs the unconditional and conditional rows as one batch of the denoiser;
+latents, the denoiser's input and its output live in buffers allocated once per call and bound to
+the session once, so a step copies nothing but the scaled latents into the bound input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mmedge.errors import IntegrityError, InvalidInputError
+from mmedge.runtime.components import ComponentRunner
+from mmedge.runtime.diffusion_config import MAX_GUIDANCE, DiffusionConfig
+from mmedge.runtime.schedulers import MAX_STEPS, make_scheduler
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]  # (steps done, steps in all)
+Observer = Callable[[str, dict[str, np.ndarray]], None]  # (component, its feeds): calibration collects them
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One generated image: `image` float32 (H, W, 3) RGB in [0, 1] (diffusers' output_type "np"),
+    with the settings that made it."""
+
+    image: np.ndarray
+    seed: int | None
+    steps: int
+    guidance: float
+    scheduler: str
+    prompt_truncated: bool  # the prompt had more tokens than the text encoder's context and was cut
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """uint8 (H, W, 3) RGB, rounded as diffusers' `numpy_to_pil`."""
+        return (self.image * 255).round().astype(np.uint8)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the image as a PNG (atomically)."""
+        from mmedge.runtime.images import encode_png
+        from mmedge.runtime.staging import write_atomic
+
+        write_atomic(path, encode_png(self.pixels))
+
+
+class ImageGenerationPipeline:
+    """`generate(prompt, ...)` for image_generation packages. Thread-safe: sessions are shared and
+    every call owns its buffers and scheduler."""
+
+    def __init__(self, runner: ComponentRunner):
+        m = runner.manifest
+        if m.diffusion is None:
+            raise IntegrityError(f"package {m.name!r} has no diffusion section")
+        self.runner = runner
+        self.config: DiffusionConfig = m.diffusion
+        self.denoiser = m.by_role("denoiser")
+        self.decoder = m.by_role("vae_decoder") if m.has_role("vae_decoder") else None
+        entry = m.component(self.denoiser)
+        self.max_batch = entry.dims["batch"].max
+        side = entry.dims["height"], entry.dims["width"]
+        self.latent_range = (side[0].min, side[0].max), (side[1].min, side[1].max)
+
+    def __repr__(self) -> str:
+        m = self.runner.manifest
+        return (
+            f"ImageGenerationPipeline({m.name!r}, family={m.family!r}, backend={self.runner.backend.name!r})"
+        )
+
+    @property
+    def default_size(self) -> int:
+        """Pixels along each side of an image when the caller names no size."""
+        return self.config.sample_size * self.config.vae_scale_factor
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: np.ndarray | None = None,
+        scheduler: str | None = None,
+        progress: Progress | None = None,
+        observe: Observer | None = None,
+    ) -> GeneratedImage:
+        """Draw one image of `prompt`.
+
+        `steps` (1 to MAX_STEPS) and `guidance` (0 to MAX_GUIDANCE; above 1 runs classifier-free
+        guidance against `negative_prompt`, default the empty prompt) default to the package's.
+        `seed` makes the initial noise reproducible (numpy's PCG64); `latents` (1, C, h, w) float32
+        replaces that noise (it is scaled by the scheduler's initial sigma, as in diffusers).
+        `height`/`width` in pixels are multiples of `vae_scale_factor * latent_multiple` inside the
+        denoiser's declared range. `scheduler` overrides the package's kind (`SCHEDULER_KINDS`),
+        keeping its noise schedule. A prompt longer than the text encoder's context is cut to it
+        (as diffusers does), and the result says so. `progress(done, total)` runs after each step;
+        `observe(component, feeds)` sees the denoiser's and the decoder's inputs before each run
+        (the buffers themselves: copy what you keep).
+        """
+        cfg = self.config
+        steps = cfg.steps if steps is None else steps
+        guidance = cfg.guidance if guidance is None else guidance
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+            raise InvalidInputError(f"steps must be an int in [1, {MAX_STEPS}], got {steps!r}")
+        if (
+            isinstance(guidance, bool)
+            or not isinstance(guidance, (int, float))
+            or not 0 <= guidance <= MAX_GUIDANCE
+        ):
+            raise InvalidInputError(f"guidance must be a number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
+        sched_config = cfg.scheduler if scheduler is None else cfg.scheduler.with_kind(scheduler)
+        h, w = self._latent_size(height, width)
+        shape = (1, cfg.latent_channels, h, w)
+        if latents is None:
+            noise = np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32)
+        else:
+            noise = _checked_latents(latents, shape)
+        guided = guidance > 1.0  # diffusers: guidance 1 or below is the conditional pass alone
+        negative = (negative_prompt or "") if guided else None
+        cond, truncated = self._conditioning(prompt, negative)
+        sched = make_scheduler(sched_config, int(steps))
+        sample = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        rows = 2 if guided else 1
+        model_in = np.zeros((rows, *shape[1:]), np.float32)  # (rows, C, h, w); checked before step 0
+        model_out = np.empty_like(model_in)
+        timestep = np.zeros(rows, np.float32)
+        session = self.runner.session(self.denoiser)
+        binding = session.binding()
+        feeds = {"sample": model_in, "timestep": timestep, "encoder_hidden_states": cond}
+        self.runner.check_inputs(self.denoiser, feeds)
+        if binding is not None:
+            binding.bind(feeds, {"out_sample": model_out})
+        g = np.float32(guidance)
+        for i in range(len(sched.timesteps)):
+            scaled = sched.scale_model_input(sample, i)
+            model_in[:] = scaled  # every row: the unconditional and conditional passes see one sample
+            timestep[:] = sched.timesteps[i]
+            if observe is not None:
+                observe(self.denoiser, feeds)
+            if binding is not None:
+                binding.run()
+            else:
+                session.run_into(feeds, {"out_sample": model_out})
+            if not np.isfinite(model_out).all():
+                raise IntegrityError(f"component {self.denoiser!r} produced NaN or infinity at step {i}")
+            if guided:  # uncond + g * (cond - uncond), in the first row
+                np.subtract(model_out[1], model_out[0], out=model_out[1])
+                model_out[0] += g * model_out[1]
+            sample = sched.step(model_out[:1], i, sample)
+            if progress is not None:
+                progress(i + 1, len(sched.timesteps))
+        image = self._decode(sample, observe)
+        return GeneratedImage(image, seed, int(steps), float(guidance), sched_config.kind, truncated)
+
+    def _latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        cfg = self.config
+        unit = cfg.vae_scale_factor * cfg.latent_multiple
+        out = []
+        for name, value, (low, high) in zip(("height", "width"), (height, width), self.latent_range):
+            pixels = self.default_size if value is None else value
+            if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels % unit:
+                raise InvalidInputError(f"{name} must be a multiple of {unit} pixels, got {pixels!r}")
+            latent = pixels // cfg.vae_scale_factor
+            if not low <= latent <= high:
+                raise InvalidInputError(
+                    f"{name} {pixels} is outside what the denoiser was built for: "
+                    f"{low * cfg.vae_scale_factor} to {high * cfg.vae_scale_factor} pixels"
+                )
+            out.append(latent)
+        return out[0], out[1]
+
+    def _conditioning(self, prompt: str, negative: str | None) -> tuple[np.ndarray, bool]:
+        """The text path's conditioning, (rows, context, width): [negative, prompt] when guided."""
+        tok = self.runner.tokenizer
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInputError("prompt must be a non-empty string")
+        if negative is not None and not isinstance(negative, str):
+            raise InvalidInputError(f"negative_prompt must be a string, got {type(negative).__name__}")
+        texts = [prompt] if negative is None else [negative, prompt]
+        ids = np.full((len(texts), tok.context_length), tok.pad_id, np.int64)  # padded to the context
+        for row, text in zip(ids, texts):
+            # The empty negative prompt is the specials alone, as diffusers' unconditional pass.
+            tokens = tok.encode("", allow_empty=True) if not text.strip() else tok.encode_batch([text])[0][0]
+            row[: len(tokens)] = tokens
+        truncated = tok.overflows(prompt)
+        if truncated:
+            log.warning(
+                "the prompt is longer than the text encoder's %d tokens; it was cut", tok.context_length
+            )
+        return self.runner.run_path("text", {"input_ids": ids}), truncated
+
+    def _decode(self, latents: np.ndarray, observe: Observer | None = None) -> np.ndarray:
+        """Latents -> (H, W, 3) float32 in [0, 1]."""
+        cfg = self.config
+        if self.decoder is not None:
+            scaled = (latents / np.float32(cfg.scaling_factor) + np.float32(cfg.shift_factor)).astype(
+                np.float32
+            )
+            if observe is not None:
+                observe(self.decoder, {"latent_sample": scaled})
+            image = self.runner.run_batched(self.decoder, {"latent_sample": scaled})["sample"]
+        else:
+            image = latents
+        return np.clip(image[0].transpose(1, 2, 0) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def _checked_latents(latents: object, shape: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != shape:
+        got = (
+            f"{latents.dtype} {latents.shape}" if isinstance(latents, np.ndarray) else type(latents).__name__
+        )
+        raise InvalidInputError(f"latents must be a float32 array of shape {shape}, got {got}")
+    if not np.isfinite(latents).all():
+        raise InvalidInputError("latents contain NaN or infinity")
+    return latents
