@@ -19,7 +19,7 @@ from mmedge.errors import UnbuiltPrecisionWarning
 from mmedge.runtime.package import Package
 
 CALIBRATION_STEPS = 10  # steps per trajectory: ranges across the whole noise schedule
-METRIC_IMAGES = 8  # images drawn per precision for the image-level metric
+METRIC_IMAGES = 4  # prompts per trajectory set, and images drawn per precision for the image-level metric
 
 
 def _pipeline(pkg: Package, precision: str) -> Any:
@@ -29,6 +29,11 @@ def _pipeline(pkg: Package, precision: str) -> Any:
     with warnings.catch_warnings():  # a staged package is built after calibration
         warnings.simplefilter("ignore", UnbuiltPrecisionWarning)
         return ImageGenerationPipeline(ComponentRunner(pkg, precision=precision))
+
+
+def _steps(pkg: Package) -> int:
+    section = pkg.manifest.diffusion
+    return min(CALIBRATION_STEPS, section.steps if section is not None else CALIBRATION_STEPS)
 
 
 def trajectory_feeds(
@@ -58,18 +63,20 @@ def psnr(reference: np.ndarray, image: np.ndarray) -> float:
 
 def image_metric(pkg: Package, prompts: list[str], precision: str = "auto", seed: int = 0) -> dict[str, Any]:
     """PSNR and mean absolute error of the images drawn at `precision` against fp32 ones drawn from
-    the same prompts and seeds (the package's default steps and guidance)."""
+    the same prompts and seeds (the package's guidance; at most CALIBRATION_STEPS steps)."""
     prompts = prompts[:METRIC_IMAGES]
     ref, test = _pipeline(pkg, "fp32"), _pipeline(pkg, precision)
+    steps = _steps(pkg)
     psnrs, maes = [], []
     for i, prompt in enumerate(prompts):
-        a = ref.generate(prompt, seed=seed + i).image
-        b = test.generate(prompt, seed=seed + i).image
+        a = ref.generate(prompt, seed=seed + i, steps=steps).image
+        b = test.generate(prompt, seed=seed + i, steps=steps).image
         psnrs.append(psnr(a, b))
         maes.append(float(np.abs(a - b).mean()))
     finite = [p for p in psnrs if math.isfinite(p)]
     return {
         "images": len(prompts),
+        "steps": steps,
         "psnr_db_median": round(float(np.median(finite)), 2) if finite else None,
         "psnr_db_min": round(min(finite), 2) if finite else None,
         "identical_images": len(psnrs) - len(finite),

@@ -56,8 +56,23 @@ def _sources(pkg: Package, path: str, items: list[Any]) -> dict[str, np.ndarray]
         texts = [it.text or fallback for it in items]
         ids, mask = package_tokenizer(pkg, instruction=True).encode_batch(texts)
         return dict(zip(INSTRUCTION_SOURCES, (ids, mask)), pixel_values=pixels)
-    ids, mask = package_tokenizer(pkg).encode_batch([it.text for it in items])
+    tok = package_tokenizer(pkg)
+    ids, mask = tok.encode_batch([it.text for it in items])
+    fixed = _fixed_text_length(m)
+    if fixed is not None and ids.shape[1] < fixed:  # a graph of one text length (Stable Diffusion's)
+        pad = ((0, 0), (0, fixed - ids.shape[1]))
+        ids, mask = np.pad(ids, pad, constant_values=tok.pad_id), np.pad(mask, pad)
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _fixed_text_length(m: Manifest) -> int | None:
+    """The token count a text path's graph takes when it is fixed (None: any length)."""
+    path = m.pipeline.paths.get("text")
+    for step in path.steps if path is not None else ():
+        spec = m.component(step.component).input("input_ids")
+        if spec is not None and isinstance(spec.shape[-1], int):
+            return spec.shape[-1]
+    return None
 
 
 def _paths_of(pkg: Package, component: str) -> list[str]:

@@ -21,7 +21,7 @@ VERB_TASKS = {
     "chat": ("chat",),
     "generate": ("generation",),
     "generate-image": ("image_generation",),
-    "eval": ("retrieval", "chat", "classification"),
+    "eval": ("retrieval", "chat", "classification", "image_generation"),
 }
 
 
@@ -282,6 +282,14 @@ def cmd_eval(a: argparse.Namespace) -> object:
     from mmedge.evaluation.tasks import evaluate, evaluate_chat
 
     p = _pipeline(a)
+    if p.runner.manifest.task == "image_generation":
+        from mmedge.evaluation.drawn_scenes import evaluate_generation
+
+        if a.data is not None or a.rerank is not None:
+            _note(
+                "--data and --rerank do not apply to an image-generation package (held-out captions); ignored"
+            )
+        return evaluate_generation(p, n=200 if a.limit is None else a.limit)
     if p.runner.manifest.task == "classification":
         from mmedge.evaluation.tasks import evaluate_classification
 

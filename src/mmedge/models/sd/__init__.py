@@ -101,5 +101,6 @@ FAMILY = register(
         preprocess=lambda cfg: None,
         sections=sections,
         diffusers=DIFFUSERS,
+        recipe="mmedge.recipes.sd",
     )
 )
