@@ -219,6 +219,7 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
     ("stable-diffusion", "pixel"): {
         "text": {**_SD_TEXT, **_SPECIALS_TEXT},
         "unet": {**_SD_UNET, "in_channels": 3, "out_channels": 3, "sample_size": 16},
+        "vae": None,
         "scheduler": {**_SD_SCHEDULER, "kind": "euler"},
         "steps": 3,
         "guidance": 1.0,

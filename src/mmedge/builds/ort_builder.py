@@ -65,10 +65,10 @@ class OrtBuilder:
                         del ops["com.microsoft:MatMulNBits"]
                     err = check_build(src, tmp / rel, pkg, entry, threads, PREFILL_MAX_REL_ERROR)
                 else:
-                    # quantized builds of some roles round differently from their sources (checks.py)
+                    # INT8 builds of some roles round differently from their sources (checks.py)
                     limit = (
                         LOOSE_BUILD_LIMITS.get(entry.role, BUILD_MAX_REL_ERROR)
-                        if p != "fp32"
+                        if p == "int8"
                         else BUILD_MAX_REL_ERROR
                     )
                     err = check_build(src, tmp / rel, pkg, entry, threads, limit)

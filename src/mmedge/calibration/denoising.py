@@ -47,11 +47,8 @@ def trajectory_feeds(
     def observe(component: str, inputs: dict[str, np.ndarray]) -> None:
         feeds.setdefault(component, []).append({k: v.copy() for k, v in inputs.items()})
 
-    steps = min(
-        CALIBRATION_STEPS, pkg.manifest.diffusion.steps if pkg.manifest.diffusion else CALIBRATION_STEPS
-    )
     for i, prompt in enumerate(prompts):
-        pipe.generate(prompt, steps=steps, seed=seed + i, observe=observe)
+        pipe.generate(prompt, steps=_steps(pkg), seed=seed + i, observe=observe)
     return feeds
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from mmedge.errors import InvalidInputError, UnbuiltPrecisionWarning
 from mmedge.runtime.backends import DEFAULT_BACKEND
-from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry
+from mmedge.runtime.manifest import ComponentEntry, Manifest, PrecisionEntry, fixed_text_length
 from mmedge.runtime.package import Package, verify_package
 from mmedge.runtime.sections import INSTRUCTION_SOURCES, role_paths, template_text
 from mmedge.runtime.signing import drop_signature, unsigned_note
@@ -57,22 +57,12 @@ def _sources(pkg: Package, path: str, items: list[Any]) -> dict[str, np.ndarray]
         ids, mask = package_tokenizer(pkg, instruction=True).encode_batch(texts)
         return dict(zip(INSTRUCTION_SOURCES, (ids, mask)), pixel_values=pixels)
     tok = package_tokenizer(pkg)
+    fixed = fixed_text_length(m)
+    if fixed is not None:  # a graph of one text length (Stable Diffusion's): it reads no mask
+        ids = tok.encode_padded([it.text for it in items], fixed)
+        return {"input_ids": ids, "attention_mask": (ids != tok.pad_id).astype(np.int64)}
     ids, mask = tok.encode_batch([it.text for it in items])
-    fixed = _fixed_text_length(m)
-    if fixed is not None and ids.shape[1] < fixed:  # a graph of one text length (Stable Diffusion's)
-        pad = ((0, 0), (0, fixed - ids.shape[1]))
-        ids, mask = np.pad(ids, pad, constant_values=tok.pad_id), np.pad(mask, pad)
     return {"input_ids": ids, "attention_mask": mask}
-
-
-def _fixed_text_length(m: Manifest) -> int | None:
-    """The token count a text path's graph takes when it is fixed (None: any length)."""
-    path = m.pipeline.paths.get("text")
-    for step in path.steps if path is not None else ():
-        spec = m.component(step.component).input("input_ids")
-        if spec is not None and isinstance(spec.shape[-1], int):
-            return spec.shape[-1]
-    return None
 
 
 def _paths_of(pkg: Package, component: str) -> list[str]:
@@ -123,10 +113,6 @@ def _trajectories(
 
     cal = [it.text for it in cal_items if it.text][:METRIC_IMAGES]
     held = [it.text for it in eval_items if it.text][: max(1, METRIC_IMAGES // 2)]
-    if not cal:
-        raise InvalidInputError(
-            "an image-generation package is calibrated from captions; the --data given has none"
-        )
     say(f"collecting denoising trajectories of {len(cal)} + {len(held)} captions")
     return trajectory_feeds(pkg, cal, seed=0), trajectory_feeds(pkg, held or cal, seed=1000)
 
@@ -194,6 +180,10 @@ def calibrate_package(
             if kind == "texts" and any(it.text is None for it in items):
                 say(f"{name}: {data!r} has no texts; left in fp32")
                 report["components"][name] = {"skipped": "no texts in the calibration data"}
+                continue
+            if kind == "denoising" and not any(it.text for it in cal_items):
+                say(f"{name}: {data!r} has no captions to draw; left in fp32")
+                report["components"][name] = {"skipped": "no captions in the calibration data"}
                 continue
             if kind == "denoising":  # a U-Net (or VAE decoder): inputs along denoising trajectories
                 if trajectories is None:
@@ -426,7 +416,8 @@ def _sample_cross(lm: Any) -> dict[str, np.ndarray]:
 
 def _task_metric(pkg: Package, items: list[Any], data: str) -> dict[str, Any]:
     """The task metric, fp32 against quantized: retrieval recall on the held-back captioned samples,
-    or for a chat package VQA accuracy on synthetic scenes (which carry questions)."""
+    for a chat package VQA accuracy on synthetic scenes (which carry questions), for an image-generation
+    package the PSNR of its images against fp32 ones (`calibration.denoising.image_metric`)."""
     from mmedge.evaluation.tasks import evaluate_chat, evaluate_items
     from mmedge.runtime.components import ComponentRunner
     from mmedge.runtime.pipelines import open_pipeline

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -115,6 +116,7 @@ def quantize_int8(
     extra_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Calibrate on `feeds` and write an explicit INT8 Q/DQ model (standard ops, zero points 0) atomically."""
+    import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
@@ -127,7 +129,7 @@ def quantize_int8(
     if not keep:
         # Nothing left to quantize (and ORT reads an empty nodes_to_quantize as "all"): the float graph.
         log.info("every candidate node of %s is excluded; writing it unquantized", fp32_path.name)
-        write_atomic(out_path, fp32_path.read_bytes())
+        copy_model(fp32_path, out_path)
         return
     if not feeds and not (calibration_cache and Path(calibration_cache).is_file()):
         raise InvalidInputError("quantize_int8 needs at least one calibration feed dict")
@@ -161,10 +163,61 @@ def quantize_int8(
             calibrate_method=calib,
             extra_options=options,
             calibration_cache_path=calibration_cache,
+            # a graph past protobuf's 2 GB (an SD-1.5 U-Net in fp32) is calibrated with external data
+            use_external_data_format=has_external_data(fp32_path),
         )
-        data = tmp_out.read_bytes()
-    check_qdq_model(data)
-    write_atomic(out_path, data)
+        if not has_external_data(tmp_out):
+            data = tmp_out.read_bytes()
+            check_qdq_model(data)
+            write_atomic(out_path, data)
+            return
+        proto = onnx.load(str(tmp_out))
+    check_qdq_model(proto)
+    save_model(proto, out_path)
+
+
+def has_external_data(path: Path) -> bool:
+    """Whether an ONNX file keeps tensors in external data files."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(uses_external_data(t) for t in model.graph.initializer)
+
+
+def save_model(proto: Any, out_path: Path) -> None:
+    """Write a model atomically; past the export's size threshold its tensors go to one
+    `<name>.data` file beside it (written first), as `mmedge export` lays out a large graph."""
+    import onnx
+
+    from mmedge.export.onnx_export import EXTERNAL_DATA_THRESHOLD
+
+    out_path = Path(out_path)
+    if sum(len(t.raw_data) for t in proto.graph.initializer) <= EXTERNAL_DATA_THRESHOLD:
+        write_atomic(out_path, proto.SerializeToString())
+        return
+    with tempfile.TemporaryDirectory(prefix="mmedge-save-", dir=out_path.parent) as tmp:
+        staged = Path(tmp) / out_path.name
+        onnx.save_model(
+            proto,
+            str(staged),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=out_path.name + ".data",
+            size_threshold=1024,
+        )
+        os.replace(staged.with_name(out_path.name + ".data"), out_path.with_name(out_path.name + ".data"))
+        os.replace(staged, out_path)
+
+
+def copy_model(src: Path, dst: Path) -> None:
+    """Copy an ONNX model, with its external data renamed to `dst`'s (`save_model`)."""
+    import onnx
+
+    if not has_external_data(src):
+        write_atomic(dst, Path(src).read_bytes())
+    else:
+        save_model(onnx.load(str(src)), dst)
 
 
 def check_qdq_model(model: Any) -> None:

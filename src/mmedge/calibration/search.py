@@ -16,10 +16,9 @@ import numpy as np
 from mmedge.builds.ort import is_x86
 from mmedge.builds.sessions import ort_session, run_outputs
 from mmedge.calibration.accuracy import compare_outputs
-from mmedge.calibration.qdq import calibration_method, quantizable_nodes, quantize_int8
+from mmedge.calibration.qdq import calibration_method, copy_model, quantizable_nodes, quantize_int8
 from mmedge.calibration.sensitivity import node_sensitivity
 from mmedge.errors import InvalidInputError
-from mmedge.runtime.staging import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ def calibrate_to_target(
             else:
                 best = limit  # target unreachable within max_float_nodes: keep the closest model
         path, cos = tried[best]
-        write_atomic(out_path, path.read_bytes())
+        copy_model(path, out_path)  # with its external data, if it has any
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)  # rows, not feed dicts
     result = CalibrationResult(
         method=method,

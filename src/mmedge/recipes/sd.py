@@ -26,6 +26,7 @@ from mmedge.models.sd.modeling import SDConfig, StableDiffusion
 from mmedge.recipes.base import TrainRequest, loss_record, train_config
 from mmedge.recipes.trainer import amx_bf16_fast
 from mmedge.recipes.trainer import train as run_training
+from mmedge.runtime.texts import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +50,24 @@ def _training_schedule(cfg: SDConfig) -> object:
 
 
 def _batches(
-    tokenizer: object, side: int, batch: int, seed: int
+    tokenizer: TextTokenizer, side: int, batch: int, seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (pixels in [-1, 1] (B, 3, S, S), ids padded to the context (B, L)) of fresh scenes."""
     from mmedge.data import caption_for, render
     from mmedge.evaluation.drawn_scenes import random_object
 
     rng = np.random.default_rng(np.random.SeedSequence(entropy=TRAIN_SEED, spawn_key=(seed, 5)))
-    context = tokenizer.context_length  # type: ignore[attr-defined]
-    empty = tokenizer.encode("", allow_empty=True)  # type: ignore[attr-defined]
     while True:
         objs = [random_object(rng) for _ in range(batch)]
         images = np.stack([render([o], side, rng) for o in objs]).astype(np.float32) / 127.5 - 1
-        ids = np.full((batch, context), tokenizer.pad_id, np.int64)  # type: ignore[attr-defined]
-        caps, mask = tokenizer.encode_batch([caption_for([o], rng) for o in objs])  # type: ignore[attr-defined]
-        for i in range(batch):
-            row = empty if rng.random() < CAPTION_DROPOUT else caps[i][mask[i] == 1]
-            ids[i, : len(row)] = row
+        captions = ["" if rng.random() < CAPTION_DROPOUT else caption_for([o], rng) for o in objs]
+        ids = tokenizer.encode_padded(captions, tokenizer.context_length)
         yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(ids)
 
 
 def train(out: str | Path, request: TrainRequest, progress: bool | None = None) -> Path:
     """Train `request.preset` (a pixel-space model) and save a checkpoint directory at `out`."""
     from mmedge.data import caption_for, generate_scenes
-    from mmedge.runtime.texts import TextTokenizer
 
     if request.data is not None or request.init is not None:
         raise UnsupportedError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import numpy as np
 from mmedge.errors import IntegrityError, InvalidInputError
 from mmedge.runtime.components import ComponentRunner
 from mmedge.runtime.diffusion_config import MAX_GUIDANCE, DiffusionConfig
-from mmedge.runtime.schedulers import MAX_STEPS, make_scheduler
+from mmedge.runtime.schedulers import make_scheduler
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
@@ -31,7 +32,7 @@ class GeneratedImage:
     with the settings that made it."""
 
     image: np.ndarray
-    seed: int | None
+    seed: int | None  # None: drawn from caller-supplied latents
     steps: int
     guidance: float
     scheduler: str
@@ -63,7 +64,6 @@ class ImageGenerationPipeline:
         self.denoiser = m.by_role("denoiser")
         self.decoder = m.by_role("vae_decoder") if m.has_role("vae_decoder") else None
         entry = m.component(self.denoiser)
-        self.max_batch = entry.dims["batch"].max
         side = entry.dims["height"], entry.dims["width"]
         self.latent_range = (side[0].min, side[0].max), (side[1].min, side[1].max)
 
@@ -94,10 +94,11 @@ class ImageGenerationPipeline:
     ) -> GeneratedImage:
         """Draw one image of `prompt`.
 
-        `steps` (1 to MAX_STEPS) and `guidance` (0 to MAX_GUIDANCE; above 1 runs classifier-free
+        `steps` (1 to `schedulers.MAX_STEPS`, at most the schedule's training steps) and `guidance` (0 to MAX_GUIDANCE; above 1 runs classifier-free
         guidance against `negative_prompt`, default the empty prompt) default to the package's.
-        `seed` makes the initial noise reproducible (numpy's PCG64); `latents` (1, C, h, w) float32
-        replaces that noise (it is scaled by the scheduler's initial sigma, as in diffusers).
+        `seed` makes the initial noise reproducible (numpy's PCG64; drawn at random when None, and
+        reported in the result); `latents` (1, C, h, w) float32 replaces that noise (it is scaled by
+        the scheduler's initial sigma, as in diffusers; the result's seed is then None).
         `height`/`width` in pixels are multiples of `vae_scale_factor * latent_multiple` inside the
         denoiser's declared range. `scheduler` overrides the package's kind (`SCHEDULER_KINDS`),
         keeping its noise schedule. A prompt longer than the text encoder's context is cut to it
@@ -108,8 +109,6 @@ class ImageGenerationPipeline:
         cfg = self.config
         steps = cfg.steps if steps is None else steps
         guidance = cfg.guidance if guidance is None else guidance
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-            raise InvalidInputError(f"steps must be an int in [1, {MAX_STEPS}], got {steps!r}")
         if (
             isinstance(guidance, bool)
             or not isinstance(guidance, (int, float))
@@ -119,16 +118,17 @@ class ImageGenerationPipeline:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
         sched_config = cfg.scheduler if scheduler is None else cfg.scheduler.with_kind(scheduler)
+        sched = make_scheduler(sched_config, steps)  # checks steps
         h, w = self._latent_size(height, width)
         shape = (1, cfg.latent_channels, h, w)
         if latents is None:
+            seed = secrets.randbits(63) if seed is None else seed  # reported, so any image can be redrawn
             noise = np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32)
         else:
-            noise = _checked_latents(latents, shape)
+            noise, seed = _checked_latents(latents, shape), None
         guided = guidance > 1.0  # diffusers: guidance 1 or below is the conditional pass alone
         negative = (negative_prompt or "") if guided else None
         cond, truncated = self._conditioning(prompt, negative)
-        sched = make_scheduler(sched_config, int(steps))
         sample = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
         rows = 2 if guided else 1
         model_in = np.zeros((rows, *shape[1:]), np.float32)  # (rows, C, h, w); checked before step 0
@@ -139,7 +139,7 @@ class ImageGenerationPipeline:
         feeds = {"sample": model_in, "timestep": timestep, "encoder_hidden_states": cond}
         self.runner.check_inputs(self.denoiser, feeds)
         if binding is not None:
-            binding.bind(feeds, {"out_sample": model_out})
+            binding.bind({"encoder_hidden_states": cond}, {"out_sample": model_out})
         g = np.float32(guidance)
         for i in range(len(sched.timesteps)):
             scaled = sched.scale_model_input(sample, i)
@@ -148,6 +148,8 @@ class ImageGenerationPipeline:
             if observe is not None:
                 observe(self.denoiser, feeds)
             if binding is not None:
+                # rebound every step: a GPU provider copies an input when it is bound, not when it runs
+                binding.bind({"sample": model_in, "timestep": timestep}, {})
                 binding.run()
             else:
                 session.run_into(feeds, {"out_sample": model_out})
@@ -155,12 +157,13 @@ class ImageGenerationPipeline:
                 raise IntegrityError(f"component {self.denoiser!r} produced NaN or infinity at step {i}")
             if guided:  # uncond + g * (cond - uncond), in the first row
                 np.subtract(model_out[1], model_out[0], out=model_out[1])
-                model_out[0] += g * model_out[1]
+                np.multiply(model_out[1], g, out=model_out[1])
+                np.add(model_out[0], model_out[1], out=model_out[0])
             sample = sched.step(model_out[:1], i, sample)
             if progress is not None:
                 progress(i + 1, len(sched.timesteps))
         image = self._decode(sample, observe)
-        return GeneratedImage(image, seed, int(steps), float(guidance), sched_config.kind, truncated)
+        return GeneratedImage(image, seed, steps, float(guidance), sched_config.kind, truncated)
 
     def _latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         cfg = self.config
@@ -186,12 +189,7 @@ class ImageGenerationPipeline:
             raise InvalidInputError("prompt must be a non-empty string")
         if negative is not None and not isinstance(negative, str):
             raise InvalidInputError(f"negative_prompt must be a string, got {type(negative).__name__}")
-        texts = [prompt] if negative is None else [negative, prompt]
-        ids = np.full((len(texts), tok.context_length), tok.pad_id, np.int64)  # padded to the context
-        for row, text in zip(ids, texts):
-            # The empty negative prompt is the specials alone, as diffusers' unconditional pass.
-            tokens = tok.encode("", allow_empty=True) if not text.strip() else tok.encode_batch([text])[0][0]
-            row[: len(tokens)] = tokens
+        ids = tok.encode_padded([prompt] if negative is None else [negative, prompt], tok.context_length)
         truncated = tok.overflows(prompt)
         if truncated:
             log.warning(
@@ -203,9 +201,7 @@ class ImageGenerationPipeline:
         """Latents -> (H, W, 3) float32 in [0, 1]."""
         cfg = self.config
         if self.decoder is not None:
-            scaled = (latents / np.float32(cfg.scaling_factor) + np.float32(cfg.shift_factor)).astype(
-                np.float32
-            )
+            scaled = (latents / np.float32(cfg.scaling_factor)).astype(np.float32)
             if observe is not None:
                 observe(self.decoder, {"latent_sample": scaled})
             image = self.runner.run_batched(self.decoder, {"latent_sample": scaled})["sample"]

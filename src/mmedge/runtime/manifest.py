@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from mmedge.errors import ConfigError, IntegrityError
 from mmedge.runtime.backends import BACKENDS
-from mmedge.runtime.diffusion_config import DiffusionConfig
+from mmedge.runtime.diffusion_config import MAX_IMAGE_SIDE, MAX_LATENT_ELEMENTS, DiffusionConfig
 from mmedge.runtime.modality_inputs import MODALITY_PATHS, ModalitiesConfig
 from mmedge.runtime.schema import from_json, to_json
 from mmedge.runtime.sections import (
@@ -639,22 +639,24 @@ def parse_manifest(text: str | bytes) -> Manifest:
 
 
 def _check_diffusion(m: Manifest, section: DiffusionConfig) -> None:
-    """The denoiser takes (sample, timestep, encoder_hidden_states) and gives `out_sample` of the
-    sample's shape, with the section's latent channels and latent side range, and conditioning of
-    the text path's shape; a VAE decoder reads such latents. The runtime sizes its buffers from
-    these, so a section that disagrees with the graphs is refused here."""
+    """The denoiser takes float32 (sample, timestep, encoder_hidden_states) and gives `out_sample` of
+    the sample's shape, with the section's latent channels, a latent range holding the default size
+    within the allocation caps, conditioning of the text path's shape and a batch for guidance's two
+    rows; a VAE decoder reads such latents and gives one RGB `sample` (a pixel-space denoiser's latents
+    are RGB themselves). The runtime sizes its buffers from these, so a section that disagrees with
+    the graphs is refused here, not in the middle of a call."""
     name = m.by_role("denoiser")
     entry = m.component(name)
     specs = {s.name: s for s in entry.inputs}
     latents = ("batch", section.latent_channels, "height", "width")
-    sample, out = specs.get("sample"), next((s for s in entry.outputs if s.name == "out_sample"), None)
-    if sorted(specs) != ["encoder_hidden_states", "sample", "timestep"] or sample is None or out is None:
+    out = next((s for s in entry.outputs if s.name == "out_sample"), None)
+    if sorted(specs) != ["encoder_hidden_states", "sample", "timestep"] or out is None:
         raise IntegrityError(
             f"denoiser {name!r} must take sample, timestep and encoder_hidden_states and give out_sample"
         )
-    if sample.shape != latents or out.shape != latents or specs["timestep"].shape != ("batch",):
+    if specs["sample"].shape != latents or out.shape != latents or specs["timestep"].shape != ("batch",):
         raise IntegrityError(
-            f"denoiser {name!r}: sample and out_sample must be {latents} and timestep (batch,) float32"
+            f"denoiser {name!r}: sample and out_sample must be {latents} and timestep (batch,)"
         )
     cond = _path_output_spec(m, "text")
     if cond is None or cond.shape[1:] != specs["encoder_hidden_states"].shape[1:]:
@@ -662,21 +664,69 @@ def _check_diffusion(m: Manifest, section: DiffusionConfig) -> None:
             f"denoiser {name!r} reads encoder_hidden_states {specs['encoder_hidden_states'].shape}; the text "
             f"path yields {cond.shape if cond else 'a source'}"
         )
+    if any(s.dtype != "float32" for s in (*specs.values(), out, cond)):
+        raise IntegrityError(
+            f"denoiser {name!r}: its inputs, its output and the conditioning must be float32"
+        )
+    text_length = fixed_text_length(m)
+    if m.tokenizer is None or text_length != m.tokenizer.context_length:
+        raise IntegrityError(
+            f"the text path's graph takes {text_length} tokens; an image_generation package pads every prompt "
+            "to tokenizer.context_length, so the two must be one fixed length"
+        )
+    dims = entry.dims
     for dim in ("batch", "height", "width"):
-        if dim not in entry.dims:
+        if dim not in dims:
             raise IntegrityError(f"denoiser {name!r} declares no range for {dim!r}")
-    for dim in ("height", "width"):
-        r = entry.dims[dim]
+    if dims["batch"].max < 2:
+        raise IntegrityError(
+            f"denoiser {name!r}: classifier-free guidance runs 2 rows; its batch max is below"
+        )
+    h, w = dims["height"], dims["width"]
+    for dim, r in (("height", h), ("width", w)):
         if r.min % section.latent_multiple or r.max % section.latent_multiple:
             raise IntegrityError(
                 f"denoiser {name!r}: the {dim} range [{r.min}, {r.max}] is not in multiples of "
                 f"diffusion.latent_multiple={section.latent_multiple}"
             )
+        if not r.min <= section.sample_size <= r.max:
+            raise IntegrityError(
+                f"diffusion.sample_size {section.sample_size} is outside the denoiser's {dim} range"
+            )
+    if section.latent_channels * h.max * w.max > MAX_LATENT_ELEMENTS or (
+        max(h.max, w.max) * section.vae_scale_factor > MAX_IMAGE_SIDE
+    ):
+        raise IntegrityError(
+            f"denoiser {name!r}: latents up to {h.max} x {w.max} exceed the caps of {MAX_LATENT_ELEMENTS} elements "
+            f"and {MAX_IMAGE_SIDE}-pixel images"
+        )
     if m.has_role("vae_decoder"):
         decoder = m.component(m.by_role("vae_decoder"))
-        if [s.shape for s in decoder.inputs] != [latents] or decoder.inputs[0].name != "latent_sample":
-            raise IntegrityError(f"the vae_decoder must take one latent_sample input {latents}")
-    elif section.vae_scale_factor != 1:
+        outputs = [(s.name, s.dtype, s.shape[:2]) for s in decoder.outputs]
+        if [(s.name, s.dtype, s.shape) for s in decoder.inputs] != [
+            ("latent_sample", "float32", latents)
+        ] or (outputs != [("sample", "float32", ("batch", 3))] or len(decoder.outputs[0].shape) != 4):
+            raise IntegrityError(
+                f"the vae_decoder must take one float32 latent_sample {latents} and give one float32 sample "
+                "(batch, 3, H, W)"
+            )
+        for dim, r in (("height", h), ("width", w)):
+            got = decoder.dims.get(dim)
+            if got is None or got.min > r.min or got.max < r.max:
+                raise IntegrityError(
+                    f"the vae_decoder's {dim} range must cover the denoiser's [{r.min}, {r.max}]"
+                )
+    elif section.vae_scale_factor != 1 or section.latent_channels != 3:
         raise IntegrityError(
-            "a package without a vae_decoder works in pixel space: vae_scale_factor must be 1"
+            "a package without a vae_decoder works in pixel space: vae_scale_factor 1 and 3 latent channels"
         )
+
+
+def fixed_text_length(m: Manifest) -> int | None:
+    """The token count the text path's graph takes when it is fixed (None: any length)."""
+    path = m.pipeline.paths.get("text")
+    for step in path.steps if path is not None else ():
+        spec = m.component(step.component).input("input_ids")
+        if spec is not None and isinstance(spec.shape[-1], int):
+            return spec.shape[-1]
+    return None

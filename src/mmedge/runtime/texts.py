@@ -189,6 +189,25 @@ class TextTokenizer:
             )
         return [i for i, m in zip(enc.ids, enc.attention_mask) if m]
 
+    def encode_padded(self, texts: Sequence[str], length: int) -> np.ndarray:
+        """Token ids of texts padded (right, with `pad_id`) to `length` <= context_length, int64
+        (N, length), for a graph of one text length (Stable Diffusion's text encoder). A blank text
+        is the specials alone (the unconditional prompt of classifier-free guidance)."""
+        if not 1 <= length <= self.context_length:
+            raise InvalidInputError(f"length must be in [1, {self.context_length}], got {length}")
+        ids = np.full((len(texts), length), self.pad_id, np.int64)
+        blank = [i for i, t in enumerate(texts) if isinstance(t, str) and not t.strip()]
+        rest = [i for i in range(len(texts)) if i not in set(blank)]
+        if rest:
+            rows, mask = self.encode_batch([texts[i] for i in rest])
+            for i, row, keep in zip(rest, rows, mask):
+                tokens = row[keep == 1][:length]
+                ids[i, : len(tokens)] = tokens
+        if blank:
+            tokens = self.encode("", allow_empty=True)[:length]
+            ids[blank, : len(tokens)] = tokens
+        return ids
+
     def overflows(self, text: str) -> bool:
         """Whether `text` has more tokens than the context (encode_batch cuts it to the context)."""
         return bool(self._encode([self._checked(0, text)], add_special_tokens=True)[0].overflowing)

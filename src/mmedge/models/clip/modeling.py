@@ -130,16 +130,12 @@ class TextTransformer(nn.Module):
         """Every token's features after the final norm, causal attention only, (B, N, C): what
         Stable Diffusion's U-Net cross-attends to (transformers' `CLIPTextModel` last_hidden_state
         without an attention mask)."""
-        n = input_ids.shape[1]
-        causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=input_ids.device), diagonal=1)
-        bias = causal[None, None].to(torch.float32) * MASK_VALUE  # (1, 1, N, N)
+        bias = _future(input_ids).to(torch.float32) * MASK_VALUE  # (1, 1, N, N)
         return self.final_layer_norm(self.encoder(self.embeddings(input_ids), bias))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Features at the end-of-text token, (B, C)."""
-        n = input_ids.shape[1]
-        causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=input_ids.device), diagonal=1)
-        blocked = causal[None, None] | (attention_mask[:, None, None, :] == 0)  # (B, 1, N, N)
+        blocked = _future(input_ids) | (attention_mask[:, None, None, :] == 0)  # (B, 1, N, N)
         bias = blocked.to(torch.float32) * MASK_VALUE
         x = self.final_layer_norm(self.encoder(self.embeddings(input_ids), bias))
         # HF pools at argmax(input_ids) for legacy configs whose eos id is 2, else at the first eos.
@@ -149,6 +145,12 @@ class TextTransformer(nn.Module):
             idx = (input_ids == self.cfg.eos_token_id).to(torch.int32).argmax(dim=-1)
         # gather (not advanced indexing) exports to one GatherElements node.
         return x.gather(1, idx.to(torch.int64)[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
+
+
+def _future(input_ids: torch.Tensor) -> torch.Tensor:
+    """(1, 1, N, N) bool: True where a position would attend to a later one (causal attention)."""
+    n = input_ids.shape[1]
+    return torch.triu(torch.ones(n, n, dtype=torch.bool, device=input_ids.device), diagonal=1)[None, None]
 
 
 class CLIP(nn.Module):

@@ -15,9 +15,7 @@ from mmedge.models.component import ComponentDecl, bound
 from mmedge.models.registry import Family, Sections, register
 from mmedge.models.sd.diffusers_dir import DIFFUSERS, check_tokenizer_length
 from mmedge.models.sd.modeling import SDConfig, StableDiffusion
-from mmedge.runtime.diffusion_config import DiffusionConfig
 from mmedge.runtime.manifest import DimRange, TensorSpec
-from mmedge.runtime.schedulers import SchedulerConfig
 
 # Latent sides from the declared minimum up to twice the trained size (TensorRT profiles: min/opt/max).
 MAX_SIDE_FACTOR = 2
@@ -73,19 +71,9 @@ def components(cfg: SDConfig) -> tuple[ComponentDecl, ...]:
 
 def sections(cfg: SDConfig, model: nn.Module, tokenizer_json: str) -> Sections:
     check_tokenizer_length(tokenizer_json, cfg.text.context_length)
-    vae = cfg.vae or {}
-    diffusion = DiffusionConfig(
-        scheduler=SchedulerConfig.from_dict(cfg.scheduler),
-        latent_channels=cfg.latent_channels,
-        sample_size=cfg.sample_size,
-        latent_multiple=cfg.latent_multiple,
-        vae_scale_factor=cfg.vae_scale_factor,
-        scaling_factor=float(vae.get("scaling_factor", 0.18215)) if cfg.vae is not None else 1.0,
-        shift_factor=float(vae.get("shift_factor") or 0.0),
-        guidance=cfg.guidance,
-        steps=cfg.steps,
+    return Sections(
+        context_length=cfg.text.context_length, pad_id=cfg.text.pad_token_id, diffusion=cfg.diffusion()
     )
-    return Sections(context_length=cfg.text.context_length, pad_id=cfg.text.pad_token_id, diffusion=diffusion)
 
 
 FAMILY = register(

@@ -18,6 +18,7 @@ from torch import nn
 from mmedge.errors import ConfigError, UnsupportedError, require
 from mmedge.models.clip.modeling import TextConfig, TextTransformer
 from mmedge.models.configs import from_dict
+from mmedge.runtime.diffusion_config import DiffusionConfig
 from mmedge.runtime.schedulers import SchedulerConfig
 
 # U-Net settings that add inputs the exported graph does not take (SDXL's text_time embeddings, class
@@ -31,7 +32,8 @@ _UNET_UNSUPPORTED = {
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
 }
-_VAE_UNSUPPORTED = {"latents_mean": None, "latents_std": None}
+# StableDiffusionPipeline neither shifts latents nor normalises them per channel (SD3 / SDXL-style VAEs)
+_VAE_UNSUPPORTED = {"latents_mean": None, "latents_std": None, "shift_factor": None}
 # Keys diffusers writes into every config.json that are records, not settings.
 _RECORD_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
@@ -97,7 +99,6 @@ class SDConfig:
         object.__setattr__(self, "unet", unet)
         if self.vae is not None:
             object.__setattr__(self, "vae", diffusers_settings("AutoencoderKL", self.vae, _VAE_UNSUPPORTED))
-        SchedulerConfig.from_dict(self.scheduler)  # checked here, used by the runtime
         cross = unet.get("cross_attention_dim", 1280)
         if cross != self.text.width:
             raise ConfigError(
@@ -112,8 +113,23 @@ class SDConfig:
             raise UnsupportedError(
                 "a U-Net whose in_channels and out_channels differ (inpainting) is not supported"
             )
-        if not 0 <= self.guidance <= 100 or not 1 <= self.steps <= 1000 or not 1 <= self.max_batch <= 64:
-            raise ConfigError("guidance must be in [0, 100], steps in [1, 1000] and max_batch in [1, 64]")
+        if not 1 <= self.max_batch <= 64:
+            raise ConfigError(f"max_batch must be in [1, 64], got {self.max_batch}")
+        self.diffusion()  # the scheduler, geometry, guidance and steps, checked as the runtime checks them
+
+    def diffusion(self) -> DiffusionConfig:
+        """The manifest's `diffusion` section of this model."""
+        vae = self.vae or {}
+        return DiffusionConfig(
+            scheduler=SchedulerConfig.from_dict(self.scheduler),
+            latent_channels=self.latent_channels,
+            sample_size=self.sample_size,
+            latent_multiple=self.latent_multiple,
+            vae_scale_factor=self.vae_scale_factor,
+            scaling_factor=float(vae.get("scaling_factor", 0.18215)) if self.vae is not None else 1.0,
+            guidance=self.guidance,
+            steps=self.steps,
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SDConfig:
