@@ -190,6 +190,7 @@ def calibrate_package(
                     trajectories = _trajectories(pkg, cal_items, eval_items, say)
                 cal_feeds, eval_feeds = trajectories[0].get(name, []), trajectories[1].get(name, [])
                 eval_count = len(eval_feeds)  # denoising steps (or decoded images)
+                what = f"{len(cal_feeds)} inputs along denoising trajectories"
             else:
                 # (path, calibration items, held-out items) per path the calibration reads
                 runs: list[tuple[str | None, list[Any], list[Any]]] = [(None, cal_items, eval_items)]
@@ -219,11 +220,12 @@ def calibrate_package(
                 cal_feeds = [f for path, c, _ in runs for f in _feeds(pkg, name, c, path)]
                 eval_feeds = [f for path, _, h in runs for f in _feeds(pkg, name, h, path)]
                 eval_count = sum(len(h) for _, _, h in runs)
+                what = f"{sum(len(c) for _, c, _ in runs)} samples"
             if not cal_feeds:
                 say(f"{name}: the calibration data gave it no inputs; left in fp32")
                 report["components"][name] = {"skipped": "no calibration inputs"}
                 continue
-            say(f"calibrate {name} on {len(cal_feeds)} feeds ({method}, target cosine {target_cosine})")
+            say(f"calibrate {name} on {what} ({method}, target cosine {target_cosine})")
             fp32_rel = entry.precisions["fp32"].file
             int8_rel = fp32_rel.replace(".onnx", ".int8.onnx")
             res = calibrate_to_target(
