@@ -40,10 +40,13 @@ def sample_feeds(
         batch = (
             known.get(str(ids_spec.shape[0]), 1) if isinstance(ids_spec.shape[0], str) else ids_spec.shape[0]
         )
-        ids, _ = tokenizer.encode_batch([SAMPLE_TEXT] * int(batch))
+        length = ids_spec.shape[1]
+        if isinstance(length, int):  # a graph of one text length (Stable Diffusion's text encoder)
+            ids = tokenizer.encode_padded([SAMPLE_TEXT] * int(batch), length)
+        else:
+            ids, _ = tokenizer.encode_batch([SAMPLE_TEXT] * int(batch))
+            known[length] = ids.shape[1]
         feeds["input_ids"] = ids.astype(ids_spec.dtype)
-        if isinstance(ids_spec.shape[1], str):
-            known[ids_spec.shape[1]] = ids.shape[1]
     rng = np.random.default_rng(seed)
     for spec in inputs:
         if spec.name in feeds:

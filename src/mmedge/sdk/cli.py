@@ -23,7 +23,7 @@ DATA_HELP = (
     "shapes:N (N synthetic scenes from the fixed held-out seed), train-shapes:N (from the training "
     'seed), an image folder, or a JSONL file of {"image": path, "text": caption} lines'
 )
-DEMO_FAMILIES = ("llava", "fusion", "anymodal")  # `mmedge demo FAMILY`: one family's part alone
+DEMO_FAMILIES = ("llava", "fusion", "anymodal", "generate")  # `mmedge demo FAMILY`: one family's part alone
 PACKAGE_HELP = "package directory, or the name of a package in the model store ($MMEDGE_HOME)"
 
 
@@ -741,7 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ITC + ITM + LM training, retrieval with ITM re-ranking among near-duplicates and captions, fp32 "
         "against quantized. `mmedge demo anymodal` runs imagebind-tiny (audio, depth, thermal and IMU bound "
         "to clip-tiny's image space; cross-modal and emergent text retrieval) and meta-transformer-tiny "
-        "(point-cloud, audio and IMU classification around clip-tiny's frozen trunk)",
+        "(point-cloud, audio and IMU classification around clip-tiny's frozen trunk). `mmedge demo generate` "
+        "trains sd-tiny (text-to-image) and judges what it draws for held-out captions, fp32 against INT8",
     )
     sp.add_argument(
         "family",
@@ -749,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DEMO_FAMILIES,
         default=None,
         help="llava: the llava-tiny part alone; fusion: blip-tiny alone; anymodal: imagebind-tiny and "
-        "meta-transformer-tiny; default: clip-tiny then blip2-tiny",
+        "meta-transformer-tiny; generate: sd-tiny; default: clip-tiny then blip2-tiny",
     )
     sp.add_argument(
         "--clip-only", action="store_true", help="stop after the clip-tiny part (about 6 minutes)"

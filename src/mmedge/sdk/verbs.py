@@ -581,6 +581,10 @@ def cmd_demo(a: argparse.Namespace) -> object:
         run_llava_demo(steps=a.steps, threads=a.threads, json_out=a.json, seed=a.seed)
     elif a.family == "fusion":
         run_fusion_demo(steps=a.steps, threads=a.threads, json_out=a.json, seed=a.seed)
+    elif a.family == "generate":
+        from mmedge.sdk.demo_generate import run_generate_demo
+
+        run_generate_demo(steps=a.steps, threads=a.threads, json_out=a.json, seed=a.seed)
     elif a.family == "anymodal":
         from mmedge.sdk.demo_anymodal import run_anymodal_demo
 
