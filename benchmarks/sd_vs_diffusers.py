@@ -34,35 +34,12 @@ PROMPT = "a large red circle at the top left"
 def _pipeline():
     import diffusers
     import torch
-    import transformers
-    from diffusers_tiny import SD15_SCHEDULE
-    from tokenizers import Tokenizer
+    from diffusers_tiny import SD15_SCHEDULE, text_parts
 
-    from mmedge.models.init import tiny_tokenizer_json
     from mmedge.models.sd.modeling import SD15_VAE
 
     torch.manual_seed(0)
-    backend = Tokenizer.from_str(tiny_tokenizer_json(generative=False))
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        model_max_length=CONTEXT,
-        pad_token=backend.id_to_token(0),
-        bos_token=backend.id_to_token(1),
-        eos_token=backend.id_to_token(3),
-    )
-    text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=backend.get_vocab_size(),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=CONTEXT,
-            eos_token_id=3,
-            pad_token_id=0,
-            bos_token_id=1,
-        )
-    )
+    tokenizer, text = text_parts(CONTEXT, hidden=768, layers=12, heads=12, intermediate=3072)
     unet = diffusers.UNet2DConditionModel(sample_size=LATENT, cross_attention_dim=768)
     vae = diffusers.AutoencoderKL(**SD15_VAE, latent_channels=4)
     return diffusers.StableDiffusionPipeline(

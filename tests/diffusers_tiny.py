@@ -28,37 +28,42 @@ SD15_SCHEDULE = {
 }
 
 
-def tiny_sd_pipeline(kind: str = "ddim", vae: bool = True, seed: int = 0) -> Any:
-    """A StableDiffusionPipeline with a 2-block U-Net (8x8 latents), a 2-block VAE (16x16 images)
-    and a 2-layer CLIP text encoder over the synthetic-scene tokenizer."""
-    import diffusers
+def text_parts(context: int, hidden: int, layers: int, heads: int, intermediate: int) -> tuple[Any, Any]:
+    """(tokenizer, CLIPTextModel) of a pipeline: the synthetic-scene tokenizer as a transformers fast
+    tokenizer that pads and truncates to `context`, and a random text encoder of these sizes."""
     import transformers
 
     from mmedge.models.init import tiny_tokenizer_json
 
-    torch.manual_seed(seed)
-    tok_json = tiny_tokenizer_json(generative=False)
-    backend = Tokenizer.from_str(tok_json)
+    backend = Tokenizer.from_str(tiny_tokenizer_json(generative=False))
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        model_max_length=CONTEXT,
+        model_max_length=context,
         pad_token=backend.id_to_token(0),
         bos_token=backend.id_to_token(1),
         eos_token=backend.id_to_token(3),
     )
-    text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=backend.get_vocab_size(),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=CONTEXT,
-            eos_token_id=3,
-            pad_token_id=0,
-            bos_token_id=1,
-        )
+    config = transformers.CLIPTextConfig(
+        vocab_size=backend.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=context,
+        eos_token_id=3,
+        pad_token_id=0,
+        bos_token_id=1,
     )
+    return tokenizer, transformers.CLIPTextModel(config)
+
+
+def tiny_sd_pipeline(kind: str = "ddim", vae: bool = True, seed: int = 0) -> Any:
+    """A StableDiffusionPipeline with a 2-block U-Net (8x8 latents), a 2-block VAE (16x16 images)
+    and a 2-layer CLIP text encoder over the synthetic-scene tokenizer."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    tokenizer, text = text_parts(CONTEXT, hidden=32, layers=2, heads=2, intermediate=64)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8,
         in_channels=4,

@@ -33,7 +33,6 @@ _VISION = {
 }
 # Special ids of the tiny tokenizer (data.tokenizer_train): pad 0, bos 1, unk 2, eos 3.
 _SPECIALS = {"bos_token_id": 1, "eos_token_id": 3, "pad_token_id": 0}
-_SPECIALS_TEXT = {"eos_token_id": 3, "pad_token_id": 0}
 _DECODERS = {
     "opt": {
         "variant": "opt",
@@ -75,8 +74,8 @@ _QFORMER = {
     "num_query_tokens": 4,
 }
 
-# Stable Diffusion: a 1-layer CLIP text encoder, a 2-block U-Net (latents halved once), a 2-block VAE.
-_SD_TEXT = {
+# A 1-layer CLIP text tower (clip's; Stable Diffusion's text encoder); a 2-block U-Net (latents halved once), a 2-block VAE.
+_TEXT = {
     "vocab_size": 0,
     "context_length": 16,
     "width": 32,
@@ -84,6 +83,8 @@ _SD_TEXT = {
     "heads": 2,
     "mlp_dim": 64,
     "act": "gelu",
+    "eos_token_id": 3,
+    "pad_token_id": 0,
 }
 _SD_UNET = {
     "sample_size": 8,
@@ -108,17 +109,7 @@ _SD_SCHEDULER = {"kind": "ddim", "beta_schedule": "scaled_linear", "beta_start":
 CASES: dict[tuple[str, str], dict[str, Any]] = {
     ("clip", "vit"): {
         "vision": _VISION,
-        "text": {
-            "vocab_size": 0,
-            "context_length": 16,
-            "width": 32,
-            "layers": 1,
-            "heads": 2,
-            "mlp_dim": 64,
-            "act": "gelu",
-            "eos_token_id": 3,
-            "pad_token_id": 0,
-        },
+        "text": _TEXT,
         "projection_dim": 32,
     },
     ("blip", "itm"): {
@@ -210,14 +201,14 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
     },
     **{("causal-lm", v): cfg for v, cfg in _DECODERS.items()},
     ("stable-diffusion", "latent"): {
-        "text": {**_SD_TEXT, **_SPECIALS_TEXT},
+        "text": _TEXT,
         "unet": _SD_UNET,
         "vae": _SD_VAE,
         "scheduler": _SD_SCHEDULER,
         "steps": 3,
     },
     ("stable-diffusion", "pixel"): {
-        "text": {**_SD_TEXT, **_SPECIALS_TEXT},
+        "text": _TEXT,
         "unet": {**_SD_UNET, "in_channels": 3, "out_channels": 3, "sample_size": 16},
         "vae": None,
         "scheduler": {**_SD_SCHEDULER, "kind": "euler"},
