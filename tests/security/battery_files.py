@@ -49,8 +49,10 @@ FILE_CASES = [
     case(
         "manifest-unknown-role",
         IntegrityError,
-        r"role 'denoiser' is not one this runtime knows",
-        lambda e: _open(_edit_manifest(e.pkg(), lambda r: r["components"]["vision"].update(role="denoiser"))),
+        r"role 'time_machine' is not one this runtime knows",
+        lambda e: _open(
+            _edit_manifest(e.pkg(), lambda r: r["components"]["vision"].update(role="time_machine"))
+        ),
     ),
     case(
         "manifest-path-names-a-missing-component",

@@ -175,8 +175,13 @@ def test_any_changed_byte_of_any_file_is_refused(
             if rehash and rel in ("manifest.json", "manifest.sig"):
                 continue
             root = shutil.copytree(signed, tmp_path / f"case{rows}")
-            # in the signature file, a byte of the base64 signature itself
-            at = (root / rel).read_bytes().rindex(b'"') - 5 if rel == "manifest.sig" else None
+            # in the signature file, a byte of the base64 signature itself; in the manifest, a digit of
+            # its creation time (still a valid manifest: the signature is what must refuse it)
+            at = None
+            if rel == "manifest.sig":
+                at = (root / rel).read_bytes().rindex(b'"') - 5
+            elif rel == "manifest.json":
+                at = (root / rel).read_bytes().index(b'"created"') + 14
             _flip(root / rel, at)
             if rehash:
                 _relist(root, rel)

@@ -9,8 +9,10 @@ hurts is judged on the final image, against the fp32 image drawn from the same s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,9 +28,15 @@ def _pipeline(pkg: Package, precision: str) -> Any:
     from mmedge.runtime.components import ComponentRunner
     from mmedge.runtime.image_generation import ImageGenerationPipeline
 
-    with warnings.catch_warnings():  # a staged package is built after calibration
+    return ImageGenerationPipeline(ComponentRunner(pkg, precision=precision))
+
+
+@contextlib.contextmanager
+def _unbuilt_quietly() -> Iterator[None]:
+    """A staged package is built after calibration: its graphs run unbuilt here, as expected."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnbuiltPrecisionWarning)
-        return ImageGenerationPipeline(ComponentRunner(pkg, precision=precision))
+        yield
 
 
 def _steps(pkg: Package) -> int:
@@ -47,8 +55,9 @@ def trajectory_feeds(
     def observe(component: str, inputs: dict[str, np.ndarray]) -> None:
         feeds.setdefault(component, []).append({k: v.copy() for k, v in inputs.items()})
 
-    for i, prompt in enumerate(prompts):
-        pipe.generate(prompt, steps=_steps(pkg), seed=seed + i, observe=observe)
+    with _unbuilt_quietly():
+        for i, prompt in enumerate(prompts):
+            pipe.generate(prompt, steps=_steps(pkg), seed=seed + i, observe=observe)
     return feeds
 
 
@@ -65,11 +74,12 @@ def image_metric(pkg: Package, prompts: list[str], precision: str = "auto", seed
     ref, test = _pipeline(pkg, "fp32"), _pipeline(pkg, precision)
     steps = _steps(pkg)
     psnrs, maes = [], []
-    for i, prompt in enumerate(prompts):
-        a = ref.generate(prompt, seed=seed + i, steps=steps).image
-        b = test.generate(prompt, seed=seed + i, steps=steps).image
-        psnrs.append(psnr(a, b))
-        maes.append(float(np.abs(a - b).mean()))
+    with _unbuilt_quietly():
+        for i, prompt in enumerate(prompts):
+            a = ref.generate(prompt, seed=seed + i, steps=steps).image
+            b = test.generate(prompt, seed=seed + i, steps=steps).image
+            psnrs.append(psnr(a, b))
+            maes.append(float(np.abs(a - b).mean()))
     finite = [p for p in psnrs if math.isfinite(p)]
     return {
         "images": len(prompts),
