@@ -2,8 +2,8 @@
 VAE decoder -> image, as diffusers' `StableDiffusionPipeline` runs it.
 
 Classifier-free guidance runs the unconditional and conditional rows as one batch of the denoiser;
-latents, the denoiser's input and its output live in buffers allocated once per call and bound to
-the session once, so a step copies nothing but the scaled latents into the bound input.
+latents, the denoiser's input and its output live in buffers allocated once per call, so a step
+copies nothing but the scaled latents into the denoiser's input (docs/diffusion.md).
 """
 
 from __future__ import annotations
