@@ -86,6 +86,34 @@ def test_failed_export_leaves_old_package(
     assert not [p for p in tiny_pkg.parent.iterdir() if p.name.startswith(".mmedge-staging")]
 
 
+def test_an_external_data_package_builds_for_ort(
+    tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the protobuf limit the ORT build keeps its weights in a `.data` file beside it too; a
+    rebuild under the limit drops that file."""
+    import mmedge.export.onnx_export as onnx_export
+    from mmedge import sdk
+    from mmedge.builds.package import build_package
+    from mmedge.export.exporter import export_model
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = tmp_path / "ext"
+    export_model(tiny_ckpt, out)
+    unbuilt = sdk.Pipeline(str(out)).embed_texts(["a red circle", "a blue star"])
+    build_package(out)
+    m = verify_package(out).manifest
+    (engine,) = m.engines.values()
+    assert {"vision.fp32", "text.fp32"} <= set(engine.files)
+    for rel in engine.files.values():
+        assert f"{rel}.data" in m.files and (out / f"{rel}.data").stat().st_size > 1000
+    built = engine.files["text.fp32"]
+    got = sdk.Pipeline(str(out)).embed_texts(["a red circle", "a blue star"])
+    np.testing.assert_allclose(got, unbuilt, atol=1e-4)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1_800_000_000)
+    build_package(out)
+    assert f"{built}.data" not in verify_package(out).manifest.files and not (out / f"{built}.data").exists()
+
+
 def test_external_data_package(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the protobuf limit a graph's weights go to one external file, verified and loadable."""
     import mmedge.export.onnx_export as onnx_export

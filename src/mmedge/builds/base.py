@@ -65,6 +65,7 @@ def without_builds_of(tmp: Path, engines: dict[str, EngineEntry], keys: set[str]
         for key, rel in engine.files.items():
             if key in keys or key.startswith(variants):
                 (tmp / rel).unlink(missing_ok=True)
+                (tmp / f"{rel}.data").unlink(missing_ok=True)  # a graph past 2 GB keeps its tensors here
             else:
                 kept[key] = rel
         if kept:

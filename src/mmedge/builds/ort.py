@@ -40,8 +40,8 @@ from mmedge.builds.ort_passes import (
     shapes_skip_qdq,
 )
 from mmedge.errors import InvalidInputError
+from mmedge.export.model_files import needs_external_data, save_model
 from mmedge.runtime.sections import LLMConfig
-from mmedge.runtime.staging import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,10 @@ def optimize_for_ort(
         log.info("converted %d int8 activation Q/DQ pairs to uint8 for x86 integer GEMMs", n)
     if transformer_fusions:
         model = _transformer_fusions(model, transformer_fusions, num_heads, hidden_size)
+    large = needs_external_data(model)
     with tempfile.TemporaryDirectory(prefix="mmedge-ort-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save(model, str(src))
+        save_model(model, src)
         so = ort.SessionOptions()
         so.graph_optimization_level = {
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -105,6 +106,13 @@ def optimize_for_ort(
         # Weight-only blocks fused into MatMulNBits compute with int8 activations (accuracy level 4):
         # VNNI / AMX integer kernels instead of dequantizing each block to fp32 on every call.
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(MATMULNBITS_ACCURACY_LEVEL))
+        if large:  # past protobuf's 2 GB ORT must write the optimized weights to a file beside the graph
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", dst.name + ".data"
+            )
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+            )
         # MatMulAddFusion would fold the Gemm rewrite back into a float Gemm before the QDQ fusions run.
         ort.InferenceSession(
             str(src),
@@ -130,12 +138,11 @@ def optimize_for_ort(
             "replaced the attention of %d decoder layers by GroupQueryAttention",
             decoder_attention_to_gqa(optimized, decoder),
         )
-    data = optimized.SerializeToString()
     ops: dict[str, int] = {}
     for node in optimized.graph.node:
         key = f"{node.domain}:{node.op_type}" if node.domain else node.op_type
         ops[key] = ops.get(key, 0) + 1
-    write_atomic(out_path, data)
+    save_model(optimized, out_path)  # with a `<name>.data` file beside it past 2 GB
     return ops
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.errors import InvalidInputError
+from mmedge.export.model_files import needs_external_data, save_model
 
 
 def ort_session(model: Path | bytes | Any, threads: int = 2, uint8_activations: bool = False) -> Any:
@@ -25,8 +27,12 @@ def ort_session(model: Path | bytes | Any, threads: int = 2, uint8_activations: 
             else (onnx.load_model_from_string(model) if isinstance(model, bytes) else onnx.load(str(model)))
         )
         activations_to_uint8(proto)
-        model = proto.SerializeToString()
-    elif isinstance(model, onnx.ModelProto):
+        model = proto
+    if isinstance(model, onnx.ModelProto):
+        if needs_external_data(model):  # past 2 GB: from a file with its tensors beside it
+            with tempfile.TemporaryDirectory(prefix="mmedge-session-") as tmp:
+                save_model(model, Path(tmp) / "model.onnx")
+                return ort_session(Path(tmp) / "model.onnx", threads)
         model = model.SerializeToString()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.errors import InvalidInputError, UnsupportedError
+from mmedge.export.model_files import copy_model, has_external_data, save_model
 from mmedge.runtime.staging import write_atomic
 
 log = logging.getLogger(__name__)
@@ -174,50 +174,6 @@ def quantize_int8(
         proto = onnx.load(str(tmp_out))
     check_qdq_model(proto)
     save_model(proto, out_path)
-
-
-def has_external_data(path: Path) -> bool:
-    """Whether an ONNX file keeps tensors in external data files."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    model = onnx.load(str(path), load_external_data=False)
-    return any(uses_external_data(t) for t in model.graph.initializer)
-
-
-def save_model(proto: Any, out_path: Path) -> None:
-    """Write a model atomically; past the export's size threshold its tensors go to one
-    `<name>.data` file beside it (written first), as `mmedge export` lays out a large graph."""
-    import onnx
-
-    from mmedge.export.onnx_export import EXTERNAL_DATA_THRESHOLD
-
-    out_path = Path(out_path)
-    if sum(len(t.raw_data) for t in proto.graph.initializer) <= EXTERNAL_DATA_THRESHOLD:
-        write_atomic(out_path, proto.SerializeToString())
-        return
-    with tempfile.TemporaryDirectory(prefix="mmedge-save-", dir=out_path.parent) as tmp:
-        staged = Path(tmp) / out_path.name
-        onnx.save_model(
-            proto,
-            str(staged),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=out_path.name + ".data",
-            size_threshold=1024,
-        )
-        os.replace(staged.with_name(out_path.name + ".data"), out_path.with_name(out_path.name + ".data"))
-        os.replace(staged, out_path)
-
-
-def copy_model(src: Path, dst: Path) -> None:
-    """Copy an ONNX model, with its external data renamed to `dst`'s (`save_model`)."""
-    import onnx
-
-    if not has_external_data(src):
-        write_atomic(dst, Path(src).read_bytes())
-    else:
-        save_model(onnx.load(str(src)), dst)
 
 
 def check_qdq_model(model: Any) -> None:

@@ -16,9 +16,10 @@ import numpy as np
 from mmedge.builds.ort import is_x86
 from mmedge.builds.sessions import ort_session, run_outputs
 from mmedge.calibration.accuracy import compare_outputs
-from mmedge.calibration.qdq import calibration_method, copy_model, quantizable_nodes, quantize_int8
+from mmedge.calibration.qdq import calibration_method, quantizable_nodes, quantize_int8
 from mmedge.calibration.sensitivity import node_sensitivity
 from mmedge.errors import InvalidInputError
+from mmedge.export.model_files import copy_model
 
 log = logging.getLogger(__name__)
 
