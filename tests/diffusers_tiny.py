@@ -57,9 +57,10 @@ def text_parts(context: int, hidden: int, layers: int, heads: int, intermediate:
     return tokenizer, transformers.CLIPTextModel(config)
 
 
-def tiny_sd_pipeline(kind: str = "ddim", vae: bool = True, seed: int = 0) -> Any:
+def tiny_sd_pipeline(kind: str = "ddim", vae: bool = True, seed: int = 0, pooled_text: bool = False) -> Any:
     """A StableDiffusionPipeline with a 2-block U-Net (8x8 latents), a 2-block VAE (16x16 images)
-    and a 2-layer CLIP text encoder over the synthetic-scene tokenizer."""
+    and a 2-layer CLIP text encoder over the synthetic-scene tokenizer; `pooled_text` adds diffusers'
+    text-pooled timestep embedding (`addition_embed_type="text"`, what sd-tiny uses)."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -75,6 +76,7 @@ def tiny_sd_pipeline(kind: str = "ddim", vae: bool = True, seed: int = 0) -> Any
         cross_attention_dim=32,
         attention_head_dim=4,
         norm_num_groups=8,
+        **({"addition_embed_type": "text", "addition_embed_type_num_heads": 2} if pooled_text else {}),
     )
     autoencoder = (
         diffusers.AutoencoderKL(
@@ -103,8 +105,8 @@ def tiny_sd_pipeline(kind: str = "ddim", vae: bool = True, seed: int = 0) -> Any
     )
 
 
-def write_tiny_sd(root: Path, kind: str = "ddim", seed: int = 0) -> Any:
-    """Save `tiny_sd_pipeline(kind)` into `root`; returns the pipeline (float32, eval mode)."""
-    pipe = tiny_sd_pipeline(kind, seed=seed)
+def write_tiny_sd(root: Path, kind: str = "ddim", seed: int = 0, pooled_text: bool = False) -> Any:
+    """Save `tiny_sd_pipeline(kind, ...)` into `root`; returns the pipeline (float32, eval mode)."""
+    pipe = tiny_sd_pipeline(kind, seed=seed, pooled_text=pooled_text)
     pipe.save_pretrained(root, safe_serialization=True)
     return pipe

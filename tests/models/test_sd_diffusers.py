@@ -89,6 +89,36 @@ def test_images_match_diffusers_for_each_scheduler(exported) -> None:
     )
 
 
+def test_a_text_pooled_timestep_embedding_matches_diffusers(tmp_path: Path) -> None:
+    # addition_embed_type "text" pools the prompt's hidden states into the timestep embedding: no new
+    # graph input, so it is accepted (sd-tiny conditions every resolution through it)
+    pipe = write_tiny_sd(tmp_path / "src", "ddim", pooled_text=True)
+    export_model(tmp_path / "src", tmp_path / "pkg")
+    ours = sdk.Pipeline(tmp_path / "pkg")
+    latents = _latents(1)
+    ref = pipe(
+        PROMPT,
+        num_inference_steps=10,
+        guidance_scale=7.5,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images[0]
+    got = ours.generate(PROMPT, steps=10, guidance=7.5, latents=latents)
+    assert float(ref.std()) > 0.01
+    assert float(np.abs(got.image - ref).mean()) < 1e-3
+    # the pooled path carries the prompt: without it (zeroed projection) the image changes
+    pipe.unet.add_embedding.proj.weight.data.zero_()
+    pipe.unet.add_embedding.proj.bias.data.zero_()
+    ablated = pipe(
+        PROMPT,
+        num_inference_steps=10,
+        guidance_scale=7.5,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images[0]
+    assert float(np.abs(ablated - ref).mean()) > 1e-2
+
+
 def test_scheduler_override_matches_diffusers_from_config(exported) -> None:
     import diffusers
 

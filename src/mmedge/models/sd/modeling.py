@@ -23,22 +23,30 @@ from mmedge.runtime.schedulers import SchedulerConfig
 
 # U-Net settings that add inputs the exported graph does not take (SDXL's text_time embeddings, class
 # labels, LCM's guidance embedding) or change what conditions it; refused until the runtime feeds them.
-_UNET_UNSUPPORTED = {
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "num_class_embeds": None,
-    "time_cond_proj_dim": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "dual_cross_attention": False,
+# The accepted values of each: addition_embed_type "text" pools the prompt's own hidden states into
+# the timestep embedding (no new input), which is how sd-tiny conditions every resolution.
+_UNET_ACCEPTED: dict[str, tuple[Any, ...]] = {
+    "class_embed_type": (None,),
+    "addition_embed_type": (None, "text"),
+    "num_class_embeds": (None,),
+    "time_cond_proj_dim": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "dual_cross_attention": (False,),
 }
 # StableDiffusionPipeline neither shifts latents nor normalises them per channel (SD3 / SDXL-style VAEs)
-_VAE_UNSUPPORTED = {"latents_mean": None, "latents_std": None, "shift_factor": None}
+_VAE_ACCEPTED: dict[str, tuple[Any, ...]] = {
+    "latents_mean": (None,),
+    "latents_std": (None,),
+    "shift_factor": (None,),
+}
 # Keys diffusers writes into every config.json that are records, not settings.
 _RECORD_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
 
-def diffusers_settings(cls_name: str, config: dict[str, Any], refused: dict[str, Any]) -> dict[str, Any]:
+def diffusers_settings(
+    cls_name: str, config: dict[str, Any], accepted_values: dict[str, tuple[Any, ...]]
+) -> dict[str, Any]:
     """A diffusers model config reduced to its constructor's settings; unknown keys and settings
     whose values the exported graphs do not support are errors naming them."""
     diffusers = require("diffusers", "diffusion")
@@ -48,11 +56,11 @@ def diffusers_settings(cls_name: str, config: dict[str, Any], refused: dict[str,
     unknown = sorted(set(settings) - accepted)
     if unknown:
         raise ConfigError(f"{cls_name} config: unknown keys {unknown}; diffusers accepts {sorted(accepted)}")
-    for key, supported in refused.items():
-        if settings.get(key, supported) != supported:
+    for key, supported in accepted_values.items():
+        if key in settings and settings[key] not in supported:
             raise UnsupportedError(
                 f"{cls_name} config: {key}={settings[key]!r} is not supported (it needs inputs or steps the "
-                f"exported graph does not have); accepted: {supported!r}"
+                f"exported graph does not have); accepted: {', '.join(map(repr, supported))}"
             )
     return settings
 
@@ -95,10 +103,10 @@ class SDConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # records (e.g. the source's pipeline class)
 
     def __post_init__(self) -> None:
-        unet = diffusers_settings("UNet2DConditionModel", self.unet, _UNET_UNSUPPORTED)
+        unet = diffusers_settings("UNet2DConditionModel", self.unet, _UNET_ACCEPTED)
         object.__setattr__(self, "unet", unet)
         if self.vae is not None:
-            object.__setattr__(self, "vae", diffusers_settings("AutoencoderKL", self.vae, _VAE_UNSUPPORTED))
+            object.__setattr__(self, "vae", diffusers_settings("AutoencoderKL", self.vae, _VAE_ACCEPTED))
         cross = unet.get("cross_attention_dim", 1280)
         if cross != self.text.width:
             raise ConfigError(
