@@ -56,34 +56,33 @@ def _latents(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 4, 8, 8)).astype(np.float32)
 
 
+def _diffusers_image(
+    pipe: Any, latents: np.ndarray, steps: int = 10, guidance: float = 7.5, **kw: Any
+) -> np.ndarray:
+    """diffusers' image of PROMPT from these initial latents, (H, W, 3) in [0, 1]."""
+    return pipe(
+        PROMPT,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+        **kw,
+    ).images[0]
+
+
 def test_images_match_diffusers_for_each_scheduler(exported) -> None:
     pipe, ours, kind, _ = exported
     latents = _latents()
-    ref = pipe(
-        PROMPT,
-        num_inference_steps=10,
-        guidance_scale=7.5,
-        latents=torch.from_numpy(latents),
-        output_type="np",
-    ).images[0]
+    ref = _diffusers_image(pipe, latents)
     got = ours.generate(PROMPT, steps=10, guidance=7.5, latents=latents)
     assert got.scheduler == kind and got.image.shape == ref.shape == (16, 16, 3)
     assert float(ref.std()) > 0.01  # a non-trivial image: the comparison could fail
     assert float(np.abs(got.image - ref).mean()) < 1e-3
     # a negative prompt and guidance off take diffusers' paths too
-    ref = pipe(
-        PROMPT,
-        negative_prompt="a small blue star",
-        num_inference_steps=4,
-        guidance_scale=3.0,
-        latents=torch.from_numpy(latents),
-        output_type="np",
-    ).images[0]
+    ref = _diffusers_image(pipe, latents, 4, 3.0, negative_prompt="a small blue star")
     got = ours.generate(PROMPT, negative_prompt="a small blue star", steps=4, guidance=3.0, latents=latents)
     assert float(np.abs(got.image - ref).mean()) < 1e-3
-    ref = pipe(
-        PROMPT, num_inference_steps=3, guidance_scale=1.0, latents=torch.from_numpy(latents), output_type="np"
-    ).images[0]
+    ref = _diffusers_image(pipe, latents, 3, 1.0)
     assert (
         float(np.abs(ours.generate(PROMPT, steps=3, guidance=1.0, latents=latents).image - ref).mean()) < 1e-3
     )
@@ -96,27 +95,14 @@ def test_a_text_pooled_timestep_embedding_matches_diffusers(tmp_path: Path) -> N
     export_model(tmp_path / "src", tmp_path / "pkg")
     ours = sdk.Pipeline(tmp_path / "pkg")
     latents = _latents(1)
-    ref = pipe(
-        PROMPT,
-        num_inference_steps=10,
-        guidance_scale=7.5,
-        latents=torch.from_numpy(latents),
-        output_type="np",
-    ).images[0]
+    ref = _diffusers_image(pipe, latents)
     got = ours.generate(PROMPT, steps=10, guidance=7.5, latents=latents)
     assert float(ref.std()) > 0.01
     assert float(np.abs(got.image - ref).mean()) < 1e-3
     # the pooled path carries the prompt: without it (zeroed projection) the image changes
     pipe.unet.add_embedding.proj.weight.data.zero_()
     pipe.unet.add_embedding.proj.bias.data.zero_()
-    ablated = pipe(
-        PROMPT,
-        num_inference_steps=10,
-        guidance_scale=7.5,
-        latents=torch.from_numpy(latents),
-        output_type="np",
-    ).images[0]
-    assert float(np.abs(ablated - ref).mean()) > 1e-2
+    assert float(np.abs(_diffusers_image(pipe, latents) - ref).mean()) > 1e-2
 
 
 def test_scheduler_override_matches_diffusers_from_config(exported) -> None:

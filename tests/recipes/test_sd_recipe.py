@@ -33,3 +33,29 @@ def test_sd_tiny_trains_exports_and_draws(tmp_path: Path) -> None:
 def test_the_recipe_refuses_user_data(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedError, match="synthetic"):
         train_model(tmp_path / "ckpt", TrainRequest("sd-tiny", steps=1, data="shapes:4"))
+
+
+def test_the_loss_weighs_the_object_and_its_rim() -> None:
+    import torch
+
+    from mmedge.data import render
+    from mmedge.data.scenes import SceneObject
+    from mmedge.evaluation.drawn_scenes import judge
+    from mmedge.recipes.sd import FOREGROUND_WEIGHT, foreground_weights
+
+    obj = SceneObject("star", "red", "small", "top left")
+    image = render([obj], 32, np.random.default_rng(0))
+    assert judge(image).object == obj
+    x = torch.from_numpy(image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    w = foreground_weights(x)[0, 0].numpy()
+    found = (image.max(-1).astype(int) - image.min(-1)) > 60
+    assert set(np.unique(w)) == {1.0, FOREGROUND_WEIGHT}
+    assert (w[found] == FOREGROUND_WEIGHT).all()  # every object pixel
+    heavy = w == FOREGROUND_WEIGHT
+    assert found.sum() < heavy.sum() < 3 * found.sum()  # plus a rim, not the whole image
+    assert not heavy[16:, 16:].any()  # nothing far from the object
+    # in a batch, a small object and a large one carry the same total extra weight
+    big = render([SceneObject("square", "blue", "large", "bottom right")], 32, np.random.default_rng(1))
+    pair = torch.from_numpy(np.stack([image, big]).astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    extra = (foreground_weights(pair) - 1).sum((1, 2, 3))
+    assert torch.allclose(extra[0], extra[1], rtol=1e-5) and float(extra[0]) > 0

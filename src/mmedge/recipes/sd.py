@@ -5,10 +5,17 @@ left"); a share of the captions is dropped (the empty prompt) so that the model 
 unconditional prediction classifier-free guidance needs. The noise schedule and prediction type are
 the preset's scheduler config, applied with diffusers' `DDPMScheduler` (training only; the runtime
 samples with its numpy schedulers). The U-Net and the text encoder train together from scratch.
+
+The loss weighs the object's pixels (and a one-pixel rim) about `FOREGROUND_WEIGHT` times the
+background's, each image's object the same in total (`foreground_weights`): the caption decides only
+the object, a small share of the image, while the background's grey level and texture are
+unpredictable; unweighted, the caption's signal drowns and the model ignores its prompt for the
+first thousand-odd steps (benchmarks/RESULTS.md, "sd-tiny").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -30,14 +37,30 @@ from mmedge.runtime.texts import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-# The demo's setting (about 11 minutes on 2 cores). Too few for sd-tiny to follow its captions: this
-# recipe at 1000 steps drew the captioned colour in 0.58 of 200 held-out captions and the shape in
-# 0.23; an experiment of 2500 steps with clean-image prediction reached 0.985 and 0.46
-# (benchmarks/RESULTS.md, "sd-tiny").
-DEFAULT_STEPS = 1000
-DEFAULT_BATCH = 64
+# The demo's setting, about 8 minutes of its 10 on 2 cores. 800 x 64 scenes fell short of 1600 x 32
+# at equal compute, and 3200 x 16 too; at 1100 steps colour and shape came out 0.735-0.985 across
+# runs (benchmarks/RESULTS.md, "sd-tiny" and "`mmedge demo generate` at 1100 steps").
+DEFAULT_STEPS = 1100
+DEFAULT_BATCH = 32
 DEFAULT_LR = 2e-3
 CAPTION_DROPOUT = 0.1  # rows trained on the empty prompt (the unconditional prediction)
+FOREGROUND_WEIGHT = 10.0  # loss weight of the object's pixels against the background's
+
+
+def foreground_weights(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) per-pixel loss weights of a batch of clean images in [-1, 1]: 1 on the
+    background; on the object (saturated pixels, as the judge finds them) and a one-pixel rim around
+    it, FOREGROUND_WEIGHT for an object of the batch's mean size, scaled so that every image's object
+    carries the same total weight (a small star's few pixels would otherwise count for a fraction
+    of a large square's, and small shapes came out as blobs)."""
+    from mmedge.evaluation.drawn_scenes import SATURATION
+
+    saturation = images.amax(1, keepdim=True) - images.amin(1, keepdim=True)
+    found = (saturation > SATURATION / 127.5).to(images.dtype)
+    rim = torch.nn.functional.max_pool2d(found, 3, stride=1, padding=1)
+    pixels = rim.sum((1, 2, 3), keepdim=True)
+    share = pixels.mean() / pixels.clamp(min=1)  # 1 for an object of the batch's mean size
+    return 1 + (FOREGROUND_WEIGHT - 1) * rim * share
 
 
 def _training_schedule(cfg: SDConfig) -> object:
@@ -105,11 +128,13 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
         if target is None:  # v_prediction
             target = schedule.get_velocity(images, noise, t)  # type: ignore[attr-defined]
         pred = m.denoise(noisy, t.to(torch.float32), m.encode_prompt(ids))
-        return torch.nn.functional.mse_loss(pred.float(), target)
+        weights = foreground_weights(images)
+        return ((pred.float() - target) ** 2 * weights).mean() / weights.mean()
 
     batch = request.batch_size or DEFAULT_BATCH
     batches = _batches(tokenizer, cfg.sample_size, batch, request.seed)
-    tc = train_config(request, DEFAULT_STEPS, DEFAULT_LR)
+    # no weight decay: the text encoder learns its words from scratch alongside the U-Net
+    tc = dataclasses.replace(train_config(request, DEFAULT_STEPS, DEFAULT_LR), weight_decay=0.0)
     losses = run_training(model, batches, loss_fn, tc, progress=progress, desc=f"train {request.preset}")
     info = {
         "train": {
@@ -118,6 +143,7 @@ def train(out: str | Path, request: TrainRequest, progress: bool | None = None) 
             "steps": len(losses),
             "batch_size": batch,
             "caption_dropout": CAPTION_DROPOUT,
+            "foreground_weight": FOREGROUND_WEIGHT,
             "bf16": request.bf16 and amx_bf16_fast(),
             **loss_record(losses, t0),
         }
