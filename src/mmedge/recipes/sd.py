@@ -38,8 +38,8 @@ from mmedge.runtime.texts import TextTokenizer
 log = logging.getLogger(__name__)
 
 # The demo's setting, about 8 minutes of its 10 on 2 cores. 800 x 64 scenes fell short of 1600 x 32
-# at equal compute, and 3200 x 16 too; at 1100 steps colour and shape came out 0.735-0.985 across
-# runs (benchmarks/RESULTS.md, "sd-tiny" and "`mmedge demo generate` at 1100 steps").
+# at equal compute, and 3200 x 16 too. At 1100 steps colour and shape still depend on the run (0.46
+# to 0.985 over four runs: benchmarks/RESULTS.md, "sd-tiny" and "`mmedge demo generate` at 1100 steps").
 DEFAULT_STEPS = 1100
 DEFAULT_BATCH = 32
 DEFAULT_LR = 2e-3
