@@ -12,7 +12,7 @@ import torch
 
 
 def test_a_model_with_external_data_calibrates(tmp_path: Path) -> None:
-    import mmedge.export.onnx_export as oe
+    import mmedge.export.model_files as model_files
     from mmedge.calibration.search import calibrate_to_target
 
     m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
@@ -31,7 +31,7 @@ def test_a_model_with_external_data_calibrates(tmp_path: Path) -> None:
         size_threshold=0,
     )
     feeds = [{"x": np.random.default_rng(i).standard_normal((4, 64)).astype(np.float32)} for i in range(3)]
-    with mock.patch.object(oe, "EXTERNAL_DATA_THRESHOLD", 1000):
+    with mock.patch.object(model_files, "EXTERNAL_DATA_THRESHOLD", 1000):
         res = calibrate_to_target(
             tmp_path / "m.onnx", tmp_path / "m.int8.onnx", feeds, feeds, target_cosine=0.9
         )

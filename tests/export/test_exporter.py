@@ -91,12 +91,13 @@ def test_an_external_data_package_builds_for_ort(
 ) -> None:
     """Past the protobuf limit the ORT build keeps its weights in a `.data` file beside it too; a
     rebuild under the limit drops that file."""
-    import mmedge.export.onnx_export as onnx_export
+    import mmedge.export.model_files as model_files
     from mmedge import sdk
     from mmedge.builds.package import build_package
     from mmedge.export.exporter import export_model
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    limit = model_files.EXTERNAL_DATA_THRESHOLD
+    monkeypatch.setattr(model_files, "EXTERNAL_DATA_THRESHOLD", 1000)
     out = tmp_path / "ext"
     export_model(tiny_ckpt, out)
     unbuilt = sdk.Pipeline(str(out)).embed_texts(["a red circle", "a blue star"])
@@ -109,17 +110,17 @@ def test_an_external_data_package_builds_for_ort(
     built = engine.files["text.fp32"]
     got = sdk.Pipeline(str(out)).embed_texts(["a red circle", "a blue star"])
     np.testing.assert_allclose(got, unbuilt, atol=1e-4)
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1_800_000_000)
+    monkeypatch.setattr(model_files, "EXTERNAL_DATA_THRESHOLD", limit)
     build_package(out)
     assert f"{built}.data" not in verify_package(out).manifest.files and not (out / f"{built}.data").exists()
 
 
 def test_external_data_package(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the protobuf limit a graph's weights go to one external file, verified and loadable."""
-    import mmedge.export.onnx_export as onnx_export
+    import mmedge.export.model_files as model_files
     from mmedge import sdk
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(model_files, "EXTERNAL_DATA_THRESHOLD", 1000)
     out = tmp_path / "ext"
     from mmedge.export.exporter import export_model
 

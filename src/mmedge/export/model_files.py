@@ -11,6 +11,9 @@ from typing import Any
 
 from mmedge.runtime.staging import write_atomic
 
+# Protobuf cannot hold more than 2 GB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
 
 def has_external_data(path: Path) -> bool:
     """Whether an ONNX file keeps tensors in external data files."""
@@ -23,8 +26,6 @@ def has_external_data(path: Path) -> bool:
 
 def needs_external_data(proto: Any) -> bool:
     """Whether a model's initializers are too large to serialise it as one protobuf."""
-    from mmedge.export.onnx_export import EXTERNAL_DATA_THRESHOLD
-
     return sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
 
 

@@ -9,13 +9,12 @@ import numpy as np
 import torch
 
 from mmedge.export.graph_simplify import simplify
+from mmedge.export.model_files import needs_external_data, save_model
 from mmedge.models.component import ComponentDecl
 from mmedge.runtime.feeds import sample_feeds
 from mmedge.runtime.manifest import TensorSpec
 
 DEFAULT_OPSET = 17
-# Protobuf cannot hold more than 2 GB; keep a margin for the graph itself.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def example_inputs(
@@ -55,18 +54,7 @@ def export_component(
         proto = onnx.load(str(raw))  # pulls any external data torch wrote into memory
     proto.producer_name = "mmedge"
     simplify(proto)
-    written = [out_path]
-    if sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD:
-        data_name = out_path.name + ".data"
-        onnx.save_model(
-            proto,
-            str(out_path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
-        written.append(out_path.with_name(data_name))
-    else:
-        onnx.save_model(proto, str(out_path))
-    return written
+    save_model(proto, out_path)
+    return (
+        [out_path, out_path.with_name(out_path.name + ".data")] if needs_external_data(proto) else [out_path]
+    )
