@@ -123,6 +123,73 @@ def test_scheduler_override_matches_diffusers_from_config(exported) -> None:
     assert float(np.abs(got.image - ref).mean()) < 1e-3
 
 
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+
+
+def test_image_to_image_matches_diffusers_for_each_scheduler(exported, monkeypatch) -> None:
+    import diffusers
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img
+    from PIL import Image
+
+    pipe, ours, kind, _ = exported
+    noise = _latents(2)
+    # the posterior's mean, as the runtime takes (diffusers samples it), and the runtime's noise
+    monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None: out.latent_dist.mode())
+    monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **_: torch.from_numpy(noise).reshape(shape))
+    ref_pipe = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    image = _image(0)
+    for strength, steps, guidance in ((0.6, 10, 7.5), (1.0, 4, 3.0), (0.35, 7, 1.0)):
+        ref = ref_pipe(
+            PROMPT,
+            image=Image.fromarray(image),
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            output_type="np",
+        ).images[0]
+        seen: list[tuple[int, int]] = []
+        got = ours.generate(
+            PROMPT,
+            image=image,
+            strength=strength,
+            steps=steps,
+            guidance=guidance,
+            latents=noise,
+            progress=lambda done, total, seen=seen: seen.append((done, total)),
+        )
+        assert got.strength == strength and got.image.shape == ref.shape == (16, 16, 3)
+        assert float(ref.std()) > 0.01
+        assert float(np.abs(got.image - ref).mean()) < 1e-3, (kind, strength)
+        ran = int(steps * strength)
+        assert seen == [(i + 1, ran) for i in range(ran)]
+    # the image matters: another one, same noise and settings, draws something else (by far more
+    # than the parity tolerance; these random weights make blurry images)
+    other = ours.generate(PROMPT, image=_image(1), strength=0.3, steps=10, guidance=7.5, latents=noise)
+    again = ours.generate(PROMPT, image=image, strength=0.3, steps=10, guidance=7.5, latents=noise)
+    assert float(np.abs(other.image - again.image).mean()) > 5e-3
+
+
+def test_image_to_image_bad_input_is_refused(ddim) -> None:
+    ours = ddim
+    image = _image(0)
+    for strength in (0, -0.5, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(InvalidInputError, match="strength"):
+            ours.generate(PROMPT, image=image, strength=strength)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="runs no step"):
+        ours.generate(PROMPT, image=image, strength=0.05, steps=10)
+    with pytest.raises(InvalidInputError, match="shape"):
+        ours.generate(PROMPT, image=image[..., :2])
+    with pytest.raises(InvalidInputError, match="cannot load an image"):
+        ours.generate(PROMPT, image=[[0]])
+    with pytest.raises(InvalidInputError, match="height 32 differs"):
+        ours.generate(PROMPT, image=image, height=32)
+    with pytest.raises(InvalidInputError, match="multiple"):
+        ours.generate(PROMPT, image=np.zeros((18, 16, 3), np.uint8))
+    with pytest.raises(InvalidInputError, match="outside"):
+        ours.generate(PROMPT, image=np.zeros((64, 64, 3), np.uint8))
+
+
 def test_seeds_are_reproducible_and_progress_is_reported(ddim) -> None:
     ours = ddim
     seen: list[tuple[int, int]] = []
@@ -195,3 +262,23 @@ def test_an_unsupported_sampler_keeps_its_noise_schedule(tmp_path: Path, caplog)
     assert manifest.diffusion.scheduler.kind == "dpmsolver++"
     assert manifest.diffusion.scheduler.beta_schedule == "scaled_linear"
     assert "PNDMScheduler" in caplog.text
+
+
+def test_generate_image_cli_draws_and_redraws(packages, tmp_path: Path, capsys) -> None:
+    from mmedge.runtime.images import load_image
+    from mmedge.sdk.cli import main
+
+    pkg = packages("ddim")[3].parent / "pkg"
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    args = ["generate-image", str(pkg), PROMPT, "--steps", "4", "--seed", "3", "--json"]
+    assert main([*args, "--out", str(first)]) == 0
+    drawn = json.loads(capsys.readouterr().out)
+    assert drawn["strength"] is None and load_image(first).shape == (16, 16, 3)
+    assert main([*args, "--out", str(second), "--image", str(first), "--strength", "0.5"]) == 0
+    redrawn = json.loads(capsys.readouterr().out)
+    assert redrawn["strength"] == 0.5 and redrawn["seed"] == 3
+    ours = packages("ddim")[1]
+    want = ours.generate(PROMPT, steps=4, seed=3, image=load_image(first), strength=0.5)
+    assert np.array_equal(load_image(second), want.pixels)
+    assert main([*args, "--out", str(second), "--image", str(first), "--strength", "1.5"]) != 0
+    assert "strength" in capsys.readouterr().err

@@ -26,6 +26,14 @@ def test_sd_tiny_trains_exports_and_draws(tmp_path: Path) -> None:
     pipe = sdk.Pipeline(tmp_path / "pkg")
     out = pipe.generate("a large red circle at the top left", steps=3, seed=0)
     assert out.pixels.shape == (32, 32, 3)
+    # image-to-image in pixel space noises the image itself: it draws the same from the same seed,
+    # and another image draws another result
+    again = [
+        pipe.generate("a large red circle", steps=4, seed=1, image=out.pixels, strength=0.5) for _ in "ab"
+    ]
+    other = pipe.generate("a large red circle", steps=4, seed=1, image=255 - out.pixels, strength=0.5)
+    assert again[0].strength == 0.5 and np.array_equal(again[0].image, again[1].image)
+    assert float(np.abs(other.image - again[0].image).mean()) > 1e-2
     scores = evaluate_generation(pipe, n=3, steps=2)
     assert scores["images"] == 3 and scores["steps"] == 2 and 0 <= scores["colour_and_shape"] <= 1
 

@@ -52,6 +52,16 @@ MUTATIONS: list[tuple[str, Callable[[dict], Any], str]] = [
         "vae_decoder",
     ),
     ("decoder range", lambda r: _decoder(r)["dims"]["height"].update(max=8), "cover"),
+    (
+        "encoder input",
+        lambda r: r["components"]["vae_encoder"]["inputs"][0].update(name="image"),
+        "vae_encoder",
+    ),
+    (
+        "encoder channels",
+        lambda r: r["components"]["vae_encoder"]["outputs"][0].update(shape=["batch", 3, "h", "w"]),
+        "vae_encoder",
+    ),
     ("text length", lambda r: r["tokenizer"].update(context_length=8), "fixed length"),
     ("steps", lambda r: r["diffusion"].update(steps=5000), "steps"),
 ]
@@ -73,4 +83,9 @@ def test_a_pixel_package_has_rgb_latents(raw: dict) -> None:
     bad = json.loads(json.dumps(raw))
     del bad["components"]["vae_decoder"]
     with pytest.raises(IntegrityError, match="pixel space"):
+        parse_manifest(json.dumps(bad))
+    bad["diffusion"].update(vae_scale_factor=1, latent_channels=3)  # a pixel package, but an encoder
+    for spec in (*_unet(bad)["inputs"][:1], *_unet(bad)["outputs"]):
+        spec["shape"][1] = 3
+    with pytest.raises(IntegrityError, match="vae_encoder needs the vae_decoder"):
         parse_manifest(json.dumps(bad))

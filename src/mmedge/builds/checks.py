@@ -31,6 +31,7 @@ LOOSE_BUILD_LIMITS = {
     "imu_encoder": QUANTIZED_BUILD_MAX_REL_ERROR,
     "denoiser": CONV_STACK_BUILD_MAX_REL_ERROR,
     "vae_decoder": CONV_STACK_BUILD_MAX_REL_ERROR,
+    "vae_encoder": CONV_STACK_BUILD_MAX_REL_ERROR,
 }
 
 

@@ -1,5 +1,7 @@
 """Text-to-image pipeline (torch-free): prompt -> conditioning -> scheduler loop over the denoiser ->
-VAE decoder -> image, as diffusers' `StableDiffusionPipeline` runs it.
+VAE decoder -> image, as diffusers' `StableDiffusionPipeline` runs it; with an image, image-to-image
+as `StableDiffusionImg2ImgPipeline` runs it (the VAE encoder's latents noised part way, then the
+schedule's last steps).
 
 Classifier-free guidance runs the unconditional and conditional rows as one batch of the denoiser;
 latents, the denoiser's input and its output live in buffers allocated once per call, so a step
@@ -13,6 +15,7 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +40,7 @@ class GeneratedImage:
     guidance: float
     scheduler: str
     prompt_truncated: bool  # the prompt had more tokens than the text encoder's context and was cut
+    strength: float | None = None  # image-to-image: how much of the schedule ran; None: text-to-image
 
     @property
     def pixels(self) -> np.ndarray:
@@ -63,6 +67,7 @@ class ImageGenerationPipeline:
         self.config: DiffusionConfig = m.diffusion
         self.denoiser = m.by_role("denoiser")
         self.decoder = m.by_role("vae_decoder") if m.has_role("vae_decoder") else None
+        self.encoder = m.by_role("vae_encoder") if m.has_role("vae_encoder") else None
         entry = m.component(self.denoiser)
         side = entry.dims["height"], entry.dims["width"]
         self.latent_range = (side[0].min, side[0].max), (side[1].min, side[1].max)
@@ -91,8 +96,10 @@ class ImageGenerationPipeline:
         scheduler: str | None = None,
         progress: Progress | None = None,
         observe: Observer | None = None,
+        image: Any = None,
+        strength: float = 0.8,
     ) -> GeneratedImage:
-        """Draw one image of `prompt`.
+        """Draw one image of `prompt`, or with `image` redraw that image towards it.
 
         `steps` (1 to `schedulers.MAX_STEPS`, at most the schedule's training steps) and `guidance` (0 to MAX_GUIDANCE; above 1 runs classifier-free
         guidance against `negative_prompt`, default the empty prompt) default to the package's.
@@ -105,6 +112,13 @@ class ImageGenerationPipeline:
         (as diffusers does), and the result says so. `progress(done, total)` runs after each step;
         `observe(component, feeds)` sees the denoiser's and the decoder's inputs before each run
         (the buffers themselves: copy what you keep).
+
+        Image-to-image: `image` is what `images.load_image` reads (a path, encoded bytes, an array,
+        a PIL image); its size is the result's (the same rules as `height`/`width`); its latents (the VAE posterior's mean; the pixels themselves in pixel
+        space) are noised to the level `strength` (0 to 1] of the way into the schedule and only the
+        schedule's last `int(steps * strength)` steps run, as in diffusers' img2img pipeline, which
+        samples the posterior instead. `latents` is then the noise added; `progress` counts the steps
+        that run.
         """
         cfg = self.config
         steps = cfg.steps if steps is None else steps
@@ -119,6 +133,10 @@ class ImageGenerationPipeline:
             raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
         sched_config = cfg.scheduler if scheduler is None else cfg.scheduler.with_kind(scheduler)
         sched = make_scheduler(sched_config, steps)  # checks steps
+        if image is not None:
+            pixels = _checked_image(image, height, width)
+            height, width = pixels.shape[2], pixels.shape[3]
+            start = _start_index(steps, strength)
         h, w = self._latent_size(height, width)
         shape = (1, cfg.latent_channels, h, w)
         if latents is None:
@@ -129,7 +147,12 @@ class ImageGenerationPipeline:
         guided = guidance > 1.0  # diffusers: guidance 1 or below is the conditional pass alone
         negative = (negative_prompt or "") if guided else None
         cond, truncated = self._conditioning(prompt, negative)
-        sample = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        if image is None:
+            start = 0
+            sample = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        else:
+            sched.set_begin_index(start)
+            sample = sched.add_noise(self._encode(pixels, observe), noise)
         rows = 2 if guided else 1
         model_in = np.zeros((rows, *shape[1:]), np.float32)  # (rows, C, h, w); checked before step 0
         model_out = np.empty_like(model_in)
@@ -141,7 +164,7 @@ class ImageGenerationPipeline:
         if binding is not None:
             binding.bind({"encoder_hidden_states": cond}, {"out_sample": model_out})
         g = np.float32(guidance)
-        for i in range(len(sched.timesteps)):
+        for i in range(start, len(sched.timesteps)):
             scaled = sched.scale_model_input(sample, i)
             model_in[:] = scaled  # every row: the unconditional and conditional passes see one sample
             timestep[:] = sched.timesteps[i]
@@ -161,9 +184,17 @@ class ImageGenerationPipeline:
                 np.add(model_out[0], model_out[1], out=model_out[0])
             sample = sched.step(model_out[:1], i, sample)
             if progress is not None:
-                progress(i + 1, len(sched.timesteps))
-        image = self._decode(sample, observe)
-        return GeneratedImage(image, seed, steps, float(guidance), sched_config.kind, truncated)
+                progress(i + 1 - start, len(sched.timesteps) - start)
+        drawn = self._decode(sample, observe)
+        return GeneratedImage(
+            drawn,
+            seed,
+            steps,
+            float(guidance),
+            sched_config.kind,
+            truncated,
+            None if image is None else strength,
+        )
 
     def _latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         cfg = self.config
@@ -197,6 +228,20 @@ class ImageGenerationPipeline:
             )
         return self.runner.run_path("text", {"input_ids": ids}), truncated
 
+    def _encode(self, pixels: np.ndarray, observe: Observer | None = None) -> np.ndarray:
+        """(1, 3, H, W) in [-1, 1] -> the latents it starts from (scaled as the U-Net reads them)."""
+        if self.encoder is None:
+            if self.config.vae_scale_factor != 1:
+                raise IntegrityError(
+                    f"package {self.runner.manifest.name!r} has no vae_encoder: it cannot start from an image"
+                )
+            return pixels  # pixel space: the U-Net denoises the image itself
+        feeds = {"sample": pixels}
+        if observe is not None:
+            observe(self.encoder, feeds)
+        latent = self.runner.run_batched(self.encoder, feeds)["latent"]
+        return (latent * np.float32(self.config.scaling_factor)).astype(np.float32)
+
     def _decode(self, latents: np.ndarray, observe: Observer | None = None) -> np.ndarray:
         """Latents -> (H, W, 3) float32 in [0, 1]."""
         cfg = self.config
@@ -208,6 +253,31 @@ class ImageGenerationPipeline:
         else:
             image = latents
         return np.clip(image[0].transpose(1, 2, 0) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def _checked_image(src: object, height: int | None, width: int | None) -> np.ndarray:
+    """An image (`images.load_image`) -> (1, 3, H, W) float32 in [-1, 1], as diffusers' VaeImageProcessor."""
+    from mmedge.runtime.images import load_image
+
+    image = load_image(src)
+    for name, asked, size in (("height", height, image.shape[0]), ("width", width, image.shape[1])):
+        if asked is not None and asked != size:
+            raise InvalidInputError(
+                f"{name} {asked} differs from the image's {size}: the result keeps its size"
+            )
+    x = image.astype(np.float32) / np.float32(255)
+    return np.ascontiguousarray((x * 2 - 1).transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def _start_index(steps: int, strength: object) -> int:
+    """The schedule index image-to-image starts at (diffusers' `get_timesteps`); `steps` is checked."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
+    if int(steps * strength) < 1:
+        raise InvalidInputError(
+            f"strength {strength:g} of {steps} steps runs no step (int(steps * strength) is 0); raise either"
+        )
+    return steps - min(int(steps * strength), steps)
 
 
 def _checked_latents(latents: object, shape: tuple[int, ...]) -> np.ndarray:

@@ -301,7 +301,8 @@ _TASK_OPTIONAL_PATHS: dict[str, tuple[str, ...]] = {
 _TASK_OPTIONAL_ROLES: dict[str, tuple[str, ...]] = {
     "retrieval": ("itm",),
     "chat": ("cross_kv", "question_encoder"),
-    "image_generation": ("vae_decoder",),  # none: a pixel-space denoiser
+    # none: a pixel-space denoiser; the encoder serves image-to-image only
+    "image_generation": ("vae_decoder", "vae_encoder"),
 }
 CROSS_PREFIX = "cross_key_values."
 
@@ -716,10 +717,22 @@ def _check_diffusion(m: Manifest, section: DiffusionConfig) -> None:
                 raise IntegrityError(
                     f"the vae_decoder's {dim} range must cover the denoiser's [{r.min}, {r.max}]"
                 )
+        if m.has_role("vae_encoder"):
+            encoder = m.component(m.by_role("vae_encoder"))
+            inputs = [(s.name, s.dtype, s.shape[:2], len(s.shape)) for s in encoder.inputs]
+            if inputs != [("sample", "float32", ("batch", 3), 4)] or [
+                (s.name, s.dtype, s.shape[:2], len(s.shape)) for s in encoder.outputs
+            ] != [("latent", "float32", ("batch", section.latent_channels), 4)]:
+                raise IntegrityError(
+                    "the vae_encoder must take one float32 sample (batch, 3, H, W) and give one float32 "
+                    f"latent (batch, {section.latent_channels}, h, w)"
+                )
     elif section.vae_scale_factor != 1 or section.latent_channels != 3:
         raise IntegrityError(
             "a package without a vae_decoder works in pixel space: vae_scale_factor 1 and 3 latent channels"
         )
+    elif m.has_role("vae_encoder"):
+        raise IntegrityError("a vae_encoder needs the vae_decoder of a latent model")
 
 
 def fixed_text_length(m: Manifest) -> int | None:

@@ -101,7 +101,8 @@ def _spaced(cfg: SchedulerConfig, steps: int, last: int, extra: int) -> np.ndarr
 
 
 class Scheduler:
-    """A denoising schedule for a fixed number of steps; `step` must run in index order 0, 1, ..."""
+    """A denoising schedule for a fixed number of steps; `step` must run in index order from the
+    begin index (0 unless `set_begin_index` says otherwise: image-to-image starts part way)."""
 
     timesteps: np.ndarray  # float32 (steps,): the `timestep` fed to the U-Net at each index
     init_noise_sigma: float  # initial N(0, 1) latents are multiplied by this
@@ -120,10 +121,29 @@ class Scheduler:
                 "use fewer steps"
             )
         self.init_noise_sigma = 1.0
+        self.begin_index = 0
         self._next = 0
         self._shape: tuple[int, ...] | None = None
         self._outs: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.float32), np.empty(0, np.float32))
         self._tmp = self._tmp2 = np.empty(0, np.float32)
+
+    def set_begin_index(self, index: int) -> None:
+        """Start runs at `index` (diffusers' `set_begin_index`): image-to-image denoises only the
+        schedule's last steps, from a sample noised to that index (`add_noise`)."""
+        self._check_index(index)
+        self.begin_index = self._next = int(index)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """`original` noised to the begin index's level, as diffusers' `add_noise` at that timestep."""
+        x, n = _f32(original, "original"), _f32(noise, "noise")
+        if x.shape != n.shape:
+            raise InvalidInputError(f"noise shape {n.shape} differs from the sample's {x.shape}")
+        signal, spread = self._noise_scales(self.begin_index)
+        return (x * signal + n * spread).astype(np.float32)
+
+    def _noise_scales(self, index: int) -> tuple[np.float32, np.float32]:
+        """(signal, noise) factors of a sample noised to `index`'s level."""
+        raise NotImplementedError
 
     def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
         """The U-Net's input at `index`: `sample` itself unless the scheduler scales it (Euler)."""
@@ -133,16 +153,16 @@ class Scheduler:
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
         """The previous (less noisy) sample; the returned buffer is reused by later steps."""
         self._check_index(index)
-        if index != 0 and index != self._next:  # index 0 always starts a new run
+        if index != self.begin_index and index != self._next:  # the begin index always starts a new run
             raise InvalidInputError(
-                f"scheduler step {index} called out of order: steps run 0, 1, ... {self.steps - 1} and the "
-                f"next one is {self._next}"
+                f"scheduler step {index} called out of order: steps run {self.begin_index}, "
+                f"{self.begin_index + 1}, ... {self.steps - 1} and the next one is {self._next}"
             )
         mo, x = _f32(model_output, "model_output"), _f32(sample, "sample")
         if mo.shape != x.shape:
             raise InvalidInputError(f"model_output shape {mo.shape} differs from the sample's {x.shape}")
         if x.shape != self._shape:
-            if index != 0:
+            if index != self.begin_index:
                 raise InvalidInputError(f"sample shape {x.shape} changed mid-run (was {self._shape})")
             self._alloc(x.shape)
         out = self._outs[0]
@@ -193,9 +213,12 @@ class DDIM(Scheduler):
         final = _F32(1.0) if config.set_alpha_to_one else ac[0]
         prev = t - n // steps  # diffusers steps back by n // steps whatever the spacing
         a_t, a_prev = ac[t], np.where(prev >= 0, ac[np.maximum(prev, 0)], final).astype(np.float32)
-        self._sa, self._sb = np.sqrt(a_t), np.sqrt(1 - a_t)
+        self._sa, self._sb = np.sqrt(a_t), np.sqrt(1 - a_t)  # also diffusers' add_noise factors at t
         self._sa_prev, self._dir = np.sqrt(a_prev), np.sqrt(1 - a_prev)  # eta=0: no variance term
         self._clip = float(config.clip_sample_range) if config.clip_sample else None
+
+    def _noise_scales(self, index: int) -> tuple[np.float32, np.float32]:
+        return self._sa[index], self._sb[index]
 
     def _step(self, mo: np.ndarray, index: int, x: np.ndarray, out: np.ndarray) -> None:
         sa, sb = self._sa[index], self._sb[index]
@@ -266,6 +289,9 @@ class Euler(Scheduler):
         self._v_mo = -s / self._in_scale
         self._v_x = s * s + 1
         self._scaled = np.empty(0, np.float32)
+
+    def _noise_scales(self, index: int) -> tuple[np.float32, np.float32]:
+        return _F32(1.0), self._sigmas[index]  # x + sigma * noise
 
     def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
         """`sample / sqrt(sigma^2 + 1)` at `index`, in a buffer reused by later calls."""
@@ -363,6 +389,9 @@ class DPMSolverPP(Scheduler):
         super()._alloc(shape)
         self._x0 = (np.empty(shape, np.float32), np.empty(shape, np.float32))  # this and the last x0
 
+    def _noise_scales(self, index: int) -> tuple[np.float32, np.float32]:
+        return self._alpha[index], self._sigma[index]  # alpha_t x + sigma_t noise
+
     def _step(self, mo: np.ndarray, index: int, x: np.ndarray, out: np.ndarray) -> None:
         x0, tmp, kind = self._x0[index % 2], self._tmp, self.config.prediction_type
         if kind == "epsilon":  # diffusers' convert_model_output: x0 = (x - sigma eps) / alpha
@@ -378,7 +407,7 @@ class DPMSolverPP(Scheduler):
         np.multiply(x, self._c_x[index], out=out)
         np.multiply(x0, self._c_d0[index], out=tmp)
         np.subtract(out, tmp, out=out)
-        if self._second[index]:
+        if self._second[index] and index > self.begin_index:  # a run's first step has no last x0
             np.subtract(x0, self._x0[(index - 1) % 2], out=tmp)
             np.multiply(tmp, self._inv_r0[index], out=tmp)
             np.multiply(tmp, self._c_d1[index], out=tmp)

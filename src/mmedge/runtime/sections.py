@@ -409,6 +409,8 @@ ROLES: dict[str, str | tuple[str, ...] | None] = {
     "denoiser": None,
     # latents (scaled as the diffusion section says) -> an image in [-1, 1]
     "vae_decoder": None,
+    # an image in [-1, 1] -> its latents (the posterior's mean, before scaling): image-to-image
+    "vae_encoder": None,
 }
 
 

@@ -1,4 +1,5 @@
-"""`mmedge generate-image`: its options and what it does (text-to-image packages)."""
+"""`mmedge generate-image`: its options and what it does (text-to-image packages; with --image,
+image-to-image)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ def add_verb(
     runtime_opts: Callable[[argparse.ArgumentParser], None],
 ) -> None:
     """Declare `mmedge generate-image` with `sdk.cli`'s verb factory and runtime options."""
-    sp = add("generate-image", cmd_generate_image, "draw an image of a prompt with a text-to-image package")
+    sp = add(
+        "generate-image",
+        cmd_generate_image,
+        "draw an image of a prompt with a text-to-image package, or redraw one (--image)",
+    )
     runtime_opts(sp)
     sp.add_argument("prompt", help="what to draw; cut to the text encoder's context (a warning says so)")
     sp.add_argument("--out", required=True, help="PNG file to write (atomically)")
@@ -40,6 +45,19 @@ def add_verb(
         default=None,
         help="sampler, with the package's noise schedule (default: the package's)",
     )
+    sp.add_argument(
+        "--image",
+        default=None,
+        help="image-to-image: start from this image file (its size is the result's) instead of pure noise",
+    )
+    sp.add_argument(
+        "--strength",
+        type=float,
+        default=0.8,
+        help="with --image: how much of it is redrawn, in (0, 1]: the image is noised that far into the "
+        "schedule and int(steps x strength) steps run; near 0 stays close to the image, 1 draws almost "
+        "anew (default: 0.8, as diffusers)",
+    )
 
 
 def cmd_generate_image(a: argparse.Namespace) -> object:
@@ -58,6 +76,8 @@ def cmd_generate_image(a: argparse.Namespace) -> object:
             width=a.width,
             scheduler=a.scheduler,
             progress=bar,
+            image=a.image,
+            strength=a.strength,
         )
     finally:
         if bar is not None:
@@ -73,6 +93,7 @@ def cmd_generate_image(a: argparse.Namespace) -> object:
         "scheduler": out.scheduler,
         "seed": out.seed,
         "prompt_truncated": out.prompt_truncated,
+        "strength": out.strength,
     }
 
 

@@ -2,7 +2,8 @@
 
 Components: `text_encoder` (text path: token ids padded to the context -> per-token conditioning),
 `unet` (denoiser: latents, timestep, conditioning -> model output, run once per step) and, for a
-latent model, `vae_decoder` (latents -> image). The scheduler is data in the manifest's `diffusion`
+latent model, `vae_decoder` (latents -> image) and `vae_encoder` (image -> latents, for
+image-to-image). The scheduler is data in the manifest's `diffusion`
 section, run by the torch-free `runtime.schedulers`. Variants: "latent" (with a VAE, as Stable
 Diffusion 1.x/2.x) and "pixel" (the U-Net draws the image itself: sd-tiny).
 """
@@ -22,7 +23,7 @@ MAX_SIDE_FACTOR = 2
 
 
 def components(cfg: SDConfig) -> tuple[ComponentDecl, ...]:
-    """Text encoder, U-Net and (latent variant) VAE decoder."""
+    """Text encoder, U-Net and (latent variant) VAE encoder and decoder."""
     ctx, width, ch = cfg.text.context_length, cfg.text.width, cfg.latent_channels
     side = DimRange(cfg.latent_multiple, cfg.sample_size, MAX_SIDE_FACTOR * cfg.sample_size)
     latents = ("batch", ch, "height", "width")
@@ -54,6 +55,22 @@ def components(cfg: SDConfig) -> tuple[ComponentDecl, ...]:
     ]
     if cfg.vae is not None:
         image = ("batch", 3, "image_height", "image_width")
+        f = cfg.vae_scale_factor
+        pixels = DimRange(side.min * f, side.opt * f, side.max * f)
+        decls.append(
+            ComponentDecl(
+                name="vae_encoder",
+                role="vae_encoder",
+                inputs=(TensorSpec("sample", "float32", image),),
+                outputs=(TensorSpec("latent", "float32", latents),),
+                dims={"batch": DimRange(1, 1, cfg.max_batch), "image_height": pixels, "image_width": pixels},
+                build=bound("encode_image"),
+                # image-to-image only: text-to-image trajectories never run it, so calibration leaves
+                # it in fp32 (one pass per image, beside a whole denoising loop)
+                calibration_data="denoising",
+                parity_atol=1e-3,
+            )
+        )
         decls.append(
             ComponentDecl(
                 name="vae_decoder",

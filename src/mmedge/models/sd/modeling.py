@@ -193,6 +193,13 @@ class StableDiffusion(nn.Module):
         """The U-Net's prediction (noise, v or sample, as the scheduler config says), (B, C, h, w)."""
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
+    def encode_image(self, sample: torch.Tensor) -> torch.Tensor:
+        """An image in [-1, 1], (B, 3, H, W) -> the VAE posterior's mean (before the scaling factor),
+        (B, C, h, w): diffusers' `retrieve_latents(..., sample_mode="argmax")`, deterministic."""
+        if self.vae is None:
+            raise ConfigError("a pixel-space model has no VAE encoder")
+        return self.vae.encode(sample, return_dict=False)[0].mode()
+
     def decode_latents(self, latent_sample: torch.Tensor) -> torch.Tensor:
         """Latents (already divided by the scaling factor) -> an image in [-1, 1], (B, 3, H, W)."""
         if self.vae is None:
