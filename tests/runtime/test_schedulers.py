@@ -333,6 +333,38 @@ def test_step_order_and_shapes(kind: str) -> None:
         sched.timesteps[0] = 1.0  # the schedule is read-only
 
 
+@pytest.mark.parametrize("begin", [1, 4, 9])
+@pytest.mark.parametrize(
+    ("kind", "name", "config"), [c for c in CASES if c[1] in ("sd15", "sd15-v-trailing")]
+)
+def test_begin_index_and_add_noise_match_diffusers(
+    kind: str, name: str, config: dict[str, Any], begin: int
+) -> None:
+    # image-to-image: noise a clean sample to the begin index's level, then run from there
+    import torch
+
+    ref, ours = (
+        _reference(kind, config, 10),
+        make_scheduler(SchedulerConfig.from_diffusers(config, kind=kind), 10),
+    )
+    if hasattr(ref, "set_begin_index"):  # DDIM steps by timestep value and has none
+        ref.set_begin_index(begin)
+    ours.set_begin_index(begin)
+    rng = np.random.default_rng(1)
+    clean, noise = rng.standard_normal(SHAPE, dtype=np.float32), rng.standard_normal(SHAPE, dtype=np.float32)
+    x_ref = ref.add_noise(torch.from_numpy(clean), torch.from_numpy(noise), ref.timesteps[begin : begin + 1])
+    x = ours.add_noise(clean, noise)
+    np.testing.assert_allclose(x, x_ref.numpy(), rtol=1e-5, atol=1e-5)
+    for i in range(begin, 10):
+        t = ref.timesteps[i]
+        model_ref = _fake_model(ref.scale_model_input(x_ref, t).numpy(), float(t), noise)
+        x_ref = ref.step(torch.from_numpy(model_ref), t, x_ref).prev_sample
+        x = ours.step(_fake_model(ours.scale_model_input(x, i), float(ours.timesteps[i]), noise), i, x)
+        np.testing.assert_allclose(x, x_ref.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(InvalidInputError, match=f"steps run {begin}, {begin + 1}"):
+        ours.step(noise, begin - 1, x)  # a run starts at the begin index, not before it
+
+
 def test_no_torch_import() -> None:
     code = "import sys, mmedge.runtime.schedulers; sys.exit(bool({'torch', 'diffusers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
