@@ -18,7 +18,7 @@ By default the tower is frozen throughout, so a pool of scenes is rendered and e
 captions and questions. Steps are fixed counts (measurements: benchmarks/RESULTS.md; design:
 docs/demo.md).
 
-Stage 2 is long (4000 steps) because the LM learns to find an object by what it is ("what colour
+Stage 2 is long (3800 steps) because the LM learns to find an object by what it is ("what colour
 is the star?") late: at 1600 steps colour and position questions were still answered with another
 object's attribute. Three settings, off by default, were tried against that binding failure at
 1600 steps and did not move it (docs/demo.md):
@@ -63,7 +63,7 @@ class LlavaTrainSettings:
     batch_size: int = 32
     lm_steps: int = 600
     stage1_steps: int = 150
-    stage2_steps: int = 4000
+    stage2_steps: int = 3800
     lr: float = 1e-3
     stage2_lr: float = 1e-3
     turns: int = 3  # question turns per conversation: more answers per (long) image prefix

@@ -27,7 +27,7 @@ from mmedge.sdk.tables import table
 # 1461, 0.91-0.98 at 1568-1967), so the demo trains to step counts, not to a clock.
 CLIP_STEPS = 2000
 BLIP2_STEPS = {"lm_steps": 1800, "stage1_steps": 450, "stage2_steps": 1800}
-LLAVA_STEPS = {"lm_steps": 600, "stage1_steps": 150, "stage2_steps": 4000}
+LLAVA_STEPS = {"lm_steps": 600, "stage1_steps": 150, "stage2_steps": 3800}
 VQA_QUESTIONS, VQA_SCENES, CAPTIONS = 300, 100, 50
 LLAVA_KINDS = ("colour", "shape", "count", "position")
 
