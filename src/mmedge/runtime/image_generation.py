@@ -114,11 +114,11 @@ class ImageGenerationPipeline:
         (the buffers themselves: copy what you keep).
 
         Image-to-image: `image` is what `images.load_image` reads (a path, encoded bytes, an array,
-        a PIL image); its size is the result's (the same rules as `height`/`width`); its latents (the VAE posterior's mean; the pixels themselves in pixel
-        space) are noised to the level `strength` (0 to 1] of the way into the schedule and only the
-        schedule's last `int(steps * strength)` steps run, as in diffusers' img2img pipeline, which
-        samples the posterior instead. `latents` is then the noise added; `progress` counts the steps
-        that run.
+        a PIL image); its size is the result's (the same rules as `height`/`width`). Its latents
+        (the VAE posterior's mean; in pixel space the pixels themselves) are noised to the level
+        `strength` (0 to 1] of the way into the schedule, and only the schedule's last
+        `int(steps * strength)` steps run, as in diffusers' img2img pipeline (which samples the
+        posterior instead). `latents` is then the noise added; `progress` counts the steps that run.
         """
         cfg = self.config
         steps = cfg.steps if steps is None else steps
@@ -233,7 +233,8 @@ class ImageGenerationPipeline:
         if self.encoder is None:
             if self.config.vae_scale_factor != 1:
                 raise IntegrityError(
-                    f"package {self.runner.manifest.name!r} has no vae_encoder: it cannot start from an image"
+                    f"package {self.runner.manifest.name!r} has no vae_encoder, so it cannot start from an "
+                    "image; export it again to add one"
                 )
             return pixels  # pixel space: the U-Net denoises the image itself
         feeds = {"sample": pixels}
