@@ -13,7 +13,7 @@ def _precisions(family: Family) -> str:
     if any(d.calibration_data == "shared" for d in decls):  # Meta-Transformer
         out.append("int8 (tokenizers and heads; the shared encoder calibrated once on every path)")
     elif any(d.calibration_data == "denoising" for d in decls):  # Stable Diffusion
-        out.append("int8 (the U-Net and VAE calibrated along denoising trajectories)")
+        out.append("int8 (the U-Net and VAE decoder calibrated along denoising trajectories)")
     elif any(d.calibration_data != "none" for d in decls):  # calibrated on data of their path
         out.append("int8 (encoders)")
     if any(d.role == "llm_step" for d in decls):
