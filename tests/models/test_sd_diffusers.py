@@ -282,3 +282,5 @@ def test_generate_image_cli_draws_and_redraws(packages, tmp_path: Path, capsys) 
     assert np.array_equal(load_image(second), want.pixels)
     assert main([*args, "--out", str(second), "--image", str(first), "--strength", "1.5"]) != 0
     assert "strength" in capsys.readouterr().err
+    assert main([*args, "--out", str(second), "--strength", "0.5"]) != 0  # no image to redraw
+    assert "pass --image" in capsys.readouterr().err

@@ -278,7 +278,7 @@ def _start_index(steps: int, strength: object) -> int:
         raise InvalidInputError(
             f"strength {strength:g} of {steps} steps runs no step (int(steps * strength) is 0); raise either"
         )
-    return steps - min(int(steps * strength), steps)
+    return steps - int(steps * strength)
 
 
 def _checked_latents(latents: object, shape: tuple[int, ...]) -> np.ndarray:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from mmedge.errors import InvalidInputError
 from mmedge.runtime.diffusion_config import MAX_GUIDANCE
 from mmedge.runtime.schedulers import MAX_STEPS, SCHEDULER_KINDS
 
@@ -53,7 +54,7 @@ def add_verb(
     sp.add_argument(
         "--strength",
         type=float,
-        default=0.8,
+        default=None,
         help="with --image: how much of it is redrawn, in (0, 1]: the image is noised that far into the "
         "schedule and int(steps x strength) steps run; near 0 stays close to the image, 1 draws almost "
         "anew (default: 0.8, as diffusers)",
@@ -63,6 +64,8 @@ def add_verb(
 def cmd_generate_image(a: argparse.Namespace) -> object:
     from mmedge.sdk.verbs import _pipeline
 
+    if a.strength is not None and a.image is None:
+        raise InvalidInputError("--strength applies to image-to-image: pass --image too")
     p = _pipeline(a)
     bar = _progress_bar(a.json)
     try:
@@ -77,7 +80,7 @@ def cmd_generate_image(a: argparse.Namespace) -> object:
             scheduler=a.scheduler,
             progress=bar,
             image=a.image,
-            strength=a.strength,
+            strength=0.8 if a.strength is None else a.strength,
         )
     finally:
         if bar is not None:
